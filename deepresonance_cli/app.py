@@ -1,0 +1,28 @@
+"""The `dr` command: one root app, one small module per verb group. No model logic lives here."""
+
+from __future__ import annotations
+
+import typer
+
+from deepresonance_cli import __version__
+
+app = typer.Typer(
+    name="dr",
+    help="DeepResonance toolkit: checkpoints, training, inference and evaluation for multimodal music understanding.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the toolkit version."""
+    typer.echo(f"dr {__version__}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

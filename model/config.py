@@ -1,0 +1,153 @@
+"""Every size, recipe and generation default in one place, as dataclasses (litgpt style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
+
+Variant = Literal["alpha", "beta"]
+
+# ImageBind-huge as `imagebind_model.imagebind_huge` builds it (and as imagebind_huge.pth was saved).
+IMAGEBIND_HUGE = dict(
+    vision_embed_dim=1280,
+    vision_num_blocks=32,
+    vision_num_heads=16,
+    text_embed_dim=1024,
+    text_num_blocks=24,
+    text_num_heads=16,
+    out_embed_dim=1024,
+    audio_drop_path=0.1,
+    imu_drop_path=0.7,
+)
+
+# A 32-wide, one-block ImageBind: same preprocessing and shapes, ~2M parameters, for tests and the demo.
+IMAGEBIND_TINY = dict(
+    out_embed_dim=32,
+    vision_embed_dim=32,
+    vision_num_blocks=1,
+    vision_num_heads=2,
+    audio_embed_dim=32,
+    audio_num_blocks=1,
+    audio_num_heads=2,
+    audio_drop_path=0.0,
+    text_embed_dim=32,
+    text_num_blocks=1,
+    text_num_heads=2,
+    depth_embed_dim=32,
+    depth_num_blocks=1,
+    depth_num_heads=2,
+    thermal_embed_dim=32,
+    thermal_num_blocks=1,
+    thermal_num_heads=2,
+    imu_embed_dim=32,
+    imu_num_blocks=1,
+    imu_num_heads=2,
+    imu_drop_path=0.0,
+)
+
+ENCODER_SIZES = {"huge": IMAGEBIND_HUGE, "tiny": IMAGEBIND_TINY}
+
+# Vicuna-7B-v0 (LLaMA-7B) shapes, used by the benchmarks to build a random full-size model.
+VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    vocab_size=32000,
+)
+
+LLAMA_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DeepResonance architecture on top of a base LLM and encoder (the original's base.yaml)."""
+
+    variant: Variant = "alpha"
+    encoder_size: str = "huge"
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    fusion_layers: int = 1
+    fusion_dropout: float = 0.1
+    max_length: int = 512
+    # per-clip ImageBind embeddings (the original's --imagebind_embs_seq, used by both released models)
+    embs_seq: bool = True
+
+    @property
+    def fusion(self) -> bool:
+        return self.variant == "beta"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The original samples with temperature 0.1, top_p 1.0 and up to 512 new tokens."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = True
+    temperature: float = 0.1
+    top_p: float = 1.0
+    seed: int | None = 1337
+
+
+@dataclass
+class TrainConfig:
+    """The original's two-stage recipe (config/*.yaml, dsconfig/*.json, scripts/train_*.sh) as defaults."""
+
+    stage: int = 2
+    datasets: list[str] = field(default_factory=list)
+    epochs: int = 2
+    lr: float = 2e-4
+    warmup_rate: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.001
+    grad_clip: float = 1.0
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    max_length: int = 512
+    seed: int = 12
+    save_every: int = 0
+    log_every: int = 5
+    # the original resizes the embeddings after wrapping with LoRA, so embed_tokens and lm_head train in stage 2
+    train_embeddings: bool = True
+
+    @classmethod
+    def for_stage(cls, stage: int, **overrides) -> TrainConfig:
+        defaults = STAGE_DEFAULTS[stage]
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return replace(cls(stage=stage, **defaults), **{k: v for k, v in overrides.items() if v is not None})
+
+
+STAGE_DEFAULTS: dict[int, dict] = {
+    1: dict(datasets=["coco", "music4way_m2t", "music4way_v2t"], epochs=5, train_embeddings=False),
+    2: dict(
+        datasets=[
+            "alpaca",
+            "musiccaps",
+            "musicqa_mtt",
+            "music4way_v2t",
+            "music4way_m2t",
+            "music4way_i2t",
+            "music4way_mi2t",
+            "music4way_mv2t",
+        ],
+        epochs=2,
+        train_embeddings=True,
+    ),
+}
