@@ -1,0 +1,50 @@
+"""Where every checkpoint piece lives: the original's `ckpt/` folder layout, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.config import Variant
+
+HF_DATA_REPO = "Sony/DeepResonance_data_models"
+IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+VICUNA_DELTA_REPO = "lmsys/vicuna-7b-delta-v0"
+
+DELTA_FILE = "pytorch_model.pt"
+DELTA_SAFETENSORS = "delta.safetensors"
+IMAGEBIND_FILE = "imagebind_huge.pth"
+
+
+@dataclass(frozen=True)
+class CkptLayout:
+    """Paths under a checkpoint root laid out as the original repository's `ckpt/` folder."""
+
+    root: Path
+
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "pretrained_ckpt"
+
+    @property
+    def vicuna(self) -> Path:
+        return self.pretrained / "vicuna_ckpt" / "7b_v0"
+
+    @property
+    def imagebind_dir(self) -> Path:
+        return self.pretrained / "imagebind_ckpt" / "huge"
+
+    @property
+    def imagebind(self) -> Path:
+        return self.imagebind_dir / IMAGEBIND_FILE
+
+    def delta_dir(self, variant: Variant) -> Path:
+        return self.root / f"deepresonance_{variant}_delta_ckpt" / "deepresonance" / "7b_tiva_v0"
+
+    def delta_repo_path(self, variant: Variant) -> str:
+        """The delta folder's path inside the Hugging Face dataset repo."""
+        return f"ckpt/deepresonance_{variant}_delta_ckpt/deepresonance/7b_tiva_v0"
+
+
+def layout(root: str | Path) -> CkptLayout:
+    return CkptLayout(Path(root))
