@@ -1,0 +1,180 @@
+"""Delta checkpoints in the original's format, and building a ready model from base + delta folders.
+
+A delta (`pytorch_model.pt`) is a flat dict of the parameters that trained: LoRA A/B, the resized embed_tokens and
+lm_head, `llama_proj.*`, and for beta `preencoding.*`. Loading is strict: every key must exist in the model with the
+same shape, and the LoRA rank and fusion depth are read from the delta, never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from model.config import ENCODER_SIZES, ModelConfig
+from model.deepresonance import DeepResonance
+from model.encoder import MediaEncoder
+from model.tokenizer import PromptTokenizer
+
+DELTA_PT = "pytorch_model.pt"
+DELTA_ST = "delta.safetensors"
+DR_CONFIG = "dr_config.json"
+LORA_KEY = re.compile(r"\.layers\.\d+\..*\.lora_[AB]\.")
+FUSION_LAYER = re.compile(r"^preencoding\.layers\.(\d+)\.")
+# stage-1 deltas of the original have no LoRA wrapper in their names
+LEGACY_PREFIXES = {"llama_model.model.": "llama_model.base_model.model.model.",
+                   "llama_model.lm_head.": "llama_model.base_model.model.lm_head."}
+
+
+class DeltaError(ValueError):
+    pass
+
+
+def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The delta tensors of a folder; safetensors when present, else the pickle loaded with weights_only."""
+    folder = Path(folder)
+    st, pt = folder / DELTA_ST, folder / DELTA_PT
+    try:
+        if st.is_file():
+            state = load_file(st)
+        elif pt.is_file():
+            state = dict(torch.load(pt, map_location="cpu", weights_only=True))
+        else:
+            raise DeltaError(f"{folder}: no {DELTA_PT} or {DELTA_ST} (run `dr ckpt download`)")
+    except DeltaError:
+        raise
+    except Exception as err:
+        raise DeltaError(f"{st if st.is_file() else pt}: unreadable delta ({type(err).__name__}: {err})") from err
+    out = {}
+    for key, value in state.items():
+        for old, new in LEGACY_PREFIXES.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        out[key] = value.detach() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def delta_config(state: dict[str, torch.Tensor], base: ModelConfig) -> ModelConfig:
+    """Variant, LoRA rank and fusion depth as the delta holds them."""
+    fusion_layers = {int(m.group(1)) for k in state if (m := FUSION_LAYER.match(k))}
+    lora_a = [v for k, v in state.items() if ".lora_A." in k]
+    variant = "beta" if fusion_layers else "alpha"
+    return replace(
+        base,
+        variant=variant,
+        fusion_layers=max(fusion_layers) + 1 if fusion_layers else base.fusion_layers,
+        lora_r=lora_a[0].shape[0] if lora_a else base.lora_r,
+    )
+
+
+def load_delta(model: DeepResonance, state: dict[str, torch.Tensor], source: str = "delta") -> None:
+    """Copies a delta into the model; a missing, unexpected or misshapen key is an error naming it."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise DeltaError(f"{source}: unexpected key '{key}'")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise DeltaError(f"{source}: '{key}' has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
+    required = [k for k in own if k.startswith(("llama_proj.", "preencoding."))]
+    if any(LORA_KEY.search(k) for k in state):
+        required += [k for k in own if LORA_KEY.search(k)]
+    for key in required:
+        if key not in state:
+            raise DeltaError(f"{source}: missing key '{key}'")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value)
+
+
+def delta_state(model: DeepResonance) -> OrderedDict[str, torch.Tensor]:
+    """What the original saves: trainable parameters plus the projector and fusion, under the model's names."""
+    out = OrderedDict()
+    for name, param in model.named_parameters():
+        if name.startswith("visual_encoder."):
+            continue
+        if param.requires_grad or name.startswith(("llama_proj.", "preencoding.")):
+            out[name] = param.detach().cpu().contiguous()
+    return out
+
+
+def save_delta(model: DeepResonance, folder: str | Path) -> Path:
+    """Writes `pytorch_model.pt` (loadable by the original), `delta.safetensors`, tokenizer, LLaMA config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = delta_state(model)
+    tmp = folder / (DELTA_PT + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(folder / DELTA_PT)
+    save_file(dict(state), str(folder / (DELTA_ST + ".tmp")))
+    (folder / (DELTA_ST + ".tmp")).replace(folder / DELTA_ST)
+    model.tokenizer.save(folder)
+    model.llama_model.config.save_pretrained(folder)
+    (folder / DR_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
+    return folder
+
+
+def encoder_size(state: dict[str, torch.Tensor]) -> str:
+    """Which ImageBind size a state dict holds, from the vision and output widths."""
+    vision = state["modality_trunks.vision.blocks.0.attn.in_proj_weight"].shape[1]
+    out = state["modality_heads.vision.2.weight"].shape[0]
+    for name, size in ENCODER_SIZES.items():
+        if size["vision_embed_dim"] == vision and size["out_embed_dim"] == out:
+            return name
+    raise ValueError(f"no known ImageBind size has vision width {vision} and output {out}")
+
+
+def load_encoder(path: str | Path) -> MediaEncoder:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return MediaEncoder.load(path, encoder_size(state))
+
+
+def load_model(
+    base: str | Path,
+    delta: str | Path | None,
+    imagebind: str | Path | None,
+    variant: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    config: ModelConfig | None = None,
+) -> DeepResonance:
+    """A DeepResonance model from a Vicuna folder, a delta folder and ImageBind weights (None: features only)."""
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{base}: no config.json: not a Hugging Face LLaMA folder (see `dr ckpt doctor`)")
+    config = config or ModelConfig()
+    state = {}
+    tok_dir = base
+    if delta is not None:
+        delta = Path(delta)
+        state = read_delta(delta)
+        saved = delta / DR_CONFIG
+        if saved.is_file():
+            known = {k: v for k, v in json.loads(saved.read_text()).items() if k in ModelConfig.__dataclass_fields__}
+            known["lora_targets"] = tuple(known.get("lora_targets", config.lora_targets))
+            config = replace(config, **known)
+        config = delta_config(state, config)
+        if variant is not None and variant != config.variant:
+            raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
+        if (delta / "tokenizer.model").is_file():
+            tok_dir = delta
+    elif variant is not None:
+        config = replace(config, variant=variant)
+    tokenizer = PromptTokenizer.from_dir(tok_dir)
+    llm = LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+    encoder = load_encoder(imagebind) if imagebind is not None else None
+    encoder_dim = encoder.out_dim if encoder is not None else state["llama_proj.weight"].shape[1]
+    config = replace(config, encoder_size=encoder.size if encoder is not None else config.encoder_size)
+    model = DeepResonance(config, llm, tokenizer, encoder, encoder_dim)
+    if state:
+        load_delta(model, state, str(delta))
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,123 @@
+"""The frozen ImageBind encoder, returning per-clip embeddings the way DeepResonance's modified ImageBind does."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.config import ENCODER_SIZES
+
+# dr's modality names -> ImageBind's; images and videos both go through the vision tower
+IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
+CLIPS_PER_ITEM = {"audio": 3, "image": 1, "video": 15}
+
+
+def imagebind_model_module() -> types.ModuleType:
+    """`imagebind.models.imagebind_model` without running `imagebind/__init__.py`.
+
+    The package's __init__ imports its data module, which needs pytorchvideo and decord (broken against current
+    torchvision). The model classes need neither, so register the package namespace by hand and import only them.
+    """
+    if "imagebind" not in sys.modules:
+        spec = importlib.util.find_spec("imagebind")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("ImageBind is not installed: pip install --no-deps imagebind-unofficial==0.1.1")
+        package = types.ModuleType("imagebind")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["imagebind"] = package
+    from imagebind.models import imagebind_model
+
+    return imagebind_model
+
+
+class MediaEncoder(nn.Module):
+    """Frozen ImageBind: ImageBind inputs [B, ...] -> unit-norm clip embeddings [B, clips, D].
+
+    Each clip goes preprocessor -> trunk -> head -> L2 normalise. The original applies only the Normalize of the
+    audio postprocessor (no logit scale of 20), so audio embeddings have unit norm like vision ones.
+    """
+
+    def __init__(self, size: str = "huge", keep_unused_towers: bool = False) -> None:
+        super().__init__()
+        self.size = size
+        self.imagebind = imagebind_model_module().ImageBindModel(**ENCODER_SIZES[size])
+        self.out_dim = ENCODER_SIZES[size]["out_embed_dim"]
+        self.fingerprint = f"imagebind-{size}-random-{id(self):x}"
+        self._keep_unused = keep_unused_towers
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def load(cls, path: str | Path, size: str = "huge") -> MediaEncoder:
+        """Build and load an ImageBind state dict (`imagebind_huge.pth`); the text/depth/thermal/IMU towers that
+        DeepResonance never uses are dropped after a strict load to save about a quarter of the memory."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
+        encoder = cls(size, keep_unused_towers=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # a truncated or non-tensor file: say which file, not a pickle trace
+            raise ValueError(f"{path}: not a readable ImageBind checkpoint ({type(err).__name__}: {err})") from err
+        result = encoder.imagebind.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            bad = (result.missing_keys or result.unexpected_keys)[0]
+            kind = "missing" if result.missing_keys else "unexpected"
+            raise ValueError(f"{path}: {kind} key '{bad}' for ImageBind-{size}")
+        encoder.fingerprint = f"imagebind-{size}-{file_fingerprint(path)}"
+        encoder.drop_unused_towers()
+        return encoder
+
+    def drop_unused_towers(self) -> None:
+        for part in ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors"):
+            towers = getattr(self.imagebind, part)
+            for name in list(towers.keys()):
+                if name not in ("audio", "vision"):
+                    del towers[name]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def train(self, mode: bool = True) -> MediaEncoder:
+        """Stays in eval mode: ImageBind is frozen (no drop-path) in every stage."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        key = IMAGEBIND_MODALITY[modality]
+        batch = inputs.shape[0]
+        x = inputs.to(device=self.device, dtype=self.dtype)
+        if x.ndim >= 5 and modality != "image":  # several clips per item: fold them into the batch
+            x = x.reshape(batch * x.shape[1], *x.shape[2:])
+        ib = self.imagebind
+        tokens = ib.modality_preprocessors[key](**{key: x})
+        features = ib.modality_trunks[key](**tokens["trunk"])
+        features = ib.modality_heads[key](features, **tokens["head"])
+        post = ib.modality_postprocessors[key]
+        features = post[0](features) if isinstance(post, nn.Sequential) else post(features)
+        return features.reshape(batch, -1, features.shape[-1])
+
+    def pooled(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """The stock single embedding per item: the mean over clips."""
+        return self(modality, inputs).mean(dim=1)
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap identity of a big weights file (size + first and last MiB) for cache keys."""
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]

@@ -1,0 +1,71 @@
+"""Batched generation: left-padded prompts, per-row stopping at "###", answers cut at the first "\\n###"."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from model.config import GenerationConfig
+from model.deepresonance import DeepResonance, Example
+from model.prompt import answer_text
+
+
+class StopAtSequences(StoppingCriteria):
+    """Per-row stop once the generated ids end with any stop sequence.
+
+    The original stops only on id 835 ("▁###"); it also stops here on "\\n###" tokenized as it follows an answer.
+    Both come after the answer's end, which is cut at the first "\\n###", so answers are unchanged and rows finish
+    as soon as they are done instead of running to max_new_tokens.
+    """
+
+    def __init__(self, stops: Sequence[Sequence[int]]) -> None:
+        self.stops = [torch.tensor(s) for s in stops]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for stop in self.stops:
+            if input_ids.shape[1] >= len(stop):
+                done |= (input_ids[:, -len(stop) :] == stop.to(input_ids.device)).all(dim=1)
+        return done
+
+
+@torch.inference_mode()
+def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
+    """New token ids per example, cut after the stop sequence (or EOS)."""
+    batch = model.prepare(examples, left_pad=True)
+    tok = model.tokenizer
+    stops = [[tok.stop_id], tok.newline_stop]
+    if gen.seed is not None:
+        torch.manual_seed(gen.seed)
+    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=None) if gen.do_sample else {}
+    out = model.llama_model.generate(
+        inputs_embeds=batch.embeds,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=gen.do_sample,
+        **sampling,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        stopping_criteria=StoppingCriteriaList([StopAtSequences(stops)]),
+    )
+    return [_cut(ids, tok.eos_id, stops) for ids in out.tolist()]
+
+
+def _cut(ids: list[int], eos: int, stops: Sequence[Sequence[int]]) -> list[int]:
+    end = len(ids)
+    for i in range(len(ids)):
+        if ids[i] == eos:
+            end = i
+            break
+        if any(ids[max(0, i + 1 - len(s)) : i + 1] == list(s) for s in stops):
+            end = i + 1
+            break
+    return ids[:end]
+
+
+def generate(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig | None = None) -> list[str]:
+    """Answers for a batch of examples, as the original extracts them."""
+    gen = gen or GenerationConfig()
+    return [answer_text(model.tokenizer.decode(ids)) for ids in generate_ids(model, examples, gen)]
