@@ -86,11 +86,7 @@ def _decode_audio_av(path: Path) -> tuple[torch.Tensor, int]:
             raise MediaError(path, "no audio stream")
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="fltp")
-        chunks = [
-            out.to_ndarray()
-            for frame in container.decode(stream)
-            for out in resampler.resample(frame)
-        ]
+        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
         chunks += [out.to_ndarray() for out in resampler.resample(None)]
         sr = stream.rate
     if not chunks:
@@ -259,6 +255,32 @@ def load_video(path: str | Path) -> torch.Tensor:
 
 
 _LOADERS = {"audio": load_audio, "image": load_image, "video": load_video}
+
+
+def probe_media(modality: str, path: str | Path) -> None:
+    """Cheap readability check (open the file, read its header and stream list); raises MediaError like the loaders.
+
+    It does not decode samples, so a file truncated mid-stream passes here and fails in load_media.
+    """
+    path = Path(path)
+    if modality not in _LOADERS:
+        raise ValueError(f"unknown modality {modality!r} (expected one of {', '.join(MODALITIES)})")
+    _check_file(path, modality)
+    try:
+        if modality == "image":
+            with Image.open(path) as img:
+                img.verify()
+        elif modality == "audio" and path.suffix.lower() != ".mp3":
+            if sf.info(str(path)).frames == 0:
+                raise MediaError(path, "empty audio")
+        else:
+            with av.open(str(path)) as container:
+                if not (container.streams.audio if modality == "audio" else container.streams.video):
+                    raise MediaError(path, f"no {modality} stream")
+    except MediaError:
+        raise
+    except (av.FFmpegError, RuntimeError, OSError, ValueError, SyntaxError) as e:
+        raise MediaError(path, f"unreadable {modality} ({e})") from e
 
 
 def load_media(modality: str, path: str | Path) -> torch.Tensor:

@@ -67,8 +67,9 @@ def write_audio(path: Path, seconds: float = 1.0, freq: float = 440.0, **kwargs)
     return AUDIO_WRITERS[Path(path).suffix.lower()](path, seconds, freq, **kwargs)
 
 
-def write_image(path: Path, color: tuple[int, int, int] = (200, 30, 60), size: tuple[int, int] = (64, 48),
-                noise: bool = True) -> Path:
+def write_image(
+    path: Path, color: tuple[int, int, int] = (200, 30, 60), size: tuple[int, int] = (64, 48), noise: bool = True
+) -> Path:
     """PNG/JPEG (from the extension) of `size` = (width, height): `color`, plus fixed-seed noise unless noise=False."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +115,13 @@ def write_garbage(path: Path, nbytes: int = 256) -> Path:
     return path
 
 
-def make_row(id: str, mm: Iterable[tuple[str, str]] = (), instruction: str = "Describe the music.",
-             output: str = "A calm piano piece.", text: str = "") -> dict:
+def make_row(
+    id: str,
+    mm: Iterable[tuple[str, str]] = (),
+    instruction: str = "Describe the music.",
+    output: str = "A calm piano piece.",
+    text: str = "",
+) -> dict:
     """One dataset row; `mm` is (modality, relative path) pairs, each becoming a placeholder in `input`."""
     mm = list(mm)
     tag = {"audio": "<Audio>", "image": "<Image>", "video": "<Video>"}

@@ -1,0 +1,178 @@
+"""On-disk cache of frozen-encoder outputs per media file, and batched encoding that only runs the encoder on misses.
+
+The encoder is frozen, so its output for a file depends only on the file's bytes, the encoder weights and the mode
+(modality, per-clip or pooled, compute dtype). Entries are keyed by exactly that: sha256 of the file, the encoder's
+fingerprint string, and the mode. Each entry is one safetensors file written under a temporary name and renamed into
+place, so a killed job leaves no half-written entry; an entry that fails to load anyway is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.media import MODALITIES, MediaError, load_media
+
+
+class Encoder(Protocol):
+    """What encode_files needs (model/encoder.py's MediaEncoder): modality, [B, ...] inputs -> [B, k, D]."""
+
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, modality: str, inputs: torch.Tensor) -> torch.Tensor: ...
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Per-file encoder features under `root/<fingerprint digest>/<modality>-<clips|pooled>-<dtype>/<sha256>.safetensors`.
+
+    get/put raise MediaError for a file that does not exist (that is not a cache miss). Tensors come back on the CPU
+    in the dtype they were stored in (the encoder's).
+    """
+
+    def __init__(
+        self, root: str | Path, encoder_fingerprint: str, dtype: torch.dtype = torch.float32, pooled: bool = False
+    ) -> None:
+        self.root = Path(root)
+        self.encoder_fingerprint = encoder_fingerprint
+        self.dtype = dtype
+        self.pooled = pooled
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    @classmethod
+    def for_encoder(cls, root: str | Path, encoder: Encoder, pooled: bool = False) -> FeatureCache:
+        return cls(root, encoder.fingerprint, encoder.dtype, pooled)
+
+    def mode(self, modality: str) -> str:
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r} (expected one of {', '.join(MODALITIES)})")
+        return f"{modality}-{'pooled' if self.pooled else 'clips'}-{str(self.dtype).removeprefix('torch.')}"
+
+    def file_hash(self, path: str | Path) -> str:
+        """sha256 of the file's bytes, remembered per (path, size, mtime) for the life of this object."""
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise MediaError(path, "no such file") from e
+        memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in self._hashes:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._hashes[memo] = h.hexdigest()
+        return self._hashes[memo]
+
+    def entry(self, modality: str, path: str | Path) -> Path:
+        """Where the features of this file live (whether or not they exist yet)."""
+        digest = self.file_hash(path)
+        return (
+            self.root / _digest(self.encoder_fingerprint) / self.mode(modality) / digest[:2] / f"{digest}.safetensors"
+        )
+
+    def get(self, modality: str, path: str | Path) -> torch.Tensor | None:
+        """Cached [k, D] features, or None on a miss. A corrupt entry is deleted and counts as a miss."""
+        entry = self.entry(modality, path)
+        if not entry.is_file():
+            return None
+        try:
+            features = load_file(entry)["features"]
+        except (SafetensorError, OSError, KeyError, ValueError):
+            features = None
+        if features is None or features.ndim != 2:
+            entry.unlink(missing_ok=True)
+            return None
+        return features
+
+    def put(self, modality: str, path: str | Path, features: torch.Tensor) -> None:
+        """Store [k, D] features for this file (atomically: temp file in the same folder, then rename)."""
+        if features.ndim != 2:
+            raise ValueError(f"expected [k, D] features, got shape {tuple(features.shape)}")
+        entry = self.entry(modality, path)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        metadata = {"fingerprint": self.encoder_fingerprint, "mode": self.mode(modality), "source": str(path)}
+        try:
+            save_file({"features": features.detach().cpu().contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, entry)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _load(modality: str, path: str | Path) -> torch.Tensor | MediaError:
+    try:
+        return load_media(modality, path)
+    except MediaError as e:
+        return e
+
+
+@torch.no_grad()
+def encode_files(
+    encoder: Encoder,
+    cache: FeatureCache | None,
+    modality: str,
+    paths: Sequence[str | Path],
+    batch_size: int = 8,
+    workers: int = 2,
+) -> list[torch.Tensor | MediaError]:
+    """Per-file [k, D] features (k = 3 audio, 15 video, 1 image; 1 when the cache is pooled), or the file's MediaError.
+
+    Cache hits skip decoding and the encoder; misses are decoded (`workers` threads) and encoded `batch_size` files
+    at a time, then stored. Files with identical content are encoded once. A bad file only fails its own entry.
+    Without a cache, every file is encoded (per-clip).
+    """
+    if cache is not None and (cache.encoder_fingerprint, cache.dtype) != (encoder.fingerprint, encoder.dtype):
+        raise ValueError(
+            f"feature cache is for {cache.encoder_fingerprint} in {cache.dtype}, "
+            f"encoder is {encoder.fingerprint} in {encoder.dtype}"
+        )
+    results: list[torch.Tensor | MediaError | None] = [None] * len(paths)
+    todo: dict[str, list[int]] = {}  # content key -> indices of paths with that content
+    for i, path in enumerate(paths):
+        try:
+            hit = cache.get(modality, path) if cache is not None else None
+            key = cache.file_hash(path) if cache is not None else str(i)
+        except MediaError as e:
+            results[i] = e
+            continue
+        if hit is not None:
+            results[i] = hit
+        else:
+            todo.setdefault(key, []).append(i)
+    groups = list(todo.values())
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in range(0, len(groups), batch_size):
+            batch = groups[start : start + batch_size]
+            loaded = list(pool.map(lambda g: _load(modality, paths[g[0]]), batch))
+            good = [(g, x) for g, x in zip(batch, loaded) if isinstance(x, torch.Tensor)]
+            for g, x in zip(batch, loaded):
+                if isinstance(x, MediaError):
+                    for i in g:
+                        results[i] = x
+            if not good:
+                continue
+            inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
+            outputs = encoder(modality, inputs).cpu()
+            for (g, _), features in zip(good, outputs):
+                if cache is not None and cache.pooled:
+                    features = features.mean(dim=0, keepdim=True)
+                if cache is not None:
+                    cache.put(modality, paths[g[0]], features)
+                for i in g:
+                    results[i] = features
+    return results  # type: ignore[return-value]
