@@ -129,7 +129,7 @@ def _validate(raw: object, index: int) -> Row:
 def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
     """Read and validate a row-format JSON list -> (valid rows, one `file:row: reason` line per invalid row).
 
-    `row` is the 0-based index in the list. A second row with the same (id, instruction) is invalid too: results
+    `row` is the 0-based index in the list (the row's id, when it has one, starts the reason). A second row with the same (id, instruction) is invalid too: results
     are keyed by that pair, so its answer would overwrite the first. Raises DatasetError if the file is unusable.
     """
     path = Path(path)
@@ -148,7 +148,8 @@ def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
         try:
             row = _validate(raw, i)
         except ValueError as e:
-            errors.append(f"{path}:{i}: {e}")
+            named = f"id {raw['id']!r}: " if isinstance(raw, dict) and "id" in raw else ""
+            errors.append(f"{path}:{i}: {named}{e}")
             continue
         key = (row.id, row.instruction)
         if key in first_index:
@@ -213,7 +214,7 @@ def download_data(data_root: str | Path = "data") -> Path:
     try:
         snapshot = Path(snapshot_download(HF_DATA_REPO, repo_type="dataset", allow_patterns="data/*"))
     except (OSError, HfHubHTTPError) as e:
-        reason = " ".join(str(e).split())[:200]
+        reason = " ".join(str(e).split())
         raise DatasetError(
             f"could not fetch data/ of the Hugging Face dataset repo {HF_DATA_REPO} ({type(e).__name__}: {reason}); "
             f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"

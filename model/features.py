@@ -38,7 +38,7 @@ def _digest(text: str) -> str:
 
 
 class FeatureCache:
-    """Per-file encoder features under `root/<fingerprint digest>/<modality>-<clips|pooled>-<dtype>/<sha256>.safetensors`.
+    """Per-file encoder features, at `root/<fingerprint digest>/<modality>-<clips|pooled>-<dtype>/<sha256>.safetensors`.
 
     get/put raise MediaError for a file that does not exist (that is not a cache miss). Tensors come back on the CPU
     in the dtype they were stored in (the encoder's).
@@ -159,8 +159,8 @@ def encode_files(
         for start in range(0, len(groups), batch_size):
             batch = groups[start : start + batch_size]
             loaded = list(pool.map(lambda g: _load(modality, paths[g[0]]), batch))
-            good = [(g, x) for g, x in zip(batch, loaded) if isinstance(x, torch.Tensor)]
-            for g, x in zip(batch, loaded):
+            good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
+            for g, x in zip(batch, loaded, strict=True):
                 if isinstance(x, MediaError):
                     for i in g:
                         results[i] = x
@@ -168,7 +168,7 @@ def encode_files(
                 continue
             inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
             outputs = encoder(modality, inputs).cpu()
-            for (g, _), features in zip(good, outputs):
+            for (g, _), features in zip(good, outputs, strict=True):
                 if cache is not None and cache.pooled:
                     features = features.mean(dim=0, keepdim=True)
                 if cache is not None:
