@@ -172,8 +172,13 @@ def load_model(
     tokenizer = PromptTokenizer.from_dir(tok_dir)
     llm = LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
     encoder = load_encoder(imagebind) if imagebind is not None else None
-    encoder_dim = encoder.out_dim if encoder is not None else state["llama_proj.weight"].shape[1]
-    config = replace(config, encoder_size=encoder.size if encoder is not None else config.encoder_size)
+    if encoder is not None:
+        config = replace(config, encoder_size=encoder.size)
+        encoder_dim = encoder.out_dim
+    elif "llama_proj.weight" in state:
+        encoder_dim = state["llama_proj.weight"].shape[1]
+    else:
+        encoder_dim = ENCODER_SIZES[config.encoder_size]["out_embed_dim"]
     model = DeepResonance(config, llm, tokenizer, encoder, encoder_dim)
     if state:
         load_delta(model, state, str(delta))

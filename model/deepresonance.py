@@ -59,8 +59,11 @@ class DeepResonance(nn.Module):
                 target_modules=list(config.lora_targets),
             )
             llm = get_peft_model(llm, peft_config)
-        # as in the original: resize after LoRA wrapping (the resized matrices are saved in the delta)
+        # as in the original: resize after LoRA wrapping, which leaves the new embed_tokens and lm_head trainable
+        # (the released deltas hold them in full)
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        llm.get_input_embeddings().requires_grad_(True)
+        llm.get_output_embeddings().requires_grad_(True)
         self.llama_model = llm
         self.llama_proj = nn.Linear(encoder_dim, llm_config.hidden_size)
         if config.fusion:

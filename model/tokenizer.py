@@ -40,7 +40,7 @@ class PromptTokenizer:
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> PromptTokenizer:
-        """A tokenizer folder as transformers 4.29 saved it (tokenizer.model + added_tokens.json)."""
+        """A tokenizer folder as transformers 4.29 saved it; without added_tokens.json the six are appended."""
         folder = Path(folder)
         added_file = folder / "added_tokens.json"
         added = json.loads(added_file.read_text()) if added_file.is_file() else None
@@ -93,7 +93,8 @@ class PromptTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         if self.model_file.resolve() != (folder / "tokenizer.model").resolve():
             shutil.copyfile(self.model_file, folder / "tokenizer.model")
-        (folder / "added_tokens.json").write_text(json.dumps(self.added, indent=2))
+        if self.added:  # a base Vicuna folder has none; the six are added on load, as the original does
+            (folder / "added_tokens.json").write_text(json.dumps(self.added, indent=2))
         special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, **special}

@@ -1,0 +1,194 @@
+"""The composed model: loading base + delta, batched generation, delta format, dtypes, encoder outputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from model.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
+from model.config import GenerationConfig
+from model.deepresonance import Example
+from model.encoder import MediaEncoder, imagebind_model_module
+from model.generate import StopAtSequences, _cut, generate, generate_ids
+
+GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False)
+
+
+def examples() -> list[Example]:
+    g = torch.Generator().manual_seed(0)
+    audio = lambda: torch.randn(3, 1, 128, 204, generator=g)  # noqa: E731
+    image = torch.randn(3, 224, 224, generator=g)
+    return [
+        Example("<Audio>", "Describe the music.", [("audio", audio())]),
+        Example("Listen to this: <Image> and <Audio>", "What is the key of this song?", [("image", image), ("audio", audio())]),
+        Example("", "Hi", []),
+        Example("<Video>", "What happens?", [("video", torch.randn(15, 3, 2, 224, 224, generator=g))]),
+    ]
+
+
+@pytest.fixture(scope="module", params=["alpha", "beta"])
+def model(request, tiny_layout):
+    return load_model(tiny_layout.vicuna, tiny_layout.delta_dir(request.param), tiny_layout.imagebind)
+
+
+def test_loads_variant_and_shapes_from_delta(model, tiny_layout):
+    assert model.config.lora_r == 32
+    assert (model.preencoding is not None) == (model.config.variant == "beta")
+    if model.preencoding is not None:
+        assert len(model.preencoding.layers) == 1
+    assert model.embed_tokens.weight.shape[0] == len(model.tokenizer)
+
+
+def test_batched_greedy_equals_one_row_at_a_time(model):
+    rows = examples()
+    batched = generate_ids(model, rows, GREEDY)
+    single = [generate_ids(model, [row], GREEDY)[0] for row in rows]
+    assert batched == single
+    assert all(len(ids) > 0 for ids in batched)
+
+
+def test_answers_a_batch_of_rows(model):
+    answers = generate(model, examples(), GREEDY)
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, seed=3)
+    first = generate_ids(model, examples()[:2], gen)
+    assert generate_ids(model, examples()[:2], gen) == first
+    other = generate_ids(model, examples()[:2], GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4))
+    assert other != first
+
+
+def test_delta_round_trip_keeps_original_key_names(model, tmp_path, tiny_layout):
+    save_delta(model, tmp_path)
+    raw = torch.load(tmp_path / "pytorch_model.pt", weights_only=True)
+    assert "llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in raw
+    assert "llama_model.base_model.model.model.layers.1.self_attn.o_proj.lora_B.default.weight" in raw
+    assert raw["llama_model.base_model.model.model.embed_tokens.weight"].shape[0] == len(model.tokenizer)
+    assert "llama_model.base_model.model.lm_head.weight" in raw and "llama_proj.bias" in raw
+    assert any(k.startswith("preencoding.layers.0.self_attn.in_proj_weight") for k in raw) == (
+        model.config.variant == "beta"
+    )
+    assert not any(k.startswith("visual_encoder") for k in raw)
+    again = load_model(tiny_layout.vicuna, tmp_path, tiny_layout.imagebind)
+    for key, value in delta_state(model).items():
+        assert torch.equal(delta_state(again)[key], value), key
+    assert read_delta(tmp_path).keys() == raw.keys()
+
+
+def test_merged_lora_gives_the_same_greedy_tokens(tiny_layout):
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    before = generate_ids(model, examples(), GREEDY)
+    model.merge_lora()
+    assert generate_ids(model, examples(), GREEDY) == before
+
+
+def corrupt_copy(tiny_layout, tmp_path, edit):
+    folder = tmp_path / "delta"
+    shutil.copytree(tiny_layout.delta_dir("beta"), folder)
+    (folder / "delta.safetensors").unlink()
+    state = torch.load(folder / "pytorch_model.pt", weights_only=True)
+    edit(state)
+    torch.save(state, folder / "pytorch_model.pt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("llama_proj.bias"), "missing key 'llama_proj.bias'"),
+        (lambda s: s.pop("llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"),
+         "missing key 'llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight'"),
+        (lambda s: s.__setitem__("llama_proj.weight", torch.zeros(3, 3)), "'llama_proj.weight' has shape \\(3, 3\\)"),
+        (lambda s: s.__setitem__("gen_text_hidden_fcs.0.weight", torch.zeros(1)), "unexpected key 'gen_text_hidden_fcs"),
+    ],
+)
+def test_bad_delta_is_rejected_naming_the_key(tiny_layout, tmp_path, edit, message):
+    folder = corrupt_copy(tiny_layout, tmp_path, edit)
+    with pytest.raises(DeltaError, match=message):
+        load_model(tiny_layout.vicuna, folder, tiny_layout.imagebind)
+
+
+def test_wrong_variant_and_unreadable_delta(tiny_layout, tmp_path):
+    with pytest.raises(DeltaError, match="holds a beta delta, not alpha"):
+        load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, variant="alpha")
+    (tmp_path / "pytorch_model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DeltaError, match="pytorch_model.pt: unreadable delta"):
+        load_model(tiny_layout.vicuna, tmp_path, tiny_layout.imagebind)
+    with pytest.raises(DeltaError, match="no pytorch_model.pt"):
+        load_model(tiny_layout.vicuna, tmp_path / "missing", tiny_layout.imagebind)
+
+
+def test_lora_rank_and_fusion_depth_come_from_the_delta(tiny_layout, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from model.checkpoint import DeepResonance
+    from model.config import ModelConfig
+    from model.tokenizer import PromptTokenizer
+
+    config = ModelConfig(variant="beta", encoder_size="tiny", lora_r=8, fusion_layers=2)
+    tok = PromptTokenizer.from_dir(tiny_layout.delta_dir("beta"))
+    model = DeepResonance(config, LlamaForCausalLM.from_pretrained(tiny_layout.vicuna), tok, None, 32)
+    save_delta(model, tmp_path)
+    (tmp_path / "dr_config.json").unlink()  # the original's folders have no such file
+    loaded = load_model(tiny_layout.vicuna, tmp_path, tiny_layout.imagebind)
+    assert loaded.config.lora_r == 8 and len(loaded.preencoding.layers) == 2
+
+
+def test_stage1_delta_with_legacy_names_loads(tiny_layout, tmp_path):
+    state = {k: v for k, v in read_delta(tiny_layout.delta_dir("alpha")).items() if "lora_" not in k}
+    legacy = {k.replace("llama_model.base_model.model.", "llama_model."): v for k, v in state.items()}
+    torch.save(legacy, tmp_path / "pytorch_model.pt")
+    model = load_model(tiny_layout.vicuna, tmp_path, tiny_layout.imagebind)
+    assert torch.equal(model.llama_proj.weight, state["llama_proj.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_paths_run_and_track_float32(tiny_layout, dtype):
+    rows = examples()[:2]
+    ref = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+    low = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, dtype=dtype)
+    assert low.dtype == dtype and low.visual_encoder.dtype == dtype
+    with torch.no_grad():
+        a, b = ref.prepare(rows), low.prepare(rows)
+        la = ref.llama_model(inputs_embeds=a.embeds, attention_mask=a.attention_mask).logits
+        lb = low.llama_model(inputs_embeds=b.embeds, attention_mask=b.attention_mask).logits
+    assert torch.isfinite(lb).all()
+    assert (la - lb.float()).abs().max() < 0.1 * la.abs().max()
+    assert len(generate_ids(low, rows, GREEDY)) == 2
+
+
+def test_encoder_matches_stock_imagebind(tiny_layout):
+    encoder = MediaEncoder.load(tiny_layout.imagebind, "tiny")
+    stock = imagebind_model_module().ImageBindModel(**__import__("model.config").config.IMAGEBIND_TINY).eval()
+    stock.load_state_dict(torch.load(tiny_layout.imagebind, weights_only=True))
+    audio, video = torch.randn(2, 3, 1, 128, 204), torch.randn(1, 15, 3, 2, 224, 224)
+    image = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = stock({"audio": audio})["audio"]
+        clips = encoder("audio", audio)
+        assert clips.shape == (2, 3, 32)
+        torch.testing.assert_close(clips.norm(dim=-1), torch.ones(2, 3))
+        # stock audio = mean over clips of normalised embeddings times a fixed logit scale of 20
+        torch.testing.assert_close(encoder.pooled("audio", audio) * 20, ref)
+        torch.testing.assert_close(encoder.pooled("video", video), stock({"vision": video})["vision"])
+        torch.testing.assert_close(encoder("image", image)[:, 0], stock({"vision": image})["vision"])
+
+
+def test_encoder_load_rejects_wrong_weights(tmp_path):
+    torch.save({"modality_trunks.audio.nope": torch.zeros(1)}, tmp_path / "ib.pth")
+    with pytest.raises(ValueError, match="ib.pth: (missing|unexpected) key"):
+        MediaEncoder.load(tmp_path / "ib.pth", "tiny")
+    with pytest.raises(FileNotFoundError, match="ImageBind weights not found"):
+        MediaEncoder.load(tmp_path / "absent.pth", "tiny")
+
+
+def test_stop_sequences_cut_rows_independently():
+    stop = StopAtSequences([[7], [5, 6]])
+    ids = torch.tensor([[1, 2, 7], [1, 5, 6], [5, 6, 1]])
+    assert stop(ids, None).tolist() == [True, True, False]
+    assert _cut([4, 5, 6, 9], eos=2, stops=[[7], [5, 6]]) == [4, 5, 6]
+    assert _cut([4, 2, 7], eos=2, stops=[[7]]) == [4]
