@@ -9,11 +9,15 @@ from model.config import Variant
 
 HF_DATA_REPO = "Sony/DeepResonance_data_models"
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+IMAGEBIND_URL_ENV = "DR_IMAGEBIND_URL"  # overrides IMAGEBIND_URL (a mirror, or a local server in tests)
 VICUNA_DELTA_REPO = "lmsys/vicuna-7b-delta-v0"
+HF_WEB = "https://huggingface.co"  # for the by-hand instructions in error messages
 
 DELTA_FILE = "pytorch_model.pt"
 DELTA_SAFETENSORS = "delta.safetensors"
 IMAGEBIND_FILE = "imagebind_huge.pth"
+MANIFEST_FILE = "dr_manifest.json"  # {file: {size, sha256}} written beside what download / vicuna produced
+PARTIAL_SUFFIX = ".part"  # transfers and merges in progress; renamed to the final name once verified
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ class CkptLayout:
     def delta_repo_path(self, variant: Variant) -> str:
         """The delta folder's path inside the Hugging Face dataset repo."""
         return f"ckpt/deepresonance_{variant}_delta_ckpt/deepresonance/7b_tiva_v0"
+
+    def delta_web_url(self, variant: Variant) -> str:
+        """Where a person finds the delta folder in a browser."""
+        return f"{HF_WEB}/datasets/{HF_DATA_REPO}/tree/main/{self.delta_repo_path(variant)}"
+
+    @property
+    def staging(self) -> Path:
+        """Hub transfers land here first (resumable), and move to their final place once verified."""
+        return self.root / ".dr_download"
 
 
 def layout(root: str | Path) -> CkptLayout:

@@ -6,6 +6,7 @@ import typer
 
 from deepresonance_cli import __version__
 from deepresonance_cli import ckpt as ckpt_cli
+from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import eval_cmd
 from deepresonance_cli import data
 
@@ -15,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+app.add_typer(ckpt_cli.app, name="ckpt")
 app.add_typer(ckpt_cli.app, name="ckpt")
 app.command("eval")(eval_cmd.eval_command)
 app.add_typer(data.app, name="data")

@@ -1,0 +1,30 @@
+"""`dr ckpt convert`: the legacy pickled delta (`pytorch_model.pt`) as `delta.safetensors`, same keys and values.
+
+safetensors loads without any pickle and memory-maps; `dr` prefers it when both files are present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ckpt.files import CkptError, record_manifest, sha256_file
+from ckpt.layout import DELTA_FILE, DELTA_SAFETENSORS, PARTIAL_SUFFIX
+from ckpt.weights import load_pickle, tensor_shapes
+
+
+def convert_delta(delta_dir: Path) -> Path:
+    """Write `delta_dir/delta.safetensors` from `delta_dir/pytorch_model.pt` and check it holds the same tensors."""
+    src, dst = delta_dir / DELTA_FILE, delta_dir / DELTA_SAFETENSORS
+    if not src.is_file():
+        raise CkptError(f"no {DELTA_FILE} in {delta_dir}")
+    state = load_pickle(src)
+    tmp = dst.with_suffix(PARTIAL_SUFFIX + dst.suffix)  # keeps the suffix the readers dispatch on
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    if tensor_shapes(tmp) != {k: tuple(v.shape) for k, v in state.items()}:
+        tmp.unlink()
+        raise CkptError(f"{tmp} does not hold the tensors of {src}")
+    tmp.replace(dst)
+    record_manifest(delta_dir, {dst.name: {"size": dst.stat().st_size, "sha256": sha256_file(dst)}})
+    return dst

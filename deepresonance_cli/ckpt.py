@@ -1,0 +1,81 @@
+"""`dr ckpt`: checkpoint setup and verification. Each command parses options and calls the `ckpt` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ckpt.convert import convert_delta
+from ckpt.doctor import doctor as run_doctor
+from ckpt.doctor import render
+from ckpt.download import PIECES
+from ckpt.download import download as run_download
+from ckpt.files import CkptError
+from ckpt.layout import VICUNA_DELTA_REPO, layout
+from ckpt.vicuna import DTYPES, merge_vicuna
+
+app = typer.Typer(help="Download, build, verify and convert checkpoints.", no_args_is_help=True)
+err = Console(stderr=True)
+
+
+def _fail(e: CkptError) -> typer.Exit:
+    for line in str(e).splitlines():
+        err.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def download(
+    what: str = typer.Argument("all", help=f"one of {', '.join(PIECES)}, all"),
+    root: Path = typer.Option(Path("ckpt"), help="checkpoint root (the original's ckpt/ layout)"),
+    imagebind_url: str = typer.Option(None, help="ImageBind-huge URL (default: $DR_IMAGEBIND_URL or Meta's URL)"),
+    force: bool = typer.Option(False, help="fetch again even what is already in place"),
+) -> None:
+    """Fetch the alpha/beta deltas (Hugging Face hub) and ImageBind-huge, resumably and verified."""
+    if what not in (*PIECES, "all"):
+        raise typer.BadParameter(f"expected one of {', '.join(PIECES)}, all", param_hint="WHAT")
+    try:
+        for path in run_download(what, root, imagebind_url=imagebind_url, force=force):  # type: ignore[arg-type]
+            typer.echo(f"ok: {path}")
+    except CkptError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def vicuna(
+    llama: Path = typer.Option(..., exists=True, file_okay=False, help="LLaMA-7B in Hugging Face format"),
+    delta: str = typer.Option(VICUNA_DELTA_REPO, help="Vicuna delta: a local folder or a hub repo id"),
+    out: Path = typer.Option(layout("ckpt").vicuna, help="where Vicuna-7B-v0 is written"),
+    dtype: str = typer.Option("float16", help=f"one of {', '.join(DTYPES)}"),
+    overwrite: bool = typer.Option(False, help="replace an existing model in --out"),
+) -> None:
+    """Build Vicuna-7B-v0 = LLaMA-7B + delta, one tensor at a time (memory stays near one tensor)."""
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    try:
+        typer.echo(f"ok: {merge_vicuna(llama, delta, out, dtype=dtype, overwrite=overwrite)}")
+    except CkptError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def doctor(
+    root: Path = typer.Option(Path("ckpt"), help="checkpoint root"),
+    hashes: bool = typer.Option(True, help="check recorded sha256 (--no-hashes: sizes and shapes only)"),
+) -> None:
+    """Report every checkpoint piece as OK / missing / corrupt, with the command that fixes it."""
+    report = run_doctor(root, hashes=hashes)
+    render(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def convert(delta_dir: Path = typer.Argument(..., exists=True, file_okay=False)) -> None:
+    """Convert a legacy pytorch_model.pt delta to delta.safetensors (same keys), loadable without pickle."""
+    try:
+        typer.echo(f"ok: {convert_delta(delta_dir)}")
+    except CkptError as e:
+        raise _fail(e) from None
