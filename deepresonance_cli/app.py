@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from deepresonance_cli import __version__
+from deepresonance_cli import __version__, data, eval_cmd
 from deepresonance_cli import ckpt as ckpt_cli
-from deepresonance_cli import ckpt as ckpt_cli
-from deepresonance_cli import eval_cmd
-from deepresonance_cli import data
 
 app = typer.Typer(
     name="dr",
@@ -16,7 +13,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.add_typer(ckpt_cli.app, name="ckpt")
 app.add_typer(ckpt_cli.app, name="ckpt")
 app.command("eval")(eval_cmd.eval_command)
 app.add_typer(data.app, name="data")

@@ -129,8 +129,9 @@ def _validate(raw: object, index: int) -> Row:
 def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
     """Read and validate a row-format JSON list -> (valid rows, one `file:row: reason` line per invalid row).
 
-    `row` is the 0-based index in the list (the row's id, when it has one, starts the reason). A second row with the same (id, instruction) is invalid too: results
-    are keyed by that pair, so its answer would overwrite the first. Raises DatasetError if the file is unusable.
+    `row` is the 0-based index in the list (the row's id, when it has one, starts the reason). A second row with the
+    same (id, instruction) is invalid too: results are keyed by that pair, so its answer would overwrite the first.
+    Raises DatasetError if the file is unusable.
     """
     path = Path(path)
     try:
