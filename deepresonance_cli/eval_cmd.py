@@ -1,0 +1,44 @@
+"""`dr eval`: score prediction files against a dataset's references; the metrics live in `eval/`."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+import eval as metrics
+from eval import report
+
+
+class Protocol(str, Enum):
+    music_llm = "music-llm"
+    coco = "coco"
+    all = "all"
+
+
+def eval_command(
+    predictions: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="{id: {instruction: answer}} JSON"),
+    dataset: str = typer.Option(..., help="a rows JSON file, or a name read as <data-root>/<name>_test.json"),
+    data_root: Path = typer.Option(Path("data"), help="folder of the <name>_test.json files"),
+    protocol: Protocol = typer.Option(Protocol.music_llm, help="music-llm (peer tables), coco (captioning) or all"),
+    bertscore_model: str = typer.Option(metrics.DEFAULT_MODEL, help="hub name (local cache) or model folder"),
+    out: Path = typer.Option(Path("results/eval_report.json"), help="JSON report; .md and .png are written beside"),
+) -> None:
+    """Score prediction files side by side: table here, JSON + Markdown + PNG chart at --out."""
+    console = Console()
+    console = console if console.is_terminal else Console(width=200)  # logs and pipes get whole tables
+    path = metrics.dataset_path(dataset, data_root)
+    if not path.is_file():
+        raise typer.BadParameter(f"no dataset file {path}", param_hint="--dataset")
+    rows = metrics.load_json(path)
+    names = [p.stem if [q.stem for q in predictions].count(p.stem) == 1 else str(p) for p in predictions]
+    runs = {n: metrics.evaluate(metrics.load_json(p), rows, protocol.value, bertscore_model)
+            for n, p in zip(names, predictions, strict=True)}
+    for t in report.tables(runs):
+        console.print(t)
+    for note in dict.fromkeys(n for r in runs.values() for n in r["notes"]):
+        console.print(f"[yellow]{note}[/yellow]")
+    files = report.write(runs, out, {"dataset": str(path), "protocol": protocol.value})
+    console.print("wrote " + ", ".join(str(f) for f in files.values()))
