@@ -23,9 +23,13 @@ def tone(seconds: float, freq: float = 440.0, sr: int = 16000, channels: int = 1
 
 
 def _write_soundfile(path: Path, seconds: float, freq: float, sr: int, channels: int, **kwargs) -> Path:
+    """PCM files get the same int16 samples whatever the container (libsndfile's float->int scaling differs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, tone(seconds, freq, sr, channels), sr, **kwargs)
+    samples = tone(seconds, freq, sr, channels)
+    if kwargs.get("subtype") == "PCM_16":
+        samples = np.round(samples * 32767).astype(np.int16)
+    sf.write(path, samples, sr, **kwargs)
     return path
 
 
