@@ -142,6 +142,7 @@ def merge_vicuna(
                 tensor = merge_tensor(base_w.get(name), delta_w.get(name), torch_dtype)
                 yield tensor
                 progress.advance(task, tensor.nbytes)
+                del tensor  # before the next one is made
 
         for file, group in zip(names, groups, strict=True):
             write_safetensors(tmp / file, [(n, plan[n]) for n in group], torch_dtype, merged(group))

@@ -119,5 +119,5 @@ def write_safetensors(
             tensor = next(tensors)
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise CkptError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del tensor  # before the next one is made

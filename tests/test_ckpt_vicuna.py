@@ -1,0 +1,166 @@
+"""`dr ckpt vicuna` on tiny LLaMA folders: base + delta = target, vocab mismatch, sharding, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+import ckpt.vicuna as vicuna
+import ckpt.weights as weights
+from ckpt.files import CkptError, read_manifest, sha256_file
+from ckpt.vicuna import merge_vicuna
+from deepresonance_cli.app import app
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+BASE_VOCAB, DELTA_VOCAB = 100, 101
+
+
+def _model(vocab: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **TINY)
+    return LlamaForCausalLM(config).eval()
+
+
+def _save_bin_shards(state: dict[str, torch.Tensor], folder: Path, per_shard: int) -> None:
+    """A delta the way lmsys published it: pickled .bin shards plus pytorch_model.bin.index.json."""
+    names = list(state)
+    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    weight_map = {}
+    for i, group in enumerate(groups):
+        file = f"pytorch_model-{i + 1:05d}-of-{len(groups):05d}.bin"
+        torch.save({n: state[n].clone() for n in group}, folder / file)
+        weight_map |= dict.fromkeys(group, file)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """LLaMA (safetensors, several shards), a Vicuna-like target with one more vocab row, and their delta (.bin)."""
+    root = tmp_path_factory.mktemp("vicuna")
+    base, target = _model(BASE_VOCAB, 0), _model(DELTA_VOCAB, 1)
+    base.save_pretrained(root / "llama", max_shard_size="100KB")
+    base_sd, target_sd = base.state_dict(), target.state_dict()
+    delta = {}
+    for name, t in target_sd.items():
+        d = t.clone()
+        b = base_sd[name]
+        d[tuple(slice(0, n) for n in b.shape)] -= b
+        delta[name] = d
+    (root / "delta").mkdir()
+    _save_bin_shards(delta, root / "delta", per_shard=2)
+    target.config.save_pretrained(root / "delta")
+    (root / "delta" / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    (root / "delta" / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    return {"root": root, "base": base_sd, "target": target, "delta": delta}
+
+
+def test_merge_equals_target_in_float32(folders: dict, tmp_path: Path) -> None:
+    out = merge_vicuna(folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna", dtype="float32")
+    merged = LlamaForCausalLM.from_pretrained(out).eval()
+    assert merged.config.vocab_size == DELTA_VOCAB
+    for name, want in folders["target"].state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], want, rtol=0, atol=1e-6)
+    ids = torch.tensor([[1, 5, 99, 100]])  # 100: the row only the delta has
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, folders["target"](ids).logits, rtol=1e-5, atol=1e-5)
+    assert (out / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert (out / "tokenizer_config.json").is_file()
+
+
+def test_merge_fp16_matches_fastchat(folders: dict, tmp_path: Path) -> None:
+    """FastChat v0.1.10: base in fp16, embeddings resized with zero rows, then `param += delta` in fp16."""
+    out = merge_vicuna(folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna")
+    shards = weights.ShardedWeights(out)
+    for name, d in folders["delta"].items():
+        b = folders["base"][name].half()
+        resized = torch.zeros_like(d, dtype=torch.float16)
+        resized[tuple(slice(0, n) for n in b.shape)] = b
+        resized += d.half()
+        got = shards.get(name)
+        assert got.dtype == torch.float16
+        assert torch.equal(got, resized), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_output_is_sharded_indexed_and_checksummed(folders: dict, tmp_path: Path) -> None:
+    out = merge_vicuna(
+        folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna", max_shard_bytes=60_000
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+    assert set(index["weight_map"]) == set(folders["delta"])
+    manifest = read_manifest(out)
+    assert set(files) | {"config.json", "tokenizer.model"} <= set(manifest)
+    for file in files:
+        assert manifest[file]["sha256"] == sha256_file(out / file)
+    assert not (tmp_path / "vicuna.part").exists()
+
+
+def test_peak_memory_stays_near_one_shard(folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the bytes of every tensor the merge loads or creates while it is alive: never two whole models."""
+    live: dict[int, int] = {}
+    peak = [0]
+
+    def track(t: torch.Tensor) -> None:
+        if id(t) not in live:
+            live[id(t)] = t.nbytes
+            weakref.finalize(t, live.pop, id(t), None)
+        peak[0] = max(peak[0], sum(live.values()))
+
+    load_pickle, get, merge_tensor = weights.load_pickle, weights.ShardedWeights.get, vicuna.merge_tensor
+
+    def tracked_load(path: Path) -> dict[str, torch.Tensor]:
+        state = load_pickle(path)
+        for t in state.values():
+            track(t)
+        return state
+
+    def tracked_get(self: weights.ShardedWeights, name: str) -> torch.Tensor:
+        t = get(self, name)
+        track(t)
+        return t
+
+    def tracked_merge(b: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = merge_tensor(b, d, dtype)
+        track(out)
+        return out
+
+    monkeypatch.setattr(weights, "load_pickle", tracked_load)
+    monkeypatch.setattr(weights.ShardedWeights, "get", tracked_get)
+    monkeypatch.setattr(vicuna, "merge_tensor", tracked_merge)
+    merge_vicuna(folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna", dtype="float32")
+
+    delta_files = sorted((folders["root"] / "delta").glob("*.bin"))
+    largest_shard = max(sum(t.nbytes for t in torch.load(f, weights_only=True).values()) for f in delta_files)
+    largest_tensor = max(t.nbytes for t in folders["delta"].values())
+    one_model = sum(t.nbytes for t in folders["delta"].values())
+    assert len(delta_files) > 3
+    assert peak[0] <= largest_shard + 2 * largest_tensor
+    assert peak[0] < one_model / 2
+
+
+def test_rejects_mismatched_models(folders: dict, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong"
+    config = LlamaConfig(vocab_size=BASE_VOCAB, tie_word_embeddings=False, **{**TINY, "intermediate_size": 96})
+    LlamaForCausalLM(config).save_pretrained(wrong)
+    with pytest.raises(CkptError, match="do not belong together"):
+        merge_vicuna(wrong, folders["root"] / "delta", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_to_overwrite_without_flag(folders: dict, tmp_path: Path) -> None:
+    out = tmp_path / "vicuna"
+    args = ["ckpt", "vicuna", "--llama", str(folders["root"] / "llama"), "--delta", str(folders["root"] / "delta")]
+    runner = CliRunner()
+    first = runner.invoke(app, [*args, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, [*args, "--out", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert runner.invoke(app, [*args, "--out", str(out), "--overwrite"]).exit_code == 0
