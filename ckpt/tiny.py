@@ -64,8 +64,14 @@ def train_tokenizer(folder: Path, corpus: Iterable[str] | None = None, vocab_siz
 
 def write_base_llm(folder: Path, vocab_size: int, seed: int = 0, **sizes) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=None,
-                         tie_word_embeddings=False, **{**LLAMA_TINY, **sizes})
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        **{**LLAMA_TINY, **sizes},
+    )
     llm = LlamaForCausalLM(config)
     llm.save_pretrained(folder)
     return llm

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
+from rich.console import Console
 
-from deepresonance_cli import __version__, data, eval_cmd
+from deepresonance_cli import __version__, data, eval_cmd, infer
 from deepresonance_cli import ckpt as ckpt_cli
 
 app = typer.Typer(
@@ -16,6 +17,8 @@ app = typer.Typer(
 app.add_typer(ckpt_cli.app, name="ckpt")
 app.command("eval")(eval_cmd.eval_command)
 app.add_typer(data.app, name="data")
+app.command("infer")(infer.infer)
+app.command("ask")(infer.ask)
 
 
 @app.command()
@@ -25,7 +28,12 @@ def version() -> None:
 
 
 def main() -> None:
-    app()
+    """Bad input (missing files, malformed rows, wrong checkpoints) ends in one line saying what and where."""
+    try:
+        app()
+    except (OSError, ValueError) as err:
+        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ DR_CONFIG = "dr_config.json"
 LORA_KEY = re.compile(r"\.layers\.\d+\..*\.lora_[AB]\.")
 FUSION_LAYER = re.compile(r"^preencoding\.layers\.(\d+)\.")
 # stage-1 deltas of the original have no LoRA wrapper in their names
-LEGACY_PREFIXES = {"llama_model.model.": "llama_model.base_model.model.model.",
-                   "llama_model.lm_head.": "llama_model.base_model.model.lm_head."}
+LEGACY_PREFIXES = {
+    "llama_model.model.": "llama_model.base_model.model.model.",
+    "llama_model.lm_head.": "llama_model.base_model.model.lm_head.",
+}
 
 
 class DeltaError(ValueError):

@@ -22,7 +22,11 @@ def examples() -> list[Example]:
     image = torch.randn(3, 224, 224, generator=g)
     return [
         Example("<Audio>", "Describe the music.", [("audio", audio())]),
-        Example("Listen to this: <Image> and <Audio>", "What is the key of this song?", [("image", image), ("audio", audio())]),
+        Example(
+            "Listen to this: <Image> and <Audio>",
+            "What is the key of this song?",
+            [("image", image), ("audio", audio())],
+        ),
         Example("", "Hi", []),
         Example("<Video>", "What happens?", [("video", torch.randn(15, 3, 2, 224, 224, generator=g))]),
     ]
@@ -100,10 +104,15 @@ def corrupt_copy(tiny_layout, tmp_path, edit):
     ("edit", "message"),
     [
         (lambda s: s.pop("llama_proj.bias"), "missing key 'llama_proj.bias'"),
-        (lambda s: s.pop("llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"),
-         "missing key 'llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight'"),
+        (
+            lambda s: s.pop("llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"),
+            "missing key 'llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight'",
+        ),
         (lambda s: s.__setitem__("llama_proj.weight", torch.zeros(3, 3)), "'llama_proj.weight' has shape \\(3, 3\\)"),
-        (lambda s: s.__setitem__("gen_text_hidden_fcs.0.weight", torch.zeros(1)), "unexpected key 'gen_text_hidden_fcs"),
+        (
+            lambda s: s.__setitem__("gen_text_hidden_fcs.0.weight", torch.zeros(1)),
+            "unexpected key 'gen_text_hidden_fcs",
+        ),
     ],
 )
 def test_bad_delta_is_rejected_naming_the_key(tiny_layout, tmp_path, edit, message):

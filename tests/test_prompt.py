@@ -112,7 +112,9 @@ def test_fusion_sees_only_its_own_input_segment(tok):
     media = torch.randn(6, 16)
     with torch.no_grad():
         both = assemble(rows, media, emb, tok.pad_id, 512, fusion=fusion)
-        alone = [assemble([r], media[3 * i : 3 * i + 3], emb, tok.pad_id, 512, fusion=fusion) for i, r in enumerate(rows)]
+        alone = [
+            assemble([r], media[3 * i : 3 * i + 3], emb, tok.pad_id, 512, fusion=fusion) for i, r in enumerate(rows)
+        ]
         plain = assemble(rows, media, emb, tok.pad_id, 512)
     for b, row in enumerate(rows):
         n = len(row.ids)

@@ -1,0 +1,171 @@
+"""`dr infer` (a whole dataset, resumable) and `dr ask` (one answer for your own files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from ckpt.layout import layout
+from model.checkpoint import load_model
+from model.config import GenerationConfig
+from model.data import load_rows, resolve_dataset
+from model.deepresonance import DeepResonance, Example
+from model.features import FeatureCache
+from model.generate import generate
+from model.inference import run_inference, write_results
+from model.media import load_media
+from model.prompt import PLACEHOLDERS
+
+console = Console(stderr=True)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+CkptRoot = Annotated[Path, typer.Option(help="Checkpoint root laid out as the original's ckpt/ folder.")]
+Variant = Annotated[str, typer.Option(help="alpha or beta.")]
+Base = Annotated[Path | None, typer.Option(help="Vicuna folder (default: <ckpt-root>/pretrained_ckpt/...).")]
+Delta = Annotated[Path | None, typer.Option(help="Delta folder (default: <ckpt-root>/deepresonance_<variant>_...).")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
+Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
+
+
+class RowsPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} rows/s" if task.speed else "- rows/s")
+
+
+def load(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str, dtype: str | None):
+    """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given."""
+    paths = layout(ckpt_root)
+    on_cuda = device.startswith("cuda")
+    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    model = load_model(
+        base or paths.vicuna, delta or paths.delta_dir(variant), paths.imagebind, variant, device, torch_dtype
+    )
+    model.merge_lora()
+    return model
+
+
+def generation(greedy: bool, temperature: float, top_p: float, seed: int | None, max_new_tokens: int):
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, seed=seed
+    )
+
+
+def default_device(device: str | None) -> str:
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return "cpu"
+
+
+def infer(
+    dataset: Annotated[str, typer.Option(help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file.")],
+    variant: Variant = "alpha",
+    ckpt_root: CkptRoot = Path("ckpt"),
+    base: Base = None,
+    delta: Delta = None,
+    data_root: Annotated[Path, typer.Option(help="Where the dataset files live.")] = Path("data"),
+    media_root: Annotated[Path | None, typer.Option(help="Media folder (default: from the catalog).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Result JSON (default: results/<dataset>_<variant>.json).")] = None,
+    batch_size: int = 8,
+    greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of the original's sampling.")] = False,
+    temperature: float = 0.1,
+    top_p: float = 1.0,
+    seed: int = 1337,
+    max_new_tokens: int = 512,
+    device: Device = None,
+    dtype: Dtype = None,
+    limit: Annotated[int | None, typer.Option(help="Answer only the first N rows.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Encoder-feature cache (default: <data-root>/.features).")
+    ] = None,
+) -> None:
+    """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = default_device(device)
+    spec = resolve_dataset(dataset, data_root, media_root)
+    rows, errors = load_rows(spec.json_path)
+    for line in errors:
+        console.print(f"[yellow]skipped invalid row[/] {line}")
+    rows = rows[:limit] if limit is not None else rows
+    out = out or Path("results") / f"{spec.name}_{variant}.json"
+    model = load(ckpt_root, variant, base, delta, device, dtype)
+    cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
+    gen = generation(greedy, temperature, top_p, seed, max_new_tokens)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RowsPerSecond(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=rank != 0) as progress:
+        task = progress.add_task(f"{spec.name} ({variant})", total=None)
+        summary = run_inference(
+            model,
+            rows,
+            spec.media_root,
+            out,
+            gen,
+            batch_size,
+            cache,
+            rank,
+            world,
+            on_progress=lambda n: progress.advance(task, n),
+        )
+        progress.update(task, total=summary.total - summary.skipped)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        results = write_results(out, rows)
+        show_summary(summary, len(errors), sum(len(v) for v in results.values()), out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def show_summary(summary, invalid: int, in_file: int, out: Path) -> None:
+    table = Table(title="dr infer")
+    for column in ("rows", "answered now", "already done", "media errors", "invalid rows", "answers in file"):
+        table.add_column(column, justify="right")
+    table.add_row(*map(str, (summary.total, summary.answered, summary.skipped, len(summary.failed), invalid, in_file)))
+    console.print(table)
+    for line in summary.failed:
+        console.print(f"[red]failed[/] {line}")
+    console.print(f"results: {out}")
+
+
+def ask(
+    question: Annotated[str, typer.Argument(help="The instruction, e.g. 'Describe the music.'")],
+    audio: Annotated[Path | None, typer.Option(help="Music file (wav, mp3, flac, ogg).")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file.")] = None,
+    video: Annotated[Path | None, typer.Option(help="Video file.")] = None,
+    variant: Variant = "alpha",
+    ckpt_root: CkptRoot = Path("ckpt"),
+    base: Base = None,
+    delta: Delta = None,
+    greedy: bool = False,
+    temperature: float = 0.1,
+    top_p: float = 1.0,
+    seed: int = 1337,
+    max_new_tokens: int = 512,
+    device: Device = None,
+    dtype: Dtype = None,
+) -> None:
+    """One answer about your own music (and image / video)."""
+    media = [(m, p) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
+    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype)
+    placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
+    example = Example("".join(placeholders[m] for m, _ in media), question, [(m, load_media(m, p)) for m, p in media])
+    answer = generate(model, [example], generation(greedy, temperature, top_p, seed, max_new_tokens))[0]
+    typer.echo(answer)

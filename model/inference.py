@@ -1,0 +1,163 @@
+"""Per-dataset inference that never loses finished work.
+
+Answers are appended to a JSONL journal as each batch finishes (flushed and fsync'd), so a killed job loses at most
+the batch in flight; a rerun skips every (id, instruction) already answered. The original's result layout
+`{id: {instruction: answer}}` is rebuilt from the journal(s). Rows are sorted by prompt length so batches pad little,
+media go through the feature cache, and a row whose media is missing or unreadable is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import GenerationConfig
+from model.data import Row, media_path
+from model.deepresonance import DeepResonance, Example
+from model.features import FeatureCache, encode_files
+from model.generate import generate
+from model.media import MediaError
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    skipped: int = 0  # answered by an earlier run
+    answered: int = 0
+    failed: list[str] = field(default_factory=list)  # one `id: reason` line per row that could not be answered
+
+
+def journal_paths(out_json: Path) -> list[Path]:
+    """All journals of a result file: one per rank when several processes shared the job."""
+    return sorted(out_json.parent.glob(out_json.stem + ".*jsonl"))
+
+
+def journal_path(out_json: Path, rank: int = 0, world: int = 1) -> Path:
+    suffix = ".jsonl" if world == 1 else f".rank{rank}.jsonl"
+    return out_json.with_name(out_json.stem + suffix)
+
+
+def read_journal(paths: Sequence[Path]) -> dict[tuple[str, str], str]:
+    """(id, instruction) -> answer from journals; a torn last line (a kill mid-write) is ignored."""
+    done: dict[tuple[str, str], str] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "answer" in entry:
+                    done[(entry["id"], entry["instruction"])] = entry["answer"]
+    return done
+
+
+def write_results(out_json: Path, rows: Sequence[Row] | None = None) -> dict[str, dict[str, str]]:
+    """Rebuilds `{id: {instruction: answer}}` from the journals, in dataset order, written atomically."""
+    done = read_journal(journal_paths(out_json))
+    order = [(r.id, r.instruction) for r in rows] if rows is not None else list(done)
+    results: dict[str, dict[str, str]] = {}
+    for key in order:
+        if key in done:
+            results.setdefault(key[0], {})[key[1]] = done[key]
+    tmp = out_json.with_name(out_json.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(out_json)
+    return results
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, entries: Sequence[dict]) -> None:
+        for entry in entries:
+            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def prompt_cost(row: Row) -> int:
+    """A cheap proxy for prompt length, to sort rows so that batches pad little."""
+    clips = {"audio": 3, "image": 1, "video": 15}
+    return len(row.input) + len(row.instruction) + 4 * sum(clips[m] for m in row.mm_names)
+
+
+def row_media(
+    model: DeepResonance, rows: Sequence[Row], media_root: Path, cache: FeatureCache | None, batch_size: int
+) -> list[list[tuple[str, torch.Tensor]] | MediaError]:
+    """Each row's media as clip features (through the cache) or the row's first media error."""
+    if model.visual_encoder is None:
+        raise ValueError("inference needs the ImageBind encoder: load the model with its imagebind weights")
+    wanted: dict[str, list[Path]] = {}
+    for row in rows:
+        for i, modality in enumerate(row.mm_names):
+            wanted.setdefault(modality, []).append(media_path(row, i, media_root))
+    features: dict[tuple[str, Path], torch.Tensor | MediaError] = {}
+    for modality, paths in wanted.items():
+        unique = list(dict.fromkeys(paths))
+        encoded = encode_files(model.visual_encoder, cache, modality, unique, batch_size)
+        features.update({(modality, p): f for p, f in zip(unique, encoded, strict=True)})
+    out: list[list[tuple[str, torch.Tensor]] | MediaError] = []
+    for row in rows:
+        items = [(m, features[(m, media_path(row, i, media_root))]) for i, m in enumerate(row.mm_names)]
+        error = next((f for _, f in items if isinstance(f, MediaError)), None)
+        out.append(error if error is not None else items)
+    return out
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_inference(
+    model: DeepResonance,
+    rows: Sequence[Row],
+    media_root: str | Path,
+    out_json: str | Path,
+    gen: GenerationConfig,
+    batch_size: int = 8,
+    cache: FeatureCache | None = None,
+    rank: int = 0,
+    world: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish."""
+    out_json, media_root = Path(out_json), Path(media_root)
+    done = read_journal(journal_paths(out_json)) if out_json.parent.is_dir() else {}
+    todo = [r for r in rows if (r.id, r.instruction) not in done][rank::world]
+    summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
+    todo.sort(key=prompt_cost)
+    journal = Journal(journal_path(out_json, rank, world))
+    try:
+        # media for a group of batches at a time: the encoder runs batched, the cache keeps what it computed
+        for group in chunks(todo, batch_size * 8):
+            media = row_media(model, group, media_root, cache, batch_size)
+            ready = [(row, m) for row, m in zip(group, media, strict=True) if not isinstance(m, MediaError)]
+            failed = [(row, m) for row, m in zip(group, media, strict=True) if isinstance(m, MediaError)]
+            journal.write([{"id": r.id, "instruction": r.instruction, "error": str(e)} for r, e in failed])
+            summary.failed.extend(f"{r.id}: {e}" for r, e in failed)
+            if on_progress and failed:
+                on_progress(len(failed))
+            for batch in chunks(ready, batch_size):
+                examples = [Example(r.input, r.instruction, m) for r, m in batch]
+                answers = generate(model, examples, gen)
+                journal.write(
+                    [{"id": r.id, "instruction": r.instruction, "answer": a} for (r, _), a in zip(batch, answers, strict=True)]
+                )
+                summary.answered += len(batch)
+                if on_progress:
+                    on_progress(len(batch))
+    finally:
+        journal.close()
+    return summary

@@ -1,0 +1,205 @@
+"""dr infer / dr ask on a tiny checkpoint set and synthesized media: resumable, nothing lost, bad input reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from synth import make_row, write_dataset, write_garbage, write_image, write_video, write_wav
+from typer.testing import CliRunner
+
+from deepresonance_cli.app import app
+from model.checkpoint import load_model
+from model.config import GenerationConfig
+from model.data import load_rows
+from model.features import FeatureCache
+from model.inference import run_inference
+
+runner = CliRunner()
+
+
+def media_dataset(folder: Path, n: int) -> Path:
+    """n rows over a few shared media files: audio, image + audio, video, text only."""
+    write_wav(folder / "a0.wav", 1.0, 220)
+    write_wav(folder / "a1.wav", 7.0, 440)
+    write_image(folder / "i0.png")
+    write_video(folder / "v0.mp4", seconds=2.0, fps=4)
+    kinds = [
+        [("audio", "a0.wav")],
+        [("audio", "a1.wav"), ("image", "i0.png")],
+        [("video", "v0.mp4")],
+        [],
+    ]
+    rows = [make_row(f"r{i}", kinds[i % 4], instruction=f"Question {i % 3}?") for i in range(n)]
+    return write_dataset(folder, rows)
+
+
+def infer_args(tiny_root, dataset, out, *extra):
+    return [
+        "infer",
+        "--dataset",
+        str(dataset),
+        "--ckpt-root",
+        str(tiny_root),
+        "--out",
+        str(out),
+        "--greedy",
+        "--max-new-tokens",
+        "6",
+        "--cache-dir",
+        str(out.parent / "cache"),
+        *extra,
+    ]
+
+
+def journal_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def test_infer_answers_every_row_and_reruns_skip_finished(tiny_root, tmp_path):
+    dataset = media_dataset(tmp_path / "data", 10)
+    out = tmp_path / "res" / "toy.json"
+    result = runner.invoke(app, infer_args(tiny_root, dataset, out, "--batch-size", "4"))
+    assert result.exit_code == 0, result.output
+    answers = json.loads(out.read_text())
+    rows, _ = load_rows(dataset)
+    assert {(r.id, r.instruction) for r in rows} == {(i, q) for i, qs in answers.items() for q in qs}
+    again = runner.invoke(app, infer_args(tiny_root, dataset, out, "--batch-size", "4"))
+    assert again.exit_code == 0
+    assert json.loads(out.read_text()) == answers
+    assert len(journal_lines(out)) == 10  # nothing answered twice
+
+
+def test_batched_results_equal_batch_size_one(tiny_root, tmp_path):
+    dataset = media_dataset(tmp_path / "data", 8)
+    outs = []
+    for bs in ("1", "8"):
+        out = tmp_path / f"bs{bs}" / "toy.json"
+        assert (
+            runner.invoke(app, infer_args(tiny_root, dataset, out, "--batch-size", bs, "--variant", "beta")).exit_code
+            == 0
+        )
+        outs.append(json.loads(out.read_text()))
+    assert outs[0] == outs[1]
+
+
+def test_bad_rows_and_bad_media_are_reported_and_the_run_completes(tiny_root, tmp_path):
+    folder = tmp_path / "data"
+    write_wav(folder / "ok.wav", 1.0)
+    write_garbage(folder / "broken.wav")
+    rows = [
+        make_row("good", [("audio", "ok.wav")]),
+        make_row("missing", [("audio", "nope.wav")]),
+        make_row("corrupt", [("audio", "broken.wav")]),
+        {**make_row("invalid", [("audio", "ok.wav")]), "mm_names": []},
+    ]
+    dataset = write_dataset(folder, rows)
+    out = tmp_path / "res" / "toy.json"
+    result = runner.invoke(app, infer_args(tiny_root, dataset, out))
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(out.read_text())) == ["good"]
+    assert "missing" in result.output and "nope.wav" in result.output
+    assert "corrupt" in result.output and "broken.wav" in result.output
+    assert f"{dataset}:3" in result.output.replace("\n", "")
+
+
+def test_feature_cache_hit_skips_the_encoder(tiny_layout, tmp_path):
+    dataset = media_dataset(tmp_path / "data", 4)
+    rows, _ = load_rows(dataset)
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    calls = []
+    encoder = model.visual_encoder
+    original = encoder.forward
+    encoder.forward = lambda modality, x: calls.append(x.shape[0]) or original(modality, x)
+    cache = FeatureCache.for_encoder(tmp_path / "cache", encoder)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    first = run_inference(model, rows, dataset.parent, tmp_path / "a" / "r.json", gen, cache=cache)
+    assert first.answered == 4 and sum(calls) == 4  # four distinct media files
+    calls.clear()
+    second = run_inference(model, rows, dataset.parent, tmp_path / "b" / "r.json", gen, cache=cache)
+    assert second.answered == 4 and calls == []
+
+
+def test_ask_answers_about_own_files(tiny_root, tmp_path):
+    wav, png = write_wav(tmp_path / "m.wav", 1.0), write_image(tmp_path / "p.png")
+    args = [
+        "ask",
+        "Describe the music.",
+        "--audio",
+        str(wav),
+        "--image",
+        str(png),
+        "--ckpt-root",
+        str(tiny_root),
+        "--greedy",
+        "--max-new-tokens",
+        "5",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path):
+    dataset = media_dataset(tmp_path / "data", 1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepresonance_cli.app", *infer_args(tmp_path / "nockpt", dataset, tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error:") and "nockpt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_loss_or_duplicates(tiny_root, tmp_path):
+    dataset = media_dataset(tmp_path / "data", 50)
+    out = tmp_path / "res" / "toy.json"
+    cmd = [sys.executable, "-m", "deepresonance_cli.app", *infer_args(tiny_root, dataset, out, "--batch-size", "2")]
+    cmd[cmd.index("6")] = "24"  # longer answers: the kill lands mid-run
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out.with_suffix(".jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {(e["id"], e["instruction"]): e["answer"] for e in journal_lines(out)}
+    assert 6 <= len(before) < 50, "the kill should land mid-run"
+    finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    entries = journal_lines(out)
+    keys = [(e["id"], e["instruction"]) for e in entries]
+    assert len(keys) == len(set(keys)) == 50
+    final = json.loads(out.read_text())
+    assert sum(len(v) for v in final.values()) == 50
+    assert all(final[i][q] == a for (i, q), a in before.items())
+
+
+@pytest.mark.parametrize("variant", ["alpha", "beta"])
+def test_infer_loads_each_variant(tiny_root, tmp_path, variant):
+    dataset = media_dataset(tmp_path / "data", 2)
+    out = tmp_path / "res" / "toy.json"
+    assert runner.invoke(app, infer_args(tiny_root, dataset, out, "--variant", variant)).exit_code == 0
+    other = "beta" if variant == "alpha" else "alpha"
+    wrong = runner.invoke(
+        app,
+        infer_args(
+            tiny_root,
+            dataset,
+            out,
+            "--variant",
+            variant,
+            "--delta",
+            str(Path(tiny_root) / f"deepresonance_{other}_delta_ckpt/deepresonance/7b_tiva_v0"),
+        ),
+    )
+    assert wrong.exit_code != 0
