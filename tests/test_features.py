@@ -1,0 +1,127 @@
+"""model/features.py: the encoder-feature cache and batched encoding, with a fake encoder that counts its calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import synth
+import torch
+
+from model import features as features_module
+from model.features import FeatureCache, encode_files
+from model.media import MediaError
+
+
+class FakeEncoder:
+    """The encoder interface: (modality, [B, ...]) -> [B, k, D], here D = 4 statistics of each clip."""
+
+    fingerprint = "fake-v1"
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        self.calls.append((modality, inputs.shape[0]))
+        clips = inputs.unsqueeze(1) if modality == "image" else inputs
+        flat = clips.flatten(2)
+        return torch.stack([flat.mean(-1), flat.std(-1), flat.amin(-1), flat.amax(-1)], dim=-1)
+
+
+@pytest.fixture
+def audio_files(tmp_path):
+    return [synth.write_wav(tmp_path / f"a{i}.wav", 0.5, 200.0 + 100 * i) for i in range(5)]
+
+
+def test_cache_hit_skips_the_encoder(tmp_path, audio_files):
+    encoder, cache = FakeEncoder(), FeatureCache(tmp_path / "cache", FakeEncoder.fingerprint)
+    first = encode_files(encoder, cache, "audio", audio_files, batch_size=2)
+    assert encoder.calls == [("audio", 2), ("audio", 2), ("audio", 1)]
+    assert all(f.shape == (3, 4) for f in first)
+    again = encode_files(encoder, FeatureCache(tmp_path / "cache", FakeEncoder.fingerprint), "audio", audio_files)
+    assert len(encoder.calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_batched_equals_one_by_one_and_uncached(tmp_path, audio_files):
+    batched = encode_files(FakeEncoder(), FeatureCache(tmp_path / "c1", "fake-v1"), "audio", audio_files, 4)
+    single = encode_files(FakeEncoder(), FeatureCache(tmp_path / "c2", "fake-v1"), "audio", audio_files, 1)
+    plain = encode_files(FakeEncoder(), None, "audio", audio_files, 3)
+    for a, b, c in zip(batched, single, plain, strict=True):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
+
+
+def test_image_and_video_shapes(tmp_path):
+    cache = FeatureCache(tmp_path / "cache", "fake-v1")
+    image = encode_files(FakeEncoder(), cache, "image", [synth.write_image(tmp_path / "i.png")])[0]
+    video = encode_files(FakeEncoder(), cache, "video", [synth.write_video(tmp_path / "v.mp4", 0.5, 4)])[0]
+    assert image.shape == (1, 4) and video.shape == (15, 4)
+
+
+def test_bad_files_fail_alone(tmp_path, audio_files):
+    paths = [audio_files[0], synth.write_garbage(tmp_path / "bad.wav"), tmp_path / "gone.wav", audio_files[1]]
+    encoder = FakeEncoder()
+    out = encode_files(encoder, FeatureCache(tmp_path / "cache", "fake-v1"), "audio", paths, batch_size=4)
+    assert isinstance(out[0], torch.Tensor) and isinstance(out[3], torch.Tensor)
+    assert isinstance(out[1], MediaError) and "unreadable" in str(out[1])
+    assert isinstance(out[2], MediaError) and "no such file" in str(out[2])
+    assert encoder.calls == [("audio", 2)]
+
+
+def test_same_content_is_encoded_once(tmp_path, audio_files):
+    copy = tmp_path / "copy.wav"
+    copy.write_bytes(audio_files[0].read_bytes())
+    encoder = FakeEncoder()
+    out = encode_files(encoder, FeatureCache(tmp_path / "cache", "fake-v1"), "audio", [audio_files[0], copy])
+    assert encoder.calls == [("audio", 1)] and torch.equal(out[0], out[1])
+
+
+def test_corrupt_entry_is_recomputed(tmp_path, audio_files):
+    encoder, cache = FakeEncoder(), FeatureCache(tmp_path / "cache", "fake-v1")
+    first = encode_files(encoder, cache, "audio", audio_files[:1])[0]
+    entry = cache.entry("audio", audio_files[0])
+    entry.write_bytes(entry.read_bytes()[:40])  # as if truncated
+    assert FeatureCache(tmp_path / "cache", "fake-v1").get("audio", audio_files[0]) is None
+    assert not entry.exists()
+    again = encode_files(encoder, cache, "audio", audio_files[:1])[0]
+    assert len(encoder.calls) == 2 and torch.equal(first, again) and entry.is_file()
+
+
+def test_keys_separate_encoder_mode_and_content(tmp_path, audio_files):
+    root, path = tmp_path / "cache", audio_files[0]
+    FeatureCache(root, "fake-v1").put("audio", path, torch.ones(3, 4))
+    assert torch.equal(FeatureCache(root, "fake-v1").get("audio", path), torch.ones(3, 4))
+    assert FeatureCache(root, "fake-v2").get("audio", path) is None
+    assert FeatureCache(root, "fake-v1", dtype=torch.float16).get("audio", path) is None
+    assert FeatureCache(root, "fake-v1", pooled=True).get("audio", path) is None
+    assert FeatureCache(root, "fake-v1").get("video", path) is None
+    assert FeatureCache(root, "fake-v1").get("audio", audio_files[1]) is None
+    path.write_bytes(audio_files[2].read_bytes())  # same name, new content
+    assert FeatureCache(root, "fake-v1").get("audio", path) is None
+    with pytest.raises(MediaError, match="no such file"):
+        FeatureCache(root, "fake-v1").get("audio", tmp_path / "gone.wav")
+
+
+def test_pooled_mode_and_encoder_mismatch(tmp_path, audio_files):
+    pooled = FeatureCache.for_encoder(tmp_path / "cache", FakeEncoder(), pooled=True)
+    per_clip = encode_files(FakeEncoder(), None, "audio", audio_files[:1])[0]
+    out = encode_files(FakeEncoder(), pooled, "audio", audio_files[:1])[0]
+    assert out.shape == (1, 4) and torch.allclose(out, per_clip.mean(0, keepdim=True))
+    with pytest.raises(ValueError, match="feature cache is for"):
+        encode_files(FakeEncoder(), FeatureCache(tmp_path / "cache", "other"), "audio", audio_files[:1])
+
+
+def test_failed_write_leaves_nothing(tmp_path, audio_files, monkeypatch):
+    cache = FeatureCache(tmp_path / "cache", "fake-v1")
+
+    def killed(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features_module, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.put("audio", audio_files[0], torch.ones(3, 4))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    assert cache.get("audio", audio_files[0]) is None
