@@ -39,8 +39,10 @@ TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionE
 
 
 def offline() -> bool:
-    """HF_HUB_OFFLINE, read at call time (huggingface_hub reads it once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    """HF_HUB_OFFLINE as set now, or as huggingface_hub read it at import; it also stops the ImageBind transfer."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
 
 
 def download(
@@ -91,7 +93,7 @@ def fetch_delta(
     folder = paths.delta_repo_path(variant)
     try:
         api = HfApi(endpoint=endpoint)
-        commit = api.dataset_info(HF_DATA_REPO).sha
+        commit = api.dataset_info(HF_DATA_REPO, revision="main").sha  # pin one commit for every file
         entries = [
             e
             for e in api.list_repo_tree(HF_DATA_REPO, folder, recursive=True, revision=commit, repo_type="dataset")
