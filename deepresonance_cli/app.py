@@ -7,6 +7,7 @@ from rich.console import Console
 
 from deepresonance_cli import __version__, data, eval_cmd, infer
 from deepresonance_cli import ckpt as ckpt_cli
+from deepresonance_cli import train as train_cli
 
 app = typer.Typer(
     name="dr",
@@ -19,6 +20,7 @@ app.command("eval")(eval_cmd.eval_command)
 app.add_typer(data.app, name="data")
 app.command("infer")(infer.infer)
 app.command("ask")(infer.ask)
+app.command("train")(train_cli.train)
 
 
 @app.command()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -17,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.media import MODALITIES, MediaError, load_media, probe_media
-
-PLACEHOLDERS = {"<Audio>": "audio", "<Image>": "image", "<Video>": "video"}
-PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
+from model.prompt import PLACEHOLDERS
+from model.prompt import SPLIT as PLACEHOLDER_RE
 
 HF_DATA_REPO = "Sony/DeepResonance_data_models"
 HF_DATA_URL = f"https://huggingface.co/datasets/{HF_DATA_REPO}/tree/main/data"
