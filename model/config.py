@@ -109,8 +109,12 @@ class TrainConfig:
     stage: int = 2
     datasets: list[str] = field(default_factory=list)
     epochs: int = 2
-    lr: float = 2e-4
+    max_steps: int = 0  # > 0: train this many optimizer steps (the schedule spans them) instead of `epochs`
+    lr: float = 2e-4  # the peak of the schedule (the original's warmup_max_lr)
     warmup_rate: float = 0.1
+    # the original's WarmupDecayLR: warm-up over max(10, 10% of the steps), log-shaped (DeepSpeed's default)
+    warmup_min_steps: int = 10
+    warmup_type: str = "log"
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.001
@@ -121,7 +125,10 @@ class TrainConfig:
     seed: int = 12
     save_every: int = 0
     log_every: int = 5
-    # the original resizes the embeddings after wrapping with LoRA, so embed_tokens and lm_head train in stage 2
+    group_size: int = 16  # batches grouped by length: rows sorted inside shuffled windows of this many batches
+    encode_batch_size: int = 8  # media files per frozen-encoder call while filling the feature cache
+    # the original resizes the embeddings after wrapping with LoRA, so embed_tokens and lm_head train in stage 2 (and,
+    # resized after freezing the LLM, in its stage 1 too; off here by default: the paper trains the projector only)
     train_embeddings: bool = True
 
     @classmethod

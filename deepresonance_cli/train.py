@@ -1,0 +1,94 @@
+"""`dr train`: the two-stage recipe (model/training.py) from the command line; options override the stage defaults."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+console = Console(stderr=True)
+PACKAGED_DEEPSPEED = {"zero2": Path(__file__).with_name("deepspeed_zero2.json")}
+DTYPES = ("float32", "bfloat16")
+
+Opt = typer.Option
+
+
+def train(
+    variant: Annotated[str, Opt(help="alpha, or beta (with the pre-LLM fusion encoder).")],
+    stage: Annotated[int, Opt(help="1: align the projector (LLM frozen); 2: instruction-tune with LoRA.")],
+    out: Annotated[Path, Opt(help="Output folder: the final delta, checkpoint-N folders, TensorBoard logs.")],
+    init: Annotated[Path | None, Opt(help="Delta to start from (stage 2: the stage-1 output).")] = None,
+    datasets: Annotated[
+        list[str] | None, Opt(help="Catalog names or row-format JSON files (repeat or comma-separate).")
+    ] = None,
+    data_root: Annotated[Path, Opt(help="Where the dataset files and media live.")] = Path("data"),
+    cache_dir: Annotated[Path | None, Opt(help="Encoder-feature cache (default: <data-root>/.features).")] = None,
+    ckpt_root: Annotated[Path, Opt(help="Checkpoint root laid out as the original's ckpt/ folder.")] = Path("ckpt"),
+    config: Annotated[Path | None, Opt(help="JSON of training options (TrainConfig fields); flags win.")] = None,
+    epochs: int | None = None,
+    max_steps: Annotated[int | None, Opt(help="Optimizer steps to train (the schedule spans them) instead of epochs.")]
+    = None,
+    lr: Annotated[float | None, Opt(help="Peak learning rate (default 2e-4).")] = None,
+    micro_batch: Annotated[int | None, Opt(help="Rows per device per micro-step (default 2).")] = None,
+    grad_accum: int | None = None,
+    max_length: int | None = None,
+    seed: int | None = None,
+    train_embeddings: Annotated[
+        bool | None,
+        Opt(help="Train the resized embed_tokens/lm_head as the original did (stage-2 default; off: less state)."),
+    ] = None,
+    save_every: Annotated[int | None, Opt(help="Checkpoint every N optimizer steps (0: only at the end).")] = None,
+    stop_after: Annotated[int | None, Opt(help="Stop (and checkpoint) after N steps; --resume carries on.")] = None,
+    resume: Annotated[Path | None, Opt(help="A checkpoint folder, or an --out folder (its latest checkpoint).")] = None,
+    deepspeed: Annotated[
+        str | None, Opt(help="DeepSpeed config JSON, or 'zero2' (packaged: ZeRO-2, bf16). Launch with `deepspeed`.")
+    ] = None,
+    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    dtype: Annotated[str, Opt(help="Frozen weights: float32 or bfloat16 (trained ones stay float32).")] = "float32",
+    progress: Annotated[bool, Opt(help="Show the progress bar.")] = True,
+    local_rank: Annotated[int | None, Opt("--local_rank", hidden=True, help="Set by the deepspeed launcher.")] = None,
+) -> None:
+    """Train a DeepResonance delta (stage 1 then stage 2), on one device or many through DeepSpeed."""
+    import torch
+
+    from ckpt.layout import layout
+    from model.config import TrainConfig
+    from model.training import train as run_training
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
+    options = json.loads(config.read_text()) if config else {}
+    flags = dict(epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch, grad_accum=grad_accum,
+                 max_length=max_length, seed=seed, train_embeddings=train_embeddings, save_every=save_every)
+    if datasets:
+        flags["datasets"] = [name for item in datasets for name in item.split(",") if name]
+    cfg = TrainConfig.for_stage(stage, **{**options, **flags})
+    paths = layout(ckpt_root)
+    result = run_training(
+        cfg,
+        stop_after=stop_after,
+        progress=progress,
+        variant=variant,
+        base=paths.vicuna,
+        imagebind=paths.imagebind,
+        out=out,
+        init=init,
+        data_root=data_root,
+        cache_dir=cache_dir,
+        deepspeed=PACKAGED_DEEPSPEED.get(deepspeed, deepspeed),
+        device=device,
+        dtype=getattr(torch, dtype),
+        resume=resume,
+    )
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} row(s)[/] (first: {result.skipped[0]})")
+    last = result.history[-1] if result.history else None
+    summary = f"step {result.step}/{result.total_steps}" + (f", loss {last['loss']:.4f}" if last else "")
+    where = out if result.step == result.total_steps else f"{out}/checkpoint-{result.step:06d}"
+    console.print(f"{summary}; delta in {where}")

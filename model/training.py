@@ -1,0 +1,460 @@
+"""The two-stage training loop: one process (CPU or one GPU, plain PyTorch) or many through DeepSpeed (ZeRO-2).
+
+Both paths share everything but the optimizer step: the data (rows -> cached encoder features, so the frozen ImageBind
+runs once per file, then is dropped), the batch order (model/sampling.py), the optimizer (AdamW, which is what the
+original's DeepSpeed "Adam" is: adam_w_mode defaults to on) and the schedule (DeepSpeed's WarmupDecayLR, rebuilt as a
+LambdaLR). A checkpoint is the delta (save_delta: the original's pytorch_model.pt + safetensors) plus the optimizer,
+scheduler, step and RNG state, so a resumed run continues the very same trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from model.checkpoint import load_delta, load_model, read_delta, save_delta
+from model.config import TrainConfig
+from model.data import DatasetError, Row, load_rows, media_path, resolve_dataset
+from model.deepresonance import DeepResonance, Example
+from model.encoder import CLIPS_PER_ITEM
+from model.features import FeatureCache, encode_files
+from model.prompt import layout_row
+from model.sampling import MixedBatchSampler
+from model.train_log import TrainLog
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+RNG_FILE = "rng-{rank}.pt"
+DS_DIR, DS_TAG = "deepspeed", "state"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# options that shape the trajectory: a resumed run must use the values it was started with
+RESUME_FIXED = ("stage", "datasets", "epochs", "lr", "warmup_rate", "warmup_type", "warmup_min_steps", "betas", "eps",
+                "weight_decay", "grad_clip", "micro_batch_size", "grad_accum", "max_length", "seed", "max_steps",
+                "group_size", "train_embeddings")
+
+
+# ---------------------------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, total: int, warmup: int, kind: str = "log") -> float:
+    """DeepSpeed's WarmupDecayLR as a multiple of the peak lr at optimizer step `step` (0-based).
+
+    Warm-up from 0 to 1 over `warmup` steps (log: log(step + 1) / log(warmup), DeepSpeed's default, which the
+    original used; or linear), then linear decay to 0 at `total`.
+    """
+    warmup = max(2, warmup)  # as WarmupLR
+    if step < warmup:
+        return math.log(step + 1) / math.log(warmup) if kind == "log" else step / warmup
+    return max(0.0, (total - step) / max(1.0, total - warmup))
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """The original: max(10, int(total * warmup_rate)); the 10 is `warmup_min_steps`."""
+    return max(cfg.warmup_min_steps, int(total * cfg.warmup_rate))
+
+
+# -------------------------------------------------------------------------------------------------------- parameters
+def embedding_params(model: DeepResonance) -> list[nn.Parameter]:
+    return [model.embed_tokens.weight, model.llama_model.get_output_embeddings().weight]
+
+
+def set_trainable(model: DeepResonance, stage: int, train_embeddings: bool) -> list[str]:
+    """Stage 1: projector (+ fusion); stage 2: also LoRA. Embeddings when asked (the original trained the resized
+    embed_tokens / lm_head: its resize after freezing / LoRA wrapping left them trainable). Returns the names."""
+    embeddings = {id(p) for p in embedding_params(model)} if train_embeddings else set()
+    names = []
+    for name, param in model.named_parameters():
+        train = (
+            name.startswith(("llama_proj.", "preencoding."))
+            or (stage == 2 and ".lora_" in name)
+            or id(param) in embeddings
+        )
+        param.requires_grad_(train)
+        if train:
+            names.append(name)
+    return names
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainSet:
+    """Rows of every dataset, concatenated, with each media item's cached features (one file per media file)."""
+
+    names: list[str]
+    rows: list[Row]
+    media: list[list[tuple[str, Path]]]  # per row: (modality, feature-cache entry)
+    lengths: list[list[int]]  # per dataset: token length of each row (capped at max_length)
+    skipped: list[str] = field(default_factory=list)  # one line per dropped row
+
+    def examples(self, indices: Sequence[int]) -> list[Example]:
+        out = []
+        for i in indices:
+            row = self.rows[i]
+            media = [(m, load_file(entry)["features"]) for m, entry in self.media[i]]
+            out.append(Example(row.input, row.instruction, media, row.output))
+        return out
+
+
+def _encode_all(
+    model: DeepResonance, cache: FeatureCache, files: list[tuple[str, Path]], batch_size: int, rank: int, world: int
+) -> dict[tuple[str, Path], Path | str]:
+    """(modality, file) -> its cache entry, or the reason it cannot be used. Ranks encode a shard each."""
+    mine = files[rank::world]
+    out: dict[tuple[str, Path], Path | str] = {}
+    for modality in sorted({m for m, _ in mine}):
+        paths = [p for m, p in mine if m == modality]
+        for start in range(0, len(paths), 1024):  # bounded memory: features go to disk, only entries are kept
+            chunk = paths[start : start + 1024]
+            for path, result in zip(chunk, encode_files(model.visual_encoder, cache, modality, chunk, batch_size),
+                                    strict=True):
+                out[(modality, path)] = str(result) if isinstance(result, Exception) else cache.entry(modality, path)
+    if world > 1:
+        gathered: list[dict | None] = [None] * world
+        torch.distributed.all_gather_object(gathered, out)
+        out = {k: v for part in gathered for k, v in part.items()}
+    return out
+
+
+def load_train_set(
+    model: DeepResonance,
+    datasets: Sequence[str],
+    data_root: str | Path,
+    cache: FeatureCache,
+    max_length: int,
+    encode_batch_size: int = 8,
+    rank: int = 0,
+    world: int = 1,
+) -> TrainSet:
+    """Catalog names or row-format JSON files -> a TrainSet; invalid rows and unreadable media are skipped (listed)."""
+    specs = [resolve_dataset(d, data_root, split="train") for d in datasets]
+    per_dataset, skipped = [], []
+    for spec in specs:
+        rows, errors = load_rows(spec.json_path)
+        skipped += errors
+        per_dataset.append([(row, [(m, media_path(row, i, spec.media_root)) for i, m in enumerate(row.mm_names)])
+                            for row in rows])
+    files = sorted({f for rows in per_dataset for _, media in rows for f in media})
+    entries = _encode_all(model, cache, files, encode_batch_size, rank, world)
+    clips = dict(CLIPS_PER_ITEM) if model.config.embs_seq else dict.fromkeys(CLIPS_PER_ITEM, 1)
+    out = TrainSet([s.name for s in specs], [], [], [])
+    for spec, rows in zip(specs, per_dataset, strict=True):
+        lengths = []
+        for row, media in rows:
+            bad = [entries[f] for f in media if isinstance(entries[f], str)]
+            if bad:
+                skipped.append(f"{spec.json_path}: row {row.id}: {bad[0]}")
+                continue
+            ids = layout_row(model.tokenizer, row.input, row.instruction, [clips[m] for m, _ in media], row.output).ids
+            out.rows.append(row)
+            out.media.append([(m, entries[(m, p)]) for m, p in media])
+            lengths.append(min(len(ids), max_length))
+        if not lengths:
+            raise DatasetError(f"{spec.json_path}: no usable rows")
+        out.lengths.append(lengths)
+    out.skipped = skipped
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- environment
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        return values
+
+
+def init_deepspeed_dist() -> Dist:
+    """Join the job the `deepspeed` launcher or torchrun started (or a one-process job): NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # started by hand: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(path: str | Path, cfg: TrainConfig) -> dict:
+    """A DeepSpeed JSON (ZeRO and precision) completed from the recipe: batch sizes and clipping come from cfg,
+    the optimizer and schedule from this module, so both paths train the same way."""
+    ds = json.loads(Path(path).read_text())
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"{path}: remove '{key}': the optimizer and lr schedule come from the training options")
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    for key, value in wanted.items():
+        if key in ds and ds[key] != value:
+            raise ValueError(f"{path}: '{key}' is {ds[key]}, but the training options say {value}; set it there")
+    ds.pop("train_batch_size", None)
+    ds.setdefault("steps_per_print", 10**9)
+    return {**ds, **wanted}
+
+
+# ------------------------------------------------------------------------------------------------------- checkpoints
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the latest `checkpoint-N` (or final state) inside a run's output folder."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file() and not any(CHECKPOINT.match(p.name) for p in path.iterdir()):
+        return path
+    candidates = [p for p in path.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file()]
+    if (path / STATE_FILE).is_file():
+        candidates.append(path)
+    if not candidates:
+        raise FileNotFoundError(f"{path}: no {STATE_FILE} here or in a checkpoint-N folder: nothing to resume")
+    return max(candidates, key=lambda p: torch.load(p / STATE_FILE, weights_only=True, map_location="cpu")["step"])
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    total_steps: int
+    history: list[dict] = field(default_factory=list)  # {step, loss, accuracy, lr, samples_per_s} per step
+    skipped: list[str] = field(default_factory=list)
+
+
+# -------------------------------------------------------------------------------------------------------------- loop
+class Trainer:
+    """Owns the model, data, optimizer and schedule of one run; `fit` runs it to the end (or `stop_after`)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        variant: str,
+        base: str | Path,
+        imagebind: str | Path,
+        out: str | Path,
+        init: str | Path | None = None,
+        data_root: str | Path = "data",
+        cache_dir: str | Path | None = None,
+        deepspeed: str | Path | None = None,
+        device: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        resume: str | Path | None = None,
+    ) -> None:
+        self.cfg, self.out = cfg, Path(out)
+        self.dist = init_deepspeed_dist() if deepspeed else Dist()
+        self.ds_config = deepspeed_config(deepspeed, cfg) if deepspeed else None
+        if self.ds_config is not None:  # DeepSpeed keeps the module in the precision its config asks for
+            dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
+            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
+        elif dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"train in float32 or bfloat16, not {dtype}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        seed_everything(cfg.seed)
+        model = load_model(base, init, imagebind, variant=variant, device=self.device, dtype=dtype)
+        model.config = replace(model.config, max_length=cfg.max_length)
+        self.trainable = set_trainable(model, cfg.stage, cfg.train_embeddings)
+        # one process: frozen weights in `dtype`, trained ones in float32 under autocast (fp32 master weights)
+        self.autocast = self.ds_config is None and dtype != torch.float32
+        if self.autocast:
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        cache = FeatureCache.for_encoder(cache_dir or Path(data_root) / ".features", model.visual_encoder)
+        self.data = load_train_set(model, cfg.datasets, data_root, cache, cfg.max_length, cfg.encode_batch_size,
+                                   self.dist.rank, self.dist.world)
+        for line in self.data.skipped:
+            log.warning("skipped %s", line)
+        model.visual_encoder = None  # every step reads cached features: the frozen encoder is done
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.model = model.train()
+        global_batch = cfg.micro_batch_size * self.dist.world
+        self.sampler = MixedBatchSampler(self.data.lengths, global_batch, cfg.seed, self.dist.rank, self.dist.world,
+                                         cfg.group_size)
+        per_epoch = len(self.sampler) // cfg.grad_accum
+        self.total = cfg.max_steps or max(1, cfg.epochs * per_epoch)
+        self.warmup = warmup_steps(cfg, self.total)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total, self.warmup, cfg.warmup_type))
+        self.engine = None
+        if self.ds_config is not None:
+            import deepspeed as ds
+
+            self.engine, self.optimizer, _, self.scheduler = ds.initialize(
+                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config,
+                model_parameters=params)
+        self.step = 0
+        if resume is not None:
+            self._resume(find_checkpoint(resume))
+
+    # ----------------------------------------------------------------------------------------------------- state
+    def save(self, folder: Path) -> Path:
+        """Delta + optimizer/scheduler/step (+ DeepSpeed's partitioned optimizer) + every rank's RNG state."""
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "total_steps": self.total, "world_size": self.dist.world,
+                 "config": asdict(self.cfg)}
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, save_latest=False,
+                                        exclude_frozen_parameters=True)
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scheduler"] = self.scheduler.state_dict()
+        torch.save(rng_state(), folder / RNG_FILE.format(rank=self.dist.rank))
+        if self.dist.main:
+            save_delta(self.model, folder)
+            torch.save(state, folder / (STATE_FILE + ".tmp"))
+            (folder / (STATE_FILE + ".tmp")).replace(folder / STATE_FILE)  # written last: marks a whole checkpoint
+        self.dist.barrier()
+        return folder
+
+    def _resume(self, folder: Path) -> None:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        saved = state["config"]
+        now = asdict(self.cfg)
+        changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED if _norm(saved.get(k)) != _norm(now[k])]
+        if changed or state["world_size"] != self.dist.world:
+            changed += [f"world size: {state['world_size']} -> {self.dist.world}"] if not changed else []
+            raise ValueError(f"{folder}: resume with the options it was started with ({'; '.join(changed)})")
+        load_delta(self.model, read_delta(folder), str(folder))
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG, load_module_strict=False)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(torch.load(folder / RNG_FILE.format(rank=self.dist.rank), weights_only=True))
+        self.step = state["step"]
+        log.info("resumed from %s at step %d of %d", folder, self.step, self.total)
+
+    # ------------------------------------------------------------------------------------------------------ steps
+    def _micro_batches(self):
+        """This rank's micro-batches from the current step on, across epochs (the order depends on seed only)."""
+        per_epoch = len(self.sampler)
+        micro = self.step * self.cfg.grad_accum
+        epoch, index = divmod(micro, per_epoch)
+        while True:
+            batches = self.sampler.epoch(epoch)
+            yield from batches[index:]
+            epoch, index = epoch + 1, 0
+
+    def _forward(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        examples = self.data.examples(indices)
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with ctx:
+            return (self.engine or self.model)(examples)
+
+    def train_step(self, batches) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches -> (loss, token accuracy, grad norm), rank-averaged."""
+        accum = self.cfg.grad_accum
+        totals = torch.zeros(2)
+        for _ in range(accum):
+            loss, acc = self._forward(next(batches))
+            if self.engine is not None:
+                self.engine.backward(loss)
+                self.engine.step()
+            else:
+                (loss / accum).backward()
+            totals += torch.stack([loss.detach().float().cpu(), acc.detach().float().cpu()]) / accum
+        if self.engine is not None:
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss, acc = self.dist.mean(totals.to(self._reduce_device)).tolist()
+        return loss, acc, norm
+
+    @property
+    def _reduce_device(self) -> torch.device:
+        return self.device if self.dist.world > 1 and self.device.type == "cuda" else torch.device("cpu")
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def fit(self, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+        """Train to the last step (or to `stop_after` steps, then checkpoint: a later --resume carries on)."""
+        end = self.total if stop_after is None else min(self.total, stop_after)
+        result = TrainResult(self.out, self.step, self.total, skipped=self.data.skipped)
+        samples = self.cfg.micro_batch_size * self.cfg.grad_accum * self.dist.world
+        batches = self._micro_batches()
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        with TrainLog(self.out / "logs", self.step, self.total, enabled=self.dist.main, progress=progress) as tlog:
+            while self.step < end:
+                start = time.perf_counter()
+                lr = self.lr
+                loss, acc, norm = self.train_step(batches)
+                record = {"step": self.step, "loss": loss, "accuracy": acc, "lr": lr, "grad_norm": norm,
+                          "samples_per_s": samples / (time.perf_counter() - start)}
+                result.history.append(record)
+                tlog.update(record, log_line=self.step % self.cfg.log_every == 0)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < end:
+                    self.save(self.out / f"checkpoint-{self.step:06d}")
+        self.save(self.out if self.step == self.total else self.out / f"checkpoint-{self.step:06d}")
+        result.step = self.step
+        return result
+
+
+def _norm(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def train(cfg: TrainConfig, *, stop_after: int | None = None, progress: bool = True, **run) -> TrainResult:
+    """Build a Trainer (`run`: see Trainer's keyword arguments) and train; the final delta lands in `out`."""
+    return Trainer(cfg, **run).fit(stop_after=stop_after, progress=progress)
