@@ -1,0 +1,139 @@
+"""Full-size benchmarks with random weights (Vicuna-7B and ImageBind-huge shapes), the original's way vs dr's.
+
+Both ways run in the same process on the same GPU, so the ratios compare like with like. Weights are random: the
+numbers measure speed only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model.config import VICUNA_7B
+from model.encoder import MediaEncoder
+from model.generate import StopAtSequences
+
+VOCAB = 32006
+PROMPT = 28  # positions of a typical audio prompt: 3 clips + the instruction
+NEW_TOKENS = 64
+MUSICCAPS_ROWS = 2858
+
+
+@dataclass
+class Result:
+    name: str
+    batch: int
+    seconds: float
+    tokens: int = 0
+    clips: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.tokens else 0.0
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.seconds if self.clips else 0.0
+
+
+def timed(fn: Callable[[], object], repeats: int = 1) -> float:
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def full_size_llm(dtype: torch.dtype, attn: str, lora: bool, device: str = "cuda") -> torch.nn.Module:
+    config = LlamaConfig(**{**VICUNA_7B, "vocab_size": VOCAB}, tie_word_embeddings=False)
+    config._attn_implementation = attn
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(config, dtype=dtype)
+    llm.eval()
+    if lora:
+        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=32, lora_alpha=32, lora_dropout=0.1,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        llm = get_peft_model(llm, cfg).eval()
+        with torch.no_grad():
+            for name, p in llm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+    return llm
+
+
+def decode(llm, batch: int, dtype: torch.dtype, original: bool, new_tokens: int = NEW_TOKENS, **extra) -> float:
+    """Seconds to generate `new_tokens` for `batch` rows after a PROMPT-position prompt."""
+    hidden = llm.config.hidden_size
+    embeds = torch.randn(batch, PROMPT, hidden, device="cuda", dtype=dtype) * 0.02
+    mask = torch.ones(batch, PROMPT, dtype=torch.long, device="cuda")
+    stop = [StopAtSequences([[-5]])]  # never fires: every run makes exactly new_tokens
+    if original:
+        kwargs = dict(do_sample=True, temperature=0.1, top_p=1.0, top_k=None, output_attentions=True,
+                      output_hidden_states=True, return_dict_in_generate=True)
+    else:
+        kwargs = dict(do_sample=False)
+
+    def run():
+        with torch.inference_mode():
+            llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, stopping_criteria=stop, pad_token_id=2, eos_token_id=2,
+                         **kwargs, **extra)
+
+    return timed(run)
+
+
+def encoder_speed(dtype: torch.dtype, batch: int, repeats: int = 3) -> float:
+    """Seconds per forward of `batch` audio items (3 clips each) through ImageBind-huge."""
+    encoder = MediaEncoder("huge").to("cuda", dtype)
+    encoder.drop_unused_towers()
+    x = torch.randn(batch, 3, 1, 128, 204, device="cuda", dtype=dtype)
+    with torch.inference_mode():
+        seconds = timed(lambda: encoder("audio", x), repeats)
+    del encoder
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def bench_infer(batches: tuple[int, ...] = (1, 64, 256), compile_static: bool = False) -> dict:
+    """The original's way (batch 1, fp16, eager, sampling, attentions and hidden states out, LoRA unmerged) vs dr's
+    fast path (bf16, SDPA, LoRA merged, greedy, batched), then ImageBind clips/s and a MusicCaps-sized job."""
+    results: list[Result] = []
+    llm = full_size_llm(torch.float16, "eager", lora=True)
+    t = decode(llm, 1, torch.float16, original=True)
+    results.append(Result("original: fp16 eager, LoRA unmerged, sampling, attn+hidden out", 1, t, NEW_TOKENS))
+    llm = llm.merge_and_unload().to(torch.bfloat16)
+    llm.set_attn_implementation("sdpa")
+    for b in batches:
+        t = decode(llm, b, torch.bfloat16, original=False)
+        results.append(Result("dr: bf16 SDPA, LoRA merged, greedy", b, t, NEW_TOKENS * b))
+    if compile_static:
+        for b in batches:
+            t = decode(llm, b, torch.bfloat16, original=False, cache_implementation="static")
+            results.append(Result("dr: + static KV cache, compiled", b, t, NEW_TOKENS * b))
+    del llm
+    torch.cuda.empty_cache()
+    enc_original = Result("original encoder: fp16, one row (3 clips)", 1, encoder_speed(torch.float16, 1), clips=3)
+    enc_dr = Result("dr encoder: bf16, batched", 64, encoder_speed(torch.bfloat16, 64), clips=192)
+    results += [enc_original, enc_dr]
+    base = results[0].tokens_per_s
+    best = max((r for r in results if r.tokens and r.name.startswith("dr")), key=lambda r: r.tokens_per_s)
+    job_dr = (MUSICCAPS_ROWS * 3 / enc_dr.clips_per_s
+              + math.ceil(MUSICCAPS_ROWS / best.batch) * best.seconds)
+    job_original = MUSICCAPS_ROWS * (3 / enc_original.clips_per_s + results[0].seconds)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "results": [dict(name=r.name, batch=r.batch, seconds=round(r.seconds, 4),
+                         tokens_per_s=round(r.tokens_per_s, 1), clips_per_s=round(r.clips_per_s, 1),
+                         ratio_to_original=round(r.tokens_per_s / base, 1) if r.tokens else None)
+                    for r in results],
+        "musiccaps_job_seconds": {"dr": round(job_dr, 1), "original": round(job_original, 1),
+                                  "dr_batch": best.batch},
+    }

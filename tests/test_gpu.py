@@ -1,0 +1,44 @@
+"""CUDA-only paths: the fast inference path must give the faithful path's greedy tokens (run on the GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.checkpoint import load_model
+from model.config import GenerationConfig
+from model.deepresonance import Example
+from model.generate import generate_ids
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False)
+
+
+def rows() -> list[Example]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        Example("<Audio>", "Describe the music.", [("audio", torch.randn(3, 1, 128, 204, generator=g))]),
+        Example("Hi <Image> and <Audio>", "Which key?", [("image", torch.randn(3, 224, 224, generator=g)),
+                                                        ("audio", torch.randn(3, 1, 128, 204, generator=g))]),
+        Example("", "Tell me about jazz.", []),
+    ]
+
+
+@pytest.mark.parametrize("variant", ["alpha", "beta"])
+def test_fast_path_matches_faithful_path_in_float32(tiny_layout, variant):
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir(variant), tiny_layout.imagebind)
+    faithful = load_model(*paths, device="cuda", attn_implementation="eager")
+    expected = [generate_ids(faithful, [row], GREEDY)[0] for row in rows()]  # one row at a time, LoRA unmerged
+    fast = load_model(*paths, device="cuda", attn_implementation="sdpa")
+    fast.merge_lora()
+    assert generate_ids(fast, rows(), GREEDY) == expected
+
+
+def test_bfloat16_fast_path_agrees_with_float32(tiny_layout):
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    ref = generate_ids(load_model(*paths, device="cuda"), rows(), GREEDY)
+    fast = load_model(*paths, device="cuda", dtype=torch.bfloat16)
+    fast.merge_lora()
+    got = generate_ids(fast, rows(), GREEDY)
+    # bf16 keeps 8 mantissa bits: near-tied logits of a random tiny model may flip late tokens, so compare prefixes
+    assert all(a[:4] == b[:4] for a, b in zip(got, ref, strict=True))
