@@ -29,9 +29,14 @@ def eval_command(
     """Score prediction files side by side: table here, JSON + Markdown + PNG chart at --out."""
     console = Console()
     console = console if console.is_terminal else Console(width=200)  # logs and pipes get whole tables
-    path = metrics.dataset_path(dataset, data_root)
+    from model.data import DatasetError
+
+    try:
+        path = metrics.dataset_path(dataset, data_root)
+    except DatasetError as e:
+        raise typer.BadParameter(str(e), param_hint="--dataset") from None
     if not path.is_file():
-        raise typer.BadParameter(f"no dataset file {path}", param_hint="--dataset")
+        raise typer.BadParameter(f"no dataset file {path} (`dr data download` fetches them)", param_hint="--dataset")
     rows = metrics.load_json(path)
     names = [p.stem if [q.stem for q in predictions].count(p.stem) == 1 else str(p) for p in predictions]
     runs = {n: metrics.evaluate(metrics.load_json(p), rows, protocol.value, bertscore_model)

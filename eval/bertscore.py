@@ -17,7 +17,7 @@ DEFAULT_MODEL = "roberta-large"
 
 
 def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
@@ -33,21 +33,25 @@ def locate(model: str | Path) -> tuple[str, int]:
     The layer is bert-score's tuned one for known names (a folder named like a known model counts), else the
     model's last layer, since bert-score refuses unknown model types without `num_layers`.
     """
-    from bert_score.utils import model2layers
     from huggingface_hub import try_to_load_from_cache
 
     name, path = str(model), Path(model)
     if not path.is_dir():
-        cached = try_to_load_from_cache(name, "config.json")
-        if isinstance(cached, str):
-            path = Path(cached).parent
-        elif _hub_reachable():
-            return name, model2layers[name] if name in model2layers else _last_layer(name)
-        else:
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a valid repo id either (a mistyped path)
+            cached = None
+        if not isinstance(cached, str) and not _hub_reachable():
             raise Missing(
                 f"BERTScore skipped: model {name!r} is neither a folder nor in the Hugging Face cache and the hub is "
                 f"unreachable; fetch it once (`hf download {name}`) or pass --bertscore-model /path/to/model"
             )
+        path = Path(cached) if isinstance(cached, str) else None
+    from bert_score.utils import model2layers  # imported late: it loads torch, seconds for a metric that is skipped
+
+    if path is None:  # from the hub
+        return name, model2layers.get(name) or _last_layer(name)
+    path = path.parent if path.is_file() else path
     layers = model2layers.get(name, model2layers.get(path.name))
     return str(path), layers or json.loads((path / "config.json").read_text())["num_hidden_layers"]
 
