@@ -25,6 +25,20 @@ NEW_TOKENS = 64
 MUSICCAPS_ROWS = 2858
 
 
+class Logged(list):
+    """A result list that reports each measurement as it lands (a long run still shows what it finished)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        super().__init__()
+        self.log = log
+
+    def append(self, r: Result) -> None:
+        super().append(r)
+        self.log(
+            f"{r.name} | batch {r.batch} | {r.seconds:.3f} s | {r.tokens_per_s:.1f} tok/s | {r.clips_per_s:.1f} clips/s"
+        )
+
+
 @dataclass
 class Result:
     name: str
@@ -59,8 +73,13 @@ def full_size_llm(dtype: torch.dtype, attn: str, lora: bool, device: str = "cuda
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
     llm.eval()
     if lora:
-        cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=32, lora_alpha=32, lora_dropout=0.1,
-                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        cfg = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=32,
+            lora_alpha=32,
+            lora_dropout=0.1,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
         llm = get_peft_model(llm, cfg).eval()
         with torch.no_grad():
             for name, p in llm.named_parameters():
@@ -76,36 +95,49 @@ def decode(llm, batch: int, dtype: torch.dtype, original: bool, new_tokens: int 
     mask = torch.ones(batch, PROMPT, dtype=torch.long, device="cuda")
     stop = [StopAtSequences([[-5]])]  # never fires: every run makes exactly new_tokens
     if original:
-        kwargs = dict(do_sample=True, temperature=0.1, top_p=1.0, top_k=None, output_attentions=True,
-                      output_hidden_states=True, return_dict_in_generate=True)
+        kwargs = dict(
+            do_sample=True,
+            temperature=0.1,
+            top_p=1.0,
+            top_k=None,
+            output_attentions=True,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+        )
     else:
         kwargs = dict(do_sample=False)
 
     def run():
         with torch.inference_mode():
-            llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, stopping_criteria=stop, pad_token_id=2, eos_token_id=2,
-                         **kwargs, **extra)
+            llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                stopping_criteria=stop,
+                pad_token_id=2,
+                eos_token_id=2,
+                **kwargs,
+                **extra,
+            )
 
     return timed(run)
 
 
-def encoder_speed(dtype: torch.dtype, batch: int, repeats: int = 3) -> float:
-    """Seconds per forward of `batch` audio items (3 clips each) through ImageBind-huge."""
-    encoder = MediaEncoder("huge").to("cuda", dtype)
-    encoder.drop_unused_towers()
+def encoder_speed(encoder: MediaEncoder, dtype: torch.dtype, batch: int, repeats: int = 3) -> float:
+    """Seconds per forward of `batch` audio items (3 clips each) through the encoder in `dtype`."""
+    encoder.to(dtype=dtype)
     x = torch.randn(batch, 3, 1, 128, 204, device="cuda", dtype=dtype)
     with torch.inference_mode():
-        seconds = timed(lambda: encoder("audio", x), repeats)
-    del encoder
-    torch.cuda.empty_cache()
-    return seconds
+        return timed(lambda: encoder("audio", x), repeats)
 
 
-def bench_infer(batches: tuple[int, ...] = (1, 64, 256), compile_static: bool = False) -> dict:
+def bench_infer(
+    batches: tuple[int, ...] = (1, 64, 256), compile_static: bool = False, log: Callable[[str], None] = print
+) -> dict:
     """The original's way (batch 1, fp16, eager, sampling, attentions and hidden states out, LoRA unmerged) vs dr's
     fast path (bf16, SDPA, LoRA merged, greedy, batched), then ImageBind clips/s and a MusicCaps-sized job."""
-    results: list[Result] = []
+    results = Logged(log)
     llm = full_size_llm(torch.float16, "eager", lora=True)
     t = decode(llm, 1, torch.float16, original=True)
     results.append(Result("original: fp16 eager, LoRA unmerged, sampling, attn+hidden out", 1, t, NEW_TOKENS))
@@ -120,20 +152,31 @@ def bench_infer(batches: tuple[int, ...] = (1, 64, 256), compile_static: bool = 
             results.append(Result("dr: + static KV cache, compiled", b, t, NEW_TOKENS * b))
     del llm
     torch.cuda.empty_cache()
-    enc_original = Result("original encoder: fp16, one row (3 clips)", 1, encoder_speed(torch.float16, 1), clips=3)
-    enc_dr = Result("dr encoder: bf16, batched", 64, encoder_speed(torch.bfloat16, 64), clips=192)
-    results += [enc_original, enc_dr]
+    with torch.device("cuda"):
+        encoder = MediaEncoder("huge")
+    encoder.drop_unused_towers()
+    enc_original = Result(
+        "original encoder: fp16, one row (3 clips)", 1, encoder_speed(encoder, torch.float16, 1), clips=3
+    )
+    results.append(enc_original)
+    enc_dr = Result("dr encoder: bf16, batched", 64, encoder_speed(encoder, torch.bfloat16, 64), clips=192)
+    results.append(enc_dr)
     base = results[0].tokens_per_s
     best = max((r for r in results if r.tokens and r.name.startswith("dr")), key=lambda r: r.tokens_per_s)
-    job_dr = (MUSICCAPS_ROWS * 3 / enc_dr.clips_per_s
-              + math.ceil(MUSICCAPS_ROWS / best.batch) * best.seconds)
+    job_dr = MUSICCAPS_ROWS * 3 / enc_dr.clips_per_s + math.ceil(MUSICCAPS_ROWS / best.batch) * best.seconds
     job_original = MUSICCAPS_ROWS * (3 / enc_original.clips_per_s + results[0].seconds)
     return {
         "device": torch.cuda.get_device_name(),
-        "results": [dict(name=r.name, batch=r.batch, seconds=round(r.seconds, 4),
-                         tokens_per_s=round(r.tokens_per_s, 1), clips_per_s=round(r.clips_per_s, 1),
-                         ratio_to_original=round(r.tokens_per_s / base, 1) if r.tokens else None)
-                    for r in results],
-        "musiccaps_job_seconds": {"dr": round(job_dr, 1), "original": round(job_original, 1),
-                                  "dr_batch": best.batch},
+        "results": [
+            dict(
+                name=r.name,
+                batch=r.batch,
+                seconds=round(r.seconds, 4),
+                tokens_per_s=round(r.tokens_per_s, 1),
+                clips_per_s=round(r.clips_per_s, 1),
+                ratio_to_original=round(r.tokens_per_s / base, 1) if r.tokens else None,
+            )
+            for r in results
+        ],
+        "musiccaps_job_seconds": {"dr": round(job_dr, 1), "original": round(job_original, 1), "dr_batch": best.batch},
     }
