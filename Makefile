@@ -12,6 +12,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed]'
 	$(BIN)/pip install -q --no-deps imagebind-unofficial==0.1.1
+	$(BIN)/python -m eval.wordnet
 
 # The README's test command: fast tests, then the slow end-to-end ones (tiny models that must learn).
 test:

@@ -44,6 +44,6 @@ def eval_command(
     for t in report.tables(runs):
         console.print(t)
     for note in dict.fromkeys(n for r in runs.values() for n in r["notes"]):
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(note, style="yellow", markup=False)
     files = report.write(runs, out, {"dataset": str(path), "protocol": protocol.value})
     console.print("wrote " + ", ".join(str(f) for f in files.values()))
