@@ -39,8 +39,8 @@ def locate(model: str | Path) -> tuple[str, int]:
     if not path.is_dir():
         try:
             cached = try_to_load_from_cache(name, "config.json")
-        except ValueError:  # not a valid repo id either (a mistyped path)
-            cached = None
+        except ValueError:  # not a repo id either: a folder that is not there
+            raise Missing(f"BERTScore skipped: no model folder {name}; pass --bertscore-model /path/to/model") from None
         if not isinstance(cached, str) and not _hub_reachable():
             raise Missing(
                 f"BERTScore skipped: model {name!r} is neither a folder nor in the Hugging Face cache and the hub is "

@@ -21,6 +21,19 @@ def test_known_folder_names_get_bert_scores_layer_else_the_last_one(tmp_path):
     assert bertscore.locate(MODEL) == (MODEL, 6)  # unknown to bert-score: its 6th (last) layer
 
 
+def test_hub_name_is_loaded_from_the_local_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    snap = tmp_path / "models--roberta-large" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--roberta-large" / "refs").mkdir()
+    (tmp_path / "models--roberta-large" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(bertscore, "_hub_reachable", lambda: pytest.fail("a cached model needs no hub"))
+    assert bertscore.locate("roberta-large") == (str(snap), 17)
+
+
 def test_uncached_hub_name_offline_is_reported_not_retried(monkeypatch):
     monkeypatch.setattr(bertscore, "_hub_reachable", lambda: False)
     with pytest.raises(Missing, match=r"'no-such/model-xyz'.*hf download no-such/model-xyz.*--bertscore-model"):

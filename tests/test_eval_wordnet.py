@@ -61,3 +61,19 @@ def test_real_install_is_read_by_nltk(tmp_path, monkeypatch):
     assert reader.get_version() == "3.0"
     assert reader.synsets("guitar")[0].lexname() == "noun.artifact"
     assert reader.synset("run.v.01").lexname() == "verb.motion"
+
+
+def test_empty_apt_lists_trigger_one_update_then_a_retry(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[:2])
+        return subprocess.CompletedProcess(cmd, 100 if len(calls) == 1 else 0, "", "E: Unable to locate package")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    wordnet._download(tmp_path)
+    assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 100, "", "E: no"))
+    with pytest.raises(SystemExit, match="apt-get download wordnet-base wordnet-sense-index` failed.*E: no"):
+        wordnet._download(tmp_path)
