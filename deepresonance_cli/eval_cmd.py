@@ -20,8 +20,8 @@ class Protocol(str, Enum):
 
 def eval_command(
     predictions: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="{id: {instruction: answer}} JSON"),
-    dataset: str = typer.Option(..., help="a rows JSON file, or a name read as <data-root>/<name>_test.json"),
-    data_root: Path = typer.Option(Path("data"), help="folder of the <name>_test.json files"),
+    dataset: str = typer.Option(..., help="a test set of the catalog (model/data.py) or a rows JSON file"),
+    data_root: Path = typer.Option(Path("data"), help="root of the catalog's dataset files"),
     protocol: Protocol = typer.Option(Protocol.music_llm, help="music-llm (peer tables), coco (captioning) or all"),
     bertscore_model: str = typer.Option(metrics.DEFAULT_MODEL, help="hub name (local cache) or model folder"),
     out: Path = typer.Option(Path("results/eval_report.json"), help="JSON report; .md and .png are written beside"),
