@@ -53,10 +53,10 @@ def load(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, d
     return model
 
 
-def generation(greedy: bool, temperature: float, top_p: float, seed: int | None, max_new_tokens: int):
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, seed=seed
-    )
+def generation(
+    greedy: bool, temperature: float, top_p: float, seed: int | None, max_new_tokens: int, static_cache: bool = False
+) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens, not greedy, temperature, top_p, seed, static_cache)
 
 
 def default_device(device: str | None) -> str:
@@ -88,6 +88,7 @@ def infer(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Encoder-feature cache (default: <data-root>/.features).")
     ] = None,
+    static_cache: Annotated[bool, typer.Option(help="CUDA: static KV cache, compiled decode step.")] = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -100,7 +101,7 @@ def infer(
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     model = load(ckpt_root, variant, base, delta, device, dtype)
     cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
-    gen = generation(greedy, temperature, top_p, seed, max_new_tokens)
+    gen = generation(greedy, temperature, top_p, seed, max_new_tokens, static_cache)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     columns = (

@@ -39,13 +39,15 @@ def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: Generat
     stops = [[tok.stop_id], tok.newline_stop]
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
-    sampling = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=None) if gen.do_sample else {}
+    options = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=None) if gen.do_sample else {}
+    if gen.static_cache:
+        options["cache_implementation"] = "static"
     out = model.llama_model.generate(
         inputs_embeds=batch.embeds,
         attention_mask=batch.attention_mask,
         max_new_tokens=gen.max_new_tokens,
         do_sample=gen.do_sample,
-        **sampling,
+        **options,
         eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id,
         stopping_criteria=StoppingCriteriaList([StopAtSequences(stops)]),

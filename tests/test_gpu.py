@@ -18,8 +18,11 @@ def rows() -> list[Example]:
     g = torch.Generator().manual_seed(1)
     return [
         Example("<Audio>", "Describe the music.", [("audio", torch.randn(3, 1, 128, 204, generator=g))]),
-        Example("Hi <Image> and <Audio>", "Which key?", [("image", torch.randn(3, 224, 224, generator=g)),
-                                                        ("audio", torch.randn(3, 1, 128, 204, generator=g))]),
+        Example(
+            "Hi <Image> and <Audio>",
+            "Which key?",
+            [("image", torch.randn(3, 224, 224, generator=g)), ("audio", torch.randn(3, 1, 128, 204, generator=g))],
+        ),
         Example("", "Tell me about jazz.", []),
     ]
 
@@ -34,11 +37,16 @@ def test_fast_path_matches_faithful_path_in_float32(tiny_layout, variant):
     assert generate_ids(fast, rows(), GREEDY) == expected
 
 
-def test_bfloat16_fast_path_agrees_with_float32(tiny_layout):
-    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
-    ref = generate_ids(load_model(*paths, device="cuda"), rows(), GREEDY)
+def test_bfloat16_fast_path_tracks_float32_logits(tiny_layout):
+    """bf16 keeps 8 mantissa bits, so near-tied logits of a random tiny model can flip tokens; the tolerance is on
+    the logits instead: within 2% of their range."""
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+    ref = load_model(*paths, device="cuda")
     fast = load_model(*paths, device="cuda", dtype=torch.bfloat16)
     fast.merge_lora()
-    got = generate_ids(fast, rows(), GREEDY)
-    # bf16 keeps 8 mantissa bits: near-tied logits of a random tiny model may flip late tokens, so compare prefixes
-    assert all(a[:4] == b[:4] for a, b in zip(got, ref, strict=True))
+    with torch.inference_mode():
+        a, b = ref.prepare(rows(), left_pad=True), fast.prepare(rows(), left_pad=True)
+        la = ref.llama_model(inputs_embeds=a.embeds, attention_mask=a.attention_mask).logits[:, -1]
+        lb = fast.llama_model(inputs_embeds=b.embeds, attention_mask=b.attention_mask).logits[:, -1].float()
+    span = la.max() - la.min()
+    assert (la - lb).abs().max() < 0.02 * span
