@@ -79,3 +79,26 @@ def convert(delta_dir: Path = typer.Argument(..., exists=True, file_okay=False))
         typer.echo(f"ok: {convert_delta(delta_dir)}")
     except CkptError as e:
         raise _fail(e) from None
+
+
+@app.command()
+def tiny(root: Path = typer.Argument(..., help="where the tiny set is written")) -> None:
+    """Write a complete tiny random set (LLaMA + tokenizer, ImageBind, alpha/beta deltas) for tests and demos."""
+    from ckpt.tiny import write_tiny_set
+
+    typer.echo(f"ok: {write_tiny_set(root)}")
+
+
+@app.command()
+def export(
+    variant: str = typer.Option(..., help="alpha or beta"),
+    out: Path = typer.Option(..., help="the standalone folder to write"),
+    root: Path = typer.Option(Path("ckpt"), help="checkpoint root (the original's ckpt/ layout)"),
+    base: Path = typer.Option(None, help="Vicuna folder (default: under --root)"),
+    delta: Path = typer.Option(None, help="delta folder (default: under --root)"),
+    dtype: str = typer.Option("float16", help=f"one of {', '.join(DTYPES)}"),
+) -> None:
+    """Merge LoRA into Vicuna and write a folder that `dr infer --delta FOLDER` loads on its own."""
+    from ckpt.export import export as run_export
+
+    typer.echo(f"ok: {run_export(root, variant, out, base, delta, DTYPES[dtype])}")

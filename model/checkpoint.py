@@ -139,6 +139,55 @@ def load_encoder(path: str | Path) -> MediaEncoder:
     return MediaEncoder.load(path, encoder_size(state))
 
 
+EXPORT_INFO = "dr_export.json"
+EXPORT_LLM = "llm"
+EXPORT_MM = "mm.safetensors"
+
+
+def export_model(model: DeepResonance, out: str | Path, imagebind: str | Path | None) -> Path:
+    """A standalone folder: LoRA merged into LLaMA (HF safetensors), projector/fusion, and the encoder reference."""
+    out = Path(out)
+    model.merge_lora()
+    model.llama_model.save_pretrained(out / EXPORT_LLM)
+    model.tokenizer.save(out / EXPORT_LLM)
+    mm = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(("llama_proj.", "preencoding."))
+    }
+    save_file(mm, str(out / EXPORT_MM))
+    info = {"config": asdict(model.config), "imagebind": str(Path(imagebind).resolve()) if imagebind else None}
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def load_exported(
+    folder: str | Path,
+    imagebind: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> DeepResonance:
+    """A model from `export_model`'s folder; ImageBind from the recorded path unless given."""
+    folder = Path(folder)
+    info = json.loads((folder / EXPORT_INFO).read_text())
+    config = ModelConfig(**{**info["config"], "lora_targets": tuple(info["config"]["lora_targets"])})
+    imagebind = imagebind or info["imagebind"]
+    encoder = load_encoder(imagebind) if imagebind else None
+    llm = LlamaForCausalLM.from_pretrained(folder / EXPORT_LLM, dtype=dtype, attn_implementation=attn_implementation)
+    mm = load_file(folder / EXPORT_MM)
+    model = DeepResonance(
+        config,
+        llm,
+        PromptTokenizer.from_dir(folder / EXPORT_LLM),
+        encoder,
+        mm["llama_proj.weight"].shape[1],
+        lora=False,
+    )
+    load_delta(model, mm, str(folder / EXPORT_MM))
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def load_model(
     base: str | Path,
     delta: str | Path | None,
@@ -149,7 +198,15 @@ def load_model(
     attn_implementation: str = "sdpa",
     config: ModelConfig | None = None,
 ) -> DeepResonance:
-    """A DeepResonance model from a Vicuna folder, a delta folder and ImageBind weights (None: features only)."""
+    """A DeepResonance model from a Vicuna folder, a delta folder and ImageBind weights (None: features only).
+
+    A delta folder written by `export_model` is loaded standalone (the base folder is not needed).
+    """
+    if delta is not None and (Path(delta) / EXPORT_INFO).is_file():
+        model = load_exported(delta, imagebind, device, dtype, attn_implementation)
+        if variant is not None and variant != model.config.variant:
+            raise DeltaError(f"{delta}: holds an exported {model.config.variant} model, not {variant}")
+        return model
     base = Path(base)
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base}: no config.json: not a Hugging Face LLaMA folder (see `dr ckpt doctor`)")

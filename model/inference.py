@@ -152,9 +152,8 @@ def run_inference(
             for batch in chunks(ready, batch_size):
                 examples = [Example(r.input, r.instruction, m) for r, m in batch]
                 answers = generate(model, examples, gen)
-                journal.write(
-                    [{"id": r.id, "instruction": r.instruction, "answer": a} for (r, _), a in zip(batch, answers, strict=True)]
-                )
+                finished = zip(batch, answers, strict=True)
+                journal.write([{"id": r.id, "instruction": r.instruction, "answer": a} for (r, _), a in finished])
                 summary.answered += len(batch)
                 if on_progress:
                     on_progress(len(batch))
