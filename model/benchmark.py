@@ -247,7 +247,8 @@ def bench_train(steps: int = 5, text_tokens: int = 128, dr_micro_batch: int = 16
     seconds = timed(original_step, steps)
     out["original_samples_per_s"] = round(2 / seconds, 2)
     log(f"original recipe: {2 / seconds:.2f} samples/s ({seconds:.3f} s per step of 2)")
-    del engine, model
+    engine.destroy()
+    del model
     torch.cuda.empty_cache()
 
     llm = full_size_llm(torch.bfloat16, "sdpa", lora=True)
