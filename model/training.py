@@ -28,7 +28,7 @@ from torch import nn
 
 from model.checkpoint import load_delta, load_model, read_delta, save_delta
 from model.config import TrainConfig
-from model.data import DatasetError, Row, load_rows, media_path, resolve_dataset
+from model.data import DatasetError, DatasetSpec, Row, load_rows, media_path, resolve_dataset
 from model.deepresonance import DeepResonance, Example
 from model.encoder import CLIPS_PER_ITEM
 from model.features import FeatureCache, encode_files
@@ -130,16 +130,15 @@ def _encode_all(
 
 def load_train_set(
     model: DeepResonance,
-    datasets: Sequence[str],
-    data_root: str | Path,
+    specs: Sequence[DatasetSpec],
     cache: FeatureCache,
     max_length: int,
     encode_batch_size: int = 8,
     rank: int = 0,
     world: int = 1,
 ) -> TrainSet:
-    """Catalog names or row-format JSON files -> a TrainSet; invalid rows and unreadable media are skipped (listed)."""
-    specs = [resolve_dataset(d, data_root, split="train") for d in datasets]
+    """Datasets (`resolve_dataset(..., split="train")`) -> a TrainSet; invalid rows and unreadable media are skipped
+    (and listed)."""
     per_dataset, skipped = [], []
     for spec in specs:
         rows, errors = load_rows(spec.json_path)
@@ -287,6 +286,7 @@ class Trainer:
         resume: str | Path | None = None,
     ) -> None:
         self.cfg, self.out = cfg, Path(out)
+        self.variant = variant
         self.dist = init_deepspeed_dist() if deepspeed else Dist()
         self.ds_config = deepspeed_config(deepspeed, cfg) if deepspeed else None
         if self.ds_config is not None:  # DeepSpeed keeps the module in the precision its config asks for
@@ -297,53 +297,71 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        seed_everything(cfg.seed)
-        model = load_model(base, init, imagebind, variant=variant, device=self.device, dtype=dtype)
-        model.config = replace(model.config, max_length=cfg.max_length)
-        self.trainable = set_trainable(model, cfg.stage, cfg.train_embeddings)
+        specs = [resolve_dataset(d, data_root, split="train") for d in cfg.datasets]  # bad names fail before loading
+        checkpoint = find_checkpoint(resume) if resume is not None else None
+        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True) if checkpoint else None
+        if saved is not None:
+            self._check_resumable(checkpoint, saved, init)
+            init = saved["init"]
+        elif cfg.stage == 2 and init is None:
+            log.warning("stage 2 without --init: the projector starts random (the original starts from stage 1)")
+        self.init = str(Path(init).resolve()) if init is not None else None
+        self.model = self._build_model(base, init, imagebind, dtype)
+        cache = FeatureCache.for_encoder(cache_dir or Path(data_root) / ".features", self.model.visual_encoder)
+        self.data = load_train_set(self.model, specs, cache, cfg.max_length, cfg.encode_batch_size, self.dist.rank,
+                                   self.dist.world)
+        if self.data.skipped:
+            log.warning("skipped %d row(s), e.g.\n  %s", len(self.data.skipped), "\n  ".join(self.data.skipped[:5]))
+        self.model.visual_encoder = None  # every step reads cached features: the frozen encoder is done
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.model.train()
+        self.sampler = MixedBatchSampler(self.data.lengths, cfg.micro_batch_size * self.dist.world, cfg.seed,
+                                         self.dist.rank, self.dist.world, cfg.group_size)
+        self.total = cfg.max_steps or max(1, cfg.epochs * len(self.sampler) // cfg.grad_accum)
+        self.warmup = warmup_steps(cfg, self.total)
+        self.engine, self.optimizer, self.scheduler = self._build_optimizer()
+        self.step = 0
+        if checkpoint is not None:
+            self._resume(checkpoint, saved)
+
+    def _build_model(self, base: str | Path, init: str | Path | None, imagebind: str | Path,
+                     dtype: torch.dtype) -> DeepResonance:
+        seed_everything(self.cfg.seed)  # the fresh projector (and LoRA A) are the same in every run and rank
+        model = load_model(base, init, imagebind, variant=self.variant, device=self.device, dtype=dtype)
+        model.config = replace(model.config, max_length=self.cfg.max_length)
+        self.trainable = set_trainable(model, self.cfg.stage, self.cfg.train_embeddings)
         # one process: frozen weights in `dtype`, trained ones in float32 under autocast (fp32 master weights)
         self.autocast = self.ds_config is None and dtype != torch.float32
         if self.autocast:
             for param in model.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
-        cache = FeatureCache.for_encoder(cache_dir or Path(data_root) / ".features", model.visual_encoder)
-        self.data = load_train_set(model, cfg.datasets, data_root, cache, cfg.max_length, cfg.encode_batch_size,
-                                   self.dist.rank, self.dist.world)
-        for line in self.data.skipped:
-            log.warning("skipped %s", line)
-        model.visual_encoder = None  # every step reads cached features: the frozen encoder is done
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.model = model.train()
-        global_batch = cfg.micro_batch_size * self.dist.world
-        self.sampler = MixedBatchSampler(self.data.lengths, global_batch, cfg.seed, self.dist.rank, self.dist.world,
-                                         cfg.group_size)
-        per_epoch = len(self.sampler) // cfg.grad_accum
-        self.total = cfg.max_steps or max(1, cfg.epochs * per_epoch)
-        self.warmup = warmup_steps(cfg, self.total)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                           weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total, self.warmup, cfg.warmup_type))
-        self.engine = None
-        if self.ds_config is not None:
-            import deepspeed as ds
+        return model
 
-            self.engine, self.optimizer, _, self.scheduler = ds.initialize(
-                model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=self.ds_config,
-                model_parameters=params)
-        self.step = 0
-        if resume is not None:
-            self._resume(find_checkpoint(resume))
+    def _build_optimizer(self):
+        """AdamW + the WarmupDecayLR schedule; under DeepSpeed, wrapped by its engine (ZeRO partitions the state)."""
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.total, self.warmup, cfg.warmup_type))
+        if self.ds_config is None:
+            return None, optimizer, scheduler
+        import deepspeed
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            model_parameters=params)
+        return engine, optimizer, scheduler
 
     # ----------------------------------------------------------------------------------------------------- state
     def save(self, folder: Path) -> Path:
         """Delta + optimizer/scheduler/step (+ DeepSpeed's partitioned optimizer) + every rank's RNG state."""
         folder.mkdir(parents=True, exist_ok=True)
         state = {"step": self.step, "total_steps": self.total, "world_size": self.dist.world,
-                 "config": asdict(self.cfg)}
+                 "config": asdict(self.cfg), "variant": self.variant, "init": self.init}
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, save_latest=False,
                                         exclude_frozen_parameters=True)
@@ -358,14 +376,20 @@ class Trainer:
         self.dist.barrier()
         return folder
 
-    def _resume(self, folder: Path) -> None:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        saved = state["config"]
-        now = asdict(self.cfg)
+    def _check_resumable(self, folder: Path, state: dict, init: str | Path | None) -> None:
+        """A resumed run must replay the same trajectory: same recipe, variant, starting delta and world size."""
+        saved, now = state["config"], asdict(self.cfg)
         changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_FIXED if _norm(saved.get(k)) != _norm(now[k])]
-        if changed or state["world_size"] != self.dist.world:
-            changed += [f"world size: {state['world_size']} -> {self.dist.world}"] if not changed else []
+        if state["variant"] != self.variant:
+            changed.append(f"variant: {state['variant']} -> {self.variant}")
+        if init is not None and str(Path(init).resolve()) != state["init"]:
+            changed.append(f"init: {state['init']} -> {init}")
+        if state["world_size"] != self.dist.world:
+            changed.append(f"world size: {state['world_size']} -> {self.dist.world}")
+        if changed:
             raise ValueError(f"{folder}: resume with the options it was started with ({'; '.join(changed)})")
+
+    def _resume(self, folder: Path, state: dict) -> None:
         load_delta(self.model, read_delta(folder), str(folder))
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG, load_module_strict=False)

@@ -55,11 +55,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def run(tiny_layout, data, out: Path, stage: int, variant: str = "beta", resume: Path | None = None,
-        **overrides) -> Trainer:
+        init: Path | None = None, **overrides) -> Trainer:
     """A Trainer on the test data; lr 1e-2 with no 10-step warm-up floor, so a few steps move every parameter."""
     cfg = TrainConfig.for_stage(stage, **{"datasets": data, "warmup_min_steps": 0, "lr": 1e-2, **overrides})
     return Trainer(cfg, variant=variant, base=tiny_layout.vicuna, imagebind=tiny_layout.imagebind, out=out,
-                   cache_dir=Path(data[0]).parent / ".features", resume=resume)
+                   cache_dir=Path(data[0]).parent / ".features", resume=resume, init=init)
 
 
 def changed_params(trainer: Trainer) -> set[str]:
@@ -93,12 +93,14 @@ def test_stage2_updates_lora_projector_fusion_and_embeddings(tiny_layout, data, 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def test_resume_continues_the_same_run(tiny_layout, data, tmp_path):
-    steps = 6
-    full = run(tiny_layout, data, tmp_path / "full", stage=2, max_steps=steps).fit(progress=False)
-    half = run(tiny_layout, data, tmp_path / "split", stage=2, max_steps=steps, save_every=2)
+    """Dropout (LoRA, fusion), data order, AdamW and the schedule all continue; the starting delta is remembered."""
+    steps, init = 6, tiny_layout.delta_dir("beta")
+    options = dict(stage=2, max_steps=steps, train_embeddings=False)
+    full = run(tiny_layout, data, tmp_path / "full", init=init, **options).fit(progress=False)
+    half = run(tiny_layout, data, tmp_path / "split", init=init, save_every=2, **options)
     assert half.fit(stop_after=steps // 2, progress=False).step == steps // 2
     assert find_checkpoint(tmp_path / "split").name == f"checkpoint-{steps // 2:06d}"
-    resumed = run(tiny_layout, data, tmp_path / "split", stage=2, max_steps=steps, resume=tmp_path / "split")
+    resumed = run(tiny_layout, data, tmp_path / "split", resume=tmp_path / "split", **options)
     assert resumed.step == steps // 2
     rest = resumed.fit(progress=False)
     assert [h["step"] for h in rest.history] == list(range(steps // 2 + 1, steps + 1))
@@ -108,6 +110,9 @@ def test_resume_continues_the_same_run(tiny_layout, data, tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5, msg=key)
+    embeddings = [k for k, v in resumed.model.named_parameters() if k.endswith("embed_tokens.weight")]
+    from_init = read_delta(init)[embeddings[0]]  # frozen here, so it must come from the remembered --init
+    torch.testing.assert_close(resumed.model.state_dict()[embeddings[0]], from_init, rtol=0, atol=0)
 
 
 def test_resume_refuses_changed_options(tiny_layout, data, tmp_path):
@@ -179,7 +184,7 @@ def test_schedule_is_deepspeeds_warmup_decay():
 # ------------------------------------------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_model_learns_and_reproduces_targets(tiny_layout, data, tmp_path):
-    trainer = run(tiny_layout, data, tmp_path, stage=2, max_steps=120, lr=3e-3, warmup_type="linear")
+    trainer = run(tiny_layout, data, tmp_path, stage=2, max_steps=120, warmup_type="linear")
     history = trainer.fit(progress=False).history
     start, end = history[0]["loss"], sum(h["loss"] for h in history[-5:]) / 5
     assert end < 0.05 * start
