@@ -30,6 +30,7 @@ def imagebind_model_module() -> types.ModuleType:
             raise ImportError("ImageBind is not installed: pip install --no-deps imagebind-unofficial==0.1.1")
         package = types.ModuleType("imagebind")
         package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
         sys.modules["imagebind"] = package
     from imagebind.models import imagebind_model
 
