@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,7 +63,9 @@ def train(
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    level = logging.INFO if main_rank else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)])
     options = json.loads(config.read_text()) if config else {}
     flags = dict(epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch, grad_accum=grad_accum,
                  max_length=max_length, seed=seed, train_embeddings=train_embeddings, save_every=save_every)
@@ -86,6 +89,8 @@ def train(
         dtype=getattr(torch, dtype),
         resume=resume,
     )
+    if not main_rank:
+        return
     if result.skipped:
         console.print(f"[yellow]skipped {len(result.skipped)} row(s)[/] (first: {result.skipped[0]})")
     last = result.history[-1] if result.history else None

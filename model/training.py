@@ -342,7 +342,7 @@ class Trainer:
     def _build_optimizer(self):
         """AdamW + the WarmupDecayLR schedule; under DeepSpeed, wrapped by its engine (ZeRO partitions the state)."""
         cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -415,7 +415,11 @@ class Trainer:
         examples = self.data.examples(indices)
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with ctx:
-            return (self.engine or self.model)(examples)
+            loss, accuracy = (self.engine or self.model)(examples)
+        # Every trained tensor takes part in every step, with a zero gradient when unused (the projector in a
+        # text-only batch): ranks then reduce the same buckets, and AdamW treats a missing gradient as zero in both
+        # paths, as the original's DeepSpeed did.
+        return loss + 0.0 * sum(p.view(-1)[0] for p in self.params), accuracy
 
     def train_step(self, batches) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches -> (loss, token accuracy, grad norm), rank-averaged."""
@@ -433,8 +437,7 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
         else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

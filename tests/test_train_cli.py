@@ -44,6 +44,7 @@ def test_two_stages_from_the_command_line_then_infer(tiny_root: Path, tmp_path: 
 
 def test_unknown_dataset_is_one_clear_error(tiny_root: Path, tmp_path: Path):
     result = CliRunner().invoke(app, ["train", "--variant", "alpha", "--stage", "1", "--out", str(tmp_path),
-                                      "--ckpt-root", str(tiny_root), "--datasets", "no_such_set", "--no-progress"])
+                                      "--ckpt-root", str(tiny_root), "--datasets", "no_such_set", "--no-progress",
+                                      "--local_rank=0"])  # as the deepspeed launcher passes it
     assert result.exit_code != 0
     assert "no_such_set: not a train dataset name" in str(result.exception)
