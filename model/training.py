@@ -244,16 +244,15 @@ def deepspeed_config(path: str | Path, cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the latest `checkpoint-N` (or final state) inside a run's output folder."""
+    """A checkpoint folder, or a run's --out folder: its final state if it finished, else its latest checkpoint-N."""
     path = Path(path)
-    if (path / STATE_FILE).is_file() and not any(CHECKPOINT.match(p.name) for p in path.iterdir()):
-        return path
-    candidates = [p for p in path.glob("checkpoint-*") if CHECKPOINT.match(p.name) and (p / STATE_FILE).is_file()]
     if (path / STATE_FILE).is_file():
-        candidates.append(path)
-    if not candidates:
+        return path
+    steps = {int(m.group(1)): p for p in path.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
+             and (p / STATE_FILE).is_file()}
+    if not steps:
         raise FileNotFoundError(f"{path}: no {STATE_FILE} here or in a checkpoint-N folder: nothing to resume")
-    return max(candidates, key=lambda p: torch.load(p / STATE_FILE, weights_only=True, map_location="cpu")["step"])
+    return steps[max(steps)]
 
 
 @dataclass
@@ -324,6 +323,9 @@ class Trainer:
         self.step = 0
         if checkpoint is not None:
             self._resume(checkpoint, saved)
+        log.info("stage %d (%s): training %d tensors, %.1fM parameters, for %d steps on %d x %s",
+                 cfg.stage, variant, len(self.trainable), sum(p.numel() for p in self.params) / 1e6, self.total,
+                 self.dist.world, self.device.type)
 
     def _build_model(self, base: str | Path, init: str | Path | None, imagebind: str | Path,
                      dtype: torch.dtype) -> DeepResonance:
@@ -415,7 +417,7 @@ class Trainer:
         examples = self.data.examples(indices)
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
         with ctx:
-            loss, accuracy = (self.engine or self.model)(examples)
+            loss, accuracy = (self.engine if self.engine is not None else self.model)(examples)
         # Every trained tensor takes part in every step, with a zero gradient when unused (the projector in a
         # text-only batch): ranks then reduce the same buckets, and AdamW treats a missing gradient as zero in both
         # paths, as the original's DeepSpeed did.

@@ -91,6 +91,17 @@ def test_stage2_updates_lora_projector_fusion_and_embeddings(tiny_layout, data, 
     assert changed == (expected | head if embeddings else expected)
 
 
+def test_bfloat16_keeps_trained_weights_in_float32(tiny_layout, data, tmp_path):
+    cfg = TrainConfig.for_stage(2, datasets=data, max_steps=2, warmup_min_steps=0)
+    trainer = Trainer(cfg, variant="beta", base=tiny_layout.vicuna, imagebind=tiny_layout.imagebind, out=tmp_path,
+                      cache_dir=Path(data[0]).parent / ".features", dtype=torch.bfloat16, device="cpu")
+    dtypes = {k: p.dtype for k, p in trainer.model.named_parameters()}
+    assert {dtypes[k] for k in trainer.trainable} == {torch.float32}
+    assert {d for k, d in dtypes.items() if k not in trainer.trainable} == {torch.bfloat16}
+    history = trainer.fit(progress=False).history
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 def test_resume_continues_the_same_run(tiny_layout, data, tmp_path):
     """Dropout (LoRA, fusion), data order, AdamW and the schedule all continue; the starting delta is remembered."""
