@@ -100,8 +100,8 @@ class GenerationConfig:
     temperature: float = 0.1
     top_p: float = 1.0
     seed: int | None = 1337
-    # a static KV cache lets transformers compile the decode step (CUDA graphs): ~3.4x faster at batch 1 on an H100
-    # once compiled (about 25 s per new batch shape), so it pays off for long single-row jobs, not for one answer
+    # model/decode.py: static KV cache and, on CUDA, one compiled decode step (CUDA graphs); fastest at small batch
+    # once compiled (tens of seconds per new batch shape), so it pays off for long jobs, not for one answer
     static_cache: bool = False
 
 

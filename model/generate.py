@@ -8,6 +8,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model.config import GenerationConfig
+from model.decode import decode_static
 from model.deepresonance import DeepResonance, Example
 from model.prompt import answer_text
 
@@ -39,9 +40,21 @@ def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: Generat
     stops = [[tok.stop_id], tok.newline_stop]
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
-    options = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=None) if gen.do_sample else {}
     if gen.static_cache:
-        options["cache_implementation"] = "static"
+        out = decode_static(
+            model.llama_model,
+            batch.embeds,
+            batch.attention_mask,
+            gen.max_new_tokens,
+            stops,
+            tok.eos_id,
+            gen.do_sample,
+            gen.temperature,
+            gen.top_p,
+            compile=batch.embeds.is_cuda,
+        )
+        return [_cut(ids, tok.eos_id, stops) for ids in out.tolist()]
+    options = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=None) if gen.do_sample else {}
     out = model.llama_model.generate(
         inputs_embeds=batch.embeds,
         attention_mask=batch.attention_mask,

@@ -201,3 +201,19 @@ def test_stop_sequences_cut_rows_independently():
     assert stop(ids, None).tolist() == [True, True, False]
     assert _cut([4, 5, 6, 9], eos=2, stops=[[7], [5, 6]]) == [4, 5, 6]
     assert _cut([4, 2, 7], eos=2, stops=[[7]]) == [4]
+
+
+@pytest.mark.parametrize("variant", ["alpha", "beta"])
+def test_static_cache_loop_gives_generates_greedy_tokens(tiny_layout, variant):
+    from dataclasses import replace
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir(variant), tiny_layout.imagebind)
+    expected = generate_ids(model, examples(), GREEDY)
+    assert generate_ids(model, examples(), replace(GREEDY, static_cache=True)) == expected
+
+
+def test_static_cache_loop_samples_reproducibly(tiny_layout):
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, static_cache=True)
+    first = generate_ids(model, examples(), gen)
+    assert generate_ids(model, examples(), gen) == first and all(len(ids) > 0 for ids in first)
