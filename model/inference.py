@@ -23,6 +23,8 @@ from model.features import FeatureCache, encode_files
 from model.generate import generate
 from model.media import MediaError
 
+DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads (numpy/torchaudio release the GIL)
+
 
 @dataclass
 class Summary:
@@ -93,7 +95,12 @@ def prompt_cost(row: Row) -> int:
 
 
 def row_media(
-    model: DeepResonance, rows: Sequence[Row], media_root: Path, cache: FeatureCache | None, batch_size: int
+    model: DeepResonance,
+    rows: Sequence[Row],
+    media_root: Path,
+    cache: FeatureCache | None,
+    batch_size: int,
+    workers: int = DECODE_WORKERS,
 ) -> list[list[tuple[str, torch.Tensor]] | MediaError]:
     """Each row's media as clip features (through the cache) or the row's first media error."""
     if model.visual_encoder is None:
@@ -105,7 +112,7 @@ def row_media(
     features: dict[tuple[str, Path], torch.Tensor | MediaError] = {}
     for modality, paths in wanted.items():
         unique = list(dict.fromkeys(paths))
-        encoded = encode_files(model.visual_encoder, cache, modality, unique, batch_size)
+        encoded = encode_files(model.visual_encoder, cache, modality, unique, batch_size, workers)
         features.update({(modality, p): f for p, f in zip(unique, encoded, strict=True)})
     out: list[list[tuple[str, torch.Tensor]] | MediaError] = []
     for row in rows:
@@ -131,6 +138,7 @@ def run_inference(
     rank: int = 0,
     world: int = 1,
     on_progress: Callable[[int], None] | None = None,
+    workers: int = DECODE_WORKERS,
 ) -> Summary:
     """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish."""
     out_json, media_root = Path(out_json), Path(media_root)
@@ -142,7 +150,7 @@ def run_inference(
     try:
         # media for a group of batches at a time: the encoder runs batched, the cache keeps what it computed
         for group in chunks(todo, batch_size * 8):
-            media = row_media(model, group, media_root, cache, batch_size)
+            media = row_media(model, group, media_root, cache, batch_size, workers)
             ready = [(row, m) for row, m in zip(group, media, strict=True) if not isinstance(m, MediaError)]
             failed = [(row, m) for row, m in zip(group, media, strict=True) if isinstance(m, MediaError)]
             journal.write([{"id": r.id, "instruction": r.instruction, "error": str(e)} for r, e in failed])
