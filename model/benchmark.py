@@ -307,7 +307,7 @@ def bench_job(
     from model.data import Row
     from model.deepresonance import DeepResonance
     from model.features import FeatureCache
-    from model.inference import DECODE_WORKERS, run_inference
+    from model.inference import run_inference
     from model.tokenizer import PromptTokenizer
 
     work = Path(workdir)
