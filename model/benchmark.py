@@ -307,7 +307,7 @@ def bench_job(
     from model.data import Row
     from model.deepresonance import DeepResonance
     from model.features import FeatureCache
-    from model.inference import run_inference
+    from model.inference import DECODE_WORKERS, run_inference
     from model.tokenizer import PromptTokenizer
 
     work = Path(workdir)
@@ -353,5 +353,5 @@ def bench_job(
         "answered": summary.answered,
         "failed": len(summary.failed),
         "approx_answer_tokens": tokens,
-        "decode_workers": min(8, __import__("os").cpu_count() or 1),
+        "decode_workers": DECODE_WORKERS,
     }
