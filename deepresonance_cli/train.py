@@ -50,7 +50,9 @@ def train(
         str | None, Opt(help="DeepSpeed config JSON, or 'zero2' (packaged: ZeRO-2, bf16). Launch with `deepspeed`.")
     ] = None,
     device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
-    dtype: Annotated[str, Opt(help="Frozen weights: float32 or bfloat16 (trained ones stay float32).")] = "float32",
+    dtype: Annotated[
+        str | None, Opt(help="Frozen weights: float32 or bfloat16 (default: bfloat16 on CUDA); trained ones: float32.")
+    ] = None,
     progress: Annotated[bool, Opt(help="Show the progress bar.")] = True,
     local_rank: Annotated[int | None, Opt("--local_rank", hidden=True, help="Set by the deepspeed launcher.")] = None,
 ) -> None:
@@ -61,7 +63,7 @@ def train(
     from model.config import TrainConfig
     from model.training import train as run_training
 
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
     main_rank = int(os.environ.get("RANK", 0)) == 0
     level = logging.INFO if main_rank else logging.WARNING
@@ -86,7 +88,7 @@ def train(
         cache_dir=cache_dir,
         deepspeed=PACKAGED_DEEPSPEED.get(deepspeed, deepspeed),
         device=device,
-        dtype=getattr(torch, dtype),
+        dtype=getattr(torch, dtype) if dtype else None,
         resume=resume,
     )
     if not main_rank:

@@ -281,7 +281,7 @@ class Trainer:
         cache_dir: str | Path | None = None,
         deepspeed: str | Path | None = None,
         device: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         resume: str | Path | None = None,
     ) -> None:
         self.cfg, self.out = cfg, Path(out)
@@ -291,9 +291,10 @@ class Trainer:
         if self.ds_config is not None:  # DeepSpeed keeps the module in the precision its config asks for
             dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        elif dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"train in float32 or bfloat16, not {dtype}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"train in float32 or bfloat16, not {dtype}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         specs = [resolve_dataset(d, data_root, split="train") for d in cfg.datasets]  # bad names fail before loading
@@ -323,9 +324,11 @@ class Trainer:
         self.step = 0
         if checkpoint is not None:
             self._resume(checkpoint, saved)
-        log.info("stage %d (%s): training %d tensors, %.1fM parameters, for %d steps on %d x %s",
-                 cfg.stage, variant, len(self.trainable), sum(p.numel() for p in self.params) / 1e6, self.total,
-                 self.dist.world, self.device.type)
+        log.info("stage %d (%s): %s; training %d tensors, %.1fM parameters, for %d steps on %d x %s",
+                 cfg.stage, variant, ", ".join(f"{n} {len(d)} rows" for n, d in zip(self.data.names,
+                                                                                   self.data.lengths, strict=True)),
+                 len(self.trainable), sum(p.numel() for p in self.params) / 1e6, self.total, self.dist.world,
+                 self.device.type)
 
     def _build_model(self, base: str | Path, init: str | Path | None, imagebind: str | Path,
                      dtype: torch.dtype) -> DeepResonance:
