@@ -1,0 +1,152 @@
+"""`dr demo` as a function: synthetic data -> tiny model -> stage 1 and stage 2 -> held-out answers -> metrics.
+
+It runs the same code paths as the real recipe (model/training.py, model/inference.py, eval/), only smaller: the
+tiny checkpoint set of ckpt/tiny.py (random ImageBind and LLaMA, a tokenizer trained on the demo's texts) and the
+synthetic dataset of model/demo_data.py. The "untrained" model is the tiny set's random delta, answered and scored
+exactly like the trained one, so the before/after difference is what the two training stages did.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt.layout import layout
+from ckpt.tiny import write_tiny_set
+from model import demo_data
+from model.config import GenerationConfig, TrainConfig
+from model.data import load_rows
+
+# Recipe overrides for a tiny random LLM on CPU: short runs with a high peak lr. Stage 1 aligns the projector only
+# (the LLM is frozen, as in the paper); stage 2 trains LoRA, the projector and the embeddings, as the original did.
+STAGE_OPTIONS = {
+    1: dict(max_steps=100, lr=1e-2, micro_batch_size=16, warmup_type="linear", log_every=20, train_embeddings=True),
+    2: dict(max_steps=1000, lr=5e-3, micro_batch_size=16, warmup_type="linear", log_every=50),
+}
+QUICK_STEPS = {1: 40, 2: 300}
+MAX_NEW_TOKENS = 40
+INFER_BATCH = 16
+
+
+@dataclass
+class DemoResult:
+    """Metrics per model ("untrained", "trained"): {"coco": {...}, "music-llm": {...}, "attributes": {...}}."""
+
+    out: Path
+    metrics: dict[str, dict[str, dict[str, float | None]]]
+    notes: list[str]
+    seconds: dict[str, float]  # wall time of each step
+    paths: dict[str, Path]  # what was written where
+    commands: list[tuple[str, str]]  # (step, shell command to redo it by hand)
+    samples: list[dict[str, str]] = field(default_factory=list)  # a few held-out rows with both answers
+
+
+def _train(stage: int, datasets: list[Path], variant: str, ckpt: Path, out: Path, cache: Path, init: Path | None,
+           seed: int, quick: bool, progress: bool) -> Path:
+    """One training stage through model/training.py; its options are also written as JSON for `dr train --config`."""
+    from model.training import train
+
+    options = {**STAGE_OPTIONS[stage], "datasets": [str(d) for d in datasets], "seed": seed}
+    if quick:
+        options["max_steps"] = QUICK_STEPS[stage]
+    config = out.with_name(f"{out.name}_config.json")
+    config.write_text(json.dumps(options, indent=2))
+    paths = layout(ckpt)
+    train(TrainConfig.for_stage(stage, **options), progress=progress, variant=variant, base=paths.vicuna,
+          imagebind=paths.imagebind, out=out, init=init, cache_dir=cache)
+    return config
+
+
+def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, out_json: Path) -> dict:
+    """Greedy answers for every held-out row (a fresh result file: old journals are removed first)."""
+    from model.checkpoint import load_model
+    from model.features import FeatureCache
+    from model.inference import journal_paths, run_inference, write_results
+
+    paths = layout(ckpt)
+    model = load_model(paths.vicuna, delta, paths.imagebind, variant)
+    model.merge_lora()
+    rows, errors = load_rows(dataset)
+    if errors:
+        raise ValueError(f"demo dataset has invalid rows: {errors[0]}")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    for journal in journal_paths(out_json):
+        journal.unlink()
+    gen = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    summary = run_inference(model, rows, dataset.parent, out_json, gen, INFER_BATCH,
+                            FeatureCache.for_encoder(cache, model.visual_encoder))
+    if summary.failed:
+        raise ValueError(f"demo inference failed on {len(summary.failed)} row(s): {summary.failed[0]}")
+    return write_results(out_json, rows)
+
+
+def _score(predictions: dict, dataset: Path) -> tuple[dict, list[str], dict]:
+    """eval/'s coco and music-llm protocols plus the demo's attribute check -> (metrics, notes, eval report)."""
+    import eval as metrics
+    from eval.inputs import pair
+
+    rows = metrics.load_json(dataset)
+    report = metrics.evaluate(predictions, rows, "all")
+    cands, refs, _ = pair(predictions, rows)
+    return {**report["metrics"], "attributes": demo_data.attribute_accuracy(cands, refs)}, report["notes"], report
+
+
+def run_demo(out: str | Path = "runs/demo", variant: str = "alpha", seed: int = 0, quick: bool = False,
+             progress: bool = True, on_step: Callable[[str], None] = lambda step: None) -> DemoResult:
+    """The whole pipeline under `out`; `on_step(name)` is called as each step starts. Deterministic from `seed`."""
+    from eval import report as eval_report
+
+    out = Path(out)
+    data_dir, ckpt, cache, results = out / "data", out / "ckpt", out / "features", out / "results"
+    stage1, stage2 = out / f"{variant}_stage1", out / f"{variant}_stage2"
+    seconds: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        seconds[name] = time.perf_counter()
+        on_step(name)
+
+    step("data")
+    data = demo_data.build(data_dir, seed, quick)
+    step("tiny model")
+    write_tiny_set(ckpt, corpus=data.texts(), seed=seed)
+    untrained_delta = layout(ckpt).delta_dir(variant)
+    step("answer (untrained)")
+    before = _answer(ckpt, untrained_delta, variant, data.test, cache, results / f"untrained_{variant}.json")
+    step("stage 1")
+    config1 = _train(1, data.stage1, variant, ckpt, stage1, cache, None, seed, quick, progress)
+    step("stage 2")
+    config2 = _train(2, data.stage1 + data.stage2, variant, ckpt, stage2, cache, stage1, seed, quick, progress)
+    step("answer (trained)")
+    after = _answer(ckpt, stage2, variant, data.test, cache, results / f"trained_{variant}.json")
+    step("evaluate")
+    scored = {name: _score(pred, data.test) for name, pred in (("untrained", before), ("trained", after))}
+    report_paths = eval_report.write({f"{n}_{variant}": s[2] for n, s in scored.items()},
+                                     results / f"eval_report_{variant}.json",
+                                     {"dataset": str(data.test), "protocol": "all"})
+    seconds["end"] = time.perf_counter()
+    names = list(seconds)
+    seconds = {a: seconds[b] - seconds[a] for a, b in zip(names, names[1:], strict=False)}
+
+    rows = json.loads(data.test.read_text())
+    samples = [{"instruction": r["instruction"], "reference": r["output"],
+                "untrained": before[r["id"]][r["instruction"]], "trained": after[r["id"]][r["instruction"]]}
+               for r in rows[:: max(1, len(rows) // 6)]]
+    notes = list(dict.fromkeys(n for s in scored.values() for n in s[1]))
+    common = f"--ckpt-root {ckpt} --cache-dir {cache}"
+    infer = f"dr infer --dataset {data.test} --variant {variant} {common} --greedy --max-new-tokens {MAX_NEW_TOKENS}"
+    commands = [
+        ("stage 1", f"dr train --variant {variant} --stage 1 --config {config1} --out {stage1} {common}"),
+        ("stage 2",
+         f"dr train --variant {variant} --stage 2 --config {config2} --init {stage1} --out {stage2} {common}"),
+        ("answer (untrained)", f"{infer} --delta {untrained_delta} --out {results / f'untrained_{variant}.json'}"),
+        ("answer (trained)", f"{infer} --delta {stage2} --out {results / f'trained_{variant}.json'}"),
+        ("evaluate", f"dr eval {results / f'untrained_{variant}.json'} {results / f'trained_{variant}.json'} "
+                     f"--dataset {data.test} --protocol all --out {report_paths['json']}"),
+    ]
+    paths = {"data": data_dir, "checkpoints (tiny set)": ckpt, "feature cache": cache, "stage 1 delta": stage1,
+             "stage 2 delta": stage2, "answers": results, "eval report": report_paths["json"]}
+    metrics = {name: s[0] for name, s in scored.items()}
+    return DemoResult(out, metrics, notes, seconds, paths, commands, samples)
