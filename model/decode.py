@@ -51,11 +51,12 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _ends_with(history: torch.Tensor, stops: Sequence[torch.Tensor]) -> torch.Tensor:
-    done = torch.zeros(history.shape[0], dtype=torch.bool, device=history.device)
+def _finished(tokens: torch.Tensor, stops: Sequence[torch.Tensor], eos_id: int) -> torch.Tensor:
+    """Rows whose tokens so far hold EOS or a stop sequence (checked at sync points, not every step)."""
+    done = (tokens == eos_id).any(dim=1)
     for stop in stops:
-        if history.shape[1] >= len(stop):
-            done |= (history[:, -len(stop) :] == stop).all(dim=1)
+        if tokens.shape[1] >= len(stop):
+            done |= (tokens.unfold(1, len(stop), 1) == stop).all(dim=-1).any(dim=-1)
     return done
 
 
@@ -107,16 +108,16 @@ def decode_static(
 
     run = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
     stop_tensors = [torch.tensor(s, device=device) for s in stops]
+    cache_positions = torch.arange(length, total, device=device)  # sliced per step: no host-to-device copy
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     position = positions[:, -1:]
     for i in range(max_new_tokens):
         token = _pick(logits, do_sample, temperature, top_p)
         out[:, i] = token
-        finished |= (token == eos_id) | _ends_with(out[:, : i + 1], stop_tensors)
-        if i == max_new_tokens - 1 or ((i + 1) % SYNC_EVERY == 0 and bool(finished.all())):
+        last = i == max_new_tokens - 1
+        if last or ((i + 1) % SYNC_EVERY == 0 and bool(_finished(out[:, : i + 1], stop_tensors, eos_id).all())):
             return out[:, : i + 1]
         step_mask[:, 0, 0, length + i] = True
         position = position + 1
-        logits = run(token[:, None], position, torch.tensor([length + i], device=device), step_mask)
+        logits = run(token[:, None], position, cache_positions[i : i + 1], step_mask)
     return out
