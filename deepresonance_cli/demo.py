@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -31,9 +32,10 @@ def _fmt(value: float | None) -> str:
     return "unavailable" if value is None else f"{value:.3f}"
 
 
-def _printable(text: str) -> str:
-    """An untrained model emits control bytes; show them as dots, not as terminal commands."""
-    return "".join(c if c.isprintable() else "·" for c in text)
+def _printable(text: str, width: int = 90) -> str:
+    """An untrained model emits control bytes and runs on: show them as dots, cut at `width` characters."""
+    text = "".join(c if c.isprintable() else "·" for c in text)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def demo(
@@ -44,7 +46,13 @@ def demo(
 ) -> None:
     """Synthesize music data, build a tiny model, train stage 1 and 2, answer a held-out split, score before/after."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads: BERTScore is skipped unless cached
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
+    from transformers.utils.logging import disable_progress_bar
+
     from model.demo import run_demo
+
+    disable_progress_bar()  # a tiny model loads in milliseconds: no per-load bars between the steps
 
     if variant not in ("alpha", "beta"):
         raise typer.BadParameter(f"{variant}: expected alpha or beta", param_hint="--variant")

@@ -112,8 +112,8 @@ def synth_music(music: Music, rng: np.random.Generator, seconds: float = CLIP_SE
 
 def draw_picture(picture: Picture, rng: np.random.Generator, offset: float = 0.0) -> np.ndarray:
     """[H, W, 3] uint8: a pattern of the colour on a light grey background (a solid square, stripes or dots: very
-    different textures, which a random encoder keeps apart). Its placement jitters; `offset` (a fraction of the
-    width) moves it sideways."""
+    different textures, which a random encoder keeps apart), plus mild noise. Its placement jitters; `offset` (a
+    fraction of the width) moves it sideways."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (235, 235, 235))
     draw = ImageDraw.Draw(img)
     color = COLORS[picture.color]
@@ -129,7 +129,8 @@ def draw_picture(picture: Picture, rng: np.random.Generator, offset: float = 0.0
     else:
         for x, y in product(range(4, IMAGE_SIZE, 16), repeat=2):
             draw.ellipse((x + x0, y + y0, x + x0 + 8, y + y0 + 8), fill=color)
-    return np.asarray(img)
+    noise = rng.integers(-12, 13, (IMAGE_SIZE, IMAGE_SIZE, 3))  # no two images alike, even at the same placement
+    return (np.asarray(img) + noise).clip(0, 255).astype(np.uint8)
 
 
 def write_wav(path: Path, audio: np.ndarray) -> None:
