@@ -20,13 +20,15 @@ from model import demo_data
 from model.config import GenerationConfig, TrainConfig
 from model.data import load_rows
 
-# Recipe overrides for a tiny random LLM on CPU: short runs with a high peak lr. Stage 1 aligns the projector only
-# (the LLM is frozen, as in the paper); stage 2 trains LoRA, the projector and the embeddings, as the original did.
+# Recipe overrides for a tiny random LLM on CPU: short runs with a high peak lr. Stage 1 aligns the projector (and
+# fusion) with the LLM frozen; the embeddings train in both stages, as the original's resize left them trainable.
+# Stage 2 adds LoRA. Beta's random post-norm fusion layer wants a lower lr and more steps.
+_COMMON = dict(micro_batch_size=16, warmup_type="linear", train_embeddings=True, log_every=100)
 STAGE_OPTIONS = {
-    1: dict(max_steps=100, lr=1e-2, micro_batch_size=16, warmup_type="linear", log_every=20, train_embeddings=True),
-    2: dict(max_steps=1000, lr=5e-3, micro_batch_size=16, warmup_type="linear", log_every=50),
+    "alpha": {1: dict(_COMMON, max_steps=100, lr=1e-2), 2: dict(_COMMON, max_steps=1000, lr=5e-3)},
+    "beta": {1: dict(_COMMON, max_steps=100, lr=2e-3), 2: dict(_COMMON, max_steps=2000, lr=1e-3)},
 }
-QUICK_STEPS = {1: 40, 2: 300}
+QUICK_FRACTION = 0.4  # of the steps, with the smaller quick dataset
 MAX_NEW_TOKENS = 40
 INFER_BATCH = 16
 
@@ -49,9 +51,9 @@ def _train(stage: int, datasets: list[Path], variant: str, ckpt: Path, out: Path
     """One training stage through model/training.py; its options are also written as JSON for `dr train --config`."""
     from model.training import train
 
-    options = {**STAGE_OPTIONS[stage], "datasets": [str(d) for d in datasets], "seed": seed}
+    options = {**STAGE_OPTIONS[variant][stage], "datasets": [str(d) for d in datasets], "seed": seed}
     if quick:
-        options["max_steps"] = QUICK_STEPS[stage]
+        options["max_steps"] = int(options["max_steps"] * QUICK_FRACTION)
     config = out.with_name(f"{out.name}_config.json")
     config.write_text(json.dumps(options, indent=2))
     paths = layout(ckpt)
