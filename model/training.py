@@ -292,6 +292,8 @@ class Trainer:
             dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:  # set_device needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"train in float32 or bfloat16, not {dtype}")

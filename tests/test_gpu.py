@@ -50,3 +50,15 @@ def test_bfloat16_fast_path_tracks_float32_logits(tiny_layout):
         lb = fast.llama_model(inputs_embeds=b.embeds, attention_mask=b.attention_mask).logits[:, -1].float()
     span = la.max() - la.min()
     assert (la - lb).abs().max() < 0.02 * span
+
+
+def test_compiled_static_loop_matches_generate(tiny_layout):
+    from dataclasses import replace
+
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+    model = load_model(*paths, device="cuda")
+    model.merge_lora()
+    expected = generate_ids(model, rows(), GREEDY)
+    static = replace(GREEDY, static_cache=True)  # on CUDA: one compiled step with CUDA graphs
+    assert generate_ids(model, rows(), static) == expected
+    assert generate_ids(model, rows(), static) == expected  # the cached compiled step, reused
