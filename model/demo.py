@@ -47,8 +47,9 @@ class DemoResult:
 
 
 def _train(stage: int, datasets: list[Path], variant: str, ckpt: Path, out: Path, cache: Path, init: Path | None,
-           seed: int, quick: bool, progress: bool) -> Path:
-    """One training stage through model/training.py; its options are also written as JSON for `dr train --config`."""
+           seed: int, quick: bool, progress: bool) -> str:
+    """One training stage through model/training.py. Returns the `dr train` arguments that redo it: its options go
+    to a JSON file for --config, and the ones `dr train` has flags for are also given as flags (flags win)."""
     from model.training import train
 
     options = {**STAGE_OPTIONS[variant][stage], "datasets": [str(d) for d in datasets], "seed": seed}
@@ -59,7 +60,9 @@ def _train(stage: int, datasets: list[Path], variant: str, ckpt: Path, out: Path
     paths = layout(ckpt)
     train(TrainConfig.for_stage(stage, **options), progress=progress, variant=variant, base=paths.vicuna,
           imagebind=paths.imagebind, out=out, init=init, cache_dir=cache)
-    return config
+    flags = (f"--max-steps {options['max_steps']} --lr {options['lr']} --micro-batch {options['micro_batch_size']} "
+             f"--seed {seed} {'--train-embeddings' if options['train_embeddings'] else '--no-train-embeddings'}")
+    return f"--stage {stage} --config {config} {flags}" + (f" --init {init}" if init else "") + f" --out {out}"
 
 
 def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, out_json: Path) -> dict:
@@ -118,9 +121,9 @@ def run_demo(out: str | Path = "runs/demo", variant: str = "alpha", seed: int = 
     step("answer (untrained)")
     before = _answer(ckpt, untrained_delta, variant, data.test, cache, results / f"untrained_{variant}.json")
     step("stage 1")
-    config1 = _train(1, data.stage1, variant, ckpt, stage1, cache, None, seed, quick, progress)
+    train1 = _train(1, data.stage1, variant, ckpt, stage1, cache, None, seed, quick, progress)
     step("stage 2")
-    config2 = _train(2, data.stage1 + data.stage2, variant, ckpt, stage2, cache, stage1, seed, quick, progress)
+    train2 = _train(2, data.stage1 + data.stage2, variant, ckpt, stage2, cache, stage1, seed, quick, progress)
     step("answer (trained)")
     after = _answer(ckpt, stage2, variant, data.test, cache, results / f"trained_{variant}.json")
     step("evaluate")
@@ -140,9 +143,8 @@ def run_demo(out: str | Path = "runs/demo", variant: str = "alpha", seed: int = 
     common = f"--ckpt-root {ckpt} --cache-dir {cache}"
     infer = f"dr infer --dataset {data.test} --variant {variant} {common} --greedy --max-new-tokens {MAX_NEW_TOKENS}"
     commands = [
-        ("stage 1", f"dr train --variant {variant} --stage 1 --config {config1} --out {stage1} {common}"),
-        ("stage 2",
-         f"dr train --variant {variant} --stage 2 --config {config2} --init {stage1} --out {stage2} {common}"),
+        ("stage 1", f"dr train --variant {variant} {train1} {common}"),
+        ("stage 2", f"dr train --variant {variant} {train2} {common}"),
         ("answer (untrained)", f"{infer} --delta {untrained_delta} --out {results / f'untrained_{variant}.json'}"),
         ("answer (trained)", f"{infer} --delta {stage2} --out {results / f'trained_{variant}.json'}"),
         ("evaluate", f"dr eval {results / f'untrained_{variant}.json'} {results / f'trained_{variant}.json'} "
