@@ -73,7 +73,7 @@ def train(
                  max_length=max_length, seed=seed, train_embeddings=train_embeddings, save_every=save_every)
     if datasets:
         flags["datasets"] = [name for item in datasets for name in item.split(",") if name]
-    cfg = TrainConfig.for_stage(stage, **{**options, **flags})
+    cfg = TrainConfig.for_stage(stage, **{**options, **{k: v for k, v in flags.items() if v is not None}})
     paths = layout(ckpt_root)
     result = run_training(
         cfg,

@@ -48,3 +48,16 @@ def test_unknown_dataset_is_one_clear_error(tiny_root: Path, tmp_path: Path):
                                       "--local_rank=0"])  # as the deepspeed launcher passes it
     assert result.exit_code != 0
     assert "no_such_set: not a train dataset name" in str(result.exception)
+
+
+def test_config_file_values_hold_unless_a_flag_overrides_them(tiny_root: Path, tmp_path: Path):
+    dataset = synth.write_dataset(tmp_path, [synth.make_row("0", text="Hi.", output="Hello.")], "rows.json")
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"max_steps": 2, "lr": 0.001, "micro_batch_size": 1}))
+    args = ["train", "--variant", "alpha", "--stage", "1", "--ckpt-root", str(tiny_root), "--datasets", str(dataset),
+            "--config", str(options), "--lr", "0.002", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["micro_batch_size"] == 1  # from the file
+    assert saved["lr"] == 0.002  # the flag wins
