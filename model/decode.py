@@ -96,17 +96,6 @@ def decode_static(
 
     step_mask = allowed[:, :, -1:, :].clone()  # the last real query's view, extended one key per step
 
-    def step(ids, position_ids, cache_position, mask):
-        return llm(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            cache_position=cache_position,
-            use_cache=True,
-        ).logits[:, -1]
-
-    run = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
     stop_tensors = [torch.tensor(s, device=device) for s in stops]
     cache_positions = torch.arange(length, total, device=device)  # sliced per step: no host-to-device copy
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
