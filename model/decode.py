@@ -15,20 +15,18 @@ from transformers import StaticCache
 
 SYNC_EVERY = 8  # steps between host checks for "all rows finished"
 CACHE_BUCKET = 256  # cache lengths are rounded up to this, so prompts of other lengths reuse the compiled step
-PROMPT_BUCKET = 32  # prompts are left-padded (masked) to a multiple of this, so the compiled prefill is reused too
-_decoder: dict[tuple, tuple[StaticCache, Callable]] = {}  # the last (cache, forward) built, reused while shapes match
+_decoder: dict[tuple, tuple[StaticCache, Callable]] = {}  # the last (cache, step) built, reused while shapes match
 
 
 def _static_decoder(llm: torch.nn.Module, batch: int, total: int, compile: bool) -> tuple[StaticCache, Callable]:
-    """A static cache and one forward over it (compiled with CUDA graphs when asked) for prefill and steps."""
     key = (id(llm), batch, total, compile)
     if key not in _decoder:
         _decoder.clear()  # one cache at a time: a static cache holds batch x length keys and values per layer
         cache = StaticCache(config=llm.config, max_cache_len=total)
 
-        def forward(position_ids, cache_position, mask, **inputs):
+        def step(ids, position_ids, cache_position, mask):
             return llm(
-                **inputs,
+                input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids,
                 past_key_values=cache,
@@ -36,10 +34,10 @@ def _static_decoder(llm: torch.nn.Module, batch: int, total: int, compile: bool)
                 use_cache=True,
             ).logits[:, -1]
 
-        _decoder[key] = (cache, torch.compile(forward, mode="reduce-overhead", fullgraph=True) if compile else forward)
-    cache, forward = _decoder[key]
+        _decoder[key] = (cache, torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step)
+    cache, run = _decoder[key]
     cache.reset()
-    return cache, forward
+    return cache, run
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
@@ -76,9 +74,6 @@ def decode_static(
     compile: bool = False,
 ) -> torch.Tensor:
     """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, H]."""
-    pad = -embeds.shape[1] % PROMPT_BUCKET
-    embeds = torch.nn.functional.pad(embeds, (0, 0, pad, 0))
-    attention_mask = torch.nn.functional.pad(attention_mask, (pad, 0))
     batch, length, _ = embeds.shape
     device = embeds.device
     total = -(-(length + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
@@ -90,7 +85,15 @@ def decode_static(
     allowed[:, 0, :, :length] = causal & valid[:, None, :]
     allowed[:, 0, :, :length] |= torch.eye(length, dtype=torch.bool, device=device)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    logits = run(positions, torch.arange(length, device=device), allowed, inputs_embeds=embeds)
+    logits = llm(
+        inputs_embeds=embeds,
+        attention_mask=allowed,
+        position_ids=positions,
+        past_key_values=cache,
+        cache_position=torch.arange(length, device=device),
+        use_cache=True,
+    ).logits[:, -1]
+
     step_mask = allowed[:, :, -1:, :].clone()  # the last real query's view, extended one key per step
 
     stop_tensors = [torch.tensor(s, device=device) for s in stops]
@@ -105,5 +108,5 @@ def decode_static(
             return out[:, : i + 1]
         step_mask[:, 0, 0, length + i] = True
         position = position + 1
-        logits = run(position, cache_positions[i : i + 1], step_mask, input_ids=token[:, None])
+        logits = run(token[:, None], position, cache_positions[i : i + 1], step_mask)
     return out
