@@ -93,7 +93,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """The original samples with temperature 0.1, top_p 1.0 and up to 512 new tokens."""
+    """The original samples with temperature 0.1, top_p 1.0 and up to 512 new tokens; top_k 50 is the default of
+    the transformers 4.29 `generate` it called (it set no top_k), so it filtered too."""
 
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -103,6 +104,7 @@ class GenerationConfig:
     # model/decode.py: static KV cache and, on CUDA, one compiled decode step (CUDA graphs); fastest at small batch
     # once compiled (tens of seconds per new batch shape), so it pays off for long jobs, not for one answer
     static_cache: bool = False
+    top_k: int = 50
 
 
 @dataclass

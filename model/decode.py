@@ -40,10 +40,15 @@ def _static_decoder(llm: torch.nn.Module, batch: int, total: int, compile: bool)
     return cache, run
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Greedy, or sampling as `generate` warps logits: temperature, then top-k, then top-p."""
     if not do_sample:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
@@ -71,6 +76,7 @@ def decode_static(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     compile: bool = False,
 ) -> torch.Tensor:
     """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, H]."""
@@ -101,7 +107,7 @@ def decode_static(
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     position = positions[:, -1:]
     for i in range(max_new_tokens):
-        token = _pick(logits, do_sample, temperature, top_p)
+        token = _pick(logits, do_sample, temperature, top_p, top_k)
         out[:, i] = token
         last = i == max_new_tokens - 1
         if last or ((i + 1) % SYNC_EVERY == 0 and bool(_finished(out[:, : i + 1], stop_tensors, eos_id).all())):

@@ -51,10 +51,11 @@ def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: Generat
             gen.do_sample,
             gen.temperature,
             gen.top_p,
+            gen.top_k,
             compile=batch.embeds.is_cuda,
         )
         return [_cut(ids, tok.eos_id, stops) for ids in out.tolist()]
-    options = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=None) if gen.do_sample else {}
+    options = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None) if gen.do_sample else {}
     out = model.llama_model.generate(
         inputs_embeds=batch.embeds,
         attention_mask=batch.attention_mask,

@@ -217,3 +217,12 @@ def test_static_cache_loop_samples_reproducibly(tiny_layout):
     gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, static_cache=True)
     first = generate_ids(model, examples(), gen)
     assert generate_ids(model, examples(), gen) == first and all(len(ids) > 0 for ids in first)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_sampling_filters_top_k_like_the_original(model, static):
+    # the original's transformers 4.29 sampled with its default top_k of 50; with top_k 1 sampling must be greedy
+    greedy = generate_ids(model, examples(), GenerationConfig(max_new_tokens=8, do_sample=False))
+    one = GenerationConfig(max_new_tokens=8, temperature=5.0, top_k=1, seed=0, static_cache=static)
+    assert generate_ids(model, examples(), one) == greedy
+    assert GenerationConfig().top_k == 50
