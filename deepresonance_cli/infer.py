@@ -54,9 +54,15 @@ def load(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, d
 
 
 def generation(
-    greedy: bool, temperature: float, top_p: float, seed: int | None, max_new_tokens: int, static_cache: bool = False
+    greedy: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    max_new_tokens: int,
+    static_cache: bool = False,
 ) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens, not greedy, temperature, top_p, seed, static_cache)
+    return GenerationConfig(max_new_tokens, not greedy, temperature, top_p, seed, static_cache, top_k)
 
 
 def default_device(device: str | None) -> str:
@@ -82,6 +88,7 @@ def infer(
     greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of the original's sampling.")] = False,
     temperature: float = 0.1,
     top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")] = 50,
     seed: int = 1337,
     max_new_tokens: int = 512,
     device: Device = None,
@@ -104,7 +111,7 @@ def infer(
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     model = load(ckpt_root, variant, base, delta, device, dtype)
     cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
-    gen = generation(greedy, temperature, top_p, seed, max_new_tokens, static_cache)
+    gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, static_cache)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     columns = (
@@ -161,6 +168,7 @@ def ask(
     greedy: bool = False,
     temperature: float = 0.1,
     top_p: float = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")] = 50,
     seed: int = 1337,
     max_new_tokens: int = 512,
     device: Device = None,
@@ -171,5 +179,5 @@ def ask(
     model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype)
     placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
     example = Example("".join(placeholders[m] for m, _ in media), question, [(m, load_media(m, p)) for m, p in media])
-    answer = generate(model, [example], generation(greedy, temperature, top_p, seed, max_new_tokens))[0]
+    answer = generate(model, [example], generation(greedy, temperature, top_p, top_k, seed, max_new_tokens))[0]
     typer.echo(answer)
