@@ -62,7 +62,15 @@ def generation(
     max_new_tokens: int,
     static_cache: bool = False,
 ) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens, not greedy, temperature, top_p, seed, static_cache, top_k)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        static_cache=static_cache,
+    )
 
 
 def default_device(device: str | None) -> str:
