@@ -121,24 +121,6 @@ def save_delta(model: DeepResonance, folder: str | Path) -> Path:
     return folder
 
 
-def encoder_size(state: dict[str, torch.Tensor]) -> str:
-    """Which ImageBind size a state dict holds, from the vision and output widths."""
-    vision = state["modality_trunks.vision.blocks.0.attn.in_proj_weight"].shape[1]
-    out = state["modality_heads.vision.2.weight"].shape[0]
-    for name, size in ENCODER_SIZES.items():
-        if size["vision_embed_dim"] == vision and size["out_embed_dim"] == out:
-            return name
-    raise ValueError(f"no known ImageBind size has vision width {vision} and output {out}")
-
-
-def load_encoder(path: str | Path) -> MediaEncoder:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return MediaEncoder.load(path, encoder_size(state))
-
-
 EXPORT_INFO = "dr_export.json"
 EXPORT_LLM = "llm"
 EXPORT_MM = "mm.safetensors"
@@ -173,7 +155,7 @@ def load_exported(
     info = json.loads((folder / EXPORT_INFO).read_text())
     config = ModelConfig(**{**info["config"], "lora_targets": tuple(info["config"]["lora_targets"])})
     imagebind = imagebind or info["imagebind"]
-    encoder = load_encoder(imagebind) if imagebind else None
+    encoder = MediaEncoder.load(imagebind) if imagebind else None
     llm = LlamaForCausalLM.from_pretrained(folder / EXPORT_LLM, dtype=dtype, attn_implementation=attn_implementation)
     mm = load_file(folder / EXPORT_MM)
     model = DeepResonance(
@@ -230,7 +212,7 @@ def load_model(
         config = replace(config, variant=variant)
     tokenizer = PromptTokenizer.from_dir(tok_dir)
     llm = LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
-    encoder = load_encoder(imagebind) if imagebind is not None else None
+    encoder = MediaEncoder.load(imagebind) if imagebind is not None else None
     if encoder is not None:
         config = replace(config, encoder_size=encoder.size)
         encoder_dim = encoder.out_dim

@@ -44,28 +44,29 @@ class MediaEncoder(nn.Module):
     audio postprocessor (no logit scale of 20), so audio embeddings have unit norm like vision ones.
     """
 
-    def __init__(self, size: str = "huge", keep_unused_towers: bool = False) -> None:
+    def __init__(self, size: str = "huge") -> None:
         super().__init__()
         self.size = size
         self.imagebind = imagebind_model_module().ImageBindModel(**ENCODER_SIZES[size])
         self.out_dim = ENCODER_SIZES[size]["out_embed_dim"]
         self.fingerprint = f"imagebind-{size}-random-{id(self):x}"
-        self._keep_unused = keep_unused_towers
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
-    def load(cls, path: str | Path, size: str = "huge") -> MediaEncoder:
-        """Build and load an ImageBind state dict (`imagebind_huge.pth`); the text/depth/thermal/IMU towers that
-        DeepResonance never uses are dropped after a strict load to save about a quarter of the memory."""
+    def load(cls, path: str | Path, size: str | None = None) -> MediaEncoder:
+        """Build and load an ImageBind state dict (`imagebind_huge.pth`; its size is read from the weights unless
+        given). The text/depth/thermal/IMU towers DeepResonance never uses are dropped after a strict load, saving
+        about a quarter of the memory."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
-        encoder = cls(size, keep_unused_towers=True)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # a truncated or non-tensor file: say which file, not a pickle trace
             raise ValueError(f"{path}: not a readable ImageBind checkpoint ({type(err).__name__}: {err})") from err
+        size = size or size_of(state, path)
+        encoder = cls(size)
         result = encoder.imagebind.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             bad = (result.missing_keys or result.unexpected_keys)[0]
@@ -112,6 +113,19 @@ class MediaEncoder(nn.Module):
     def pooled(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """The stock single embedding per item: the mean over clips."""
         return self(modality, inputs).mean(dim=1)
+
+
+def size_of(state: dict[str, torch.Tensor], path: Path) -> str:
+    """Which ImageBind size a state dict holds, from its vision and output widths."""
+    try:
+        vision = state["modality_trunks.vision.blocks.0.attn.in_proj_weight"].shape[1]
+        out = state["modality_heads.vision.2.weight"].shape[0]
+    except KeyError as err:
+        raise ValueError(f"{path}: not an ImageBind state dict (no {err})") from err
+    for name, size in ENCODER_SIZES.items():
+        if size["vision_embed_dim"] == vision and size["out_embed_dim"] == out:
+            return name
+    raise ValueError(f"{path}: no known ImageBind size has vision width {vision} and output {out}")
 
 
 def file_fingerprint(path: Path) -> str:

@@ -171,7 +171,8 @@ def test_half_precision_paths_run_and_track_float32(tiny_layout, dtype):
 
 
 def test_encoder_matches_stock_imagebind(tiny_layout):
-    encoder = MediaEncoder.load(tiny_layout.imagebind, "tiny")
+    encoder = MediaEncoder.load(tiny_layout.imagebind)
+    assert encoder.size == "tiny"
     stock = imagebind_model_module().ImageBindModel(**__import__("model.config").config.IMAGEBIND_TINY).eval()
     stock.load_state_dict(torch.load(tiny_layout.imagebind, weights_only=True))
     audio, video = torch.randn(2, 3, 1, 128, 204), torch.randn(1, 15, 3, 2, 224, 224)
@@ -191,6 +192,8 @@ def test_encoder_load_rejects_wrong_weights(tmp_path):
     torch.save({"modality_trunks.audio.nope": torch.zeros(1)}, tmp_path / "ib.pth")
     with pytest.raises(ValueError, match="ib.pth: (missing|unexpected) key"):
         MediaEncoder.load(tmp_path / "ib.pth", "tiny")
+    with pytest.raises(ValueError, match="ib.pth: not an ImageBind state dict"):
+        MediaEncoder.load(tmp_path / "ib.pth")  # the size is read from the weights
     with pytest.raises(FileNotFoundError, match="ImageBind weights not found"):
         MediaEncoder.load(tmp_path / "absent.pth", "tiny")
 
