@@ -24,8 +24,7 @@ def infer(
     from model.benchmark import bench_infer
 
     report = bench_infer(tuple(int(b) for b in batches.split(",")), tuple(int(b) for b in static_batches.split(",")))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    _write(out, report)
     table = Table(title=f"dr bench infer on {report['device']}")
     for column in ("path", "batch", "s", "tokens/s", "clips/s", "x original"):
         table.add_column(column)
@@ -39,4 +38,38 @@ def infer(
             str(r["ratio_to_original"] or ""),
         )
     console.print(table)
-    console.print(f"MusicCaps-sized job (2,858 audio rows, 64 tokens): {report['musiccaps_job_seconds']}")
+    console.print(f"MusicCaps-sized job projected from these rates (s): {report['musiccaps_job_seconds']}")
+
+
+@app.command("train")
+def train(
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/train.json"),
+    steps: int = 5,
+    micro_batch: Annotated[int, typer.Option(help="dr's micro-batch (the original's is 2).")] = 16,
+) -> None:
+    """Stage-2 samples/s: the original's recipe (DeepSpeed ZeRO-2 CPU offload, fp16, encoder on the fly) vs dr's."""
+    from model.benchmark import bench_train
+
+    report = bench_train(steps=steps, dr_micro_batch=micro_batch, log=console.print)
+    _write(out, report)
+    console.print(f"dr / original: {report['ratio']}x")
+
+
+@app.command("job")
+def job(
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/job.json"),
+    rows: int = 2858,
+    batch_size: int = 512,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for the synthesized audio.")] = Path("/tmp/dr_job"),
+) -> None:
+    """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
+    from model.benchmark import bench_job
+
+    report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), log=console.print)
+    _write(out, report)
+    console.print(f"{report['rows']} rows in {report['wall_seconds']} s")
+
+
+def _write(out: Path, report: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
