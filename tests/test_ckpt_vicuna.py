@@ -164,3 +164,32 @@ def test_cli_refuses_to_overwrite_without_flag(folders: dict, tmp_path: Path) ->
     again = runner.invoke(app, [*args, "--out", str(out)])
     assert again.exit_code == 1 and "--overwrite" in again.output
     assert runner.invoke(app, [*args, "--out", str(out), "--overwrite"]).exit_code == 0
+
+
+def test_hub_repo_id_fetches_only_configs_tokenizer_and_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "list_repo_files",
+        lambda self, repo: ["config.json", "pytorch_model-00001-of-00002.bin", "README.md"],
+    )
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo, allow_patterns: calls.append((repo, allow_patterns)) or str(tmp_path),
+    )
+    assert vicuna.resolve_delta("lmsys/vicuna-7b-delta-v0") == tmp_path
+    assert calls == [("lmsys/vicuna-7b-delta-v0", ["*.json", "*.model", "*.bin"])]
+
+
+def test_unreachable_hub_repo_says_how_to_place_the_delta(monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+
+    def offline(self, repo):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", offline)
+    with pytest.raises(CkptError, match="by hand and pass its folder as --delta DIR"):
+        vicuna.resolve_delta("lmsys/vicuna-7b-delta-v0")
