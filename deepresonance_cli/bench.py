@@ -14,6 +14,15 @@ app = typer.Typer(help="Full-size benchmarks with random weights (needs a CUDA G
 console = Console()
 
 
+@app.callback()
+def need_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        Console(stderr=True).print("[red]error:[/] dr bench builds 7B-sized models on a CUDA GPU; none is visible here")
+        raise typer.Exit(1)
+
+
 @app.command("infer")
 def infer(
     out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/infer.json"),

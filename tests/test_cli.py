@@ -1,0 +1,30 @@
+"""The `dr` shell: its commands are listed, and a GPU-only command says so on a machine without one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deepresonance_cli import __version__
+from deepresonance_cli.app import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_group():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("ckpt", "data", "infer", "ask", "train", "eval", "demo", "bench", "version"):
+        assert f" {command} " in result.output
+
+
+def test_version():
+    assert runner.invoke(app, ["version"]).output.strip() == f"dr {__version__}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is visible")
+def test_bench_without_a_gpu_is_one_clear_error():
+    result = runner.invoke(app, ["bench", "infer"])
+    assert result.exit_code == 1
+    assert "CUDA GPU" in result.output and "Traceback" not in result.output
