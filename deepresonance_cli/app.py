@@ -33,6 +33,10 @@ def version() -> None:
 
 def main() -> None:
     """Bad input (missing files, malformed rows, wrong checkpoints) ends in one line saying what and where."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # dr draws its own progress; transformers' per-load bars are noise here
+    hf_logging.set_verbosity_error()
     try:
         app()
     except (OSError, ValueError) as err:

@@ -183,9 +183,9 @@ def ask(
     dtype: Dtype = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
-    media = [(m, p) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
-    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype)
+    media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
     placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
-    example = Example("".join(placeholders[m] for m, _ in media), question, [(m, load_media(m, p)) for m, p in media])
+    example = Example("".join(placeholders[m] for m, _ in media), question, media)  # bad media fail before loading
+    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype)
     answer = generate(model, [example], generation(greedy, temperature, top_p, top_k, seed, max_new_tokens))[0]
     typer.echo(answer)
