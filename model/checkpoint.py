@@ -153,7 +153,7 @@ def load_exported(
     """A model from `export_model`'s folder; ImageBind from the recorded path unless given."""
     folder = Path(folder)
     info = json.loads((folder / EXPORT_INFO).read_text())
-    config = ModelConfig(**{**info["config"], "lora_targets": tuple(info["config"]["lora_targets"])})
+    config = ModelConfig.from_dict(info["config"])
     imagebind = imagebind or info["imagebind"]
     encoder = MediaEncoder.load(imagebind) if imagebind else None
     llm = LlamaForCausalLM.from_pretrained(folder / EXPORT_LLM, dtype=dtype, attn_implementation=attn_implementation)
@@ -200,9 +200,7 @@ def load_model(
         state = read_delta(delta)
         saved = delta / DR_CONFIG
         if saved.is_file():
-            known = {k: v for k, v in json.loads(saved.read_text()).items() if k in ModelConfig.__dataclass_fields__}
-            known["lora_targets"] = tuple(known.get("lora_targets", config.lora_targets))
-            config = replace(config, **known)
+            config = ModelConfig.from_dict(json.loads(saved.read_text()), base=config)
         config = delta_config(state, config)
         if variant is not None and variant != config.variant:
             raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")

@@ -90,6 +90,14 @@ class ModelConfig:
     def fusion(self) -> bool:
         return self.variant == "beta"
 
+    @classmethod
+    def from_dict(cls, saved: dict, base: ModelConfig | None = None) -> ModelConfig:
+        """A config saved as JSON (dr_config.json, dr_export.json) over `base`; unknown keys are ignored."""
+        known = {k: v for k, v in saved.items() if k in cls.__dataclass_fields__}
+        if "lora_targets" in known:
+            known["lora_targets"] = tuple(known["lora_targets"])
+        return replace(base or cls(), **known)
+
 
 @dataclass(frozen=True)
 class GenerationConfig:

@@ -110,11 +110,12 @@ class DeepResonance(nn.Module):
 
     def prepare(self, examples: Sequence[Example], left_pad: bool = False) -> Batch:
         """Examples -> embeddings, mask and labels (the original's `_prepare_batch_mixed_embedding`, vectorized)."""
-        layouts, media = [], []
+        media = self.encode_media([item for ex in examples for item in ex.media])  # one encoder pass per modality
+        layouts, start = [], 0
         for ex in examples:
-            feats = self.encode_media(ex.media)
-            layouts.append(layout_row(self.tokenizer, ex.input, ex.instruction, [f.shape[0] for f in feats], ex.output))
-            media.extend(feats)
+            clips = [f.shape[0] for f in media[start : start + len(ex.media)]]
+            layouts.append(layout_row(self.tokenizer, ex.input, ex.instruction, clips, ex.output))
+            start += len(ex.media)
         projected = self.llama_proj(torch.cat(media).to(self.device, self.dtype)) if media else None
         return assemble(
             layouts,
