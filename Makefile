@@ -24,6 +24,7 @@ test-fast:
 
 lint:
 	$(BIN)/ruff check deepresonance_cli model eval ckpt tests benchmarks
+	$(BIN)/ruff format --check deepresonance_cli model eval ckpt tests benchmarks
 
 demo:
 	$(BIN)/dr demo

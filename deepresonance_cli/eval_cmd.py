@@ -39,8 +39,10 @@ def eval_command(
         raise typer.BadParameter(f"no dataset file {path} (`dr data download` fetches them)", param_hint="--dataset")
     rows = metrics.load_json(path)
     names = [p.stem if [q.stem for q in predictions].count(p.stem) == 1 else str(p) for p in predictions]
-    runs = {n: metrics.evaluate(metrics.load_json(p), rows, protocol.value, bertscore_model)
-            for n, p in zip(names, predictions, strict=True)}
+    runs = {
+        n: metrics.evaluate(metrics.load_json(p), rows, protocol.value, bertscore_model)
+        for n, p in zip(names, predictions, strict=True)
+    }
     for t in report.tables(runs):
         console.print(t)
     for note in dict.fromkeys(n for r in runs.values() for n in r["notes"]):

@@ -32,8 +32,9 @@ def train(
     ckpt_root: Annotated[Path, Opt(help="Checkpoint root laid out as the original's ckpt/ folder.")] = Path("ckpt"),
     config: Annotated[Path | None, Opt(help="JSON of training options (TrainConfig fields); flags win.")] = None,
     epochs: int | None = None,
-    max_steps: Annotated[int | None, Opt(help="Optimizer steps to train (the schedule spans them) instead of epochs.")]
-    = None,
+    max_steps: Annotated[
+        int | None, Opt(help="Optimizer steps to train (the schedule spans them) instead of epochs.")
+    ] = None,
     lr: Annotated[float | None, Opt(help="Peak learning rate (default 2e-4).")] = None,
     micro_batch: Annotated[int | None, Opt(help="Rows per device per micro-step (default 2).")] = None,
     grad_accum: int | None = None,
@@ -69,8 +70,17 @@ def train(
     level = logging.INFO if main_rank else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)])
     options = json.loads(config.read_text()) if config else {}
-    flags = dict(epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch, grad_accum=grad_accum,
-                 max_length=max_length, seed=seed, train_embeddings=train_embeddings, save_every=save_every)
+    flags = dict(
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        micro_batch_size=micro_batch,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        train_embeddings=train_embeddings,
+        save_every=save_every,
+    )
     if datasets:
         flags["datasets"] = [name for item in datasets for name in item.split(",") if name]
     cfg = TrainConfig.for_stage(stage, **{**options, **{k: v for k, v in flags.items() if v is not None}})

@@ -1,43 +1,63 @@
-"""A decode loop with a static KV cache and fixed-shape inputs, so one compiled step (CUDA graphs) serves every token.
+"""A decode loop with a static KV cache and fixed-shape inputs, so compiled graphs (CUDA graphs) serve every batch.
 
 `transformers.generate` spends milliseconds of host work per token (logits processors, stopping criteria, cache
-bookkeeping); at batch 1 on an H100 that is as long as the step itself. Here each step is one compiled call plus an
-argmax (or a sample), and stop checks sync with the host only every few steps. Greedy tokens equal `generate`'s
-(tested), and rows are cut at the same stop sequences.
+bookkeeping); at batch 1 on an H100 that is as long as the step itself. Here the prefill is one compiled call and each
+step is one compiled call plus an argmax (or a sample); stop checks sync with the host only every few steps. Prompts
+are left-padded to a multiple of PROMPT_BUCKET so prompts of nearby lengths share the compiled graphs. Greedy tokens
+equal `generate`'s (tested), and rows are cut at the same stop sequences.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
 
 SYNC_EVERY = 8  # steps between host checks for "all rows finished"
-CACHE_BUCKET = 256  # cache lengths are rounded up to this, so prompts of other lengths reuse the compiled step
-_decoder: dict[tuple, tuple[StaticCache, Callable]] = {}  # the last (cache, step) built, reused while shapes match
+PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compiled shape per bucket, not per length
 
 
-def _static_decoder(llm: torch.nn.Module, batch: int, total: int, compile: bool) -> tuple[StaticCache, Callable]:
-    key = (id(llm), batch, total, compile)
+@dataclass
+class _Decoder:
+    cache: StaticCache
+    prefill: Callable[..., torch.Tensor]
+    step: Callable[..., torch.Tensor]
+
+
+_decoder: dict[tuple, _Decoder] = {}  # the last decoder built, reused while shapes match
+
+
+def _static_decoder(llm: torch.nn.Module, embeds: torch.Tensor, total: int, compile: bool) -> _Decoder:
+    batch, length, _ = embeds.shape
+    key = (id(llm), batch, length, total, embeds.dtype, embeds.device, compile)
     if key not in _decoder:
         _decoder.clear()  # one cache at a time: a static cache holds batch x length keys and values per layer
-        cache = StaticCache(config=llm.config, max_cache_len=total)
+        config = llm.config
+        cache = StaticCache(config=config, max_cache_len=total)
+        # allocated here, not on the first update: inside a CUDA graph that would land in memory the next replay reuses
+        heads = config.num_key_value_heads or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache.early_initialization(batch, heads, head_dim, embeds.dtype, embeds.device)
 
-        def step(ids, position_ids, cache_position, mask):
+        def forward(mask, position_ids, **inputs):  # the cache writes at its own running length
             return llm(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                cache_position=cache_position,
-                use_cache=True,
+                **inputs, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1
             ).logits[:, -1]
 
-        _decoder[key] = (cache, torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step)
-    cache, run = _decoder[key]
-    cache.reset()
-    return cache, run
+        def prefill(embeds, mask, position_ids):
+            return forward(mask, position_ids, inputs_embeds=embeds)
+
+        def step(ids, mask, position_ids):
+            return forward(mask, position_ids, input_ids=ids)
+
+        if compile:
+            prefill, step = (torch.compile(f, mode="reduce-overhead", fullgraph=True) for f in (prefill, step))
+        _decoder[key] = _Decoder(cache, prefill, step)
+    decoder = _decoder[key]
+    decoder.cache.reset()
+    return decoder
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
@@ -79,11 +99,21 @@ def decode_static(
     top_k: int = 0,
     compile: bool = False,
 ) -> torch.Tensor:
-    """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, H]."""
-    batch, length, _ = embeds.shape
+    """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, H].
+
+    Prompts are left-padded to a multiple of PROMPT_BUCKET and the batch is filled up to a power of two with empty
+    rows, so a job's batches (the last, smaller one too) share a few compiled shapes.
+    """
+    rows, length, hidden = embeds.shape
+    batch = 1 << (rows - 1).bit_length()
+    pad = -length % PROMPT_BUCKET
+    if pad or batch > rows:
+        embeds = torch.nn.functional.pad(embeds, (0, 0, pad, 0, 0, batch - rows))
+        attention_mask = torch.nn.functional.pad(attention_mask, (pad, 0, 0, batch - rows))
+        length += pad
     device = embeds.device
-    total = -(-(length + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    cache, run = _static_decoder(llm, batch, total, compile)
+    total = length + max_new_tokens
+    decoder = _static_decoder(llm, embeds, total, compile)
     valid = attention_mask.bool()
     # allowed[b, 0, q, k]: real keys up to the query; every query sees itself, so pad rows stay finite
     allowed = torch.zeros(batch, 1, length, total, dtype=torch.bool, device=device)
@@ -91,28 +121,20 @@ def decode_static(
     allowed[:, 0, :, :length] = causal & valid[:, None, :]
     allowed[:, 0, :, :length] |= torch.eye(length, dtype=torch.bool, device=device)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    logits = llm(
-        inputs_embeds=embeds,
-        attention_mask=allowed,
-        position_ids=positions,
-        past_key_values=cache,
-        cache_position=torch.arange(length, device=device),
-        use_cache=True,
-    ).logits[:, -1]
+    logits = decoder.prefill(embeds, allowed, positions)
 
     step_mask = allowed[:, :, -1:, :].clone()  # the last real query's view, extended one key per step
-
     stop_tensors = [torch.tensor(s, device=device) for s in stops]
-    cache_positions = torch.arange(length, total, device=device)  # sliced per step: no host-to-device copy
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    real = out[:rows]
     position = positions[:, -1:]
     for i in range(max_new_tokens):
         token = _pick(logits, do_sample, temperature, top_p, top_k)
         out[:, i] = token
         last = i == max_new_tokens - 1
-        if last or ((i + 1) % SYNC_EVERY == 0 and bool(_finished(out[:, : i + 1], stop_tensors, eos_id).all())):
-            return out[:, : i + 1]
+        if last or ((i + 1) % SYNC_EVERY == 0 and bool(_finished(real[:, : i + 1], stop_tensors, eos_id).all())):
+            return real[:, : i + 1]
         step_mask[:, 0, 0, length + i] = True
         position = position + 1
-        logits = run(token[:, None], position, cache_positions[i : i + 1], step_mask)
-    return out
+        logits = decoder.step(token[:, None], step_mask, position)
+    return real

@@ -46,8 +46,18 @@ class DemoResult:
     samples: list[dict[str, str]] = field(default_factory=list)  # a few held-out rows with both answers
 
 
-def _train(stage: int, datasets: list[Path], variant: str, ckpt: Path, out: Path, cache: Path, init: Path | None,
-           seed: int, quick: bool, progress: bool) -> str:
+def _train(
+    stage: int,
+    datasets: list[Path],
+    variant: str,
+    ckpt: Path,
+    out: Path,
+    cache: Path,
+    init: Path | None,
+    seed: int,
+    quick: bool,
+    progress: bool,
+) -> str:
     """One training stage through model/training.py. Returns the `dr train` arguments that redo it: its options go
     to a JSON file for --config, and the ones `dr train` has flags for are also given as flags (flags win)."""
     from model.training import train
@@ -58,10 +68,20 @@ def _train(stage: int, datasets: list[Path], variant: str, ckpt: Path, out: Path
     config = out.with_name(f"{out.name}_config.json")
     config.write_text(json.dumps(options, indent=2))
     paths = layout(ckpt)
-    train(TrainConfig.for_stage(stage, **options), progress=progress, variant=variant, base=paths.vicuna,
-          imagebind=paths.imagebind, out=out, init=init, cache_dir=cache)
-    flags = (f"--max-steps {options['max_steps']} --lr {options['lr']} --micro-batch {options['micro_batch_size']} "
-             f"--seed {seed} {'--train-embeddings' if options['train_embeddings'] else '--no-train-embeddings'}")
+    train(
+        TrainConfig.for_stage(stage, **options),
+        progress=progress,
+        variant=variant,
+        base=paths.vicuna,
+        imagebind=paths.imagebind,
+        out=out,
+        init=init,
+        cache_dir=cache,
+    )
+    flags = (
+        f"--max-steps {options['max_steps']} --lr {options['lr']} --micro-batch {options['micro_batch_size']} "
+        f"--seed {seed} {'--train-embeddings' if options['train_embeddings'] else '--no-train-embeddings'}"
+    )
     return f"--stage {stage} --config {config} {flags}" + (f" --init {init}" if init else "") + f" --out {out}"
 
 
@@ -81,8 +101,9 @@ def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, o
     for journal in journal_paths(out_json):
         journal.unlink()
     gen = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    summary = run_inference(model, rows, dataset.parent, out_json, gen, INFER_BATCH,
-                            FeatureCache.for_encoder(cache, model.visual_encoder))
+    summary = run_inference(
+        model, rows, dataset.parent, out_json, gen, INFER_BATCH, FeatureCache.for_encoder(cache, model.visual_encoder)
+    )
     if summary.failed:
         raise ValueError(f"demo inference failed on {len(summary.failed)} row(s): {summary.failed[0]}")
     return write_results(out_json, rows)
@@ -99,8 +120,14 @@ def _score(predictions: dict, dataset: Path) -> tuple[dict, list[str], dict]:
     return {**report["metrics"], "attributes": demo_data.attribute_accuracy(cands, refs)}, report["notes"], report
 
 
-def run_demo(out: str | Path = "runs/demo", variant: str = "alpha", seed: int = 0, quick: bool = False,
-             progress: bool = True, on_step: Callable[[str], None] = lambda step: None) -> DemoResult:
+def run_demo(
+    out: str | Path = "runs/demo",
+    variant: str = "alpha",
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> DemoResult:
     """The whole pipeline under `out`; `on_step(name)` is called as each step starts. Deterministic from `seed`."""
     from eval import report as eval_report
 
@@ -128,17 +155,25 @@ def run_demo(out: str | Path = "runs/demo", variant: str = "alpha", seed: int = 
     after = _answer(ckpt, stage2, variant, data.test, cache, results / f"trained_{variant}.json")
     step("evaluate")
     scored = {name: _score(pred, data.test) for name, pred in (("untrained", before), ("trained", after))}
-    report_paths = eval_report.write({f"{n}_{variant}": s[2] for n, s in scored.items()},
-                                     results / f"eval_report_{variant}.json",
-                                     {"dataset": str(data.test), "protocol": "all"})
+    report_paths = eval_report.write(
+        {f"{n}_{variant}": s[2] for n, s in scored.items()},
+        results / f"eval_report_{variant}.json",
+        {"dataset": str(data.test), "protocol": "all"},
+    )
     seconds["end"] = time.perf_counter()
     names = list(seconds)
     seconds = {a: seconds[b] - seconds[a] for a, b in zip(names, names[1:], strict=False)}
 
     rows = json.loads(data.test.read_text())
-    samples = [{"instruction": r["instruction"], "reference": r["output"],
-                "untrained": before[r["id"]][r["instruction"]], "trained": after[r["id"]][r["instruction"]]}
-               for r in rows[:: max(1, len(rows) // 6)]]
+    samples = [
+        {
+            "instruction": r["instruction"],
+            "reference": r["output"],
+            "untrained": before[r["id"]][r["instruction"]],
+            "trained": after[r["id"]][r["instruction"]],
+        }
+        for r in rows[:: max(1, len(rows) // 6)]
+    ]
     notes = list(dict.fromkeys(n for s in scored.values() for n in s[1]))
     common = f"--ckpt-root {ckpt} --cache-dir {cache}"
     infer = f"dr infer --dataset {data.test} --variant {variant} {common} --greedy --max-new-tokens {MAX_NEW_TOKENS}"
@@ -147,10 +182,20 @@ def run_demo(out: str | Path = "runs/demo", variant: str = "alpha", seed: int = 
         ("stage 2", f"dr train --variant {variant} {train2} {common}"),
         ("answer (untrained)", f"{infer} --delta {untrained_delta} --out {results / f'untrained_{variant}.json'}"),
         ("answer (trained)", f"{infer} --delta {stage2} --out {results / f'trained_{variant}.json'}"),
-        ("evaluate", f"dr eval {results / f'untrained_{variant}.json'} {results / f'trained_{variant}.json'} "
-                     f"--dataset {data.test} --protocol all --out {report_paths['json']}"),
+        (
+            "evaluate",
+            f"dr eval {results / f'untrained_{variant}.json'} {results / f'trained_{variant}.json'} "
+            f"--dataset {data.test} --protocol all --out {report_paths['json']}",
+        ),
     ]
-    paths = {"data": data_dir, "checkpoints (tiny set)": ckpt, "feature cache": cache, "stage 1 delta": stage1,
-             "stage 2 delta": stage2, "answers": results, "eval report": report_paths["json"]}
+    paths = {
+        "data": data_dir,
+        "checkpoints (tiny set)": ckpt,
+        "feature cache": cache,
+        "stage 1 delta": stage1,
+        "stage 2 delta": stage2,
+        "answers": results,
+        "eval report": report_paths["json"],
+    }
     metrics = {name: s[0] for name, s in scored.items()}
     return DemoResult(out, metrics, notes, seconds, paths, commands, samples)

@@ -68,8 +68,9 @@ class Music:
 
     def long_caption(self) -> str:
         """musiccaps-like: a little longer, other wording."""
-        return (f"The music is played on a {self.instrument}. "
-                f"The tempo is {self.tempo} and the sound is {self.loudness}.")
+        return (
+            f"The music is played on a {self.instrument}. The tempo is {self.tempo} and the sound is {self.loudness}."
+        )
 
 
 @dataclass(frozen=True)
@@ -167,27 +168,52 @@ def row(row_id: str, media: Sequence[tuple[str, str]], instruction: str, output:
     }
 
 
-def task_rows(clips: list[tuple[str, Music]], images: list[tuple[str, Picture]],
-              videos: list[tuple[str, Picture]], rng: np.random.Generator) -> dict[str, list[dict]]:
+def task_rows(
+    clips: list[tuple[str, Music]],
+    images: list[tuple[str, Picture]],
+    videos: list[tuple[str, Picture]],
+    rng: np.random.Generator,
+) -> dict[str, list[dict]]:
     """Every task's rows over one split's media. Pairings of music with images / videos are random."""
     pick = [images[i] for i in rng.integers(len(images), size=len(clips))]
     show = [videos[i] for i in rng.integers(len(videos), size=len(clips))]
     return {
         "m2t": [row(f"m2t-{Path(p).stem}", [("audio", p)], "Describe the music.", m.caption()) for p, m in clips],
-        "i2t": [row(f"i2t-{Path(p).stem}", [("image", p)], "Describe the image.", f"The image shows {pic.phrase()}.")
-                for p, pic in images],
-        "v2t": [row(f"v2t-{Path(p).stem}", [("video", p)], "Describe the video.",
-                    f"The video shows {pic.phrase()} moving.") for p, pic in videos],
-        "musiccaps": [row(f"musiccaps-{Path(p).stem}", [("audio", p)], CAPTION_PROMPTS[i % 2], m.long_caption())
-                      for i, (p, m) in enumerate(clips)],
-        "musicqa": [row(f"musicqa-{Path(p).stem}", [("audio", p)], q, a.format(**asdict(m)))
-                    for p, m in clips for q, a in QUESTIONS],
-        "mi2t": [row(f"mi2t-{Path(p).stem}", [("audio", p), ("image", ip)], "Describe the music and the image.",
-                     f"{m.caption()[:-1]}, with an image of {pic.phrase()}.")
-                 for (p, m), (ip, pic) in zip(clips, pick, strict=True)],
-        "mv2t": [row(f"mv2t-{Path(p).stem}", [("audio", p), ("video", vp)], "Describe the music and the video.",
-                     f"{m.caption()[:-1]}, with a video of {pic.phrase()} moving.")
-                 for (p, m), (vp, pic) in zip(clips, show, strict=True)],
+        "i2t": [
+            row(f"i2t-{Path(p).stem}", [("image", p)], "Describe the image.", f"The image shows {pic.phrase()}.")
+            for p, pic in images
+        ],
+        "v2t": [
+            row(f"v2t-{Path(p).stem}", [("video", p)], "Describe the video.", f"The video shows {pic.phrase()} moving.")
+            for p, pic in videos
+        ],
+        "musiccaps": [
+            row(f"musiccaps-{Path(p).stem}", [("audio", p)], CAPTION_PROMPTS[i % 2], m.long_caption())
+            for i, (p, m) in enumerate(clips)
+        ],
+        "musicqa": [
+            row(f"musicqa-{Path(p).stem}", [("audio", p)], q, a.format(**asdict(m)))
+            for p, m in clips
+            for q, a in QUESTIONS
+        ],
+        "mi2t": [
+            row(
+                f"mi2t-{Path(p).stem}",
+                [("audio", p), ("image", ip)],
+                "Describe the music and the image.",
+                f"{m.caption()[:-1]}, with an image of {pic.phrase()}.",
+            )
+            for (p, m), (ip, pic) in zip(clips, pick, strict=True)
+        ],
+        "mv2t": [
+            row(
+                f"mv2t-{Path(p).stem}",
+                [("audio", p), ("video", vp)],
+                "Describe the music and the video.",
+                f"{m.caption()[:-1]}, with a video of {pic.phrase()} moving.",
+            )
+            for (p, m), (vp, pic) in zip(clips, show, strict=True)
+        ],
     }
 
 
@@ -219,8 +245,9 @@ def _media(root: Path, split: str, sizes: dict[str, tuple[int, int]], seed: int)
     for folder in ("audios", "images", "videos"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, index, 0])
-    for i, music in enumerate(m for m in (Music(*a) for a in product(INSTRUMENTS, TEMPOS, LOUDNESS))
-                              for _ in range(sizes["audio"][index])):
+    for i, music in enumerate(
+        m for m in (Music(*a) for a in product(INSTRUMENTS, TEMPOS, LOUDNESS)) for _ in range(sizes["audio"][index])
+    ):
         path = f"audios/{split}_{i:04d}.wav"
         write_wav(root / path, synth_music(music, rng))
         clips.append((path, music))

@@ -48,8 +48,10 @@ class TrainLog:
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(f"train/{key}", value, step)
-        stats = (f"loss {record['loss']:.4f}  acc {100 * record['accuracy']:.1f}%  lr {record['lr']:.2e}  "
-                 f"{record['samples_per_s']:.1f} samples/s")
+        stats = (
+            f"loss {record['loss']:.4f}  acc {100 * record['accuracy']:.1f}%  lr {record['lr']:.2e}  "
+            f"{record['samples_per_s']:.1f} samples/s"
+        )
         self.bar.update(self.task, completed=step, stats=stats)
         if log_line:
             log.info("step %d  %s", step, stats)

@@ -43,9 +43,26 @@ RNG_FILE = "rng-{rank}.pt"
 DS_DIR, DS_TAG = "deepspeed", "state"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # options that shape the trajectory: a resumed run must use the values it was started with
-RESUME_FIXED = ("stage", "datasets", "epochs", "lr", "warmup_rate", "warmup_type", "warmup_min_steps", "betas", "eps",
-                "weight_decay", "grad_clip", "micro_batch_size", "grad_accum", "max_length", "seed", "max_steps",
-                "group_size", "train_embeddings")
+RESUME_FIXED = (
+    "stage",
+    "datasets",
+    "epochs",
+    "lr",
+    "warmup_rate",
+    "warmup_type",
+    "warmup_min_steps",
+    "betas",
+    "eps",
+    "weight_decay",
+    "grad_clip",
+    "micro_batch_size",
+    "grad_accum",
+    "max_length",
+    "seed",
+    "max_steps",
+    "group_size",
+    "train_embeddings",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------- schedule
@@ -118,8 +135,9 @@ def _encode_all(
         paths = [p for m, p in mine if m == modality]
         for start in range(0, len(paths), 1024):  # bounded memory: features go to disk, only entries are kept
             chunk = paths[start : start + 1024]
-            for path, result in zip(chunk, encode_files(model.visual_encoder, cache, modality, chunk, batch_size),
-                                    strict=True):
+            for path, result in zip(
+                chunk, encode_files(model.visual_encoder, cache, modality, chunk, batch_size), strict=True
+            ):
                 out[(modality, path)] = str(result) if isinstance(result, Exception) else cache.entry(modality, path)
     if world > 1:
         gathered: list[dict | None] = [None] * world
@@ -143,8 +161,9 @@ def load_train_set(
     for spec in specs:
         rows, errors = load_rows(spec.json_path)
         skipped += errors
-        per_dataset.append([(row, [(m, media_path(row, i, spec.media_root)) for i, m in enumerate(row.mm_names)])
-                            for row in rows])
+        per_dataset.append(
+            [(row, [(m, media_path(row, i, spec.media_root)) for i, m in enumerate(row.mm_names)]) for row in rows]
+        )
     files = sorted({f for rows in per_dataset for _, media in rows for f in media})
     entries = _encode_all(model, cache, files, encode_batch_size, rank, world)
     clips = dict(CLIPS_PER_ITEM) if model.config.embs_seq else dict.fromkeys(CLIPS_PER_ITEM, 1)
@@ -248,8 +267,11 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
-    steps = {int(m.group(1)): p for p in path.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))
-             and (p / STATE_FILE).is_file()}
+    steps = {
+        int(m.group(1)): p
+        for p in path.glob("checkpoint-*")
+        if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()
+    }
     if not steps:
         raise FileNotFoundError(f"{path}: no {STATE_FILE} here or in a checkpoint-N folder: nothing to resume")
     return steps[max(steps)]
@@ -310,30 +332,44 @@ class Trainer:
         self.init = str(Path(init).resolve()) if init is not None else None
         self.model = self._build_model(base, init, imagebind, dtype)
         cache = FeatureCache.for_encoder(cache_dir or Path(data_root) / ".features", self.model.visual_encoder)
-        self.data = load_train_set(self.model, specs, cache, cfg.max_length, cfg.encode_batch_size, self.dist.rank,
-                                   self.dist.world)
+        self.data = load_train_set(
+            self.model, specs, cache, cfg.max_length, cfg.encode_batch_size, self.dist.rank, self.dist.world
+        )
         if self.data.skipped:
             log.warning("skipped %d row(s), e.g.\n  %s", len(self.data.skipped), "\n  ".join(self.data.skipped[:5]))
         self.model.visual_encoder = None  # every step reads cached features: the frozen encoder is done
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.model.train()
-        self.sampler = MixedBatchSampler(self.data.lengths, cfg.micro_batch_size * self.dist.world, cfg.seed,
-                                         self.dist.rank, self.dist.world, cfg.group_size)
+        self.sampler = MixedBatchSampler(
+            self.data.lengths,
+            cfg.micro_batch_size * self.dist.world,
+            cfg.seed,
+            self.dist.rank,
+            self.dist.world,
+            cfg.group_size,
+        )
         self.total = cfg.max_steps or max(1, cfg.epochs * len(self.sampler) // cfg.grad_accum)
         self.warmup = warmup_steps(cfg, self.total)
         self.engine, self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         if checkpoint is not None:
             self._resume(checkpoint, saved)
-        log.info("stage %d (%s): %s; training %d tensors, %.1fM parameters, for %d steps on %d x %s",
-                 cfg.stage, variant, ", ".join(f"{n} {len(d)} rows" for n, d in zip(self.data.names,
-                                                                                   self.data.lengths, strict=True)),
-                 len(self.trainable), sum(p.numel() for p in self.params) / 1e6, self.total, self.dist.world,
-                 self.device.type)
+        log.info(
+            "stage %d (%s): %s; training %d tensors, %.1fM parameters, for %d steps on %d x %s",
+            cfg.stage,
+            variant,
+            ", ".join(f"{n} {len(d)} rows" for n, d in zip(self.data.names, self.data.lengths, strict=True)),
+            len(self.trainable),
+            sum(p.numel() for p in self.params) / 1e6,
+            self.total,
+            self.dist.world,
+            self.device.type,
+        )
 
-    def _build_model(self, base: str | Path, init: str | Path | None, imagebind: str | Path,
-                     dtype: torch.dtype) -> DeepResonance:
+    def _build_model(
+        self, base: str | Path, init: str | Path | None, imagebind: str | Path, dtype: torch.dtype
+    ) -> DeepResonance:
         seed_everything(self.cfg.seed)  # the fresh projector (and LoRA A) are the same in every run and rank
         model = load_model(base, init, imagebind, variant=self.variant, device=self.device, dtype=dtype)
         model.config = replace(model.config, max_length=self.cfg.max_length)
@@ -350,28 +386,41 @@ class Trainer:
         """AdamW + the WarmupDecayLR schedule; under DeepSpeed, wrapped by its engine (ZeRO partitions the state)."""
         cfg = self.cfg
         self.params = params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, self.total, self.warmup, cfg.warmup_type))
+            optimizer, lambda s: lr_factor(s, self.total, self.warmup, cfg.warmup_type)
+        )
         if self.ds_config is None:
             return None, optimizer, scheduler
         import deepspeed
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            model_parameters=params)
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            model_parameters=params,
+        )
         return engine, optimizer, scheduler
 
     # ----------------------------------------------------------------------------------------------------- state
     def save(self, folder: Path) -> Path:
         """Delta + optimizer/scheduler/step (+ DeepSpeed's partitioned optimizer) + every rank's RNG state."""
         folder.mkdir(parents=True, exist_ok=True)
-        state = {"step": self.step, "total_steps": self.total, "world_size": self.dist.world,
-                 "config": asdict(self.cfg), "variant": self.variant, "init": self.init}
+        state = {
+            "step": self.step,
+            "total_steps": self.total,
+            "world_size": self.dist.world,
+            "config": asdict(self.cfg),
+            "variant": self.variant,
+            "init": self.init,
+        }
         if self.engine is not None:
-            self.engine.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG, save_latest=False,
-                                        exclude_frozen_parameters=True)
+            self.engine.save_checkpoint(
+                str(folder / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True
+            )
         else:
             state["optimizer"] = self.optimizer.state_dict()
             state["scheduler"] = self.scheduler.state_dict()
@@ -474,8 +523,14 @@ class Trainer:
                 start = time.perf_counter()
                 lr = self.lr
                 loss, acc, norm = self.train_step(batches)
-                record = {"step": self.step, "loss": loss, "accuracy": acc, "lr": lr, "grad_norm": norm,
-                          "samples_per_s": samples / (time.perf_counter() - start)}
+                record = {
+                    "step": self.step,
+                    "loss": loss,
+                    "accuracy": acc,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "samples_per_s": samples / (time.perf_counter() - start),
+                }
                 result.history.append(record)
                 tlog.update(record, log_line=self.step % self.cfg.log_every == 0)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < end:

@@ -229,3 +229,23 @@ def test_sampling_filters_top_k_like_the_original(model, static):
     one = GenerationConfig(max_new_tokens=8, temperature=5.0, top_k=1, seed=0, static_cache=static)
     assert generate_ids(model, examples(), one) == greedy
     assert GenerationConfig().top_k == 50
+
+
+def test_static_cache_loop_shares_compiled_shapes_across_lengths_and_batch_sizes(tiny_layout):
+    """Prompts are padded to a bucket and batches to a power of two, so a job's batches (its last, smaller one too)
+    reuse one compiled decoder; the padding must not change any row's tokens."""
+    from dataclasses import replace
+
+    from model import decode
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    static = replace(GREEDY, static_cache=True)
+    short = Example("<Audio>", "Describe it.", examples()[0].media)
+    long = Example("<Audio>", "Describe the music in detail please.", examples()[0].media)
+    lengths = [model.prepare([row], left_pad=True).embeds.shape[1] for row in (short, long)]
+    assert lengths[0] != lengths[1] and len({n // decode.PROMPT_BUCKET for n in lengths}) == 1
+    decoders = []
+    for rows in ([short, long, short], [long, short, long, long]):  # batch 3 is filled up to 4
+        assert generate_ids(model, rows, static) == [generate_ids(model, [row], GREEDY)[0] for row in rows]
+        decoders.append(next(iter(decode._decoder.values())))
+    assert decoders[0] is decoders[1]
