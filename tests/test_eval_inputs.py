@@ -20,8 +20,13 @@ def test_pair_keys_by_id_and_instruction_and_counts_gaps():
     preds = {"a": {"q2": "c2", "q9": "stray"}, "7": {"q1": "c3"}, "3": {"q3": "c4"}, "zz": {"q1": "stray"}}
     cands, refs, counts = ev.pair(preds, ROWS)
     assert (cands, refs) == (["c2", "c3", "c4"], ["r2", "r3", "r4"])
-    assert counts == {"rows": 4, "scored": 3, "missing": 1, "unmatched_predictions": 2,
-                      "missing_rows": [{"id": "a", "instruction": "q1"}]}
+    assert counts == {
+        "rows": 4,
+        "scored": 3,
+        "missing": 1,
+        "unmatched_predictions": 2,
+        "missing_rows": [{"id": "a", "instruction": "q1"}],
+    }
 
 
 def test_no_predictions_scores_nothing_and_says_so():

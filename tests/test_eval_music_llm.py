@@ -68,15 +68,20 @@ def test_empty_answer_scores_zero_and_counts():
     m = music({"1": {"Describe it.": ""}, "2": {"Which instrument?": ""}})
     assert m["counts"]["scored"] == 2
     assert {k: m["metrics"]["music-llm"][k] for k in ("bleu_u_char", "bleu4_char", "meteor", "rouge_l_recall")} == {
-        "bleu_u_char": 0, "bleu4_char": 0, "meteor": 0, "rouge_l_recall": 0}
+        "bleu_u_char": 0,
+        "bleu4_char": 0,
+        "meteor": 0,
+        "rouge_l_recall": 0,
+    }
 
 
 def test_unicode_is_scored_per_character():
     rows = [{"id": "u", "instruction": "q", "output": "Café naïve — 音楽です"}]
     m = music({"u": {"q": "Café naïve — 音楽です"}}, rows)["metrics"]["music-llm"]
     assert m["bleu_u_char"] == pytest.approx(1.0) and m["bleu4_char"] == pytest.approx(1.0)
-    assert m["meteor"] == pytest.approx(meteor_score([wordpunct_tokenize(rows[0]["output"])], wordpunct_tokenize(
-        rows[0]["output"])))
+    assert m["meteor"] == pytest.approx(
+        meteor_score([wordpunct_tokenize(rows[0]["output"])], wordpunct_tokenize(rows[0]["output"]))
+    )
     # rouge-score's tokenizer keeps [a-z0-9] only: the Japanese word is invisible to it, as in the published recipe
     assert m["rouge_l_recall"] == pytest.approx(1.0)
     assert music_llm.bleu_rouge(["音楽"], ["音楽"])["rouge_l_recall"] == 0

@@ -9,10 +9,30 @@ from rich.console import Console
 from eval import report
 
 RUNS = {
-    "alpha": {"counts": {"scored": 3, "missing": 0}, "metrics": {"music-llm": {
-        "bleu_u_char": 0.5, "bleu4_char": 0.25, "meteor": 0.4, "rouge_l_recall": 0.3, "bertscore_recall": None}}},
-    "beta": {"counts": {"scored": 2, "missing": 1}, "metrics": {"music-llm": {
-        "bleu_u_char": 0.6, "bleu4_char": 0.125, "meteor": 0.1, "rouge_l_recall": 0.3, "bertscore_recall": None}}},
+    "alpha": {
+        "counts": {"scored": 3, "missing": 0},
+        "metrics": {
+            "music-llm": {
+                "bleu_u_char": 0.5,
+                "bleu4_char": 0.25,
+                "meteor": 0.4,
+                "rouge_l_recall": 0.3,
+                "bertscore_recall": None,
+            }
+        },
+    },
+    "beta": {
+        "counts": {"scored": 2, "missing": 1},
+        "metrics": {
+            "music-llm": {
+                "bleu_u_char": 0.6,
+                "bleu4_char": 0.125,
+                "meteor": 0.1,
+                "rouge_l_recall": 0.3,
+                "bertscore_recall": None,
+            }
+        },
+    },
 }
 
 

@@ -20,7 +20,7 @@ def test_lexnames_parsed_from_the_man_page_table(tmp_path):
     names = [*FILES, "adj.ppl"]
     table = "".join(f"{i:02d}\t{n}  \tsome description\n" for i, n in enumerate(names))
     man = tmp_path / "lexnames.5WN.gz"
-    man.write_bytes(gzip.compress(f'.TS\n\\fBFile Number\\fP\tName\n_\n{table}.TE\n'.encode()))
+    man.write_bytes(gzip.compress(f".TS\n\\fBFile Number\\fP\tName\n_\n{table}.TE\n".encode()))
     lines = wordnet.lexnames(man).splitlines()
     assert len(lines) == 45
     assert lines[0] == "00\tadj.all\t3" and lines[2] == "02\tadv.all\t4"

@@ -209,12 +209,23 @@ def test_infer_loads_each_variant(tiny_root, tmp_path, variant):
 def test_torchrun_shards_rows_by_rank_and_merges_one_result(tiny_root, tmp_path):
     dataset = media_dataset(tmp_path / "data", 9)
     out = tmp_path / "res" / "toy.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "deepresonance_cli.app", *infer_args(tiny_root, dataset, out, "--device", "cpu")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "deepresonance_cli.app",
+        *infer_args(tiny_root, dataset, out, "--device", "cpu"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    shards = [[json.loads(line) for line in out.with_name(f"toy.rank{r}.jsonl").read_text().splitlines()]
-              for r in (0, 1)]
+    shards = [
+        [json.loads(line) for line in out.with_name(f"toy.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
     assert len(shards[0]) == 5 and len(shards[1]) == 4  # rows[rank::2]
     keys = [(e["id"], e["instruction"]) for shard in shards for e in shard]
     assert len(set(keys)) == 9

@@ -43,8 +43,10 @@ def write_train_data(root: Path) -> list[str]:
         synth.write_wav(root / name, seconds=1.0, freq=freq)
     files = []
     for name, table in (("music", MUSIC), ("mixed", MIXED)):
-        rows = [synth.make_row(str(i), [(m, p)] if m else [], instruction=q, output=a)
-                for i, (m, p, _, q, a) in enumerate(table)]
+        rows = [
+            synth.make_row(str(i), [(m, p)] if m else [], instruction=q, output=a)
+            for i, (m, p, _, q, a) in enumerate(table)
+        ]
         files.append(str(synth.write_dataset(root, rows, f"{name}.json")))
     return files
 
@@ -54,12 +56,28 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return write_train_data(tmp_path_factory.mktemp("train_data"))
 
 
-def run(tiny_layout, data, out: Path, stage: int, variant: str = "beta", resume: Path | None = None,
-        init: Path | None = None, **overrides) -> Trainer:
+def run(
+    tiny_layout,
+    data,
+    out: Path,
+    stage: int,
+    variant: str = "beta",
+    resume: Path | None = None,
+    init: Path | None = None,
+    **overrides,
+) -> Trainer:
     """A Trainer on the test data; lr 1e-2 with no 10-step warm-up floor, so a few steps move every parameter."""
     cfg = TrainConfig.for_stage(stage, **{"datasets": data, "warmup_min_steps": 0, "lr": 1e-2, **overrides})
-    return Trainer(cfg, variant=variant, base=tiny_layout.vicuna, imagebind=tiny_layout.imagebind, out=out,
-                   cache_dir=Path(data[0]).parent / ".features", resume=resume, init=init)
+    return Trainer(
+        cfg,
+        variant=variant,
+        base=tiny_layout.vicuna,
+        imagebind=tiny_layout.imagebind,
+        out=out,
+        cache_dir=Path(data[0]).parent / ".features",
+        resume=resume,
+        init=init,
+    )
 
 
 def changed_params(trainer: Trainer) -> set[str]:
@@ -93,8 +111,16 @@ def test_stage2_updates_lora_projector_fusion_and_embeddings(tiny_layout, data, 
 
 def test_bfloat16_keeps_trained_weights_in_float32(tiny_layout, data, tmp_path):
     cfg = TrainConfig.for_stage(2, datasets=data, max_steps=2, warmup_min_steps=0)
-    trainer = Trainer(cfg, variant="beta", base=tiny_layout.vicuna, imagebind=tiny_layout.imagebind, out=tmp_path,
-                      cache_dir=Path(data[0]).parent / ".features", dtype=torch.bfloat16, device="cpu")
+    trainer = Trainer(
+        cfg,
+        variant="beta",
+        base=tiny_layout.vicuna,
+        imagebind=tiny_layout.imagebind,
+        out=tmp_path,
+        cache_dir=Path(data[0]).parent / ".features",
+        dtype=torch.bfloat16,
+        device="cpu",
+    )
     dtypes = {k: p.dtype for k, p in trainer.model.named_parameters()}
     assert {dtypes[k] for k in trainer.trainable} == {torch.float32}
     assert {d for k, d in dtypes.items() if k not in trainer.trainable} == {torch.bfloat16}
@@ -216,8 +242,9 @@ def test_model_learns_and_reproduces_targets(tiny_layout, data, tmp_path):
     model = load_model(tiny_layout.vicuna, tmp_path, tiny_layout.imagebind, variant="beta").eval()
     examples = trainer.data.examples(range(len(trainer.data.rows)))
     targets = [ex.output for ex in examples]
-    answers = generate(model, [replace(ex, output=None) for ex in examples],
-                       GenerationConfig(do_sample=False, max_new_tokens=40))
+    answers = generate(
+        model, [replace(ex, output=None) for ex in examples], GenerationConfig(do_sample=False, max_new_tokens=40)
+    )
     assert answers == targets
 
 
@@ -240,10 +267,36 @@ def test_deepspeed_two_ranks_on_cpu_resume_exactly(tiny_root, tiny_layout, data,
 
     def launch(out: Path, *extra: str) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deepresonance_cli.app",
-               "train", "--variant", "beta", "--stage", "2", "--out", str(out), "--ckpt-root", str(tiny_root),
-               "--datasets", ",".join(data), "--max-steps", "4", "--lr", "1e-2", "--deepspeed", "zero2",
-               "--cache-dir", str(tmp_path / "cache"), "--no-progress", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "deepresonance_cli.app",
+            "train",
+            "--variant",
+            "beta",
+            "--stage",
+            "2",
+            "--out",
+            str(out),
+            "--ckpt-root",
+            str(tiny_root),
+            "--datasets",
+            ",".join(data),
+            "--max-steps",
+            "4",
+            "--lr",
+            "1e-2",
+            "--deepspeed",
+            "zero2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+            *extra,
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -251,7 +304,9 @@ def test_deepspeed_two_ranks_on_cpu_resume_exactly(tiny_root, tiny_layout, data,
     launch(tmp_path / "split", "--stop-after", "2")
     state = tmp_path / "split" / "checkpoint-000002"
     assert {p.name for p in (state / "deepspeed" / "state").iterdir()} >= {
-        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
     launch(tmp_path / "split", "--resume", str(tmp_path / "split"))
     want, got = read_delta(tmp_path / "full"), read_delta(tmp_path / "split")
     assert want.keys() == got.keys()
@@ -263,8 +318,15 @@ def test_deepspeed_two_ranks_on_cpu_resume_exactly(tiny_root, tiny_layout, data,
 
 def test_train_function_writes_the_final_delta(tiny_layout, data, tmp_path):
     cfg = TrainConfig.for_stage(1, datasets=data, max_steps=2, warmup_min_steps=0)
-    result = train(cfg, progress=False, variant="alpha", base=tiny_layout.vicuna, imagebind=tiny_layout.imagebind,
-                   out=tmp_path, cache_dir=tmp_path / "cache")
+    result = train(
+        cfg,
+        progress=False,
+        variant="alpha",
+        base=tiny_layout.vicuna,
+        imagebind=tiny_layout.imagebind,
+        out=tmp_path,
+        cache_dir=tmp_path / "cache",
+    )
     assert result.step == result.total_steps == 2 and len(result.history) == 2
     assert (tmp_path / DELTA_PT).is_file() and (tmp_path / "trainer_state.pt").is_file()
     assert any((tmp_path / "logs").iterdir())  # TensorBoard events

@@ -18,8 +18,19 @@ def test_two_stages_from_the_command_line_then_infer(tiny_root: Path, tmp_path: 
     synth.write_wav(tmp_path / "a.wav", seconds=1.0)
     rows = [synth.make_row("0", [("audio", "a.wav")]), synth.make_row("1", text="Hi.", output="Hello.")]
     dataset = synth.write_dataset(tmp_path, rows, "rows.json")
-    common = ["--variant", variant, "--ckpt-root", str(tiny_root), "--datasets", str(dataset), "--max-steps", "2",
-              "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "--variant",
+        variant,
+        "--ckpt-root",
+        str(tiny_root),
+        "--datasets",
+        str(dataset),
+        "--max-steps",
+        "2",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     runner = CliRunner()
 
     first = runner.invoke(app, ["train", "--stage", "1", "--out", str(tmp_path / "s1"), *common])
@@ -28,24 +39,69 @@ def test_two_stages_from_the_command_line_then_infer(tiny_root: Path, tmp_path: 
     config = json.loads((tmp_path / "s1" / "train_config.json").read_text())
     assert config["stage"] == 1 and config["max_steps"] == 2 and config["epochs"] == 5  # stage-1 defaults kept
 
-    second = runner.invoke(app, ["train", "--stage", "2", "--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s1"),
-                                 "--no-train-embeddings", *common])
+    second = runner.invoke(
+        app,
+        [
+            "train",
+            "--stage",
+            "2",
+            "--out",
+            str(tmp_path / "s2"),
+            "--init",
+            str(tmp_path / "s1"),
+            "--no-train-embeddings",
+            *common,
+        ],
+    )
     assert second.exit_code == 0, second.output
     delta = read_delta(tmp_path / "s2")
     assert any(".lora_" in k for k in delta) and not any("embed_tokens" in k for k in delta)
 
     answers = tmp_path / "answers.json"
-    infer = runner.invoke(app, ["infer", "--dataset", str(dataset), "--variant", variant, "--ckpt-root", str(tiny_root),
-                                "--delta", str(tmp_path / "s2"), "--greedy", "--max-new-tokens", "4",
-                                "--out", str(answers), "--cache-dir", str(tmp_path / "cache")])
+    infer = runner.invoke(
+        app,
+        [
+            "infer",
+            "--dataset",
+            str(dataset),
+            "--variant",
+            variant,
+            "--ckpt-root",
+            str(tiny_root),
+            "--delta",
+            str(tmp_path / "s2"),
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(answers),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert infer.exit_code == 0, infer.output
     assert set(json.loads(answers.read_text())) == {"0", "1"}
 
 
 def test_unknown_dataset_is_one_clear_error(tiny_root: Path, tmp_path: Path):
-    result = CliRunner().invoke(app, ["train", "--variant", "alpha", "--stage", "1", "--out", str(tmp_path),
-                                      "--ckpt-root", str(tiny_root), "--datasets", "no_such_set", "--no-progress",
-                                      "--local_rank=0"])  # as the deepspeed launcher passes it
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--variant",
+            "alpha",
+            "--stage",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--ckpt-root",
+            str(tiny_root),
+            "--datasets",
+            "no_such_set",
+            "--no-progress",
+            "--local_rank=0",
+        ],
+    )  # as the deepspeed launcher passes it
     assert result.exit_code != 0
     assert "no_such_set: not a train dataset name" in str(result.exception)
 
@@ -54,8 +110,24 @@ def test_config_file_values_hold_unless_a_flag_overrides_them(tiny_root: Path, t
     dataset = synth.write_dataset(tmp_path, [synth.make_row("0", text="Hi.", output="Hello.")], "rows.json")
     options = tmp_path / "options.json"
     options.write_text(json.dumps({"max_steps": 2, "lr": 0.001, "micro_batch_size": 1}))
-    args = ["train", "--variant", "alpha", "--stage", "1", "--ckpt-root", str(tiny_root), "--datasets", str(dataset),
-            "--config", str(options), "--lr", "0.002", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "train",
+        "--variant",
+        "alpha",
+        "--stage",
+        "1",
+        "--ckpt-root",
+        str(tiny_root),
+        "--datasets",
+        str(dataset),
+        "--config",
+        str(options),
+        "--lr",
+        "0.002",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
