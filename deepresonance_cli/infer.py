@@ -60,7 +60,7 @@ def generation(
     top_k: int,
     seed: int | None,
     max_new_tokens: int,
-    static_cache: bool = False,
+    static_cache: bool | None = None,
 ) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -105,7 +105,13 @@ def infer(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Encoder-feature cache (default: <data-root>/.features).")
     ] = None,
-    static_cache: Annotated[bool, typer.Option(help="CUDA: static KV cache, compiled decode step.")] = False,
+    static_cache: Annotated[
+        bool | None,
+        typer.Option(
+            help="Static KV cache with compiled prefill and step (CUDA graphs). Default: on for CUDA jobs long enough "
+            "to repay the compile (about a minute on an H100).",
+        ),
+    ] = None,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))

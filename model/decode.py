@@ -19,6 +19,22 @@ SYNC_EVERY = 8  # steps between host checks for "all rows finished"
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compiled shape per bucket, not per length
 
 
+def padded_shape(rows: int, length: int, max_new_tokens: int) -> tuple[int, int]:
+    """(batch, cache length) the loop runs a batch at: rows filled up to a power of two, the prompt to the bucket."""
+    return 1 << (rows - 1).bit_length(), -(-length // PROMPT_BUCKET) * PROMPT_BUCKET + max_new_tokens
+
+
+def _kv_heads(config) -> tuple[int, int]:
+    heads = config.num_key_value_heads or config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def cache_bytes(config, batch: int, total: int, dtype: torch.dtype) -> int:
+    """Bytes of the static KV cache: keys and values for every layer, batch row and position."""
+    heads, head_dim = _kv_heads(config)
+    return 2 * config.num_hidden_layers * batch * total * heads * head_dim * dtype.itemsize
+
+
 @dataclass
 class _Decoder:
     cache: StaticCache
@@ -34,12 +50,9 @@ def _static_decoder(llm: torch.nn.Module, embeds: torch.Tensor, total: int, comp
     key = (id(llm), batch, length, total, embeds.dtype, embeds.device, compile)
     if key not in _decoder:
         _decoder.clear()  # one cache at a time: a static cache holds batch x length keys and values per layer
-        config = llm.config
-        cache = StaticCache(config=config, max_cache_len=total)
+        cache = StaticCache(config=llm.config, max_cache_len=total)
         # allocated here, not on the first update: inside a CUDA graph that would land in memory the next replay reuses
-        heads = config.num_key_value_heads or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache.early_initialization(batch, heads, head_dim, embeds.dtype, embeds.device)
+        cache.early_initialization(batch, *_kv_heads(llm.config), embeds.dtype, embeds.device)
 
         def forward(mask, position_ids, **inputs):  # the cache writes at its own running length
             return llm(
@@ -105,14 +118,13 @@ def decode_static(
     rows, so a job's batches (the last, smaller one too) share a few compiled shapes.
     """
     rows, length, hidden = embeds.shape
-    batch = 1 << (rows - 1).bit_length()
-    pad = -length % PROMPT_BUCKET
+    batch, total = padded_shape(rows, length, max_new_tokens)
+    pad = total - max_new_tokens - length
     if pad or batch > rows:
         embeds = torch.nn.functional.pad(embeds, (0, 0, pad, 0, 0, batch - rows))
         attention_mask = torch.nn.functional.pad(attention_mask, (pad, 0, 0, batch - rows))
         length += pad
     device = embeds.device
-    total = length + max_new_tokens
     decoder = _static_decoder(llm, embeds, total, compile)
     valid = attention_mask.bool()
     # allowed[b, 0, q, k]: real keys up to the query; every query sees itself, so pad rows stay finite
