@@ -48,7 +48,8 @@ def infer(
             str(r["first_call_seconds"] or ""),
         )
     console.print(table)
-    console.print(f"MusicCaps-sized job projected from these rates (s): {report['musiccaps_job_seconds']}")
+    projected = report["musiccaps_job_seconds_steady"]
+    console.print(f"MusicCaps-sized job projected from these steady rates, compile excluded (s): {projected}")
 
 
 @app.command("train")
