@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -166,24 +167,32 @@ def run_inference(
     todo.sort(key=prompt_cost)
     gen = replace(gen, static_cache=choose_static_cache(model, len(todo), batch_size, gen)) if todo else gen
     journal = Journal(journal_path(out_json, rank, world))
+    # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
+    # read, preprocessed and encoded in a background thread while this batch's answers decode
+    groups = list(chunks(todo, batch_size))
+    prefetch = ThreadPoolExecutor(1)
+    fetch = lambda group: prefetch.submit(row_media, model, group, media_root, cache, batch_size, workers)  # noqa: E731
+    pending = fetch(groups[0]) if groups else None
     try:
-        # media for a group of batches at a time: the encoder runs batched, the cache keeps what it computed
-        for group in chunks(todo, batch_size * 8):
-            media = row_media(model, group, media_root, cache, batch_size, workers)
+        for k, group in enumerate(groups):
+            media = pending.result()
+            if k + 1 < len(groups):
+                pending = fetch(groups[k + 1])
             ready = [(row, m) for row, m in zip(group, media, strict=True) if not isinstance(m, MediaError)]
             failed = [(row, m) for row, m in zip(group, media, strict=True) if isinstance(m, MediaError)]
             journal.write([{"id": r.id, "instruction": r.instruction, "error": str(e)} for r, e in failed])
             summary.failed.extend(f"{r.id}: {e}" for r, e in failed)
             if on_progress and failed:
                 on_progress(len(failed))
-            for batch in chunks(ready, batch_size):
-                examples = [Example(r.input, r.instruction, m) for r, m in batch]
-                answers = generate(model, examples, gen)
-                finished = zip(batch, answers, strict=True)
-                journal.write([{"id": r.id, "instruction": r.instruction, "answer": a} for (r, _), a in finished])
-                summary.answered += len(batch)
-                if on_progress:
-                    on_progress(len(batch))
+            if not ready:
+                continue
+            answers = generate(model, [Example(r.input, r.instruction, m) for r, m in ready], gen)
+            finished = zip(ready, answers, strict=True)
+            journal.write([{"id": r.id, "instruction": r.instruction, "answer": a} for (r, _), a in finished])
+            summary.answered += len(ready)
+            if on_progress:
+                on_progress(len(ready))
     finally:
+        prefetch.shutdown(cancel_futures=True)
         journal.close()
     return summary

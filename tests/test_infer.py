@@ -257,3 +257,32 @@ def test_static_loop_is_chosen_for_long_cuda_jobs_that_fit(monkeypatch):
     assert choose_static_cache(model, rows=10, batch_size=64, gen=GenerationConfig(static_cache=True))
     llm.device = torch.device("cpu")
     assert not choose_static_cache(model, rows=100_000, batch_size=64, gen=auto)
+
+
+def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, monkeypatch):
+    import threading
+
+    import model.inference as inference
+
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 4))
+    media_calls, overlapped = [], []
+    second_batch_media = threading.Event()
+    real_row_media, real_generate = inference.row_media, inference.generate
+
+    def row_media(model, group, *args, **kwargs):
+        media_calls.append([r.id for r in group])
+        if len(media_calls) == 2:
+            second_batch_media.set()
+        return real_row_media(model, group, *args, **kwargs)
+
+    def generate(model, examples, gen):
+        if len(overlapped) == 0:  # the first batch: the second's media must be on their way before it finishes
+            overlapped.append(second_batch_media.wait(timeout=30))
+        return real_generate(model, examples, gen)
+
+    monkeypatch.setattr(inference, "row_media", row_media)
+    monkeypatch.setattr(inference, "generate", generate)
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    summary = run_inference(model, rows, tmp_path / "data", tmp_path / "out" / "r.json", gen, batch_size=2)
+    assert summary.answered == 4 and len(media_calls) == 2 and overlapped == [True]
