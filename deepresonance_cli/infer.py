@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -9,6 +10,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -34,6 +36,7 @@ Base = Annotated[Path | None, typer.Option(help="Vicuna folder (default: <ckpt-r
 Delta = Annotated[Path | None, typer.Option(help="Delta folder (default: <ckpt-root>/deepresonance_<variant>_...).")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
+TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
 
 
 class RowsPerSecond(ProgressColumn):
@@ -96,7 +99,7 @@ def infer(
     greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of the original's sampling.")] = False,
     temperature: float = 0.1,
     top_p: float = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")] = 50,
+    top_k: TopK = 50,
     seed: int = 1337,
     max_new_tokens: int = 512,
     device: Device = None,
@@ -115,6 +118,8 @@ def infer(
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)
     batch_size = batch_size or (64 if device.startswith("cuda") else 8)
     spec = resolve_dataset(dataset, data_root, media_root)
@@ -182,7 +187,7 @@ def ask(
     greedy: bool = False,
     temperature: float = 0.1,
     top_p: float = 1.0,
-    top_k: Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")] = 50,
+    top_k: TopK = 50,
     seed: int = 1337,
     max_new_tokens: int = 512,
     device: Device = None,

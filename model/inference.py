@@ -9,6 +9,7 @@ media go through the feature cache, and a row whose media is missing or unreadab
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from model.features import FeatureCache, encode_files
 from model.generate import generate
 from model.media import MediaError
 
+log = logging.getLogger(__name__)
 DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads (numpy/torchaudio release the GIL)
 # Decode steps (batches x max_new_tokens) from which the static loop repays its one-time compile: on an H100 the
 # compile takes about 60 s and the loop saves 11-14 ms per step at batch 1-512 (benchmarks/README.md).
@@ -165,7 +167,12 @@ def run_inference(
     todo = [r for r in rows if (r.id, r.instruction) not in done][rank::world]
     summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
     todo.sort(key=prompt_cost)
-    gen = replace(gen, static_cache=choose_static_cache(model, len(todo), batch_size, gen)) if todo else gen
+    if todo:
+        gen = replace(gen, static_cache=choose_static_cache(model, len(todo), batch_size, gen))
+        log.info(
+            "decoding with %s",
+            "the static-cache loop (compiled on the first batch)" if gen.static_cache else "generate",
+        )
     journal = Journal(journal_path(out_json, rank, world))
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
     # read, preprocessed and encoded in a background thread while this batch's answers decode

@@ -67,6 +67,7 @@ def test_infer_answers_every_row_and_reruns_skip_finished(tiny_root, tmp_path):
     out = tmp_path / "res" / "toy.json"
     result = runner.invoke(app, infer_args(tiny_root, dataset, out, "--batch-size", "4"))
     assert result.exit_code == 0, result.output
+    assert "decoding with generate" in result.output  # on CPU the static loop is off unless asked for
     answers = json.loads(out.read_text())
     rows, _ = load_rows(dataset)
     assert {(r.id, r.instruction) for r in rows} == {(i, q) for i, qs in answers.items() for q in qs}
