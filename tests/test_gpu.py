@@ -62,3 +62,27 @@ def test_compiled_static_loop_matches_generate(tiny_layout):
     static = replace(GREEDY, static_cache=True)  # on CUDA: one compiled step with CUDA graphs
     assert generate_ids(model, rows(), static) == expected
     assert generate_ids(model, rows(), static) == expected  # the cached compiled step, reused
+
+
+def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path):
+    """A whole `run_inference` job on CUDA, several batches, the next batch's media encoded in a background thread
+    while the compiled loop replays its CUDA graphs: the answers equal a `generate` job's."""
+    from synth import make_row, write_dataset, write_wav
+
+    from model.data import load_rows
+    from model.inference import read_journal, run_inference
+
+    for i in range(5):
+        write_wav(tmp_path / "data" / f"a{i}.wav", 1.0 + i, 220.0 * (i + 1))
+    rows = [make_row(f"r{i}", [("audio", f"a{i % 5}.wav")], instruction=f"Question {i % 3}?") for i in range(11)]
+    rows, _ = load_rows(write_dataset(tmp_path / "data", rows))
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+    model = load_model(*paths, device="cuda")
+    model.merge_lora()
+    answers = []
+    for static in (False, True):
+        out = tmp_path / f"static{static}" / "r.json"
+        gen = GenerationConfig(max_new_tokens=16, do_sample=False, static_cache=static)
+        assert run_inference(model, rows, tmp_path / "data", out, gen, batch_size=4).answered == 11
+        answers.append(read_journal([out.with_suffix(".jsonl")]))
+    assert answers[0] == answers[1]
