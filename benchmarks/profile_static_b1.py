@@ -4,24 +4,13 @@ chained in one CUDA graph (cuBLAS GEMV), and the copy bandwidth. Output: benchma
 Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profile_static_b1.py`.
 """
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from model.benchmark import PROMPT, full_size_llm
+from model.benchmark import seconds_per_call as seconds
 from model.decode import decode_static
-
-
-def seconds(fn, repeats: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
 linears = [m for m in llm.modules() if isinstance(m, torch.nn.Linear)]

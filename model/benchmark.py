@@ -12,11 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model.config import VICUNA_7B
+from model.config import VICUNA_7B, ModelConfig
 from model.decode import decode_static
+from model.deepresonance import lora_config
 from model.encoder import MediaEncoder
 from model.generate import StopAtSequences
 
@@ -63,18 +64,21 @@ def timed(fn: Callable[[], object], repeats: int = 1) -> float:
     return timed_with_warmup(fn, repeats)[1]
 
 
+def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
 def timed_with_warmup(fn: Callable[[], object], repeats: int = 1) -> tuple[float, float]:
     """Seconds of the first call, and seconds per call once warm. Two warm-up calls: CUDA graph trees run a
     function once to warm up and record its graph on the second call (the static loop's prefill runs once per call)."""
-    seconds = []
-    for calls in (1, 1, repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        seconds.append((time.perf_counter() - start) / calls)
-    return seconds[0], seconds[2]
+    first = seconds_per_call(fn)
+    seconds_per_call(fn)
+    return first, seconds_per_call(fn, repeats)
 
 
 def full_size_llm(dtype: torch.dtype, attn: str, lora: bool, device: str = "cuda") -> torch.nn.Module:
@@ -84,14 +88,7 @@ def full_size_llm(dtype: torch.dtype, attn: str, lora: bool, device: str = "cuda
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
     llm.eval()
     if lora:
-        cfg = LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=32,
-            lora_alpha=32,
-            lora_dropout=0.1,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        )
-        llm = get_peft_model(llm, cfg).eval()
+        llm = get_peft_model(llm, lora_config(ModelConfig())).eval()
         with torch.no_grad():
             for name, p in llm.named_parameters():
                 if "lora_B" in name:
@@ -323,7 +320,7 @@ def bench_job(
     import soundfile as sf
 
     from ckpt.tiny import train_tokenizer
-    from model.config import GenerationConfig, ModelConfig
+    from model.config import GenerationConfig
     from model.data import Row
     from model.deepresonance import DeepResonance
     from model.features import FeatureCache

@@ -109,7 +109,7 @@ class GenerationConfig:
     temperature: float = 0.1
     top_p: float = 1.0
     seed: int | None = 1337
-    # model/decode.py: static KV cache and, on CUDA, compiled prefill and step (CUDA graphs): 1.4-3x `generate` once
+    # model/decode.py: static KV cache and, on CUDA, compiled prefill and step (CUDA graphs): 1.5-3.4x `generate` once
     # compiled (about a minute), so it pays off for long jobs; None: `run_inference` decides per job, else off
     static_cache: bool | None = None
     top_k: int = 50

@@ -2,9 +2,8 @@
 
 `transformers.generate` spends milliseconds of host work per token (logits processors, stopping criteria, cache
 bookkeeping); at batch 1 on an H100 that is as long as the step itself. Here the prefill is one compiled call and each
-step is one compiled call plus an argmax (or a sample); stop checks sync with the host only every few steps. Prompts
-are left-padded to a multiple of PROMPT_BUCKET so prompts of nearby lengths share the compiled graphs. Greedy tokens
-equal `generate`'s (tested), and rows are cut at the same stop sequences.
+step is one compiled call plus an argmax (or a sample); stop checks sync with the host only every few steps. Greedy
+tokens equal `generate`'s (tested), and rows are cut at the same stop sequences.
 """
 
 from __future__ import annotations

@@ -35,6 +35,17 @@ def build_fusion(hidden: int, heads: int, ffn: int, layers: int, dropout: float)
     return nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
 
 
+def lora_config(config: ModelConfig) -> LoraConfig:
+    """The LoRA adapters the original trains on the LLM (r, alpha, dropout and targets from `config`)."""
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+    )
+
+
 class DeepResonance(nn.Module):
     def __init__(
         self,
@@ -51,14 +62,7 @@ class DeepResonance(nn.Module):
         self.visual_encoder = encoder
         llm_config = llm.config
         if lora:
-            peft_config = LoraConfig(
-                task_type=TaskType.CAUSAL_LM,
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=list(config.lora_targets),
-            )
-            llm = get_peft_model(llm, peft_config)
+            llm = get_peft_model(llm, lora_config(config))
         # as in the original: resize after LoRA wrapping, which leaves the new embed_tokens and lm_head trainable
         # (the released deltas hold them in full)
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)

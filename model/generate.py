@@ -25,10 +25,12 @@ class StopAtSequences(StoppingCriteria):
         self.stops = [torch.tensor(s) for s in stops]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.stops and self.stops[0].device != input_ids.device:  # once, not a host-to-device copy per step
+            self.stops = [s.to(input_ids.device) for s in self.stops]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for stop in self.stops:
             if input_ids.shape[1] >= len(stop):
-                done |= (input_ids[:, -len(stop) :] == stop.to(input_ids.device)).all(dim=1)
+                done |= (input_ids[:, -len(stop) :] == stop).all(dim=1)
         return done
 
 

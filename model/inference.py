@@ -135,6 +135,22 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def prefetched(groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], list]) -> Iterator[tuple]:
+    """(group, load(group)) for each group, the next group loading in a background thread while the caller works."""
+    if not groups:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, groups[0])
+        try:
+            for k, group in enumerate(groups):
+                loaded = pending.result()
+                if k + 1 < len(groups):
+                    pending = pool.submit(load, groups[k + 1])
+                yield group, loaded
+        finally:
+            pending.cancel()
+
+
 def choose_static_cache(model: DeepResonance, rows: int, batch_size: int, gen: GenerationConfig) -> bool:
     """`gen.static_cache` if set; else (auto) the static loop on CUDA for jobs long enough to repay its compile,
     when its cache fits in half the free GPU memory."""
@@ -176,15 +192,9 @@ def run_inference(
     journal = Journal(journal_path(out_json, rank, world))
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
     # read, preprocessed and encoded in a background thread while this batch's answers decode
-    groups = list(chunks(todo, batch_size))
-    prefetch = ThreadPoolExecutor(1)
-    fetch = lambda group: prefetch.submit(row_media, model, group, media_root, cache, batch_size, workers)  # noqa: E731
-    pending = fetch(groups[0]) if groups else None
+    batches = list(chunks(todo, batch_size))
     try:
-        for k, group in enumerate(groups):
-            media = pending.result()
-            if k + 1 < len(groups):
-                pending = fetch(groups[k + 1])
+        for group, media in prefetched(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers)):
             ready = [(row, m) for row, m in zip(group, media, strict=True) if not isinstance(m, MediaError)]
             failed = [(row, m) for row, m in zip(group, media, strict=True) if isinstance(m, MediaError)]
             journal.write([{"id": r.id, "instruction": r.instruction, "error": str(e)} for r, e in failed])
@@ -200,6 +210,5 @@ def run_inference(
             if on_progress:
                 on_progress(len(ready))
     finally:
-        prefetch.shutdown(cancel_futures=True)
         journal.close()
     return summary
