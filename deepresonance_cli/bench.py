@@ -35,7 +35,7 @@ def infer(
     report = bench_infer(tuple(int(b) for b in batches.split(",")), tuple(int(b) for b in static_batches.split(",")))
     _write(out, report)
     table = Table(title=f"dr bench infer on {report['device']}")
-    for column in ("path", "batch", "s", "tokens/s", "clips/s", "x original", "first call s"):
+    for column in ("path", "batch", "s", "tokens/s", "rows/s", "clips/s", "x original", "first call s"):
         table.add_column(column)
     for r in report["results"]:
         table.add_row(
@@ -43,6 +43,7 @@ def infer(
             str(r["batch"]),
             str(r["seconds"]),
             str(r["tokens_per_s"] or ""),
+            str(r["rows_per_s"] or ""),
             str(r["clips_per_s"] or ""),
             str(r["ratio_to_original"] or ""),
             str(r["first_call_seconds"] or ""),

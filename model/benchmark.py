@@ -56,6 +56,10 @@ class Result:
         return self.tokens / self.seconds if self.tokens else 0.0
 
     @property
+    def rows_per_s(self) -> float:
+        return self.batch / self.seconds if self.tokens else 0.0
+
+    @property
     def clips_per_s(self) -> float:
         return self.clips / self.seconds if self.clips else 0.0
 
@@ -189,6 +193,7 @@ def bench_infer(
                 batch=r.batch,
                 seconds=round(r.seconds, 4),
                 tokens_per_s=round(r.tokens_per_s, 1),
+                rows_per_s=round(r.rows_per_s, 1),
                 clips_per_s=round(r.clips_per_s, 1),
                 ratio_to_original=round(r.tokens_per_s / base, 1) if r.tokens else None,
                 first_call_seconds=round(r.first_seconds, 2) if r.first_seconds else None,
