@@ -11,7 +11,7 @@ from model.deepresonance import Example
 from model.generate import generate_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
-GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False)
+GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False, decoder="generate")
 
 
 def rows() -> list[Example]:
@@ -59,7 +59,7 @@ def test_compiled_static_loop_matches_generate(tiny_layout):
     model = load_model(*paths, device="cuda")
     model.merge_lora()
     expected = generate_ids(model, rows(), GREEDY)
-    static = replace(GREEDY, static_cache=True)  # on CUDA: one compiled step with CUDA graphs
+    static = replace(GREEDY, decoder="static")  # on CUDA: one compiled step with CUDA graphs
     assert generate_ids(model, rows(), static) == expected
     assert generate_ids(model, rows(), static) == expected  # the cached compiled step, reused
 
@@ -80,9 +80,9 @@ def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path
     model = load_model(*paths, device="cuda")
     model.merge_lora()
     answers = []
-    for static in (False, True):
-        out = tmp_path / f"static{static}" / "r.json"
-        gen = GenerationConfig(max_new_tokens=16, do_sample=False, static_cache=static)
+    for decoder in ("generate", "static"):
+        out = tmp_path / decoder / "r.json"
+        gen = GenerationConfig(max_new_tokens=16, do_sample=False, decoder=decoder)
         assert run_inference(model, rows, tmp_path / "data", out, gen, batch_size=4).answered == 11
         answers.append(read_journal([out.with_suffix(".jsonl")]))
     assert answers[0] == answers[1]
