@@ -228,7 +228,8 @@ class Engine:
         requests = [r for r, ok in zip(requests, fits, strict=True) if ok]
         if not requests:
             return refused
-        embeds, lengths = batch.embeds[keep], batch.lengths[keep]
+        lengths = batch.lengths[keep]
+        embeds = batch.embeds[keep, : int(lengths.max())]  # right-padded: a refused longer row's columns go too
         rows = torch.tensor(slots[: len(requests)], device=self.every.device)
         positions = torch.arange(embeds.shape[1], device=embeds.device).expand(len(requests), -1)
         with slot_attention_on(self.llm):

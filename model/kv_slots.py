@@ -55,16 +55,17 @@ class SlotKV:
             torch._dynamo.mark_static_address(t)  # updated in place inside CUDA graphs
 
     def decode_mask(self) -> torch.Tensor | BlockMask:
-        """What each slot's query may see this step: columns 0..pos (its prompt, its answer so far, its new key)."""
+        """What each slot's query may see in the cache this step. SDPA: columns 0..pos (its prompt, its answer so far
+        and the new key, written first). Flex: columns 0..pos-1 only; the new key is merged in by `decode`."""
         if self.kernel == "sdpa":
             return (self.columns <= self.pos.unsqueeze(-1))[:, None, None, :]
-        pos = self.pos
-        blocks = (pos // BLOCK + 1).to(torch.int32).view(-1, 1, 1)
+        pos = self.pos.clone()  # a snapshot: the step advances self.pos after attending
+        blocks = ((pos - 1).clamp(min=0) // BLOCK + 1).to(torch.int32).view(-1, 1, 1)
         return BlockMask.from_kv_blocks(
             blocks,
             self.block_index,
             BLOCK_SIZE=BLOCK,
-            mask_mod=lambda b, h, q, kv: kv <= pos[b],
+            mask_mod=lambda b, h, q, kv: kv < pos[b],
             seq_lengths=(1, self.length),
         )
 
@@ -79,12 +80,21 @@ class SlotKV:
     def decode(self, layer: int, mask: torch.Tensor | BlockMask, q, k, v, scaling: float) -> torch.Tensor:
         """One new token per slot [S, heads, 1, dim]: its key and value written at `pos`, attention over the slot."""
         every = torch.arange(self.slots, device=k.device)
+        if isinstance(mask, BlockMask):
+            # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write
+            # (seen with torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp
+            past, lse = flex_attention(
+                q, self.keys[layer], self.values[layer], block_mask=mask, scale=scaling, return_lse=True
+            )
+            new = (q.float() * k.float()).sum(-1) * scaling  # [S, heads, 1]
+            top = torch.maximum(lse, new)
+            w_past, w_new = torch.exp(lse - top).unsqueeze(-1), torch.exp(new - top).unsqueeze(-1)
+            out = ((w_past * past.float() + w_new * v.float()) / (w_past + w_new)).to(q.dtype)
         self.keys[layer, every, :, self.pos] = k[:, :, 0]
         self.values[layer, every, :, self.pos] = v[:, :, 0]
-        keys, values = self.keys[layer], self.values[layer]
         if isinstance(mask, BlockMask):
-            return flex_attention(q, keys, values, block_mask=mask, scale=scaling)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+            return out
+        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=mask, scale=scaling)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
