@@ -128,7 +128,7 @@ def test_sampler_draws_from_transformers_warped_distribution(temperature, top_k,
         full(top_k, torch.long),
         full(top_p, torch.float),
         u.repeat(3),
-        top_k or vocab,
+        vocab,  # candidates beyond top-k, so the per-row top-k itself must remove them
     ).view(3, n)
     share = torch.stack([torch.bincount(r, minlength=vocab) for r in drawn]).float() / n
     assert (share - expected).abs().max() <= 1 / n + 1e-6
