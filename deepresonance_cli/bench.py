@@ -90,6 +90,9 @@ def engine(
     out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/engine.json"),
     rows: int = 2048,
     slots: Annotated[int, typer.Option(help="The engine's slot count.")] = 256,
+    compare_rows: Annotated[
+        str, typer.Option(help="Rows for the static loop, generate and transformers' continuous batching.")
+    ] = "512,128,512",
     only_engine: Annotated[bool, typer.Option(help="Only the engine (e.g. to time a second start-up).")] = False,
     workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("/tmp/dr_engine"),
 ) -> None:
@@ -97,13 +100,23 @@ def engine(
     against the static loop, `generate`, transformers' continuous batching and the original's way, in one run."""
     from model.benchmark import bench_engine
 
-    report = bench_engine(rows=rows, slots=slots, only_engine=only_engine, workdir=str(workdir), log=console.print)
-    _write(out, report)
+    report = bench_engine(
+        rows=rows,
+        slots=slots,
+        only_engine=only_engine,
+        compare_rows=tuple(int(n) for n in compare_rows.split(",")),
+        workdir=str(workdir),
+        log=console.print,
+        save=lambda partial: _write(out, partial),
+    )
     for job in report["jobs"]:
         table = Table(title=f"{report['device']}: {job['tail']:.0%} long tail, mean answer {job['mean_length']} tokens")
         for column in ("decoder", "rows", "useful tokens", "wall s", "start-up s", "useful tok/s", "after start-up"):
             table.add_column(column)
         for r in job["results"]:
+            if "error" in r:
+                table.add_row(r["decoder"], str(r.get("rows", "")), f"failed: {r['error'][:60]}")
+                continue
             table.add_row(
                 r["decoder"],
                 *(str(r.get(k, "")) for k in ("rows", "useful_tokens", "wall_s", "startup_s", "useful_tokens_per_s")),

@@ -423,10 +423,15 @@ def _audio_rows(rows: int) -> list:
 
 
 def _timed_job(name: str, run: Callable[[], float | None], rows: int, useful: int, log) -> dict:
-    """Runs a decoder on a job; `run` returns the seconds to its first finished decode call (start-up) if it knows."""
+    """Runs a decoder on a job; `run` returns the seconds to its first finished decode call (start-up) if it knows.
+    A decoder that fails is recorded with its error, and the others still run."""
     _sync()
     start = time.perf_counter()
-    startup = run()
+    try:
+        startup = run()
+    except Exception as err:
+        log(f"{name} failed: {type(err).__name__}: {str(err)[:500]}")
+        return dict(decoder=name, rows=rows, error=f"{type(err).__name__}: {str(err)[:500]}")
     _sync()
     wall = time.perf_counter() - start
     out = dict(decoder=name, rows=rows, useful_tokens=useful, wall_s=round(wall, 2))
@@ -436,6 +441,18 @@ def _timed_job(name: str, run: Callable[[], float | None], rows: int, useful: in
         out["useful_tokens_per_s_after_startup"] = round(useful / (wall - startup), 1)
     log(" | ".join(f"{k} {v}" for k, v in out.items()))
     return out
+
+
+class SavedList(list):
+    """A result list that saves the whole report each time a result lands."""
+
+    def __init__(self, save: Callable[[dict], None], report: dict) -> None:
+        super().__init__()
+        self.save, self.report = save, report
+
+    def append(self, item: dict) -> None:
+        super().append(item)
+        self.save(self.report)
 
 
 def _sync() -> None:
@@ -452,6 +469,7 @@ def bench_engine(
     workdir: str = "/tmp/dr_engine",
     only_engine: bool = False,
     log: Callable[[str], None] = print,
+    save: Callable[[dict], None] = lambda report: None,
     sizes: dict = VICUNA_7B,
     device: str = "cuda",
 ) -> dict:
@@ -459,7 +477,8 @@ def bench_engine(
     the engine and, on subsets of the same rows (`compare_rows` for the static loop, `generate` and transformers'
     continuous batching), the static-batch decoders (batches of 64 in dataset order, each running to its longest row,
     which is where real stopping would end it), and the original's way (one row at a time). Greedy; random weights
-    never stop, so each row's own max_new_tokens is its drawn length (a length oracle inside this benchmark only)."""
+    never stop, so each row's own max_new_tokens is its drawn length (a length oracle inside this benchmark only).
+    `save(report)` is called after each measurement, so a run cut short keeps what it finished."""
     from model.config import GenerationConfig
     from model.engine import Engine, Request, cache_length
     from model.generate import generate_ids
@@ -478,7 +497,7 @@ def bench_engine(
     engines: dict[str, Engine] = {}
     for tail in tails:
         lengths = [min(n, budget) for n in realistic_lengths(rows, tail)]
-        job = {"tail": tail, "mean_length": round(sum(lengths) / rows, 1), "results": []}
+        job = {"tail": tail, "mean_length": round(sum(lengths) / rows, 1), "results": SavedList(save, report)}
         report["jobs"].append(job)
 
         def engine_run(kernel: str, n: int = rows, lengths: list[int] = lengths) -> float:
@@ -516,12 +535,14 @@ def bench_engine(
             job["results"].append(_timed_job(f"{decoder} (batch 64)", static_run, n, sum(lengths[:n]), log))
         n = compare_rows[2]
         job["results"].append(_hf_continuous_batching(model, report["prompt_positions"], lengths[:n], log))
+    save(report)
     if not only_engine and on_cuda:
         del model
         torch.cuda.empty_cache()
         llm = full_size_llm(torch.float16, "eager", lora=True)
         _, seconds = decode(llm, 1, torch.float16, original=True)
         report["original_tokens_per_s"] = round(NEW_TOKENS / seconds, 1)  # one row at a time: every token is useful
+        save(report)
         log(f"original's way (batch 1, fp16 eager, sampling, attentions out): {NEW_TOKENS / seconds:.1f} tok/s")
     return report
 
@@ -560,8 +581,4 @@ def _hf_continuous_batching(model, prompt: int, lengths: Sequence[int], log) -> 
         finally:
             manager.stop(block=True)
 
-    try:
-        return _timed_job("transformers continuous batching", run, len(lengths), sum(lengths), log)
-    except Exception as err:  # recorded, not fatal: the other decoders' numbers still stand
-        log(f"transformers continuous batching failed: {type(err).__name__}: {err}")
-        return dict(decoder="transformers continuous batching", error=f"{type(err).__name__}: {err}")
+    return _timed_job("transformers continuous batching", run, len(lengths), sum(lengths), log)

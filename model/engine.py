@@ -25,7 +25,7 @@ from peft import PeftModel
 
 from model.config import GenerationConfig
 from model.deepresonance import DeepResonance, Example
-from model.kv_slots import BLOCK, Kernel, SlotKV, bytes_per_position, slot_attention_on
+from model.kv_slots import BLOCK, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
 from model.next_token import next_token, row_key, uniforms
 from model.prompt import cut_at_stop, stop_sequences
 
@@ -332,7 +332,7 @@ def engine_for(
     slots = most_slots
     if budget is not None:
         per = bytes_per_position(model.llama_model.config, model.dtype)
-        slots = fit_slots(length, per, budget, most_slots)
+        slots = fit_slots(length, per, budget, min(most_slots, int32_slot_limit(model.llama_model.config, length)))
         if not slots:
             need = length * per / 2**30
             raise MemoryError(

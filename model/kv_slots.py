@@ -39,19 +39,27 @@ def bytes_per_position(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
 
 
+def int32_slot_limit(config, length: int) -> int:
+    """Slots whose one-layer cache stays under 2**31 elements: compiled kernels then index it with int32 (torch 2.11's
+    FlexAttention kernel fails to compile with the int64 indexing a larger tensor needs)."""
+    heads, head_dim = kv_heads(config)
+    return (2**31 - 1) // (heads * length * head_dim)
+
+
 class SlotKV:
-    """[layers, slots, heads, length, head_dim] keys and values; `pos[s]` is the column slot s writes next."""
+    """Per layer, [slots, heads, length, head_dim] keys and values; `pos[s]` is the column slot s writes next."""
 
     def __init__(self, config, slots: int, length: int, dtype: torch.dtype, device: torch.device, kernel: Kernel):
         heads, head_dim = kv_heads(config)
-        shape = (config.num_hidden_layers, slots, heads, length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (slots, heads, length, head_dim)
+        layers = range(config.num_hidden_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
         self.slots, self.length, self.kernel = slots, length, kernel
         self.columns = torch.arange(length, device=device)
         self.block_index = torch.arange(length // BLOCK, dtype=torch.int32, device=device).expand(slots, 1, 1, -1)
-        for t in (self.keys, self.values, self.pos):
+        for t in (*self.keys, *self.values, self.pos):
             torch._dynamo.mark_static_address(t)  # updated in place inside CUDA graphs
 
     def decode_mask(self) -> torch.Tensor | BlockMask:
@@ -73,8 +81,8 @@ class SlotKV:
         """Right-padded prompts [R, heads, L, dim] of the slots `rows`: keys and values stored at columns 0..L-1,
         causal attention over the prompt itself (a real query never sees a padded key: pads come after it)."""
         length = k.shape[2]
-        self.keys[layer, rows, :, :length] = k
-        self.values[layer, rows, :, :length] = v
+        self.keys[layer][rows, :, :length] = k
+        self.values[layer][rows, :, :length] = v
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
     def decode(self, layer: int, mask: torch.Tensor | BlockMask, q, k, v, scaling: float) -> torch.Tensor:
@@ -90,8 +98,8 @@ class SlotKV:
             top = torch.maximum(lse, new)
             w_past, w_new = torch.exp(lse - top).unsqueeze(-1), torch.exp(new - top).unsqueeze(-1)
             out = ((w_past * past.float() + w_new * v.float()) / (w_past + w_new)).to(q.dtype)
-        self.keys[layer, every, :, self.pos] = k[:, :, 0]
-        self.values[layer, every, :, self.pos] = v[:, :, 0]
+        self.keys[layer][every, :, self.pos] = k[:, :, 0]
+        self.values[layer][every, :, self.pos] = v[:, :, 0]
         if isinstance(mask, BlockMask):
             return out
         return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=mask, scale=scaling)
