@@ -455,6 +455,16 @@ class SavedList(list):
         self.save(self.report)
 
 
+def _free() -> None:
+    """Drops compiled code and CUDA graphs of the decoder just measured, and its cache memory, before the next."""
+    import gc
+
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -494,37 +504,51 @@ def bench_engine(
     greedy = GenerationConfig(max_new_tokens=budget, do_sample=False)
     examples = _audio_rows(rows)
     report["prompt_positions"] = model.example_length(examples[0])
-    engines: dict[str, Engine] = {}
+    jobs = []
     for tail in tails:
         lengths = [min(n, budget) for n in realistic_lengths(rows, tail)]
-        job = {"tail": tail, "mean_length": round(sum(lengths) / rows, 1), "results": SavedList(save, report)}
-        report["jobs"].append(job)
+        jobs.append(lengths)
+        report["jobs"].append(
+            {"tail": tail, "mean_length": round(sum(lengths) / rows, 1), "results": SavedList(save, report)}
+        )
 
-        def engine_run(kernel: str, n: int = rows, lengths: list[int] = lengths) -> float:
-            start = time.perf_counter()
-            if kernel not in engines:  # one engine per kernel for every job: its compiled step is built once
-                length = cache_length(report["prompt_positions"], budget)
-                engines[kernel] = Engine(model, slots, length, budget, k_cap=1, kernel=kernel)
-            engine = engines[kernel]
-            refused = engine.submit(
-                Request(i, ex, replace(greedy, max_new_tokens=k), i)
-                for i, (ex, k) in enumerate(zip(examples[:n], lengths[:n], strict=True))
+    def engine_run(engine: Engine, lengths: list[int]) -> float:
+        start = time.perf_counter()
+        refused = engine.submit(
+            Request(i, ex, replace(greedy, max_new_tokens=k), i)
+            for i, (ex, k) in enumerate(zip(examples, lengths, strict=True))
+        )
+        assert not refused, refused[0].error
+        made, first = {}, None
+        while engine.pending:
+            made.update((u.handle, len(u.ids)) for u in engine.advance() if u.done)
+            first = first or time.perf_counter() - start
+        assert [made[i] for i in range(len(lengths))] == lengths, "a row did not end at its own length"
+        return first
+
+    # one decoder at a time over every job (its compiled code is built once; its memory is freed before the next)
+    kernel = "flex" if on_cuda else "sdpa"
+    built = time.perf_counter()
+    engine = Engine(model, slots, cache_length(report["prompt_positions"], budget), budget, k_cap=1, kernel=kernel)
+    report["engine_build_s"] = round(time.perf_counter() - built, 2)
+    for job, lengths in zip(report["jobs"], jobs, strict=True):
+        job["results"].append(
+            _timed_job(
+                f"engine ({kernel})",
+                lambda lengths=lengths, engine=engine: engine_run(engine, lengths),
+                rows,
+                sum(lengths),
+                log,
             )
-            assert not refused, refused[0].error
-            made, first = {}, None
-            while engine.pending:
-                made.update((u.handle, len(u.ids)) for u in engine.advance() if u.done)
-                first = first or time.perf_counter() - start
-            assert [made[i] for i in range(n)] == lengths[:n], "a row did not end at its own length"
-            return first
-
-        kernel = "flex" if on_cuda else "sdpa"
-        job["results"].append(_timed_job(f"engine ({kernel})", lambda k=kernel: engine_run(k), rows, sum(lengths), log))
-        if only_engine:
-            continue
-        n = compare_rows[0]
-        job["results"].append(_timed_job("engine (sdpa)", lambda n=n: engine_run("sdpa", n), n, sum(lengths[:n]), log))
-        for decoder, n in (("static", compare_rows[0]), ("generate", compare_rows[1])):
+        )
+    del engine
+    _free()
+    if only_engine:
+        return report
+    for decoder, n in (("static", compare_rows[0]), ("generate", compare_rows[1])):
+        for job, lengths in zip(report["jobs"], jobs, strict=True):
+            if decoder == "static" and job["tail"]:
+                continue  # each batch's answer cap is a new cache shape: 1-2 minutes of compile per batch
 
             def static_run(decoder=decoder, n=n, lengths=lengths) -> None:
                 for start in range(0, n, 64):
@@ -533,10 +557,12 @@ def bench_engine(
                     generate_ids(model, examples[start : min(start + 64, n)], gen)
 
             job["results"].append(_timed_job(f"{decoder} (batch 64)", static_run, n, sum(lengths[:n]), log))
+        _free()
+    for job, lengths in zip(report["jobs"], jobs, strict=True):
         n = compare_rows[2]
         job["results"].append(_hf_continuous_batching(model, report["prompt_positions"], lengths[:n], log))
     save(report)
-    if not only_engine and on_cuda:
+    if on_cuda:
         del model
         torch.cuda.empty_cache()
         llm = full_size_llm(torch.float16, "eager", lora=True)
