@@ -25,7 +25,7 @@ from peft import PeftModel
 
 from model.config import GenerationConfig
 from model.deepresonance import DeepResonance, Example
-from model.kv_slots import BLOCK, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
+from model.kv_slots import BLOCK, PREFILL, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
 from model.next_token import next_token, row_key, uniforms
 from model.prompt import cut_at_stop, stop_sequences
 
@@ -234,7 +234,12 @@ class Engine:
         positions = torch.arange(embeds.shape[1], device=embeds.device).expand(len(requests), -1)
         with slot_attention_on(self.llm):
             hidden = self.lm.model(
-                inputs_embeds=embeds, position_ids=positions, use_cache=False, kv=self.kv, kv_rows=rows
+                inputs_embeds=embeds,
+                position_ids=positions,
+                attention_mask=PREFILL,
+                use_cache=False,
+                kv=self.kv,
+                kv_rows=rows,
             ).last_hidden_state
         logits = self.lm.lm_head(hidden[torch.arange(len(requests), device=rows.device), lengths - 1])
         gens = [r.gen for r in requests]
@@ -248,15 +253,7 @@ class Engine:
         self.top_p[rows] = per_row([g.top_p for g in gens], torch.float)
         self.keys[rows] = per_row([r.key for r in requests], torch.long)
         self.max_new[rows] = per_row([g.max_new_tokens for g in gens], torch.long)
-        first = next_token(
-            logits,
-            self.greedy[rows],
-            self.temperature[rows],
-            self.top_k[rows],
-            self.top_p[rows],
-            uniforms(self.keys[rows], torch.zeros_like(rows)),
-            self.k_cap,
-        )
+        first = self._next(logits, rows, torch.zeros_like(rows))
         self.out[rows, 0] = first
         self.last[rows] = first
         self.count[rows] = 1
@@ -265,6 +262,16 @@ class Engine:
         for s, r in zip(slots, requests, strict=False):
             self.handles[s] = r.handle
         return refused
+
+    def _next(self, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+        """Next tokens of the slots `rows` (their n-th token drawn at counter n); with k_cap 1 every choice is the
+        argmax, so no random draw is made."""
+        if self.k_cap == 1:
+            return logits.argmax(-1)
+        u = uniforms(self.keys[rows], counters)
+        return next_token(
+            logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], u, self.k_cap
+        )
 
     def _ended(self) -> torch.Tensor:
         """Slots whose ids so far end with EOS or a stop sequence, or reached their max_new_tokens."""
@@ -282,13 +289,12 @@ class Engine:
         logits = self.llm(
             input_ids=self.last.unsqueeze(-1),
             position_ids=kv.pos.unsqueeze(-1),
+            attention_mask=kv.decode_mask(),
             use_cache=False,
             kv=kv,
-            kv_mask=kv.decode_mask(),
             logits_to_keep=1,
         ).logits[:, -1]
-        u = uniforms(self.keys, self.count)
-        token = next_token(logits, self.greedy, self.temperature, self.top_k, self.top_p, u, self.k_cap)
+        token = self._next(logits, self.every, self.count)
         alive = ~self.done
         column = self.count.clamp(max=self.max_new_tokens - 1)
         self.out[self.every, column] = torch.where(alive, token, self.out[self.every, column])

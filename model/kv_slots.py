@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 Kernel = Literal["sdpa", "flex"]
 BLOCK = 128  # FlexAttention's key block: cache lengths are a multiple of it
@@ -105,19 +104,24 @@ class SlotKV:
         return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=mask, scale=scaling)
 
 
+# Handed to the model as the prefill's attention mask: any 4-D mask makes transformers pass it through instead of
+# building one (and detecting packed sequences from the position ids, a few ops per call); the prefill attends causally.
+PREFILL = torch.empty(0, 0, 0, 0, dtype=torch.bool)
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention-function signature; the slot cache comes in `kwargs["kv"]`."""
+    """transformers' attention-function signature; the slot cache comes in `kwargs["kv"]`, and `attention_mask` is
+    `decode_mask()`'s when decoding (the prefill's slots come in `kwargs["kv_rows"]`)."""
     kv: SlotKV = kwargs["kv"]
     rows = kwargs.get("kv_rows")
     if rows is not None:
         out = kv.prefill(module.layer_idx, rows, query, key, value, scaling)
     else:
-        out = kv.decode(module.layer_idx, kwargs["kv_mask"], query, key, value, scaling)
+        out = kv.decode(module.layer_idx, attention_mask, query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(IMPLEMENTATION, slot_attention)
-AttentionMaskInterface.register(IMPLEMENTATION, lambda *args, **kwargs: None)  # masks come from SlotKV
 
 
 @contextmanager
