@@ -14,6 +14,7 @@ import pytest
 from synth import make_row, write_dataset, write_garbage, write_image, write_video, write_wav
 from typer.testing import CliRunner
 
+from ckpt.layout import layout
 from deepresonance_cli.app import app
 from model.checkpoint import load_model
 from model.config import GenerationConfig
@@ -260,3 +261,38 @@ def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, m
     gen = GenerationConfig(max_new_tokens=4, do_sample=False, decoder="generate")
     summary = run_inference(model, rows, tmp_path / "data", tmp_path / "out" / "r.json", gen, batch_size=2)
     assert summary.answered == 4 and len(media_calls) == 2 and overlapped == [True]
+
+
+@pytest.mark.slow
+def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root, tmp_path):
+    """Answers of different lengths (the stopping model) finish out of order in the engine; a job killed mid-run and
+    rerun ends with every row answered once, and the same answers as an uninterrupted run."""
+    dataset = media_dataset(tmp_path / "data", 40)
+    out, clean = tmp_path / "res" / "toy.json", tmp_path / "clean" / "toy.json"
+    base = [sys.executable, "-m", "deepresonance_cli.app"]
+    cmd = base + infer_args(stopping_root, dataset, out, "--batch-size", "3")
+    cmd[cmd.index("6")] = "24"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out.with_suffix(".jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 8):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = [e["id"] for e in journal_lines(out)]
+    assert 8 <= len(first) < 40, "the kill should land mid-run"
+    rows, _ = load_rows(dataset)
+    paths = layout(stopping_root)
+    model = load_model(paths.vicuna, paths.delta_dir("alpha"), paths.imagebind)
+    submitted = sorted(
+        rows, key=lambda r: model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names])
+    )
+    assert first != [r.id for r in submitted][: len(first)], "rows should finish out of submission order"
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    clean_cmd = base + infer_args(stopping_root, dataset, clean, "--batch-size", "3")
+    clean_cmd[clean_cmd.index("6")] = "24"
+    assert subprocess.run(clean_cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    keys = [(e["id"], e["instruction"]) for e in journal_lines(out)]
+    assert len(keys) == len(set(keys)) == 40
+    assert json.loads(out.read_text()) == json.loads(clean.read_text())
