@@ -51,7 +51,8 @@ DecoderOption = Annotated[
 
 class RowsPerSecond(ProgressColumn):
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.2f} rows/s" if task.speed else "- rows/s")
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} rows/s" if speed else "- rows/s")
 
 
 def load(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str, dtype: str | None):
@@ -148,21 +149,28 @@ def infer(
         RowsPerSecond(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=rank != 0) as progress:
-        task = progress.add_task(f"{spec.name} ({variant})", total=None)
-        summary = run_inference(
-            model,
-            rows,
-            spec.media_root,
-            out,
-            gen,
-            batch_size,
-            cache,
-            rank,
-            world,
-            on_progress=lambda n: progress.advance(task, n),
+    try:
+        with Progress(*columns, console=console, disable=rank != 0) as progress:
+            task = progress.add_task(f"{spec.name} ({variant})", total=None)
+            summary = run_inference(
+                model,
+                rows,
+                spec.media_root,
+                out,
+                gen,
+                batch_size,
+                cache,
+                rank,
+                world,
+                on_progress=lambda n: progress.advance(task, n),
+                on_total=lambda n: progress.update(task, total=n),
+            )
+    except KeyboardInterrupt:
+        kept = sum(len(v) for v in write_results(out, rows).values()) if rank == 0 else 0
+        console.print(
+            f"interrupted: {kept} answers are kept in {out} and its journal; rerun the same command to go on"
         )
-        progress.update(task, total=summary.total - summary.skipped)
+        raise typer.Exit(130) from None
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:

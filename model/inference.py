@@ -154,8 +154,10 @@ def run_inference(
     world: int = 1,
     on_progress: Callable[[int], None] | None = None,
     workers: int = DECODE_WORKERS,
+    on_total: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish. `batch_size` is the
+    """Answers every row not answered yet; `on_total(n)` is told how many rows this process will answer, then
+    `on_progress(n)` is called as n more rows finish. `batch_size` is the
     engine's slot count (rows decoding together) or, for the static decoders, the rows per batch."""
     out_json, media_root = Path(out_json), Path(media_root)
     done = read_journal(journal_paths(out_json)) if out_json.parent.is_dir() else {}
@@ -163,6 +165,8 @@ def run_inference(
     summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
     lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
     todo.sort(key=lambda r: lengths[id(r)])  # similar lengths decode (or prefill) together: little padding
+    if on_total:
+        on_total(len(todo))
     journal = Journal(journal_path(out_json, rank, world))
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
     # read, preprocessed and encoded in a background thread while answers decode

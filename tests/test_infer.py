@@ -296,3 +296,34 @@ def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root
     keys = [(e["id"], e["instruction"]) for e in journal_lines(out)]
     assert len(keys) == len(set(keys)) == 40
     assert json.loads(out.read_text()) == json.loads(clean.read_text())
+
+
+def test_progress_is_told_the_rows_to_answer(tiny_layout, tmp_path):
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 6))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=3, do_sample=False)
+    out = tmp_path / "out" / "r.json"
+    totals, done = [], []
+    run_inference(model, rows[:4], tmp_path / "data", out, gen, on_total=totals.append, on_progress=done.append)
+    run_inference(model, rows, tmp_path / "data", out, gen, on_total=totals.append, on_progress=done.append)
+    assert totals == [4, 2] and sum(done) == 6
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_answers_and_says_how_to_go_on(tiny_root, tmp_path):
+    dataset = media_dataset(tmp_path / "data", 40)
+    out = tmp_path / "res" / "toy.json"
+    cmd = [sys.executable, "-m", "deepresonance_cli.app", *infer_args(tiny_root, dataset, out, "--batch-size", "2")]
+    cmd[cmd.index("6")] = "24"
+    proc = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"}, stderr=subprocess.PIPE, text=True)
+    journal = out.with_suffix(".jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130
+    kept = sum(len(v) for v in json.loads(out.read_text()).values())
+    assert 4 <= kept < 40
+    assert f"interrupted: {kept} answers are kept in {out}" in " ".join(stderr.split())
+    assert "rerun the same command to go on" in " ".join(stderr.split())
