@@ -14,8 +14,8 @@ app = typer.Typer(help="Full-size benchmarks with random weights (needs a CUDA G
 console = Console()
 
 
-@app.callback()
 def need_cuda() -> None:
+    """Checked by each command when it runs (not before `--help`)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -30,6 +30,7 @@ def infer(
     static_batches: Annotated[str, typer.Option(help="Batch sizes for the static-cache loop.")] = "1,64,512",
 ) -> None:
     """Decode tokens/s, encoder clips/s and a MusicCaps-sized job: the original's way vs dr's, in one run."""
+    need_cuda()
     from model.benchmark import bench_infer
 
     report = bench_infer(tuple(int(b) for b in batches.split(",")), tuple(int(b) for b in static_batches.split(",")))
@@ -60,6 +61,7 @@ def train(
     micro_batch: Annotated[int, typer.Option(help="dr's micro-batch (the original's is 2).")] = 16,
 ) -> None:
     """Stage-2 samples/s: the original's recipe (DeepSpeed ZeRO-2 CPU offload, fp16, encoder on the fly) vs dr's."""
+    need_cuda()
     from model.benchmark import bench_train
 
     report = bench_train(steps=steps, dr_micro_batch=micro_batch, log=console.print)
@@ -78,6 +80,7 @@ def job(
     ] = False,
 ) -> None:
     """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
+    need_cuda()
     from model.benchmark import bench_job
 
     report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), static=static_cache, log=console.print)
@@ -98,6 +101,7 @@ def engine(
 ) -> None:
     """A realistic-length job (answers of caption-like lengths, 512-token budget): the continuous-batching engine
     against the static loop, `generate`, transformers' continuous batching and the original's way, in one run."""
+    need_cuda()
     from model.benchmark import bench_engine
 
     report = bench_engine(

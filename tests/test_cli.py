@@ -24,6 +24,12 @@ def test_version():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is visible")
+@pytest.mark.parametrize("command", ["infer", "engine", "train", "job"])
+def test_bench_help_needs_no_gpu(command):
+    result = runner.invoke(app, ["bench", command, "--help"])
+    assert result.exit_code == 0 and "--out" in result.output
+
+
 def test_bench_without_a_gpu_is_one_clear_error():
     result = runner.invoke(app, ["bench", "infer"])
     assert result.exit_code == 1
