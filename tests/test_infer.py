@@ -59,6 +59,14 @@ def infer_args(tiny_root, dataset, out, *extra):
     ]
 
 
+def wait_for_journal(out: Path, lines: int, seconds: float = 240) -> None:
+    """Until the job's journal holds `lines` lines: the moment to interrupt it mid-run."""
+    journal = out.with_suffix(".jsonl")
+    deadline = time.time() + seconds
+    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < lines):
+        time.sleep(0.05)
+
+
 def journal_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
 
@@ -168,10 +176,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tiny_root, tmp_path):
     cmd[cmd.index("6")] = "24"  # longer answers: the kill lands mid-run
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out.with_suffix(".jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 6):
-        time.sleep(0.05)
+    wait_for_journal(out, 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {(e["id"], e["instruction"]): e["answer"] for e in journal_lines(out)}
@@ -274,10 +279,7 @@ def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root
     cmd[cmd.index("6")] = "24"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out.with_suffix(".jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 8):
-        time.sleep(0.05)
+    wait_for_journal(out, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = [e["id"] for e in journal_lines(out)]
@@ -316,10 +318,7 @@ def test_ctrl_c_keeps_finished_answers_and_says_how_to_go_on(tiny_root, tmp_path
     cmd = [sys.executable, "-m", "deepresonance_cli.app", *infer_args(tiny_root, dataset, out, "--batch-size", "2")]
     cmd[cmd.index("6")] = "24"
     proc = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"}, stderr=subprocess.PIPE, text=True)
-    journal = out.with_suffix(".jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 4):
-        time.sleep(0.05)
+    wait_for_journal(out, 4)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130
