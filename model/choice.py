@@ -1,12 +1,13 @@
 """Multiple choice by likelihood: each option scored by the model's log-probability of its text after the prompt.
 
 Every (row, option) pair is one teacher-forced sequence, `[BOS] input-with-media ### Human: {instruction}\\n###
-Assistant: {option}`, assembled by `DeepResonance.prepare` exactly as a training target would be, and batched. The
-score is the sum of the log-probabilities of the option's own tokens (sentencepiece's encoding of the option as an
-answer piece, with its leading "▁"). The end marker "\\n###" that `layout_row` appends to every target is not
-scored: lm-evaluation-harness scores the continuation alone, and an end marker would add the same kind of term to
-every option. Two picks come out, as lm-evaluation-harness's `acc` and `acc_norm`: the highest sum, and the highest
-sum divided by the option's length in characters.
+Assistant: {option}`, laid out by `layout_row` and assembled by `assemble` as `DeepResonance.prepare` does for a
+training target, and batched. The score is the sum of the log-probabilities of exactly the option's tokens (its
+sentencepiece encoding as an answer piece, with the leading "▁"). The end marker "\\n###" that `layout_row` appends
+to training targets is left out: lm-evaluation-harness scores the continuation alone, and the marker is not part of
+any option (it would also favour options after which the model expects the answer to end). Two picks come out, as
+lm-evaluation-harness's `acc` and `acc_norm`: the highest sum, and the highest sum divided by the option's length in
+characters.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache
 from model.media import MediaError
-from model.prompt import IGNORE, TARGET_END
+from model.prompt import IGNORE, Batch, RowLayout, assemble, layout_row
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,26 @@ class OptionScores:
         return max(range(len(self.logprobs)), key=lambda j: self.logprobs[j] / self.chars[j])
 
 
-def option_tokens(model: DeepResonance, option: str) -> int:
-    """How many of the target's tokens are the option's. The target is tokenized as one piece, `option + "\\n###"`;
-    its first tokens must be the option's own encoding, else the option's boundary is not a token boundary."""
+def prepare_options(model: DeepResonance, examples: Sequence[Example], options: Sequence[str]) -> Batch:
+    """`DeepResonance.prepare` with `options[k]` as the target of `examples[k]`, tokenized alone.
+
+    `prepare` tokenizes a target as one piece, `output + "\n###"`; where a tokenizer merges across that boundary (the
+    demo's, trained on such targets, has pieces like `.\n###`), its first tokens are not the option's own, so the
+    prompt is laid out here by `layout_row` without a target and the option's encoding is appended. With Vicuna's
+    tokenizer ("\n" is a byte piece that never merges) the two are the same tokens.
+    """
     tok = model.tokenizer
-    alone, target = tok.encode(option), tok.encode(option + TARGET_END)
-    if not alone or target[: len(alone)] != alone:
-        raise ValueError(f"option {option!r} does not tokenize to a prefix of its answer target; cannot score it alone")
-    return len(alone)
+    media = model.encode_media([item for ex in examples for item in ex.media])
+    layouts, start = [], 0
+    for ex, option in zip(examples, options, strict=True):
+        clips = [f.shape[0] for f in media[start : start + len(ex.media)]]
+        prompt = layout_row(tok, ex.input, ex.instruction, clips)
+        layouts.append(RowLayout(prompt.ids + tok.encode(option), prompt.input_len, prompt.target_start))
+        start += len(ex.media)
+    projected = model.llama_proj(torch.cat(media).to(model.device, model.dtype)) if media else None
+    return assemble(
+        layouts, projected, model.embed_tokens, tok.pad_id, model.config.max_length, fusion=model.preencoding
+    )
 
 
 @torch.inference_mode()
@@ -58,7 +71,6 @@ def option_logprobs(
     examples: Sequence[Example],
     options: Sequence[Sequence[str]],
     batch_size: int = 16,
-    on_batch: Callable[[int], None] | None = None,
 ) -> list[OptionScores]:
     """Scores of `options[i]` after `examples[i]`'s prompt (its `output` is ignored); `batch_size` sequences a pass.
 
@@ -69,9 +81,7 @@ def option_logprobs(
     counts: list[int] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = model.prepare(
-            [Example(examples[i].input, examples[i].instruction, examples[i].media, o) for i, o in chunk]
-        )
+        batch = prepare_options(model, [examples[i] for i, _ in chunk], [o for _, o in chunk])
         targets = batch.labels[:, 1:]
         first = int((targets != IGNORE).int().argmax(dim=1).min())  # earliest target position of the batch
         # logits only from the earliest target's predecessor on (prompts are most of the length); the last position
@@ -84,16 +94,14 @@ def option_logprobs(
         tail = targets[:, first:]
         picked = logp.gather(-1, tail.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         for b, (i, option) in enumerate(chunk):
-            n = option_tokens(model, option)
-            positions = (tail[b] != IGNORE).nonzero().squeeze(-1)[:n]
+            n = len(model.tokenizer.encode(option))
+            positions = (tail[b] != IGNORE).nonzero().squeeze(-1)
             if len(positions) < n:
                 raise ValueError(
                     f"row {i}: prompt plus option {option!r} is longer than max_length {model.config.max_length}"
                 )
             sums.append(float(picked[b, positions].sum()))
             counts.append(n)
-        if on_batch:
-            on_batch(len(chunk))
     out, k = [], 0
     for opts in options:
         out.append(

@@ -131,3 +131,22 @@ def test_chart_labels_every_bar_and_keeps_cider_apart():
         "published, not computed here",
         "chance (33.3%)",
     ]
+
+
+def test_classification_set_gets_accuracy_next_to_text_metrics(tmp_path, tiny_root):
+    labels = ["The genre is jazz.", "The genre is rock.", "The genre is pop."]
+    rows = [synth.make_row(f"g{i}", [("audio", f"g{i}.wav")], "What genre is it?", labels[i % 3]) for i in range(6)]
+    for i in range(6):
+        synth.write_wav(tmp_path / f"g{i}.wav", 1.0, 200 + 50 * i)
+    path = synth.write_dataset(tmp_path, rows)
+    predictions = {f"g{i}": {"What genre is it?": labels[0]} for i in range(6)}  # always jazz: right on g0, g3
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    out = tmp_path / "out" / "r.json"
+    args = ["eval", str(tmp_path / "pred.json"), "--dataset", str(path), "--mode", "likelihood"]
+    result = CliRunner().invoke(app, [*args, "--ckpt-root", str(tiny_root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out.read_text())
+    assert got["runs"]["pred"]["metrics"]["music-llm"]["bleu_u_char"] is not None  # today's text metrics
+    results = got["multiple_choice"]["results"]
+    assert results["pred"]["generative"]["accuracy"] == pytest.approx(2 / 6)
+    assert results["alpha"]["likelihood"]["n"] == 6 and results["alpha"]["likelihood"]["chance"] == pytest.approx(1 / 3)

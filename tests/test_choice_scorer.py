@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_model
-from model.choice import OptionScores, option_logprobs, option_tokens
+from model.choice import OptionScores, option_logprobs, prepare_options
 from model.deepresonance import Example
 from model.prompt import ASSISTANT, HUMAN
 
@@ -121,5 +121,9 @@ def test_an_option_cut_by_max_length_is_an_error(alpha):
         option_logprobs(alpha, [long], [OPTIONS])
 
 
-def test_option_tokens_are_its_own_encoding(alpha):
-    assert option_tokens(alpha, "piano") == len(alpha.tokenizer.encode("piano"))
+def test_options_are_scored_as_their_own_tokens(alpha):
+    """The labels of an option sequence are the option's own encoding and nothing after it (no "\\n###")."""
+    batch = prepare_options(alpha, examples()[:2], ["piano", "drums"])
+    for b, option in enumerate(["piano", "drums"]):
+        labels = batch.labels[b][batch.labels[b] != -100].tolist()
+        assert labels == alpha.tokenizer.encode(option)
