@@ -26,6 +26,9 @@ def convert(
     ] = "{dataset}/{audio_id}.wav",
     all_tasks: Annotated[bool, typer.Option(help="MMAU / MMAR: keep every task, not only music.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the option order where the file lists the answer first.")] = 0,
+    leave_one_out: Annotated[
+        bool, typer.Option(help="RUListening: its recommended form, four-option rows voting per question.")
+    ] = False,
 ) -> None:
     """Convert a benchmark file to rows with the options in the prompt; audio is not shipped (`dr data check`)."""
     from model.data import CATALOG, DatasetError
@@ -36,11 +39,12 @@ def convert(
     json_name, media = CATALOG[(benchmark, "test")]
     target = out or data_root / json_name
     try:
-        rows = convert(benchmark, source, target, audio_pattern=audio_pattern, keep_all=all_tasks, seed=seed)
+        options = dict(audio_pattern=audio_pattern, keep_all=all_tasks, seed=seed, leave_one_out=leave_one_out)
+        rows = convert(benchmark, source, target, **options)
     except DatasetError as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(1) from e
-    console.print(f"{len(rows)} questions -> {target}", highlight=False)
+    console.print(f"{len(rows)} rows -> {target}", highlight=False)
     console.print(
         f"audio: put the files under {data_root / media}/ (or pass --media-root), then "
         f"`dr data check --dataset {benchmark if out is None else target}`",

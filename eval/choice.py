@@ -18,6 +18,7 @@ Letters count only up to the number of options (a "D" with three options is no l
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -99,23 +100,38 @@ def _summary(correct: Sequence[bool], options: Sequence[int]) -> dict:
     }
 
 
+def grade(rows: Sequence, picks: Sequence[int | None]) -> dict:
+    """Accuracy of picked options (None: unparsed, wrong) per question. Rows sharing a `group` are one question
+    asked several times (RUListening's leave-one-out form): the option text most of its rows pick is its answer,
+    unparsed rows not voting, as RUListening's evaluation counts it."""
+    questions: dict[object, list[tuple]] = {}
+    for k, (r, pick) in enumerate(zip(rows, picks, strict=True)):
+        questions.setdefault(("group", r.group) if r.group else ("row", k), []).append((r, pick))
+    correct, cats, sizes = [], [], []
+    for members in questions.values():
+        first = members[0][0]
+        votes = Counter(r.options[p] for r, p in members if p is not None)
+        agreed = votes.most_common(1)[0][0] if votes else None
+        correct.append(agreed is not None and agreed == first.row.output)
+        cats.append(first.categories)
+        sizes.append(len(first.options))
+    return accuracy(correct, cats, sizes)
+
+
 def score_generative(predictions: Mapping[str, Mapping[str, str]], rows: Sequence) -> dict:
     """`{id: {instruction: answer}}` (what `dr infer` writes) against `model.mc_data.ChoiceRow`s.
 
     A row without an answer (not run, or its media failed) is left out and counted as missing; unparsed answers are
-    scored wrong and counted."""
-    correct, cats, sizes, unparsed, missing = [], [], [], 0, 0
+    scored wrong and counted (both in rows)."""
+    answered, picks, unparsed = [], [], 0
     for r in rows:
         answer = predictions.get(r.row.id, {}).get(r.row.instruction)
-        if not isinstance(answer, str):
-            missing += 1
-            continue
-        pick = parse_answer(answer, r.options)
-        unparsed += pick is None
-        correct.append(pick == r.answer)
-        cats.append(r.categories)
-        sizes.append(len(r.options))
-    return {**accuracy(correct, cats, sizes), "answering": "generative", "unparsed": unparsed, "missing": missing}
+        if isinstance(answer, str):
+            answered.append(r)
+            picks.append(parse_answer(answer, r.options))
+            unparsed += picks[-1] is None
+    missing = len(rows) - len(answered)
+    return {**grade(answered, picks), "answering": "generative", "unparsed": unparsed, "missing": missing}
 
 
 def score_likelihood(scores: Sequence, rows: Sequence) -> dict[str, dict]:
@@ -123,11 +139,10 @@ def score_likelihood(scores: Sequence, rows: Sequence) -> dict[str, dict]:
     whose media failed (a MediaError in place of scores) are left out and counted as missing."""
     kept = [(s, r) for s, r in zip(scores, rows, strict=True) if hasattr(s, "logprobs")]
     missing = len(rows) - len(kept)
-    cats, sizes = [r.categories for _, r in kept], [len(r.options) for _, r in kept]
     out = {}
     for name, attr in (("likelihood", "pick"), ("likelihood (norm)", "pick_norm")):
-        correct = [getattr(s, attr) == r.answer for s, r in kept]
-        out[name] = {**accuracy(correct, cats, sizes), "answering": name, "unparsed": 0, "missing": missing}
+        picks = [getattr(s, attr) for s, _ in kept]
+        out[name] = {**grade([r for _, r in kept], picks), "answering": name, "unparsed": 0, "missing": missing}
     return out
 
 

@@ -5,7 +5,9 @@ it unchanged) with three more keys:
 
 - `options`: the answer texts in the order the prompt lists them,
 - `answer`: the 0-based index of the correct one (`output` is its text),
-- `categories`: `"group: value"` labels (e.g. `"reasoning: genre and style"`), scored separately by `dr eval`.
+- `categories`: `"group: value"` labels (e.g. `"reasoning: genre and style"`), scored separately by `dr eval`,
+- optionally `group`: rows of one group are one question asked with different option subsets, scored by majority
+  vote (RUListening's leave-one-out evaluation).
 
 `instruction` holds the question with its options as the benchmark's own prompt template lists them, so that the
 generative mode asks what the benchmark asks; the likelihood mode scores the option texts after that same prompt.
@@ -23,8 +25,10 @@ Formats read (from the benchmarks' public repositories; where a file exists in s
   in the CSV, so options are shuffled with a fixed seed per question (as `prepare_prompts.py` shuffles them).
 - RUListening / RUL-MuChoMusic (yongyizang/AreYouReallyListening, `RUL-MuchoMusic.json`): an object keyed by
   question id, each `{question, correct_answer, distractors, caption, PI}`; the audio is `{question_id}.mp3`, as its
-  example scripts read it. All five options are asked at once (the repository's "one-shot" form; its leave-one-out
-  voting over four-option subsets is not reproduced), shuffled with a fixed seed per question.
+  example scripts read it. By default all five options are asked at once (the repository's "one-shot" form);
+  `leave_one_out` writes its recommended form instead: one row per distractor left out (four options each),
+  grouped, the question's answer being the majority vote of its rows. Options are shuffled with a fixed seed per
+  row.
 - MMAU test-mini (Sakshi113/MMAU, `mmau-test-mini.json`): a list of `{id, audio_id, question, choices, answer,
   task, category, sub-category, ...}`, `answer` being the text of one choice; only `task == "music"` rows are kept
   unless every task is asked for.
@@ -55,12 +59,14 @@ LETTERS = string.ascii_uppercase
 
 @dataclass(frozen=True)
 class ChoiceRow:
-    """A validated multiple-choice row: the row itself, its options, the correct index and its categories."""
+    """A validated multiple-choice row: the row itself, its options, the correct index and its categories; rows
+    with the same `group` ask one question several times (leave-one-out) and are scored by majority vote."""
 
     row: Row
     options: tuple[str, ...]
     answer: int
     categories: tuple[str, ...] = ()
+    group: str | None = None
 
 
 class BenchmarkFormatError(DatasetError):
@@ -75,9 +81,11 @@ def muchomusic_prompt(question: str, options: Sequence[str]) -> str:
 
 
 def rulistening_prompt(question: str, options: Sequence[str]) -> str:
-    """RUListening's example evaluation prompt (ExampleAudioEval/qwen_2_audio.py), letters as many as options."""
+    """RUListening's example evaluation prompt (ExampleAudioEval/qwen_2_audio.py): its one-shot form (five options)
+    ends "... [[D]] or [[E]].", its leave-one-out form (four) "... [[C]], [[D]]."."""
     listed = " ".join(f"({LETTERS[j]}) {option}" for j, option in enumerate(options))
-    examples = ", ".join(f"[[{LETTERS[j]}]]" for j in range(len(options) - 1)) + f" or [[{LETTERS[len(options) - 1]}]]"
+    letters = [f"[[{LETTERS[j]}]]" for j in range(len(options))]
+    examples = ", ".join(letters[:-1]) + f" or {letters[-1]}" if len(options) == 5 else ", ".join(letters)
     return (
         f"Provide your best guess of this question. Think step by step.\n\nQuestion: {question}\n\n"
         f"Options: {listed}\n\nWrite out your guess in the format of [[Letter]], such as {examples}."
@@ -255,8 +263,8 @@ def _muchomusic_csv(path: Path, audio_pattern: str, seed: int) -> list[dict]:
     return rows
 
 
-def convert_rulistening(path: Path, seed: int = 0, **_: object) -> list[dict]:
-    """RUL-MuchoMusic.json -> rows (all five options; audio `{question_id}.mp3`)."""
+def convert_rulistening(path: Path, seed: int = 0, leave_one_out: bool = False, **_: object) -> list[dict]:
+    """RUL-MuchoMusic.json -> rows (all five options, or leave-one-out groups; audio `{question_id}.mp3`)."""
     raw_rows = _read_json(path)
     if not isinstance(raw_rows, dict):
         raise BenchmarkFormatError(f"{path}: expected an object keyed by question id, got {type(raw_rows).__name__}")
@@ -267,9 +275,18 @@ def convert_rulistening(path: Path, seed: int = 0, **_: object) -> list[dict]:
         distractors = raw.get("distractors")
         if not isinstance(distractors, list) or not distractors or not all(isinstance(d, str) for d in distractors):
             raise _fail(path, qid, "`distractors` must be a non-empty list of strings")
-        question = _text(raw, ("question",), path, qid)
-        options, answer = _shuffled(qid, _text(raw, ("correct_answer",), path, qid), distractors, seed)
-        rows.append(mc_row(qid, f"{qid}.mp3", question, options, answer, (), rulistening_prompt))
+        question, correct = _text(raw, ("question",), path, qid), _text(raw, ("correct_answer",), path, qid)
+        if not leave_one_out:
+            options, answer = _shuffled(qid, correct, distractors, seed)
+            rows.append(mc_row(qid, f"{qid}.mp3", question, options, answer, (), rulistening_prompt))
+            continue
+        for left_out in range(len(distractors)):
+            row_id = f"{qid}/loo{left_out}"
+            kept = [d for j, d in enumerate(distractors) if j != left_out]
+            options, answer = _shuffled(row_id, correct, kept, seed)
+            rows.append(
+                {**mc_row(row_id, f"{qid}.mp3", question, options, answer, (), rulistening_prompt), "group": qid}
+            )
     return rows
 
 
@@ -328,9 +345,12 @@ def convert(benchmark: str, source: str | Path, out: str | Path, **options: obje
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-def _choice_fields(raw: dict) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
+def _choice_fields(raw: dict) -> tuple[tuple[str, ...], int, tuple[str, ...], str | None]:
     """The multiple-choice keys of one raw row, or ValueError saying what is wrong."""
     options, answer, categories = raw.get("options"), raw.get("answer"), raw.get("categories", [])
+    group = raw.get("group")
+    if group is not None and not isinstance(group, str):
+        raise ValueError("`group` must be a string")
     if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
         raise ValueError("`options` must be a list of at least two non-empty strings")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options):
@@ -339,7 +359,7 @@ def _choice_fields(raw: dict) -> tuple[tuple[str, ...], int, tuple[str, ...]]:
         raise ValueError("`output` must be the text of the correct option")
     if not isinstance(categories, list) or not all(isinstance(c, str) for c in categories):
         raise ValueError("`categories` must be a list of strings")
-    return tuple(options), answer, tuple(categories)
+    return tuple(options), answer, tuple(categories), group
 
 
 def has_choices(path: str | Path) -> bool:

@@ -106,6 +106,25 @@ def test_generative_scores_count_unparsed_and_missing():
     assert (report["accuracy"], report["n"], report["unparsed"], report["missing"]) == (0.5, 2, 1, 1)
 
 
+def test_leave_one_out_groups_vote():
+    # one question asked three times: picks "Jazz", "Jazz", unparsed -> "Jazz" (correct); a second asked twice:
+    # "Rock" once, "Pop music" once -> a tie, settled by the first vote ("Rock", wrong: the answer is "Pop music")
+    def asked(qid, k, answer):
+        row = Row(f"{qid}/loo{k}", "<Audio>", f"{qid} {k}?", answer, ("audio",), ("a.wav",))
+        return ChoiceRow(row, tuple(OPTIONS), OPTIONS.index(answer), (), qid)
+
+    rows = [
+        asked("q", 0, "Jazz"),
+        asked("q", 1, "Jazz"),
+        asked("q", 2, "Jazz"),
+        asked("p", 0, "Pop music"),
+        asked("p", 1, "Pop music"),
+    ]
+    predictions = {r.row.id: {r.row.instruction: a} for r, a in zip(rows, ["C", "jazz", "?", "Rock", "D"], strict=True)}
+    report = score_generative(predictions, rows)
+    assert (report["n"], report["correct"], report["unparsed"]) == (2, 1, 1)
+
+
 def test_likelihood_scores_give_acc_and_acc_norm():
     # row 0: total picks 0 ("Rock", correct); per character picks 3 ("Pop music"). row 1: both pick 1 (correct)
     scores = [

@@ -204,6 +204,17 @@ def test_rulistening_round_trip(tmp_path):
     assert row.row.instruction.endswith("such as [[A]], [[B]], [[C]], [[D]] or [[E]].")
 
 
+def test_rulistening_leave_one_out_groups(tmp_path):
+    (tmp_path / "RUL-MuchoMusic.json").write_text(json.dumps(RUL))
+    rows = converted(tmp_path, "rulistening", tmp_path / "RUL-MuchoMusic.json", leave_one_out=True)
+    assert [r.row.id for r in rows[:4]] == [f"1740/loo{k}" for k in range(4)] and len(rows) == 8
+    for k, r in enumerate(rows[:4]):  # distractor k left out, the correct answer always in
+        left_out = RUL["1740"]["distractors"][k]
+        assert r.group == "1740" and len(r.options) == 4 and left_out not in r.options
+        assert r.options[r.answer] == RUL["1740"]["correct_answer"] and r.row.mm_paths == ("1740.mp3",)
+    assert rows[0].row.instruction.endswith("such as [[A]], [[B]], [[C]], [[D]].")
+
+
 @pytest.mark.parametrize("keep_all", [False, True])
 def test_mmau_round_trip_keeps_music_unless_asked(tmp_path, keep_all):
     (tmp_path / "mmau-test-mini.json").write_text(json.dumps(MMAU))
@@ -292,7 +303,7 @@ def test_dr_data_convert_writes_the_catalog_file(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows, _ = load_choice_rows(tmp_path / "mmau_music_test.json")
-    assert [r.row.id for r in rows] == ["m1"] and "1 questions" in result.output
+    assert [r.row.id for r in rows] == ["m1"] and "1 rows" in result.output
     assert "dr data check --dataset mmau_music" in result.output
     bad = CliRunner().invoke(app, ["data", "convert", "mmau_music", str(tmp_path / "nope.json")])
     assert bad.exit_code == 1 and "nope.json: no such file" in bad.output
