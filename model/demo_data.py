@@ -55,6 +55,9 @@ VOCABULARY = {
 # media per attribute combination: (train, test), and the smaller `quick` sizes
 SIZES = {"audio": (10, 2), "image": (4, 1), "video": (3, 1)}
 QUICK_SIZES = {"audio": (6, 1), "image": (3, 1), "video": (2, 1)}
+# held-out clips per attribute combination for the multiple-choice set, beside the test split's: scoring is cheap and
+# a few more questions keep its accuracy from swinging with a handful of clips
+CHOICE_CLIPS = 3
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,18 @@ def _media(root: Path, split: str, sizes: dict[str, tuple[int, int]], seed: int)
     return clips, images, videos
 
 
+def _choice_clips(root: Path, seed: int) -> list[tuple[str, Music]]:
+    """Audio-only held-out clips of the multiple-choice set (its own seed stream: the other splits are unchanged)."""
+    rng = np.random.default_rng([seed, 4, 0])
+    combos = [Music(*a) for a in product(INSTRUMENTS, TEMPOS, LOUDNESS)]
+    clips = []
+    for i, music in enumerate(m for m in combos for _ in range(CHOICE_CLIPS)):
+        path = f"audios/choice_{i:04d}.wav"
+        write_wav(root / path, synth_music(music, rng))
+        clips.append((path, music))
+    return clips
+
+
 def build(root: str | Path, seed: int = 0, quick: bool = False) -> DemoData:
     """Writes media and row files under `root` (media paths are relative to it, the files' own folder)."""
     root = Path(root)
@@ -294,12 +309,13 @@ def build(root: str | Path, seed: int = 0, quick: bool = False) -> DemoData:
     for split in ("train", "test"):
         clips, images, videos = _media(root, split, sizes, seed)
         tasks = task_rows(clips, images, videos, np.random.default_rng([seed, 2, split == "test"]))
-        tasks[CHOICE_TASK] = choice_rows(clips, np.random.default_rng([seed, 3, split == "test"]))
         if split == "test":
             test_rows = [r for task in STAGE2_TASKS for r in tasks[task]]
+            held_out = choice_rows(clips + _choice_clips(root, seed), np.random.default_rng([seed, 3, 1]))
             choice_test = root / "demo_choice_test.json"
-            choice_test.write_text(json.dumps(tasks[CHOICE_TASK], indent=1))
+            choice_test.write_text(json.dumps(held_out, indent=1))
             continue
+        tasks[CHOICE_TASK] = choice_rows(clips, np.random.default_rng([seed, 3, 0]))
         for task, rows in tasks.items():
             files[task] = root / f"demo_{task}_train.json"
             files[task].write_text(json.dumps(rows, indent=1))

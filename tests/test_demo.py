@@ -38,11 +38,12 @@ def test_quick_demo_learns(tmp_path):
     # multiple choice by likelihood on held-out clips: well above chance after training (chance: the mean of 1/3, 1/2
     # and 1/2 over the instrument, tempo and loudness questions), near it before, and near it again with silence
     # in place of the audio (the answer needs the audio)
+    # (the margins are about two standard errors of the 144 held-out questions)
     chance = after["choice"]["chance"]
     assert chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
-    assert after["choice"]["likelihood"] > chance + 0.25
-    assert before["choice"]["likelihood"] < chance + 0.2
-    assert after["choice"]["likelihood, silence audio"] < after["choice"]["likelihood"] - 0.2
+    assert after["choice"]["likelihood"] > chance + 0.1
+    assert before["choice"]["likelihood"] < chance + 0.15
+    assert after["choice"]["likelihood, silence audio"] < after["choice"]["likelihood"] - 0.08
 
     # everything the printed commands point at exists
     for path in result.paths.values():
