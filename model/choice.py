@@ -1,13 +1,12 @@
 """Multiple choice by likelihood: each option scored by the model's log-probability of its text after the prompt.
 
 Every (row, option) pair is one teacher-forced sequence, `[BOS] input-with-media ### Human: {instruction}\\n###
-Assistant: {option}`, laid out by `layout_row` and assembled by `assemble` as `DeepResonance.prepare` does for a
-training target, and batched. The score is the sum of the log-probabilities of exactly the option's tokens (its
-sentencepiece encoding as an answer piece, with the leading "▁"). The end marker "\\n###" that `layout_row` appends
-to training targets is left out: lm-evaluation-harness scores the continuation alone, and the marker is not part of
-any option (it would also favour options after which the model expects the answer to end). Two picks come out, as
-lm-evaluation-harness's `acc` and `acc_norm`: the highest sum, and the highest sum divided by the option's length in
-characters.
+Assistant: {option}\\n###`, assembled by `DeepResonance.prepare` exactly as a training target, and batched. The score
+is the sum of the log-probabilities of the tokens that spell the option (`option_tokens`); the end marker "\\n###"
+that `layout_row` appends to every target is not scored where it is a token of its own (always with Vicuna's
+tokenizer): lm-evaluation-harness scores the continuation alone, and the marker is no part of any option. Two picks
+come out, as lm-evaluation-harness's `acc` and `acc_norm`: the highest sum, and the highest sum divided by the
+option's length in characters.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import torch
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache
 from model.media import MediaError
-from model.prompt import IGNORE, Batch, RowLayout, assemble, layout_row
+from model.prompt import IGNORE, TARGET_END
+from model.tokenizer import PromptTokenizer
 
 
 @dataclass(frozen=True)
@@ -43,26 +43,17 @@ class OptionScores:
         return max(range(len(self.logprobs)), key=lambda j: self.logprobs[j] / self.chars[j])
 
 
-def prepare_options(model: DeepResonance, examples: Sequence[Example], options: Sequence[str]) -> Batch:
-    """`DeepResonance.prepare` with `options[k]` as the target of `examples[k]`, tokenized alone.
-
-    `prepare` tokenizes a target as one piece, `output + "\n###"`; where a tokenizer merges across that boundary (the
-    demo's, trained on such targets, has pieces like `.\n###`), its first tokens are not the option's own, so the
-    prompt is laid out here by `layout_row` without a target and the option's encoding is appended. With Vicuna's
-    tokenizer ("\n" is a byte piece that never merges) the two are the same tokens.
-    """
-    tok = model.tokenizer
-    media = model.encode_media([item for ex in examples for item in ex.media])
-    layouts, start = [], 0
-    for ex, option in zip(examples, options, strict=True):
-        clips = [f.shape[0] for f in media[start : start + len(ex.media)]]
-        prompt = layout_row(tok, ex.input, ex.instruction, clips)
-        layouts.append(RowLayout(prompt.ids + tok.encode(option), prompt.input_len, prompt.target_start))
-        start += len(ex.media)
-    projected = model.llama_proj(torch.cat(media).to(model.device, model.dtype)) if media else None
-    return assemble(
-        layouts, projected, model.embed_tokens, tok.pad_id, model.config.max_length, fusion=model.preencoding
-    )
+def option_tokens(tok: PromptTokenizer, option: str) -> int:
+    """How many tokens of the answer target `option + "\\n###"` (tokenized as one piece, as training and
+    `DeepResonance.prepare` do) spell the option: the fewest whose text covers it. With Vicuna's tokenizer that is
+    exactly the option's own encoding ("\\n" is a byte piece that never merges); with a tokenizer that merges the
+    option's last characters with the end marker (the demo's, trained on such targets, has `.\\n###`), that piece is
+    included: it is how the model writes the option's end."""
+    ids = tok.encode(option + TARGET_END)
+    for n in range(1, len(ids) + 1):
+        if len(tok.decode(ids[:n])) >= len(option):
+            return n
+    return len(ids)
 
 
 @torch.inference_mode()
@@ -81,7 +72,9 @@ def option_logprobs(
     counts: list[int] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        batch = prepare_options(model, [examples[i] for i, _ in chunk], [o for _, o in chunk])
+        batch = model.prepare(
+            [Example(examples[i].input, examples[i].instruction, examples[i].media, o) for i, o in chunk]
+        )
         targets = batch.labels[:, 1:]
         first = int((targets != IGNORE).int().argmax(dim=1).min())  # earliest target position of the batch
         # logits only from the earliest target's predecessor on (prompts are most of the length); the last position
@@ -94,8 +87,8 @@ def option_logprobs(
         tail = targets[:, first:]
         picked = logp.gather(-1, tail.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         for b, (i, option) in enumerate(chunk):
-            n = len(model.tokenizer.encode(option))
-            positions = (tail[b] != IGNORE).nonzero().squeeze(-1)
+            n = option_tokens(model.tokenizer, option)
+            positions = (tail[b] != IGNORE).nonzero().squeeze(-1)[:n]
             if len(positions) < n:
                 raise ValueError(
                     f"row {i}: prompt plus option {option!r} is longer than max_length {model.config.max_length}"
