@@ -68,8 +68,9 @@ def test_a_bias_only_lm_head_makes_one_option_certain(tiny_layout):
         assert s.tokens == tuple(len(tok.encode(o)) for o in OPTIONS) and s.chars == tuple(map(len, OPTIONS))
 
 
-def by_hand(model, example: Example, option: str) -> float:
-    """One row, teacher-forced, from token ids: [BOS if text first] input (clips projected) prompt option."""
+def by_hand(model, example: Example, option: str, answer: list[int] | None = None) -> float:
+    """One row, teacher-forced, from token ids: [BOS if text first] input (clips projected) prompt option (its own
+    encoding unless `answer` gives the ids to score)."""
     tok, embed = model.tokenizer, model.embed_tokens
     parts: list[torch.Tensor] = []
     text, _, rest = example.input.partition("<Audio>")
@@ -79,7 +80,7 @@ def by_hand(model, example: Example, option: str) -> float:
         parts.append(model.llama_proj(example.media[0][1]))
     assert not rest
     prompt = tok.encode(HUMAN + example.instruction + ASSISTANT)
-    answer = tok.encode(option)
+    answer = tok.encode(option) if answer is None else answer
     parts.append(embed(torch.tensor(prompt + answer)))
     embeds = torch.cat(parts).unsqueeze(0)
     logits = model.llama_model(inputs_embeds=embeds).logits[0]
@@ -131,3 +132,27 @@ def test_option_tokens_cover_the_option_and_no_more(alpha):
     for option in ["A calm piano piece in C major with a slow tempo and soft dynamics.", "Hi.", "x"]:
         ids, n = tok.encode(option + "\n###"), option_tokens(tok, option)
         assert tok.decode(ids[:n]).startswith(option) and len(tok.decode(ids[: n - 1])) < len(option)
+
+
+def test_an_option_merged_with_the_end_marker_is_scored_as_trained(tiny_layout, tmp_path):
+    """A tokenizer trained on answers (as the demo's) has a `.\\n###` piece: the option "The music is loud." is then
+    written, as in training, with that piece last, not with a lone ".", and that is what is scored."""
+    from ckpt.tiny import train_tokenizer
+    from model.tokenizer import PromptTokenizer
+
+    corpus = [f"The {w} is {v}." for w in ("music", "tempo", "song") for v in ("loud", "soft", "fast", "slow")]
+    tok = PromptTokenizer(train_tokenizer(tmp_path / "tok", corpus, vocab_size=300))
+    option = "The music is loud."
+    target = tok.encode(option + "\n###")
+    assert tok.sp.id_to_piece(target[-1]) == ".\n###" and target[:-1] == tok.encode(option)[:-1]
+    assert option_tokens(tok, option) == len(target)
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind).eval()
+    model.tokenizer = tok  # a random model: any ids below its vocabulary size will do
+    example = Example("", "How loud is it?", [])
+    [score] = option_logprobs(model, [example], [[option, "The music is soft."]])
+    with torch.inference_mode():
+        expected = by_hand(model, example, option, answer=target)
+        alone = by_hand(model, example, option)  # the option's own encoding, ending in a lone "."
+    assert score.logprobs[0] == pytest.approx(expected, abs=1e-4)
+    assert abs(alone - expected) > 1e-3  # so scoring the lone-"." encoding would fail the line above
