@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from deepresonance_cli import __version__, bench, data, demo, eval_cmd, infer
+from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
 
@@ -18,6 +18,7 @@ app = typer.Typer(
 app.add_typer(ckpt_cli.app, name="ckpt")
 app.command("eval")(eval_cmd.eval_command)
 app.add_typer(data.app, name="data")
+data.app.command("convert")(bench_data.convert)
 app.command("infer")(infer.infer)
 app.command("ask")(infer.ask)
 app.add_typer(bench.app, name="bench")

@@ -25,6 +25,10 @@ ROWS = [  # (group, key, label) shown in the before/after table
     ("music-llm", "rouge_l_recall", "music-llm ROUGE-L (R)"),
     *[("attributes", a, f"attribute accuracy: {a}") for a in ("instrument", "tempo", "loudness", "color", "shape")],
     ("attributes", "all", "attribute accuracy: all"),
+    ("choice", "likelihood", "multiple choice (likelihood)"),
+    ("choice", "likelihood (norm)", "multiple choice (likelihood, norm)"),
+    ("choice", "likelihood, silence audio", "multiple choice, silence audio"),
+    ("choice", "chance", "multiple choice: chance"),
 ]
 
 

@@ -37,6 +37,12 @@ CATALOG: dict[tuple[str, str], tuple[str, str | None]] = {
     ("mtg", "test"): ("mtg_test.json", "MTG/eval_audios"),
     ("musicinstruct_long", "test"): ("musicinstruct_long_test.json", "MusicInstruct/eval_audios"),
     ("musicinstruct_short", "test"): ("musicinstruct_short_test.json", "MusicInstruct/eval_audios"),
+    # multiple-choice benchmarks, as `dr data convert` writes them (model/mc_data.py); media roots are the folders
+    # their audio paths are relative to
+    ("muchomusic", "test"): ("muchomusic_test.json", "MuChoMusic/audio"),
+    ("rulistening", "test"): ("rulistening_test.json", "RUListening/audio"),
+    ("mmau_music", "test"): ("mmau_music_test.json", "MMAU"),
+    ("mmar_music", "test"): ("mmar_music_test.json", "MMAR"),
     ("alpaca", "train"): ("alpaca.json", None),
     ("coco", "train"): ("coco.json", "coco/images"),
     ("musiccaps", "train"): ("musiccaps.json", "musiccaps/audios"),

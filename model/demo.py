@@ -1,4 +1,5 @@
-"""`dr demo` as a function: synthetic data -> tiny model -> stage 1 and stage 2 -> held-out answers -> metrics.
+"""`dr demo` as a function: synthetic data -> tiny model -> stage 1 and stage 2 -> held-out answers -> metrics,
+and a held-out multiple-choice set scored by likelihood (with the audio, and with silence in its place).
 
 It runs the same code paths as the real recipe (model/training.py, model/inference.py, eval/), only smaller: the
 tiny checkpoint set of ckpt/tiny.py (random ImageBind and LLaMA, a tokenizer trained on the demo's texts) and the
@@ -35,7 +36,8 @@ INFER_BATCH = 16
 
 @dataclass
 class DemoResult:
-    """Metrics per model ("untrained", "trained"): {"coco": {...}, "music-llm": {...}, "attributes": {...}}."""
+    """Metrics per model ("untrained", "trained"): {"coco": {...}, "music-llm": {...}, "attributes": {...},
+    "choice": {mode: accuracy, "chance": rate}}."""
 
     out: Path
     metrics: dict[str, dict[str, dict[str, float | None]]]
@@ -109,6 +111,30 @@ def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, o
     return write_results(out_json, rows)
 
 
+def _choice(ckpt: Path, delta: Path, variant: str, data: demo_data.DemoData, cache: Path, controls: Path) -> dict:
+    """Likelihood multiple choice on the held-out musicmc rows (model/choice.py), with the real audio and with
+    silence in its place: {mode: eval.choice report}."""
+    from eval.choice import ablate, control_audio, mode_key, score_likelihood
+    from model.checkpoint import load_model
+    from model.choice import score_rows
+    from model.features import FeatureCache
+    from model.mc_data import load_choice_rows
+
+    paths = layout(ckpt)
+    model = load_model(paths.vicuna, delta, paths.imagebind, variant)
+    model.merge_lora()
+    rows, errors = load_choice_rows(data.choice_test)
+    if errors:
+        raise ValueError(f"demo multiple-choice set has invalid rows: {errors[0]}")
+    features = FeatureCache.for_encoder(cache, model.visual_encoder)
+    out: dict[str, dict] = {}
+    for audio in ("real", "silence"):
+        asked = rows if audio == "real" else ablate(rows, control_audio("silence", controls))
+        scores = score_rows(model, asked, data.root, features, INFER_BATCH)
+        out.update({mode_key(k, audio): v for k, v in score_likelihood(scores, asked).items()})
+    return out
+
+
 def _score(predictions: dict, dataset: Path) -> tuple[dict, list[str], dict]:
     """eval/'s coco and music-llm protocols plus the demo's attribute check -> (metrics, notes, eval report)."""
     import eval as metrics
@@ -118,6 +144,10 @@ def _score(predictions: dict, dataset: Path) -> tuple[dict, list[str], dict]:
     report = metrics.evaluate(predictions, rows, "all")
     cands, refs, _ = pair(predictions, rows)
     return {**report["metrics"], "attributes": demo_data.attribute_accuracy(cands, refs)}, report["notes"], report
+
+
+def _chance(choice: dict) -> float:
+    return next(iter(choice["trained"].values()))["chance"]
 
 
 def run_demo(
@@ -153,12 +183,24 @@ def run_demo(
     train2 = _train(2, data.stage1 + data.stage2, variant, ckpt, stage2, cache, stage1, seed, quick, progress)
     step("answer (trained)")
     after = _answer(ckpt, stage2, variant, data.test, cache, results / f"trained_{variant}.json")
+    step("multiple choice")
+    choice = {
+        name: _choice(ckpt, delta, variant, data, cache, results)
+        for name, delta in (("untrained", untrained_delta), ("trained", stage2))
+    }
     step("evaluate")
     scored = {name: _score(pred, data.test) for name, pred in (("untrained", before), ("trained", after))}
+    choice_report = {
+        "dataset": data.choice_test.stem,
+        "questions": next(iter(choice["trained"].values()))["n"],
+        "results": {f"{n}_{variant}": c for n, c in choice.items()},
+        "reference": [],
+    }
     report_paths = eval_report.write(
         {f"{n}_{variant}": s[2] for n, s in scored.items()},
         results / f"eval_report_{variant}.json",
         {"dataset": str(data.test), "protocol": "all"},
+        choice_report,
     )
     seconds["end"] = time.perf_counter()
     names = list(seconds)
@@ -187,6 +229,11 @@ def run_demo(
             f"dr eval {results / f'untrained_{variant}.json'} {results / f'trained_{variant}.json'} "
             f"--dataset {data.test} --protocol all --out {report_paths['json']}",
         ),
+        (
+            "multiple choice (trained)",
+            f"dr eval --dataset {data.choice_test} --mode likelihood --control silence --variant {variant} "
+            f"--delta {stage2} {common} --answers-dir {results} --out {results / f'choice_report_{variant}.json'}",
+        ),
     ]
     paths = {
         "data": data_dir,
@@ -197,5 +244,8 @@ def run_demo(
         "answers": results,
         "eval report": report_paths["json"],
     }
-    metrics = {name: s[0] for name, s in scored.items()}
+    metrics = {
+        name: {**s[0], "choice": {**{k: v["accuracy"] for k, v in choice[name].items()}, "chance": _chance(choice)}}
+        for name, s in scored.items()
+    }
     return DemoResult(out, metrics, notes, seconds, paths, commands, samples)

@@ -55,6 +55,9 @@ VOCABULARY = {
 # media per attribute combination: (train, test), and the smaller `quick` sizes
 SIZES = {"audio": (10, 2), "image": (4, 1), "video": (3, 1)}
 QUICK_SIZES = {"audio": (6, 1), "image": (3, 1), "video": (2, 1)}
+# held-out clips per attribute combination for the multiple-choice set, beside the test split's: scoring is cheap and
+# a few more questions keep its accuracy from swinging with a handful of clips
+CHOICE_CLIPS = 3
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ QUESTIONS = (
     ("What is the tempo of the music?", "The tempo is {tempo}."),
     ("How loud is the music?", "The music is {loudness}."),
 )
+QUESTION_ATTRIBUTE = ("instrument", "tempo", "loudness")  # the attribute each of QUESTIONS asks about
 CAPTION_PROMPTS = ("Describe the music in detail.", "Write a caption for this music.")
 
 
@@ -217,23 +221,43 @@ def task_rows(
     }
 
 
+def choice_rows(clips: list[tuple[str, Music]], rng: np.random.Generator) -> list[dict]:
+    """MuChoMusic-style multiple choice over the musicqa questions: the options are the question's answer sentence
+    for every value of its attribute (3 instruments, 2 tempos, 2 loudnesses), in a random order per row, listed in
+    MuChoMusic's prompt; the answer is the sentence for the clip's own value (model/mc_data.py's row format)."""
+    from model.mc_data import mc_row, muchomusic_prompt
+
+    rows = []
+    for path, music in clips:
+        for (question, template), attribute in zip(QUESTIONS, QUESTION_ATTRIBUTE, strict=True):
+            values = list(VOCABULARY[attribute])
+            options = [template.format(**{attribute: values[k]}) for k in rng.permutation(len(values))]
+            answer = options.index(template.format(**{attribute: getattr(music, attribute)}))
+            row_id = f"musicmc-{Path(path).stem}-{attribute}"
+            rows.append(mc_row(row_id, path, question, options, answer, [f"attribute: {attribute}"], muchomusic_prompt))
+    return rows
+
+
 STAGE1_TASKS = ("m2t", "i2t", "v2t")
 STAGE2_TASKS = ("musiccaps", "musicqa", "mi2t", "mv2t")
+CHOICE_TASK = "musicmc"  # trained in stage 2, held out on its own (demo_choice_test.json): scored by accuracy
 
 
 @dataclass(frozen=True)
 class DemoData:
-    """Where build() wrote the dataset: training JSON files per stage and the held-out JSON (all stage-2 tasks)."""
+    """Where build() wrote the dataset: training JSON files per stage, the held-out JSON (all stage-2 tasks but the
+    multiple-choice one) and the held-out multiple-choice JSON."""
 
     root: Path
     stage1: list[Path]
     stage2: list[Path]
     test: Path
+    choice_test: Path
 
     def texts(self) -> list[str]:
         """Every instruction and answer: the corpus the demo's tokenizer is trained on."""
         out: list[str] = []
-        for path in [*self.stage1, *self.stage2, self.test]:
+        for path in [*self.stage1, *self.stage2, self.test, self.choice_test]:
             out += [text for r in json.loads(path.read_text()) for text in (r["instruction"], r["output"])]
         return list(dict.fromkeys(out))
 
@@ -264,6 +288,18 @@ def _media(root: Path, split: str, sizes: dict[str, tuple[int, int]], seed: int)
     return clips, images, videos
 
 
+def _choice_clips(root: Path, seed: int) -> list[tuple[str, Music]]:
+    """Audio-only held-out clips of the multiple-choice set (its own seed stream: the other splits are unchanged)."""
+    rng = np.random.default_rng([seed, 4, 0])
+    combos = [Music(*a) for a in product(INSTRUMENTS, TEMPOS, LOUDNESS)]
+    clips = []
+    for i, music in enumerate(m for m in combos for _ in range(CHOICE_CLIPS)):
+        path = f"audios/choice_{i:04d}.wav"
+        write_wav(root / path, synth_music(music, rng))
+        clips.append((path, music))
+    return clips
+
+
 def build(root: str | Path, seed: int = 0, quick: bool = False) -> DemoData:
     """Writes media and row files under `root` (media paths are relative to it, the files' own folder)."""
     root = Path(root)
@@ -275,13 +311,18 @@ def build(root: str | Path, seed: int = 0, quick: bool = False) -> DemoData:
         tasks = task_rows(clips, images, videos, np.random.default_rng([seed, 2, split == "test"]))
         if split == "test":
             test_rows = [r for task in STAGE2_TASKS for r in tasks[task]]
+            held_out = choice_rows(clips + _choice_clips(root, seed), np.random.default_rng([seed, 3, 1]))
+            choice_test = root / "demo_choice_test.json"
+            choice_test.write_text(json.dumps(held_out, indent=1))
             continue
+        tasks[CHOICE_TASK] = choice_rows(clips, np.random.default_rng([seed, 3, 0]))
         for task, rows in tasks.items():
             files[task] = root / f"demo_{task}_train.json"
             files[task].write_text(json.dumps(rows, indent=1))
     test = root / "demo_test.json"
     test.write_text(json.dumps(test_rows, indent=1))
-    return DemoData(root, [files[t] for t in STAGE1_TASKS], [files[t] for t in STAGE2_TASKS], test)
+    stage2 = [files[t] for t in (*STAGE2_TASKS, CHOICE_TASK)]
+    return DemoData(root, [files[t] for t in STAGE1_TASKS], stage2, test, choice_test)
 
 
 # ----------------------------------------------------------------------------------------------------------- scoring

@@ -26,13 +26,14 @@ TEST_SETS = [
     "musicqa", "musiccaps", "music4way_musiccaps", "music4way_mi2t", "music4way_mv2t", "music4way_any2t",
     "musicnet", "gtzan", "mtg", "musicinstruct_long", "musicinstruct_short",
 ]  # fmt: skip
+MC_SETS = ["muchomusic", "rulistening", "mmau_music", "mmar_music"]  # converted by `dr data convert`
 TRAIN_SETS = ["alpaca", "coco", "musiccaps", "musicqa_mtt"] + [
     f"music4way_{k}" for k in ("m2t", "i2t", "v2t", "mi2t", "mv2t")
 ]
 
 
 def test_catalog_covers_the_original_sets():
-    assert dataset_names("test") == sorted(TEST_SETS)
+    assert dataset_names("test") == sorted(TEST_SETS + MC_SETS)
     assert dataset_names("train") == sorted(TRAIN_SETS)
     for name in TEST_SETS:
         assert CATALOG[(name, "test")][0] == f"{name}_test.json"

@@ -35,6 +35,16 @@ def test_quick_demo_learns(tmp_path):
     # answers name the right attributes well above chance (1/3 to 1/2 per attribute) and the untrained model
     assert after["attributes"]["all"] > 0.55 > 0.2 > before["attributes"]["all"]
 
+    # multiple choice by likelihood on held-out clips: well above chance after training (chance: the mean of 1/3, 1/2
+    # and 1/2 over the instrument, tempo and loudness questions), near it before, and near it again with silence
+    # in place of the audio (the answer needs the audio)
+    # (the margins are about two standard errors of the 144 held-out questions)
+    chance = after["choice"]["chance"]
+    assert chance == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
+    assert after["choice"]["likelihood"] > chance + 0.1
+    assert before["choice"]["likelihood"] < chance + 0.15
+    assert after["choice"]["likelihood, silence audio"] < after["choice"]["likelihood"] - 0.08
+
     # everything the printed commands point at exists
     for path in result.paths.values():
         assert path.exists(), path
@@ -48,5 +58,6 @@ def test_quick_demo_learns(tmp_path):
         "stage 1",
         "stage 2",
         "answer (trained)",
+        "multiple choice",
         "evaluate",
     }
