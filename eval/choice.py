@@ -177,8 +177,9 @@ def mode_key(answering: str, audio: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ published numbers
-# Accuracy (%) other models report, transcribed by hand from the cited tables: shown only with --reference-table,
-# marked "published, not computed here". Protocols differ from dr's (prompts, parsing, option order), so they are
+# Accuracy (%) other models report, written down from the cited tables without a copy of them at hand (this project
+# has no network): not re-checked, so verify against the source before citing. Shown only with --reference-table,
+# marked as published and not computed here. Protocols differ from dr's (prompts, parsing, option order), so they are
 # context, not a like-for-like comparison.
 REFERENCE: list[dict] = [
     {

@@ -15,7 +15,7 @@ from rich.table import Table
 from eval.protocols import LABELS
 
 WIDE = {"cider"}  # metrics not on a 0-1 scale (CIDEr reaches ~10): drawn on an axis of their own
-PUBLISHED = "published, not computed here"
+PUBLISHED = "published (check the source), not computed here"
 
 
 def _protocols(runs: dict[str, dict]) -> list[str]:
