@@ -64,29 +64,37 @@ class Result:
         return self.clips / self.seconds if self.clips else 0.0
 
 
-def timed(fn: Callable[[], object], repeats: int = 1) -> float:
-    return timed_with_warmup(fn, repeats)[1]
+def timed(fn: Callable[[], object], repeats: int = 1, device: str | torch.device = "cuda") -> float:
+    return timed_with_warmup(fn, repeats, device)[1]
 
 
-def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
-    torch.cuda.synchronize()
+def seconds_per_call(fn: Callable[[], object], calls: int = 1, device: str | torch.device = "cuda") -> float:
+    """Wall seconds per call, the device's queue drained before and after (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / calls
 
 
-def timed_with_warmup(fn: Callable[[], object], repeats: int = 1) -> tuple[float, float]:
+def timed_with_warmup(
+    fn: Callable[[], object], repeats: int = 1, device: str | torch.device = "cuda"
+) -> tuple[float, float]:
     """Seconds of the first call, and seconds per call once warm. Two warm-up calls: CUDA graph trees run a
     function once to warm up and record its graph on the second call (the static loop's prefill runs once per call)."""
-    first = seconds_per_call(fn)
-    seconds_per_call(fn)
-    return first, seconds_per_call(fn, repeats)
+    first = seconds_per_call(fn, 1, device)
+    seconds_per_call(fn, 1, device)
+    return first, seconds_per_call(fn, repeats, device)
 
 
-def full_size_llm(dtype: torch.dtype, attn: str, lora: bool, device: str = "cuda") -> torch.nn.Module:
-    config = LlamaConfig(**{**VICUNA_7B, "vocab_size": VOCAB}, tie_word_embeddings=False)
+def full_size_llm(
+    dtype: torch.dtype, attn: str, lora: bool, device: str = "cuda", sizes: dict = VICUNA_7B
+) -> torch.nn.Module:
+    """A random LLaMA of `sizes` (Vicuna-7B's by default) with Vicuna's 32006-row vocabulary, LoRA as the original's
+    stage 2 wraps it (its B random, so merging changes the weights) when `lora`."""
+    config = LlamaConfig(**{**sizes, "vocab_size": VOCAB}, tie_word_embeddings=False)
     config._attn_implementation = attn
     with torch.device(device):
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
@@ -104,10 +112,10 @@ def decode(
     llm, batch: int, dtype: torch.dtype, original: bool, new_tokens: int = NEW_TOKENS, static: bool = False
 ) -> tuple[float, float]:
     """Seconds of the first call, and seconds after it, to generate `new_tokens` for `batch` rows after a
-    PROMPT-position prompt."""
-    hidden = llm.config.hidden_size
-    embeds = torch.randn(batch, PROMPT, hidden, device="cuda", dtype=dtype) * 0.02
-    mask = torch.ones(batch, PROMPT, dtype=torch.long, device="cuda")
+    PROMPT-position prompt, on the LLM's device (the static loop compiled on CUDA only, as `generate_ids` does)."""
+    hidden, device = llm.config.hidden_size, llm.device
+    embeds = torch.randn(batch, PROMPT, hidden, device=device, dtype=dtype) * 0.02
+    mask = torch.ones(batch, PROMPT, dtype=torch.long, device=device)
     stop = [StopAtSequences([[-5]])]  # never fires: every run makes exactly new_tokens
     if original:
         kwargs = dict(
@@ -124,7 +132,7 @@ def decode(
 
     def run():
         if static:  # dr's own loop: static cache, one compiled step; EOS -1 and a stop that never fires
-            return decode_static(llm, embeds, mask, new_tokens, [[-5]], -1, compile=True)
+            return decode_static(llm, embeds, mask, new_tokens, [[-5]], -1, compile=device.type == "cuda")
         with torch.inference_mode():
             llm.generate(
                 inputs_embeds=embeds,
@@ -137,61 +145,70 @@ def decode(
                 **kwargs,
             )
 
-    return timed_with_warmup(run, repeats=2)
+    return timed_with_warmup(run, 2, device)
 
 
 def encoder_speed(encoder: MediaEncoder, dtype: torch.dtype, batch: int, repeats: int = 3) -> float:
     """Seconds per forward of `batch` audio items (3 clips each) through the encoder in `dtype`."""
     encoder.to(dtype=dtype)
-    x = torch.randn(batch, 3, 1, 128, 204, device="cuda", dtype=dtype)
+    x = torch.randn(batch, 3, 1, 128, 204, device=encoder.device, dtype=dtype)
     with torch.inference_mode():
-        return timed(lambda: encoder("audio", x), repeats)
+        return timed(lambda: encoder("audio", x), repeats, encoder.device)
 
 
 def bench_infer(
     batches: tuple[int, ...] = (1, 64, 512),
     static_batches: tuple[int, ...] = (1, 64, 512),
     log: Callable[[str], None] = print,
+    sizes: dict = VICUNA_7B,
+    encoder_size: str = "huge",
+    device: str = "cuda",
+    new_tokens: int = NEW_TOKENS,
 ) -> dict:
     """The original's way (batch 1, fp16, eager, sampling, attentions and hidden states out, LoRA unmerged) vs dr's
-    fast path (bf16, SDPA, LoRA merged, greedy, batched), then ImageBind clips/s and a MusicCaps-sized job."""
+    fast path (bf16, SDPA, LoRA merged, greedy, batched), then ImageBind clips/s and a MusicCaps-sized job.
+
+    `sizes`, `encoder_size`, `device` and `new_tokens` let a test run it with tiny sizes on the CPU, where every path
+    computes in float32 (half precision is emulated there, and slow). Seconds are kept to the microsecond, so every
+    ratio and projection can be recomputed from the report."""
+    on_cuda = device.startswith("cuda")
+    fp16, bf16 = (torch.float16, torch.bfloat16) if on_cuda else (torch.float32, torch.float32)
     results = Logged(log)
-    llm = full_size_llm(torch.float16, "eager", lora=True)
-    _, t = decode(llm, 1, torch.float16, original=True)
-    results.append(Result("original: fp16 eager, LoRA unmerged, sampling, attn+hidden out", 1, t, NEW_TOKENS))
-    llm = llm.merge_and_unload().to(torch.bfloat16)
+    llm = full_size_llm(fp16, "eager", lora=True, device=device, sizes=sizes)
+    _, t = decode(llm, 1, fp16, original=True, new_tokens=new_tokens)
+    results.append(Result("original: fp16 eager, LoRA unmerged, sampling, attn+hidden out", 1, t, new_tokens))
+    llm = llm.merge_and_unload().to(bf16)
     llm.set_attn_implementation("sdpa")
     for b in batches:
-        first, t = decode(llm, b, torch.bfloat16, original=False)
+        first, t = decode(llm, b, bf16, original=False, new_tokens=new_tokens)
         results.append(
-            Result("dr: bf16 SDPA, LoRA merged, greedy, generate", b, t, NEW_TOKENS * b, first_seconds=first)
+            Result("dr: bf16 SDPA, LoRA merged, greedy, generate", b, t, new_tokens * b, first_seconds=first)
         )
     for b in static_batches:
-        first, t = decode(llm, b, torch.bfloat16, original=False, static=True)
+        first, t = decode(llm, b, bf16, original=False, new_tokens=new_tokens, static=True)
         name = "dr static: static KV cache, compiled prefill and step"
-        results.append(Result(name, b, t, NEW_TOKENS * b, first_seconds=first))
+        results.append(Result(name, b, t, new_tokens * b, first_seconds=first))
     del llm
-    torch.cuda.empty_cache()
-    with torch.device("cuda"):
-        encoder = MediaEncoder("huge")
+    if on_cuda:
+        torch.cuda.empty_cache()
+    with torch.device(device):
+        encoder = MediaEncoder(encoder_size)
     encoder.drop_unused_towers()
-    enc_original = Result(
-        "original encoder: fp16, one row (3 clips)", 1, encoder_speed(encoder, torch.float16, 1), clips=3
-    )
+    enc_original = Result("original encoder: fp16, one row (3 clips)", 1, encoder_speed(encoder, fp16, 1), clips=3)
     results.append(enc_original)
-    enc_dr = Result("dr encoder: bf16, batched", 64, encoder_speed(encoder, torch.bfloat16, 64), clips=192)
+    enc_dr = Result("dr encoder: bf16, batched", 64, encoder_speed(encoder, bf16, 64), clips=192)
     results.append(enc_dr)
     base = results[0].tokens_per_s
     best = max((r for r in results if r.tokens and r.name.startswith("dr")), key=lambda r: r.tokens_per_s)
     job_dr = MUSICCAPS_ROWS * 3 / enc_dr.clips_per_s + math.ceil(MUSICCAPS_ROWS / best.batch) * best.seconds
     job_original = MUSICCAPS_ROWS * (3 / enc_original.clips_per_s + results[0].seconds)
     return {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name(device) if on_cuda else device,
         "results": [
             dict(
                 name=r.name,
                 batch=r.batch,
-                seconds=round(r.seconds, 4),
+                seconds=round(r.seconds, 6),
                 tokens_per_s=round(r.tokens_per_s, 1),
                 rows_per_s=round(r.rows_per_s, 1),
                 clips_per_s=round(r.clips_per_s, 1),

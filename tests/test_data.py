@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from deepresonance_cli.app import app
 from model.data import (
     CATALOG,
-    PLACEHOLDERS,
     DatasetError,
     Row,
     check_dataset,
@@ -117,8 +116,16 @@ def test_unusable_files(tmp_path):
         load_rows(tmp_path / "obj.json")
 
 
-def test_placeholders_table():
-    assert PLACEHOLDERS == {"<Audio>": "audio", "<Image>": "image", "<Video>": "video"}
+@pytest.mark.parametrize("tag,modality", [("<Audio>", "audio"), ("<Image>", "image"), ("<Video>", "video")])
+def test_each_placeholder_asks_for_its_own_modality(tmp_path, tag, modality):
+    """The original's three tags: a row whose input holds one loads when mm_names lists that tag's modality and is
+    refused when it lists either other one."""
+    row = {"input": f"Listen: {tag}", "instruction": "q", "output": "a", "mm_paths": ["f"]}
+    others = [m for m in ("audio", "image", "video") if m != modality]
+    rows = [{**row, "id": m, "instruction": m, "mm_names": [m]} for m in [modality, *others]]
+    loaded, errors = load_rows(synth.write_dataset(tmp_path, rows))
+    assert [(r.id, r.mm_names) for r in loaded] == [(modality, (modality,))]
+    assert len(errors) == 2 and all(f"ask for ['{modality}']" in line for line in errors)
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ class FakeEncoder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def __call__(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         self.calls.append((modality, inputs.shape[0]))
         clips = inputs.unsqueeze(1) if modality == "image" else inputs
@@ -125,3 +128,39 @@ def test_failed_write_leaves_nothing(tmp_path, audio_files, monkeypatch):
         cache.put("audio", audio_files[0], torch.ones(3, 4))
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
     assert cache.get("audio", audio_files[0]) is None
+
+
+def test_encoders_whose_weights_differ_only_mid_file_get_different_entries(tmp_path, audio_files):
+    """Two ImageBind files of equal size and equal first and last MiB, differing in an audio-trunk weight in the
+    middle: their features differ, so the cache must not serve one encoder's features to the other. (The tiny
+    weights are one 7 MB file; the audio weight is saved as a view into the middle of a 3 MiB storage, which
+    torch.save writes whole, so it lies at least 1.5 MiB from either end of the file.)"""
+    from model.encoder import MediaEncoder
+
+    torch.manual_seed(0)
+    state = MediaEncoder("tiny").imagebind.state_dict()
+    name, mib = "modality_trunks.audio.blocks.0.mlp.fc1.weight", 1 << 20
+    weight = state[name]
+    storage = torch.zeros(3 * mib // 4)
+    middle = storage.numel() // 2
+    storage[middle : middle + weight.numel()] = weight.flatten()
+    state[name] = storage[middle : middle + weight.numel()].view(weight.shape)
+    torch.save(state, tmp_path / "a.pth")
+    raw = bytearray((tmp_path / "a.pth").read_bytes())
+    at = raw.find(weight.numpy().tobytes())
+    raw[at : at + 64] = bytes(64)  # its first 16 weights zeroed
+    (tmp_path / "b.pth").write_bytes(raw)
+    a_bytes, b_bytes = (tmp_path / "a.pth").read_bytes(), (tmp_path / "b.pth").read_bytes()
+    assert len(a_bytes) == len(b_bytes) and a_bytes != b_bytes
+    assert a_bytes[:mib] == b_bytes[:mib] and a_bytes[-mib:] == b_bytes[-mib:]
+
+    a, b = MediaEncoder.load(tmp_path / "a.pth"), MediaEncoder.load(tmp_path / "b.pth")
+    inputs = torch.randn(1, 3, 1, 128, 204)
+    assert not torch.allclose(a("audio", inputs), b("audio", inputs))
+    root, path = tmp_path / "cache", audio_files[0]
+    cache_a, cache_b = FeatureCache.for_encoder(root, a), FeatureCache.for_encoder(root, b)
+    assert cache_a.entry("audio", path) != cache_b.entry("audio", path)
+    cache_a.put("audio", path, torch.ones(3, 32))
+    assert cache_b.get("audio", path) is None
+    again = FeatureCache.for_encoder(root, MediaEncoder.load(tmp_path / "a.pth"))  # the same weights: a hit
+    assert torch.equal(again.get("audio", path), torch.ones(3, 32))

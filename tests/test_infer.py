@@ -19,8 +19,11 @@ from deepresonance_cli.app import app
 from model.checkpoint import load_model
 from model.config import GenerationConfig
 from model.data import load_rows
+from model.deepresonance import Example
 from model.features import FeatureCache
+from model.generate import generate
 from model.inference import run_inference
+from model.media import load_media
 
 runner = CliRunner()
 
@@ -136,23 +139,28 @@ def test_feature_cache_hit_skips_the_encoder(tiny_layout, tmp_path):
     assert second.answered == 4 and calls == []
 
 
-def test_ask_answers_about_own_files(tiny_root, tmp_path):
+@pytest.mark.parametrize(
+    "flags,gen",
+    [
+        (["--greedy"], GenerationConfig(max_new_tokens=6, do_sample=False, decoder="engine")),
+        (
+            ["--temperature", "1.5", "--top-p", "0.9", "--top-k", "20", "--seed", "4"],
+            GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9, top_k=20, seed=4),
+        ),
+    ],
+)
+def test_ask_prints_the_librarys_answer_for_own_files(tiny_root, tiny_layout, tmp_path, flags, gen):
+    """`dr ask` prints exactly the answer `generate` gives the same files and settings (LoRA merged, as every CLI
+    load does), so a dropped print, a lost option or a different prompt shows; stdout holds nothing else."""
     wav, png = write_wav(tmp_path / "m.wav", 1.0), write_image(tmp_path / "p.png")
-    args = [
-        "ask",
-        "Describe the music.",
-        "--audio",
-        str(wav),
-        "--image",
-        str(png),
-        "--ckpt-root",
-        str(tiny_root),
-        "--greedy",
-        "--max-new-tokens",
-        "5",
-    ]
-    result = runner.invoke(app, args)
+    args = ["ask", "Describe the music.", "--audio", str(wav), "--image", str(png), "--ckpt-root", str(tiny_root)]
+    result = runner.invoke(app, [*args, "--max-new-tokens", "6", *flags])
     assert result.exit_code == 0, result.output
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    model.merge_lora()
+    media = [("audio", load_media("audio", wav)), ("image", load_media("image", png))]
+    answer = generate(model, [Example("<Audio><Image>", "Describe the music.", media)], gen)[0]
+    assert answer.strip() and result.stdout == answer + "\n"
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):

@@ -38,11 +38,25 @@ def model(request, tiny_layout):
     return load_model(tiny_layout.vicuna, tiny_layout.delta_dir(request.param), tiny_layout.imagebind)
 
 
-def test_loads_variant_and_shapes_from_delta(model, tiny_layout):
-    assert model.config.lora_r == 32
+def test_loads_variant_shapes_and_weights_from_delta(model, tiny_layout):
+    """Every tensor of the delta file (read here with torch.load, as the original saved it) is the loaded model's,
+    the LoRA rank is the saved lora_A's, and the LoRA B and projector differ from a model built without the delta
+    (fresh LoRA B is zero), so a delta that is ignored, or only partly copied, fails."""
+    saved = torch.load(tiny_layout.delta_dir(model.config.variant) / "pytorch_model.pt", weights_only=True)
+    own = model.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(own[key], value), key
+    lora_a = saved["llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert model.config.lora_r == lora_a.shape[0]
+    fresh = load_model(tiny_layout.vicuna, None, tiny_layout.imagebind, variant=model.config.variant).state_dict()
+    lora_b = "llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
+    assert not fresh[lora_b].any() and saved[lora_b].any()
+    assert not torch.equal(fresh["llama_proj.weight"], saved["llama_proj.weight"])
     assert (model.preencoding is not None) == (model.config.variant == "beta")
     if model.preencoding is not None:
-        assert len(model.preencoding.layers) == 1
+        assert len(model.preencoding.layers) == 1 + max(
+            int(k.split(".")[2]) for k in saved if k.startswith("preencoding.layers.")
+        )
     assert model.embed_tokens.weight.shape[0] == len(model.tokenizer)
 
 

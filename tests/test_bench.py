@@ -1,0 +1,92 @@
+"""`dr bench infer`'s report: `bench_infer` run for real with tiny sizes on the CPU, its ratios and MusicCaps
+projection recomputed by hand from the seconds it measured, and the CLI shell around it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deepresonance_cli.app import app
+from model import benchmark
+from model.config import LLAMA_TINY
+
+NEW_TOKENS = 8
+MUSICCAPS_ROWS = 2858  # the MusicCaps test split the projection is for
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    """One real run: the original's way at batch 1, `generate` at batches 1 and 3, the static loop at batch 31
+    (2858 / 31 leaves a remainder of 0.81 of a batch, so the last, partial batch shows in the projection). One
+    intra-op thread: the ops are tiny, and threads only contend with other jobs on these cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return benchmark.bench_infer(
+            (1, 3),
+            (31,),
+            log=lambda line: None,
+            sizes=LLAMA_TINY,
+            encoder_size="tiny",
+            device="cpu",
+            new_tokens=NEW_TOKENS,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def close(reported: float, derived: float) -> bool:
+    """Equal up to the report's rounding: 0.1 for rates, ratios and projected seconds; seconds to the microsecond."""
+    return abs(reported - derived) <= 0.05 + 1e-4 * abs(derived)
+
+
+def test_ratios_and_musiccaps_projection_follow_from_the_measured_seconds(report):
+    """Tokens/s of a decode row is tokens made over its seconds, and its ratio to the original is that over the
+    original's (batch 1) tokens/s; clips/s is 3 clips per audio row over the encoder's seconds. The MusicCaps job:
+    dr encodes 2858 rows x 3 clips at its batched rate, then decodes ceil(2858 / b) batches at its fastest path's
+    seconds per batch of b; the original encodes and decodes one row at a time, 2858 times."""
+    rows = report["results"]
+    assert report["device"] == "cpu" and len(rows) == 6
+    original, decoders, (enc_original, enc_dr) = rows[0], rows[:4], rows[4:]
+    s0 = original["seconds"]
+    assert original["batch"] == 1 and original["name"].startswith("original")
+    for r in decoders:
+        assert close(r["tokens_per_s"], NEW_TOKENS * r["batch"] / r["seconds"]), r
+        assert close(r["rows_per_s"], r["batch"] / r["seconds"]), r
+        assert close(r["ratio_to_original"], r["batch"] * s0 / r["seconds"]), r
+    assert [r["batch"] for r in decoders[1:]] == [1, 3, 31]
+    assert (enc_original["batch"], enc_dr["batch"]) == (1, 64)
+    assert close(enc_original["clips_per_s"], 3 / enc_original["seconds"])
+    assert close(enc_dr["clips_per_s"], 64 * 3 / enc_dr["seconds"])
+
+    best = max(decoders[1:], key=lambda r: r["batch"] / r["seconds"])
+    dr_job = (
+        MUSICCAPS_ROWS * 3 * enc_dr["seconds"] / (64 * 3) + math.ceil(MUSICCAPS_ROWS / best["batch"]) * best["seconds"]
+    )
+    original_job = MUSICCAPS_ROWS * (enc_original["seconds"] + s0)
+    projected = report["musiccaps_job_seconds_steady"]
+    assert projected["dr_batch"] == best["batch"]
+    assert close(projected["dr"], dr_job) and close(projected["original"], original_job)
+
+
+def test_bench_infer_cli_writes_the_report_and_prints_every_measure(report, monkeypatch, tmp_path):
+    """The shell around `bench_infer` (the run above: this machine has no GPU to give it): the batches are parsed
+    and passed on, the JSON lands where asked, and the table shows each measure of each path and the projection."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark, "bench_infer", lambda *batches: asked.append(batches) or report)
+    out = tmp_path / "infer.json"
+    result = runner.invoke(app, ["bench", "infer", "--out", str(out), "--batches", "1,3", "--static-batches", "31"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text()) == report and asked == [((1, 3), (31,))]
+    for r in report["results"]:
+        for key in ("seconds", "tokens_per_s", "rows_per_s", "clips_per_s", "ratio_to_original", "first_call_seconds"):
+            if r[key]:
+                assert str(r[key]) in result.output, (r["name"], key)
+    for value in report["musiccaps_job_seconds_steady"].values():
+        assert str(value) in result.output
