@@ -77,7 +77,7 @@ def test_modes_controls_and_reference_rows_with_the_tiny_model(bench, tiny_root)
     assert [r["model"] for r in got["reference"]] == ["Qwen2-Audio-Instruct"]
     assert got["reference"][0]["computed_here"] is False
     md = out.with_suffix(".md").read_text()
-    assert "published, not computed here" in md and "MMAU, arXiv:2410.19168" in md
+    assert "published (check the source), not computed here" in md and "MMAU, arXiv:2410.19168" in md
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert (bench / "answers" / "mmau_music_alpha_choice_silence.json").is_file()
     # a rerun resumes the generative answers instead of answering again
@@ -128,7 +128,7 @@ def test_chart_labels_every_bar_and_keeps_cider_apart():
     assert any("published" in t.get_text() for t in mc.get_xticklabels())
     assert [t.get_text() for t in mc.get_legend().get_texts()] == [
         "alpha",
-        "published, not computed here",
+        "published (check the source), not computed here",
         "chance (33.3%)",
     ]
 
