@@ -22,7 +22,8 @@ from model.data import load_rows, resolve_dataset
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache
 from model.generate import generate
-from model.inference import run_inference, write_results
+from model.inference import run_inference
+from model.journal import output_lock, write_results
 from model.media import load_media
 from model.prompt import PLACEHOLDERS
 
@@ -85,6 +86,7 @@ def default_device(device: str | None) -> str:
 
 
 def infer(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file.")],
     variant: Variant = "alpha",
     ckpt_root: CkptRoot = Path("ckpt"),
@@ -115,6 +117,9 @@ def infer(
             "to repay the compile (about a minute on an H100).",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Answer every row again, discarding --out's answers (of this or another run).")
+    ] = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -128,6 +133,8 @@ def infer(
         console.print(f"[yellow]skipped invalid row[/] {line}")
     rows = rows[:limit] if limit is not None else rows
     out = out or Path("results") / f"{spec.name}_{variant}.json"
+    lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
+    ctx.call_on_close(lock.release)
     model = load(ckpt_root, variant, base, delta, device, dtype)
     cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, static_cache)
@@ -153,6 +160,7 @@ def infer(
             rank,
             world,
             on_progress=lambda n: progress.advance(task, n),
+            overwrite=overwrite,
         )
         progress.update(task, total=summary.total - summary.skipped)
     if world > 1:

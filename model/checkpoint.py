@@ -7,6 +7,7 @@ same shape, and the LoRA rank and fusion depth are read from the delta, never as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from transformers import LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
 from model.deepresonance import DeepResonance
-from model.encoder import MediaEncoder
+from model.encoder import MediaEncoder, file_fingerprint
 from model.tokenizer import PromptTokenizer
 
 DELTA_PT = "pytorch_model.pt"
@@ -60,6 +61,24 @@ def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
                 key = new + key[len(old) :]
         out[key] = value.detach() if isinstance(value, torch.Tensor) else value
     return out
+
+
+def delta_file(folder: str | Path) -> Path:
+    """The file `read_delta` reads: safetensors when present, else the pickle."""
+    folder = Path(folder)
+    return folder / DELTA_ST if (folder / DELTA_ST).is_file() else folder / DELTA_PT
+
+
+def fingerprint(files: list[Path]) -> str:
+    """sha256 over the files' contents, taken from the download manifest when it recorded this very size."""
+    from ckpt.files import read_manifest, sha256_file
+
+    digest = hashlib.sha256()
+    for path in files:
+        recorded = read_manifest(path.parent).get(path.name, {})
+        same = recorded.get("size") == path.stat().st_size and recorded.get("sha256")
+        digest.update((same or sha256_file(path)).encode())
+    return digest.hexdigest()[:16]
 
 
 def delta_config(state: dict[str, torch.Tensor], base: ModelConfig) -> ModelConfig:
@@ -167,6 +186,11 @@ def load_exported(
         lora=False,
     )
     load_delta(model, mm, str(folder / EXPORT_MM))
+    # the merged LLM differs everywhere from another merge: its shards' cheap fingerprints tell them apart
+    shards = [file_fingerprint(p) for p in sorted((folder / EXPORT_LLM).glob("*.safetensors"))]
+    model.delta_fingerprint = (
+        fingerprint([folder / EXPORT_MM]) + "-" + hashlib.sha256("".join(shards).encode()).hexdigest()[:16]
+    )
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -221,4 +245,5 @@ def load_model(
     model = DeepResonance(config, llm, tokenizer, encoder, encoder_dim)
     if state:
         load_delta(model, state, str(delta))
+    model.delta_fingerprint = fingerprint([delta_file(delta)]) if delta is not None else None
     return model.to(device=device, dtype=dtype).eval()

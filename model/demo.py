@@ -89,7 +89,8 @@ def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, o
     """Greedy answers for every held-out row (a fresh result file: old journals are removed first)."""
     from model.checkpoint import load_model
     from model.features import FeatureCache
-    from model.inference import journal_paths, run_inference, write_results
+    from model.inference import run_inference
+    from model.journal import journal_paths, write_results
 
     paths = layout(ckpt)
     model = load_model(paths.vicuna, delta, paths.imagebind, variant)

@@ -8,7 +8,6 @@ media go through the feature cache, and a row whose media is missing or unreadab
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ from model.decode import cache_bytes, padded_shape
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache, encode_files
 from model.generate import generate
+from model.journal import open_journal, output_lock, run_identity
 from model.media import MediaError
 
 log = logging.getLogger(__name__)
@@ -40,60 +40,6 @@ class Summary:
     skipped: int = 0  # answered by an earlier run
     answered: int = 0
     failed: list[str] = field(default_factory=list)  # one `id: reason` line per row that could not be answered
-
-
-def journal_paths(out_json: Path) -> list[Path]:
-    """All journals of a result file: one per rank when several processes shared the job."""
-    return sorted(out_json.parent.glob(out_json.stem + ".*jsonl"))
-
-
-def journal_path(out_json: Path, rank: int = 0, world: int = 1) -> Path:
-    suffix = ".jsonl" if world == 1 else f".rank{rank}.jsonl"
-    return out_json.with_name(out_json.stem + suffix)
-
-
-def read_journal(paths: Sequence[Path]) -> dict[tuple[str, str], str]:
-    """(id, instruction) -> answer from journals; a torn last line (a kill mid-write) is ignored."""
-    done: dict[tuple[str, str], str] = {}
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "answer" in entry:
-                    done[(entry["id"], entry["instruction"])] = entry["answer"]
-    return done
-
-
-def write_results(out_json: Path, rows: Sequence[Row] | None = None) -> dict[str, dict[str, str]]:
-    """Rebuilds `{id: {instruction: answer}}` from the journals, in dataset order, written atomically."""
-    done = read_journal(journal_paths(out_json))
-    order = [(r.id, r.instruction) for r in rows] if rows is not None else list(done)
-    results: dict[str, dict[str, str]] = {}
-    for key in order:
-        if key in done:
-            results.setdefault(key[0], {})[key[1]] = done[key]
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out_json)
-    return results
-
-
-class Journal:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-
-    def write(self, entries: Sequence[dict]) -> None:
-        for entry in entries:
-            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def prompt_cost(row: Row) -> int:
@@ -176,10 +122,20 @@ def run_inference(
     world: int = 1,
     on_progress: Callable[[int], None] | None = None,
     workers: int = DECODE_WORKERS,
+    overwrite: bool = False,
 ) -> Summary:
-    """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish."""
+    """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish.
+
+    One process per `out_json` (its lock is held throughout); answers of another delta, variant, dtype or generation
+    settings already in its journal are a JournalError unless `overwrite` (which answers every row again).
+    """
     out_json, media_root = Path(out_json), Path(media_root)
-    done = read_journal(journal_paths(out_json)) if out_json.parent.is_dir() else {}
+    lock = output_lock(out_json, rank).acquire()  # re-entrant: `dr infer` took it before loading the model
+    try:
+        journal, done = open_journal(out_json, run_identity(model, gen), overwrite=overwrite, rank=rank, world=world)
+    except BaseException:
+        lock.release()
+        raise
     todo = [r for r in rows if (r.id, r.instruction) not in done][rank::world]
     summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
     todo.sort(key=prompt_cost)
@@ -189,7 +145,6 @@ def run_inference(
             "decoding with %s",
             "the static-cache loop (compiled on the first batch)" if gen.static_cache else "generate",
         )
-    journal = Journal(journal_path(out_json, rank, world))
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
     # read, preprocessed and encoded in a background thread while this batch's answers decode
     batches = list(chunks(todo, batch_size))
@@ -211,4 +166,5 @@ def run_inference(
                 on_progress(len(ready))
     finally:
         journal.close()
+        lock.release()
     return summary

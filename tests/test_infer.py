@@ -59,7 +59,9 @@ def infer_args(tiny_root, dataset, out, *extra):
 
 
 def journal_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    """The journal's row entries (its first line is the run's identity)."""
+    lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    return [e for e in lines if "run" not in e]
 
 
 def test_infer_answers_every_row_and_reruns_skip_finished(tiny_root, tmp_path):
