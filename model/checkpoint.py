@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
 from model.deepresonance import DeepResonance
-from model.encoder import MediaEncoder, file_fingerprint
+from model.encoder import MediaEncoder, file_fingerprint, size_of
 from model.tokenizer import PromptTokenizer
 
 DELTA_PT = "pytorch_model.pt"
@@ -41,26 +45,31 @@ class DeltaError(ValueError):
 
 def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
     """The delta tensors of a folder; safetensors when present, else the pickle loaded with weights_only."""
+    from ckpt.files import CkptError
+    from ckpt.weights import load_pickle, safetensors_file
+
     folder = Path(folder)
-    st, pt = folder / DELTA_ST, folder / DELTA_PT
+    path = delta_file(folder)
+    if not path.is_file():
+        raise DeltaError(f"{folder}: no {DELTA_PT} or {DELTA_ST} (run `dr ckpt download`)")
     try:
-        if st.is_file():
-            state = load_file(st)
-        elif pt.is_file():
-            state = dict(torch.load(pt, map_location="cpu", weights_only=True))
-        else:
-            raise DeltaError(f"{folder}: no {DELTA_PT} or {DELTA_ST} (run `dr ckpt download`)")
-    except DeltaError:
-        raise
-    except Exception as err:
-        raise DeltaError(f"{st if st.is_file() else pt}: unreadable delta ({type(err).__name__}: {err})") from err
+        state = safetensors_file(path) if path.name == DELTA_ST else load_pickle(path)
+    except CkptError as err:
+        raise DeltaError(str(err)) from err
     out = {}
     for key, value in state.items():
         for old, new in LEGACY_PREFIXES.items():
             if key.startswith(old):
                 key = new + key[len(old) :]
-        out[key] = value.detach() if isinstance(value, torch.Tensor) else value
+        out[key] = value.detach()
     return out
+
+
+def read_config(path: Path, base: ModelConfig) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), base=base)
+    except (ValueError, TypeError, AttributeError) as err:  # garbled JSON, a list, unknown or mistyped fields
+        raise DeltaError(f"{path}: not a dr model config ({' '.join(str(err).split())})") from err
 
 
 def delta_file(folder: str | Path) -> Path:
@@ -94,20 +103,43 @@ def delta_config(state: dict[str, torch.Tensor], base: ModelConfig) -> ModelConf
     )
 
 
-def load_delta(model: DeepResonance, state: dict[str, torch.Tensor], source: str = "delta") -> None:
-    """Copies a delta into the model; a missing, unexpected or misshapen key is an error naming it."""
-    own = model.state_dict()
-    for key, value in state.items():
+def delta_problems(delta: Mapping[str, tuple[int, ...]], own: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Why a delta (key -> shape) does not fit a model (key -> shape): unexpected, misshapen or missing keys.
+
+    The one check of a delta's keys: `load_delta` raises the first problem, `dr ckpt doctor` reports them against the
+    same model built on the meta device, so the two never disagree.
+    """
+    problems = []
+    for key, shape in delta.items():
         if key not in own:
-            raise DeltaError(f"{source}: unexpected key '{key}'")
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise DeltaError(f"{source}: '{key}' has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
+            problems.append(f"unexpected key '{key}'")
+        elif tuple(own[key]) != tuple(shape):
+            problems.append(f"'{key}' has shape {tuple(shape)}, model expects {tuple(own[key])}")
     required = [k for k in own if k.startswith(("llama_proj.", "preencoding."))]
-    if any(LORA_KEY.search(k) for k in state):
+    if any(LORA_KEY.search(k) for k in delta):
         required += [k for k in own if LORA_KEY.search(k)]
-    for key in required:
-        if key not in state:
-            raise DeltaError(f"{source}: missing key '{key}'")
+    problems += [f"missing key '{key}'" for key in required if key not in delta]
+    return problems
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of floating tensors holding NaN or infinity (a diverged run saves them; they decode to empty answers)."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_delta(model: DeepResonance, state: dict[str, torch.Tensor], source: str = "delta") -> None:
+    """Copies a delta into the model; a missing, unexpected or misshapen key, or a NaN, is an error naming it."""
+    own = model.state_dict()
+    problems = delta_problems(
+        {k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()}
+    )
+    if problems:
+        raise DeltaError(f"{source}: {problems[0]}")
+    bad = non_finite(state)
+    if bad:
+        raise DeltaError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values (first: '{bad[0]}'): a diverged run?"
+        )
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
@@ -194,6 +226,56 @@ def load_exported(
     return model.to(device=device, dtype=dtype).eval()
 
 
+def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> LlamaForCausalLM:
+    """The Vicuna weights; a damaged or code-holding file is one line naming it (checked by ckpt's readers)."""
+    try:
+        return LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        from ckpt.files import CkptError
+        from ckpt.weights import ShardedWeights
+
+        try:
+            ShardedWeights(base).shapes()
+        except CkptError as found:
+            raise DeltaError(str(found)) from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DeltaError(f"{base}: the base model does not load ({type(err).__name__}: {reason})") from err
+
+
+def imagebind_problems(path: Path) -> list[str]:
+    """Why an ImageBind file does not fit the model it declares (its size read from its shapes): unreadable, missing,
+    unexpected or misshapen keys. The one check behind `load_model` and `dr ckpt doctor`."""
+    from ckpt.files import CkptError
+    from ckpt.weights import tensor_shapes
+
+    try:
+        shapes = tensor_shapes(path)
+    except CkptError as err:
+        return [str(err).removeprefix(f"{path}: ")]
+    try:
+        size = size_of({k: SimpleNamespace(shape=s) for k, s in shapes.items()}, path)
+    except ValueError as err:
+        return [str(err).removeprefix(f"{path}: ")]
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in MediaEncoder(size).imagebind.state_dict().items()}
+    problems = [f"unexpected key '{k}' for ImageBind-{size}" for k in shapes if k not in own]
+    problems += [f"missing key '{k}' for ImageBind-{size}" for k in own if k not in shapes]
+    problems += [
+        f"'{k}' has shape {shapes[k]}, ImageBind-{size} expects {s}"
+        for k, s in own.items()
+        if k in shapes and shapes[k] != s
+    ]
+    return problems
+
+
+def load_encoder(path: Path) -> MediaEncoder:
+    if path.is_file():
+        problems = imagebind_problems(path)
+        if problems:
+            raise DeltaError(f"{path}: {problems[0]}")
+    return MediaEncoder.load(path)
+
+
 def load_model(
     base: str | Path,
     delta: str | Path | None,
@@ -224,7 +306,7 @@ def load_model(
         state = read_delta(delta)
         saved = delta / DR_CONFIG
         if saved.is_file():
-            config = ModelConfig.from_dict(json.loads(saved.read_text()), base=config)
+            config = read_config(saved, config)
         config = delta_config(state, config)
         if variant is not None and variant != config.variant:
             raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
@@ -233,8 +315,8 @@ def load_model(
     elif variant is not None:
         config = replace(config, variant=variant)
     tokenizer = PromptTokenizer.from_dir(tok_dir)
-    llm = LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
-    encoder = MediaEncoder.load(imagebind) if imagebind is not None else None
+    llm = load_base(base, dtype, attn_implementation)
+    encoder = load_encoder(Path(imagebind)) if imagebind is not None else None
     if encoder is not None:
         config = replace(config, encoder_size=encoder.size)
         encoder_dim = encoder.out_dim
