@@ -156,15 +156,16 @@ def delta_state(model: DeepResonance) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
-def save_delta(model: DeepResonance, folder: str | Path) -> Path:
-    """Writes `pytorch_model.pt` (loadable by the original), `delta.safetensors`, tokenizer, LLaMA config."""
+def save_delta(model: DeepResonance, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Writes `pytorch_model.pt` (loadable by the original), `delta.safetensors` (with `metadata` in its header:
+    training records its run id and step there), tokenizer, LLaMA config."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = delta_state(model)
     tmp = folder / (DELTA_PT + ".tmp")
     torch.save(state, tmp)
     tmp.replace(folder / DELTA_PT)
-    save_file(dict(state), str(folder / (DELTA_ST + ".tmp")))
+    save_file(dict(state), str(folder / (DELTA_ST + ".tmp")), metadata=metadata)
     (folder / (DELTA_ST + ".tmp")).replace(folder / DELTA_ST)
     model.tokenizer.save(folder)
     model.llama_model.config.save_pretrained(folder)
