@@ -16,9 +16,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ckpt.layout import layout
+from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
 from model.checkpoint import load_model
 from model.config import GenerationConfig
-from model.data import load_rows, resolve_dataset
+from model.data import check_text, load_rows, resolve_dataset
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache
 from model.generate import generate
@@ -32,11 +33,13 @@ console = Console(stderr=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 CkptRoot = Annotated[Path, typer.Option(help="Checkpoint root laid out as the original's ckpt/ folder.")]
-Variant = Annotated[str, typer.Option(help="alpha or beta.")]
+Variant = Annotated[VariantChoice, typer.Option(help="alpha or beta.")]
 Base = Annotated[Path | None, typer.Option(help="Vicuna folder (default: <ckpt-root>/pretrained_ckpt/...).")]
 Delta = Annotated[Path | None, typer.Option(help="Delta folder (default: <ckpt-root>/deepresonance_<variant>_...).")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
-Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
+Device = Annotated[
+    str | None, typer.Option(callback=check_device, help="cpu, cuda, cuda:1 (default: cuda when available).")
+]
+Dtype = Annotated[DtypeChoice | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
 TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
 
 
@@ -122,6 +125,7 @@ def infer(
     ] = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
+    variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
@@ -202,6 +206,11 @@ def ask(
     dtype: Dtype = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
+    variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
+    try:
+        check_text(question, "the question")
+    except ValueError as e:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise typer.BadParameter(str(e), param_hint="QUESTION") from None
     media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
     placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
     example = Example("".join(placeholders[m] for m, _ in media), question, media)  # bad media fail before loading

@@ -96,6 +96,17 @@ def resolve_dataset(
     return spec if media_root is None else DatasetSpec(spec.name, spec.json_path, Path(media_root))
 
 
+def check_text(text: str, what: str) -> None:
+    """Text the tokenizer and the result files can take: valid Unicode (JSON's "\\ud800" escapes, and command-line
+    bytes that are not UTF-8, decode to lone surrogates, which sentencepiece rejects mid-run)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode ({e.reason}: {text[e.start : e.end]!r} at character {e.start})"
+        ) from None
+
+
 def _validate(raw: object, index: int) -> Row:
     """Raw JSON row -> Row, or ValueError saying what is wrong. A missing id becomes the row's index."""
     if not isinstance(raw, dict):
@@ -112,6 +123,11 @@ def _validate(raw: object, index: int) -> Row:
     for key in ("mm_names", "mm_paths"):
         if not isinstance(raw[key], list) or not all(isinstance(v, str) for v in raw[key]):
             raise ValueError(f"{key} must be a list of strings")
+    for key in ("input", "instruction", "output", "mm_paths"):
+        for text in raw[key] if key == "mm_paths" else [raw[key]]:
+            check_text(text, key)
+    if isinstance(row_id, str):
+        check_text(row_id, "id")
     names, paths = raw["mm_names"], raw["mm_paths"]
     unknown = [n for n in names if n not in MODALITIES]
     if unknown:
