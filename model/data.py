@@ -223,16 +223,29 @@ def download_data(data_root: str | Path = "data") -> Path:
     or HF_HUB_OFFLINE is set.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+
+    from ckpt.download import offline, retrying, timeouts
 
     data_root = Path(data_root)
+    by_hand = f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"
+    what = f"data/ of the Hugging Face dataset repo {HF_DATA_REPO}"
+    if offline():
+        raise DatasetError(f"could not fetch {what}: offline (HF_HUB_OFFLINE=1); {by_hand}")
+    endpoint = os.environ.get("HF_ENDPOINT")  # read now: huggingface_hub reads it once, at import
     try:
-        snapshot = Path(snapshot_download(HF_DATA_REPO, repo_type="dataset", allow_patterns="data/*"))
-    except (OSError, HfHubHTTPError) as e:
-        reason = " ".join(str(e).split())
-        raise DatasetError(
-            f"could not fetch data/ of the Hugging Face dataset repo {HF_DATA_REPO} ({type(e).__name__}: {reason}); "
-            f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"
-        ) from e
+        snapshot = Path(
+            retrying(
+                lambda: snapshot_download(
+                    HF_DATA_REPO,
+                    repo_type="dataset",
+                    allow_patterns="data/*",
+                    endpoint=endpoint,
+                    etag_timeout=timeouts()[1],
+                )
+            )
+        )
+    except Exception as e:  # timeouts, refused connections, HTTP errors, a repo without data/
+        reason = " ".join(str(e).split())[:300]
+        raise DatasetError(f"could not fetch {what} ({type(e).__name__}: {reason}); {by_hand}") from e
     shutil.copytree(snapshot / "data", data_root, dirs_exist_ok=True)
     return data_root
