@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
@@ -30,6 +31,7 @@ from model.tokenizer import PromptTokenizer
 DELTA_PT = "pytorch_model.pt"
 DELTA_ST = "delta.safetensors"
 DR_CONFIG = "dr_config.json"
+PROJ_KEY = "llama_proj.weight"
 LORA_KEY = re.compile(r"\.layers\.\d+\..*\.lora_[AB]\.")
 FUSION_LAYER = re.compile(r"^preencoding\.layers\.(\d+)\.")
 # stage-1 deltas of the original have no LoRA wrapper in their names
@@ -56,13 +58,7 @@ def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
         state = safetensors_file(path) if path.name == DELTA_ST else load_pickle(path)
     except CkptError as err:
         raise DeltaError(str(err)) from err
-    out = {}
-    for key, value in state.items():
-        for old, new in LEGACY_PREFIXES.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-        out[key] = value.detach()
-    return out
+    return {_modern_key(k): v.detach() for k, v in state.items()}
 
 
 def read_config(path: Path, base: ModelConfig) -> ModelConfig:
@@ -90,16 +86,16 @@ def fingerprint(files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def delta_config(state: dict[str, torch.Tensor], base: ModelConfig) -> ModelConfig:
-    """Variant, LoRA rank and fusion depth as the delta holds them."""
+def delta_config(state: Mapping[str, torch.Tensor | tuple[int, ...]], base: ModelConfig) -> ModelConfig:
+    """Variant, LoRA rank and fusion depth as the delta holds them (tensors, or their shapes)."""
     fusion_layers = {int(m.group(1)) for k in state if (m := FUSION_LAYER.match(k))}
-    lora_a = [v for k, v in state.items() if ".lora_A." in k]
+    lora_a = [tuple(getattr(v, "shape", v)) for k, v in state.items() if ".lora_A." in k]
     variant = "beta" if fusion_layers else "alpha"
     return replace(
         base,
         variant=variant,
         fusion_layers=max(fusion_layers) + 1 if fusion_layers else base.fusion_layers,
-        lora_r=lora_a[0].shape[0] if lora_a else base.lora_r,
+        lora_r=lora_a[0][0] if lora_a else base.lora_r,
     )
 
 
@@ -257,7 +253,7 @@ def imagebind_problems(path: Path) -> list[str]:
         size = size_of({k: SimpleNamespace(shape=s) for k, s in shapes.items()}, path)
     except ValueError as err:
         return [str(err).removeprefix(f"{path}: ")]
-    with torch.device("meta"):
+    with init_empty_weights():  # shapes only: parameters on the meta device, nothing allocated
         own = {k: tuple(v.shape) for k, v in MediaEncoder(size).imagebind.state_dict().items()}
     problems = [f"unexpected key '{k}' for ImageBind-{size}" for k in shapes if k not in own]
     problems += [f"missing key '{k}' for ImageBind-{size}" for k in own if k not in shapes]
@@ -275,6 +271,59 @@ def load_encoder(path: Path) -> MediaEncoder:
         if problems:
             raise DeltaError(f"{path}: {problems[0]}")
     return MediaEncoder.load(path)
+
+
+def model_setup(
+    base: Path,
+    delta: Path | None,
+    state: Mapping[str, torch.Tensor | tuple[int, ...]],
+    config: ModelConfig,
+    variant: str | None,
+) -> tuple[ModelConfig, Path]:
+    """(architecture, tokenizer folder) for a base + delta: dr_config.json, then what the delta's keys say; a delta
+    of the other variant is an error. Shared by `load_model` and `check_delta_file`."""
+    if delta is None:
+        return (replace(config, variant=variant) if variant is not None else config), base
+    if (delta / DR_CONFIG).is_file():
+        config = read_config(delta / DR_CONFIG, config)
+    config = delta_config(state, config)
+    if variant is not None and variant != config.variant:
+        raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
+    return config, delta if (delta / "tokenizer.model").is_file() else base
+
+
+def check_delta_file(path: Path, base: Path, encoder_dim: int | None, variant: str | None) -> list[str]:
+    """What `load_model` would refuse in this delta file, found without loading the LLM: the model it would build
+    is built on the meta device (shapes only) and the loader's own checks run against it. For `dr ckpt doctor`."""
+    from transformers import LlamaConfig
+
+    from ckpt.files import CkptError
+    from ckpt.weights import load_pickle, safetensors_file
+
+    try:
+        state = safetensors_file(path) if path.suffix == ".safetensors" else load_pickle(path)
+        state = {_modern_key(k): v for k, v in state.items()}
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        config, tok_dir = model_setup(base, path.parent, shapes, ModelConfig(), variant)
+        tokenizer = PromptTokenizer.from_dir(tok_dir)
+        if encoder_dim is None and PROJ_KEY in shapes and len(shapes[PROJ_KEY]) == 2:
+            encoder_dim = shapes[PROJ_KEY][1]
+        with init_empty_weights():
+            llm = LlamaForCausalLM(LlamaConfig.from_pretrained(base))
+            model = DeepResonance(config, llm, tokenizer, None, encoder_dim or 1)
+            own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except (CkptError, ValueError, OSError) as err:
+        return [" ".join(str(err).split()).removeprefix(f"{path}: ")]
+    problems = delta_problems(shapes, own)
+    bad = non_finite(state) if not problems else []
+    return problems + ([f"{len(bad)} tensor(s) hold NaN or infinite values (first: '{bad[0]}')"] if bad else [])
+
+
+def _modern_key(key: str) -> str:
+    for old, new in LEGACY_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def load_model(
@@ -300,21 +349,8 @@ def load_model(
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base}: no config.json: not a Hugging Face LLaMA folder (see `dr ckpt doctor`)")
     config = config or ModelConfig()
-    state = {}
-    tok_dir = base
-    if delta is not None:
-        delta = Path(delta)
-        state = read_delta(delta)
-        saved = delta / DR_CONFIG
-        if saved.is_file():
-            config = read_config(saved, config)
-        config = delta_config(state, config)
-        if variant is not None and variant != config.variant:
-            raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
-        if (delta / "tokenizer.model").is_file():
-            tok_dir = delta
-    elif variant is not None:
-        config = replace(config, variant=variant)
+    state = read_delta(delta) if delta is not None else {}
+    config, tok_dir = model_setup(base, Path(delta) if delta is not None else None, state, config, variant)
     tokenizer = PromptTokenizer.from_dir(tok_dir)
     llm = load_base(base, dtype, attn_implementation)
     encoder = load_encoder(Path(imagebind)) if imagebind is not None else None
