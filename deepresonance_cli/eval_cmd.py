@@ -37,12 +37,21 @@ def eval_command(
         raise typer.BadParameter(str(e), param_hint="--dataset") from None
     if not path.is_file():
         raise typer.BadParameter(f"no dataset file {path} (`dr data download` fetches them)", param_hint="--dataset")
-    rows = metrics.load_json(path)
+    rows = metrics.read_references(path)
     names = [p.stem if [q.stem for q in predictions].count(p.stem) == 1 else str(p) for p in predictions]
-    runs = {
-        n: metrics.evaluate(metrics.load_json(p), rows, protocol.value, bertscore_model)
-        for n, p in zip(names, predictions, strict=True)
-    }
+    loaded = {n: metrics.read_predictions(p) for n, p in zip(names, predictions, strict=True)}  # all checked first
+    runs = {}
+    for (n, preds), p in zip(loaded.items(), predictions, strict=True):
+        with console.status(f"scoring {p} ({len(rows)} rows, {protocol.value})"):
+            runs[n] = metrics.evaluate(preds, rows, protocol.value, bertscore_model)
+        if runs[n]["counts"].get("not_text"):
+            first = runs[n]["counts"]["not_text_rows"][0]
+            console.print(
+                f"{p}: {runs[n]['counts']['not_text']} answer(s) are not text and count as missing "
+                f"(first: id {first['id']!r} holds a {first['type']})",
+                style="yellow",
+                markup=False,
+            )
     for t in report.tables(runs):
         console.print(t)
     for note in dict.fromkeys(n for r in runs.values() for n in r["notes"]):
