@@ -163,9 +163,15 @@ def check_identity(out_json: Path, identity: dict) -> None:
         )
 
 
-def remove_outputs(out_json: Path) -> None:
-    """--overwrite: the journals, torn tails and result file of `out_json` go; the lock file stays (it is held)."""
-    for path in [*journal_paths(out_json), *out_json.parent.glob(out_json.stem + ".*jsonl" + TORN_SUFFIX + "*")]:
+def remove_outputs(out_json: Path, world: int = 1) -> None:
+    """--overwrite: the journals of other jobs, torn tails and the result file of `out_json` go. Journals of this
+    job's ranks are each removed by their own rank (removing another rank's would race with its first write); the
+    lock files stay (they are held)."""
+    ours = {journal_path(out_json, r, world) for r in range(world)}
+    for path in journal_paths(out_json):
+        if path not in ours:
+            path.unlink(missing_ok=True)
+    for path in out_json.parent.glob(out_json.stem + ".*jsonl" + TORN_SUFFIX + "*"):
         path.unlink(missing_ok=True)
     out_json.unlink(missing_ok=True)
 
@@ -177,6 +183,9 @@ def recover(path: Path) -> int:
     if not tail:
         return sum(1 for line in lines if line.strip())
     aside = path.with_name(path.name + TORN_SUFFIX + time.strftime("%Y%m%dT%H%M%S"))
+    n = 1
+    while aside.exists():  # never over an earlier tail
+        aside, n = aside.with_name(f"{path.name}{TORN_SUFFIX}{time.strftime('%Y%m%dT%H%M%S')}.{n}"), n + 1
     keep = sum(len(line) + 1 for line in lines)
     try:
         aside.write_bytes(tail)
@@ -248,7 +257,7 @@ def open_journal(
     own = journal_path(out_json, rank, world)
     if overwrite:
         if rank == 0:
-            remove_outputs(out_json)
+            remove_outputs(out_json, world)
         own.unlink(missing_ok=True)
     if own.exists():
         recover(own)  # before anything appends: the next line must not land on a fragment

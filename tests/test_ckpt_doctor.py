@@ -166,7 +166,8 @@ def test_delta_that_does_not_fit_the_base_is_corrupt(complete: Path, tmp_path: P
     del state["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"]
     torch.save(state, paths.delta_dir("alpha") / "pytorch_model.pt")
     checks = {c.piece: c for c in doctor(paths.root).checks}
-    assert checks["beta delta"].status == "corrupt" and f"model expects ({vocab + 6}, 64)" in checks["beta delta"].detail
+    beta = checks["beta delta"]
+    assert beta.status == "corrupt" and f"model expects ({vocab + 6}, 64)" in beta.detail  # the loader's own words
     assert checks["alpha delta"].status == "corrupt" and "layers.1.self_attn.v_proj" in checks["alpha delta"].detail
 
 

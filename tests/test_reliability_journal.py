@@ -136,6 +136,7 @@ def test_full_disk_while_writing_the_result_keeps_the_journal_and_the_old_file(t
     assert len(write_results(out)) == 20
 
 
+@pytest.mark.slow
 def test_second_process_on_the_same_out_says_who_holds_it_and_exits(tiny_root, tmp_path):
     dataset = text_dataset(tmp_path / "data", 40)
     out = tmp_path / "res" / "toy.json"
@@ -211,6 +212,8 @@ def test_resume_with_another_model_or_settings_is_one_line_offering_overwrite(ti
     message = " ".join(refused.stderr.split())
     assert "holds answers of another run" in message and "--overwrite" in message and "--out" in message
     assert len(entries(out.with_suffix(".jsonl"))) == 3  # nothing was touched
+    if change[0] != "--max-new-tokens":
+        return  # --overwrite and the resume after it: once is enough
     redone = runner.invoke(app, [*argv, "--overwrite"])
     assert redone.exit_code == 0, redone.output
     assert len(entries(out.with_suffix(".jsonl"))) == 3 and answered(out) == 3

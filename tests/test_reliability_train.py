@@ -123,6 +123,7 @@ training.train(cfg, progress=False, variant="alpha", base=f"{root}/pretrained_ck
 """
 
 
+@pytest.mark.slow
 def test_kill_mid_save_leaves_the_previous_checkpoint_whole_and_resume_goes_on(tiny_root, dataset, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
