@@ -77,12 +77,14 @@ def _train(
         out=out,
         init=init,
         cache_dir=cache,
+        overwrite=True,  # the demo rebuilds its folder from the seed: an earlier demo's run is replaced
     )
     flags = (
         f"--max-steps {options['max_steps']} --lr {options['lr']} --micro-batch {options['micro_batch_size']} "
         f"--seed {seed} {'--train-embeddings' if options['train_embeddings'] else '--no-train-embeddings'}"
     )
-    return f"--stage {stage} --config {config} {flags}" + (f" --init {init}" if init else "") + f" --out {out}"
+    init_flag = f" --init {init}" if init else ""
+    return f"--stage {stage} --config {config} {flags}{init_flag} --out {out} --overwrite"
 
 
 def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, out_json: Path) -> dict:

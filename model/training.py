@@ -673,18 +673,24 @@ class Trainer:
             log.warning("%s: checkpointing at step %d", result.interrupted, self.step)
         if self.step == self.total:
             self.save(self.out)
+            self._drop_spare_checkpoints(keep=None)  # the final state is whole
         else:
             self._save_intermediate()
         result.step = self.step
         return result
 
     def _save_intermediate(self) -> None:
-        """checkpoint-N; with the default interval, older checkpoint-N folders go once the new one is whole."""
-        folder = self.save(self.out / f"checkpoint-{self.step:06d}")
-        if self.cfg.save_every is None and self.dist.main:
-            for old in self.out.glob("checkpoint-*"):
-                if old != folder and CHECKPOINT.match(old.name):
-                    shutil.rmtree(old, ignore_errors=True)
+        """checkpoint-N; older ones go once it is whole (with the default interval)."""
+        self._drop_spare_checkpoints(keep=self.save(self.out / f"checkpoint-{self.step:06d}"))
+
+    def _drop_spare_checkpoints(self, keep: Path | None) -> None:
+        """With the default interval only the newest whole state is kept (at 7B each checkpoint is gigabytes);
+        an explicit --save-every keeps them all."""
+        if self.cfg.save_every is not None or not self.dist.main:
+            return
+        for old in self.out.glob("checkpoint-*"):
+            if old != keep and CHECKPOINT.match(old.name):
+                shutil.rmtree(old, ignore_errors=True)
 
     def _agree(self, signal_name: str | None) -> bool:
         """Whether any rank was signalled (all ranks must stop at the same step to save together)."""

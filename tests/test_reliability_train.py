@@ -192,3 +192,5 @@ def test_default_interval_keeps_the_newest_checkpoint(tiny_root, dataset, tmp_pa
     # a tenth of 20 steps: checkpoints at 2, 4 and 6 were written, each replacing the one before; 7 is the stop's
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000007"]
     assert marker(out / "checkpoint-000007")["step"] == 7
+    assert runner.invoke(app, train_args(tiny_root, dataset, out, "--resume", str(out), steps=20)).exit_code == 0
+    assert marker(out)["step"] == 20 and not list(out.glob("checkpoint-*"))  # the final state replaces the spare
