@@ -85,6 +85,48 @@ def job(
     console.print(f"{report['rows']} rows in {report['wall_seconds']} s")
 
 
+@app.command("engine")
+def engine(
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/engine.json"),
+    rows: int = 2048,
+    slots: Annotated[int, typer.Option(help="The engine's slot count.")] = 256,
+    compare_rows: Annotated[
+        str, typer.Option(help="Rows for the static loop, generate and transformers' continuous batching.")
+    ] = "512,128,512",
+    only_engine: Annotated[bool, typer.Option(help="Only the engine (e.g. to time a second start-up).")] = False,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("/tmp/dr_engine"),
+) -> None:
+    """A realistic-length job (answers of caption-like lengths, 512-token budget): the continuous-batching engine
+    against the static loop, `generate`, transformers' continuous batching and the original's way, in one run."""
+    from model.benchmark import bench_engine
+
+    report = bench_engine(
+        rows=rows,
+        slots=slots,
+        only_engine=only_engine,
+        compare_rows=tuple(int(n) for n in compare_rows.split(",")),
+        workdir=str(workdir),
+        log=console.print,
+        save=lambda partial: _write(out, partial),
+    )
+    for job in report["jobs"]:
+        table = Table(title=f"{report['device']}: {job['tail']:.0%} long tail, mean answer {job['mean_length']} tokens")
+        for column in ("decoder", "rows", "useful tokens", "wall s", "start-up s", "useful tok/s", "after start-up"):
+            table.add_column(column)
+        for r in job["results"]:
+            if "error" in r:
+                table.add_row(r["decoder"], str(r.get("rows", "")), f"failed: {r['error'][:60]}")
+                continue
+            table.add_row(
+                r["decoder"],
+                *(str(r.get(k, "")) for k in ("rows", "useful_tokens", "wall_s", "startup_s", "useful_tokens_per_s")),
+                str(r.get("useful_tokens_per_s_after_startup", "")),
+            )
+        console.print(table)
+    if "original_tokens_per_s" in report:
+        console.print(f"original's way: {report['original_tokens_per_s']} tok/s (one row at a time)")
+
+
 def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import torch
 import typer
@@ -18,7 +19,7 @@ from rich.text import Text
 from ckpt.layout import layout
 from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
 from model.checkpoint import load_model
-from model.config import GenerationConfig
+from model.config import Decoder, GenerationConfig
 from model.data import check_text, load_rows, resolve_dataset
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache
@@ -41,6 +42,15 @@ Device = Annotated[
 ]
 Dtype = Annotated[DtypeChoice | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
 TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
+DecoderName = Enum("DecoderName", {d: d for d in get_args(Decoder)}, type=str)
+DecoderOption = Annotated[
+    DecoderName,
+    typer.Option(
+        help="engine: continuous batching (compiled with CUDA graphs on CUDA; the compiled code is cached in "
+        "$TORCHINDUCTOR_CACHE_DIR, by default ~/.cache/dr/inductor); static: static batches through a compiled loop; "
+        "generate: transformers' generate, the reference.",
+    ),
+]
 
 
 class RowsPerSecond(ProgressColumn):
@@ -67,7 +77,7 @@ def generation(
     top_k: int,
     seed: int | None,
     max_new_tokens: int,
-    static_cache: bool | None = None,
+    decoder: str = "engine",
 ) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -76,7 +86,7 @@ def generation(
         top_p=top_p,
         top_k=top_k,
         seed=seed,
-        static_cache=static_cache,
+        decoder=decoder,
     )
 
 
@@ -99,7 +109,11 @@ def infer(
     media_root: Annotated[Path | None, typer.Option(help="Media folder (default: from the catalog).")] = None,
     out: Annotated[Path | None, typer.Option(help="Result JSON (default: results/<dataset>_<variant>.json).")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Rows per batch (default: 64 on CUDA, 8 on CPU; raise it for short answers).")
+        int | None,
+        typer.Option(
+            help="Rows decoding together: the engine's slots, at most (default: 256 on CUDA, as many as fit in its "
+            "memory; 8 on CPU), or the rows per batch of the static decoders."
+        ),
     ] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of the original's sampling.")] = False,
     temperature: float = 0.1,
@@ -113,13 +127,7 @@ def infer(
     cache_dir: Annotated[
         Path | None, typer.Option(help="Encoder-feature cache (default: <data-root>/.features).")
     ] = None,
-    static_cache: Annotated[
-        bool | None,
-        typer.Option(
-            help="Static KV cache with compiled prefill and step (CUDA graphs). Default: on for CUDA jobs long enough "
-            "to repay the compile (about a minute on an H100).",
-        ),
-    ] = None,
+    decoder: DecoderOption = DecoderName.engine,
     overwrite: Annotated[
         bool, typer.Option(help="Answer every row again, discarding --out's answers (of this or another run).")
     ] = False,
@@ -130,7 +138,7 @@ def infer(
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)
-    batch_size = batch_size or (64 if device.startswith("cuda") else 8)
+    batch_size = batch_size or (256 if device.startswith("cuda") else 8)
     spec = resolve_dataset(dataset, data_root, media_root)
     rows, errors = load_rows(spec.json_path)
     for line in errors:
@@ -141,7 +149,7 @@ def infer(
     ctx.call_on_close(lock.release)
     model = load(ckpt_root, variant, base, delta, device, dtype)
     cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
-    gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, static_cache)
+    gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     columns = (

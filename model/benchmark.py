@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from peft import get_peft_model
@@ -375,3 +375,236 @@ def bench_job(
         "failed": len(summary.failed),
         "decode_workers": DECODE_WORKERS,
     }
+
+
+def realistic_lengths(rows: int, tail: float = 0.0, seed: int = 0) -> list[int]:
+    """Caption-like answer lengths: lognormal with median 80 tokens and log-sd 0.45, clipped to 8..512 (mean about
+    91); `tail`: the share of rows that run to 512 instead, as degenerate sampled answers do."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.round(np.exp(np.log(80) + 0.45 * rng.standard_normal(rows))), 8, 512)
+    lengths[rng.random(rows) < tail] = 512
+    return lengths.astype(int).tolist()
+
+
+def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "cuda", vocab: int = VOCAB):
+    """DeepResonance with a Vicuna-7B-shaped LLM (random bf16 weights, full 32006-row vocabulary, LoRA merged: no
+    adapters) and no encoder (prompts carry clip features). The lm_head rows of EOS and of the stop pieces are zeroed
+    so random weights never end a row: the benchmark's length oracle (each row's max_new_tokens) ends it."""
+    from pathlib import Path
+
+    from ckpt.tiny import train_tokenizer
+    from model.deepresonance import DeepResonance
+    from model.tokenizer import PromptTokenizer
+
+    tok = PromptTokenizer(train_tokenizer(Path(workdir) / "tok"))
+    config = LlamaConfig(**{**sizes, "vocab_size": len(tok)}, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model = DeepResonance(ModelConfig(variant="alpha"), llm, tok, None, 1024, lora=False).to(device, dtype)
+    model.llama_model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        for token in {tok.eos_id, tok.stop_id, *tok.newline_stop}:
+            model.llama_model.get_output_embeddings().weight[token] = 0
+    return model.eval()
+
+
+INSTRUCTION = "What is the genre of this music, and which instruments play in it?"  # a MusicQA-like question
+
+
+def _audio_rows(rows: int) -> list:
+    from model.deepresonance import Example
+
+    g = torch.Generator().manual_seed(0)
+    return [Example("<Audio>", INSTRUCTION, [("audio", torch.randn(3, 1024, generator=g))]) for _ in range(rows)]
+
+
+def _timed_job(name: str, run: Callable[[], float | None], rows: int, useful: int, log) -> dict:
+    """Runs a decoder on a job; `run` returns the seconds to its first finished decode call (start-up) if it knows.
+    A decoder that fails is recorded with its error, and the others still run."""
+    _sync()
+    start = time.perf_counter()
+    try:
+        startup = run()
+    except Exception as err:
+        log(f"{name} failed: {type(err).__name__}: {str(err)[:500]}")
+        return dict(decoder=name, rows=rows, error=f"{type(err).__name__}: {str(err)[:500]}")
+    _sync()
+    wall = time.perf_counter() - start
+    out = dict(decoder=name, rows=rows, useful_tokens=useful, wall_s=round(wall, 2))
+    out["useful_tokens_per_s"] = round(useful / wall, 1)
+    if startup is not None:
+        out["startup_s"] = round(startup, 2)
+        out["useful_tokens_per_s_after_startup"] = round(useful / (wall - startup), 1)
+    log(" | ".join(f"{k} {v}" for k, v in out.items()))
+    return out
+
+
+class SavedList(list):
+    """A result list that saves the whole report each time a result lands."""
+
+    def __init__(self, save: Callable[[dict], None], report: dict) -> None:
+        super().__init__()
+        self.save, self.report = save, report
+
+    def append(self, item: dict) -> None:
+        super().append(item)
+        self.save(self.report)
+
+
+def _free() -> None:
+    """Drops compiled code and CUDA graphs of the decoder just measured, and its cache memory, before the next."""
+    import gc
+
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_engine(
+    rows: int = 2048,
+    slots: int = 256,
+    budget: int = 512,
+    tails: tuple[float, ...] = (0.0, 0.02),
+    compare_rows: tuple[int, int, int] = (512, 128, 512),
+    workdir: str = "/tmp/dr_engine",
+    only_engine: bool = False,
+    log: Callable[[str], None] = print,
+    save: Callable[[dict], None] = lambda report: None,
+    sizes: dict = VICUNA_7B,
+    device: str = "cuda",
+) -> dict:
+    """A realistic-length job (audio prompts, answers ending at caption-like lengths, `budget` max_new_tokens) through
+    the engine and, on subsets of the same rows (`compare_rows` for the static loop, `generate` and transformers'
+    continuous batching), the static-batch decoders (batches of 64 in dataset order, each running to its longest row,
+    which is where real stopping would end it), and the original's way (one row at a time). Greedy; random weights
+    never stop, so each row's own max_new_tokens is its drawn length (a length oracle inside this benchmark only).
+    `save(report)` is called after each measurement, so a run cut short keeps what it finished."""
+    from model.config import GenerationConfig
+    from model.engine import Engine, Request, cache_length
+    from model.generate import generate_ids
+
+    model = never_stopping_model(workdir, sizes, device)
+    on_cuda = device == "cuda"
+    report = {
+        "device": torch.cuda.get_device_name() if on_cuda else device,
+        "budget": budget,
+        "slots": slots,
+        "jobs": [],
+    }
+    greedy = GenerationConfig(max_new_tokens=budget, do_sample=False)
+    examples = _audio_rows(rows)
+    report["prompt_positions"] = model.example_length(examples[0])
+    jobs = []
+    for tail in tails:
+        lengths = [min(n, budget) for n in realistic_lengths(rows, tail)]
+        jobs.append(lengths)
+        report["jobs"].append(
+            {"tail": tail, "mean_length": round(sum(lengths) / rows, 1), "results": SavedList(save, report)}
+        )
+
+    def engine_run(engine: Engine, lengths: list[int]) -> float:
+        start = time.perf_counter()
+        refused = engine.submit(
+            Request(i, ex, replace(greedy, max_new_tokens=k), i)
+            for i, (ex, k) in enumerate(zip(examples, lengths, strict=True))
+        )
+        assert not refused, refused[0].error
+        made, first = {}, None
+        while engine.pending:
+            made.update((u.handle, len(u.ids)) for u in engine.advance() if u.done)
+            first = first or time.perf_counter() - start
+        assert [made[i] for i in range(len(lengths))] == lengths, "a row did not end at its own length"
+        return first
+
+    # one decoder at a time over every job (its compiled code is built once; its memory is freed before the next)
+    kernel = "flex" if on_cuda else "sdpa"
+    built = time.perf_counter()
+    engine = Engine(model, slots, cache_length(report["prompt_positions"], budget), budget, k_cap=1, kernel=kernel)
+    report["engine_build_s"] = round(time.perf_counter() - built, 2)
+    for job, lengths in zip(report["jobs"], jobs, strict=True):
+        job["results"].append(
+            _timed_job(
+                f"engine ({kernel})",
+                lambda lengths=lengths, engine=engine: engine_run(engine, lengths),
+                rows,
+                sum(lengths),
+                log,
+            )
+        )
+    del engine
+    _free()
+    if only_engine:
+        return report
+    for decoder, n in (("static", compare_rows[0]), ("generate", compare_rows[1])):
+        for job, lengths in zip(report["jobs"], jobs, strict=True):
+            if decoder == "static" and job["tail"]:
+                continue  # each batch's answer cap is a new cache shape: 1-2 minutes of compile per batch
+
+            def static_run(decoder=decoder, n=n, lengths=lengths) -> None:
+                for start in range(0, n, 64):
+                    longest = max(lengths[start : start + 64])
+                    gen = replace(greedy, max_new_tokens=longest, decoder=decoder)
+                    generate_ids(model, examples[start : min(start + 64, n)], gen)
+
+            job["results"].append(_timed_job(f"{decoder} (batch 64)", static_run, n, sum(lengths[:n]), log))
+        _free()
+    for job, lengths in zip(report["jobs"], jobs, strict=True):
+        n = compare_rows[2]
+        job["results"].append(_hf_continuous_batching(model, report["prompt_positions"], lengths[:n], log))
+    save(report)
+    if on_cuda:
+        del model
+        torch.cuda.empty_cache()
+        llm = full_size_llm(torch.float16, "eager", lora=True)
+        _, seconds = decode(llm, 1, torch.float16, original=True)
+        report["original_tokens_per_s"] = round(NEW_TOKENS / seconds, 1)  # one row at a time: every token is useful
+        save(report)
+        log(f"original's way (batch 1, fp16 eager, sampling, attentions out): {NEW_TOKENS / seconds:.1f} tok/s")
+    return report
+
+
+def _hf_continuous_batching(model, prompt: int, lengths: Sequence[int], log) -> dict:
+    """transformers' own continuous-batching manager (sdpa, CUDA graphs, compile level 1) on token-id prompts of the
+    same length. It takes token ids only; DeepResonance's media embeddings would need placeholder ids mapped to a
+    per-job embedding table, which costs nothing per step, so this measures the speed it would give."""
+    from transformers import GenerationConfig as HFGenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    llm = model.llama_model
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (prompt,), generator=g).tolist() for _ in lengths]
+    config = HFGenerationConfig(
+        max_new_tokens=max(lengths),
+        do_sample=False,
+        eos_token_id=model.tokenizer.eos_id,
+        pad_token_id=model.tokenizer.pad_id,
+    )
+    on_cuda = llm.device.type == "cuda"
+    cb = ContinuousBatchingConfig(use_cuda_graph=on_cuda, default_compile_level=1 if on_cuda else 0)
+
+    def run() -> None:
+        manager = llm.init_continuous_batching(generation_config=config, continuous_batching_config=cb)
+        manager.start()
+        try:
+            for ids, n in zip(prompts, lengths, strict=True):
+                manager.add_request(ids, max_new_tokens=n)
+            finished = 0
+            while finished < len(lengths):
+                result = manager.get_result(timeout=600)
+                if result is None:
+                    raise RuntimeError("the manager stopped before every request finished")
+                finished += result.is_finished()
+        finally:
+            manager.stop(block=True)
+
+    return _timed_job("transformers continuous batching", run, len(lengths), sum(lengths), log)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 Variant = Literal["alpha", "beta"]
+Decoder = Literal["engine", "static", "generate"]
 
 # ImageBind-huge as `imagebind_model.imagebind_huge` builds it (and as imagebind_huge.pth was saved).
 IMAGEBIND_HUGE = dict(
@@ -109,10 +110,10 @@ class GenerationConfig:
     temperature: float = 0.1
     top_p: float = 1.0
     seed: int | None = 1337
-    # model/decode.py: static KV cache and, on CUDA, compiled prefill and step (CUDA graphs): 1.5-3.4x `generate` once
-    # compiled (about a minute), so it pays off for long jobs; None: `run_inference` decides per job, else off
-    static_cache: bool | None = None
     top_k: int = 50
+    # "engine": continuous batching (model/engine.py); "static": the static-batch loop (model/decode.py); "generate":
+    # transformers' generate, the faithful reference the others are tested against
+    decoder: Decoder = "engine"
 
 
 @dataclass

@@ -15,8 +15,8 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from model.config import ModelConfig
-from model.encoder import MediaEncoder
-from model.prompt import Batch, assemble, layout_row
+from model.encoder import CLIPS_PER_ITEM, MediaEncoder
+from model.prompt import Batch, answer_text, assemble, layout_row
 from model.tokenizer import PromptTokenizer
 
 
@@ -111,6 +111,23 @@ class DeepResonance(nn.Module):
         if not self.config.embs_seq:  # pooled mode: one embedding per item, the mean over clips
             out = [f.mean(dim=0, keepdim=True) for f in out]
         return out
+
+    def clips(self, modality: str, media: torch.Tensor | None = None) -> int:
+        """Clip embeddings one media item puts in the prompt (features already computed say it themselves)."""
+        if not self.config.embs_seq:
+            return 1
+        return media.shape[0] if media is not None and media.ndim == 2 else CLIPS_PER_ITEM[modality]
+
+    def prompt_length(self, input_text: str, instruction: str, clips: Sequence[int]) -> int:
+        """Positions of a prompt as `prepare` assembles it (cut at max_length), without running the encoder."""
+        return min(len(layout_row(self.tokenizer, input_text, instruction, clips).ids), self.config.max_length)
+
+    def example_length(self, ex: Example) -> int:
+        return self.prompt_length(ex.input, ex.instruction, [self.clips(m, t) for m, t in ex.media])
+
+    def answer(self, ids: Sequence[int]) -> str:
+        """Generated ids -> the answer as the original extracts it (text before the first "\\n###")."""
+        return answer_text(self.tokenizer.decode(list(ids)))
 
     def prepare(self, examples: Sequence[Example], left_pad: bool = False) -> Batch:
         """Examples -> embeddings, mask and labels (the original's `_prepare_batch_mixed_embedding`, vectorized)."""

@@ -10,7 +10,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from model.config import GenerationConfig
 from model.decode import decode_static
 from model.deepresonance import DeepResonance, Example
-from model.prompt import answer_text
+from model.engine import run_examples
+from model.prompt import cut_at_stop, stop_sequences
 
 
 class StopAtSequences(StoppingCriteria):
@@ -39,10 +40,12 @@ def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: Generat
     """New token ids per example, cut after the stop sequence (or EOS)."""
     batch = model.prepare(examples, left_pad=True)
     tok = model.tokenizer
-    stops = [[tok.stop_id], tok.newline_stop]
+    stops = stop_sequences(tok)
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
-    if gen.static_cache:
+    if gen.decoder == "engine":
+        return run_examples(model, examples, gen)
+    if gen.decoder == "static":
         out = decode_static(
             model.llama_model,
             batch.embeds,
@@ -56,7 +59,7 @@ def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: Generat
             gen.top_k,
             compile=batch.embeds.is_cuda,
         )
-        return [_cut(ids, tok.eos_id, stops) for ids in out.tolist()]
+        return [cut_at_stop(ids, tok.eos_id, stops) for ids in out.tolist()]
     options = dict(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None) if gen.do_sample else {}
     out = model.llama_model.generate(
         inputs_embeds=batch.embeds,
@@ -68,22 +71,10 @@ def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: Generat
         pad_token_id=tok.pad_id,
         stopping_criteria=StoppingCriteriaList([StopAtSequences(stops)]),
     )
-    return [_cut(ids, tok.eos_id, stops) for ids in out.tolist()]
-
-
-def _cut(ids: list[int], eos: int, stops: Sequence[Sequence[int]]) -> list[int]:
-    end = len(ids)
-    for i in range(len(ids)):
-        if ids[i] == eos:
-            end = i
-            break
-        if any(ids[max(0, i + 1 - len(s)) : i + 1] == list(s) for s in stops):
-            end = i + 1
-            break
-    return ids[:end]
+    return [cut_at_stop(ids, tok.eos_id, stops) for ids in out.tolist()]
 
 
 def generate(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig | None = None) -> list[str]:
     """Answers for a batch of examples, as the original extracts them."""
     gen = gen or GenerationConfig()
-    return [answer_text(model.tokenizer.decode(ids)) for ids in generate_ids(model, examples, gen)]
+    return [model.answer(ids) for ids in generate_ids(model, examples, gen)]

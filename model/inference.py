@@ -12,26 +12,23 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from model.config import GenerationConfig
 from model.data import Row, media_path
-from model.decode import cache_bytes, padded_shape
 from model.deepresonance import DeepResonance, Example
+from model.engine import Request, engine_for
 from model.features import FeatureCache, encode_files
 from model.generate import generate
 from model.journal import open_journal, output_lock, run_identity
 from model.media import MediaError
+from model.next_token import row_key
 
 log = logging.getLogger(__name__)
 DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads (numpy/torchaudio release the GIL)
-# Decode steps (batches x max_new_tokens) from which the static loop repays its one-time compile: on an H100 the
-# compile takes about 60 s and the loop saves 11-14 ms per step at batch 1-512 (benchmarks/README.md).
-STATIC_MIN_STEPS = 6000
-MAX_PROMPT = 256  # positions assumed for a prompt when sizing the static cache before any batch is built
 
 
 @dataclass
@@ -40,12 +37,6 @@ class Summary:
     skipped: int = 0  # answered by an earlier run
     answered: int = 0
     failed: list[str] = field(default_factory=list)  # one `id: reason` line per row that could not be answered
-
-
-def prompt_cost(row: Row) -> int:
-    """A cheap proxy for prompt length, to sort rows so that batches pad little."""
-    clips = {"audio": 3, "image": 1, "video": 15}
-    return len(row.input) + len(row.instruction) + 4 * sum(clips[m] for m in row.mm_names)
 
 
 def row_media(
@@ -97,19 +88,6 @@ def prefetched(groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], 
             pending.cancel()
 
 
-def choose_static_cache(model: DeepResonance, rows: int, batch_size: int, gen: GenerationConfig) -> bool:
-    """`gen.static_cache` if set; else (auto) the static loop on CUDA for jobs long enough to repay its compile,
-    when its cache fits in half the free GPU memory."""
-    if gen.static_cache is not None:
-        return gen.static_cache
-    device = model.llama_model.device
-    if device.type != "cuda" or -(-rows // batch_size) * gen.max_new_tokens < STATIC_MIN_STEPS:
-        return False
-    batch, total = padded_shape(min(rows, batch_size), MAX_PROMPT, gen.max_new_tokens)
-    need = cache_bytes(model.llama_model.config, batch, total, model.llama_model.dtype)
-    return need <= torch.cuda.mem_get_info(device)[0] // 2
-
-
 def run_inference(
     model: DeepResonance,
     rows: Sequence[Row],
@@ -124,7 +102,8 @@ def run_inference(
     workers: int = DECODE_WORKERS,
     overwrite: bool = False,
 ) -> Summary:
-    """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish.
+    """Answers every row not answered yet; `on_progress(n)` is called as n more rows finish. `batch_size` is the
+    engine's slot count (rows decoding together) or, for the static decoders, the rows per batch.
 
     One process per `out_json` (its lock is held throughout); answers of another delta, variant, dtype or generation
     settings already in its journal are a JournalError unless `overwrite` (which answers every row again).
@@ -138,33 +117,52 @@ def run_inference(
         raise
     todo = [r for r in rows if (r.id, r.instruction) not in done][rank::world]
     summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
-    todo.sort(key=prompt_cost)
-    if todo:
-        gen = replace(gen, static_cache=choose_static_cache(model, len(todo), batch_size, gen))
-        log.info(
-            "decoding with %s",
-            "the static-cache loop (compiled on the first batch)" if gen.static_cache else "generate",
-        )
+    lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
+    todo.sort(key=lambda r: lengths[id(r)])  # similar lengths decode (or prefill) together: little padding
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
-    # read, preprocessed and encoded in a background thread while this batch's answers decode
+    # read, preprocessed and encoded in a background thread while answers decode
     batches = list(chunks(todo, batch_size))
+    media = prefetched(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers))
+
+    def finish(entries: list[dict]) -> None:
+        journal.write(entries)
+        for e in entries:
+            if "error" in e:
+                summary.failed.append(f"{e['id']}: {e['error']}")
+            else:
+                summary.answered += 1
+        if on_progress and entries:
+            on_progress(len(entries))
+
+    def ready() -> Iterator[list[tuple[Row, list]]]:
+        """Each batch's rows whose media loaded; the others are journaled as errors on the way."""
+        for group, loaded in media:
+            finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
+            yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
+
     try:
-        for group, media in prefetched(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers)):
-            ready = [(row, m) for row, m in zip(group, media, strict=True) if not isinstance(m, MediaError)]
-            failed = [(row, m) for row, m in zip(group, media, strict=True) if isinstance(m, MediaError)]
-            journal.write([{"id": r.id, "instruction": r.instruction, "error": str(e)} for r, e in failed])
-            summary.failed.extend(f"{r.id}: {e}" for r, e in failed)
-            if on_progress and failed:
-                on_progress(len(failed))
-            if not ready:
-                continue
-            answers = generate(model, [Example(r.input, r.instruction, m) for r, m in ready], gen)
-            finished = zip(ready, answers, strict=True)
-            journal.write([{"id": r.id, "instruction": r.instruction, "answer": a} for (r, _), a in finished])
-            summary.answered += len(ready)
-            if on_progress:
-                on_progress(len(ready))
+        if gen.decoder == "engine" and todo:
+            engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
+            log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
+            requests = (
+                Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
+                for group in ready()
+                for r, m in group
+            )
+            for ended in engine.run(requests):
+                finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
+        elif todo:
+            log.info("decoder: %s", gen.decoder)
+            for group in ready():
+                answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
+                finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
     finally:
         journal.close()
         lock.release()
     return summary
+
+
+def entry(row: Row, answer: str | None = None, error: str | None = None) -> dict:
+    """A journal line: the row's key and its answer or its error."""
+    key = {"id": row.id, "instruction": row.instruction}
+    return {**key, "answer": answer} if error is None else {**key, "error": error}

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 RUN_KEY = "run"  # the journal's first line: {"run": identity}
 TORN_SUFFIX = ".torn-"
-SPEED_ONLY = ("static_cache",)  # GenerationConfig fields that change how fast answers come, not which
-SAMPLING_ONLY = ("temperature", "top_p", "top_k", "seed")
+# GenerationConfig fields that change which answer a row gets only when sampling: greedy tokens are the same with
+# every decoder (tested), while the engine draws from per-row streams that generate's do not match
+SAMPLING_ONLY = ("temperature", "top_p", "top_k", "seed", "decoder")
 
 
 class JournalError(ValueError):
@@ -72,9 +73,9 @@ def lock_path(out_json: Path, rank: int = 0) -> Path:
 def run_identity(model: Any, gen: Any) -> dict:
     """What decides the answers: the delta (by content), variant, dtype and the generation settings.
 
-    Speed-only options (batch size, static cache) are left out: they do not change which answer a row gets.
+    Speed-only options (batch size, slots) are not in it: they do not change which answer a row gets.
     """
-    settings = {k: v for k, v in asdict(gen).items() if k not in SPEED_ONLY}
+    settings = asdict(gen)
     if not settings.get("do_sample", True):  # greedy: the sampling knobs change nothing
         settings = {k: v for k, v in settings.items() if k not in SAMPLING_ONLY}
     return {

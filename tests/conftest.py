@@ -28,3 +28,34 @@ def tiny_layout(tiny_root: Path):
     from ckpt.layout import layout
 
     return layout(tiny_root)
+
+
+@pytest.fixture(scope="session")
+def stopping_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny set with an alpha delta whose answers end at different lengths: the lm_head row of EOS is made a
+    slightly larger copy of the row of the token greedy answers produce most, so a row ends (EOS wins) where it would
+    first have produced that token. Random tiny models otherwise never stop before max_new_tokens."""
+    import shutil
+    from collections import Counter
+
+    import torch
+
+    from ckpt.layout import layout
+    from model.checkpoint import load_model, save_delta
+    from model.config import GenerationConfig
+    from model.deepresonance import Example
+    from model.generate import generate_ids
+
+    root = tmp_path_factory.mktemp("stopping") / "ckpt"
+    shutil.copytree(tiny_root, root)
+    paths = layout(root)
+    model = load_model(paths.vicuna, paths.delta_dir("alpha"), paths.imagebind)
+    prompts = [Example("", f"Question {i}?", []) for i in range(6)]
+    greedy = GenerationConfig(max_new_tokens=24, do_sample=False, decoder="generate")
+    counts = Counter(t for ids in generate_ids(model, prompts, greedy) for t in ids)
+    frequent = counts.most_common(1)[0][0]
+    with torch.no_grad():
+        head = model.llama_model.get_output_embeddings().weight
+        head[model.tokenizer.eos_id] = 1.05 * head[frequent]
+    save_delta(model, paths.delta_dir("alpha"))
+    return root

@@ -11,7 +11,7 @@ from model.deepresonance import Example
 from model.generate import generate_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
-GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False)
+GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False, decoder="generate")
 
 
 def rows() -> list[Example]:
@@ -59,7 +59,7 @@ def test_compiled_static_loop_matches_generate(tiny_layout):
     model = load_model(*paths, device="cuda")
     model.merge_lora()
     expected = generate_ids(model, rows(), GREEDY)
-    static = replace(GREEDY, static_cache=True)  # on CUDA: one compiled step with CUDA graphs
+    static = replace(GREEDY, decoder="static")  # on CUDA: one compiled step with CUDA graphs
     assert generate_ids(model, rows(), static) == expected
     assert generate_ids(model, rows(), static) == expected  # the cached compiled step, reused
 
@@ -81,9 +81,54 @@ def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path
     model = load_model(*paths, device="cuda")
     model.merge_lora()
     answers = []
-    for static in (False, True):
-        out = tmp_path / f"static{static}" / "r.json"
-        gen = GenerationConfig(max_new_tokens=16, do_sample=False, static_cache=static)
+    for decoder in ("generate", "static"):
+        out = tmp_path / decoder / "r.json"
+        gen = GenerationConfig(max_new_tokens=16, do_sample=False, decoder=decoder)
+        assert run_inference(model, rows, tmp_path / "data", out, gen, batch_size=4).answered == 11
+        answers.append(read_journal([out.with_suffix(".jsonl")]))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("kernel", ["flex", "sdpa"])
+def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel):
+    """The engine compiled with CUDA graphs (the default on CUDA), fewer slots than rows and different
+    max_new_tokens, so slots refill while others decode: each row's ids equal one-row `generate` in fp32."""
+    from dataclasses import replace
+
+    from model.engine import Engine, Request, cache_length
+
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+    model = load_model(*paths, device="cuda")
+    model.merge_lora()
+    examples = rows() * 3
+    gens = [replace(GREEDY, max_new_tokens=n) for n in (16, 3, 9, 12, 1, 16, 5, 7, 16)]
+    expected = [generate_ids(model, [ex], g)[0] for ex, g in zip(examples, gens, strict=True)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 16)
+    engine = Engine(model, 4, length, 16, k_cap=1, kernel=kernel, sync_every=3, refill_min=1)
+    got = {}
+    for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
+        got.update((u.handle, u.ids) for u in ended)
+    assert [got[i] for i in range(len(examples))] == expected
+
+
+def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
+    """A whole `run_inference` job on CUDA with the default decoder (the compiled engine) equals a `generate` job."""
+    from synth import make_row, write_dataset, write_wav
+
+    from model.data import load_rows
+    from model.inference import run_inference
+    from model.journal import read_journal
+
+    for i in range(5):
+        write_wav(tmp_path / "data" / f"a{i}.wav", 1.0 + i, 220.0 * (i + 1))
+    rows = [make_row(f"r{i}", [("audio", f"a{i % 5}.wav")], instruction=f"Question {i % 3}?") for i in range(11)]
+    rows, _ = load_rows(write_dataset(tmp_path / "data", rows))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind, device="cuda")
+    model.merge_lora()
+    answers = []
+    for decoder in ("generate", "engine"):
+        out = tmp_path / decoder / "r.json"
+        gen = GenerationConfig(max_new_tokens=16, do_sample=False, decoder=decoder)
         assert run_inference(model, rows, tmp_path / "data", out, gen, batch_size=4).answered == 11
         answers.append(read_journal([out.with_suffix(".jsonl")]))
     assert answers[0] == answers[1]

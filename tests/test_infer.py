@@ -69,7 +69,7 @@ def test_infer_answers_every_row_and_reruns_skip_finished(tiny_root, tmp_path):
     out = tmp_path / "res" / "toy.json"
     result = runner.invoke(app, infer_args(tiny_root, dataset, out, "--batch-size", "4"))
     assert result.exit_code == 0, result.output
-    assert "decoding with generate" in result.output  # on CPU the static loop is off unless asked for
+    assert "decoder: engine" in result.output
     answers = json.loads(out.read_text())
     rows, _ = load_rows(dataset)
     assert {(r.id, r.instruction) for r in rows} == {(i, q) for i, qs in answers.items() for q in qs}
@@ -233,33 +233,6 @@ def test_torchrun_shards_rows_by_rank_and_merges_one_result(tiny_root, tmp_path)
     assert sum(len(v) for v in json.loads(out.read_text()).values()) == 9
 
 
-def test_static_loop_is_chosen_for_long_cuda_jobs_that_fit(monkeypatch):
-    """Auto (static_cache None): the compiled loop only where its one-time compile is repaid and its cache fits."""
-    from types import SimpleNamespace
-
-    import torch
-    from transformers import LlamaConfig
-
-    from model.config import VICUNA_7B
-    from model.decode import cache_bytes
-    from model.inference import STATIC_MIN_STEPS, choose_static_cache
-
-    llm = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, config=LlamaConfig(**VICUNA_7B))
-    model = SimpleNamespace(llama_model=llm)
-    free = 60 * 2**30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 * 2**30))
-    auto = GenerationConfig(max_new_tokens=512)
-    assert choose_static_cache(model, rows=2858, batch_size=64, gen=auto)  # 45 batches x 512 steps
-    assert not choose_static_cache(model, rows=2858, batch_size=64, gen=GenerationConfig(max_new_tokens=64))
-    assert STATIC_MIN_STEPS > 6 * 64  # MusicCaps at batch 512 with 64-token answers: `generate` is faster overall
-    # batch 512 x (256 + 512) positions of Vicuna-7B keys and values: far more than half of 60 GiB
-    assert cache_bytes(llm.config, 512, 768, torch.bfloat16) > free // 2
-    assert not choose_static_cache(model, rows=100_000, batch_size=512, gen=auto)
-    assert choose_static_cache(model, rows=10, batch_size=64, gen=GenerationConfig(static_cache=True))
-    llm.device = torch.device("cpu")
-    assert not choose_static_cache(model, rows=100_000, batch_size=64, gen=auto)
-
-
 def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, monkeypatch):
     import threading
 
@@ -284,6 +257,6 @@ def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, m
     monkeypatch.setattr(inference, "row_media", row_media)
     monkeypatch.setattr(inference, "generate", generate)
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
-    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, decoder="generate")
     summary = run_inference(model, rows, tmp_path / "data", tmp_path / "out" / "r.json", gen, batch_size=2)
     assert summary.answered == 4 and len(media_calls) == 2 and overlapped == [True]

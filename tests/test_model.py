@@ -11,9 +11,10 @@ from model.checkpoint import DeltaError, delta_state, load_model, read_delta, sa
 from model.config import GenerationConfig
 from model.deepresonance import Example
 from model.encoder import MediaEncoder, imagebind_model_module
-from model.generate import StopAtSequences, _cut, generate, generate_ids
+from model.generate import StopAtSequences, generate, generate_ids
+from model.prompt import cut_at_stop
 
-GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False)
+GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False, decoder="generate")  # the faithful reference
 
 
 def examples() -> list[Example]:
@@ -45,9 +46,12 @@ def test_loads_variant_and_shapes_from_delta(model, tiny_layout):
     assert model.embed_tokens.weight.shape[0] == len(model.tokenizer)
 
 
-def test_batched_greedy_equals_one_row_at_a_time(model):
+@pytest.mark.parametrize("decoder", ["generate", "engine", "static"])
+def test_batched_greedy_equals_one_row_at_a_time(model, decoder):
+    from dataclasses import replace
+
     rows = examples()
-    batched = generate_ids(model, rows, GREEDY)
+    batched = generate_ids(model, rows, replace(GREEDY, decoder=decoder))
     single = [generate_ids(model, [row], GREEDY)[0] for row in rows]
     assert batched == single
     assert all(len(ids) > 0 for ids in batched)
@@ -202,8 +206,8 @@ def test_stop_sequences_cut_rows_independently():
     stop = StopAtSequences([[7], [5, 6]])
     ids = torch.tensor([[1, 2, 7], [1, 5, 6], [5, 6, 1]])
     assert stop(ids, None).tolist() == [True, True, False]
-    assert _cut([4, 5, 6, 9], eos=2, stops=[[7], [5, 6]]) == [4, 5, 6]
-    assert _cut([4, 2, 7], eos=2, stops=[[7]]) == [4]
+    assert cut_at_stop([4, 5, 6, 9], eos=2, stops=[[7], [5, 6]]) == [4, 5, 6]
+    assert cut_at_stop([4, 2, 7], eos=2, stops=[[7]]) == [4]
 
 
 @pytest.mark.parametrize("variant", ["alpha", "beta"])
@@ -212,21 +216,21 @@ def test_static_cache_loop_gives_generates_greedy_tokens(tiny_layout, variant):
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir(variant), tiny_layout.imagebind)
     expected = generate_ids(model, examples(), GREEDY)
-    assert generate_ids(model, examples(), replace(GREEDY, static_cache=True)) == expected
+    assert generate_ids(model, examples(), replace(GREEDY, decoder="static")) == expected
 
 
 def test_static_cache_loop_samples_reproducibly(tiny_layout):
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
-    gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, static_cache=True)
+    gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, decoder="static")
     first = generate_ids(model, examples(), gen)
     assert generate_ids(model, examples(), gen) == first and all(len(ids) > 0 for ids in first)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_sampling_filters_top_k_like_the_original(model, static):
+@pytest.mark.parametrize("decoder", ["generate", "static", "engine"])
+def test_sampling_filters_top_k_like_the_original(model, decoder):
     # the original's transformers 4.29 sampled with its default top_k of 50; with top_k 1 sampling must be greedy
-    greedy = generate_ids(model, examples(), GenerationConfig(max_new_tokens=8, do_sample=False))
-    one = GenerationConfig(max_new_tokens=8, temperature=5.0, top_k=1, seed=0, static_cache=static)
+    greedy = generate_ids(model, examples(), GenerationConfig(max_new_tokens=8, do_sample=False, decoder="generate"))
+    one = GenerationConfig(max_new_tokens=8, temperature=5.0, top_k=1, seed=0, decoder=decoder)
     assert generate_ids(model, examples(), one) == greedy
     assert GenerationConfig().top_k == 50
 
@@ -239,7 +243,7 @@ def test_static_cache_loop_shares_compiled_shapes_across_lengths_and_batch_sizes
     from model import decode
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
-    static = replace(GREEDY, static_cache=True)
+    static = replace(GREEDY, decoder="static")
     short = Example("<Audio>", "Describe it.", examples()[0].media)
     long = Example("<Audio>", "Describe the music in detail please.", examples()[0].media)
     lengths = [model.prepare([row], left_pad=True).embeds.shape[1] for row in (short, long)]

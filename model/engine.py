@@ -1,0 +1,364 @@
+"""Continuous batching: a fixed number of slots decode together, and a slot whose row ends takes the next waiting row.
+
+A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
+steps go to rows that already finished. Here each step runs every slot at the same fixed shape (one compiled step and
+CUDA graph serve the whole job); rows end on EOS, on a stop sequence or at their own `max_new_tokens`, and freed slots
+are refilled between steps: waiting rows are prefilled together (right-padded, eager) and their keys and values
+written into the freed slots (model/kv_slots.py). The host looks at the device every `sync_every` steps only.
+
+Stopping and answer extraction are `generate`'s (model/generate.py): greedy answers equal one-row `generate`.
+Sampling draws each row's tokens from its own counter-based stream (model/next_token.py), so a sampled answer does
+not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from model.config import GenerationConfig
+from model.deepresonance import DeepResonance, Example
+from model.kv_slots import BLOCK, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
+from model.next_token import next_token, row_key, uniforms
+from model.prompt import cut_at_stop, stop_sequences
+
+SYNC_EVERY = 8  # decode steps between host checks: rows that end wait at most this many steps for their slot's reuse
+PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
+MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the slot cache may take
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled kernels persist between processes: $TORCHINDUCTOR_CACHE_DIR if set, else the user's cache
+    directory (a second `dr infer` then loads the compiled step instead of compiling it again)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dr" / "inductor"
+
+
+@dataclass
+class Request:
+    """One prompt for the engine; `handle` comes back with its updates (a dataset row, a server request)."""
+
+    handle: Any
+    example: Example
+    gen: GenerationConfig
+    key: int  # the row's random stream (model.next_token.row_key)
+
+
+@dataclass
+class Update:
+    """A row's generated ids so far (cut at its stop), and whether it ended; `error` when it could not run."""
+
+    handle: Any
+    ids: list[int]
+    done: bool
+    error: str | None = None
+
+
+def fit_slots(length: int, per_position: int, budget: int, most: int) -> int:
+    """Slots of `length` positions that fit in `budget` bytes (at most `most`; 0 if not even one fits)."""
+    return max(0, min(most, budget // (length * per_position)))
+
+
+def cache_length(longest_prompt: int, max_new_tokens: int) -> int:
+    """Positions per slot: the longest prompt and answer, rounded up to FlexAttention's block."""
+    return -(-(longest_prompt + max_new_tokens) // BLOCK) * BLOCK
+
+
+def memory_budget(model: DeepResonance) -> int | None:
+    """Bytes the slot cache may use on CUDA (a share of free memory); None on CPU (no fixed bound)."""
+    device = model.llama_model.device
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0] * MEMORY_SHARE)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: DeepResonance,
+        slots: int,
+        length: int,
+        max_new_tokens: int,
+        k_cap: int = 50,
+        kernel: Kernel | None = None,
+        compile: bool | None = None,
+        sync_every: int = SYNC_EVERY,
+        refill_min: int | None = None,
+        stream: bool = False,
+    ) -> None:
+        """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
+        new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
+        CUDA graphs and attends with FlexAttention by default; elsewhere it runs eagerly with SDPA. `stream`: report
+        unfinished rows' ids at every sync too."""
+        self.model = model
+        self.llm = model.llama_model
+        self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+        device, on_cuda = model.device, model.device.type == "cuda"
+        tok = model.tokenizer
+        self.eos = tok.eos_id
+        self.stops = stop_sequences(tok)
+        self.slots, self.length, self.max_new_tokens = slots, length, max_new_tokens
+        self.k_cap, self.sync_every, self.stream = k_cap, sync_every, stream
+        self.refill_min = refill_min or max(1, slots // 8)
+        self.kv = SlotKV(self.llm.config, slots, length, model.dtype, device, kernel or ("flex" if on_cuda else "sdpa"))
+        self.every = torch.arange(slots, device=device)
+        self.stop_tensors = [torch.tensor(s, device=device) for s in self.stops]
+
+        def state(dtype, fill=0):
+            t = torch.full((slots,), fill, dtype=dtype, device=device)
+            torch._dynamo.mark_static_address(t)
+            return t
+
+        self.last, self.count, self.max_new = state(torch.long), state(torch.long), state(torch.long)
+        self.keys, self.top_k = state(torch.long), state(torch.long)
+        self.done, self.greedy = state(torch.bool, True), state(torch.bool, True)
+        self.temperature, self.top_p = state(torch.float, 1.0), state(torch.float, 1.0)
+        self.out = torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(self.out)
+        self.handles: list[Any] = [None] * slots
+        self.cancelled: set[int] = set()
+        self.queue: deque[Request] = deque()
+        self._step = self._decode_step
+        if on_cuda if compile is None else compile:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+
+    @property
+    def active(self) -> int:
+        return sum(h is not None for h in self.handles)
+
+    @property
+    def pending(self) -> int:
+        """Rows queued or decoding."""
+        return len(self.queue) + self.active
+
+    def submit(self, requests: Iterable[Request]) -> list[Update]:
+        """Queues requests; those that can never run here come back at once as errors."""
+        refused = []
+        for r in requests:
+            problem = self._refusal(r)
+            if problem:
+                refused.append(Update(r.handle, [], True, problem))
+            else:
+                self.queue.append(r)
+        return refused
+
+    def _refusal(self, r: Request) -> str | None:
+        if r.gen.max_new_tokens > self.max_new_tokens:
+            return f"max_new_tokens {r.gen.max_new_tokens} is over this engine's {self.max_new_tokens}"
+        if r.gen.do_sample and not 0 <= r.gen.top_k <= self.k_cap:
+            return f"top_k {r.gen.top_k} is over this engine's {self.k_cap}"
+        if r.gen.do_sample and r.gen.top_k == 0 and self.k_cap < len(self.model.tokenizer):
+            return "top_k 0 (off) needs an engine built with k_cap = the vocabulary size"
+        return None
+
+    def cancel(self, handle: Any) -> None:
+        """Drops a queued or decoding row (a client that went away); its slot is freed at the next sync."""
+        self.queue = deque(r for r in self.queue if r.handle is not handle)
+        for s, h in enumerate(self.handles):
+            if h is handle:
+                self.cancelled.add(s)
+
+    def advance(self) -> list[Update]:
+        """Refills free slots, runs `sync_every` decode steps, and reports rows that ended (and, when streaming, the
+        others' progress). One host sync."""
+        updates = self._refill()
+        if self.active:
+            with slot_attention_on(self.llm), torch.inference_mode():
+                for _ in range(self.sync_every):
+                    self._step()
+        return updates + self._collect()
+
+    def run(self, requests: Iterable[Request]) -> Iterator[list[Update]]:
+        """Every request's final update, in the order rows end, as the lists that end together (one journal write
+        each); `requests` is read lazily (two engine-fulls ahead), so it may load media as it goes."""
+        source = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and len(self.queue) < 2 * self.slots:
+                nxt = next(source, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    refused = self.submit([nxt])
+                    if refused:
+                        yield refused
+            if not self.pending:
+                return
+            ended = [u for u in self.advance() if u.done]
+            if ended:
+                yield ended
+
+    def _refill(self) -> list[Update]:
+        free = [s for s, h in enumerate(self.handles) if h is None]
+        take = min(len(free), len(self.queue))
+        if not take or (take < self.refill_min and take < len(self.queue) and self.active):
+            return []
+        updates = []
+        for start in range(0, take, PREFILL_ROWS):
+            chunk = [self.queue.popleft() for _ in range(min(PREFILL_ROWS, take - start))]
+            updates += self._prefill(chunk, free[start : start + len(chunk)])
+        return updates
+
+    @torch.inference_mode()
+    def _prefill(self, requests: Sequence[Request], slots: Sequence[int]) -> list[Update]:
+        batch = self.model.prepare([r.example for r in requests])
+        fits = [n + r.gen.max_new_tokens <= self.length for n, r in zip(batch.lengths.tolist(), requests, strict=True)]
+        refused = [
+            Update(
+                r.handle,
+                [],
+                True,
+                f"its prompt ({n} positions) and {r.gen.max_new_tokens} new tokens do not fit "
+                f"the engine's {self.length} positions per row",
+            )
+            for r, n, ok in zip(requests, batch.lengths.tolist(), fits, strict=True)
+            if not ok
+        ]
+        keep = torch.tensor([i for i, ok in enumerate(fits) if ok], dtype=torch.long, device=self.every.device)
+        requests = [r for r, ok in zip(requests, fits, strict=True) if ok]
+        if not requests:
+            return refused
+        lengths = batch.lengths[keep]
+        embeds = batch.embeds[keep, : int(lengths.max())]  # right-padded: a refused longer row's columns go too
+        rows = torch.tensor(slots[: len(requests)], device=self.every.device)
+        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(len(requests), -1)
+        with slot_attention_on(self.llm):
+            hidden = self.lm.model(
+                inputs_embeds=embeds, position_ids=positions, use_cache=False, kv=self.kv, kv_rows=rows
+            ).last_hidden_state
+        logits = self.lm.lm_head(hidden[torch.arange(len(requests), device=rows.device), lengths - 1])
+        gens = [r.gen for r in requests]
+
+        def per_row(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=rows.device)
+
+        self.greedy[rows] = per_row([not g.do_sample for g in gens], torch.bool)
+        self.temperature[rows] = per_row([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)
+        self.top_k[rows] = per_row([g.top_k for g in gens], torch.long)
+        self.top_p[rows] = per_row([g.top_p for g in gens], torch.float)
+        self.keys[rows] = per_row([r.key for r in requests], torch.long)
+        self.max_new[rows] = per_row([g.max_new_tokens for g in gens], torch.long)
+        first = next_token(
+            logits,
+            self.greedy[rows],
+            self.temperature[rows],
+            self.top_k[rows],
+            self.top_p[rows],
+            uniforms(self.keys[rows], torch.zeros_like(rows)),
+            self.k_cap,
+        )
+        self.out[rows, 0] = first
+        self.last[rows] = first
+        self.count[rows] = 1
+        self.kv.pos[rows] = lengths
+        self.done[rows] = self._ended()[rows]
+        for s, r in zip(slots, requests, strict=False):
+            self.handles[s] = r.handle
+        return refused
+
+    def _ended(self) -> torch.Tensor:
+        """Slots whose ids so far end with EOS or a stop sequence, or reached their max_new_tokens."""
+        ended = self.count >= self.max_new
+        ended |= self.out[self.every, (self.count - 1).clamp(min=0)] == self.eos
+        for stop in self.stop_tensors:
+            m = len(stop)
+            tail = self.out.gather(1, (self.count.unsqueeze(-1) - m + torch.arange(m, device=stop.device)).clamp(0))
+            ended |= (self.count >= m) & (tail == stop).all(-1)
+        return ended
+
+    def _decode_step(self) -> None:
+        """One token for every live slot (dead slots run along and change nothing); compiled on CUDA."""
+        kv = self.kv
+        logits = self.llm(
+            input_ids=self.last.unsqueeze(-1),
+            position_ids=kv.pos.unsqueeze(-1),
+            use_cache=False,
+            kv=kv,
+            kv_mask=kv.decode_mask(),
+            logits_to_keep=1,
+        ).logits[:, -1]
+        u = uniforms(self.keys, self.count)
+        token = next_token(logits, self.greedy, self.temperature, self.top_k, self.top_p, u, self.k_cap)
+        alive = ~self.done
+        column = self.count.clamp(max=self.max_new_tokens - 1)
+        self.out[self.every, column] = torch.where(alive, token, self.out[self.every, column])
+        self.last.copy_(torch.where(alive, token, self.last))
+        self.count.add_(alive.long())
+        kv.pos.add_(alive.long())
+        self.done.copy_(self.done | self._ended())
+
+    def _collect(self) -> list[Update]:
+        state = torch.cat([self.done.long().unsqueeze(-1), self.count.unsqueeze(-1), self.out], dim=1).cpu()
+        updates = []
+        for s, handle in enumerate(self.handles):
+            if handle is None:
+                continue
+            if s in self.cancelled:
+                self.handles[s] = None
+                continue
+            done, count = bool(state[s, 0]), int(state[s, 1])
+            if done or self.stream:
+                ids = cut_at_stop(state[s, 2 : 2 + count].tolist(), self.eos, self.stops)
+                updates.append(Update(handle, ids, done))
+            if done:
+                self.handles[s] = None
+        if self.cancelled:
+            self.done[torch.tensor(sorted(self.cancelled), device=self.every.device)] = True
+            self.cancelled.clear()
+        return updates
+
+
+def engine_for(
+    model: DeepResonance,
+    prompt_lengths: Sequence[int],
+    gen: GenerationConfig,
+    most_slots: int,
+    **options,
+) -> Engine:
+    """An engine sized for a job: rows of the given prompt lengths, answers of up to `gen.max_new_tokens`, as many
+    slots as fit in the memory budget (at most `most_slots`). Raises MemoryError with one line if none fits."""
+    length = cache_length(max(prompt_lengths, default=1), gen.max_new_tokens)
+    budget = memory_budget(model)
+    slots = most_slots
+    if budget is not None:
+        per = bytes_per_position(model.llama_model.config, model.dtype)
+        slots = fit_slots(length, per, budget, min(most_slots, int32_slot_limit(model.llama_model.config, length)))
+        if not slots:
+            need = length * per / 2**30
+            raise MemoryError(
+                f"one row of {length} positions needs {need:.1f} GiB of cache; {budget / 2**30:.1f} GiB is free "
+                "for it: lower --max-new-tokens or free GPU memory"
+            )
+    k_cap = gen.top_k if gen.do_sample and gen.top_k > 0 else len(model.tokenizer)
+    return Engine(model, slots, length, gen.max_new_tokens, k_cap=k_cap if gen.do_sample else 1, **options)
+
+
+def run_examples(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
+    """New ids per example through an eager engine with one slot per example (`generate`'s interface; `dr ask`).
+    Rows draw from the streams of their positions in `examples` with `gen.seed`."""
+    engine = Engine(
+        model,
+        len(examples),
+        cache_length(max(model.example_length(ex) for ex in examples), gen.max_new_tokens),
+        gen.max_new_tokens,
+        k_cap=gen.top_k if gen.do_sample and gen.top_k > 0 else len(model.tokenizer),
+        compile=False,
+    )
+    requests = [Request(i, ex, gen, row_key(gen.seed, str(i), ex.instruction)) for i, ex in enumerate(examples)]
+    ids: list[list[int]] = [[] for _ in examples]
+    for ended in engine.run(requests):
+        for u in ended:
+            if u.error:
+                raise ValueError(f"example {u.handle}: {u.error}")
+            ids[u.handle] = u.ids
+    return ids

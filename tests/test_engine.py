@@ -1,0 +1,218 @@
+"""The continuous-batching engine: answers equal one-row `generate`, sampling does not depend on the batch, the
+on-device sampler draws from the distribution transformers' warpers define, slots are sized and refilled."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from model import engine as engine_module
+from model.checkpoint import load_model
+from model.config import GenerationConfig
+from model.deepresonance import Example
+from model.engine import Engine, Request, cache_length, engine_for
+from model.generate import generate_ids
+from model.kv_slots import bytes_per_position
+from model.next_token import next_token, row_key, uniforms
+
+REFERENCE = GenerationConfig(max_new_tokens=12, do_sample=False, decoder="generate")
+
+
+def rows() -> list[Example]:
+    """Prompts of different lengths and modalities (so prefill pads and slots hold different lengths)."""
+    g = torch.Generator().manual_seed(0)
+    audio = lambda: torch.randn(3, 1, 128, 204, generator=g)  # noqa: E731
+    return [
+        Example("<Audio>", "Describe the music.", [("audio", audio())]),
+        Example("", "Hi", []),
+        Example(
+            "Listen to this: <Image> and <Audio>",
+            "What is the key?",
+            [("image", torch.randn(3, 224, 224)), ("audio", audio())],
+        ),
+        Example("<Audio>", "What instruments are playing in this long piece of music?", [("audio", audio())]),
+        Example("", "Tell me about jazz.", []),
+        Example("<Video>", "What happens?", [("video", torch.randn(15, 3, 2, 224, 224, generator=g))]),
+        Example("<Audio>", "Tempo?", [("audio", audio())]),
+    ]
+
+
+def run(engine: Engine, examples, gens, keys=None) -> dict[int, list[int]]:
+    keys = keys or [row_key(0, str(i), ex.instruction) for i, ex in enumerate(examples)]
+    out = {}
+    for ended in engine.run(
+        Request(i, ex, g, k) for i, (ex, g, k) in enumerate(zip(examples, gens, keys, strict=True))
+    ):
+        for u in ended:
+            assert u.error is None and u.handle not in out
+            out[u.handle] = u.ids
+    return out
+
+
+@pytest.fixture(scope="module", params=["alpha", "beta"])
+def model(request, tiny_layout):
+    return load_model(tiny_layout.vicuna, tiny_layout.delta_dir(request.param), tiny_layout.imagebind)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_greedy_answers_equal_one_row_generate_while_slots_refill(model, kernel, monkeypatch):
+    """7 rows through 2 slots with different max_new_tokens: rows end at different steps and their slots take the
+    next rows in flight (refills counted), and every row's ids equal `generate` on that row alone."""
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 12, 5, 9, 1, 7, 12)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    prefills = []
+    real = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, r, s: prefills.append(len(r)) or real(self, r, s))
+    length = cache_length(max(model.example_length(ex) for ex in examples), 12)
+    engine = Engine(model, 2, length, 12, k_cap=1, kernel=kernel, sync_every=2, refill_min=1)
+    assert run(engine, examples, [replace(g, decoder="engine") for g in gens]) == expected
+    assert sum(prefills) == 7 and len(prefills) >= 4  # 2 at the start, then one or two at a time as rows end
+
+
+def test_rows_end_at_stop_sequences_and_eos(stopping_root):
+    """With a model whose answers end early (EOS), the engine's ids and answers are `generate`'s, cut the same way."""
+    from ckpt.layout import layout
+
+    paths = layout(stopping_root)
+    model = load_model(paths.vicuna, paths.delta_dir("alpha"), paths.imagebind)
+    examples = rows()
+    gen = replace(REFERENCE, max_new_tokens=24)
+    expected = [generate_ids(model, [ex], gen)[0] for ex in examples]
+    assert len({len(ids) for ids in expected}) > 2 and min(len(ids) for ids in expected) < 24  # ends vary
+    assert generate_ids(model, examples, replace(gen, decoder="engine")) == expected
+
+
+def test_sampled_answers_do_not_depend_on_batch_or_order(model):
+    examples = rows()
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_p=0.9, top_k=20, seed=7)
+    keys = [row_key(7, str(i), ex.instruction) for i, ex in enumerate(examples)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 10)
+    results = []
+    for slots, order in ((1, range(7)), (3, range(7)), (8, reversed(range(7)))):
+        order = list(order)
+        engine = Engine(model, slots, length, 10, k_cap=20, sync_every=3)
+        got = run(engine, [examples[i] for i in order], [gen] * 7, [keys[i] for i in order])
+        results.append({order[j]: ids for j, ids in got.items()})
+    assert results[0] == results[1] == results[2]
+    other = [row_key(8, str(i), ex.instruction) for i, ex in enumerate(examples)]
+    assert run(Engine(model, 8, length, 10, k_cap=20), examples, [gen] * 7, other) != results[0]
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.7, 10, 0.8), (1.3, 0, 0.5), (0.1, 50, 1.0), (2.0, 5, 0.95), (1.0, 0, 1.0)]
+)
+def test_sampler_draws_from_transformers_warped_distribution(temperature, top_k, top_p):
+    """The inverse-CDF draw at N evenly spaced uniforms gives each token a share within 1/N of the probability
+    transformers' temperature, top-k and top-p warpers give it (so a top-p or top-k that is ignored or changed shows
+    as mass on removed tokens)."""
+    g = torch.Generator().manual_seed(int(temperature * 10) + top_k)
+    vocab, n = 60, 4000
+    logits = torch.randn(3, vocab, generator=g) * 3
+    warpers = [TemperatureLogitsWarper(temperature)]
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), dim=-1)
+    u = (torch.arange(n) + 0.5) / n
+    rows = logits.repeat_interleave(n, 0)
+    full = lambda v, dtype: torch.full((3 * n,), v, dtype=dtype)  # noqa: E731
+    drawn = next_token(
+        rows,
+        full(False, torch.bool),
+        full(temperature, torch.float),
+        full(top_k, torch.long),
+        full(top_p, torch.float),
+        u.repeat(3),
+        vocab,  # candidates beyond top-k, so the per-row top-k itself must remove them
+    ).view(3, n)
+    share = torch.stack([torch.bincount(r, minlength=vocab) for r in drawn]).float() / n
+    assert (share - expected).abs().max() <= 1 / n + 1e-6
+    assert not ((share > 0) & (expected == 0)).any()  # a removed token is never drawn
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows():
+    logits = torch.randn(4, 30)
+    greedy = torch.tensor([True, False, True, False])
+    picked = next_token(
+        logits, greedy, torch.full((4,), 5.0), torch.zeros(4, dtype=torch.long), torch.ones(4), torch.rand(4), 30
+    )
+    assert picked[greedy].tolist() == logits.argmax(-1)[greedy].tolist()
+
+
+def test_uniforms_are_uniform_and_uncorrelated():
+    keys = torch.tensor([row_key(1337, f"r{i}", "Describe the music.") for i in range(2000)]).repeat_interleave(50)
+    counters = torch.arange(50).repeat(2000)
+    u = uniforms(keys, counters)
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    expected = len(u) / 20
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 43.8  # the 99.9% quantile of chi-square with 19 degrees of freedom
+    grid = u.view(2000, 50)
+    assert abs(torch.corrcoef(torch.stack([grid[:, :-1].flatten(), grid[:, 1:].flatten()]))[0, 1]) < 0.02
+    assert abs(torch.corrcoef(torch.stack([grid[:-1].flatten(), grid[1:].flatten()]))[0, 1]) < 0.02
+    assert row_key(1, "a", "q") != row_key(2, "a", "q") != row_key(1, "b", "q") != row_key(1, "a", "r")
+
+
+def test_slots_come_from_the_memory_budget(model, monkeypatch):
+    config = model.llama_model.config
+    per_position = (
+        2
+        * config.num_hidden_layers
+        * config.num_key_value_heads
+        * (config.hidden_size // config.num_attention_heads)
+        * 4
+    )
+    assert bytes_per_position(config, torch.float32) == per_position
+    gen = GenerationConfig(max_new_tokens=100, do_sample=False)
+    length = cache_length(40, 100)
+    assert length == 256  # 140 rounded up to FlexAttention's 128-column blocks
+    monkeypatch.setattr(engine_module, "memory_budget", lambda m: 10 * length * per_position + 5)
+    assert engine_for(model, [40, 12], gen, most_slots=64).slots == 10
+    assert engine_for(model, [40, 12], gen, most_slots=4).slots == 4
+    monkeypatch.setattr(engine_module, "memory_budget", lambda m: length * per_position - 1)
+    with pytest.raises(MemoryError, match="one row of 256 positions needs .* GiB of cache"):
+        engine_for(model, [40], gen, most_slots=64)
+
+
+def test_rows_that_cannot_fit_or_exceed_the_budget_are_refused_by_name(model):
+    engine = Engine(model, 2, 128, 8, k_cap=1)
+    long = Example("", "word " * 200, [])
+    ok = Example("", "Hi", [])
+    gen = replace(REFERENCE, max_new_tokens=8)
+    ended = [
+        u
+        for batch in engine.run(
+            [
+                Request("long", long, gen, 1),
+                Request("ok", ok, gen, 2),
+                Request("big", ok, replace(gen, max_new_tokens=9), 3),
+            ]
+        )
+        for u in batch
+    ]
+    errors = {u.handle: u.error for u in ended}
+    assert "do not fit the engine's 128 positions" in errors["long"]
+    assert "max_new_tokens 9 is over this engine's 8" in errors["big"]
+    assert errors["ok"] is None
+
+
+def test_cancel_frees_the_slot_for_the_next_row(model):
+    engine = Engine(model, 1, 128, 50, k_cap=1, sync_every=2)
+    gen = replace(REFERENCE, max_new_tokens=50)
+    engine.submit([Request("a", Example("", "Hi", []), gen, 1), Request("b", Example("", "Hello", []), gen, 2)])
+    engine.advance()
+    assert engine.handles == ["a"]
+    engine.cancel("a")
+    engine.advance()  # the cancelled row's slot is freed at this sync
+    engine.advance()
+    assert engine.handles == ["b"]
+    finished = []
+    while engine.pending:
+        finished += [u.handle for u in engine.advance() if u.done]
+    assert finished == ["b"]
