@@ -15,10 +15,10 @@ import sentencepiece as spm
 from rich.console import Console
 from rich.table import Table
 
-from ckpt.expected import BaseShape, Shapes, delta_problems, imagebind_dim, imagebind_problems
+from ckpt.expected import BaseShape, Shapes, delta_problems, imagebind_dim
 from ckpt.files import CkptError, byte_progress, read_manifest, sha256_file
 from ckpt.layout import DELTA_FILE, DELTA_SAFETENSORS, VICUNA_DELTA_REPO, CkptLayout, layout
-from ckpt.weights import ShardedWeights, tensor_shapes
+from ckpt.weights import INDEX_FILES, SINGLE_FILES, ShardedWeights, tensor_shapes
 from model.config import Variant
 
 Status = Literal["OK", "missing", "corrupt"]
@@ -51,7 +51,8 @@ def doctor(
     base, base_check, tok_check = _check_base(paths, hashes)
     encoder_dim, ib_check = _check_imagebind(paths, hashes)
     checks = [base_check, tok_check, ib_check]
-    checks += [_check_delta(paths, v, base, encoder_dim, hashes) for v in variants]
+    loadable = base is not None and tok_check.status == "OK"  # the loader's checks need the base and its tokenizer
+    checks += [_check_delta(paths, v, base, encoder_dim, hashes, loadable) for v in variants]
     return Report(checks)
 
 
@@ -84,8 +85,10 @@ def _check_base(paths: CkptLayout, hashes: bool) -> tuple[BaseShape | None, Chec
         config = json.loads((folder / "config.json").read_text())
         hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
         weights = ShardedWeights(folder)
-    except CkptError as e:
-        return None, _with(missing, detail=str(e)), tok[1]
+    except CkptError as e:  # no weights file, or a listed shard absent: missing; a file that does not read: corrupt
+        present = any((folder / f).is_file() for f in SINGLE_FILES + INDEX_FILES)
+        absent = "missing" in str(e) or not present
+        return None, (_with(missing, detail=str(e)) if absent else _corrupt(missing, str(e), paths)), tok[1]
     except (ValueError, KeyError) as e:
         return None, _corrupt(missing, f"config.json unreadable ({e})", paths), tok[1]
     try:
@@ -134,43 +137,60 @@ def _added_token_ids(folder: Path) -> set[int]:
 
 
 def _check_imagebind(paths: CkptLayout, hashes: bool) -> tuple[int | None, Check]:
+    """The loader's own ImageBind check (model.checkpoint.imagebind_problems: every key and shape of the size the
+    file declares), after the recorded size and sha256."""
+    from model.checkpoint import imagebind_problems as loader_problems
+
     fix = f"dr ckpt download imagebind --root {paths.root}"
     check = Check("ImageBind-huge", paths.imagebind, "missing", "", fix)
     if not paths.imagebind.is_file():
         return None, check
-    try:
-        problems = _manifest_problems(paths.imagebind_dir, hashes, only=paths.imagebind.name)
-        shapes = tensor_shapes(paths.imagebind) if not problems else {}
-        problems = problems or imagebind_problems(shapes)
-    except CkptError as e:
-        problems = [str(e)]
+    problems = _manifest_problems(paths.imagebind_dir, hashes, only=paths.imagebind.name)
+    problems = problems or loader_problems(paths.imagebind)
     if problems:
-        return None, _with(check, status="corrupt", detail="; ".join(problems), fix=fix + " --force")
+        return None, _with(check, status="corrupt", detail="; ".join(problems[:3]), fix=fix + " --force")
+    shapes = tensor_shapes(paths.imagebind)
     dim = imagebind_dim(shapes)
     return dim, _with(check, status="OK", detail=f"{len(shapes)} tensors, output dim {dim}", fix="")
 
 
 def _check_delta(
-    paths: CkptLayout, variant: Variant, base: BaseShape | None, encoder_dim: int | None, hashes: bool
+    paths: CkptLayout,
+    variant: Variant,
+    base: BaseShape | None,
+    encoder_dim: int | None,
+    hashes: bool,
+    loadable: bool = True,
 ) -> Check:
+    """Every delta file present (the safetensors dr loads and the pickle the original loads), each through the
+    loader's own checks (model.checkpoint.check_delta_file) when the base is usable, else the shape rules."""
+    from model.checkpoint import check_delta_file
+
     folder = paths.delta_dir(variant)
     fix = f"dr ckpt download {variant} --root {paths.root}"
-    file = next((folder / f for f in (DELTA_SAFETENSORS, DELTA_FILE) if (folder / f).is_file()), None)
+    files = [folder / f for f in (DELTA_SAFETENSORS, DELTA_FILE) if (folder / f).is_file()]
     check = Check(f"{variant} delta", folder / DELTA_FILE, "missing", "", fix)
-    if file is None:
+    if not files:
         return check
-    check = _with(check, path=file)
-    try:
+    check = _with(check, path=files[0])
+    count = 0
+    for file in files:
         problems = _manifest_problems(folder, hashes, only=file.name)
-        shapes = tensor_shapes(file) if not problems else {}
-        problems = problems or delta_problems(shapes, variant, base, encoder_dim)
-    except CkptError as e:
-        problems = [str(e)]
-    if problems:
-        return _with(check, status="corrupt", detail="; ".join(problems), fix=fix + " --force")
-    unchecked = [what for what, known in (("base LLM", base), ("ImageBind", encoder_dim)) if known is None]
+        if not problems and base is not None and loadable:
+            problems = check_delta_file(file, paths.vicuna, encoder_dim, variant)
+        elif not problems:
+            try:
+                problems = delta_problems(tensor_shapes(file), variant, base, encoder_dim)
+            except CkptError as e:
+                problems = [str(e)]
+        if problems:
+            detail = f"{file.name}: " + "; ".join(problems[:3])
+            return _with(check, path=file, status="corrupt", detail=detail, fix=fix + " --force")
+        count = count or len(tensor_shapes(file))
+    known = (("base LLM", base), ("base tokenizer", loadable or base is None), ("ImageBind", encoder_dim))
+    unchecked = [what for what, ok in known if ok is None or ok is False]
     note = f" (not checked against {' and '.join(unchecked)}: fix those first)" if unchecked else ""
-    return _with(check, status="OK", detail=f"{len(shapes)} tensors{note}", fix="")
+    return _with(check, status="OK", detail=f"{count} tensors{note}", fix="")
 
 
 def _manifest_problems(folder: Path, hashes: bool, only: str | None = None) -> list[str]:

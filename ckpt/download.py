@@ -10,10 +10,12 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from rich.console import Console
 from rich.progress import Progress, TaskID
@@ -33,9 +35,42 @@ from ckpt.layout import (
 from ckpt.weights import tensor_shapes
 from model.config import Variant
 
+T = TypeVar("T")
 Piece = Literal["alpha", "beta", "imagebind", "all"]
 PIECES: tuple[Piece, ...] = ("alpha", "beta", "imagebind")
 TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+# A host that accepts connections and never answers must not hang a download: every request gets these bounds
+# (seconds; DR_HTTP_TIMEOUT overrides both), then a failed attempt is retried after 2, 4, 8 ... s (DR_HTTP_BACKOFF).
+CONNECT_TIMEOUT, READ_TIMEOUT = 20.0, 60.0
+TIMEOUT_ENV, BACKOFF_ENV = "DR_HTTP_TIMEOUT", "DR_HTTP_BACKOFF"
+
+
+def timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts in seconds."""
+    forced = os.environ.get(TIMEOUT_ENV)
+    return (float(forced), float(forced)) if forced else (CONNECT_TIMEOUT, READ_TIMEOUT)
+
+
+def backoff(attempt: int) -> None:
+    """Wait before retry `attempt` (0-based): 2 s, 4 s, 8 s ... capped at a minute."""
+    time.sleep(min(60.0, float(os.environ.get(BACKOFF_ENV) or 2.0) * 2**attempt))
+
+
+def _bound_request(request) -> None:  # an httpx request hook
+    connect, read = timeouts()
+    bounds = dict(request.extensions.get("timeout") or {})
+    wanted = {"connect": connect, "read": read, "write": read, "pool": connect}
+    request.extensions = {**request.extensions, "timeout": {k: bounds.get(k) or v for k, v in wanted.items()}}
+
+
+def bounded_hub() -> None:
+    """Give huggingface_hub's shared HTTP client connect/read timeouts: it is built with none, and several of its
+    calls (repo info, tree listings) pass none either, so a silent host would hang them forever."""
+    from huggingface_hub import get_session
+
+    hooks = get_session().event_hooks
+    if _bound_request not in hooks.get("request", []):
+        get_session().event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_request]}
 
 
 def offline() -> bool:
@@ -70,7 +105,7 @@ def download(
                 if piece == "imagebind":
                     done.append(fetch_imagebind(paths, imagebind_url, progress, imagebind_sha256, retries, force))
                 else:
-                    done.append(fetch_delta(paths, piece, progress, endpoint, force))
+                    done.append(fetch_delta(paths, piece, progress, endpoint, force, retries))
             except CkptError as e:
                 errors.append(str(e))
     if errors:
@@ -79,51 +114,89 @@ def download(
 
 
 def fetch_delta(
-    paths: CkptLayout, variant: Variant, progress: Progress, endpoint: str | None = None, force: bool = False
+    paths: CkptLayout,
+    variant: Variant,
+    progress: Progress,
+    endpoint: str | None = None,
+    force: bool = False,
+    retries: int = 3,
 ) -> Path:
-    """The variant's delta folder from the hub dataset repo, via huggingface_hub (which resumes with Range)."""
+    """The variant's delta folder from the hub dataset repo, via huggingface_hub (which resumes with Range); a
+    failed attempt (timeout, connection reset, 5xx) is retried with backoff, then one line says how to place it."""
     final = paths.delta_dir(variant)
     by_hand = f"download the files of {paths.delta_web_url(variant)} by hand into {final}"
     if offline():
         raise CkptError(f"could not fetch the DeepResonance {variant} delta: offline (HF_HUB_OFFLINE=1); {by_hand}")
+    try:
+        return retrying(lambda: _fetch_delta_once(paths, variant, progress, endpoint, force, by_hand), retries)
+    except CkptError:
+        raise
+    except Exception as e:  # connection refused, DNS, timeouts, HTTP errors: all mean "fetch it by hand"
+        raise CkptError(f"could not fetch the DeepResonance {variant} delta ({failure(e)}); {by_hand}") from e
+
+
+def retrying(call: Callable[[], T], retries: int = 3) -> T:
+    """`call()` with huggingface_hub's HTTP client bounded in time, retried with backoff on what may pass (timeouts,
+    resets, 5xx); a CkptError or a 4xx answer is final. The last failure propagates."""
+    bounded_hub()
+    for attempt in range(retries):
+        try:
+            return call()
+        except CkptError:
+            raise
+        except Exception as e:
+            if _permanent(e):
+                raise
+            backoff(attempt)
+    return call()
+
+
+def failure(err: BaseException) -> str:
+    """`Type: first line` of a failed transfer, for the one-line message."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def _permanent(err: Exception) -> bool:
+    """An answer that a retry will not change (404, 401/403: wrong repo or no access)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return status is not None and 400 <= status < 500 and status != 429
+
+
+def _fetch_delta_once(
+    paths: CkptLayout, variant: Variant, progress: Progress, endpoint: str | None, force: bool, by_hand: str
+) -> Path:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.hf_api import RepoFile
 
+    final = paths.delta_dir(variant)
     endpoint = endpoint or os.environ.get("HF_ENDPOINT")
     folder = paths.delta_repo_path(variant)
-    try:
-        api = HfApi(endpoint=endpoint)
-        commit = api.dataset_info(HF_DATA_REPO, revision="main").sha  # pin one commit for every file
-        entries = [
-            e
-            for e in api.list_repo_tree(HF_DATA_REPO, folder, recursive=True, revision=commit, repo_type="dataset")
-            if isinstance(e, RepoFile)
-        ]
-        if not entries:
-            raise CkptError(f"{HF_DATA_REPO} has no files under {folder}; {by_hand}")
-        staged: dict[str, tuple[Path, str]] = {}
-        for entry in entries:
-            name = entry.path[len(folder) + 1 :]
-            sha256 = entry.lfs.sha256 if entry.lfs else None
-            if not force and _already_there(final, name, entry.size, sha256):
-                continue
-            path = hf_hub_download(
-                HF_DATA_REPO,
-                entry.path,
-                repo_type="dataset",
-                revision=commit,
-                local_dir=paths.staging,
-                endpoint=endpoint,
-                tqdm_class=hub_tqdm(progress),
-            )
-            staged[name] = (Path(path), _verify_hub_file(Path(path), entry.size, sha256, progress))
-    except CkptError:
-        raise
-    except Exception as e:  # connection refused, DNS, HTTP errors, offline mode: all mean "fetch it by hand"
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise CkptError(
-            f"could not fetch the DeepResonance {variant} delta ({type(e).__name__}: {reason}); {by_hand}"
-        ) from e
+    api = HfApi(endpoint=endpoint)
+    commit = api.dataset_info(HF_DATA_REPO, revision="main", timeout=timeouts()[1]).sha  # one commit for all
+    entries = [
+        e
+        for e in api.list_repo_tree(HF_DATA_REPO, folder, recursive=True, revision=commit, repo_type="dataset")
+        if isinstance(e, RepoFile)
+    ]
+    if not entries:
+        raise CkptError(f"{HF_DATA_REPO} has no files under {folder}; {by_hand}")
+    staged: dict[str, tuple[Path, str]] = {}
+    for entry in entries:
+        name = entry.path[len(folder) + 1 :]
+        sha256 = entry.lfs.sha256 if entry.lfs else None
+        if not force and _already_there(final, name, entry.size, sha256):
+            continue
+        path = hf_hub_download(
+            HF_DATA_REPO,
+            entry.path,
+            repo_type="dataset",
+            revision=commit,
+            local_dir=paths.staging,
+            endpoint=endpoint,
+            tqdm_class=hub_tqdm(progress),
+            etag_timeout=timeouts()[1],
+        )
+        staged[name] = (Path(path), _verify_hub_file(Path(path), entry.size, sha256, progress))
     for name, (path, sha256) in staged.items():
         (final / name).parent.mkdir(parents=True, exist_ok=True)
         path.replace(final / name)
@@ -195,12 +268,12 @@ def fetch_imagebind(
             total = _transfer(url, part, progress, task)
             break
         except TRANSFER_ERRORS as e:
-            if attempt == retries:
-                kept = part.stat().st_size if part.exists() else 0
-                raise CkptError(
-                    f"could not fetch ImageBind-huge ({type(e).__name__}: {e}); {kept} bytes kept in {part} "
-                    f"(run again to resume), or {by_hand}"
-                ) from e
+            if attempt < retries:
+                backoff(attempt)
+                continue
+            kept = part.stat().st_size if part.exists() else 0
+            resume = f"{kept} bytes kept in {part} (run again to resume), or " if kept else ""
+            raise CkptError(f"could not fetch ImageBind-huge ({type(e).__name__}: {e}); {resume}{by_hand}") from e
     actual = _verify_imagebind(part, total, sha256, progress)
     part.replace(final)
     record_manifest(final.parent, {final.name: {"size": final.stat().st_size, "sha256": actual}})
@@ -212,7 +285,7 @@ def _transfer(url: str, part: Path, progress: Progress, task: TaskID) -> int | N
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = urllib.request.urlopen(request, timeout=timeouts()[1])  # per connect and per read
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send: the part is complete, or longer than the file
             total = _total_from_range(e.headers.get("Content-Range"))

@@ -54,16 +54,23 @@ def resolve_delta(delta: str | Path) -> Path:
         return Path(delta)
     from huggingface_hub import HfApi, snapshot_download
 
+    from ckpt.download import failure, offline, retrying, timeouts
+
     repo = str(delta)
-    try:
+    by_hand = f"download {HF_WEB}/{repo} by hand and pass its folder as --delta DIR"
+    if offline():  # at once: huggingface_hub would retry a dead network for half a minute first
+        raise CkptError(f"could not fetch the Vicuna delta {repo}: offline (HF_HUB_OFFLINE=1); {by_hand}")
+
+    def fetch() -> Path:
         files = HfApi().list_repo_files(repo)
         weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.model", weights]))
+        patterns = ["*.json", "*.model", weights]
+        return Path(snapshot_download(repo, allow_patterns=patterns, etag_timeout=timeouts()[1]))
+
+    try:
+        return retrying(fetch)
     except Exception as e:
-        raise CkptError(
-            f"could not fetch the Vicuna delta {repo} ({type(e).__name__}); download {HF_WEB}/{repo} by hand "
-            "and pass its folder as --delta DIR"
-        ) from e
+        raise CkptError(f"could not fetch the Vicuna delta {repo} ({failure(e)}); {by_hand}") from e
 
 
 def _plan(base: ShardedWeights, delta: ShardedWeights) -> dict[str, tuple[int, ...]]:

@@ -7,12 +7,15 @@ shards are memory-mapped one shard at a time, and pickles are only ever opened w
 from __future__ import annotations
 
 import json
+import pickle
 import struct
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from ckpt.files import CkptError
 
@@ -22,15 +25,61 @@ SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
+def torch_load(path: Path) -> object:
+    """`torch.load` with `weights_only=True` (never runs code), memory-mapped when the file allows it (the zip format;
+    older pickles load whole), with every failure one CkptError line naming the file.
+
+    torch's own refusal of a code payload is 12 lines advising `weights_only=False`; here it says what it means.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except FileNotFoundError as e:
+        raise CkptError(f"{path}: no such file") from e
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e) or "Unsupported class" in str(e):  # a callable or class the file wants imported
+            raise CkptError(
+                f"{path}: holds code or Python objects, not only tensors, and was not loaded (dr never runs code "
+                "from a weights file); get a clean copy, or convert it where you trust it"
+            ) from e
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's text advises weights_only=False; keep only its diagnosis (e.g. "Unsupported operand 110")
+        reason = next((line for line in reversed(detail) if line.startswith("Unsupported")), "not a torch pickle")
+        raise CkptError(f"{path}: damaged or not a torch file ({reason})") from e
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError) as e:  # truncated, empty, foreign bytes
+        reason = "empty file" if path.stat().st_size == 0 else f"{type(e).__name__}: {_first_line(e)}"
+        raise CkptError(f"{path}: truncated or damaged torch file ({reason})") from e
+
+
+def _first_line(err: BaseException) -> str:
+    """The diagnosis, without the advice libraries append (the first sentence of the first line)."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line.split(". ", 1)[0][:200]
+
+
+def tensor_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
+    """A loaded weights file must be a flat {name: tensor} dict; anything else is named, not an AttributeError."""
+    if not isinstance(state, dict):
+        raise CkptError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CkptError(f"{path}: entry {bad[0]!r} is a {type(bad[1]).__name__}, not a tensor")
+    return state
+
+
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A torch pickle as a dict of tensors, memory-mapped and without code execution."""
+    return tensor_dict(torch_load(path), path)
+
+
+def safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """A whole safetensors file; a damaged header or a cut file is one CkptError line naming it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated or foreign file: the caller reports it as corrupt
-        raise CkptError(f"{path} does not load as a weights-only torch file ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CkptError(f"{path} is not a flat dict of tensors")
-    return state
+        return load_file(str(path))
+    except FileNotFoundError as e:
+        raise CkptError(f"{path}: no such file") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CkptError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -39,8 +88,8 @@ def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:
-            raise CkptError(f"{path} is not a readable safetensors file ({e})") from e
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CkptError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
     return {k: tuple(v.shape) for k, v in load_pickle(path).items()}
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from ckpt.files import CkptError
 from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
@@ -26,6 +28,18 @@ app.command("train")(train_cli.train)
 app.command("demo")(demo.demo)
 
 
+# What a user's input can cause (missing or damaged files, full disks, bad rows or options): one line, never a trace.
+# CkptError is a RuntimeError: listed by name so that other RuntimeErrors (bugs) keep their traceback.
+KNOWN_ERRORS = (OSError, ValueError, CkptError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (library messages such as torch's span many); the path comes first."""
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err.strerror or ""):
+        return f"{err.filename}: {err.strerror or err}"
+    return " ".join(str(err).split())
+
+
 @app.command()
 def version() -> None:
     """Print the toolkit version."""
@@ -40,8 +54,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     try:
         app()
-    except (OSError, ValueError) as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+    except KNOWN_ERRORS as err:
+        Console(stderr=True).print(f"[red]error:[/] {escape(one_line(err))}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
 
 

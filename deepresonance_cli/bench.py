@@ -75,15 +75,13 @@ def job(
     rows: int = 2858,
     batch_size: int = 512,
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the synthesized audio.")] = Path("/tmp/dr_job"),
-    static_cache: Annotated[
-        bool, typer.Option(help="Decode with the static-cache loop (compile time included).")
-    ] = False,
+    decoder: Annotated[str, typer.Option(help="engine, static or generate (compile time included).")] = "engine",
 ) -> None:
     """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
     need_cuda()
     from model.benchmark import bench_job
 
-    report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), static=static_cache, log=console.print)
+    report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), decoder=decoder, log=console.print)
     _write(out, report)
     console.print(f"{report['rows']} rows in {report['wall_seconds']} s")
 

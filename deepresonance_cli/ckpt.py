@@ -101,4 +101,9 @@ def export(
     """Merge LoRA into Vicuna and write a folder that `dr infer --delta FOLDER` loads on its own."""
     from ckpt.export import export as run_export
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    if variant not in ("alpha", "beta"):
+        raise typer.BadParameter("expected alpha or beta", param_hint="--variant")
+
     typer.echo(f"ok: {run_export(root, variant, out, base, delta, DTYPES[dtype])}")

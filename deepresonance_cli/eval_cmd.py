@@ -105,19 +105,27 @@ def eval_command(
         raise typer.BadParameter(f"{path}: no multiple-choice or label-set rows to answer", param_hint="--mode")
 
     names = [p.stem if [q.stem for q in predictions].count(p.stem) == 1 else str(p) for p in predictions]
+    loaded = {n: metrics.read_predictions(p) for n, p in zip(names, predictions, strict=True)}  # all checked first
     runs = {}
     if not multiple_choice:  # a benchmark's metric is its accuracy; text metrics are for captioning-style sets
-        rows = metrics.load_json(path)
-        runs = {
-            n: metrics.evaluate(metrics.load_json(p), rows, protocol.value, bertscore_model)
-            for n, p in zip(names, predictions, strict=True)
-        }
+        rows = metrics.read_references(path)
+        for (n, preds), p in zip(loaded.items(), predictions, strict=True):
+            with console.status(f"scoring {p} ({len(rows)} rows, {protocol.value})"):
+                runs[n] = metrics.evaluate(preds, rows, protocol.value, bertscore_model)
+            if runs[n]["counts"].get("not_text"):
+                first = runs[n]["counts"]["not_text_rows"][0]
+                console.print(
+                    f"{p}: {runs[n]['counts']['not_text']} answer(s) are not text and count as missing "
+                    f"(first: id {first['id']!r} holds a {first['type']})",
+                    style="yellow",
+                    markup=False,
+                )
     results: dict[str, dict] = {}
     if choice_rows:
         from eval.choice import score_generative
 
-        for n, p in zip(names, predictions, strict=True):
-            results[n] = {"generative": score_generative(metrics.load_json(p), choice_rows)}
+        for n, preds in loaded.items():
+            results[n] = {"generative": score_generative(preds, choice_rows)}
     if modes:
         label = variant if delta is None else delta.name
         options = dict(ckpt_root=ckpt_root, base=base, delta=delta, device=device, dtype=dtype, batch_size=batch_size)

@@ -17,13 +17,15 @@ from rich.table import Table
 from rich.text import Text
 
 from ckpt.layout import layout
+from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
 from model.checkpoint import load_model
 from model.config import Decoder, GenerationConfig
-from model.data import load_rows, resolve_dataset
+from model.data import check_text, load_rows, resolve_dataset
 from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache
 from model.generate import generate
-from model.inference import run_inference, write_results
+from model.inference import run_inference
+from model.journal import output_lock, write_results
 from model.media import load_media
 from model.prompt import PLACEHOLDERS
 
@@ -32,11 +34,13 @@ console = Console(stderr=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 CkptRoot = Annotated[Path, typer.Option(help="Checkpoint root laid out as the original's ckpt/ folder.")]
-Variant = Annotated[str, typer.Option(help="alpha or beta.")]
+Variant = Annotated[VariantChoice, typer.Option(help="alpha or beta.")]
 Base = Annotated[Path | None, typer.Option(help="Vicuna folder (default: <ckpt-root>/pretrained_ckpt/...).")]
 Delta = Annotated[Path | None, typer.Option(help="Delta folder (default: <ckpt-root>/deepresonance_<variant>_...).")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
-Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
+Device = Annotated[
+    str | None, typer.Option(callback=check_device, help="cpu, cuda, cuda:1 (default: cuda when available).")
+]
+Dtype = Annotated[DtypeChoice | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
 TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
 DecoderName = Enum("DecoderName", {d: d for d in get_args(Decoder)}, type=str)
 DecoderOption = Annotated[
@@ -96,6 +100,7 @@ def default_device(device: str | None) -> str:
 
 
 def infer(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file.")],
     variant: Variant = "alpha",
     ckpt_root: CkptRoot = Path("ckpt"),
@@ -124,8 +129,12 @@ def infer(
         Path | None, typer.Option(help="Encoder-feature cache (default: <data-root>/.features).")
     ] = None,
     decoder: DecoderOption = DecoderName.engine,
+    overwrite: Annotated[
+        bool, typer.Option(help="Answer every row again, discarding --out's answers (of this or another run).")
+    ] = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
+    variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
@@ -137,6 +146,8 @@ def infer(
         console.print(f"[yellow]skipped invalid row[/] {line}")
     rows = rows[:limit] if limit is not None else rows
     out = out or Path("results") / f"{spec.name}_{variant}.json"
+    lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
+    ctx.call_on_close(lock.release)
     model = load(ckpt_root, variant, base, delta, device, dtype)
     cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
@@ -164,12 +175,11 @@ def infer(
                 world,
                 on_progress=lambda n: progress.advance(task, n),
                 on_total=lambda n: progress.update(task, total=n),
+                overwrite=overwrite,
             )
     except KeyboardInterrupt:
         kept = sum(len(v) for v in write_results(out, rows).values()) if rank == 0 else 0
-        console.print(
-            f"interrupted: {kept} answers are kept in {out} and its journal; rerun the same command to go on"
-        )
+        console.print(f"interrupted: {kept} answers are kept in {out} and its journal; rerun the same command to go on")
         raise typer.Exit(130) from None
     if world > 1:
         torch.distributed.barrier()
@@ -210,6 +220,11 @@ def ask(
     dtype: Dtype = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
+    variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
+    try:
+        check_text(question, "the question")
+    except ValueError as e:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+        raise typer.BadParameter(str(e), param_hint="QUESTION") from None
     media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
     placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
     example = Example("".join(placeholders[m] for m, _ in media), question, media)  # bad media fail before loading

@@ -12,16 +12,30 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from deepresonance_cli.options import TrainDtypeChoice, VariantChoice, check_device
+
 console = Console(stderr=True)
 PACKAGED_DEEPSPEED = {"zero2": Path(__file__).with_name("deepspeed_zero2.json")}
-DTYPES = ("float32", "bfloat16")
 
 Opt = typer.Option
 
 
+def read_options(path: Path) -> dict:
+    """--config: a JSON object of TrainConfig fields; anything else is one line naming the file."""
+    try:
+        options = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: expected a JSON object of training options, got {type(options).__name__}")
+    return options
+
+
 def train(
-    variant: Annotated[str, Opt(help="alpha, or beta (with the pre-LLM fusion encoder).")],
-    stage: Annotated[int, Opt(help="1: align the projector (LLM frozen); 2: instruction-tune with LoRA.")],
+    variant: Annotated[VariantChoice, Opt(help="alpha, or beta (with the pre-LLM fusion encoder).")],
+    stage: Annotated[
+        int, Opt(min=1, max=2, help="1: align the projector (LLM frozen); 2: instruction-tune with LoRA.")
+    ],
     out: Annotated[Path, Opt(help="Output folder: the final delta, checkpoint-N folders, TensorBoard logs.")],
     init: Annotated[Path | None, Opt(help="Delta to start from (stage 2: the stage-1 output).")] = None,
     datasets: Annotated[
@@ -44,15 +58,26 @@ def train(
         bool | None,
         Opt(help="Train the resized embed_tokens/lm_head as the original did (stage-2 default; off: less state)."),
     ] = None,
-    save_every: Annotated[int | None, Opt(help="Checkpoint every N optimizer steps (0: only at the end).")] = None,
+    save_every: Annotated[
+        int | None,
+        Opt(
+            min=0,
+            help="Checkpoint every N optimizer steps (0: only at the end; default: every tenth of the run, the "
+            "newest kept). Ctrl-C / SIGTERM always checkpoint before stopping.",
+        ),
+    ] = None,
     stop_after: Annotated[int | None, Opt(help="Stop (and checkpoint) after N steps; --resume carries on.")] = None,
     resume: Annotated[Path | None, Opt(help="A checkpoint folder, or an --out folder (its latest checkpoint).")] = None,
+    overwrite: Annotated[bool, Opt(help="Start afresh in an --out that holds an earlier run (its files go).")] = False,
     deepspeed: Annotated[
         str | None, Opt(help="DeepSpeed config JSON, or 'zero2' (packaged: ZeRO-2, bf16). Launch with `deepspeed`.")
     ] = None,
-    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    device: Annotated[
+        str | None, Opt(callback=check_device, help="cpu, cuda, cuda:1 (default: cuda when available).")
+    ] = None,
     dtype: Annotated[
-        str | None, Opt(help="Frozen weights: float32 or bfloat16 (default: bfloat16 on CUDA); trained ones: float32.")
+        TrainDtypeChoice | None,
+        Opt(help="Frozen weights: float32 or bfloat16 (default: bfloat16 on CUDA); trained ones: float32."),
     ] = None,
     progress: Annotated[bool, Opt(help="Show the progress bar.")] = True,
     local_rank: Annotated[int | None, Opt("--local_rank", hidden=True, help="Set by the deepspeed launcher.")] = None,
@@ -64,12 +89,10 @@ def train(
     from model.config import TrainConfig
     from model.training import train as run_training
 
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype}: expected one of {', '.join(DTYPES)}", param_hint="--dtype")
     main_rank = int(os.environ.get("RANK", 0)) == 0
     level = logging.INFO if main_rank else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)])
-    options = json.loads(config.read_text()) if config else {}
+    options = read_options(config) if config else {}
     flags = dict(
         epochs=epochs,
         max_steps=max_steps,
@@ -89,7 +112,7 @@ def train(
         cfg,
         stop_after=stop_after,
         progress=progress,
-        variant=variant,
+        variant=variant.value,
         base=paths.vicuna,
         imagebind=paths.imagebind,
         out=out,
@@ -98,8 +121,9 @@ def train(
         cache_dir=cache_dir,
         deepspeed=PACKAGED_DEEPSPEED.get(deepspeed, deepspeed),
         device=device,
-        dtype=getattr(torch, dtype) if dtype else None,
+        dtype=getattr(torch, dtype.value) if dtype else None,
         resume=resume,
+        overwrite=overwrite,
     )
     if not main_rank:
         return
@@ -109,3 +133,6 @@ def train(
     summary = f"step {result.step}/{result.total_steps}" + (f", loss {last['loss']:.4f}" if last else "")
     where = out if result.step == result.total_steps else f"{out}/checkpoint-{result.step:06d}"
     console.print(f"{summary}; delta in {where}")
+    if result.interrupted:
+        console.print(f"stopped by {result.interrupted}; `--resume {out}` carries on from step {result.step}")
+        raise typer.Exit(130)

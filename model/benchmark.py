@@ -329,7 +329,7 @@ def bench_job(
     seconds: float = 10.0,
     batch: int = 512,
     workdir: str = "/tmp/dr_job",
-    static: bool = False,
+    decoder: str = "engine",
     log: Callable[[str], None] = print,
 ) -> dict:
     """A MusicCaps-sized `run_inference` job end to end, timed: wav files decoded and preprocessed on the CPU,
@@ -371,7 +371,7 @@ def bench_job(
         for token in {tok.eos_id, tok.stop_id, *tok.newline_stop}:
             model.llama_model.get_output_embeddings().weight[token] = 0
     data = [Row(str(i), "<Audio>", "Describe the music in detail.", "", ("audio",), (f"{i}.wav",)) for i in range(rows)]
-    gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, static_cache=static)
+    gen = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, decoder=decoder)
     out = work / "results" / "job.json"
     cache = FeatureCache.for_encoder(work / "features", encoder)
     torch.cuda.synchronize()
@@ -385,7 +385,7 @@ def bench_job(
         "rows": rows,
         "audio_seconds": seconds,
         "batch": batch,
-        "static_cache": static,
+        "decoder": decoder,
         "wall_seconds": round(wall, 1),
         "rows_per_s": round(summary.answered / wall, 2),
         "answered": summary.answered,

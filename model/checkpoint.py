@@ -7,24 +7,31 @@ same shape, and the LoRA rank and fusion depth are read from the delta, never as
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
 from model.deepresonance import DeepResonance
-from model.encoder import MediaEncoder
+from model.encoder import MediaEncoder, file_fingerprint, size_of
 from model.tokenizer import PromptTokenizer
 
 DELTA_PT = "pytorch_model.pt"
 DELTA_ST = "delta.safetensors"
 DR_CONFIG = "dr_config.json"
+PROJ_KEY = "llama_proj.weight"
 LORA_KEY = re.compile(r"\.layers\.\d+\..*\.lora_[AB]\.")
 FUSION_LAYER = re.compile(r"^preencoding\.layers\.(\d+)\.")
 # stage-1 deltas of the original have no LoRA wrapper in their names
@@ -40,55 +47,95 @@ class DeltaError(ValueError):
 
 def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
     """The delta tensors of a folder; safetensors when present, else the pickle loaded with weights_only."""
+    from ckpt.files import CkptError
+    from ckpt.weights import load_pickle, safetensors_file
+
     folder = Path(folder)
-    st, pt = folder / DELTA_ST, folder / DELTA_PT
+    path = delta_file(folder)
+    if not path.is_file():
+        raise DeltaError(f"{folder}: no {DELTA_PT} or {DELTA_ST} (run `dr ckpt download`)")
     try:
-        if st.is_file():
-            state = load_file(st)
-        elif pt.is_file():
-            state = dict(torch.load(pt, map_location="cpu", weights_only=True))
-        else:
-            raise DeltaError(f"{folder}: no {DELTA_PT} or {DELTA_ST} (run `dr ckpt download`)")
-    except DeltaError:
-        raise
-    except Exception as err:
-        raise DeltaError(f"{st if st.is_file() else pt}: unreadable delta ({type(err).__name__}: {err})") from err
-    out = {}
-    for key, value in state.items():
-        for old, new in LEGACY_PREFIXES.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-        out[key] = value.detach() if isinstance(value, torch.Tensor) else value
-    return out
+        state = safetensors_file(path) if path.name == DELTA_ST else load_pickle(path)
+    except CkptError as err:
+        raise DeltaError(str(err)) from err
+    return {_modern_key(k): v.detach() for k, v in state.items()}
 
 
-def delta_config(state: dict[str, torch.Tensor], base: ModelConfig) -> ModelConfig:
-    """Variant, LoRA rank and fusion depth as the delta holds them."""
+def read_config(path: Path, base: ModelConfig) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), base=base)
+    except (ValueError, TypeError, AttributeError) as err:  # garbled JSON, a list, unknown or mistyped fields
+        raise DeltaError(f"{path}: not a dr model config ({' '.join(str(err).split())})") from err
+
+
+def delta_file(folder: str | Path) -> Path:
+    """The file `read_delta` reads: safetensors when present, else the pickle."""
+    folder = Path(folder)
+    return folder / DELTA_ST if (folder / DELTA_ST).is_file() else folder / DELTA_PT
+
+
+def fingerprint(files: list[Path]) -> str:
+    """sha256 over the files' contents, taken from the download manifest when it recorded this very size."""
+    from ckpt.files import read_manifest, sha256_file
+
+    digest = hashlib.sha256()
+    for path in files:
+        recorded = read_manifest(path.parent).get(path.name, {})
+        same = recorded.get("size") == path.stat().st_size and recorded.get("sha256")
+        digest.update((same or sha256_file(path)).encode())
+    return digest.hexdigest()[:16]
+
+
+def delta_config(state: Mapping[str, torch.Tensor | tuple[int, ...]], base: ModelConfig) -> ModelConfig:
+    """Variant, LoRA rank and fusion depth as the delta holds them (tensors, or their shapes)."""
     fusion_layers = {int(m.group(1)) for k in state if (m := FUSION_LAYER.match(k))}
-    lora_a = [v for k, v in state.items() if ".lora_A." in k]
+    lora_a = [tuple(getattr(v, "shape", v)) for k, v in state.items() if ".lora_A." in k]
     variant = "beta" if fusion_layers else "alpha"
     return replace(
         base,
         variant=variant,
         fusion_layers=max(fusion_layers) + 1 if fusion_layers else base.fusion_layers,
-        lora_r=lora_a[0].shape[0] if lora_a else base.lora_r,
+        lora_r=lora_a[0][0] if lora_a else base.lora_r,
     )
 
 
-def load_delta(model: DeepResonance, state: dict[str, torch.Tensor], source: str = "delta") -> None:
-    """Copies a delta into the model; a missing, unexpected or misshapen key is an error naming it."""
-    own = model.state_dict()
-    for key, value in state.items():
+def delta_problems(delta: Mapping[str, tuple[int, ...]], own: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """Why a delta (key -> shape) does not fit a model (key -> shape): unexpected, misshapen or missing keys.
+
+    The one check of a delta's keys: `load_delta` raises the first problem, `dr ckpt doctor` reports them against the
+    same model built on the meta device, so the two never disagree.
+    """
+    problems = []
+    for key, shape in delta.items():
         if key not in own:
-            raise DeltaError(f"{source}: unexpected key '{key}'")
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise DeltaError(f"{source}: '{key}' has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}")
+            problems.append(f"unexpected key '{key}'")
+        elif tuple(own[key]) != tuple(shape):
+            problems.append(f"'{key}' has shape {tuple(shape)}, model expects {tuple(own[key])}")
     required = [k for k in own if k.startswith(("llama_proj.", "preencoding."))]
-    if any(LORA_KEY.search(k) for k in state):
+    if any(LORA_KEY.search(k) for k in delta):
         required += [k for k in own if LORA_KEY.search(k)]
-    for key in required:
-        if key not in state:
-            raise DeltaError(f"{source}: missing key '{key}'")
+    problems += [f"missing key '{key}'" for key in required if key not in delta]
+    return problems
+
+
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of floating tensors holding NaN or infinity (a diverged run saves them; they decode to empty answers)."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_delta(model: DeepResonance, state: dict[str, torch.Tensor], source: str = "delta") -> None:
+    """Copies a delta into the model; a missing, unexpected or misshapen key, or a NaN, is an error naming it."""
+    own = model.state_dict()
+    problems = delta_problems(
+        {k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()}
+    )
+    if problems:
+        raise DeltaError(f"{source}: {problems[0]}")
+    bad = non_finite(state)
+    if bad:
+        raise DeltaError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values (first: '{bad[0]}'): a diverged run?"
+        )
     with torch.no_grad():
         for key, value in state.items():
             own[key].copy_(value)
@@ -105,15 +152,16 @@ def delta_state(model: DeepResonance) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
-def save_delta(model: DeepResonance, folder: str | Path) -> Path:
-    """Writes `pytorch_model.pt` (loadable by the original), `delta.safetensors`, tokenizer, LLaMA config."""
+def save_delta(model: DeepResonance, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Writes `pytorch_model.pt` (loadable by the original), `delta.safetensors` (with `metadata` in its header:
+    training records its run id and step there), tokenizer, LLaMA config."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = delta_state(model)
     tmp = folder / (DELTA_PT + ".tmp")
     torch.save(state, tmp)
     tmp.replace(folder / DELTA_PT)
-    save_file(dict(state), str(folder / (DELTA_ST + ".tmp")))
+    save_file(dict(state), str(folder / (DELTA_ST + ".tmp")), metadata=metadata)
     (folder / (DELTA_ST + ".tmp")).replace(folder / DELTA_ST)
     model.tokenizer.save(folder)
     model.llama_model.config.save_pretrained(folder)
@@ -167,7 +215,115 @@ def load_exported(
         lora=False,
     )
     load_delta(model, mm, str(folder / EXPORT_MM))
+    # the merged LLM differs everywhere from another merge: its shards' cheap fingerprints tell them apart
+    shards = [file_fingerprint(p) for p in sorted((folder / EXPORT_LLM).glob("*.safetensors"))]
+    model.delta_fingerprint = (
+        fingerprint([folder / EXPORT_MM]) + "-" + hashlib.sha256("".join(shards).encode()).hexdigest()[:16]
+    )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> LlamaForCausalLM:
+    """The Vicuna weights; a damaged or code-holding file is one line naming it (checked by ckpt's readers)."""
+    try:
+        return LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        from ckpt.files import CkptError
+        from ckpt.weights import ShardedWeights
+
+        try:
+            ShardedWeights(base).shapes()
+        except CkptError as found:
+            raise DeltaError(str(found)) from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DeltaError(f"{base}: the base model does not load ({type(err).__name__}: {reason})") from err
+
+
+def imagebind_problems(path: Path) -> list[str]:
+    """Why an ImageBind file does not fit the model it declares (its size read from its shapes): unreadable, missing,
+    unexpected or misshapen keys. The one check behind `load_model` and `dr ckpt doctor`."""
+    from ckpt.files import CkptError
+    from ckpt.weights import tensor_shapes
+
+    try:
+        shapes = tensor_shapes(path)
+    except CkptError as err:
+        return [str(err).removeprefix(f"{path}: ")]
+    try:
+        size = size_of({k: SimpleNamespace(shape=s) for k, s in shapes.items()}, path)
+    except ValueError as err:
+        return [str(err).removeprefix(f"{path}: ")]
+    with init_empty_weights():  # shapes only: parameters on the meta device, nothing allocated
+        own = {k: tuple(v.shape) for k, v in MediaEncoder(size).imagebind.state_dict().items()}
+    problems = [f"unexpected key '{k}' for ImageBind-{size}" for k in shapes if k not in own]
+    problems += [f"missing key '{k}' for ImageBind-{size}" for k in own if k not in shapes]
+    problems += [
+        f"'{k}' has shape {shapes[k]}, ImageBind-{size} expects {s}"
+        for k, s in own.items()
+        if k in shapes and shapes[k] != s
+    ]
+    return problems
+
+
+def load_encoder(path: Path) -> MediaEncoder:
+    if path.is_file():
+        problems = imagebind_problems(path)
+        if problems:
+            raise DeltaError(f"{path}: {problems[0]}")
+    return MediaEncoder.load(path)
+
+
+def model_setup(
+    base: Path,
+    delta: Path | None,
+    state: Mapping[str, torch.Tensor | tuple[int, ...]],
+    config: ModelConfig,
+    variant: str | None,
+) -> tuple[ModelConfig, Path]:
+    """(architecture, tokenizer folder) for a base + delta: dr_config.json, then what the delta's keys say; a delta
+    of the other variant is an error. Shared by `load_model` and `check_delta_file`."""
+    if delta is None:
+        return (replace(config, variant=variant) if variant is not None else config), base
+    if (delta / DR_CONFIG).is_file():
+        config = read_config(delta / DR_CONFIG, config)
+    config = delta_config(state, config)
+    if variant is not None and variant != config.variant:
+        raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
+    return config, delta if (delta / "tokenizer.model").is_file() else base
+
+
+def check_delta_file(path: Path, base: Path, encoder_dim: int | None, variant: str | None) -> list[str]:
+    """What `load_model` would refuse in this delta file, found without loading the LLM: the model it would build
+    is built on the meta device (shapes only) and the loader's own checks run against it. For `dr ckpt doctor`."""
+    from transformers import LlamaConfig
+
+    from ckpt.files import CkptError
+    from ckpt.weights import load_pickle, safetensors_file
+
+    try:
+        state = safetensors_file(path) if path.suffix == ".safetensors" else load_pickle(path)
+        state = {_modern_key(k): v for k, v in state.items()}
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        config, tok_dir = model_setup(base, path.parent, shapes, ModelConfig(), variant)
+        tokenizer = PromptTokenizer.from_dir(tok_dir)
+        if encoder_dim is None and PROJ_KEY in shapes and len(shapes[PROJ_KEY]) == 2:
+            encoder_dim = shapes[PROJ_KEY][1]
+        with init_empty_weights():
+            llm = LlamaForCausalLM(LlamaConfig.from_pretrained(base))
+            model = DeepResonance(config, llm, tokenizer, None, encoder_dim or 1)
+            own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except (CkptError, ValueError, OSError) as err:
+        return [" ".join(str(err).split()).removeprefix(f"{path}: ")]
+    problems = delta_problems(shapes, own)
+    bad = non_finite(state) if not problems else []
+    return problems + ([f"{len(bad)} tensor(s) hold NaN or infinite values (first: '{bad[0]}')"] if bad else [])
+
+
+def _modern_key(key: str) -> str:
+    for old, new in LEGACY_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def load_model(
@@ -193,24 +349,11 @@ def load_model(
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{base}: no config.json: not a Hugging Face LLaMA folder (see `dr ckpt doctor`)")
     config = config or ModelConfig()
-    state = {}
-    tok_dir = base
-    if delta is not None:
-        delta = Path(delta)
-        state = read_delta(delta)
-        saved = delta / DR_CONFIG
-        if saved.is_file():
-            config = ModelConfig.from_dict(json.loads(saved.read_text()), base=config)
-        config = delta_config(state, config)
-        if variant is not None and variant != config.variant:
-            raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
-        if (delta / "tokenizer.model").is_file():
-            tok_dir = delta
-    elif variant is not None:
-        config = replace(config, variant=variant)
+    state = read_delta(delta) if delta is not None else {}
+    config, tok_dir = model_setup(base, Path(delta) if delta is not None else None, state, config, variant)
     tokenizer = PromptTokenizer.from_dir(tok_dir)
-    llm = LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
-    encoder = MediaEncoder.load(imagebind) if imagebind is not None else None
+    llm = load_base(base, dtype, attn_implementation)
+    encoder = load_encoder(Path(imagebind)) if imagebind is not None else None
     if encoder is not None:
         config = replace(config, encoder_size=encoder.size)
         encoder_dim = encoder.out_dim
@@ -221,4 +364,5 @@ def load_model(
     model = DeepResonance(config, llm, tokenizer, encoder, encoder_dim)
     if state:
         load_delta(model, state, str(delta))
+    model.delta_fingerprint = fingerprint([delta_file(delta)]) if delta is not None else None
     return model.to(device=device, dtype=dtype).eval()

@@ -137,7 +137,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 512
     seed: int = 12
-    save_every: int = 0
+    save_every: int | None = None  # None: a checkpoint every tenth of the run (the newest kept); 0: only at the end
     log_every: int = 5
     group_size: int = 16  # batches grouped by length: rows sorted inside shuffled windows of this many batches
     encode_batch_size: int = 8  # media files per frozen-encoder call while filling the feature cache

@@ -102,6 +102,17 @@ def resolve_dataset(
     return spec if media_root is None else DatasetSpec(spec.name, spec.json_path, Path(media_root))
 
 
+def check_text(text: str, what: str) -> None:
+    """Text the tokenizer and the result files can take: valid Unicode (JSON's "\\ud800" escapes, and command-line
+    bytes that are not UTF-8, decode to lone surrogates, which sentencepiece rejects mid-run)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode ({e.reason}: {text[e.start : e.end]!r} at character {e.start})"
+        ) from None
+
+
 def _validate(raw: object, index: int) -> Row:
     """Raw JSON row -> Row, or ValueError saying what is wrong. A missing id becomes the row's index."""
     if not isinstance(raw, dict):
@@ -118,6 +129,11 @@ def _validate(raw: object, index: int) -> Row:
     for key in ("mm_names", "mm_paths"):
         if not isinstance(raw[key], list) or not all(isinstance(v, str) for v in raw[key]):
             raise ValueError(f"{key} must be a list of strings")
+    for key in ("input", "instruction", "output", "mm_paths"):
+        for text in raw[key] if key == "mm_paths" else [raw[key]]:
+            check_text(text, key)
+    if isinstance(row_id, str):
+        check_text(row_id, "id")
     names, paths = raw["mm_names"], raw["mm_paths"]
     unknown = [n for n in names if n not in MODALITIES]
     if unknown:
@@ -213,16 +229,29 @@ def download_data(data_root: str | Path = "data") -> Path:
     or HF_HUB_OFFLINE is set.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+
+    from ckpt.download import offline, retrying, timeouts
 
     data_root = Path(data_root)
+    by_hand = f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"
+    what = f"data/ of the Hugging Face dataset repo {HF_DATA_REPO}"
+    if offline():
+        raise DatasetError(f"could not fetch {what}: offline (HF_HUB_OFFLINE=1); {by_hand}")
+    endpoint = os.environ.get("HF_ENDPOINT")  # read now: huggingface_hub reads it once, at import
     try:
-        snapshot = Path(snapshot_download(HF_DATA_REPO, repo_type="dataset", allow_patterns="data/*"))
-    except (OSError, HfHubHTTPError) as e:
-        reason = " ".join(str(e).split())
-        raise DatasetError(
-            f"could not fetch data/ of the Hugging Face dataset repo {HF_DATA_REPO} ({type(e).__name__}: {reason}); "
-            f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"
-        ) from e
+        snapshot = Path(
+            retrying(
+                lambda: snapshot_download(
+                    HF_DATA_REPO,
+                    repo_type="dataset",
+                    allow_patterns="data/*",
+                    endpoint=endpoint,
+                    etag_timeout=timeouts()[1],
+                )
+            )
+        )
+    except Exception as e:  # timeouts, refused connections, HTTP errors, a repo without data/
+        reason = " ".join(str(e).split())[:300]
+        raise DatasetError(f"could not fetch {what} ({type(e).__name__}: {reason}); {by_hand}") from e
     shutil.copytree(snapshot / "data", data_root, dirs_exist_ok=True)
     return data_root

@@ -79,19 +79,22 @@ def _train(
         out=out,
         init=init,
         cache_dir=cache,
+        overwrite=True,  # the demo rebuilds its folder from the seed: an earlier demo's run is replaced
     )
     flags = (
         f"--max-steps {options['max_steps']} --lr {options['lr']} --micro-batch {options['micro_batch_size']} "
         f"--seed {seed} {'--train-embeddings' if options['train_embeddings'] else '--no-train-embeddings'}"
     )
-    return f"--stage {stage} --config {config} {flags}" + (f" --init {init}" if init else "") + f" --out {out}"
+    init_flag = f" --init {init}" if init else ""
+    return f"--stage {stage} --config {config} {flags}{init_flag} --out {out} --overwrite"
 
 
 def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, out_json: Path) -> dict:
     """Greedy answers for every held-out row (a fresh result file: old journals are removed first)."""
     from model.checkpoint import load_model
     from model.features import FeatureCache
-    from model.inference import journal_paths, run_inference, write_results
+    from model.inference import run_inference
+    from model.journal import journal_paths, write_results
 
     paths = layout(ckpt)
     model = load_model(paths.vicuna, delta, paths.imagebind, variant)

@@ -8,7 +8,6 @@ media go through the feature cache, and a row whose media is missing or unreadab
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ from model.deepresonance import DeepResonance, Example
 from model.engine import Request, engine_for
 from model.features import FeatureCache, encode_files
 from model.generate import generate
+from model.journal import Journal, open_journal, output_lock, run_identity
 from model.media import MediaError
 from model.next_token import row_key
 
@@ -37,60 +37,6 @@ class Summary:
     skipped: int = 0  # answered by an earlier run
     answered: int = 0
     failed: list[str] = field(default_factory=list)  # one `id: reason` line per row that could not be answered
-
-
-def journal_paths(out_json: Path) -> list[Path]:
-    """All journals of a result file: one per rank when several processes shared the job."""
-    return sorted(out_json.parent.glob(out_json.stem + ".*jsonl"))
-
-
-def journal_path(out_json: Path, rank: int = 0, world: int = 1) -> Path:
-    suffix = ".jsonl" if world == 1 else f".rank{rank}.jsonl"
-    return out_json.with_name(out_json.stem + suffix)
-
-
-def read_journal(paths: Sequence[Path]) -> dict[tuple[str, str], str]:
-    """(id, instruction) -> answer from journals; a torn last line (a kill mid-write) is ignored."""
-    done: dict[tuple[str, str], str] = {}
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if "answer" in entry:
-                    done[(entry["id"], entry["instruction"])] = entry["answer"]
-    return done
-
-
-def write_results(out_json: Path, rows: Sequence[Row] | None = None) -> dict[str, dict[str, str]]:
-    """Rebuilds `{id: {instruction: answer}}` from the journals, in dataset order, written atomically."""
-    done = read_journal(journal_paths(out_json))
-    order = [(r.id, r.instruction) for r in rows] if rows is not None else list(done)
-    results: dict[str, dict[str, str]] = {}
-    for key in order:
-        if key in done:
-            results.setdefault(key[0], {})[key[1]] = done[key]
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out_json)
-    return results
-
-
-class Journal:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-
-    def write(self, entries: Sequence[dict]) -> None:
-        for entry in entries:
-            self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def row_media(
@@ -155,19 +101,50 @@ def run_inference(
     on_progress: Callable[[int], None] | None = None,
     workers: int = DECODE_WORKERS,
     on_total: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> Summary:
     """Answers every row not answered yet; `on_total(n)` is told how many rows this process will answer, then
-    `on_progress(n)` is called as n more rows finish. `batch_size` is the
-    engine's slot count (rows decoding together) or, for the static decoders, the rows per batch."""
+    `on_progress(n)` is called as n more rows finish. `batch_size` is the engine's slot count (rows decoding
+    together) or, for the static decoders, the rows per batch.
+
+    One process per `out_json` (its lock is held throughout); answers of another delta, variant, dtype or generation
+    settings already in its journal are a JournalError unless `overwrite` (which answers every row again).
+    """
     out_json, media_root = Path(out_json), Path(media_root)
-    done = read_journal(journal_paths(out_json)) if out_json.parent.is_dir() else {}
-    todo = [r for r in rows if (r.id, r.instruction) not in done][rank::world]
-    summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
+    lock = output_lock(out_json, rank).acquire()  # re-entrant: `dr infer` took it before loading the model
+    try:
+        journal, done = open_journal(out_json, run_identity(model, gen), overwrite=overwrite, rank=rank, world=world)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        todo = [r for r in rows if (r.id, r.instruction) not in done][rank::world]
+        summary = Summary(total=len(rows), skipped=sum((r.id, r.instruction) in done for r in rows))
+        if on_total:
+            on_total(len(todo))
+        if todo:
+            answer_rows(model, todo, media_root, gen, batch_size, cache, workers, journal, summary, on_progress)
+    finally:
+        journal.close()
+        lock.release()
+    return summary
+
+
+def answer_rows(
+    model: DeepResonance,
+    todo: list[Row],
+    media_root: Path,
+    gen: GenerationConfig,
+    batch_size: int,
+    cache: FeatureCache | None,
+    workers: int,
+    journal: Journal,
+    summary: Summary,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    """Answers `todo`, journaling rows as they finish (answers and media errors) and counting them in `summary`."""
     lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
     todo.sort(key=lambda r: lengths[id(r)])  # similar lengths decode (or prefill) together: little padding
-    if on_total:
-        on_total(len(todo))
-    journal = Journal(journal_path(out_json, rank, world))
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
     # read, preprocessed and encoded in a background thread while answers decode
     batches = list(chunks(todo, batch_size))
@@ -189,25 +166,21 @@ def run_inference(
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
-    try:
-        if gen.decoder == "engine" and todo:
-            engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
-            log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
-            requests = (
-                Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
-                for group in ready()
-                for r, m in group
-            )
-            for ended in engine.run(requests):
-                finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
-        elif todo:
-            log.info("decoder: %s", gen.decoder)
-            for group in ready():
-                answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
-                finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
-    finally:
-        journal.close()
-    return summary
+    if gen.decoder == "engine":
+        engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
+        log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
+        requests = (
+            Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
+            for group in ready()
+            for r, m in group
+        )
+        for ended in engine.run(requests):
+            finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
+        return
+    log.info("decoder: %s", gen.decoder)
+    for group in ready():
+        answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
+        finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
 
 
 def entry(row: Row, answer: str | None = None, error: str | None = None) -> dict:

@@ -279,7 +279,7 @@ def probe_media(modality: str, path: str | Path) -> None:
                     raise MediaError(path, f"no {modality} stream")
     except MediaError:
         raise
-    except (av.FFmpegError, RuntimeError, OSError, ValueError, SyntaxError) as e:
+    except (av.FFmpegError, RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise MediaError(path, f"unreadable {modality} ({e})") from e
 
 

@@ -24,7 +24,11 @@ class PromptTokenizer:
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(f"{self.model_file}: tokenizer.model not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
+        except (RuntimeError, OSError) as e:  # empty, truncated or not a sentencepiece file
+            reason = (str(e).strip().splitlines() or ["unreadable"])[0]
+            raise ValueError(f"{self.model_file}: not a sentencepiece model ({reason})") from e
         base = self.sp.get_piece_size()
         self.added = added if added is not None else {tok: base + i for i, tok in enumerate(ADDED_TOKENS)}
         self.added_by_id = {i: tok for tok, i in self.added.items()}
@@ -50,7 +54,14 @@ class PromptTokenizer:
         return self.sp.get_piece_size() + len(self.added)
 
     def encode(self, text: str) -> list[int]:
-        """One prompt piece, no special tokens, as the slow tokenizer split it around added tokens."""
+        """One prompt piece, no special tokens, as the slow tokenizer split it around added tokens.
+
+        Text that is not valid Unicode (a lone surrogate) is a ValueError saying so, not sentencepiece's RuntimeError.
+        """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode ({e.reason} at character {e.start}): {text[:60]!r}") from None
         if self._added_split is None:
             return self.sp.encode(text)
         ids: list[int] = []

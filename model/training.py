@@ -9,24 +9,29 @@ scheduler, step and RNG state, so a resumed run continues the very same trajecto
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import random
 import re
+import shutil
+import signal
 import socket
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from model.checkpoint import load_delta, load_model, read_delta, save_delta
+from model.checkpoint import DELTA_PT, DELTA_ST, DR_CONFIG, load_delta, load_model, read_delta, save_delta
 from model.config import TrainConfig
 from model.data import DatasetError, DatasetSpec, Row, load_rows, media_path, resolve_dataset
 from model.deepresonance import DeepResonance, Example
@@ -40,8 +45,12 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 RNG_FILE = "rng-{rank}.pt"
+MARKER = "checkpoint.json"  # written last: {run_id, step, files}; a folder without it is not a checkpoint
 DS_DIR, DS_TAG = "deepspeed", "state"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+AUTO_SAVES = 10  # with no --save-every: a checkpoint every tenth of the run (only the newest is kept)
+# what a run writes into --out: a fresh run refuses an --out holding any of these unless told --overwrite
+RUN_FILES = (STATE_FILE, MARKER, DELTA_PT, DELTA_ST, DR_CONFIG, "train_config.json", DS_DIR, "logs")
 # options that shape the trajectory: a resumed run must use the values it was started with
 RESUME_FIXED = (
     "stage",
@@ -262,19 +271,94 @@ def deepspeed_config(path: str | Path, cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed or written; one line naming the folder or file."""
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run's --out folder: its final state if it finished, else its latest checkpoint-N."""
+    """A checkpoint folder, or a run's --out folder: its final state if it finished, else its latest whole
+    checkpoint-N (one a save left half-written has no marker and is passed over)."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if (path / MARKER).is_file():
         return path
     steps = {
         int(m.group(1)): p
         for p in path.glob("checkpoint-*")
-        if (m := CHECKPOINT.match(p.name)) and (p / STATE_FILE).is_file()
+        if (m := CHECKPOINT.match(p.name)) and (p / MARKER).is_file()
     }
-    if not steps:
-        raise FileNotFoundError(f"{path}: no {STATE_FILE} here or in a checkpoint-N folder: nothing to resume")
-    return steps[max(steps)]
+    if steps:
+        return steps[max(steps)]
+    if (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path}: no {MARKER}: a save was cut short (or an older dr wrote it); nothing to resume")
+    raise CheckpointError(f"{path}: no checkpoint here or in a checkpoint-N folder: nothing to resume")
+
+
+def load_state(path: Path) -> dict:
+    """A trainer_state / rng file: weights-only, and a truncated or empty one is one line naming it."""
+    from ckpt.files import CkptError
+    from ckpt.weights import torch_load
+
+    try:
+        state = torch_load(path)
+    except CkptError as err:
+        raise CheckpointError(f"{err}; resume from an earlier checkpoint-N") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a trainer state")
+    return state
+
+
+def verify_checkpoint(folder: Path, rank: int = 0) -> tuple[dict, dict]:
+    """(trainer state, marker) of a checkpoint whose files all come from one save: the marker's run id and step are
+    those of the trainer state, this rank's RNG state and the delta's header, and every file has its recorded size."""
+    from safetensors import safe_open
+
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        run_id, step, files = marker["run_id"], marker["step"], marker["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder / MARKER}: unreadable checkpoint marker ({err})") from err
+    for name, size in files.items():
+        if not (folder / name).is_file() or (folder / name).stat().st_size != size:
+            raise CheckpointError(f"{folder / name}: missing or not the size its checkpoint recorded; not resumable")
+    state = load_state(folder / STATE_FILE)
+    rng = load_state(folder / RNG_FILE.format(rank=rank))
+    with safe_open(str(folder / DELTA_ST), framework="pt") as f:
+        header = f.metadata() or {}
+    found = {
+        folder / STATE_FILE: (state.get("run_id"), state.get("step")),
+        folder / RNG_FILE.format(rank=rank): (rng.get("run_id"), rng.get("step")),
+        folder / DELTA_ST: (header.get("run_id"), int(header.get("step", -1))),
+    }
+    for path, identity in found.items():
+        if identity != (run_id, step):
+            raise CheckpointError(
+                f"{path}: from run {identity[0]} step {identity[1]}, but {folder} is run {run_id} step {step}: "
+                "files of two saves are mixed; resume from another checkpoint-N"
+            )
+    return state, marker
+
+
+def clear_outputs(out: Path) -> None:
+    """--overwrite: what an earlier run wrote into `out` goes (nothing else in the folder is touched)."""
+    for path in [*out.glob("checkpoint-*"), *out.glob(".checkpoint-*"), *(out / name for name in RUN_FILES)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for path in out.glob(RNG_FILE.format(rank="*")):
+        path.unlink()
+
+
+def check_fresh_out(out: Path, overwrite: bool) -> None:
+    """A fresh run never mixes its files with an earlier run's: an --out holding one is refused unless `overwrite`."""
+    found = [p.name for p in (*(out / n for n in RUN_FILES), *out.glob("checkpoint-*")) if p.exists()]
+    if found and not overwrite:
+        raise CheckpointError(
+            f"{out}: holds an earlier run ({', '.join(sorted(found)[:3])}); pass --resume {out} to continue it, "
+            "--overwrite to replace it, or another --out"
+        )
+    if found:
+        clear_outputs(out)
 
 
 @dataclass
@@ -284,6 +368,7 @@ class TrainResult:
     total_steps: int
     history: list[dict] = field(default_factory=list)  # {step, loss, accuracy, lr, samples_per_s} per step
     skipped: list[str] = field(default_factory=list)
+    interrupted: str | None = None  # the signal (SIGINT, SIGTERM) that stopped the run, after it checkpointed
 
 
 # -------------------------------------------------------------------------------------------------------------- loop
@@ -305,6 +390,7 @@ class Trainer:
         device: str | None = None,
         dtype: torch.dtype | None = None,
         resume: str | Path | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.cfg, self.out = cfg, Path(out)
         self.variant = variant
@@ -323,7 +409,10 @@ class Trainer:
             torch.cuda.set_device(self.device)
         specs = [resolve_dataset(d, data_root, split="train") for d in cfg.datasets]  # bad names fail before loading
         checkpoint = find_checkpoint(resume) if resume is not None else None
-        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True) if checkpoint else None
+        saved = verify_checkpoint(checkpoint, self.dist.rank)[0] if checkpoint else None
+        if saved is None and self.dist.main:
+            check_fresh_out(self.out, overwrite)
+        self.run_id = saved["run_id"] if saved is not None else self._new_run_id()
         if saved is not None:
             self._check_resumable(checkpoint, saved, init)
             init = saved["init"]
@@ -367,6 +456,13 @@ class Trainer:
             self.device.type,
         )
 
+    def _new_run_id(self) -> str:
+        """One id for every file of every checkpoint of this run (all ranks agree on it)."""
+        ids = [uuid.uuid4().hex]
+        if self.dist.world > 1:
+            torch.distributed.broadcast_object_list(ids, src=0)
+        return ids[0]
+
     def _build_model(
         self, base: str | Path, init: str | Path | None, imagebind: str | Path, dtype: torch.dtype
     ) -> DeepResonance:
@@ -407,10 +503,38 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------- state
     def save(self, folder: Path) -> Path:
-        """Delta + optimizer/scheduler/step (+ DeepSpeed's partitioned optimizer) + every rank's RNG state."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Delta + optimizer/scheduler/step (+ DeepSpeed's partitioned optimizer) + every rank's RNG state, whole or
+        not at all: written into a temporary folder, marked (MARKER, last) and renamed into place. The final state
+        goes into --out itself: its files are moved in one by one after the old marker is removed, the marker last.
+
+        A failed write (a full disk) removes the temporary folder and is one line; earlier checkpoints stay whole.
+        """
+        tmp = folder.with_name(f".{folder.name}.tmp") if folder != self.out else self.out / ".final.tmp"
+        identity = {"run_id": self.run_id, "step": self.step}
+        try:
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            self.dist.barrier()
+            self._write_state(tmp, identity)
+            self.dist.barrier()
+            if self.dist.main:
+                files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+                _write_json(tmp / MARKER, {**identity, "files": files})
+                _commit(tmp, folder, into_out=folder == self.out)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"{folder}: could not write the step-{self.step} checkpoint ({_write_failure(err)}); "
+                f"earlier checkpoints are whole: free some space and --resume {self.out}"
+            ) from err
+        self.dist.barrier()
+        return folder
+
+    def _write_state(self, folder: Path, identity: dict) -> None:
         state = {
-            "step": self.step,
+            **identity,
             "total_steps": self.total,
             "world_size": self.dist.world,
             "config": asdict(self.cfg),
@@ -424,13 +548,10 @@ class Trainer:
         else:
             state["optimizer"] = self.optimizer.state_dict()
             state["scheduler"] = self.scheduler.state_dict()
-        torch.save(rng_state(), folder / RNG_FILE.format(rank=self.dist.rank))
+        torch.save({**identity, "state": rng_state()}, folder / RNG_FILE.format(rank=self.dist.rank))
         if self.dist.main:
-            save_delta(self.model, folder)
-            torch.save(state, folder / (STATE_FILE + ".tmp"))
-            (folder / (STATE_FILE + ".tmp")).replace(folder / STATE_FILE)  # written last: marks a whole checkpoint
-        self.dist.barrier()
-        return folder
+            save_delta(self.model, folder, metadata={"run_id": self.run_id, "step": str(self.step)})
+            torch.save(state, folder / STATE_FILE)
 
     def _check_resumable(self, folder: Path, state: dict, init: str | Path | None) -> None:
         """A resumed run must replay the same trajectory: same recipe, variant, starting delta and world size."""
@@ -452,7 +573,7 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(torch.load(folder / RNG_FILE.format(rank=self.dist.rank), weights_only=True))
+        set_rng_state(load_state(folder / RNG_FILE.format(rank=self.dist.rank))["state"])
         self.step = state["step"]
         log.info("resumed from %s at step %d of %d", folder, self.step, self.total)
 
@@ -509,35 +630,131 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def save_every(self) -> int:
+        """--save-every as given (0: only at the end), else a tenth of the run."""
+        if self.cfg.save_every is not None:
+            return self.cfg.save_every
+        return max(1, -(-self.total // AUTO_SAVES))
+
     def fit(self, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-        """Train to the last step (or to `stop_after` steps, then checkpoint: a later --resume carries on)."""
+        """Train to the last step (or to `stop_after` steps, then checkpoint: a later --resume carries on).
+
+        SIGINT and SIGTERM (Ctrl-C, a scheduler's kill) finish the step in progress, checkpoint and return with
+        `interrupted` set, so a stopped run loses at most one step.
+        """
         end = self.total if stop_after is None else min(self.total, stop_after)
         result = TrainResult(self.out, self.step, self.total, skipped=self.data.skipped)
         samples = self.cfg.micro_batch_size * self.cfg.grad_accum * self.dist.world
         batches = self._micro_batches()
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+            _write_json(self.out / "train_config.json", asdict(self.cfg))
         with TrainLog(self.out / "logs", self.step, self.total, enabled=self.dist.main, progress=progress) as tlog:
-            while self.step < end:
-                start = time.perf_counter()
-                lr = self.lr
-                loss, acc, norm = self.train_step(batches)
-                record = {
-                    "step": self.step,
-                    "loss": loss,
-                    "accuracy": acc,
-                    "lr": lr,
-                    "grad_norm": norm,
-                    "samples_per_s": samples / (time.perf_counter() - start),
-                }
-                result.history.append(record)
-                tlog.update(record, log_line=self.step % self.cfg.log_every == 0)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < end:
-                    self.save(self.out / f"checkpoint-{self.step:06d}")
-        self.save(self.out if self.step == self.total else self.out / f"checkpoint-{self.step:06d}")
+            with _StopOnSignal() as stop:
+                while self.step < end and not self._agree(stop.signal):
+                    start = time.perf_counter()
+                    lr = self.lr
+                    loss, acc, norm = self.train_step(batches)
+                    record = {
+                        "step": self.step,
+                        "loss": loss,
+                        "accuracy": acc,
+                        "lr": lr,
+                        "grad_norm": norm,
+                        "samples_per_s": samples / (time.perf_counter() - start),
+                    }
+                    result.history.append(record)
+                    tlog.update(record, log_line=self.step % self.cfg.log_every == 0)
+                    if self.save_every and self.step % self.save_every == 0 and self.step < end:
+                        self._save_intermediate()
+                result.interrupted = stop.signal
+        if result.interrupted:
+            log.warning("%s: checkpointing at step %d", result.interrupted, self.step)
+        if self.step == self.total:
+            self.save(self.out)
+            self._drop_spare_checkpoints(keep=None)  # the final state is whole
+        else:
+            self._save_intermediate()
         result.step = self.step
         return result
+
+    def _save_intermediate(self) -> None:
+        """checkpoint-N; older ones go once it is whole (with the default interval)."""
+        self._drop_spare_checkpoints(keep=self.save(self.out / f"checkpoint-{self.step:06d}"))
+
+    def _drop_spare_checkpoints(self, keep: Path | None) -> None:
+        """With the default interval only the newest whole state is kept (at 7B each checkpoint is gigabytes);
+        an explicit --save-every keeps them all."""
+        if self.cfg.save_every is not None or not self.dist.main:
+            return
+        for old in self.out.glob("checkpoint-*"):
+            if old != keep and CHECKPOINT.match(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _agree(self, signal_name: str | None) -> bool:
+        """Whether any rank was signalled (all ranks must stop at the same step to save together)."""
+        if self.dist.world == 1:
+            return signal_name is not None
+        flag = torch.tensor([1.0 if signal_name else 0.0], device=self._reduce_device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item())
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set `signal` instead of killing the process (main thread only; elsewhere a no-op)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopOnSignal:
+        try:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            self._old = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
+def _write_failure(err: Exception) -> str:
+    """Why a save failed, in words: torch and safetensors report a full disk as a bare 'write failed'."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "the disk is full"
+    text = " ".join(str(err).split())
+    if "write failed" in text or "No space left" in text or "File too large" in text:
+        return "a write failed: is the disk full?"
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(tmp: Path, folder: Path, into_out: bool) -> None:
+    """Put a marked temporary checkpoint in place: one rename for a checkpoint-N folder; into --out (which holds logs
+    and checkpoints too) file by file, the old marker dropped first and the new one moved last."""
+    if not into_out:
+        old = folder.with_name(f".{folder.name}.old")
+        if folder.exists():  # the same step saved again (a finished run resumed): swap, then drop the old one
+            folder.replace(old)
+        tmp.replace(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    (folder / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder / DS_DIR, ignore_errors=True)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):
+        path.replace(folder / path.name)
+    tmp.rmdir()
 
 
 def _norm(value: object) -> object:

@@ -16,6 +16,7 @@ from ckpt.doctor import doctor
 from ckpt.files import record_manifest, sha256_file
 from ckpt.layout import CkptLayout, layout
 from deepresonance_cli.app import app
+from model.encoder import MediaEncoder
 
 HIDDEN, LAYERS, ENC, RANK, FF = 64, 2, 32, 4, 128
 TEXT = [
@@ -70,7 +71,12 @@ def complete(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus.write_text("\n".join(TEXT * 5))
     prefix = paths.vicuna / "tokenizer"
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), vocab_size=60, model_type="bpe", minloglevel=2
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=60,
+        model_type="bpe",
+        minloglevel=2,
+        user_defined_symbols=["▁###"],  # the piece generation stops on: dr refuses a tokenizer without it
     )
     prefix.with_suffix(".vocab").unlink()
     vocab = spm.SentencePieceProcessor(model_file=str(prefix.with_suffix(".model"))).get_piece_size()
@@ -84,8 +90,7 @@ def complete(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(paths.vicuna, max_shard_size="100KB")
     paths.imagebind_dir.mkdir(parents=True)
-    heads = ("modality_heads.audio.2.weight", "modality_heads.vision.2.weight")
-    torch.save({k: torch.randn(ENC, 48) for k in heads} | {"modality_trunks.audio.w": torch.randn(8)}, paths.imagebind)
+    torch.save(MediaEncoder("tiny").imagebind.state_dict(), paths.imagebind)  # output dim 32 = ENC
     record_manifest(paths.imagebind_dir, {paths.imagebind.name: _entry(paths.imagebind)})
     for variant in ("alpha", "beta"):
         paths.delta_dir(variant).mkdir(parents=True)
@@ -149,7 +154,7 @@ def test_truncated_delta_is_corrupt(complete: Path, tmp_path: Path) -> None:
     delta = paths.delta_dir("alpha") / "pytorch_model.pt"
     delta.write_bytes(delta.read_bytes()[:1000])
     [check] = [c for c in doctor(paths.root).checks if c.piece == "alpha delta"]
-    assert check.status == "corrupt" and "does not load" in check.detail
+    assert check.status == "corrupt" and "truncated or damaged" in check.detail
     assert check.fix == f"dr ckpt download alpha --root {paths.root} --force"
 
 
@@ -161,7 +166,8 @@ def test_delta_that_does_not_fit_the_base_is_corrupt(complete: Path, tmp_path: P
     del state["llama_model.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"]
     torch.save(state, paths.delta_dir("alpha") / "pytorch_model.pt")
     checks = {c.piece: c for c in doctor(paths.root).checks}
-    assert checks["beta delta"].status == "corrupt" and f"expected {vocab + 6}" in checks["beta delta"].detail
+    beta = checks["beta delta"]
+    assert beta.status == "corrupt" and f"model expects ({vocab + 6}, 64)" in beta.detail  # the loader's own words
     assert checks["alpha delta"].status == "corrupt" and "layers.1.self_attn.v_proj" in checks["alpha delta"].detail
 
 

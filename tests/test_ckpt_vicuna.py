@@ -169,6 +169,8 @@ def test_cli_refuses_to_overwrite_without_flag(folders: dict, tmp_path: Path) ->
 def test_hub_repo_id_fetches_only_configs_tokenizer_and_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import huggingface_hub
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online, with the hub's calls stubbed
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     calls = []
     monkeypatch.setattr(
         huggingface_hub.HfApi,
@@ -178,7 +180,7 @@ def test_hub_repo_id_fetches_only_configs_tokenizer_and_weights(tmp_path: Path, 
     monkeypatch.setattr(
         huggingface_hub,
         "snapshot_download",
-        lambda repo, allow_patterns: calls.append((repo, allow_patterns)) or str(tmp_path),
+        lambda repo, allow_patterns, **_: calls.append((repo, allow_patterns)) or str(tmp_path),
     )
     assert vicuna.resolve_delta("lmsys/vicuna-7b-delta-v0") == tmp_path
     assert calls == [("lmsys/vicuna-7b-delta-v0", ["*.json", "*.model", "*.bin"])]
@@ -186,6 +188,9 @@ def test_hub_repo_id_fetches_only_configs_tokenizer_and_weights(tmp_path: Path, 
 
 def test_unreachable_hub_repo_says_how_to_place_the_delta(monkeypatch: pytest.MonkeyPatch):
     import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
 
     def offline(self, repo):
         raise OSError("no network")

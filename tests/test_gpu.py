@@ -70,7 +70,8 @@ def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path
     from synth import make_row, write_dataset, write_wav
 
     from model.data import load_rows
-    from model.inference import read_journal, run_inference
+    from model.inference import run_inference
+    from model.journal import read_journal
 
     for i in range(5):
         write_wav(tmp_path / "data" / f"a{i}.wav", 1.0 + i, 220.0 * (i + 1))
@@ -115,7 +116,8 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
     from synth import make_row, write_dataset, write_wav
 
     from model.data import load_rows
-    from model.inference import read_journal, run_inference
+    from model.inference import run_inference
+    from model.journal import read_journal
 
     for i in range(5):
         write_wav(tmp_path / "data" / f"a{i}.wav", 1.0 + i, 220.0 * (i + 1))

@@ -71,7 +71,9 @@ def wait_for_journal(out: Path, lines: int, seconds: float = 240) -> None:
 
 
 def journal_lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    """The journal's row entries (its first line is the run's identity)."""
+    lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    return [e for e in lines if "run" not in e]
 
 
 def test_infer_answers_every_row_and_reruns_skip_finished(tiny_root, tmp_path):
@@ -238,9 +240,7 @@ def test_torchrun_shards_rows_by_rank_and_merges_one_result(tiny_root, tmp_path)
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    shards = [
-        [json.loads(line) for line in out.with_name(f"toy.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
-    ]
+    shards = [journal_lines(out.with_name(f"toy.rank{r}.json")) for r in (0, 1)]
     assert len(shards[0]) == 5 and len(shards[1]) == 4  # rows[rank::2]
     keys = [(e["id"], e["instruction"]) for shard in shards for e in shard]
     assert len(set(keys)) == 9

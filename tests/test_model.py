@@ -143,7 +143,7 @@ def test_wrong_variant_and_unreadable_delta(tiny_layout, tmp_path):
     with pytest.raises(DeltaError, match="holds a beta delta, not alpha"):
         load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, variant="alpha")
     (tmp_path / "pytorch_model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DeltaError, match="pytorch_model.pt: unreadable delta"):
+    with pytest.raises(DeltaError, match="pytorch_model.pt: damaged or not a torch file"):
         load_model(tiny_layout.vicuna, tmp_path, tiny_layout.imagebind)
     with pytest.raises(DeltaError, match="no pytorch_model.pt"):
         load_model(tiny_layout.vicuna, tmp_path / "missing", tiny_layout.imagebind)
