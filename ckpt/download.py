@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import Progress, TaskID
@@ -29,15 +29,15 @@ from ckpt.layout import (
     IMAGEBIND_URL,
     IMAGEBIND_URL_ENV,
     PARTIAL_SUFFIX,
+    PIECES,
     CkptLayout,
+    Piece,
     layout,
 )
 from ckpt.weights import tensor_shapes
 from model.config import Variant
 
 T = TypeVar("T")
-Piece = Literal["alpha", "beta", "imagebind", "all"]
-PIECES: tuple[Piece, ...] = ("alpha", "beta", "imagebind")
 TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
 # A host that accepts connections and never answers must not hang a download: every request gets these bounds
 # (seconds; DR_HTTP_TIMEOUT overrides both), then a failed attempt is retried after 2, 4, 8 ... s (DR_HTTP_BACKOFF).

@@ -17,7 +17,7 @@ def export(
     out: str | Path,
     base: str | Path | None = None,
     delta: str | Path | None = None,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Merges the delta's LoRA into Vicuna and writes it with the projector/fusion and the ImageBind reference."""
     paths = layout(root)

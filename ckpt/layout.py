@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from model.config import Variant
 
@@ -18,6 +19,8 @@ DELTA_SAFETENSORS = "delta.safetensors"
 IMAGEBIND_FILE = "imagebind_huge.pth"
 MANIFEST_FILE = "dr_manifest.json"  # {file: {size, sha256}} written beside what download / vicuna produced
 PARTIAL_SUFFIX = ".part"  # transfers and merges in progress; renamed to the final name once verified
+Piece = Literal["alpha", "beta", "imagebind", "all"]
+PIECES: tuple[Piece, ...] = ("alpha", "beta", "imagebind")  # what `dr ckpt download` fetches
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ app.command("demo")(demo.demo)
 
 # What a user's input can cause (missing or damaged files, full disks, bad rows or options): one line, never a trace.
 # CkptError is a RuntimeError: listed by name so that other RuntimeErrors (bugs) keep their traceback.
-KNOWN_ERRORS = (OSError, ValueError, CkptError)
+KNOWN_ERRORS = (OSError, ValueError, MemoryError, CkptError)  # MemoryError: a slot cache that cannot fit
 
 
 def one_line(err: BaseException) -> str:

@@ -7,14 +7,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ckpt.convert import convert_delta
-from ckpt.doctor import doctor as run_doctor
-from ckpt.doctor import render
-from ckpt.download import PIECES
-from ckpt.download import download as run_download
 from ckpt.files import CkptError
-from ckpt.layout import VICUNA_DELTA_REPO, layout
-from ckpt.vicuna import DTYPES, merge_vicuna
+from ckpt.layout import PIECES, VICUNA_DELTA_REPO, layout
+from deepresonance_cli.options import DtypeChoice
 
 app = typer.Typer(help="Download, build, verify and convert checkpoints.", no_args_is_help=True)
 err = Console(stderr=True)
@@ -34,6 +29,8 @@ def download(
     force: bool = typer.Option(False, help="fetch again even what is already in place"),
 ) -> None:
     """Fetch the alpha/beta deltas (Hugging Face hub) and ImageBind-huge, resumably and verified."""
+    from ckpt.download import download as run_download
+
     if what not in (*PIECES, "all"):
         raise typer.BadParameter(f"expected one of {', '.join(PIECES)}, all", param_hint="WHAT")
     try:
@@ -48,14 +45,14 @@ def vicuna(
     llama: Path = typer.Option(..., exists=True, file_okay=False, help="LLaMA-7B in Hugging Face format"),
     delta: str = typer.Option(VICUNA_DELTA_REPO, help="Vicuna delta: a local folder or a hub repo id"),
     out: Path = typer.Option(layout("ckpt").vicuna, help="where Vicuna-7B-v0 is written"),
-    dtype: str = typer.Option("float16", help=f"one of {', '.join(DTYPES)}"),
+    dtype: DtypeChoice = typer.Option(DtypeChoice.float16, help="dtype of the written weights"),
     overwrite: bool = typer.Option(False, help="replace an existing model in --out"),
 ) -> None:
     """Build Vicuna-7B-v0 = LLaMA-7B + delta, one tensor at a time (memory stays near one tensor)."""
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}", param_hint="--dtype")
+    from ckpt.vicuna import merge_vicuna
+
     try:
-        typer.echo(f"ok: {merge_vicuna(llama, delta, out, dtype=dtype, overwrite=overwrite)}")
+        typer.echo(f"ok: {merge_vicuna(llama, delta, out, dtype=dtype.value, overwrite=overwrite)}")
     except CkptError as e:
         raise _fail(e) from None
 
@@ -66,6 +63,9 @@ def doctor(
     hashes: bool = typer.Option(True, help="check recorded sha256 (--no-hashes: sizes and shapes only)"),
 ) -> None:
     """Report every checkpoint piece as OK / missing / corrupt, with the command that fixes it."""
+    from ckpt.doctor import doctor as run_doctor
+    from ckpt.doctor import render
+
     report = run_doctor(root, hashes=hashes)
     render(report)
     if not report.ok:
@@ -75,6 +75,8 @@ def doctor(
 @app.command()
 def convert(delta_dir: Path = typer.Argument(..., exists=True, file_okay=False)) -> None:
     """Convert a legacy pytorch_model.pt delta to delta.safetensors (same keys), loadable without pickle."""
+    from ckpt.convert import convert_delta
+
     try:
         typer.echo(f"ok: {convert_delta(delta_dir)}")
     except CkptError as e:
@@ -96,14 +98,20 @@ def export(
     root: Path = typer.Option(Path("ckpt"), help="checkpoint root (the original's ckpt/ layout)"),
     base: Path = typer.Option(None, help="Vicuna folder (default: under --root)"),
     delta: Path = typer.Option(None, help="delta folder (default: under --root)"),
-    dtype: str = typer.Option("float16", help=f"one of {', '.join(DTYPES)}"),
+    dtype: DtypeChoice = typer.Option(
+        DtypeChoice.float32,
+        help="dtype of the merged weights: float32 (default) gives the base + delta pair's answers exactly; float16 "
+        "halves the size but changes some greedy answers",
+    ),
 ) -> None:
-    """Merge LoRA into Vicuna and write a folder that `dr infer --delta FOLDER` loads on its own."""
+    """Merge LoRA into Vicuna and write a folder that `dr infer --delta FOLDER` loads on its own. It holds the merged
+    LLM, the projector (and beta's fusion) and the path of the ImageBind weights it was made with: ImageBind itself
+    stays where it is (under --root), so an export is standalone for the LLM side only."""
+    import torch
+
     from ckpt.export import export as run_export
 
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}", param_hint="--dtype")
     if variant not in ("alpha", "beta"):
         raise typer.BadParameter("expected alpha or beta", param_hint="--variant")
 
-    typer.echo(f"ok: {run_export(root, variant, out, base, delta, DTYPES[dtype])}")
+    typer.echo(f"ok: {run_export(root, variant, out, base, delta, getattr(torch, dtype.value))}")

@@ -6,9 +6,8 @@ import logging
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import TYPE_CHECKING, Annotated, get_args
 
-import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -18,20 +17,13 @@ from rich.text import Text
 
 from ckpt.layout import layout
 from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
-from model.checkpoint import load_model
 from model.config import Decoder, GenerationConfig
-from model.data import check_text, load_rows, resolve_dataset
-from model.deepresonance import DeepResonance, Example
-from model.features import FeatureCache
-from model.generate import generate
-from model.inference import run_inference
-from model.journal import output_lock, write_results
-from model.media import load_media
-from model.prompt import PLACEHOLDERS
+
+if TYPE_CHECKING:
+    from model.deepresonance import DeepResonance
 
 console = Console(stderr=True)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 CkptRoot = Annotated[Path, typer.Option(help="Checkpoint root laid out as the original's ckpt/ folder.")]
 Variant = Annotated[VariantChoice, typer.Option(help="alpha or beta.")]
@@ -61,9 +53,13 @@ class RowsPerSecond(ProgressColumn):
 
 def load(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str, dtype: str | None):
     """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given."""
+    import torch
+
+    from model.checkpoint import load_model
+
     paths = layout(ckpt_root)
     on_cuda = device.startswith("cuda")
-    torch_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
     model = load_model(
         base or paths.vicuna, delta or paths.delta_dir(variant), paths.imagebind, variant, device, torch_dtype
     )
@@ -92,6 +88,8 @@ def generation(
 
 
 def default_device(device: str | None) -> str:
+    import torch
+
     if device:
         return device
     if torch.cuda.is_available():
@@ -134,6 +132,13 @@ def infer(
     ] = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
+    import torch
+
+    from model.data import load_rows, resolve_dataset
+    from model.features import FeatureCache
+    from model.inference import run_inference
+    from model.journal import output_lock, write_results
+
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     level = logging.INFO if rank == 0 else logging.WARNING
@@ -220,6 +225,12 @@ def ask(
     dtype: Dtype = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
+    from model.data import check_text
+    from model.deepresonance import Example
+    from model.generate import generate
+    from model.media import load_media
+    from model.prompt import PLACEHOLDERS
+
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     try:
         check_text(question, "the question")

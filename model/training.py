@@ -218,9 +218,18 @@ class Dist:
         return values
 
 
+def deepspeed_module():
+    """deepspeed, imported with its accelerator named where there is no CUDA (its import otherwise warns)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def init_deepspeed_dist() -> Dist:
     """Join the job the `deepspeed` launcher or torchrun started (or a one-process job): NCCL on GPUs, gloo on CPU."""
-    import deepspeed
+    deepspeed = deepspeed_module()
 
     if "RANK" not in os.environ:  # started by hand: a world of one
         with socket.socket() as s:
@@ -490,7 +499,7 @@ class Trainer:
         )
         if self.ds_config is None:
             return None, optimizer, scheduler
-        import deepspeed
+        deepspeed = deepspeed_module()
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=self.model,

@@ -34,3 +34,13 @@ def test_bench_without_a_gpu_is_one_clear_error():
     result = runner.invoke(app, ["bench", "infer"])
     assert result.exit_code == 1
     assert "CUDA GPU" in result.output and "Traceback" not in result.output
+
+
+def test_the_cli_imports_no_heavy_library_before_a_command_runs():
+    """`dr --help`, `dr version` and every `--help` answer without importing torch or transformers (6-10 s)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, deepresonance_cli.app; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
