@@ -65,7 +65,7 @@ def eval_command(
     dtype: Annotated[str | None, Opt(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")] = None,
     batch_size: Annotated[int | None, Opt(help="Rows (generative) or option sequences (likelihood) per batch.")] = None,
     media_root: Annotated[Path | None, Opt(help="Media folder (default: the catalog's).")] = None,
-    cache_dir: Annotated[Path | None, Opt(help="Encoder-feature cache (default: <data-root>/.features).")] = None,
+    cache_dir: Annotated[Path | None, Opt(help="Encoder-feature cache (default: .features beside the dataset file).")] = None,
     max_new_tokens: Annotated[int, Opt(help="Generative answers: greedy, at most this many tokens.")] = 32,
     limit: Annotated[int | None, Opt(help="Only the first N multiple-choice rows.")] = None,
     answers_dir: Annotated[Path, Opt(help="Where generative answers go (resumable, as dr infer).")] = Path("results"),
@@ -129,7 +129,7 @@ def eval_command(
     if modes:
         label = variant if delta is None else delta.name
         options = dict(ckpt_root=ckpt_root, base=base, delta=delta, device=device, dtype=dtype, batch_size=batch_size)
-        cache = cache_dir or data_root / ".features"
+        cache = cache_dir or spec.json_path.parent / ".features"
         results[label] = answer_with_model(
             choice_rows, spec, modes, controls, variant, label, options, cache, max_new_tokens, answers_dir, console
         )
@@ -177,7 +177,8 @@ def answer_with_model(
     from model.choice import score_rows
     from model.config import GenerationConfig
     from model.features import FeatureCache
-    from model.inference import run_inference, write_results
+    from model.inference import run_inference
+    from model.journal import write_results
 
     device = default_device(options["device"])
     model = load(options["ckpt_root"], variant, options["base"], options["delta"], device, options["dtype"])

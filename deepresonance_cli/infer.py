@@ -124,7 +124,7 @@ def infer(
     dtype: Dtype = None,
     limit: Annotated[int | None, typer.Option(help="Answer only the first N rows.")] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="Encoder-feature cache (default: <data-root>/.features).")
+        Path | None, typer.Option(help="Encoder-feature cache (default: .features beside the dataset file).")
     ] = None,
     decoder: DecoderOption = DecoderName.engine,
     overwrite: Annotated[
@@ -154,7 +154,7 @@ def infer(
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
     ctx.call_on_close(lock.release)
     model = load(ckpt_root, variant, base, delta, device, dtype)
-    cache = FeatureCache.for_encoder(cache_dir or data_root / ".features", model.visual_encoder)
+    cache = FeatureCache.for_encoder(cache_dir or spec.json_path.parent / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")

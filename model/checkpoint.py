@@ -26,6 +26,7 @@ from transformers import LlamaForCausalLM
 from model.config import ENCODER_SIZES, ModelConfig
 from model.deepresonance import DeepResonance
 from model.encoder import MediaEncoder, file_fingerprint, size_of
+from model.files import umask_mode
 from model.tokenizer import PromptTokenizer
 
 DELTA_PT = "pytorch_model.pt"
@@ -162,6 +163,7 @@ def save_delta(model: DeepResonance, folder: str | Path, metadata: dict[str, str
     torch.save(state, tmp)
     tmp.replace(folder / DELTA_PT)
     save_file(dict(state), str(folder / (DELTA_ST + ".tmp")), metadata=metadata)
+    umask_mode(folder / (DELTA_ST + ".tmp"))
     (folder / (DELTA_ST + ".tmp")).replace(folder / DELTA_ST)
     model.tokenizer.save(folder)
     model.llama_model.config.save_pretrained(folder)
@@ -186,6 +188,8 @@ def export_model(model: DeepResonance, out: str | Path, imagebind: str | Path | 
         if k.startswith(("llama_proj.", "preencoding."))
     }
     save_file(mm, str(out / EXPORT_MM))
+    for written in (out / EXPORT_MM, *(out / EXPORT_LLM).glob("*.safetensors")):
+        umask_mode(written)
     info = {"config": asdict(model.config), "imagebind": str(Path(imagebind).resolve()) if imagebind else None}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return out

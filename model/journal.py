@@ -31,6 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from model.files import umask_mode
+
 log = logging.getLogger(__name__)
 
 RUN_KEY = "run"  # the journal's first line: {"run": identity}
@@ -285,6 +287,7 @@ def write_results(out_json: Path, rows: Sequence[Any] | None = None) -> dict[str
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask_mode(tmp)
         os.replace(tmp, out_json)
     except OSError as e:
         if tmp is not None:

@@ -161,7 +161,8 @@ def test_controls_run_through_both_modes(tiny_layout, tmp_path, kind):
     from model.choice import score_rows
     from model.config import GenerationConfig
     from model.features import FeatureCache
-    from model.inference import run_inference, write_results
+    from model.inference import run_inference
+    from model.journal import write_results
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     for i in range(3):

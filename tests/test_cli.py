@@ -44,3 +44,16 @@ def test_the_cli_imports_no_heavy_library_before_a_command_runs():
     probe = "import sys, deepresonance_cli.app; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_threads_option_sets_torchs_threads_before_it_loads():
+    """1 thread, where torch's default is one per core (2 or more on every machine this runs on)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "from deepresonance_cli.app import app; app(['--threads', '1', 'version'], standalone_mode=False); "
+        "import torch; print(torch.get_num_threads())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stdout + done.stderr

@@ -334,3 +334,13 @@ def test_ctrl_c_keeps_finished_answers_and_says_how_to_go_on(tiny_root, tmp_path
     assert 4 <= kept < 40
     assert f"interrupted: {kept} answers are kept in {out}" in " ".join(stderr.split())
     assert "rerun the same command to go on" in " ".join(stderr.split())
+
+
+def test_feature_cache_goes_beside_a_dataset_file_given_by_path(tiny_root, tmp_path, monkeypatch):
+    dataset = media_dataset(tmp_path / "elsewhere", 2)
+    monkeypatch.chdir(tmp_path)
+    args = infer_args(tiny_root, dataset, tmp_path / "res" / "r.json")
+    at = args.index("--cache-dir")
+    del args[at : at + 2]
+    assert runner.invoke(app, args).exit_code == 0
+    assert any((dataset.parent / ".features").iterdir()) and not (tmp_path / "data").exists()
