@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from deepresonance_cli import __version__, bench, data, demo, eval_cmd, infer
+from deepresonance_cli import __version__, bench, data, demo, eval_cmd, infer, serve
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
 
@@ -23,6 +23,7 @@ app.command("ask")(infer.ask)
 app.add_typer(bench.app, name="bench")
 app.command("train")(train_cli.train)
 app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
 
 
 @app.command()

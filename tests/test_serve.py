@@ -1,0 +1,320 @@
+"""`dr serve` on a tiny model over loopback: the `openai` client gets `dr ask`'s answers, 200 concurrent requests are
+not mixed up, bad input gets one-line 4xx errors, a full server says 429, a client that goes away frees its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+from synth import write_garbage, write_image, write_wav
+from typer.testing import CliRunner
+
+from deepresonance_cli.app import app as cli
+from deepresonance_cli.infer import load
+from model.config import GenerationConfig
+from model.deepresonance import Example
+from model.generate import generate
+from model.http_api import Limits, create_app, running
+from model.media import load_media
+from model.serving import EngineWorker, TextStream, serving_engine
+
+MODEL = "deepresonance-alpha"
+KEY = "test-key-1234"
+
+
+@contextmanager
+def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits()):
+    """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`."""
+    model = load(root, "alpha", None, None, "cpu", None)
+    worker = EngineWorker(model, serving_engine(model, slots, max_new_tokens=32), max_pending)
+    with running(create_app(worker, MODEL, api_key, limits)) as url:
+        yield url, worker
+
+
+@pytest.fixture(scope="module")
+def live(stopping_root):
+    """A server over the tiny model whose answers end at different lengths (so slots free and refill)."""
+    with server(stopping_root, slots=16) as (url, worker):
+        yield url, worker
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_root):
+    """A server with an API key, small limits and room for one request at a time."""
+    limits = Limits(max_body_bytes=256 * 1024, max_media=2)
+    with server(tiny_root, max_pending=1, api_key=KEY, limits=limits) as (url, worker):
+        yield url, worker
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    return {"wav": write_wav(folder / "m.wav", 2.0, 330), "png": write_image(folder / "p.png")}
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def audio_part(path: Path, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": b64(path), "format": fmt}}
+
+
+def image_part(path: Path, mime: str = "image/png") -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{b64(path)}"}}
+
+
+def user(*parts: dict, text: str = "Describe the music.") -> list[dict]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def wait_idle(worker: EngineWorker, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while worker.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.pending == 0
+
+
+@contextmanager
+def held(worker: EngineWorker):
+    """Holds the engine before its next decode steps, so requests stay in flight, until a command (the cancel of a
+    client that left) waits for the worker or the block ends."""
+    gate = threading.Event()
+    advance = worker.engine.advance
+    worker.engine.advance = lambda: gate.wait(30) and advance()
+    try:
+        yield
+        deadline = time.monotonic() + 10
+        while worker.commands.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gate.set()
+        worker.engine.advance = advance
+
+
+ASK_SETTINGS = {
+    "greedy": (["--greedy"], {"temperature": 0}),
+    "sampled": (
+        ["--temperature", "0.8", "--top-p", "0.9", "--seed", "7"],
+        {"temperature": 0.8, "top_p": 0.9, "seed": 7},
+    ),
+}
+
+
+@pytest.mark.parametrize("setting", ASK_SETTINGS)
+def test_openai_client_answers_equal_dr_ask(live, stopping_root, media, setting):
+    """Non-streaming and streaming answers (audio + image, as `dr ask` orders them) are `dr ask`'s, greedy and
+    sampled with a seed: the prompt, the sampling settings and the random stream are all the same."""
+    flags, options = ASK_SETTINGS[setting]
+    question = "What instruments play, and what is the mood?"
+    args = ["ask", question, "--audio", str(media["wav"]), "--image", str(media["png"])]
+    result = CliRunner().invoke(
+        cli, [*args, "--ckpt-root", str(stopping_root), "--device", "cpu", "--max-new-tokens", "24", *flags]
+    )
+    assert result.exit_code == 0, result.output
+    expected = result.stdout.removesuffix("\n")
+    assert expected
+    url, _ = live
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    messages = user(audio_part(media["wav"]), image_part(media["png"]), text=question)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, **options)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stream=True, **options))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert sum(bool(c.choices[0].delta.content) for c in chunks) >= 1
+
+
+def test_200_concurrent_requests_are_each_answered_as_alone(live, stopping_root, tmp_path):
+    """200 requests at once (20 distinct prompts, some with audio, different max_tokens, a third streamed) share the
+    running batch; each answer is the one its prompt gets alone, and the server is idle and healthy after."""
+    url, worker = live
+    model = worker.model
+    prompts = []
+    for i in range(20):
+        wav = write_wav(tmp_path / f"{i}.wav", 1.0, 200 + 40 * i) if i % 2 == 0 else None
+        prompts.append((f"Question {i}: what plays here?", wav, 8 + (i % 5) * 6))
+    expected = [
+        generate(
+            model,
+            [Example("<Audio>" if wav else "", q, [("audio", load_media("audio", wav))] if wav else [])],
+            GenerationConfig(max_new_tokens=k, do_sample=False),
+        )[0]
+        for q, wav, k in prompts
+    ]
+    assert len(set(expected)) >= 15  # distinct enough that a mix-up shows
+    order = [i for i in range(20) for _ in range(10)]
+    random.Random(0).shuffle(order)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def ask(n: int, i: int) -> str:
+        q, wav, k = prompts[i]
+        messages = user(audio_part(wav), text=q) if wav else [{"role": "user", "content": q}]
+        if n % 3 == 0:
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=k, temperature=0, stream=True
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream])
+        reply = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=k, temperature=0)
+        return reply.choices[0].message.content
+
+    async def everyone() -> list[str]:
+        async with client:
+            return await asyncio.wait_for(asyncio.gather(*(ask(n, i) for n, i in enumerate(order))), 240)
+
+    answered_before = worker.stats["answered"]
+    start = time.monotonic()
+    answers = asyncio.run(everyone())
+    assert time.monotonic() - start < 240
+    assert [a == expected[i] for a, i in zip(answers, order, strict=True)] == [True] * 200
+    wait_idle(worker)
+    assert worker.stats["answered"] - answered_before == 200
+    health = httpx2.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["pending"] == 0
+
+
+def _post(url: str, body: dict | bytes, key: str | None = KEY, timeout: float = 30) -> httpx2.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        return httpx2.post(f"{url}/v1/chat/completions", content=body, headers=headers, timeout=timeout)
+    return httpx2.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+
+def test_api_key_is_required_when_set(guarded):
+    url, _ = guarded
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi?"}], "max_tokens": 4}
+    for key in (None, "wrong", KEY + "x", KEY[:-1]):
+        for response in (
+            _post(url, ask, key),
+            httpx2.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}),
+        ):
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert "API key" in response.json()["error"]["message"]
+    assert _post(url, ask).status_code == 200
+    models = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx2.get(f"{url}/health").status_code == 200  # a load balancer's probe needs no key
+    assert "<title>" in httpx2.get(f"{url}/").text
+
+
+def _bad_requests(media: dict, tmp: Path) -> dict[str, tuple[int, dict | bytes, str]]:
+    garbage = write_garbage(tmp / "g.wav")
+    big = write_wav(tmp / "big.wav", 10.0)  # 320 KB, over the 256 KiB limit once base64'd
+    long_text = " ".join(f"word{i}" for i in range(600))
+
+    def chat(messages, **options) -> dict:
+        return {"model": MODEL, "messages": messages, **options}
+
+    return {
+        "bad base64": (
+            400,
+            chat(user({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}})),
+            "base64",
+        ),
+        "undecodable wav": (400, chat(user(audio_part(garbage))), "unreadable audio"),
+        "unsupported audio format": (400, chat(user(audio_part(media["wav"], "aac"))), "unsupported audio format"),
+        "remote image URL": (
+            400,
+            chat(user({"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}})),
+            "only data: URLs",
+        ),
+        "server file path": (
+            400,
+            chat(user({"type": "image_url", "image_url": {"url": "file:///etc/hostname"}})),
+            "only data: URLs",
+        ),
+        "unsupported image type": (400, chat(user(image_part(media["png"], "image/svg+xml"))), "unsupported type"),
+        "too many media": (400, chat(user(*[audio_part(media["wav"])] * 3)), "more than 2 media"),
+        "no text": (400, chat(user(audio_part(media["wav"]), text=" ")), "no text"),
+        "prompt too long": (400, chat(user(text=long_text)), "positions"),
+        "max_tokens over the server's": (400, chat(user(), max_tokens=999), "max_tokens 999"),
+        "several answers": (400, chat(user(), n=2), "n > 1"),
+        "history": (400, chat([*user(), {"role": "assistant", "content": "x"}]), "one user message"),
+        "unknown model": (404, {**chat(user()), "model": "gpt-4"}, "not served here"),
+        "body over the limit": (413, chat(user(audio_part(big))), "over this server's"),
+        "not JSON": (422, b"{not json", "json"),
+        "no messages": (422, {"model": MODEL}, "messages"),
+        "unknown part type": (422, chat([{"role": "user", "content": [{"type": "file", "file": {}}]}]), "content"),
+        "temperature out of range": (422, chat(user(), temperature=5), "temperature"),
+    }
+
+
+def test_bad_requests_get_one_line_reasons(guarded, media, tmp_path):
+    url, worker = guarded
+    for name, (status, body, words) in _bad_requests(media, tmp_path).items():
+        response = _post(url, body)
+        assert response.status_code == status, (name, response.text)
+        message = response.json()["error"]["message"]
+        assert words.lower() in message.lower() and "\n" not in message, (name, message)
+    wait_idle(worker)
+    assert httpx2.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_full_server_says_429_and_a_client_that_leaves_frees_its_slot(guarded):
+    """With room for one request: a second gets 429 with Retry-After while the first decodes; the first client
+    leaving (streaming, then non-streaming) cancels its row instead of letting it run to its end."""
+    url, worker = guarded
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi?"}], "max_tokens": 32}
+    before = dict(worker.stats)
+    with held(worker), httpx2.Client(timeout=30) as client:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with client.stream("POST", f"{url}/v1/chat/completions", json={**ask, "stream": True}, headers=headers) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # held open: a dropped line iterator closes the connection when collected
+            assert next(lines).startswith("data: ")  # the role chunk: the request is in the engine
+            busy = _post(url, ask)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
+            assert "busy" in busy.json()["error"]["message"]
+    wait_idle(worker)
+    assert worker.stats["cancelled"] == before["cancelled"] + 1
+    with held(worker):
+        with pytest.raises(httpx2.ReadTimeout):
+            _post(url, ask, timeout=1.0)
+    wait_idle(worker)
+    assert worker.stats["cancelled"] == before["cancelled"] + 2
+    assert worker.stats["answered"] == before["answered"]
+    assert _post(url, ask).status_code == 200  # and the server goes on
+
+
+def test_text_stream_holds_back_what_may_change():
+    """Deltas never send the start of the "\\n###" stop or a character still missing bytes; they add up to the
+    final answer."""
+    texts = iter(
+        ["A calm", "A calm\n", "A calm\n#", "A calm\n##", "A calm\ufffd", "A calm\u00e9 piece", "A calm\u00e9 piece"]
+    )
+    stream = TextStream(lambda ids: next(texts))
+    deltas = [stream.delta([], done) for done in (False,) * 6 + (True,)]
+    assert deltas == ["A calm", "", "", "", "", "\u00e9 piece", ""]
+
+
+def test_serve_refuses_to_open_to_other_machines_without_a_key(tiny_root):
+    result = CliRunner().invoke(cli, ["serve", "--ckpt-root", str(tiny_root), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "--api-key" in result.output
+
+
+def test_an_engine_failure_is_reported_not_hung(tiny_root):
+    """A worker whose engine raises answers the requests it held with the error, /health says 503, and later
+    requests are refused at once."""
+    with server(tiny_root) as (url, worker):
+
+        def broken():
+            raise RuntimeError("device lost")
+
+        worker.engine.advance = broken
+        ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi?"}], "max_tokens": 4}
+        first = _post(url, ask, key=None)
+        assert first.status_code == 400 and "device lost" in first.json()["error"]["message"]
+        health = httpx2.get(f"{url}/health")
+        assert health.status_code == 503 and "device lost" in health.json()["error"]
+        again = _post(url, ask, key=None)
+        assert again.status_code == 503 and "device lost" in again.json()["error"]["message"]
