@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import random
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -97,6 +99,17 @@ def held(worker: EngineWorker):
             time.sleep(0.01)
     finally:
         gate.set()
+        worker.engine.advance = advance
+
+
+@contextmanager
+def paced(worker: EngineWorker, seconds: float):
+    """Spaces the engine's syncs `seconds` apart, so streamed pieces reach a client one by one."""
+    advance = worker.engine.advance
+    worker.engine.advance = lambda: time.sleep(seconds) or advance()
+    try:
+        yield
+    finally:
         worker.engine.advance = advance
 
 
@@ -318,3 +331,65 @@ def test_an_engine_failure_is_reported_not_hung(tiny_root):
         assert health.status_code == 503 and "device lost" in health.json()["error"]
         again = _post(url, ask, key=None)
         assert again.status_code == 503 and "device lost" in again.json()["error"]["message"]
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (.ci/run installs it): Playwright drives it, downloads nothing
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"), reason="needs Debian's chromium (CI has it)")
+def test_page_in_a_real_browser_streams_the_answer(guarded, media, tmp_path):
+    """The page at / in headless Chromium: pick a synthesized wav, give the API key, ask (greedy); the answer appears
+    in pieces as it streams (the engine's syncs paced 0.2 s apart) and ends as the API's answer to the same request.
+    The screenshot goes to $DR_ARTIFACTS when set."""
+    from playwright.sync_api import sync_playwright
+
+    url, worker = guarded
+    question = "Which instruments play?"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    messages = user(audio_part(media["wav"]), text=question)
+    expected = client.chat.completions.create(model=MODEL, messages=messages, temperature=0)
+    expected = expected.choices[0].message.content
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/")
+            page.fill("#key", KEY)
+            page.dispatch_event("#key", "change")
+            page.wait_for_function(f"document.getElementById('model').textContent === '{MODEL}'", timeout=30_000)
+            page.set_input_files("#audio", str(media["wav"]))
+            page.fill("#question", question)
+            page.fill("#temperature", "0")
+            page.evaluate(
+                """() => { const answer = document.getElementById('answer'); window.seen = new Set();
+                new MutationObserver(() => window.seen.add(answer.textContent))
+                  .observe(answer, {childList: true, characterData: true, subtree: true}); }"""
+            )
+            with paced(worker, 0.2):
+                page.click("#send")
+                page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+            shown = page.eval_on_selector("#answer", "e => e.textContent")
+            seen = page.evaluate("() => [...window.seen].filter(t => t.length)")
+            screenshot = tmp_path / "serve_page.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert shown == expected
+    assert len(seen) >= 2 and all(shown.startswith(t) for t in seen)  # it grew in pieces, each a prefix of the end
+    if os.environ.get("DR_ARTIFACTS"):
+        out = Path(os.environ["DR_ARTIFACTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, out / screenshot.name)
+    wait_idle(worker)
