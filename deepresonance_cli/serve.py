@@ -68,7 +68,9 @@ def serve(
     from model.serving import EngineWorker, serving_engine
 
     if not is_loopback(host) and not api_key:
-        raise typer.BadParameter(f"binding {host} opens the server to other machines: give --api-key", param_hint="--host")
+        raise typer.BadParameter(
+            f"binding {host} opens the server to other machines: give --api-key", param_hint="--host"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)
     model_id = f"deepresonance-{variant}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import shutil
@@ -393,3 +394,21 @@ def test_page_in_a_real_browser_streams_the_answer(guarded, media, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(screenshot, out / screenshot.name)
     wait_idle(worker)
+
+
+def test_bench_serve_runs_on_cpu_with_tiny_sizes(tmp_path):
+    """`dr bench serve` end to end with a tiny LLM and ImageBind on the CPU: the GPU run's code path, command line
+    included, short of the sizes."""
+    out = tmp_path / "serve.json"
+    args = ["bench", "serve", "--device", "cpu", "--tiny", "--clients", "1,3", "--requests-per-client", "2"]
+    result = CliRunner().invoke(
+        cli, [*args, "--slots", "2", "--budget", "12", "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [level["clients"] for level in report["levels"]] == [1, 3]
+    for level, requests in zip(report["levels"], (2, 6), strict=True):
+        assert level["requests"] == requests and level["answers_short_of_max_tokens"] == 0
+        first, last = level["time_to_first_token_s"], level["time_to_last_token_s"]
+        assert 0 < first["p50"] <= first["p95"] and first["p50"] <= last["p50"] <= last["p95"]
+        assert level["requests_per_s"] > 0
