@@ -25,6 +25,7 @@ from model.deepresonance import DeepResonance, Example
 from model.engine import Engine, Request, Update, cache_length, fit_slots, memory_budget
 from model.kv_slots import bytes_per_position
 from model.next_token import row_key
+from model.prompt import TARGET_END
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Ticket:
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue[Update] = field(default_factory=asyncio.Queue)
     stream: bool = False
+    ended: bool = False  # counted out of the worker's admissions (answered, cancelled, refused or failed)
 
     def deliver(self, update: Update) -> None:
         self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
@@ -126,7 +128,7 @@ class EngineWorker:
 
     def release(self, ticket: Ticket) -> None:
         """Gives back an admitted ticket that will not run (its media could not be decoded)."""
-        self._end("refused")
+        self._end(ticket, "refused")
 
     async def run(self, ticket: Ticket, example: Example, gen: GenerationConfig) -> AsyncIterator[Update]:
         """An admitted request's updates until its final one (`done`; streaming tickets get the unfinished ones
@@ -147,10 +149,15 @@ class EngineWorker:
             if not finished:
                 self.commands.put(("cancel", ticket))
 
-    def _end(self, outcome: str) -> None:
+    def _end(self, ticket: Ticket, outcome: str) -> bool:
+        """Counts a ticket out once, whatever ends it first (False if something already had)."""
         with self.lock:
+            if ticket.ended:
+                return False
+            ticket.ended = True
             self.admitted -= 1
             self.stats[outcome] += 1
+            return True
 
     def _apply(self, kind: str, payload: Any) -> bool:
         """One command; False on stop."""
@@ -158,16 +165,11 @@ class EngineWorker:
             return False
         if kind == "submit":
             for refused in self.engine.submit([payload]):
-                self._end("refused")
+                self._end(refused.handle, "refused")
                 refused.handle.deliver(refused)
-        elif kind == "cancel" and self._known(payload):
+        elif kind == "cancel" and self._end(payload, "cancelled"):  # not if it ended while the cancel was on its way
             self.engine.cancel(payload)
-            self._end("cancelled")
         return True
-
-    def _known(self, ticket: Ticket) -> bool:
-        """Whether the engine still holds the ticket (it may have ended while the cancel was on its way)."""
-        return ticket in self.engine.handles or any(r.handle is ticket for r in self.engine.queue)
 
     def _run(self) -> None:
         try:
@@ -190,11 +192,24 @@ class EngineWorker:
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:
             ticket: Ticket = u.handle
+            if ticket.ended:  # its answer's end was seen at an earlier sync; the engine frees its slot now
+                continue
             if u.done:
-                self._end("failed" if u.error else "answered")
+                self._end(ticket, "failed" if u.error else "answered")
                 ticket.deliver(u)
+            elif self._answered(u.ids):
+                self.engine.cancel(ticket)
+                self._end(ticket, "answered")
+                ticket.deliver(Update(ticket, u.ids, True))
             elif ticket.stream:
                 ticket.deliver(u)
+
+    def _answered(self, ids: list[int]) -> bool:
+        """Whether the decoded text already holds the answer's end, "\n###", which the engine's stop sequences miss
+        when the model spells it in other pieces: the answer (the text before it) cannot change any more, so the
+        row ends here instead of decoding on to max_new_tokens. Only the newest ids are decoded (those since the
+        last sync and a few before, enough for the marker to straddle them)."""
+        return TARGET_END in self.model.tokenizer.decode(ids[-(self.engine.sync_every + 8) :])
 
     def _fail_all(self, reason: str) -> None:
         tickets = [h for h in self.engine.handles if h is not None] + [r.handle for r in self.engine.queue]
@@ -206,7 +221,7 @@ class EngineWorker:
             if kind == "submit":
                 tickets.append(payload.handle)
         for ticket in tickets:
-            self._end("failed")
+            self._end(ticket, "failed")
             ticket.deliver(Update(ticket, [], True, f"the engine failed: {reason}"))
 
 
@@ -224,7 +239,7 @@ class TextStream:
     remaining bytes are still to come); both are held back until the next ids settle them, so the deltas add up to
     exactly the final answer."""
 
-    HOLD = "\n###"
+    HOLD = TARGET_END
 
     def __init__(self, answer: Callable[[list[int]], str]) -> None:
         self.answer = answer

@@ -24,7 +24,7 @@ from deepresonance_cli.app import app as cli
 from deepresonance_cli.infer import load
 from model.config import GenerationConfig
 from model.deepresonance import Example
-from model.generate import generate
+from model.generate import generate, generate_ids
 from model.http_api import Limits, create_app, running
 from model.media import load_media
 from model.serving import EngineWorker, TextStream, serving_engine
@@ -80,10 +80,11 @@ def user(*parts: dict, text: str = "Describe the music.") -> list[dict]:
 
 
 def wait_idle(worker: EngineWorker, timeout: float = 30.0) -> None:
+    """Waits until no request is admitted and the engine holds no row (a cancelled one goes at its next sync)."""
     deadline = time.monotonic() + timeout
-    while worker.pending and time.monotonic() < deadline:
+    while (worker.pending or worker.engine.pending) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert worker.pending == 0
+    assert worker.pending == 0 and worker.engine.pending == 0
 
 
 @contextmanager
@@ -412,3 +413,33 @@ def test_bench_serve_runs_on_cpu_with_tiny_sizes(tmp_path):
         first, last = level["time_to_first_token_s"], level["time_to_last_token_s"]
         assert 0 < first["p50"] <= first["p95"] and first["p50"] <= last["p50"] <= last["p95"]
         assert level["requests_per_s"] > 0
+
+
+def test_a_row_ends_once_its_text_holds_the_answer_end(tiny_root):
+    """The engine stops on the stop ids; a model may spell the answer's end "\\n###" in other pieces. The worker
+    sees it in the decoded text and ends the row there (finish "stop", the slot freed) with the answer the whole run
+    would have given. Here one token of the greedy answer decodes as "\\n###"."""
+    with server(tiny_root) as (url, worker):
+        tok, model = worker.model.tokenizer, worker.model
+        full = generate_ids(model, [Example("", "Hi?")], GenerationConfig(max_new_tokens=32, do_sample=False))[0]
+        marker = next(t for k, t in enumerate(full) if k >= 9 and t not in full[:k])
+        cut = full.index(marker)
+        decode = tok.decode
+
+        def spelled(ids: list[int]) -> str:
+            if marker not in ids:
+                return decode(ids)
+            k = ids.index(marker)
+            return decode(ids[:k]) + "\n###" + decode(ids[k + 1 :])
+
+        tok.decode = spelled
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": "Hi?"}], max_tokens=32, temperature=0)
+        reply = client.chat.completions.create(**ask)
+        assert reply.choices[0].message.content == decode(full[:cut])
+        assert reply.choices[0].finish_reason == "stop" and cut < reply.usage.completion_tokens < 32
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == decode(full[:cut])
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        wait_idle(worker)
+        assert worker.stats["answered"] == 2
