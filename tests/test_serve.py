@@ -8,7 +8,10 @@ import base64
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -20,8 +23,10 @@ import pytest
 from synth import write_garbage, write_image, write_wav
 from typer.testing import CliRunner
 
+from ckpt.layout import layout
 from deepresonance_cli.app import app as cli
 from deepresonance_cli.infer import load
+from deepresonance_cli.serve import demo_checkpoints
 from model.config import GenerationConfig
 from model.deepresonance import Example
 from model.generate import generate, generate_ids
@@ -443,3 +448,51 @@ def test_a_row_ends_once_its_text_holds_the_answer_end(tiny_root):
         assert chunks[-1].choices[0].finish_reason == "stop"
         wait_idle(worker)
         assert worker.stats["answered"] == 2
+
+
+def _finished_demo(folder: Path, tiny_root: Path) -> Path:
+    """A folder laid out as `dr demo` leaves it (checkpoints, stage-2 delta, the trained answers' file), made from
+    the tiny set instead of training."""
+    shutil.copytree(tiny_root, folder / "ckpt")
+    shutil.copytree(layout(tiny_root).delta_dir("alpha"), folder / "alpha_stage2")
+    (folder / "results").mkdir()
+    (folder / "results" / "trained_alpha.json").write_text("{}")
+    return folder
+
+
+def test_demo_model_is_trained_once_then_reused(tiny_root, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_demo(out, variant, quick, **kwargs):
+        calls.append((out, variant, quick))
+        _finished_demo(out, tiny_root)
+
+    monkeypatch.setattr("model.demo.run_demo", fake_run_demo)
+    first = demo_checkpoints(tmp_path / "demo", "alpha")
+    second = demo_checkpoints(tmp_path / "demo", "alpha")
+    assert calls == [(tmp_path / "demo", "alpha", True)]
+    assert first == second == (tmp_path / "demo" / "ckpt", tmp_path / "demo" / "alpha_stage2")
+
+
+def test_dr_serve_demo_serves_the_demo_model(tiny_root, tmp_path):
+    """`dr serve --demo` as a user starts it (a process, uvicorn in the foreground) over a finished demo folder."""
+    demo = _finished_demo(tmp_path / "demo", tiny_root)
+    command = [sys.executable, "-m", "deepresonance_cli.app", "serve", "--demo", "--demo-dir", str(demo), "--port", "0"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "dr serve exited"
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            url = found and found[1]
+        assert url, "dr serve did not start"
+        assert httpx2.get(f"{url}/health").json()["model"] == "deepresonance-alpha-demo"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="deepresonance-alpha-demo", messages=[{"role": "user", "content": "Hi?"}], max_tokens=4
+        )
+        assert reply.usage.completion_tokens > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
