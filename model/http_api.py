@@ -329,7 +329,6 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker.warm_up()
         worker.start()
         try:
             yield
@@ -337,7 +336,13 @@ def create_app(
             worker.stop()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="dr serve", summary="DeepResonance behind OpenAI's Chat Completions API", lifespan=lifespan)
+    app = FastAPI(
+        title="dr serve",
+        summary="DeepResonance behind OpenAI's Chat Completions API",
+        lifespan=lifespan,
+        docs_url=None,  # FastAPI's docs pages load their scripts from a CDN: nothing here reaches out
+        redoc_url=None,
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:

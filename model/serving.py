@@ -60,16 +60,10 @@ def request_key(gen: GenerationConfig, instruction: str) -> int:
     return row_key(gen.seed, "0", instruction)
 
 
-def serving_engine(
-    model: DeepResonance,
-    slots: int,
-    max_new_tokens: int,
-    max_prompt: int | None = None,
-    **options: Any,
-) -> Engine:
+def serving_engine(model: DeepResonance, slots: int, max_new_tokens: int, **options: Any) -> Engine:
     """An engine for a server: `slots` rows (fewer where the device's memory budget does not hold them) of the
     model's longest prompt plus `max_new_tokens`, top-k up to K_CAP, reporting unfinished rows (streaming)."""
-    length = cache_length(max_prompt or model.config.max_length, max_new_tokens)
+    length = cache_length(model.config.max_length, max_new_tokens)
     budget = memory_budget(model)
     if budget is not None:
         slots = fit_slots(length, bytes_per_position(model.llama_model.config, model.dtype), budget, slots)
@@ -79,7 +73,7 @@ def serving_engine(
 
 
 class EngineWorker:
-    """Owns an Engine in one thread; `generate` streams a request's updates to asyncio code."""
+    """Owns an Engine in one thread; `admit` then `run` streams a request's updates to asyncio code."""
 
     def __init__(self, model: DeepResonance, engine: Engine, max_pending: int) -> None:
         self.model, self.engine, self.max_pending = model, engine, max_pending
@@ -88,6 +82,7 @@ class EngineWorker:
         self.lock = threading.Lock()
         self.stats = {"answered": 0, "cancelled": 0, "refused": 0, "failed": 0}
         self.error: str | None = None  # set if the worker thread died: /health reports it
+        self.ready = threading.Event()  # set once the thread has warmed the engine up (or failed to)
         self.thread = threading.Thread(target=self._run, name="dr-engine", daemon=True)
 
     @property
@@ -100,15 +95,20 @@ class EngineWorker:
         return self.admitted
 
     def start(self) -> None:
+        """Starts the thread and returns once it has warmed the engine up; raises RuntimeError if that failed."""
         self.thread.start()
+        self.ready.wait()
+        if self.error:
+            raise RuntimeError(f"the engine's warm-up failed: {self.error}")
 
     def stop(self) -> None:
         self.commands.put(("stop", None))
         self.thread.join(timeout=30)
 
-    def warm_up(self) -> None:
+    def _warm_up(self) -> None:
         """Runs one short request to its end before serving, so that the first client does not pay for compilation
-        (the compiled step and its CUDA graph on CUDA) or first-call allocations."""
+        (the compiled step and its CUDA graph on CUDA) or first-call allocations. It runs in the worker thread, the
+        one that runs every later step (CUDA graph trees are kept per thread)."""
         gen = GenerationConfig(max_new_tokens=min(8, self.engine.max_new_tokens), do_sample=False)
         handle = object()
         self.engine.submit([Request(handle, Example("", "Warm up."), gen, 0)])
@@ -119,7 +119,7 @@ class EngineWorker:
         """Reserves room for one request (raises Busy when `max_pending` are in flight); follow with `run` or
         `release`. Admission comes before media decoding, so a full server does no work for requests it refuses."""
         if not self.alive:
-            raise Failed(f"the engine failed ({self.error}); restart the server")
+            raise Failed(f"the engine failed ({self.error}); restart the server" if self.error else "not running")
         with self.lock:
             if self.admitted >= self.max_pending:
                 raise Busy(f"{self.admitted} requests are in flight (this server's limit)")
@@ -172,6 +172,13 @@ class EngineWorker:
         return True
 
     def _run(self) -> None:
+        try:
+            self._warm_up()
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+            return
+        finally:
+            self.ready.set()
         try:
             running = True
             while running:

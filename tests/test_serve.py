@@ -496,3 +496,17 @@ def test_dr_serve_demo_serves_the_demo_model(tiny_root, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_media_decoding_has_a_time_limit(tiny_root, media, monkeypatch):
+    """A clip whose decoding outlasts --decode-timeout gets 400 and gives its admission back."""
+
+    def slow_load(modality, path):
+        time.sleep(2)
+        return load_media(modality, path)
+
+    monkeypatch.setattr("model.http_api.load_media", slow_load)
+    with server(tiny_root, limits=Limits(decode_timeout_s=0.3)) as (url, worker):
+        response = _post(url, {"model": MODEL, "messages": user(audio_part(media["wav"]))}, key=None)
+        assert response.status_code == 400 and "took over 0.3 s" in response.json()["error"]["message"]
+        assert worker.pending == 0 and worker.stats["refused"] == 1
