@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.config import GenerationConfig
 from model.deepresonance import Example
 from model.encoder import CLIPS_PER_ITEM
+from model.engine import Update
 from model.media import MediaError, load_media
 from model.prompt import PLACEHOLDERS, layout_row, stop_sequences
 from model.serving import K_CAP, Busy, EngineWorker, Failed, TextStream, finish_reason
@@ -438,7 +439,7 @@ def create_app(
         if final is None:
             return Response(status_code=499)  # the client went away; nobody reads this
         if final.error:
-            raise ApiError(400, final.error, "engine_refused")
+            raise ApiError(503, final.error, "engine_failed") if ticket.failed else ApiError(400, final.error)
         message = {"role": "assistant", "content": model.answer(final.ids)}
         choice = {"index": 0, "message": message, "finish_reason": finish_reason(final.ids, gen.max_new_tokens, stops)}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage(final.ids)})
@@ -446,10 +447,10 @@ def create_app(
     return app
 
 
-async def until_done(updates: AsyncIterator, request: Request):
+async def until_done(updates: AsyncIterator[Update], request: Request) -> Update | None:
     """The final update, or None if the client disconnects first (which cancels the request: its slot is freed)."""
 
-    async def last():
+    async def last() -> Update | None:
         async for u in updates:
             if u.done:
                 return u
@@ -466,7 +467,14 @@ async def until_done(updates: AsyncIterator, request: Request):
     return None
 
 
-async def sse_chunks(updates, answer, meta: dict, max_new_tokens: int, stops, usage) -> AsyncIterator[bytes]:
+async def sse_chunks(
+    updates: AsyncIterator[Update],
+    answer: Callable[[list[int]], str],
+    meta: dict,
+    max_new_tokens: int,
+    stops: list[list[int]],
+    usage: Callable[[list[int]], dict] | None,
+) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream: the role, text deltas as they settle, the finish reason, usage if asked, [DONE]. An
     engine refusal after the stream started is sent as an error event (the status line is already out)."""
 

@@ -49,6 +49,7 @@ class Ticket:
     updates: asyncio.Queue[Update] = field(default_factory=asyncio.Queue)
     stream: bool = False
     ended: bool = False  # counted out of the worker's admissions (answered, cancelled, refused or failed)
+    failed: bool = False  # ended by the engine's failure, not by anything in the request
 
     def deliver(self, update: Update) -> None:
         self.loop.call_soon_threadsafe(self.updates.put_nowait, update)
@@ -142,6 +143,7 @@ class EngineWorker:
                 except TimeoutError:
                     if self.alive:
                         continue
+                    ticket.failed = True
                     update = Update(ticket, [], True, f"the engine failed: {self.error}")
                 finished = update.done
                 yield update
@@ -229,6 +231,7 @@ class EngineWorker:
                 tickets.append(payload.handle)
         for ticket in tickets:
             self._end(ticket, "failed")
+            ticket.failed = True
             ticket.deliver(Update(ticket, [], True, f"the engine failed: {reason}"))
 
 

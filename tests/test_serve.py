@@ -333,7 +333,7 @@ def test_an_engine_failure_is_reported_not_hung(tiny_root):
         worker.engine.advance = broken
         ask = {"model": MODEL, "messages": [{"role": "user", "content": "Hi?"}], "max_tokens": 4}
         first = _post(url, ask, key=None)
-        assert first.status_code == 400 and "device lost" in first.json()["error"]["message"]
+        assert first.status_code == 503 and "device lost" in first.json()["error"]["message"]
         health = httpx2.get(f"{url}/health")
         assert health.status_code == 503 and "device lost" in health.json()["error"]
         again = _post(url, ask, key=None)
