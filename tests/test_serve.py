@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+import soundfile as sf
 from synth import write_garbage, write_image, write_wav
 from typer.testing import CliRunner
 
@@ -400,6 +402,37 @@ def test_page_in_a_real_browser_streams_the_answer(guarded, media, tmp_path):
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(screenshot, out / screenshot.name)
     wait_idle(worker)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"), reason="needs Debian's chromium (CI has it)")
+def test_page_records_a_clip_in_the_browser(live, tmp_path):
+    """Record (Chromium's fake microphone, a tone), stop, ask: the page sends the recording as a 16-bit wav of about
+    the time recorded, which the server decodes and answers ('done', not an error)."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = live
+    flags = [*CHROMIUM_FLAGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=flags
+        )
+        try:
+            page = browser.new_page()
+            sent = []
+            page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/chat/completions") else None)
+            page.goto(f"{url}/")
+            page.click("#record")
+            page.wait_for_timeout(1200)
+            page.click("#record")
+            page.wait_for_function("document.getElementById('recorded').textContent.startsWith('recorded')")
+            page.click("#send")
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+        finally:
+            browser.close()
+    (audio,) = [part for part in json.loads(sent[0])["messages"][0]["content"] if part["type"] == "input_audio"]
+    assert audio["input_audio"]["format"] == "wav"
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(audio["input_audio"]["data"])))
+    assert 0.5 < len(samples) / rate < 5 and abs(samples).max() > 0.01  # about the time recorded, not silence
 
 
 def test_bench_serve_runs_on_cpu_with_tiny_sizes(tmp_path):
