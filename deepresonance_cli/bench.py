@@ -133,6 +133,7 @@ def serve(
     budget: Annotated[int, typer.Option(help="The server's largest max_tokens.")] = 512,
     device: Annotated[str, typer.Option(help="cuda, or cpu with --tiny (a check that the benchmark runs).")] = "cuda",
     tiny: Annotated[bool, typer.Option(help="Tiny LLM and ImageBind instead of the full-size shapes.")] = False,
+    eager: Annotated[bool, typer.Option(help="Decode without torch.compile and CUDA graphs.")] = False,
     workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("/tmp/dr_serve_bench"),
 ) -> None:
     """`dr serve` under load (full-size random weights, 10 s audio prompts, caption-length answers): requests/s and
@@ -151,6 +152,7 @@ def serve(
         "tiny" if tiny else "huge",
         device,
         str(workdir),
+        eager=eager,
         log=console.print,
     )
     _write(out, report)

@@ -59,6 +59,7 @@ def serve(
     max_body_mb: Annotated[float, Opt(help="Largest request body (base64 media included), MiB.")] = 32.0,
     max_media: Annotated[int, Opt(help="Media items per prompt.")] = 4,
     decode_timeout: Annotated[float, Opt(help="Seconds a request's media may take to decode.")] = 30.0,
+    eager: Annotated[bool, Opt(help="Decode without torch.compile and CUDA graphs (no compile wait on CUDA).")] = False,
 ) -> None:
     """Serve the model: OpenAI's Chat Completions API at /v1, a page to ask about your music at /."""
     import uvicorn
@@ -78,7 +79,8 @@ def serve(
         ckpt_root, delta = demo_checkpoints(demo_dir, variant)
         model_id += "-demo"
     model = load(ckpt_root, variant, base, delta, device, dtype)
-    engine = serving_engine(model, slots or (64 if device.startswith("cuda") else 8), max_new_tokens)
+    slots = slots or (64 if device.startswith("cuda") else 8)
+    engine = serving_engine(model, slots, max_new_tokens, compile=False if eager else None)
     worker = EngineWorker(model, engine, max_pending)
     limits = Limits(int(max_body_mb * 2**20), max_media, decode_timeout)
     app = create_app(worker, model_id, api_key, limits, GenerationConfig(max_new_tokens=max_new_tokens))

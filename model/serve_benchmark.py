@@ -103,10 +103,12 @@ def bench_serve(
     device: str = "cuda",
     workdir: str = "/tmp/dr_serve_bench",
     audio_seconds: float = 10.0,
+    eager: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Each concurrency level in turn against one warm server (`slots` rows, answers of at most `budget` tokens).
-    `sizes`, `encoder_size` and `device` make a tiny CPU run of the same code possible (the fast test's)."""
+    `sizes`, `encoder_size` and `device` make a tiny CPU run of the same code possible (the fast test's); `eager`
+    decodes without torch.compile and CUDA graphs."""
     torch.manual_seed(0)  # the same random weights every run
     model = never_stopping_model(workdir, sizes, device)
     with torch.device(device):
@@ -118,7 +120,8 @@ def bench_serve(
     pieces = len(model.tokenizer)  # the small stand-in tokenizer lacks most of the full-size vocabulary's ids
     decode = model.tokenizer.decode
     model.tokenizer.decode = lambda ids: decode([i % pieces for i in ids])  # so random picks decode as well
-    worker = EngineWorker(model, serving_engine(model, slots, budget), max_pending=max(clients) + 1)
+    engine = serving_engine(model, slots, budget, compile=False if eager else None)
+    worker = EngineWorker(model, engine, max_pending=max(clients) + 1)
     app = create_app(worker, MODEL_ID, limits=Limits(max_body_bytes=64 * 2**20), defaults=GenerationConfig())
     audio = [_wav_b64(audio_seconds, 110 + 7 * k) for k in range(16)]
     report = {
@@ -128,6 +131,7 @@ def bench_serve(
         "llm": "vicuna-7b shape" if sizes == VICUNA_7B else ("tiny" if sizes == LLAMA_TINY else sizes),
         "encoder": f"imagebind-{encoder_size}",
         "audio_seconds": audio_seconds,
+        "compiled": device.startswith("cuda") and not eager,  # the engine compiles on CUDA unless told not to
         "levels": [],
     }
     with running(app, start_timeout=1800) as url:  # start-up includes the compiled step's warm-up on CUDA
