@@ -10,7 +10,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed,serve]'
 	$(BIN)/pip install -q --no-deps imagebind-unofficial==0.1.1
 	$(BIN)/python -m eval.wordnet
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ckpt.files import CkptError
-from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer
+from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer, serve
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
 
@@ -28,6 +28,7 @@ app.command("ask")(infer.ask)
 app.add_typer(bench.app, name="bench")
 app.command("train")(train_cli.train)
 app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
 
 
 # What a user's input can cause (missing or damaged files, full disks, bad rows or options): one line, never a trace.

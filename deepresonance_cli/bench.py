@@ -132,3 +132,48 @@ def engine(
 def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
+
+
+@app.command("serve")
+def serve(
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/serve.json"),
+    clients: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,16,64",
+    requests_per_client: int = 8,
+    slots: Annotated[int, typer.Option(help="The server's engine slots.")] = 64,
+    budget: Annotated[int, typer.Option(help="The server's largest max_tokens.")] = 512,
+    device: Annotated[str, typer.Option(help="cuda, or cpu with --tiny (a check that the benchmark runs).")] = "cuda",
+    tiny: Annotated[bool, typer.Option(help="Tiny LLM and ImageBind instead of the full-size shapes.")] = False,
+    eager: Annotated[bool, typer.Option(help="Decode without torch.compile and CUDA graphs.")] = False,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("/tmp/dr_serve_bench"),
+) -> None:
+    """`dr serve` under load (full-size random weights, 10 s audio prompts, caption-length answers): requests/s and
+    p50/p95 time to first and last token per number of concurrent streaming clients."""
+    from model.config import LLAMA_TINY, VICUNA_7B
+    from model.serve_benchmark import bench_serve
+
+    if device.startswith("cuda"):
+        need_cuda()
+    report = bench_serve(
+        tuple(int(c) for c in clients.split(",")),
+        requests_per_client,
+        slots,
+        budget,
+        LLAMA_TINY if tiny else VICUNA_7B,
+        "tiny" if tiny else "huge",
+        device,
+        str(workdir),
+        eager=eager,
+        log=console.print,
+    )
+    _write(out, report)
+    table = Table(title=f"dr bench serve on {report['device']} ({report['slots']} slots)")
+    for column in ("clients", "requests", "req/s", "tok/s", "first token p50/p95 s", "last token p50/p95 s"):
+        table.add_column(column)
+    for r in report["levels"]:
+        first, last = r["time_to_first_token_s"], r["time_to_last_token_s"]
+        table.add_row(
+            *(str(r[k]) for k in ("clients", "requests", "requests_per_s", "tokens_per_s")),
+            f"{first['p50']} / {first['p95']}",
+            f"{last['p50']} / {last['p95']}",
+        )
+    console.print(table)

@@ -65,7 +65,9 @@ def eval_command(
     dtype: Annotated[str | None, Opt(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")] = None,
     batch_size: Annotated[int | None, Opt(help="Rows (generative) or option sequences (likelihood) per batch.")] = None,
     media_root: Annotated[Path | None, Opt(help="Media folder (default: the catalog's).")] = None,
-    cache_dir: Annotated[Path | None, Opt(help="Encoder-feature cache (default: .features beside the dataset file).")] = None,
+    cache_dir: Annotated[
+        Path | None, Opt(help="Encoder-feature cache (default: .features beside the dataset file).")
+    ] = None,
     max_new_tokens: Annotated[int, Opt(help="Generative answers: greedy, at most this many tokens.")] = 32,
     limit: Annotated[int | None, Opt(help="Only the first N multiple-choice rows.")] = None,
     answers_dir: Annotated[Path, Opt(help="Where generative answers go (resumable, as dr infer).")] = Path("results"),

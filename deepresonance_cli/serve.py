@@ -1,0 +1,88 @@
+"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/http_api.py, model/serving.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from deepresonance_cli.infer import Base, CkptRoot, Delta, Device, Dtype, Variant, default_device, load
+
+Opt = typer.Option
+console = Console(stderr=True)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only takes connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def demo_checkpoints(folder: Path, variant: str) -> tuple[Path, Path]:
+    """(checkpoint root, trained delta) of `dr demo`'s output in `folder`; trains the quick demo there first if it is
+    not there yet (about half a minute on a CPU, no downloads)."""
+    delta = folder / f"{variant}_stage2"
+    if not (folder / "results" / f"trained_{variant}.json").is_file():  # written once stage 2 has finished
+        from model.demo import run_demo
+
+        console.print(f"no demo model in {folder}: training the quick demo there once")
+        run_demo(folder, variant, quick=True, progress=False, on_step=lambda s: console.print(f"demo: {s}"))
+    return folder / "ckpt", delta
+
+
+def serve(
+    variant: Variant = "alpha",
+    ckpt_root: CkptRoot = Path("ckpt"),
+    base: Base = None,
+    delta: Delta = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    host: Annotated[str, Opt(help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[
+        str | None, Opt(envvar="DR_API_KEY", help="Bearer token clients must send (or set $DR_API_KEY).")
+    ] = None,
+    demo: Annotated[bool, Opt(help="Serve `dr demo`'s tiny trained model (trained once if missing).")] = False,
+    demo_dir: Annotated[Path, Opt(help="Where `dr demo`'s output is (or goes).")] = Path("runs/demo"),
+    slots: Annotated[int | None, Opt(help="Rows decoding together (default: 64 on CUDA, 8 on CPU).")] = None,
+    max_new_tokens: Annotated[int, Opt(help="The largest max_tokens a request may ask for.")] = 512,
+    max_pending: Annotated[int, Opt(help="Requests queued or decoding at once; more get 429.")] = 256,
+    max_body_mb: Annotated[float, Opt(help="Largest request body (base64 media included), MiB.")] = 32.0,
+    max_media: Annotated[int, Opt(help="Media items per prompt.")] = 4,
+    decode_timeout: Annotated[float, Opt(help="Seconds a request's media may take to decode.")] = 30.0,
+    eager: Annotated[bool, Opt(help="Decode without torch.compile and CUDA graphs (no compile wait on CUDA).")] = False,
+) -> None:
+    """Serve the model: OpenAI's Chat Completions API at /v1, a page to ask about your music at /."""
+    import uvicorn
+
+    from model.config import GenerationConfig
+    from model.http_api import Limits, create_app
+    from model.serving import EngineWorker, serving_engine
+
+    if not is_loopback(host) and not api_key:
+        raise typer.BadParameter(
+            f"binding {host} opens the server to other machines: give --api-key", param_hint="--host"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
+    device = default_device(device)
+    model_id = f"deepresonance-{variant}"
+    if demo:
+        ckpt_root, delta = demo_checkpoints(demo_dir, variant)
+        model_id += "-demo"
+    model = load(ckpt_root, variant, base, delta, device, dtype)
+    slots = slots or (64 if device.startswith("cuda") else 8)
+    engine = serving_engine(model, slots, max_new_tokens, compile=False if eager else None)
+    worker = EngineWorker(model, engine, max_pending)
+    limits = Limits(int(max_body_mb * 2**20), max_media, decode_timeout)
+    app = create_app(worker, model_id, api_key, limits, GenerationConfig(max_new_tokens=max_new_tokens))
+    console.print(f"{model_id} on {device}: {engine.slots} slots; http://{host}:{port}/ (API at /v1)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
