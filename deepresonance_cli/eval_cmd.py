@@ -112,8 +112,14 @@ def eval_command(
     if not multiple_choice:  # a benchmark's metric is its accuracy; text metrics are for captioning-style sets
         rows = metrics.read_references(path)
         for (n, preds), p in zip(loaded.items(), predictions, strict=True):
-            with console.status(f"scoring {p} ({len(rows)} rows, {protocol.value})"):
-                runs[n] = metrics.evaluate(preds, rows, protocol.value, bertscore_model)
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task(f"{p.name}: {len(rows)} rows", total=None)
+
+                def step(name: str, done: int, total: int, task=task, progress=progress, p=p) -> None:
+                    progress.update(task, completed=done, total=total, description=f"{p.name}: {name}")
+
+                runs[n] = metrics.evaluate(preds, rows, protocol.value, bertscore_model, on_step=step)
             if runs[n]["counts"].get("not_text"):
                 first = runs[n]["counts"]["not_text_rows"][0]
                 console.print(

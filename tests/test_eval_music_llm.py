@@ -92,3 +92,22 @@ def test_missing_bertscore_model_keeps_the_other_metrics():
     assert r["metrics"]["music-llm"]["bertscore_recall"] is None
     assert all(r["metrics"]["music-llm"][k] is not None for k in ("bleu_u_char", "meteor", "rouge_l_recall"))
     assert len(r["notes"]) == 1 and "/nonexistent/model" in r["notes"][0] and "--bertscore-model" in r["notes"][0]
+
+
+def test_evaluate_reports_each_metric_step_before_it_runs():
+    """The progress a long `dr eval` shows: every step of the protocol named before it runs, then the end."""
+    import eval as metrics
+
+    rows = [{"id": "a", "instruction": "q", "output": "a calm piano piece"}]
+    predictions = {"a": {"q": "a calm piano song"}}
+    steps = []
+    report = metrics.evaluate(
+        predictions, rows, "music-llm", "/nonexistent-bertscore", on_step=lambda *s: steps.append(s)
+    )
+    assert steps == [
+        ("music-llm: BLEU / ROUGE-L", 0, 3),
+        ("music-llm: METEOR", 1, 3),
+        ("music-llm: BERTScore", 2, 3),
+        ("done", 3, 3),
+    ]
+    assert report["metrics"]["music-llm"]["bleu4_char"] is not None
