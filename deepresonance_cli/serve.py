@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from deepresonance_cli.infer import Base, CkptRoot, Delta, Device, Dtype, Variant, default_device, load
+from deepresonance_cli.options import DtypeChoice, VariantChoice
 
 Opt = typer.Option
 console = Console(stderr=True)
@@ -73,6 +74,7 @@ def serve(
             f"binding {host} opens the server to other machines: give --api-key", param_hint="--host"
         )
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
+    variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None  # choices as names
     device = default_device(device)
     model_id = f"deepresonance-{variant}"
     if demo:
