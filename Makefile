@@ -23,8 +23,8 @@ test-fast:
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint:
-	$(BIN)/ruff check deepresonance_cli model eval ckpt tests benchmarks
-	$(BIN)/ruff format --check deepresonance_cli model eval ckpt tests benchmarks
+	$(BIN)/ruff check deepresonance_cli model eval ckpt tests benchmarks demo
+	$(BIN)/ruff format --check deepresonance_cli model eval ckpt tests benchmarks demo
 
 demo:
 	$(BIN)/dr demo

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from model.benchmark import PROMPT, full_size_llm
-from model.benchmark import seconds_per_call as seconds
+from benchmarks.speed import PROMPT, full_size_llm
+from benchmarks.speed import seconds_per_call as seconds
 from model.decode import decode_static
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)

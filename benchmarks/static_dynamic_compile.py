@@ -11,7 +11,7 @@ from unittest import mock
 
 import torch
 
-from model.benchmark import NEW_TOKENS, decode, full_size_llm
+from benchmarks.speed import NEW_TOKENS, decode, full_size_llm
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
 results = []

@@ -31,7 +31,7 @@ def infer(
 ) -> None:
     """Decode tokens/s, encoder clips/s and a MusicCaps-sized job: the original's way vs dr's, in one run."""
     need_cuda()
-    from model.benchmark import bench_infer
+    from benchmarks.speed import bench_infer
 
     report = bench_infer(tuple(int(b) for b in batches.split(",")), tuple(int(b) for b in static_batches.split(",")))
     _write(out, report)
@@ -62,7 +62,7 @@ def train(
 ) -> None:
     """Stage-2 samples/s: the original's recipe (DeepSpeed ZeRO-2 CPU offload, fp16, encoder on the fly) vs dr's."""
     need_cuda()
-    from model.benchmark import bench_train
+    from benchmarks.speed import bench_train
 
     report = bench_train(steps=steps, dr_micro_batch=micro_batch, log=console.print)
     _write(out, report)
@@ -79,7 +79,7 @@ def job(
 ) -> None:
     """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
     need_cuda()
-    from model.benchmark import bench_job
+    from benchmarks.speed import bench_job
 
     report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), decoder=decoder, log=console.print)
     _write(out, report)
@@ -100,7 +100,7 @@ def engine(
     """A realistic-length job (answers of caption-like lengths, 512-token budget): the continuous-batching engine
     against the static loop, `generate`, transformers' continuous batching and the original's way, in one run."""
     need_cuda()
-    from model.benchmark import bench_engine
+    from benchmarks.speed import bench_engine
 
     report = bench_engine(
         rows=rows,
@@ -148,8 +148,8 @@ def serve(
 ) -> None:
     """`dr serve` under load (full-size random weights, 10 s audio prompts, caption-length answers): requests/s and
     p50/p95 time to first and last token per number of concurrent streaming clients."""
+    from benchmarks.serving import bench_serve
     from model.config import LLAMA_TINY, VICUNA_7B
-    from model.serve_benchmark import bench_serve
 
     if device.startswith("cuda"):
         need_cuda()

@@ -1,4 +1,4 @@
-"""`dr demo`: the whole pipeline on synthetic data and a tiny model, on a CPU, with no downloads (model/demo.py)."""
+"""`dr demo`: the whole pipeline on synthetic data and a tiny model, on a CPU, with no downloads (demo/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def demo(
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
     from transformers.utils.logging import disable_progress_bar
 
-    from model.demo import run_demo
+    from demo.pipeline import run_demo
 
     disable_progress_bar()  # a tiny model loads in milliseconds: no per-load bars between the steps
 

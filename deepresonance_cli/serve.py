@@ -33,7 +33,7 @@ def demo_checkpoints(folder: Path, variant: str) -> tuple[Path, Path]:
     not there yet (about half a minute on a CPU, no downloads)."""
     delta = folder / f"{variant}_stage2"
     if not (folder / "results" / f"trained_{variant}.json").is_file():  # written once stage 2 has finished
-        from model.demo import run_demo
+        from demo.pipeline import run_demo
 
         console.print(f"no demo model in {folder}: training the quick demo there once")
         run_demo(folder, variant, quick=True, progress=False, on_step=lambda s: console.print(f"demo: {s}"))

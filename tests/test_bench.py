@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model import benchmark
+from benchmarks import speed as benchmark
 from model.config import LLAMA_TINY
 
 NEW_TOKENS = 8

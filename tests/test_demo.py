@@ -19,7 +19,7 @@ def test_demo_rejects_an_unknown_variant(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_learns(tmp_path):
-    from model.demo import run_demo
+    from demo.pipeline import run_demo
 
     result = run_demo(tmp_path / "demo", quick=True, progress=False)
     before, after = result.metrics["untrained"], result.metrics["trained"]

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from model import demo_data
+from demo import data as demo_data
 from model.data import check_dataset, load_rows, resolve_dataset
 
 

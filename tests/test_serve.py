@@ -500,7 +500,7 @@ def test_demo_model_is_trained_once_then_reused(tiny_root, tmp_path, monkeypatch
         calls.append((out, variant, quick))
         _finished_demo(out, tiny_root)
 
-    monkeypatch.setattr("model.demo.run_demo", fake_run_demo)
+    monkeypatch.setattr("demo.pipeline.run_demo", fake_run_demo)
     first = demo_checkpoints(tmp_path / "demo", "alpha")
     second = demo_checkpoints(tmp_path / "demo", "alpha")
     assert calls == [(tmp_path / "demo", "alpha", True)]

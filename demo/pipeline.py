@@ -3,7 +3,7 @@ and a held-out multiple-choice set scored by likelihood (with the audio, and wit
 
 It runs the same code paths as the real recipe (model/training.py, model/inference.py, eval/), only smaller: the
 tiny checkpoint set of ckpt/tiny.py (random ImageBind and LLaMA, a tokenizer trained on the demo's texts) and the
-synthetic dataset of model/demo_data.py. The "untrained" model is the tiny set's random delta, answered and scored
+synthetic dataset of demo/data.py. The "untrained" model is the tiny set's random delta, answered and scored
 exactly like the trained one, so the before/after difference is what the two training stages did.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ckpt.layout import layout
 from ckpt.tiny import write_tiny_set
-from model import demo_data
+from demo import data as demo_data
 from model.config import GenerationConfig, TrainConfig
 from model.data import load_rows
 

@@ -1,0 +1,1 @@
+"""Full-size speed benchmarks (random weights, the original's way beside dr's) and their results."""

@@ -1,0 +1,1 @@
+"""`dr demo`: the whole pipeline on a synthetic music dataset and a tiny model, on a CPU, with no downloads."""
