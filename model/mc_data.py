@@ -48,7 +48,7 @@ import json
 import random
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,17 +201,23 @@ def _muchomusic_categories(reasoning: list[str], knowledge: list[str], genre: st
 MUCHOMUSIC_AUDIO = "{dataset}/{audio_id}.wav"
 
 
+def _questions(path: Path) -> Iterator[tuple[int, dict]]:
+    """(index, question) of a benchmark's JSON list, each checked to be an object (a one-line error naming the row)."""
+    raw_rows = _read_json(path)
+    if not isinstance(raw_rows, list):
+        raise BenchmarkFormatError(f"{path}: expected a JSON list of questions, got {type(raw_rows).__name__}")
+    for i, raw in enumerate(raw_rows):
+        if not isinstance(raw, dict):
+            raise _fail(path, i, f"expected an object, got {type(raw).__name__}")
+        yield i, raw
+
+
 def convert_muchomusic(path: Path, audio_pattern: str = MUCHOMUSIC_AUDIO, seed: int = 0, **_: object) -> list[dict]:
     """muchomusic.csv (or prepare_prompts.py's JSON) -> rows; see the module docstring for the fields read."""
     if path.suffix.lower() == ".csv":
         return _muchomusic_csv(path, audio_pattern, seed)
-    raw_rows = _read_json(path)
-    if not isinstance(raw_rows, list):
-        raise BenchmarkFormatError(f"{path}: expected a JSON list of questions, got {type(raw_rows).__name__}")
     rows = []
-    for i, raw in enumerate(raw_rows):
-        if not isinstance(raw, dict):
-            raise _fail(path, i, f"expected an object, got {type(raw).__name__}")
+    for i, raw in _questions(path):
         answers, orders = raw.get("answers"), raw.get("answer_orders")
         if not isinstance(answers, list) or not isinstance(orders, list) or 0 not in orders:
             raise _fail(path, i, "needs `answers` and `answer_orders` (which holds 0, the correct answer)")
@@ -292,13 +298,8 @@ def convert_rulistening(path: Path, seed: int = 0, leave_one_out: bool = False, 
 
 def _choices_benchmark(path: Path, filter_key: str, keep_all: bool, audio_keys: Sequence[str]) -> list[dict]:
     """MMAU / MMAR: a list of {question, choices, answer, audio, category, sub-category, ...}."""
-    raw_rows = _read_json(path)
-    if not isinstance(raw_rows, list):
-        raise BenchmarkFormatError(f"{path}: expected a JSON list of questions, got {type(raw_rows).__name__}")
     rows = []
-    for i, raw in enumerate(raw_rows):
-        if not isinstance(raw, dict):
-            raise _fail(path, i, f"expected an object, got {type(raw).__name__}")
+    for i, raw in _questions(path):
         if not keep_all and str(raw.get(filter_key, "")).lower() != "music":
             continue
         choices = raw.get("choices")
