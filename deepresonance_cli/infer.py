@@ -34,6 +34,14 @@ Device = Annotated[
 ]
 Dtype = Annotated[DtypeChoice | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
 TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
+LoraAlpha = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="LoRA alpha of a delta in the original's format (it keeps the rank, not alpha; default 32, the "
+        "original's base.yaml); dr's own deltas record theirs.",
+    ),
+]
 DecoderName = Enum("DecoderName", {d: d for d in get_args(Decoder)}, type=str)
 DecoderOption = Annotated[
     DecoderName,
@@ -51,17 +59,34 @@ class RowsPerSecond(ProgressColumn):
         return Text(f"{speed:.2f} rows/s" if speed else "- rows/s")
 
 
-def load(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str, dtype: str | None):
-    """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given."""
+def load(
+    ckpt_root: Path,
+    variant: str,
+    base: Path | None,
+    delta: Path | None,
+    device: str,
+    dtype: str | None,
+    lora_alpha: int | None = None,
+):
+    """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given.
+    `lora_alpha`: for a delta of the original's format with a rank other than 32 (it does not store alpha)."""
     import torch
 
     from model.checkpoint import load_model
+    from model.config import ModelConfig
 
     paths = layout(ckpt_root)
     on_cuda = device.startswith("cuda")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    config = ModelConfig(lora_alpha=lora_alpha) if lora_alpha is not None else None
     model = load_model(
-        base or paths.vicuna, delta or paths.delta_dir(variant), paths.imagebind, variant, device, torch_dtype
+        base or paths.vicuna,
+        delta or paths.delta_dir(variant),
+        paths.imagebind,
+        variant,
+        device,
+        torch_dtype,
+        config=config,
     )
     model.merge_lora()
     return model
@@ -122,6 +147,7 @@ def infer(
     max_new_tokens: int = 512,
     device: Device = None,
     dtype: Dtype = None,
+    lora_alpha: LoraAlpha = None,
     limit: Annotated[int | None, typer.Option(help="Answer only the first N rows.")] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Encoder-feature cache (default: .features beside the dataset file).")
@@ -153,7 +179,7 @@ def infer(
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
     ctx.call_on_close(lock.release)
-    model = load(ckpt_root, variant, base, delta, device, dtype)
+    model = load(ckpt_root, variant, base, delta, device, dtype, lora_alpha)
     cache = FeatureCache.for_encoder(cache_dir or spec.json_path.parent / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
@@ -223,6 +249,7 @@ def ask(
     max_new_tokens: int = 512,
     device: Device = None,
     dtype: Dtype = None,
+    lora_alpha: LoraAlpha = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
     from model.data import check_text
@@ -239,6 +266,6 @@ def ask(
     media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
     placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
     example = Example("".join(placeholders[m] for m, _ in media), question, media)  # bad media fail before loading
-    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype)
+    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype, lora_alpha)
     answer = generate(model, [example], generation(greedy, temperature, top_p, top_k, seed, max_new_tokens))[0]
     typer.echo(answer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import re
 from collections import OrderedDict
@@ -40,6 +41,8 @@ LEGACY_PREFIXES = {
     "llama_model.model.": "llama_model.base_model.model.model.",
     "llama_model.lm_head.": "llama_model.base_model.model.lm_head.",
 }
+
+log = logging.getLogger(__name__)
 
 
 class DeltaError(ValueError):
@@ -288,11 +291,21 @@ def model_setup(
     of the other variant is an error. Shared by `load_model` and `check_delta_file`."""
     if delta is None:
         return (replace(config, variant=variant) if variant is not None else config), base
-    if (delta / DR_CONFIG).is_file():
+    saved = (delta / DR_CONFIG).is_file()
+    if saved:
         config = read_config(delta / DR_CONFIG, config)
     config = delta_config(state, config)
     if variant is not None and variant != config.variant:
         raise DeltaError(f"{delta}: holds a {config.variant} delta, not {variant}")
+    if not saved and config.lora_r != ModelConfig.lora_r:  # the original's deltas hold the rank but not alpha
+        log.warning(
+            "%s: LoRA rank %d with no saved alpha (the original's deltas do not keep it): loading with alpha %d "
+            "(scale %.3g); give --lora-alpha if it was trained with another",
+            delta,
+            config.lora_r,
+            config.lora_alpha,
+            config.lora_alpha / config.lora_r,
+        )
     return config, delta if (delta / "tokenizer.model").is_file() else base
 
 

@@ -73,7 +73,8 @@ def lock_path(out_json: Path, rank: int = 0) -> Path:
 
 # ------------------------------------------------------------------------------------------------------- identity
 def run_identity(model: Any, gen: Any) -> dict:
-    """What decides the answers: the delta (by content), variant, dtype and the generation settings.
+    """What decides the answers: the delta (by content), its LoRA alpha (not in the original's deltas), variant, dtype
+    and the generation settings.
 
     Speed-only options (batch size, slots) are not in it: they do not change which answer a row gets.
     """
@@ -83,6 +84,7 @@ def run_identity(model: Any, gen: Any) -> dict:
     return {
         "delta": getattr(model, "delta_fingerprint", None),
         "variant": model.config.variant,
+        "lora_alpha": model.config.lora_alpha,
         "dtype": str(model.llama_model.dtype).removeprefix("torch."),
         "generation": settings,
     }

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deepresonance_cli.app import app
 from benchmarks import speed as benchmark
+from deepresonance_cli.app import app
 from model.config import LLAMA_TINY
 
 NEW_TOKENS = 8

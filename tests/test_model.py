@@ -267,3 +267,26 @@ def test_static_cache_loop_shares_compiled_shapes_across_lengths_and_batch_sizes
         assert generate_ids(model, rows, static) == [generate_ids(model, [row], GREEDY)[0] for row in rows]
         decoders.append(next(iter(decode._decoder.values())))
     assert decoders[0] is decoders[1]
+
+
+def test_original_delta_of_another_rank_says_which_alpha_it_is_loaded_with(tiny_layout, tmp_path, caplog):
+    """The original's deltas keep the LoRA rank, not alpha: a rank-8 one loads with alpha 32 (scale 4) and says so in
+    one line; an alpha given by the user sets the scale (alpha / rank)."""
+    import logging
+
+    from model.config import ModelConfig
+
+    rank8 = load_model(
+        tiny_layout.vicuna, None, tiny_layout.imagebind, config=ModelConfig(lora_r=8, encoder_size="tiny")
+    )
+    folder = save_delta(rank8, tmp_path / "rank8")
+    (folder / "dr_config.json").unlink()  # as the original writes it
+    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
+        loaded = load_model(tiny_layout.vicuna, folder, tiny_layout.imagebind)
+    assert loaded.config.lora_r == 8 and loaded.config.lora_alpha == 32
+    assert "LoRA rank 8 with no saved alpha" in caplog.text and "loading with alpha 32 (scale 4)" in caplog.text
+    q_proj = loaded.llama_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == 32 / 8
+    alpha16 = load_model(tiny_layout.vicuna, folder, tiny_layout.imagebind, config=ModelConfig(lora_alpha=16))
+    q_proj = alpha16.llama_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert alpha16.config.lora_alpha == 16 and q_proj.scaling["default"] == 16 / 8
