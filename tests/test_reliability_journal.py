@@ -147,8 +147,12 @@ def test_second_process_on_the_same_out_says_who_holds_it_and_exits(tiny_root, t
     deadline = time.time() + 120
     while time.time() < deadline and (not journal.exists() or len(journal.read_bytes().splitlines()) < 3):
         time.sleep(0.05)
-    second = dr(*args(tiny_root, dataset, out))
-    assert first.poll() is None, "the first job should still be running"
+    os.kill(first.pid, signal.SIGSTOP)  # paused mid-job, holding the lock, however fast the machine is
+    try:
+        assert first.poll() is None, "the first job should still be running"
+        second = dr(*args(tiny_root, dataset, out))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 1 and "Traceback" not in second.stderr
     message = " ".join(second.stderr.split())
     assert f"pid {first.pid} on {os.uname().nodename}" in message and "another --out" in message
