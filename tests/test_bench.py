@@ -41,8 +41,9 @@ def report() -> dict:
 
 
 def close(reported: float, derived: float) -> bool:
-    """Equal up to the report's rounding: 0.1 for rates, ratios and projected seconds; seconds to the microsecond."""
-    return abs(reported - derived) <= 0.05 + 1e-4 * abs(derived)
+    """Equal up to the report's rounding: 0.1 for rates, ratios and projected seconds, and seconds to the microsecond,
+    which on a fast machine (a ~1.5 ms encoder call) moves a rate derived from them by up to about 0.05%."""
+    return abs(reported - derived) <= 0.05 + 1e-3 * abs(derived)
 
 
 def test_ratios_and_musiccaps_projection_follow_from_the_measured_seconds(report):
