@@ -110,7 +110,7 @@ class Engine:
         self.k_cap, self.sync_every, self.stream = k_cap, sync_every, stream
         self.refill_min = refill_min or max(1, slots // 8)
         self.kv = SlotKV(self.llm.config, slots, length, model.dtype, device, kernel or ("flex" if on_cuda else "sdpa"))
-        self.every = torch.arange(slots, device=device)
+        self.every = self.kv.every
         self.stop_tensors = [torch.tensor(s, device=device) for s in self.stops]
 
         def state(dtype, fill=0):
@@ -345,8 +345,15 @@ def engine_for(
                 f"one row of {length} positions needs {need:.1f} GiB of cache; {budget / 2**30:.1f} GiB is free "
                 "for it: lower --max-new-tokens or free GPU memory"
             )
-    k_cap = gen.top_k if gen.do_sample and gen.top_k > 0 else len(model.tokenizer)
-    return Engine(model, slots, length, gen.max_new_tokens, k_cap=k_cap if gen.do_sample else 1, **options)
+    return Engine(model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), **options)
+
+
+def top_k_cap(model: DeepResonance, gen: GenerationConfig) -> int:
+    """The candidates an engine for `gen` keeps per row: 1 when greedy (a plain argmax), top-k when sampling with it,
+    the whole vocabulary when top-k is off."""
+    if not gen.do_sample:
+        return 1
+    return gen.top_k if gen.top_k > 0 else len(model.tokenizer)
 
 
 def run_examples(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
@@ -357,7 +364,7 @@ def run_examples(model: DeepResonance, examples: Sequence[Example], gen: Generat
         len(examples),
         cache_length(max(model.example_length(ex) for ex in examples), gen.max_new_tokens),
         gen.max_new_tokens,
-        k_cap=gen.top_k if gen.do_sample and gen.top_k > 0 else len(model.tokenizer),
+        k_cap=top_k_cap(model, gen),
         compile=False,
     )
     requests = [Request(i, ex, gen, row_key(gen.seed, str(i), ex.instruction)) for i, ex in enumerate(examples)]

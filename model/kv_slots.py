@@ -57,9 +57,10 @@ class SlotKV:
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
         self.slots, self.length, self.kernel = slots, length, kernel
         self.columns = torch.arange(length, device=device)
+        self.every = torch.arange(slots, device=device)  # each slot's row index, for per-slot writes
         self.block_index = torch.arange(length // BLOCK, dtype=torch.int32, device=device).expand(slots, 1, 1, -1)
-        for t in (*self.keys, *self.values, self.pos):
-            torch._dynamo.mark_static_address(t)  # updated in place inside CUDA graphs
+        for t in (*self.keys, *self.values, self.pos, self.every):
+            torch._dynamo.mark_static_address(t)  # updated in place (or read) inside CUDA graphs
 
     def decode_mask(self) -> torch.Tensor | BlockMask:
         """What each slot's query may see in the cache this step. SDPA: columns 0..pos (its prompt, its answer so far
@@ -86,7 +87,7 @@ class SlotKV:
 
     def decode(self, layer: int, mask: torch.Tensor | BlockMask, q, k, v, scaling: float) -> torch.Tensor:
         """One new token per slot [S, heads, 1, dim]: its key and value written at `pos`, attention over the slot."""
-        every = torch.arange(self.slots, device=k.device)
+        every = self.every
         if isinstance(mask, BlockMask):
             # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write
             # (seen with torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp
