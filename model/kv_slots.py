@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 from transformers import AttentionInterface
 
 Kernel = Literal["sdpa", "flex"]
@@ -62,13 +62,14 @@ class SlotKV:
         for t in (*self.keys, *self.values, self.pos, self.every):
             torch._dynamo.mark_static_address(t)  # updated in place (or read) inside CUDA graphs
 
-    def decode_mask(self) -> torch.Tensor | BlockMask:
+    def decode_mask(self, alive: torch.Tensor) -> torch.Tensor | BlockMask:
         """What each slot's query may see in the cache this step. SDPA: columns 0..pos (its prompt, its answer so far
-        and the new key, written first). Flex: columns 0..pos-1 only; the new key is merged in by `decode`."""
+        and the new key, written first). Flex: columns 0..pos-1 of the `alive` slots only (a finished or free slot
+        reads no block); the new key is merged in by `decode`."""
         if self.kernel == "sdpa":
             return (self.columns <= self.pos.unsqueeze(-1))[:, None, None, :]
         pos = self.pos.clone()  # a snapshot: the step advances self.pos after attending
-        blocks = ((pos - 1).clamp(min=0) // BLOCK + 1).to(torch.int32).view(-1, 1, 1)
+        blocks = torch.where(alive, (pos - 1).clamp(min=0) // BLOCK + 1, 0).to(torch.int32).view(-1, 1, 1)
         return BlockMask.from_kv_blocks(
             blocks,
             self.block_index,
@@ -91,9 +92,12 @@ class SlotKV:
         if isinstance(mask, BlockMask):
             # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write
             # (seen with torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp
-            past, lse = flex_attention(
-                q, self.keys[layer], self.values[layer], block_mask=mask, scale=scaling, return_lse=True
+            # the log-sum-exp through return_aux: the older return_lse flag records a warning in a module-level set,
+            # which Dynamo guards on, so the step would be traced and compiled twice (12 s of every start)
+            past, aux = flex_attention(
+                q, self.keys[layer], self.values[layer], block_mask=mask, scale=scaling, return_aux=AuxRequest(lse=True)
             )
+            lse = aux.lse
             new = (q.float() * k.float()).sum(-1) * scaling  # [S, heads, 1]
             top = torch.maximum(lse, new)
             w_past, w_new = torch.exp(lse - top).unsqueeze(-1), torch.exp(new - top).unsqueeze(-1)

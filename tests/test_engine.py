@@ -216,3 +216,51 @@ def test_cancel_frees_the_slot_for_the_next_row(model):
     while engine.pending:
         finished += [u.handle for u in engine.advance() if u.done]
     assert finished == ["b"]
+
+
+def test_no_steps_run_once_every_row_reached_its_budget(model, monkeypatch):
+    """One row of 5 new tokens, 2 steps per advance: the prefill draws token 1 and steps draw tokens 2..5, so two
+    advances of 2 steps (4 steps) finish it; the advance that reports it runs none (with the state copied one
+    advance behind, a blind engine would run 2 more)."""
+    steps = []
+    real = Engine._decode_step
+    monkeypatch.setattr(Engine, "_decode_step", lambda self: steps.append(1) or real(self))
+    engine = Engine(model, 1, 128, 8, k_cap=1, sync_every=2)
+    assert run(engine, [Example("", "Hi", [])], [replace(REFERENCE, max_new_tokens=5)]) == {
+        0: generate_ids(model, [Example("", "Hi", [])], replace(REFERENCE, max_new_tokens=5))[0]
+    }
+    assert len(steps) == 4
+
+
+def test_finished_and_free_slots_read_no_cache_blocks():
+    """FlexAttention's block mask: a live slot at position 130 reads columns 0..129, two 128-column blocks; a live
+    slot at 5 one block; finished or never-filled slots none."""
+    from transformers import LlamaConfig
+
+    from model.kv_slots import BLOCK, SlotKV
+
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    kv = SlotKV(config, 4, 3 * BLOCK, torch.float32, torch.device("cpu"), "flex")
+    kv.pos.copy_(torch.tensor([130, 5, 130, 0]))
+    mask = kv.decode_mask(torch.tensor([True, True, False, False]))
+    assert mask.kv_num_blocks.flatten().tolist() == [2, 1, 0, 0]
+
+
+def test_compiled_flex_step_is_traced_once_per_job(model, monkeypatch):
+    """The compiled decode step is traced by Dynamo once for a whole job: each extra trace costs a second process
+    seconds of start-up on a 7B model (flex_attention's deprecated return_lse flag caused a second). Dynamo alone
+    (backend "eager") finds the guards that fail, which is what makes it retrace, without Inductor's CPU build."""
+    import torch.nn.attention.flex_attention as flex
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, backend="eager", fullgraph=True))
+    monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set())  # as in a fresh process, whatever ran before
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    examples = rows()[:4]
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 9, 5, 7)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 9)
+    engine = Engine(model, 2, length, 9, k_cap=1, kernel="flex", compile=True, sync_every=2, refill_min=1)
+    assert len(run(engine, examples, gens)) == 4
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
