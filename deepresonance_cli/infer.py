@@ -42,6 +42,14 @@ LoraAlpha = Annotated[
         "original's base.yaml); dr's own deltas record theirs.",
     ),
 ]
+OriginalConfigs = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--config",
+        help="The original's YAML configs (base.yaml, stage_2.yaml; repeat, later ones win): their LoRA rank/alpha/"
+        "dropout, fusion and max_length settings; --lora-alpha wins over them.",
+    ),
+]
 DecoderName = Enum("DecoderName", {d: d for d in get_args(Decoder)}, type=str)
 DecoderOption = Annotated[
     DecoderName,
@@ -59,6 +67,23 @@ class RowsPerSecond(ProgressColumn):
         return Text(f"{speed:.2f} rows/s" if speed else "- rows/s")
 
 
+def model_config(configs: list[Path] | None, lora_alpha: int | None):
+    """The ModelConfig the loader starts from: the original's YAML settings, then --lora-alpha (None: defaults).
+    A delta's own record (dr_config.json) and its tensors' shapes still win where they say something."""
+    from model.config import ModelConfig
+    from model.original_config import ConfigError, read_original_configs
+
+    fields = {}
+    if configs:
+        try:
+            fields = read_original_configs(configs).model
+        except ConfigError as err:
+            raise typer.BadParameter(str(err), param_hint="--config") from None
+    if lora_alpha is not None:
+        fields["lora_alpha"] = lora_alpha
+    return ModelConfig.from_dict(fields) if fields else None
+
+
 def load(
     ckpt_root: Path,
     variant: str,
@@ -66,19 +91,17 @@ def load(
     delta: Path | None,
     device: str,
     dtype: str | None,
-    lora_alpha: int | None = None,
+    config=None,
 ):
     """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given.
-    `lora_alpha`: for a delta of the original's format with a rank other than 32 (it does not store alpha)."""
+    `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha)."""
     import torch
 
     from model.checkpoint import load_model
-    from model.config import ModelConfig
 
     paths = layout(ckpt_root)
     on_cuda = device.startswith("cuda")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
-    config = ModelConfig(lora_alpha=lora_alpha) if lora_alpha is not None else None
     model = load_model(
         base or paths.vicuna,
         delta or paths.delta_dir(variant),
@@ -148,6 +171,7 @@ def infer(
     device: Device = None,
     dtype: Dtype = None,
     lora_alpha: LoraAlpha = None,
+    config: OriginalConfigs = None,
     limit: Annotated[int | None, typer.Option(help="Answer only the first N rows.")] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Encoder-feature cache (default: .features beside the dataset file).")
@@ -179,7 +203,7 @@ def infer(
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
     ctx.call_on_close(lock.release)
-    model = load(ckpt_root, variant, base, delta, device, dtype, lora_alpha)
+    model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
     cache = FeatureCache.for_encoder(cache_dir or spec.json_path.parent / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
@@ -250,6 +274,7 @@ def ask(
     device: Device = None,
     dtype: Dtype = None,
     lora_alpha: LoraAlpha = None,
+    config: OriginalConfigs = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
     from model.data import check_text
@@ -266,6 +291,7 @@ def ask(
     media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
     placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
     example = Example("".join(placeholders[m] for m, _ in media), question, media)  # bad media fail before loading
-    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype, lora_alpha)
+    start = model_config(config, lora_alpha)
+    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype, start)
     answer = generate(model, [example], generation(greedy, temperature, top_p, top_k, seed, max_new_tokens))[0]
     typer.echo(answer)

@@ -11,7 +11,19 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from deepresonance_cli.infer import Base, CkptRoot, Delta, Device, Dtype, Variant, default_device, load
+from deepresonance_cli.infer import (
+    Base,
+    CkptRoot,
+    Delta,
+    Device,
+    Dtype,
+    LoraAlpha,
+    OriginalConfigs,
+    Variant,
+    default_device,
+    load,
+    model_config,
+)
 from deepresonance_cli.options import DtypeChoice, VariantChoice
 
 Opt = typer.Option
@@ -47,6 +59,8 @@ def serve(
     delta: Delta = None,
     device: Device = None,
     dtype: Dtype = None,
+    lora_alpha: LoraAlpha = None,
+    config: OriginalConfigs = None,
     host: Annotated[str, Opt(help="Address to bind; anything but loopback needs --api-key.")] = "127.0.0.1",
     port: int = 8000,
     api_key: Annotated[
@@ -80,7 +94,7 @@ def serve(
     if demo:
         ckpt_root, delta = demo_checkpoints(demo_dir, variant)
         model_id += "-demo"
-    model = load(ckpt_root, variant, base, delta, device, dtype)
+    model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
     slots = slots or (64 if device.startswith("cuda") else 8)
     engine = serving_engine(model, slots, max_new_tokens, compile=False if eager else None)
     worker = EngineWorker(model, engine, max_pending)
