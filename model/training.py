@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -90,6 +91,20 @@ def lr_factor(step: int, total: int, warmup: int, kind: str = "log") -> float:
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
     """The original: max(10, int(total * warmup_rate)); the 10 is `warmup_min_steps`."""
     return max(cfg.warmup_min_steps, int(total * cfg.warmup_rate))
+
+
+def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: --max-steps, else those of `epochs` epochs (at least one)."""
+    return cfg.max_steps or max(1, cfg.epochs * micro_batches_per_epoch // cfg.grad_accum)
+
+
+def build_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, total: int, warmup: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (the original's DeepSpeed "Adam") + WarmupDecayLR, the same objects on both paths."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.warmup_type))
+    return optimizer, scheduler
 
 
 # -------------------------------------------------------------------------------------------------------- parameters
@@ -198,6 +213,10 @@ def load_train_set(
 # ------------------------------------------------------------------------------------------------------- environment
 @dataclass
 class Dist:
+    """This process's place in the job. Not accelerate's PartialState: it would start (or adopt) the process group and
+    pick the device by its own rules, where DeepSpeed's init_distributed owns the group and a single process has none.
+    """
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -213,8 +232,7 @@ class Dist:
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             values = values.clone()
-            torch.distributed.all_reduce(values)
-            values /= self.world
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
         return values
 
 
@@ -232,15 +250,18 @@ def init_deepspeed_dist() -> Dist:
     deepspeed = deepspeed_module()
 
     if "RANK" not in os.environ:  # started by hand: a world of one
+        # by hand: accelerate's get_free_port is not in accelerate.utils' API and binds every interface, not loopback
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def rng_state() -> dict:
+    """This process's Python, torch and CUDA generators. By hand: accelerate captures them only inside save_state, into
+    a pickled random_states_N.pkl of its own layout, where ours is a weights-only file carrying the checkpoint's id."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -248,15 +269,33 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back what `rng_state` took (accelerate's counterpart is likewise only inside load_state)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def select_device(
+    device: str | None, dtype: torch.dtype | None, ds_config: dict | None, local_rank: int
+) -> tuple[torch.device, torch.dtype]:
+    """Where the model lives and the precision of its frozen weights, made the current CUDA device if one.
+
+    DeepSpeed keeps the module in the precision its config asks for, on its rank's GPU; one process defaults to
+    CUDA in bfloat16 when there is one (trained weights are float32 either way, see Trainer._build_model).
+    """
+    if ds_config is not None:
+        dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.type == "cuda" and where.index is None:  # set_device needs an index
+        where = torch.device("cuda", torch.cuda.current_device())
+    dtype = dtype or (torch.bfloat16 if where.type == "cuda" else torch.float32)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"train in float32 or bfloat16, not {dtype}")
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
+    return where, dtype
 
 
 def deepspeed_config(path: str | Path, cfg: TrainConfig) -> dict:
@@ -280,6 +319,9 @@ def deepspeed_config(path: str | Path, cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- checkpoints
+# By hand, not accelerate's save_state/load_state: those write their own layout (model.safetensors, optimizer.bin,
+# random_states_N.pkl), not the original's pytorch_model.pt delta, and nothing marks a save whole or absent; the
+# DeepSpeed engine's own save_checkpoint/load_checkpoint hold its partitioned optimizer.
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed or written; one line naming the folder or file."""
 
@@ -401,69 +443,48 @@ class Trainer:
         resume: str | Path | None = None,
         overwrite: bool = False,
     ) -> None:
-        self.cfg, self.out = cfg, Path(out)
-        self.variant = variant
+        self.cfg, self.out, self.variant = cfg, Path(out), variant
         self.dist = init_deepspeed_dist() if deepspeed else Dist()
         self.ds_config = deepspeed_config(deepspeed, cfg) if deepspeed else None
-        if self.ds_config is not None:  # DeepSpeed keeps the module in the precision its config asks for
-            dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
-            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:  # set_device needs an index
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"train in float32 or bfloat16, not {dtype}")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device, dtype = select_device(device, dtype, self.ds_config, self.dist.local_rank)
         specs = [resolve_dataset(d, data_root, split="train") for d in cfg.datasets]  # bad names fail before loading
-        checkpoint = find_checkpoint(resume) if resume is not None else None
-        saved = verify_checkpoint(checkpoint, self.dist.rank)[0] if checkpoint else None
-        if saved is None and self.dist.main:
-            check_fresh_out(self.out, overwrite)
+        checkpoint, saved = self._checkpoint_to_resume(resume, overwrite)
         self.run_id = saved["run_id"] if saved is not None else self._new_run_id()
-        if saved is not None:
-            self._check_resumable(checkpoint, saved, init)
-            init = saved["init"]
-        elif cfg.stage == 2 and init is None:
-            log.warning("stage 2 without --init: the projector starts random (the original starts from stage 1)")
+        init = self._starting_delta(checkpoint, saved, init)
         self.init = str(Path(init).resolve()) if init is not None else None
         self.model = self._build_model(base, init, imagebind, dtype)
-        cache = FeatureCache.for_encoder(cache_dir or Path(data_root) / ".features", self.model.visual_encoder)
-        self.data = load_train_set(
-            self.model, specs, cache, cfg.max_length, cfg.encode_batch_size, self.dist.rank, self.dist.world
-        )
-        if self.data.skipped:
-            log.warning("skipped %d row(s), e.g.\n  %s", len(self.data.skipped), "\n  ".join(self.data.skipped[:5]))
-        self.model.visual_encoder = None  # every step reads cached features: the frozen encoder is done
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.data = self._encode_train_set(specs, cache_dir or Path(data_root) / ".features")
         self.model.train()
-        self.sampler = MixedBatchSampler(
-            self.data.lengths,
-            cfg.micro_batch_size * self.dist.world,
-            cfg.seed,
-            self.dist.rank,
-            self.dist.world,
-            cfg.group_size,
-        )
-        self.total = cfg.max_steps or max(1, cfg.epochs * len(self.sampler) // cfg.grad_accum)
+        self.sampler = self._build_sampler()
+        self.total = total_steps(cfg, len(self.sampler))
         self.warmup = warmup_steps(cfg, self.total)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         if checkpoint is not None:
             self._resume(checkpoint, saved)
-        log.info(
-            "stage %d (%s): %s; training %d tensors, %.1fM parameters, for %d steps on %d x %s",
-            cfg.stage,
-            variant,
-            ", ".join(f"{n} {len(d)} rows" for n, d in zip(self.data.names, self.data.lengths, strict=True)),
-            len(self.trainable),
-            sum(p.numel() for p in self.params) / 1e6,
-            self.total,
-            self.dist.world,
-            self.device.type,
-        )
+        self._log_plan()
+
+    def _checkpoint_to_resume(self, resume: str | Path | None, overwrite: bool) -> tuple[Path | None, dict | None]:
+        """(checkpoint folder, its trainer state) for --resume, verified to be one whole save; a fresh run instead
+        makes sure --out holds no earlier run (clearing it when `overwrite`)."""
+        if resume is None:
+            if self.dist.main:
+                check_fresh_out(self.out, overwrite)
+            return None, None
+        checkpoint = find_checkpoint(resume)
+        return checkpoint, verify_checkpoint(checkpoint, self.dist.rank)[0]
+
+    def _starting_delta(
+        self, checkpoint: Path | None, saved: dict | None, init: str | Path | None
+    ) -> str | Path | None:
+        """The delta the model starts from: a resumed run's own (once its options are checked), else --init."""
+        if saved is not None:
+            self._check_resumable(checkpoint, saved, init)
+            return saved["init"]
+        if self.cfg.stage == 2 and init is None:
+            log.warning("stage 2 without --init: the projector starts random (the original starts from stage 1)")
+        return init
 
     def _new_run_id(self) -> str:
         """One id for every file of every checkpoint of this run (all ranks agree on it)."""
@@ -475,7 +496,9 @@ class Trainer:
     def _build_model(
         self, base: str | Path, init: str | Path | None, imagebind: str | Path, dtype: torch.dtype
     ) -> DeepResonance:
-        seed_everything(self.cfg.seed)  # the fresh projector (and LoRA A) are the same in every run and rank
+        """The model with only this stage's tensors trainable (`trainable` names them), seeded so the fresh projector
+        (and LoRA A) are the same in every run and rank."""
+        set_seed(self.cfg.seed)
         model = load_model(base, init, imagebind, variant=self.variant, device=self.device, dtype=dtype)
         model.config = replace(model.config, max_length=self.cfg.max_length)
         self.trainable = set_trainable(model, self.cfg.stage, self.cfg.train_embeddings)
@@ -487,16 +510,29 @@ class Trainer:
                     param.data = param.data.float()
         return model
 
+    def _encode_train_set(self, specs: list[DatasetSpec], cache_dir: str | Path) -> TrainSet:
+        """The rows with their media encoded once into the feature cache (a shard per rank); the frozen encoder is
+        then dropped, as every step reads cached features."""
+        cache = FeatureCache.for_encoder(cache_dir, self.model.visual_encoder)
+        cfg, dist = self.cfg, self.dist
+        data = load_train_set(self.model, specs, cache, cfg.max_length, cfg.encode_batch_size, dist.rank, dist.world)
+        if data.skipped:
+            log.warning("skipped %d row(s), e.g.\n  %s", len(data.skipped), "\n  ".join(data.skipped[:5]))
+        self.model.visual_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return data
+
+    def _build_sampler(self) -> MixedBatchSampler:
+        """The batch order: global batches of micro_batch_size rows per rank, each rank taking its share."""
+        cfg, dist = self.cfg, self.dist
+        return MixedBatchSampler(
+            self.data.lengths, cfg.micro_batch_size * dist.world, cfg.seed, dist.rank, dist.world, cfg.group_size
+        )
+
     def _build_optimizer(self):
         """AdamW + the WarmupDecayLR schedule; under DeepSpeed, wrapped by its engine (ZeRO partitions the state)."""
-        cfg = self.cfg
-        self.params = params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, self.total, self.warmup, cfg.warmup_type)
-        )
+        optimizer, scheduler = build_optimizer(self.params, self.cfg, self.total, self.warmup)
         if self.ds_config is None:
             return None, optimizer, scheduler
         deepspeed = deepspeed_module()
@@ -506,9 +542,22 @@ class Trainer:
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=self.ds_config,
-            model_parameters=params,
+            model_parameters=self.params,
         )
         return engine, optimizer, scheduler
+
+    def _log_plan(self) -> None:
+        log.info(
+            "stage %d (%s): %s; training %d tensors, %.1fM parameters, for %d steps on %d x %s",
+            self.cfg.stage,
+            self.variant,
+            ", ".join(f"{n} {len(d)} rows" for n, d in zip(self.data.names, self.data.lengths, strict=True)),
+            len(self.trainable),
+            sum(p.numel() for p in self.params) / 1e6,
+            self.total,
+            self.dist.world,
+            self.device.type,
+        )
 
     # ----------------------------------------------------------------------------------------------------- state
     def save(self, folder: Path) -> Path:
