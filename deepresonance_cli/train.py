@@ -21,7 +21,7 @@ Opt = typer.Option
 
 
 def read_options(path: Path) -> dict:
-    """--config: a JSON object of TrainConfig fields; anything else is one line naming the file."""
+    """A JSON --config: an object of TrainConfig fields; anything else is one line naming the file."""
     try:
         options = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -29,6 +29,28 @@ def read_options(path: Path) -> dict:
     if not isinstance(options, dict):
         raise ValueError(f"{path}: expected a JSON object of training options, got {type(options).__name__}")
     return options
+
+
+def read_configs(paths: list[Path], stage: int) -> tuple[dict, dict]:
+    """--config files in order, later ones winning: JSON objects of TrainConfig fields, or the original's YAML configs
+    (base.yaml, stage_N.yaml: their recipe and LoRA / fusion keys). (TrainConfig fields, ModelConfig fields)."""
+    from model.original_config import read_original_configs
+
+    train_fields: dict = {}
+    model_fields: dict = {}
+    for path in paths:
+        if path.suffix.lower() not in (".yaml", ".yml"):
+            train_fields.update(read_options(path))
+            continue
+        original = read_original_configs([path])
+        if original.stage is not None and original.stage != stage:
+            raise ValueError(
+                f"{path}: freeze_lm {original.stage == 1} is the original's stage-{original.stage} setting, but "
+                f"--stage is {stage}"
+            )
+        train_fields.update(original.train)
+        model_fields.update(original.model)
+    return train_fields, model_fields
 
 
 def train(
@@ -44,7 +66,13 @@ def train(
     data_root: Annotated[Path, Opt(help="Where the dataset files and media live.")] = Path("data"),
     cache_dir: Annotated[Path | None, Opt(help="Encoder-feature cache (default: <data-root>/.features).")] = None,
     ckpt_root: Annotated[Path, Opt(help="Checkpoint root laid out as the original's ckpt/ folder.")] = Path("ckpt"),
-    config: Annotated[Path | None, Opt(help="JSON of training options (TrainConfig fields); flags win.")] = None,
+    config: Annotated[
+        list[Path] | None,
+        Opt(
+            help="Training options: JSON of TrainConfig fields, or the original's YAML configs (base.yaml, "
+            "stage_N.yaml: recipe, LoRA and fusion keys); repeat, later files win; flags win over all.",
+        ),
+    ] = None,
     epochs: int | None = None,
     max_steps: Annotated[
         int | None, Opt(help="Optimizer steps to train (the schedule spans them) instead of epochs.")
@@ -86,13 +114,13 @@ def train(
     import torch
 
     from ckpt.layout import layout
-    from model.config import TrainConfig
+    from model.config import ModelConfig, TrainConfig
     from model.training import train as run_training
 
     main_rank = int(os.environ.get("RANK", 0)) == 0
     level = logging.INFO if main_rank else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)])
-    options = read_options(config) if config else {}
+    options, model_fields = read_configs(config, stage) if config else ({}, {})
     flags = dict(
         epochs=epochs,
         max_steps=max_steps,
@@ -113,6 +141,7 @@ def train(
         stop_after=stop_after,
         progress=progress,
         variant=variant.value,
+        model_config=ModelConfig.from_dict(model_fields) if model_fields else None,
         base=paths.vicuna,
         imagebind=paths.imagebind,
         out=out,

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from model.checkpoint import DELTA_PT, DELTA_ST, DR_CONFIG, load_delta, load_model, read_delta, save_delta
-from model.config import TrainConfig
+from model.config import ModelConfig, TrainConfig
 from model.data import DatasetError, DatasetSpec, Row, load_rows, media_path, resolve_dataset
 from model.deepresonance import DeepResonance, Example
 from model.encoder import CLIPS_PER_ITEM
@@ -442,8 +442,12 @@ class Trainer:
         dtype: torch.dtype | None = None,
         resume: str | Path | None = None,
         overwrite: bool = False,
+        model_config: ModelConfig | None = None,
     ) -> None:
+        """`model_config`: the architecture to build (LoRA rank/alpha/dropout, fusion depth; the original's YAML
+        keys through `dr train --config`); a starting delta's own record and shapes win where they say something."""
         self.cfg, self.out, self.variant = cfg, Path(out), variant
+        self.model_config = model_config
         self.dist = init_deepspeed_dist() if deepspeed else Dist()
         self.ds_config = deepspeed_config(deepspeed, cfg) if deepspeed else None
         self.device, dtype = select_device(device, dtype, self.ds_config, self.dist.local_rank)
@@ -499,7 +503,9 @@ class Trainer:
         """The model with only this stage's tensors trainable (`trainable` names them), seeded so the fresh projector
         (and LoRA A) are the same in every run and rank."""
         set_seed(self.cfg.seed)
-        model = load_model(base, init, imagebind, variant=self.variant, device=self.device, dtype=dtype)
+        model = load_model(
+            base, init, imagebind, variant=self.variant, device=self.device, dtype=dtype, config=self.model_config
+        )
         model.config = replace(model.config, max_length=self.cfg.max_length)
         self.trainable = set_trainable(model, self.cfg.stage, self.cfg.train_embeddings)
         # one process: frozen weights in `dtype`, trained ones in float32 under autocast (fp32 master weights)

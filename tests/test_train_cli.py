@@ -133,3 +133,27 @@ def test_config_file_values_hold_unless_a_flag_overrides_them(tiny_root: Path, t
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["max_steps"] == 2 and saved["micro_batch_size"] == 1  # from the file
     assert saved["lr"] == 0.002  # the flag wins
+
+
+def test_the_originals_yaml_configs_set_the_recipe_and_the_lora_it_trains(tiny_root: Path, tmp_path: Path):
+    """`--config base.yaml --config stage_2.yaml` as the original's users have them: the seed, epochs and LoRA rank and
+    alpha they name are what trains (the delta holds rank-4 LoRA tensors and records alpha 8); a stage file of the
+    other stage is refused in one line."""
+    dataset = synth.write_dataset(tmp_path, [synth.make_row("0", text="Hi.", output="Hello.")], "rows.json")
+    (tmp_path / "base.yaml").write_text("seed: 7\nmax_length: 512\nvicuna_version: 7b_v0\n")
+    (tmp_path / "stage_2.yaml").write_text("lora_r: 4\nlora_alpha: 8\nfreeze_lm: false\ntrain:\n    epochs: 1\n")
+    (tmp_path / "stage_1.yaml").write_text("freeze_lm: true\n")
+    args = ["train", "--variant", "alpha", "--stage", "2", "--ckpt-root", str(tiny_root), "--datasets", str(dataset)]
+    args += ["--max-steps", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    configs = ["--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "stage_2.yaml")]
+    result = CliRunner().invoke(app, [*args, *configs, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["seed"] == 7 and saved["epochs"] == 1
+    delta = read_delta(tmp_path / "run")
+    lora_a = [v for k, v in delta.items() if k.endswith("q_proj.lora_A.default.weight")]
+    assert lora_a and all(t.shape[0] == 4 for t in lora_a)
+    assert json.loads((tmp_path / "run" / "dr_config.json").read_text())["lora_alpha"] == 8
+    wrong = CliRunner().invoke(app, [*args, "--config", str(tmp_path / "stage_1.yaml"), "--out", str(tmp_path / "w")])
+    assert wrong.exit_code != 0
+    assert "stage_1.yaml: freeze_lm True is the original's stage-1 setting, but --stage is 2" in str(wrong.exception)
