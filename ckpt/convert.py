@@ -10,18 +10,22 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ckpt.files import CkptError, record_manifest, sha256_file
-from ckpt.layout import DELTA_FILE, DELTA_SAFETENSORS, PARTIAL_SUFFIX
+from ckpt.layout import PARTIAL_SUFFIX
 from ckpt.weights import load_pickle, tensor_shapes
+from model.files import umask_mode
 
 
 def convert_delta(delta_dir: Path) -> Path:
     """Write `delta_dir/delta.safetensors` from `delta_dir/pytorch_model.pt` and check it holds the same tensors."""
-    src, dst = delta_dir / DELTA_FILE, delta_dir / DELTA_SAFETENSORS
+    from model.checkpoint import DELTA_PT, DELTA_ST  # here: model.checkpoint imports transformers (~4 s)
+
+    src, dst = delta_dir / DELTA_PT, delta_dir / DELTA_ST
     if not src.is_file():
-        raise CkptError(f"no {DELTA_FILE} in {delta_dir}")
+        raise CkptError(f"no {DELTA_PT} in {delta_dir}")
     state = load_pickle(src)
     tmp = dst.with_suffix(PARTIAL_SUFFIX + dst.suffix)  # keeps the suffix the readers dispatch on
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    umask_mode(tmp)
     if tensor_shapes(tmp) != {k: tuple(v.shape) for k, v in state.items()}:
         tmp.unlink()
         raise CkptError(f"{tmp} does not hold the tensors of {src}")

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from ckpt.expected import BaseShape, Shapes, delta_problems, imagebind_dim
 from ckpt.files import CkptError, byte_progress, read_manifest, sha256_file
-from ckpt.layout import DELTA_FILE, DELTA_SAFETENSORS, VICUNA_DELTA_REPO, CkptLayout, layout
+from ckpt.layout import VICUNA_DELTA_REPO, CkptLayout, layout
 from ckpt.weights import INDEX_FILES, SINGLE_FILES, ShardedWeights, tensor_shapes
 from model.config import Variant
 
@@ -164,12 +164,12 @@ def _check_delta(
 ) -> Check:
     """Every delta file present (the safetensors dr loads and the pickle the original loads), each through the
     loader's own checks (model.checkpoint.check_delta_file) when the base is usable, else the shape rules."""
-    from model.checkpoint import check_delta_file
+    from model.checkpoint import DELTA_PT, DELTA_ST, check_delta_file
 
     folder = paths.delta_dir(variant)
     fix = f"dr ckpt download {variant} --root {paths.root}"
-    files = [folder / f for f in (DELTA_SAFETENSORS, DELTA_FILE) if (folder / f).is_file()]
-    check = Check(f"{variant} delta", folder / DELTA_FILE, "missing", "", fix)
+    files = [folder / f for f in (DELTA_ST, DELTA_PT) if (folder / f).is_file()]
+    check = Check(f"{variant} delta", folder / DELTA_PT, "missing", "", fix)
     if not files:
         return check
     check = _with(check, path=files[0])

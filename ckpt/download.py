@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 from rich.progress import Progress, TaskID
@@ -23,8 +23,6 @@ from rich.progress import Progress, TaskID
 from ckpt.expected import PROJ_WEIGHT, imagebind_problems
 from ckpt.files import CHUNK, CkptError, byte_progress, hub_tqdm, read_manifest, record_manifest, sha256_file
 from ckpt.layout import (
-    DELTA_FILE,
-    DELTA_SAFETENSORS,
     HF_DATA_REPO,
     IMAGEBIND_URL,
     IMAGEBIND_URL_ENV,
@@ -36,6 +34,10 @@ from ckpt.layout import (
 )
 from ckpt.weights import tensor_shapes
 from model.config import Variant
+from model.files import hub_offline
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import RepoFile
 
 T = TypeVar("T")
 TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
@@ -71,13 +73,6 @@ def bounded_hub() -> None:
     hooks = get_session().event_hooks
     if _bound_request not in hooks.get("request", []):
         get_session().event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_request]}
-
-
-def offline() -> bool:
-    """HF_HUB_OFFLINE as set now, or as huggingface_hub read it at import; it also stops the ImageBind transfer."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or constants.HF_HUB_OFFLINE
 
 
 def download(
@@ -121,11 +116,12 @@ def fetch_delta(
     force: bool = False,
     retries: int = 3,
 ) -> Path:
-    """The variant's delta folder from the hub dataset repo, via huggingface_hub (which resumes with Range); a
-    failed attempt (timeout, connection reset, 5xx) is retried with backoff, then one line says how to place it."""
+    """The variant's delta folder from the hub dataset repo: the files not yet in place, in one snapshot_download
+    (which resumes with Range), each verified against the hub's listing before it is moved into place. A failed
+    attempt (timeout, connection reset, 5xx) is retried with backoff, then one line says how to place it."""
     final = paths.delta_dir(variant)
     by_hand = f"download the files of {paths.delta_web_url(variant)} by hand into {final}"
-    if offline():
+    if hub_offline():
         raise CkptError(f"could not fetch the DeepResonance {variant} delta: offline (HF_HUB_OFFLINE=1); {by_hand}")
     try:
         return retrying(lambda: _fetch_delta_once(paths, variant, progress, endpoint, force, by_hand), retries)
@@ -165,7 +161,7 @@ def _permanent(err: Exception) -> bool:
 def _fetch_delta_once(
     paths: CkptLayout, variant: Variant, progress: Progress, endpoint: str | None, force: bool, by_hand: str
 ) -> Path:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
 
     final = paths.delta_dir(variant)
@@ -180,29 +176,35 @@ def _fetch_delta_once(
     ]
     if not entries:
         raise CkptError(f"{HF_DATA_REPO} has no files under {folder}; {by_hand}")
-    staged: dict[str, tuple[Path, str]] = {}
-    for entry in entries:
-        name = entry.path[len(folder) + 1 :]
-        sha256 = entry.lfs.sha256 if entry.lfs else None
-        if not force and _already_there(final, name, entry.size, sha256):
-            continue
-        path = hf_hub_download(
+    wanted = [e for e in entries if force or not _already_there(final, e.path[len(folder) + 1 :], e.size, _lfs(e))]
+    if wanted:  # exact paths as patterns: files already in place are not fetched again
+        snapshot_download(
             HF_DATA_REPO,
-            entry.path,
             repo_type="dataset",
             revision=commit,
+            allow_patterns=[e.path for e in wanted],
             local_dir=paths.staging,
             endpoint=endpoint,
             tqdm_class=hub_tqdm(progress),
             etag_timeout=timeouts()[1],
         )
-        staged[name] = (Path(path), _verify_hub_file(Path(path), entry.size, sha256, progress))
+    staged: dict[str, tuple[Path, str]] = {}
+    for entry in wanted:
+        path = paths.staging / entry.path
+        if not path.is_file():  # snapshot_download hands back the folder as is when the hub went away meanwhile
+            raise ConnectionError(f"{entry.path} was not fetched")
+        staged[entry.path[len(folder) + 1 :]] = (path, _verify_hub_file(path, entry.size, _lfs(entry), progress))
     for name, (path, sha256) in staged.items():
         (final / name).parent.mkdir(parents=True, exist_ok=True)
         path.replace(final / name)
         record_manifest(final, {name: {"size": (final / name).stat().st_size, "sha256": sha256}})
     shutil.rmtree(paths.staging / folder, ignore_errors=True)
     return final
+
+
+def _lfs(entry: RepoFile) -> str | None:
+    """The sha256 the hub lists for a file (LFS files only; small git files have none)."""
+    return entry.lfs.sha256 if entry.lfs else None
 
 
 def _already_there(final: Path, name: str, size: int, sha256: str | None) -> bool:
@@ -216,13 +218,15 @@ def _already_there(final: Path, name: str, size: int, sha256: str | None) -> boo
 
 def _verify_hub_file(path: Path, size: int, sha256: str | None, progress: Progress) -> str:
     """Size and sha256 against the hub's listing; weights files must load. A bad file is deleted, to be refetched."""
+    from model.checkpoint import DELTA_PT, DELTA_ST  # here: model.checkpoint imports transformers (~4 s)
+
     actual = sha256_file(path, progress)
     problem = None
     if path.stat().st_size != size:
         problem = f"{path.stat().st_size} bytes, the hub lists {size}"
     elif sha256 is not None and actual != sha256:
         problem = f"sha256 {actual[:12]}…, the hub lists {sha256[:12]}…"
-    elif path.name in (DELTA_FILE, DELTA_SAFETENSORS):
+    elif path.name in (DELTA_PT, DELTA_ST):
         try:
             if PROJ_WEIGHT not in tensor_shapes(path):
                 problem = f"no {PROJ_WEIGHT}: not a DeepResonance delta"
@@ -258,7 +262,7 @@ def fetch_imagebind(
             return final
         if recorded["size"] == final.stat().st_size:
             return final
-    if offline():
+    if hub_offline():  # offline means no downloads at all, the plain URL included
         raise CkptError(f"could not fetch ImageBind-huge: offline (HF_HUB_OFFLINE=1); {by_hand}")
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + PARTIAL_SUFFIX)

@@ -1,13 +1,15 @@
 """What a valid delta and ImageBind file contain: the original's key names and the shape rules between pieces.
 
-Rules are relative (hidden size and layer count from the base config, vocab = base tokenizer + 6, encoder dim from
-ImageBind's heads), so the same checks accept the 7B set and the tiny test sets.
+Rules are relative (hidden size and layer count from the base config, vocab = base tokenizer + the added tokens,
+encoder dim from ImageBind's heads), so the same checks accept the 7B set and the tiny test sets.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from model import tokenizer
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -17,13 +19,13 @@ LM_HEAD = LLM + "lm_head.weight"
 LORA = LLM + "model.layers.{i}.self_attn.{proj}_proj.lora_{ab}.default.weight"
 PROJ_WEIGHT, PROJ_BIAS = "llama_proj.weight", "llama_proj.bias"
 FUSION = "preencoding.layers.{i}."
-ADDED_TOKENS = 6  # <Img>, </Img> and the four set-literal strings the original added to Vicuna's tokenizer
+ADDED_TOKENS = len(tokenizer.ADDED_TOKENS)  # <Img>, </Img> and the four set-literal strings the original added
 IMAGEBIND_HEADS = ("modality_heads.audio.2.weight", "modality_heads.vision.2.weight")
 
 
 @dataclass(frozen=True)
 class BaseShape:
-    """What the delta must agree with: the base LLM's size and the vocabulary it had before the 6 added tokens."""
+    """What the delta must agree with: the base LLM's size and the vocabulary it had before the added tokens."""
 
     hidden: int
     layers: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from tqdm import TqdmExperimentalWarning
+from tqdm.rich import tqdm_rich
 
 from ckpt.layout import MANIFEST_FILE
 
@@ -69,28 +71,20 @@ def record_manifest(folder: Path, entries: dict[str, dict[str, Any]]) -> None:
     tmp.replace(folder / MANIFEST_FILE)
 
 
-class _RichTqdm:
-    """The slice of tqdm's interface huggingface_hub calls on `tqdm_class`, drawn as a rich task instead."""
+def hub_tqdm(progress: Progress) -> type[tqdm_rich]:
+    """A `tqdm_class` for huggingface_hub: tqdm's own rich bars, drawn on `progress`'s console so they nest in its
+    live display (rich 15 stacks live displays per console), without tqdm's "experimental" warning on every bar."""
 
-    progress: Progress
+    class HubTqdm(tqdm_rich):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TqdmExperimentalWarning)
+                super().__init__(*args, options={"console": progress.console}, **kwargs)
 
-    def __init__(self, *, desc: str = "", total: int | None = None, initial: int = 0, **_: Any) -> None:
-        name = desc.rsplit("/", 1)[-1]
-        self.task: TaskID = self.progress.add_task(name, total=total, completed=initial)
+        def display(self, *args: Any, **kwargs: Any) -> None:
+            """Also the total: snapshot_download grows its bars' totals file by file, and tqdm_rich draws only `n`."""
+            super().display(*args, **kwargs)
+            if hasattr(self, "_task_id"):
+                self._prog.update(self._task_id, total=self.total)
 
-    def __enter__(self) -> _RichTqdm:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def update(self, n: int | float | None = 1) -> None:
-        self.progress.advance(self.task, float(n or 0))
-
-    def close(self) -> None:
-        self.progress.refresh()
-
-
-def hub_tqdm(progress: Progress) -> type[_RichTqdm]:
-    """A `tqdm_class` for huggingface_hub downloads that draws into `progress`."""
-    return type("HubRichTqdm", (_RichTqdm,), {"progress": progress})
+    return HubTqdm

@@ -14,8 +14,6 @@ IMAGEBIND_URL_ENV = "DR_IMAGEBIND_URL"  # overrides IMAGEBIND_URL (a mirror, or 
 VICUNA_DELTA_REPO = "lmsys/vicuna-7b-delta-v0"
 HF_WEB = "https://huggingface.co"  # for the by-hand instructions in error messages
 
-DELTA_FILE = "pytorch_model.pt"
-DELTA_SAFETENSORS = "delta.safetensors"
 IMAGEBIND_FILE = "imagebind_huge.pth"
 MANIFEST_FILE = "dr_manifest.json"  # {file: {size, sha256}} written beside what download / vicuna produced
 PARTIAL_SUFFIX = ".part"  # transfers and merges in progress; renamed to the final name once verified

@@ -1,25 +1,27 @@
 """Vicuna-7B-v0 = LLaMA-7B + lmsys/vicuna-7b-delta-v0, merged tensor by tensor.
 
 FastChat's `apply_delta` loads both models whole (two 7B models in RAM, ~27 GB in fp16). Here each output tensor is
-computed from one base and one delta tensor and streamed into its safetensors shard, so memory holds a few tensors
-(plus one memory-mapped pickled shard, which is file-backed and reclaimable).
+computed from one base and one delta tensor, and each output shard is built and saved before the next one, so memory
+holds one output shard (`max_shard_bytes`, 2 GiB by default) plus one memory-mapped pickled input shard, which is
+file-backed and reclaimable.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import Progress
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ckpt.files import CkptError, byte_progress, record_manifest, sha256_file
 from ckpt.layout import HF_WEB, MANIFEST_FILE, PARTIAL_SUFFIX, VICUNA_DELTA_REPO
-from ckpt.weights import ST_DTYPES, ShardedWeights, tensor_shapes, write_safetensors
+from ckpt.weights import ShardedWeights, tensor_shapes
+from model.files import hub_offline, umask_mode
 
 # The delta's vocabulary has one row more than LLaMA's (32001 vs 32000: the [PAD] token Vicuna v0 added).
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -35,6 +37,7 @@ COPIED_FILES = (
 )
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}  # as safetensors headers name them
 
 
 def merge_tensor(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,11 +57,11 @@ def resolve_delta(delta: str | Path) -> Path:
         return Path(delta)
     from huggingface_hub import HfApi, snapshot_download
 
-    from ckpt.download import failure, offline, retrying, timeouts
+    from ckpt.download import failure, retrying, timeouts
 
     repo = str(delta)
     by_hand = f"download {HF_WEB}/{repo} by hand and pass its folder as --delta DIR"
-    if offline():  # at once: huggingface_hub would retry a dead network for half a minute first
+    if hub_offline():  # at once: huggingface_hub would retry a dead network for half a minute first
         raise CkptError(f"could not fetch the Vicuna delta {repo}: offline (HF_HUB_OFFLINE=1); {by_hand}")
 
     def fetch() -> Path:
@@ -144,15 +147,14 @@ def merge_vicuna(
     with byte_progress(console) as progress:
         task = progress.add_task("merge LLaMA + delta", total=total)
 
-        def merged(group: list[str]) -> Iterator[torch.Tensor]:
-            for name in group:
-                tensor = merge_tensor(base_w.get(name), delta_w.get(name), torch_dtype)
-                yield tensor
-                progress.advance(task, tensor.nbytes)
-                del tensor  # before the next one is made
-
         for file, group in zip(names, groups, strict=True):
-            write_safetensors(tmp / file, [(n, plan[n]) for n in group], torch_dtype, merged(group))
+            shard: dict[str, torch.Tensor] = {}
+            for name in group:
+                shard[name] = merge_tensor(base_w.get(name), delta_w.get(name), torch_dtype)
+                progress.advance(task, shard[name].nbytes)
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            umask_mode(tmp / file)
+            del shard  # now: the last one would otherwise stay alive through the verification below
         base_w.release()
         delta_w.release()
         weight_map = {n: file for file, group in zip(names, groups, strict=True) for n in group}

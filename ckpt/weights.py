@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import struct
 import zipfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,8 +19,6 @@ from ckpt.files import CkptError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-
-ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 def torch_load(path: Path) -> object:
@@ -140,33 +136,3 @@ def _weight_map(folder: Path) -> dict[str, str]:
         if (folder / single).is_file():
             return dict.fromkeys(tensor_shapes(folder / single), single)
     raise CkptError(f"{folder}: no weights (expected one of {', '.join(INDEX_FILES + SINGLE_FILES)})")
-
-
-def write_safetensors(
-    path: Path, specs: Iterable[tuple[str, tuple[int, ...]]], dtype: torch.dtype, tensors: Iterator[torch.Tensor]
-) -> None:
-    """Write a safetensors file tensor by tensor, so memory holds one tensor, not the whole shard.
-
-    The header is known up front from the planned shapes; `tensors` must yield them in `specs` order.
-    """
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    order = []
-    for name, shape in specs:
-        size = dtype.itemsize
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        order.append((name, shape))
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape in order:
-            tensor = next(tensors)
-            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                raise CkptError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
-            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            del tensor  # before the next one is made

@@ -12,12 +12,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from eval.needs import Missing
+from model.files import hub_offline
 
 DEFAULT_MODEL = "roberta-large"
 
 
 def _hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+    if hub_offline():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.files import hub_offline
 from model.media import MODALITIES, MediaError, load_media, probe_media
 from model.prompt import PLACEHOLDERS
 from model.prompt import SPLIT as PLACEHOLDER_RE
@@ -230,12 +231,12 @@ def download_data(data_root: str | Path = "data") -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    from ckpt.download import offline, retrying, timeouts
+    from ckpt.download import retrying, timeouts
 
     data_root = Path(data_root)
     by_hand = f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"
     what = f"data/ of the Hugging Face dataset repo {HF_DATA_REPO}"
-    if offline():
+    if hub_offline():
         raise DatasetError(f"could not fetch {what}: offline (HF_HUB_OFFLINE=1); {by_hand}")
     endpoint = os.environ.get("HF_ENDPOINT")  # read now: huggingface_hub reads it once, at import
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -194,8 +196,13 @@ def test_recorded_sha256_catches_a_flipped_byte(complete: Path, tmp_path: Path) 
 def test_convert_keeps_keys_and_values_and_doctor_prefers_it(complete: Path, tmp_path: Path) -> None:
     paths = _copy(complete, tmp_path)
     folder = paths.delta_dir("beta")
-    result = CliRunner().invoke(app, ["ckpt", "convert", str(folder)])
+    old_mask = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(app, ["ckpt", "convert", str(folder)])
+    finally:
+        os.umask(old_mask)
     assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((folder / "delta.safetensors").stat().st_mode) == 0o644  # as open() gives, not 0600
     legacy = torch.load(folder / "pytorch_model.pt", weights_only=True)
     converted = load_file(folder / "delta.safetensors")
     assert converted.keys() == legacy.keys()

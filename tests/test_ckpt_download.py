@@ -1,7 +1,7 @@
 """`dr ckpt download` against a local HTTP server that answers like the Hugging Face hub and like a plain file host.
 
 The server implements the endpoints huggingface_hub 2.4 calls for a dataset repo: the revision info
-(/api/datasets/{repo}/revision/{rev}), the recursive tree listing (/api/datasets/{repo}/tree/{rev}/{path}) and
+(/api/datasets/{repo}/revision/{rev}), the recursive tree listings (/api/datasets/{repo}/tree/{rev}[/{path}]) and
 HEAD/GET on /datasets/{repo}/resolve/{rev}/{path} with ETag, X-Repo-Commit, Content-Length and Range support.
 """
 
@@ -98,8 +98,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if path.startswith(api + "revision/"):
                 return self._json({"id": HF_DATA_REPO, "sha": COMMIT, "private": False})
             if path.startswith(api + "tree/"):
-                folder = path[len(api + "tree/") :].split("/", 1)[1]
-                return self._json([self._entry(p) for p in hub.files if p.startswith(folder + "/")])
+                folder = path[len(api + "tree/") :].partition("/")[2]  # empty: the whole repo
+                return self._json([self._entry(p) for p in hub.files if p.startswith(folder + "/" if folder else "")])
             match = resolve.match(path)
             name = match.group(1) if match else path
             if name not in hub.files:
@@ -260,3 +260,18 @@ def test_unreachable_network_is_one_line_per_piece(tmp_path: Path, monkeypatch: 
         download("all", tmp_path, endpoint=closed, imagebind_url=closed + "/x.pth", retries=0)
     lines = str(info.value).splitlines()
     assert len(lines) == 3 and all("could not fetch" in line and "by hand" in line for line in lines)
+
+
+def test_only_the_files_not_in_place_are_fetched_again(hub: FakeHub, tmp_path: Path) -> None:
+    data = _serve_delta(hub, "alpha")
+    [final] = download("alpha", tmp_path)
+    (final / "config.json").unlink()
+    hub.log.clear()
+    download("alpha", tmp_path)
+    assert hub.gets("config.json") == [None] and hub.gets("pytorch_model.pt") == []
+    assert (final / "config.json").read_text() == '{"hidden_size": 64}'
+    assert (final / "pytorch_model.pt").read_bytes() == data
+
+    hub.log.clear()
+    download("alpha", tmp_path, force=True)  # --force fetches every file again
+    assert hub.gets("config.json") == [None] and hub.gets("pytorch_model.pt") == [None]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -89,13 +92,27 @@ def test_merge_fp16_matches_fastchat(folders: dict, tmp_path: Path) -> None:
 
 
 def test_output_is_sharded_indexed_and_checksummed(folders: dict, tmp_path: Path) -> None:
-    out = merge_vicuna(
-        folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna", max_shard_bytes=60_000
-    )
+    old_mask = os.umask(0o022)
+    try:
+        out = merge_vicuna(
+            folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna", max_shard_bytes=60_000
+        )
+    finally:
+        os.umask(old_mask)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+    assert {stat.S_IMODE((out / f).stat().st_mode) for f in files} == {0o644}  # as open() gives, not 0600
     assert set(index["weight_map"]) == set(folders["delta"])
+    for file in files:  # each shard holds exactly its indexed tensors, each = base + delta in fp16
+        shard = load_file(out / file)
+        assert set(shard) == {name for name, f in index["weight_map"].items() if f == file}
+        for name, got in shard.items():
+            d, b = folders["delta"][name], folders["base"][name]
+            want = d.half().clone()
+            want[tuple(slice(0, n) for n in b.shape)] += b.half()
+            assert got.dtype == torch.float16 and torch.equal(got, want), name
+    assert index["metadata"]["total_size"] == sum(2 * t.numel() for t in folders["delta"].values())
     manifest = read_manifest(out)
     assert set(files) | {"config.json", "tokenizer.model"} <= set(manifest)
     for file in files:
@@ -104,7 +121,8 @@ def test_output_is_sharded_indexed_and_checksummed(folders: dict, tmp_path: Path
 
 
 def test_peak_memory_stays_near_one_shard(folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Count the bytes of every tensor the merge loads or creates while it is alive: never two whole models."""
+    """Count the bytes of every tensor the merge loads or creates while it is alive: one input shard, one output
+    shard and the tensors being merged, never two whole models."""
     live: dict[int, int] = {}
     peak = [0]
 
@@ -135,14 +153,17 @@ def test_peak_memory_stays_near_one_shard(folders: dict, tmp_path: Path, monkeyp
     monkeypatch.setattr(weights, "load_pickle", tracked_load)
     monkeypatch.setattr(weights.ShardedWeights, "get", tracked_get)
     monkeypatch.setattr(vicuna, "merge_tensor", tracked_merge)
-    merge_vicuna(folders["root"] / "llama", folders["root"] / "delta", tmp_path / "vicuna", dtype="float32")
+    root = folders["root"]
+    out = merge_vicuna(root / "llama", root / "delta", tmp_path / "vicuna", dtype="float32", max_shard_bytes=60_000)
 
+    out_files = sorted(out.glob("*.safetensors"))
+    largest_out = max(sum(t.nbytes for t in load_file(f).values()) for f in out_files)
     delta_files = sorted((folders["root"] / "delta").glob("*.bin"))
     largest_shard = max(sum(t.nbytes for t in torch.load(f, weights_only=True).values()) for f in delta_files)
     largest_tensor = max(t.nbytes for t in folders["delta"].values())
     one_model = sum(t.nbytes for t in folders["delta"].values())
-    assert len(delta_files) > 3
-    assert peak[0] <= largest_shard + 2 * largest_tensor
+    assert len(delta_files) > 3 and len(out_files) > 3
+    assert peak[0] <= largest_shard + largest_out + 2 * largest_tensor
     assert peak[0] < one_model / 2
 
 
