@@ -28,6 +28,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from model.prompt import TAGS
+
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 6.0
 # lowest fundamental (Hz), harmonic amplitudes, decay (1/s): a buzzy low bass, a decaying mid piano, a pure high flute
@@ -161,10 +163,9 @@ def moving_picture(picture: Picture, rng: np.random.Generator) -> list[np.ndarra
 # -------------------------------------------------------------------------------------------------------------- rows
 def row(row_id: str, media: Sequence[tuple[str, str]], instruction: str, output: str) -> dict:
     """One row in the original's format; each (modality, path) becomes a placeholder in `input`."""
-    tags = {"audio": "<Audio>", "image": "<Image>", "video": "<Video>"}
     return {
         "id": row_id,
-        "input": "".join(tags[m] for m, _ in media),
+        "input": "".join(TAGS[m] for m, _ in media),
         "instruction": instruction,
         "output": output,
         "mm_names": [m for m, _ in media],

@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 from model.config import ModelConfig
 from model.encoder import CLIPS_PER_ITEM, MediaEncoder
-from model.prompt import Batch, answer_text, assemble, layout_row
+from model.prompt import IGNORE, MEDIA, IdBatch, answer_text, batch_ids, layout_row
 from model.tokenizer import PromptTokenizer
 
 
@@ -28,6 +28,47 @@ class Example:
     instruction: str
     media: Sequence[tuple[str, torch.Tensor]] = ()  # (modality, tensor)
     output: str | None = None
+
+
+@dataclass
+class Batch:
+    """Right-padded (training) or left-padded (generation) model inputs."""
+
+    embeds: torch.Tensor  # [B, L, H]
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L], IGNORE outside targets
+    lengths: torch.Tensor  # [B]
+
+
+def embed_batch(
+    rows: IdBatch,
+    media: torch.Tensor | None,
+    embed_tokens: nn.Module,
+    fusion: nn.Module | None = None,
+) -> Batch:
+    """Embeds a batch in one step (LLaVA style): the ids are embedded, then `media`, every projected clip embedding
+    of the batch [N, H] in row-major slot order, is written into the MEDIA slots by one masked scatter.
+
+    Fusion (beta) runs over each row's input segment with a key padding mask, over the whole rows: the cut to
+    `rows.keep` positions and the left padding come after it, as in the original.
+    """
+    slots = rows.ids == MEDIA
+    embeds = embed_tokens(rows.ids.clamp(min=0))
+    n_slots = int(slots.sum())
+    if n_slots:
+        if media is None or media.shape[0] != n_slots:
+            got = 0 if media is None else media.shape[0]
+            raise ValueError(f"batch has {n_slots} media slots but {got} clip embeddings")
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), media.to(embeds.dtype))
+    if fusion is not None:
+        width = int(rows.input_lens.max())
+        inside = torch.arange(width, device=rows.ids.device).unsqueeze(0) < rows.input_lens.unsqueeze(1)
+        fused = fusion(embeds[:, :width], src_key_padding_mask=~inside)
+        embeds = torch.cat([torch.where(inside.unsqueeze(-1), fused, embeds[:, :width]), embeds[:, width:]], dim=1)
+    embeds = embeds[:, : rows.keep]
+    if rows.order is not None:
+        embeds = embeds.gather(1, rows.order.unsqueeze(-1).expand_as(embeds))
+    return Batch(embeds, rows.attention_mask, rows.labels, rows.lengths)
 
 
 def build_fusion(hidden: int, heads: int, ffn: int, layers: int, dropout: float) -> nn.TransformerEncoder:
@@ -138,15 +179,9 @@ class DeepResonance(nn.Module):
             layouts.append(layout_row(self.tokenizer, ex.input, ex.instruction, clips, ex.output))
             start += len(ex.media)
         projected = self.llama_proj(torch.cat(media).to(self.device, self.dtype)) if media else None
-        return assemble(
-            layouts,
-            projected,
-            self.embed_tokens,
-            self.tokenizer.pad_id,
-            self.config.max_length,
-            fusion=self.preencoding,
-            left_pad=left_pad,
-        )
+        device = self.embed_tokens.weight.device
+        rows = batch_ids(layouts, self.tokenizer.pad_id, self.config.max_length, left_pad, device)
+        return embed_batch(rows, projected, self.embed_tokens, self.preencoding)
 
     def forward(self, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Training loss and next-token accuracy over target positions."""
@@ -154,7 +189,7 @@ class DeepResonance(nn.Module):
         out = self.llama_model(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, labels=batch.labels)
         predicted = out.logits[:, :-1].argmax(-1)
         targets = batch.labels[:, 1:]
-        mask = targets != -100
+        mask = targets != IGNORE
         accuracy = (predicted[mask] == targets[mask]).float().mean() if mask.any() else out.loss.new_zeros(())
         return out.loss, accuracy
 

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ class MediaEncoder(nn.Module):
         self.imagebind = imagebind_model_module().ImageBindModel(**ENCODER_SIZES[size])
         self.out_dim = ENCODER_SIZES[size]["out_embed_dim"]
         self.fingerprint = f"imagebind-{size}-random-{id(self):x}"
+        self._source: dict[str, str | int] | None = None  # see weights_file
+        self._source_versions: tuple[int, ...] = ()
         self.requires_grad_(False)
         self.eval()
 
@@ -61,6 +64,7 @@ class MediaEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
+        before = file_identity(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # a truncated or non-tensor file: say which file, not a pickle trace
@@ -74,7 +78,31 @@ class MediaEncoder(nn.Module):
             raise ValueError(f"{path}: {kind} key '{bad}' for ImageBind-{size}")
         encoder.fingerprint = f"imagebind-{size}-{file_fingerprint(path)}"
         encoder.drop_unused_towers()
+        if file_identity(path) == before:  # the file was not replaced or rewritten while it was read
+            encoder._source, encoder._source_versions = before, encoder._versions()
         return encoder
+
+    def weights_file(self) -> dict[str, str | int] | None:
+        """The identity of the file this encoder's weights were loaded from (path, size, mtime, ctime, inode,
+        device), so a digest of the weights can be remembered by it; None when the weights were not loaded from a
+        file, or when a tensor has been written in place since (every in-place write bumps its version counter,
+        e.g. a delta that carries `visual_encoder.` keys), as then the file no longer names them."""
+        if self._source is None or self._versions() != self._source_versions:
+            return None
+        return dict(self._source)
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.state_dict().values())
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MediaEncoder:
+        """`.to`/`.cuda`/`.half` replace some tensors (resetting their version counters) without changing what the
+        file names: the weights' dtype is part of the digest memo's key. So an encoder unchanged since loading stays
+        unchanged through a conversion."""
+        unchanged = self.weights_file() is not None
+        out = super()._apply(fn, recurse)
+        if unchanged:
+            self._source_versions = self._versions()
+        return out
 
     def drop_unused_towers(self) -> None:
         for part in ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors"):
@@ -110,10 +138,6 @@ class MediaEncoder(nn.Module):
         features = post[0](features) if isinstance(post, nn.Sequential) else post(features)
         return features.reshape(batch, -1, features.shape[-1])
 
-    def pooled(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """The stock single embedding per item: the mean over clips."""
-        return self(modality, inputs).mean(dim=1)
-
 
 def size_of(state: dict[str, torch.Tensor], path: Path) -> str:
     """Which ImageBind size a state dict holds, from its vision and output widths."""
@@ -126,6 +150,20 @@ def size_of(state: dict[str, torch.Tensor], path: Path) -> str:
         if size["vision_embed_dim"] == vision and size["out_embed_dim"] == out:
             return name
     raise ValueError(f"{path}: no known ImageBind size has vision width {vision} and output {out}")
+
+
+def file_identity(path: Path) -> dict[str, str | int]:
+    """What tells one file on disk from another without reading it: replacing or rewriting it changes one of these
+    (mtime alone can be set back by hand; the inode, ctime and device cannot)."""
+    st = path.stat()
+    return {
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+    }
 
 
 def file_fingerprint(path: Path) -> str:

@@ -2,14 +2,15 @@
 
 The encoder is frozen, so its output for a file depends only on the file's bytes, the encoder weights and the mode
 (modality, per-clip or pooled, compute dtype). Entries are keyed by exactly that: sha256 of the file, the encoder's
-fingerprint string with a sha256 of every tensor it computes with, and the mode. Each entry is one safetensors file
-written under a temporary name and renamed into place, so a killed job leaves no half-written entry; an entry that
-fails to load anyway is recomputed.
+fingerprint string with a sha256 of every tensor it computes with (remembered per weights file, see
+`encoder_digest`), and the mode. Each entry is one safetensors file written under a temporary name and renamed into
+place, so a killed job leaves no half-written entry; an entry that fails to load anyway is recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,14 @@ class Encoder(Protocol):
 
     def state_dict(self) -> Mapping[str, torch.Tensor]: ...
 
+    def weights_file(self) -> Mapping[str, str | int] | None:
+        """The identity of the file the weights were loaded from and still are, or None (then they are hashed)."""
+        ...
+
+
+DIGESTS_FILE = "weights-digests.json"  # in the cache root: weights-file key -> weights_digest
+DIGESTS_KEPT = 16  # the most recent weights files remembered
+
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -58,6 +67,54 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         parts = pool.map(_tensor_digest, names, (state[n] for n in names))
         return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def encoder_digest(root: str | Path, encoder: Encoder) -> str:
+    """`weights_digest` of the encoder, remembered in `root/DIGESTS_FILE` by the weights file it was loaded from,
+    so that a second start with the same file skips hashing every tensor (about 5 s for ImageBind-huge on CPU).
+
+    The memo's key is the file's identity (path, size, mtime, ctime, inode, device: a replaced or rewritten file
+    changes it), the encoder's fingerprint, and the names, dtypes and shapes of the tensors it keeps (the digest is
+    of those tensors, in that dtype). An encoder not loaded from a file, or written to since, is hashed every time.
+    """
+    state = encoder.state_dict()
+    source = encoder.weights_file()
+    if source is None:
+        return weights_digest(state)
+    tensors = [[name, str(t.dtype), list(t.shape)] for name, t in sorted(state.items())]
+    what = {"file": dict(source), "fingerprint": encoder.fingerprint, "tensors": tensors}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    path = Path(root) / DIGESTS_FILE
+    memo = _read_digests(path)
+    if key in memo:
+        return memo[key]
+    digest = weights_digest(state)
+    memo[key] = digest
+    _write_digests(path, dict(list(memo.items())[-DIGESTS_KEPT:]))
+    return digest
+
+
+def _read_digests(path: Path) -> dict[str, str]:
+    """The memo, or an empty one when it is missing or unreadable (it only saves time: a bad one costs a rehash)."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {k: v for k, v in memo.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
+
+
+def _write_digests(path: Path, memo: dict[str, str]) -> None:
+    """Atomically (temp file, then rename), so concurrent starts never read half a memo; a cache root that cannot
+    be written only loses the speed-up."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -85,8 +142,8 @@ class FeatureCache:
 
     @classmethod
     def for_encoder(cls, root: str | Path, encoder: Encoder, pooled: bool = False) -> FeatureCache:
-        """The cache of this encoder: keyed by its fingerprint and a digest of all its weights."""
-        return cls(root, encoder.fingerprint, encoder.dtype, pooled, weights_digest(encoder.state_dict()))
+        """The cache of this encoder: keyed by its fingerprint and a digest of all its weights (`encoder_digest`)."""
+        return cls(root, encoder.fingerprint, encoder.dtype, pooled, encoder_digest(root, encoder))
 
     def mode(self, modality: str) -> str:
         if modality not in MODALITIES:
@@ -165,7 +222,8 @@ def encode_files(
     batch_size: int = 8,
     workers: int = 2,
 ) -> list[torch.Tensor | MediaError]:
-    """Per-file [k, D] features (k = 3 audio, 15 video, 1 image; 1 when the cache is pooled), or the file's MediaError.
+    """Per-file [k, D] features (k clips as model/encoder.py's CLIPS_PER_ITEM says; 1 when the cache is pooled), or
+    the file's MediaError.
 
     Cache hits skip decoding and the encoder; misses are decoded (`workers` threads) and encoded `batch_size` files
     at a time, then stored. Files with identical content are encoded once. A bad file only fails its own entry.

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.data import DatasetError, Row, load_rows
+from model.prompt import TAGS
 
 LETTERS = string.ascii_uppercase
 
@@ -115,7 +116,7 @@ def mc_row(
     """One row in dr's format plus the multiple-choice keys."""
     return {
         "id": row_id,
-        "input": "<Audio>",
+        "input": TAGS["audio"],
         "instruction": prompt(question, options),
         "output": options[answer],
         "mm_names": ["audio"],

@@ -1,14 +1,15 @@
-"""The one place for DeepResonance's prompt: template, BOS rule, media slots, labels, and batch assembly.
+"""The one place for DeepResonance's prompt: template, BOS rule, media slots, labels, and the batching of ids.
 
 A row becomes `[BOS] input-pieces-with-media ### Human: {instruction}\\n### Assistant: [{output}\\n###]`, each text
-piece tokenized on its own. Batches are assembled in one vectorized step (LLaVA style): token ids with -1 at media
-slots are embedded, then the projected clip embeddings are written into the slots.
+piece tokenized on its own, with MEDIA (-1) at each clip slot. This module only lays out ids and labels; embedding
+them and writing the projected clips into the slots is the model's (`DeepResonance.prepare`), so the prompt's
+layout can be computed, tested and counted without a model.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from model.tokenizer import PromptTokenizer
 
 PLACEHOLDERS = {"<Audio>": "audio", "<Image>": "image", "<Video>": "video"}
+TAGS = {modality: tag for tag, modality in PLACEHOLDERS.items()}  # modality -> its placeholder
 SPLIT = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS) + ")")
 HUMAN = "### Human: "
 ASSISTANT = "\n### Assistant: "
@@ -89,59 +91,48 @@ def layout_row(
     return RowLayout(ids, input_len, target_start)
 
 
-@dataclass
-class Batch:
-    """Right-padded (training) or left-padded (generation) model inputs."""
+@dataclass(frozen=True)
+class IdBatch:
+    """A batch of rows as tensors: the right-padded ids of whole rows, and the final mask, labels and lengths.
 
-    embeds: torch.Tensor  # [B, L, H]
-    attention_mask: torch.Tensor  # [B, L]
-    labels: torch.Tensor  # [B, L], IGNORE outside targets
+    The model embeds and fuses whole rows (`ids`, `input_lens`) and only then cuts them to `keep` positions, as the
+    original does after assembly, so `ids` is not cut. The other fields are already cut and, when left-padded,
+    rotated so that each row ends at the last column: `order[b, j]` is the column of the cut row that final position
+    j takes (None when right-padded: the first `keep` columns as they are).
+    """
+
+    ids: torch.Tensor  # [B, L], pad_id after each row, MEDIA at clip slots
+    input_lens: torch.Tensor  # [B]
+    keep: int
+    order: torch.Tensor | None  # [B, keep]
+    attention_mask: torch.Tensor  # [B, keep]
+    labels: torch.Tensor  # [B, keep], IGNORE outside targets
     lengths: torch.Tensor  # [B]
 
 
-def assemble(
+def batch_ids(
     layouts: Sequence[RowLayout],
-    media: torch.Tensor | None,
-    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     pad_id: int,
     max_length: int,
-    fusion: Callable[..., torch.Tensor] | None = None,
     left_pad: bool = False,
-) -> Batch:
-    """Embeds a batch in one step. `media` holds every clip embedding of the batch, [N, H], in row-major slot order.
-
-    Fusion (beta) runs over each row's input segment with a key padding mask, then the sequences are cut to
-    `max_length` as the original does after assembly.
-    """
-    device = embed_tokens.weight.device if hasattr(embed_tokens, "weight") else None
+    device: torch.device | None = None,
+) -> IdBatch:
+    """Right-padded (training) or left-padded (generation) ids, labels and mask of a batch, cut to `max_length`."""
     lengths = torch.tensor([len(lay.ids) for lay in layouts], device=device)
     longest = int(lengths.max())
     ids = torch.full((len(layouts), longest), pad_id, dtype=torch.long, device=device)
     starts = torch.tensor([lay.target_start for lay in layouts], device=device)
     for b, lay in enumerate(layouts):
         ids[b, : len(lay.ids)] = torch.tensor(lay.ids, device=device)
-    slots = ids == MEDIA
-    embeds = embed_tokens(ids.clamp(min=0))
-    n_slots = int(slots.sum())
-    if n_slots:
-        if media is None or media.shape[0] != n_slots:
-            got = 0 if media is None else media.shape[0]
-            raise ValueError(f"batch has {n_slots} media slots but {got} clip embeddings")
-        embeds = embeds.masked_scatter(slots.unsqueeze(-1), media.to(embeds.dtype))
     pos = torch.arange(longest, device=device).unsqueeze(0)
-    if fusion is not None:
-        input_lens = torch.tensor([lay.input_len for lay in layouts], device=device)
-        width = int(input_lens.max())
-        inside = pos[:, :width] < input_lens.unsqueeze(1)
-        fused = fusion(embeds[:, :width], src_key_padding_mask=~inside)
-        embeds = torch.cat([torch.where(inside.unsqueeze(-1), fused, embeds[:, :width]), embeds[:, width:]], dim=1)
     valid = pos < lengths.unsqueeze(1)
     labels = torch.where(valid & (pos >= starts.unsqueeze(1)), ids, IGNORE)
     keep = min(longest, max_length)
-    embeds, valid, labels = embeds[:, :keep], valid[:, :keep], labels[:, :keep]
+    valid, labels = valid[:, :keep], labels[:, :keep]
     lengths = lengths.clamp(max=keep)
+    order = None
     if left_pad:
-        shift = (pos[:, :keep] - (keep - lengths).unsqueeze(1)) % keep
-        embeds = embeds.gather(1, shift.unsqueeze(-1).expand_as(embeds))
-        valid, labels = valid.gather(1, shift), labels.gather(1, shift)
-    return Batch(embeds, valid.long(), labels, lengths)
+        order = (pos[:, :keep] - (keep - lengths).unsqueeze(1)) % keep
+        valid, labels = valid.gather(1, order), labels.gather(1, order)
+    input_lens = torch.tensor([lay.input_len for lay in layouts], device=device)
+    return IdBatch(ids, input_lens, keep, order, valid.long(), labels, lengths)

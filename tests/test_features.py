@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,9 @@ class FakeEncoder:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def weights_file(self) -> None:
+        return None
 
     def __call__(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         self.calls.append((modality, inputs.shape[0]))
@@ -164,3 +168,121 @@ def test_encoders_whose_weights_differ_only_mid_file_get_different_entries(tmp_p
     assert cache_b.get("audio", path) is None
     again = FeatureCache.for_encoder(root, MediaEncoder.load(tmp_path / "a.pth"))  # the same weights: a hit
     assert torch.equal(again.get("audio", path), torch.ones(3, 32))
+
+
+@pytest.fixture
+def counted_digest(monkeypatch):
+    """Every call of weights_digest the feature cache makes, recorded."""
+    calls = []
+    real = features_module.weights_digest
+
+    def counting(state):
+        calls.append(len(state))
+        return real(state)
+
+    monkeypatch.setattr(features_module, "weights_digest", counting)
+    return calls
+
+
+@pytest.fixture
+def weights(tmp_path):
+    from model.encoder import MediaEncoder
+
+    torch.manual_seed(0)
+    path = tmp_path / "ib.pth"
+    torch.save(MediaEncoder("tiny").imagebind.state_dict(), path)
+    return path
+
+
+def test_a_second_start_with_the_same_weights_file_does_not_rehash(tmp_path, weights, counted_digest):
+    from model.encoder import MediaEncoder
+
+    root = tmp_path / "cache"
+    first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    assert len(counted_digest) == 1
+    encoder = MediaEncoder.load(weights)
+    second = FeatureCache.for_encoder(root, encoder)
+    assert len(counted_digest) == 1
+    assert second.weights == first.weights == features_module.weights_digest(encoder.state_dict())
+
+
+def test_a_touched_file_is_rehashed_and_changed_weights_change_the_key(tmp_path, weights, counted_digest):
+    from model.encoder import MediaEncoder
+
+    root, st = tmp_path / "cache", weights.stat()
+    first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    assert len(counted_digest) == 2 and touched.weights == first.weights  # same bytes, same key
+    # other weights of the same size written over the file, its mtime set back: still rehashed
+    state = torch.load(weights, weights_only=True)
+    state["modality_heads.audio.2.weight"] += 1
+    torch.save(state, weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size
+    changed = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    assert len(counted_digest) == 3 and changed.weights != first.weights
+    assert changed.entry("audio", weights) != first.entry("audio", weights)
+
+
+def test_a_file_of_another_size_is_rehashed(tmp_path, weights, counted_digest):
+    """The same weights saved with one tensor as a view into a larger storage (torch.save writes it whole): a bigger
+    file with the old mtime is rehashed, and its equal tensors keep the key."""
+    from model.encoder import MediaEncoder
+
+    root, st = tmp_path / "cache", weights.stat()
+    first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    state = torch.load(weights, weights_only=True)
+    name = "modality_heads.audio.2.weight"
+    storage = torch.zeros(state[name].numel() + 4096)
+    storage[: state[name].numel()] = state[name].flatten()
+    state[name] = storage[: state[name].numel()].view(state[name].shape)
+    torch.save(state, weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size > st.st_size
+    resized = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    assert len(counted_digest) == 2 and resized.weights == first.weights
+
+
+def test_encoders_not_from_a_file_or_written_to_are_hashed_every_time(tmp_path, weights, counted_digest):
+    from model.encoder import MediaEncoder
+
+    root = tmp_path / "cache"
+    torch.manual_seed(1)
+    random = MediaEncoder("tiny")
+    FeatureCache.for_encoder(root, random)
+    FeatureCache.for_encoder(root, random)
+    assert len(counted_digest) == 2
+    loaded = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    edited = MediaEncoder.load(weights)
+    with torch.no_grad():
+        edited.imagebind.modality_heads.audio[2].weight.add_(1)
+    assert edited.weights_file() is None
+    again = FeatureCache.for_encoder(root, edited)
+    assert len(counted_digest) == 4 and again.weights != loaded.weights
+
+
+def test_a_converted_encoder_is_remembered_per_dtype(tmp_path, weights, counted_digest):
+    from model.encoder import MediaEncoder
+
+    root = tmp_path / "cache"
+    full = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    half = MediaEncoder.load(weights).to(torch.bfloat16)
+    assert half.weights_file() is not None  # a conversion is not an edit
+    first = FeatureCache.for_encoder(root, half)
+    second = FeatureCache.for_encoder(root, MediaEncoder.load(weights).to(torch.bfloat16))
+    assert len(counted_digest) == 2  # float32 once, bfloat16 once
+    assert first.weights == second.weights != full.weights
+    assert first.weights == features_module.weights_digest(half.state_dict())
+
+
+def test_an_unreadable_digest_memo_costs_a_rehash(tmp_path, weights, counted_digest):
+    from model.encoder import MediaEncoder
+
+    root = tmp_path / "cache"
+    first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    (root / features_module.DIGESTS_FILE).write_text("{not json")
+    again = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    assert len(counted_digest) == 2 and again.weights == first.weights
+    FeatureCache.for_encoder(root, MediaEncoder.load(weights))
+    assert len(counted_digest) == 2  # the memo was rewritten

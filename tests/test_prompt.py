@@ -1,4 +1,4 @@
-"""The prompt layout must be token-for-token what the original builds."""
+"""The prompt layout must be token-for-token what the original builds; batches must embed it exactly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from model.prompt import IGNORE, MEDIA, answer_text, assemble, layout_row
+from model.deepresonance import embed_batch
+from model.prompt import IGNORE, MEDIA, PLACEHOLDERS, TAGS, RowLayout, answer_text, batch_ids, layout_row
 from model.tokenizer import ADDED_TOKENS, PromptTokenizer
 
 
@@ -60,9 +61,7 @@ def test_empty_input_becomes_a_space_with_bos(tok, sp):
 def test_target_and_labels(tok, sp):
     lay = layout_row(tok, "<Audio>", "Describe.", [3], output="Calm piano.")
     assert lay.ids[lay.target_start :] == sp.encode("Calm piano.\n###")
-    emb = torch.nn.Embedding(len(tok), 8)
-    batch = assemble([lay], torch.randn(3, 8), emb, tok.pad_id, 512)
-    labels = batch.labels[0].tolist()
+    labels = batch_ids([lay], tok.pad_id, 512).labels[0].tolist()
     assert labels[: lay.target_start] == [IGNORE] * lay.target_start
     assert labels[lay.target_start :] == sp.encode("Calm piano.\n###")
 
@@ -72,35 +71,70 @@ def test_placeholder_count_must_match_media(tok):
         layout_row(tok, "<Audio><Image>", "x", [3])
 
 
-def test_assemble_places_media_pads_and_truncates(tok):
-    emb = torch.nn.Embedding(len(tok), 8)
-    short = layout_row(tok, "<Image>", "a", [1], output="b")
-    long = layout_row(tok, "Hi <Audio>", "a longer instruction here", [3], output="c")
-    media = torch.randn(4, 8)
-    batch = assemble([short, long], media, emb, tok.pad_id, 512)
-    n = [len(short.ids), len(long.ids)]
-    assert batch.embeds.shape == (2, max(n), 8)
-    assert torch.equal(batch.embeds[0, 0], media[0])
-    first = long.ids.index(MEDIA)
-    assert torch.equal(batch.embeds[1, first : first + 3], media[1:])
-    assert batch.attention_mask.sum(1).tolist() == n
-    pad = emb(torch.tensor(tok.pad_id))
-    assert torch.equal(batch.embeds[0, n[0] :], pad.expand(max(n) - n[0], 8))
-    assert (batch.labels[0, n[0] :] == IGNORE).all()
-    cut = assemble([short, long], media, emb, tok.pad_id, 7)
-    assert cut.embeds.shape[1] == 7 and cut.lengths.tolist() == [min(7, x) for x in n]
+def test_tags_invert_placeholders():
+    assert TAGS == {"audio": "<Audio>", "image": "<Image>", "video": "<Video>"}
+    assert {PLACEHOLDERS[tag]: tag for tag in TAGS.values()} == TAGS
 
 
-def test_left_padding_is_right_padding_shifted(tok):
-    emb = torch.nn.Embedding(len(tok), 8)
-    rows = [layout_row(tok, "<Image>", "a", [1]), layout_row(tok, "Hi <Image>", "much longer words", [1])]
-    media = torch.randn(2, 8)
-    right = assemble(rows, media, emb, tok.pad_id, 512)
-    left = assemble(rows, media, emb, tok.pad_id, 512, left_pad=True)
-    width = right.embeds.shape[1]
-    for b, n in enumerate(right.lengths.tolist()):
-        assert torch.equal(left.embeds[b, width - n :], right.embeds[b, :n])
-        assert left.attention_mask[b].tolist() == [0] * (width - n) + [1] * n
+# rows written out by hand: ids (MEDIA at slots), input segment length, target start
+SHORT = RowLayout([MEDIA, 11, 12, 13], 1, 3)
+LONG = RowLayout([1, 21, MEDIA, MEDIA, 22, 23, 24], 4, 5)
+PAD = 0
+
+
+def test_batch_ids_right_pads_and_labels_only_targets():
+    rows = batch_ids([SHORT, LONG], PAD, 512)
+    assert rows.ids.tolist() == [[MEDIA, 11, 12, 13, PAD, PAD, PAD], [1, 21, MEDIA, MEDIA, 22, 23, 24]]
+    assert rows.labels.tolist() == [[IGNORE, IGNORE, IGNORE, 13, IGNORE, IGNORE, IGNORE], [IGNORE] * 5 + [23, 24]]
+    assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
+    assert rows.lengths.tolist() == [4, 7] and rows.input_lens.tolist() == [1, 4]
+    assert rows.keep == 7 and rows.order is None
+
+
+def test_batch_ids_cuts_at_max_length_but_keeps_whole_ids():
+    rows = batch_ids([SHORT, LONG], PAD, 5)
+    assert rows.ids.shape == (2, 7)  # embedding and fusion see whole rows
+    assert rows.keep == 5 and rows.lengths.tolist() == [4, 5]
+    assert rows.labels.tolist() == [[IGNORE, IGNORE, IGNORE, 13, IGNORE], [IGNORE] * 5]
+    assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1] * 5]
+
+
+def test_batch_ids_left_pads_by_rotating_each_row():
+    rows = batch_ids([SHORT, LONG], PAD, 512, left_pad=True)
+    assert rows.order.tolist() == [[4, 5, 6, 0, 1, 2, 3], list(range(7))]
+    assert rows.labels.tolist() == [[IGNORE] * 3 + [IGNORE, IGNORE, IGNORE, 13], [IGNORE] * 5 + [23, 24]]
+    assert rows.attention_mask.tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
+    cut = batch_ids([SHORT, LONG], PAD, 5, left_pad=True)
+    assert cut.order.tolist() == [[4, 0, 1, 2, 3], list(range(5))]
+    assert cut.attention_mask.tolist() == [[0, 1, 1, 1, 1], [1] * 5]
+
+
+def test_embed_batch_writes_media_into_slots_and_pads():
+    emb = torch.nn.Embedding(30, 8)
+    media = torch.randn(3, 8)
+    with torch.no_grad():
+        batch = embed_batch(batch_ids([SHORT, LONG], PAD, 512), media, emb)
+        table = emb.weight
+    assert batch.embeds.shape == (2, 7, 8)
+    expected = [
+        [media[0], table[11], table[12], table[13], table[PAD], table[PAD], table[PAD]],
+        [table[1], table[21], media[1], media[2], table[22], table[23], table[24]],
+    ]
+    assert torch.equal(batch.embeds, torch.stack([torch.stack(r) for r in expected]))
+    with pytest.raises(ValueError, match="3 media slots but 2 clip embeddings"):
+        embed_batch(batch_ids([SHORT, LONG], PAD, 512), media[:2], emb)
+
+
+def test_embed_batch_cuts_and_left_pads_the_embeddings():
+    emb = torch.nn.Embedding(30, 8)
+    media = torch.randn(3, 8)
+    with torch.no_grad():
+        right = embed_batch(batch_ids([SHORT, LONG], PAD, 512), media, emb)
+        left = embed_batch(batch_ids([SHORT, LONG], PAD, 5, left_pad=True), media, emb)
+    assert left.embeds.shape == (2, 5, 8)
+    assert torch.equal(left.embeds[0, 1:], right.embeds[0, :4])  # the short row ends at the last column
+    assert torch.equal(left.embeds[0, 0], emb.weight[PAD].detach())
+    assert torch.equal(left.embeds[1], right.embeds[1, :5])  # the long row is cut
 
 
 def test_fusion_sees_only_its_own_input_segment(tok):
@@ -111,17 +145,31 @@ def test_fusion_sees_only_its_own_input_segment(tok):
     rows = [layout_row(tok, "<Audio>", "short", [3]), layout_row(tok, "Some text then <Audio>", "other", [3])]
     media = torch.randn(6, 16)
     with torch.no_grad():
-        both = assemble(rows, media, emb, tok.pad_id, 512, fusion=fusion)
+        both = embed_batch(batch_ids(rows, tok.pad_id, 512), media, emb, fusion)
         alone = [
-            assemble([r], media[3 * i : 3 * i + 3], emb, tok.pad_id, 512, fusion=fusion) for i, r in enumerate(rows)
+            embed_batch(batch_ids([r], tok.pad_id, 512), media[3 * i : 3 * i + 3], emb, fusion)
+            for i, r in enumerate(rows)
         ]
-        plain = assemble(rows, media, emb, tok.pad_id, 512)
+        plain = embed_batch(batch_ids(rows, tok.pad_id, 512), media, emb)
     for b, row in enumerate(rows):
         n = len(row.ids)
         torch.testing.assert_close(both.embeds[b, :n], alone[b].embeds[0, :n])
         # fusion changes the input segment and leaves the instruction untouched
         assert not torch.allclose(both.embeds[b, : row.input_len], plain.embeds[b, : row.input_len])
         assert torch.equal(both.embeds[b, row.input_len : n], plain.embeds[b, row.input_len : n])
+
+
+def test_fusion_runs_before_the_cut():
+    """A row longer than max_length is fused whole, then cut (the original assembles, then truncates)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(30, 16)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    fusion = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    media = torch.randn(2, 16)
+    with torch.no_grad():
+        whole = embed_batch(batch_ids([LONG], PAD, 512), media, emb, fusion)
+        cut = embed_batch(batch_ids([LONG], PAD, 3), media, emb, fusion)
+    assert torch.equal(cut.embeds[0], whole.embeds[0, :3])
 
 
 def test_answer_is_text_before_first_stop():
