@@ -6,13 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from model.config import Variant
+from model.config import HF_DATA_REPO, HF_WEB, Variant
 
-HF_DATA_REPO = "Sony/DeepResonance_data_models"
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
 IMAGEBIND_URL_ENV = "DR_IMAGEBIND_URL"  # overrides IMAGEBIND_URL (a mirror, or a local server in tests)
 VICUNA_DELTA_REPO = "lmsys/vicuna-7b-delta-v0"
-HF_WEB = "https://huggingface.co"  # for the by-hand instructions in error messages
 
 IMAGEBIND_FILE = "imagebind_huge.pth"
 MANIFEST_FILE = "dr_manifest.json"  # {file: {size, sha256}} written beside what download / vicuna produced

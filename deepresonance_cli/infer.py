@@ -281,7 +281,7 @@ def ask(
     from model.deepresonance import Example
     from model.generate import generate
     from model.media import load_media
-    from model.prompt import PLACEHOLDERS
+    from model.prompt import TAGS
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     try:
@@ -289,8 +289,7 @@ def ask(
     except ValueError as e:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
         raise typer.BadParameter(str(e), param_hint="QUESTION") from None
     media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
-    placeholders = {modality: text for text, modality in PLACEHOLDERS.items()}
-    example = Example("".join(placeholders[m] for m, _ in media), question, media)  # bad media fail before loading
+    example = Example("".join(TAGS[m] for m, _ in media), question, media)  # bad media fail before loading
     start = model_config(config, lora_alpha)
     model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype, start)
     answer = generate(model, [example], generation(greedy, temperature, top_p, top_k, seed, max_new_tokens))[0]

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
+# the Hugging Face dataset repo that holds the released deltas and the test sets (ckpt/ downloads, model/data.py)
+HF_DATA_REPO = "Sony/DeepResonance_data_models"
+HF_WEB = "https://huggingface.co"  # for the by-hand instructions in error messages
+
 Variant = Literal["alpha", "beta"]
 Decoder = Literal["engine", "static", "generate"]
 

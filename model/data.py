@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.config import HF_DATA_REPO, HF_WEB
 from model.files import hub_offline
 from model.media import MODALITIES, MediaError, load_media, probe_media
 from model.prompt import PLACEHOLDERS
 from model.prompt import SPLIT as PLACEHOLDER_RE
 
-HF_DATA_REPO = "Sony/DeepResonance_data_models"
-HF_DATA_URL = f"https://huggingface.co/datasets/{HF_DATA_REPO}/tree/main/data"
+HF_DATA_URL = f"{HF_WEB}/datasets/{HF_DATA_REPO}/tree/main/data"
 
 # (name, split) -> (JSON file, media root), both relative to the data root. Test sets and media roots are those of
 # the original's inference_deepresonance.py, training sets those of its dataset/catalog.py (its "../data/" prefix

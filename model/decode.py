@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from model.kv_slots import kv_heads
+
 SYNC_EVERY = 8  # steps between host checks for "all rows finished"
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compiled shape per bucket, not per length
 
@@ -21,17 +23,6 @@ PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compile
 def padded_shape(rows: int, length: int, max_new_tokens: int) -> tuple[int, int]:
     """(batch, cache length) the loop runs a batch at: rows filled up to a power of two, the prompt to the bucket."""
     return 1 << (rows - 1).bit_length(), -(-length // PROMPT_BUCKET) * PROMPT_BUCKET + max_new_tokens
-
-
-def _kv_heads(config) -> tuple[int, int]:
-    heads = config.num_key_value_heads or config.num_attention_heads
-    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def cache_bytes(config, batch: int, total: int, dtype: torch.dtype) -> int:
-    """Bytes of the static KV cache: keys and values for every layer, batch row and position."""
-    heads, head_dim = _kv_heads(config)
-    return 2 * config.num_hidden_layers * batch * total * heads * head_dim * dtype.itemsize
 
 
 @dataclass
@@ -51,7 +42,7 @@ def _static_decoder(llm: torch.nn.Module, embeds: torch.Tensor, total: int, comp
         _decoder.clear()  # one cache at a time: a static cache holds batch x length keys and values per layer
         cache = StaticCache(config=llm.config, max_cache_len=total)
         # allocated here, not on the first update: inside a CUDA graph that would land in memory the next replay reuses
-        cache.early_initialization(batch, *_kv_heads(llm.config), embeds.dtype, embeds.device)
+        cache.early_initialization(batch, *kv_heads(llm.config), embeds.dtype, embeds.device)
 
         def forward(mask, position_ids, **inputs):  # the cache writes at its own running length
             return llm(

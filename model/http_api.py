@@ -49,10 +49,9 @@ from model.deepresonance import Example
 from model.encoder import CLIPS_PER_ITEM
 from model.engine import Update
 from model.media import MediaError, load_media
-from model.prompt import PLACEHOLDERS, layout_row, stop_sequences
+from model.prompt import TAGS, layout_row, stop_sequences
 from model.serving import K_CAP, Busy, EngineWorker, Failed, TextStream, finish_reason
 
-TAGS = {modality: tag for tag, modality in PLACEHOLDERS.items()}
 AUDIO_FORMATS = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg"}
 IMAGE_TYPES = {
     "image/png": ".png",

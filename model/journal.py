@@ -145,10 +145,6 @@ def read_journal(paths: Sequence[Path]) -> dict[tuple[str, str], str]:
     return done
 
 
-def journal_identity(path: Path) -> dict | None:
-    return _parse(path, _read_lines(path)[0])[0]
-
-
 def check_identity(out_json: Path, identity: dict) -> None:
     """Every journal of `out_json` that holds answers must come from this identity; else one line says what changed
     and offers a new --out or --overwrite."""
