@@ -52,6 +52,12 @@ IMAGEBIND_TINY = dict(
 
 ENCODER_SIZES = {"huge": IMAGEBIND_HUGE, "tiny": IMAGEBIND_TINY}
 
+# ImageBind's clip sampling (its load_and_transform_*_data defaults): 3 two-second audio clips; 5 two-second video
+# clips, each seen as 3 spatial crops; so the prompt holds this many clip embeddings per media item
+AUDIO_CLIPS = 3
+VIDEO_CLIPS, VIDEO_CROPS = 5, 3
+CLIPS_PER_ITEM = {"audio": AUDIO_CLIPS, "image": 1, "video": VIDEO_CLIPS * VIDEO_CROPS}
+
 # Vicuna-7B-v0 (LLaMA-7B) shapes, used by the benchmarks to build a random full-size model.
 VICUNA_7B = dict(
     hidden_size=4096,

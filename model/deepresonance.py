@@ -14,8 +14,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from model.config import ModelConfig
-from model.encoder import CLIPS_PER_ITEM, MediaEncoder
+from model.config import CLIPS_PER_ITEM, ModelConfig
+from model.encoder import MediaEncoder
 from model.prompt import IGNORE, MEDIA, IdBatch, answer_text, batch_ids, layout_row
 from model.tokenizer import PromptTokenizer
 

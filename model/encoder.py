@@ -16,7 +16,6 @@ from model.config import ENCODER_SIZES
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
-CLIPS_PER_ITEM = {"audio": 3, "image": 1, "video": 15}
 
 
 def imagebind_model_module() -> types.ModuleType:

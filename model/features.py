@@ -222,7 +222,7 @@ def encode_files(
     batch_size: int = 8,
     workers: int = 2,
 ) -> list[torch.Tensor | MediaError]:
-    """Per-file [k, D] features (k clips as model/encoder.py's CLIPS_PER_ITEM says; 1 when the cache is pooled), or
+    """Per-file [k, D] features (k clips as model/config.py's CLIPS_PER_ITEM says; 1 when the cache is pooled), or
     the file's MediaError.
 
     Cache hits skip decoding and the encoder; misses are decoded (`workers` threads) and encoded `batch_size` files

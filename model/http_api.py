@@ -44,9 +44,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.config import GenerationConfig
+from model.config import CLIPS_PER_ITEM, GenerationConfig
 from model.deepresonance import Example
-from model.encoder import CLIPS_PER_ITEM
 from model.engine import Update
 from model.media import MediaError, load_media
 from model.prompt import TAGS, layout_row, stop_sequences

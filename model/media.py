@@ -20,6 +20,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms
 
+from model.config import AUDIO_CLIPS, VIDEO_CLIPS
+
 MODALITIES = ("audio", "image", "video")
 AUDIO_EXTS = frozenset({".wav", ".mp3", ".flac", ".ogg"})
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -28,10 +30,10 @@ EXTENSIONS = {"audio": AUDIO_EXTS, "image": IMAGE_EXTS, "video": VIDEO_EXTS}
 
 # ImageBind's preprocessing constants (load_and_transform_{audio,vision,video}_data defaults).
 SAMPLE_RATE = 16000
-AUDIO_CLIP_SECONDS, AUDIO_CLIPS = 2, 3
+AUDIO_CLIP_SECONDS = 2
 NUM_MEL_BINS, TARGET_FRAMES = 128, 204
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
-VIDEO_CLIP_SECONDS, VIDEO_CLIPS, FRAMES_PER_CLIP = 2, 5, 2
+VIDEO_CLIP_SECONDS, FRAMES_PER_CLIP = 2, 2
 CROP = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

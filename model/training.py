@@ -33,10 +33,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from model.checkpoint import DELTA_PT, DELTA_ST, DR_CONFIG, load_delta, load_model, read_delta, save_delta
-from model.config import ModelConfig, TrainConfig
+from model.config import CLIPS_PER_ITEM, ModelConfig, TrainConfig
 from model.data import DatasetError, DatasetSpec, Row, load_rows, media_path, resolve_dataset
 from model.deepresonance import DeepResonance, Example
-from model.encoder import CLIPS_PER_ITEM
 from model.features import FeatureCache, encode_files
 from model.prompt import layout_row
 from model.sampling import MixedBatchSampler
