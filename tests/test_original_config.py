@@ -144,3 +144,15 @@ def test_an_original_format_delta_loads_with_the_alpha_its_config_names(tiny_lay
     loaded = load_model(tiny_layout.vicuna, folder, tiny_layout.imagebind, config=config)
     q_proj = loaded.llama_model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == 16 / 8
+
+
+@pytest.mark.parametrize("command", [["ask", "Hi"], ["serve"]])
+def test_a_config_dr_cannot_take_stops_the_command_before_loading(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from deepresonance_cli.app import app
+
+    bad = write(tmp_path, "bad.yaml", "lora_rank: 8\n")
+    result = CliRunner().invoke(app, [*command, "--config", str(bad), "--ckpt-root", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert "unknown key 'lora_rank'" in result.output
