@@ -561,6 +561,12 @@ def bench_engine(
         )
     del engine
     _free()
+    report["engine_batch1"] = _engine_batch1(
+        model, examples[0], greedy, cache_length(report["prompt_positions"], budget)
+    )
+    save(report)
+    log(f"engine, one slot: {report['engine_batch1']['tokens_per_s']} tok/s ({NEW_TOKENS} tokens, prefill included)")
+    _free()
     if only_engine:
         return report
     for decoder, n in (("static", compare_rows[0]), ("generate", compare_rows[1])):
@@ -589,6 +595,26 @@ def bench_engine(
         save(report)
         log(f"original's way (batch 1, fp16 eager, sampling, attentions out): {NEW_TOKENS / seconds:.1f} tok/s")
     return report
+
+
+def _engine_batch1(model, example, greedy, length: int, calls: int = 3) -> dict:
+    """One request alone through a one-slot engine (a server's single client): NEW_TOKENS greedy tokens, prefill
+    included; the first call compiles and records the CUDA graphs, the last is the steady figure."""
+    from model.engine import Engine, Request
+
+    engine = Engine(model, 1, length, greedy.max_new_tokens, k_cap=1)
+    seconds = []
+    for _ in range(calls):
+        _sync()
+        start = time.perf_counter()
+        engine.submit([Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)])
+        made = []
+        while engine.pending:
+            made += [len(u.ids) for u in engine.advance() if u.done]
+        _sync()
+        seconds.append(time.perf_counter() - start)
+        assert made == [NEW_TOKENS], made
+    return {"first_call_s": round(seconds[0], 2), "tokens_per_s": round(NEW_TOKENS / seconds[-1], 1)}
 
 
 def _hf_continuous_batching(model, prompt: int, lengths: Sequence[int], log) -> dict:

@@ -125,6 +125,8 @@ def engine(
                 str(r.get("useful_tokens_per_s_after_startup", "")),
             )
         console.print(table)
+    if "engine_batch1" in report:
+        console.print(f"engine, one slot: {report['engine_batch1']['tokens_per_s']} tok/s")
     if "original_tokens_per_s" in report:
         console.print(f"original's way: {report['original_tokens_per_s']} tok/s (one row at a time)")
 

@@ -91,3 +91,26 @@ def test_bench_infer_cli_writes_the_report_and_prints_every_measure(report, monk
                 assert str(r[key]) in result.output, (r["name"], key)
     for value in report["musiccaps_job_seconds_steady"].values():
         assert str(value) in result.output
+
+
+def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_path):
+    """`bench_engine` for real on the CPU (tiny sizes, the engine only): each job's useful tokens are the drawn
+    lengths clipped to the budget (the engine itself checks every row ended exactly there), start-up ends inside the
+    job, and the one-slot figure is reported."""
+    budget = 96
+    report = benchmark.bench_engine(
+        rows=12,
+        slots=4,
+        budget=budget,
+        tails=(0.0, 0.25),
+        workdir=str(tmp_path),
+        only_engine=True,
+        sizes=LLAMA_TINY,
+        device="cpu",
+        log=lambda line: None,
+    )
+    for job in report["jobs"]:
+        (engine,) = job["results"]
+        assert engine["useful_tokens"] == sum(min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"]))
+        assert 0 < engine["startup_s"] <= engine["wall_s"]
+    assert report["engine_batch1"]["tokens_per_s"] > 0 and report["engine_batch1"]["first_call_s"] > 0
