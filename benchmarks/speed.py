@@ -607,10 +607,11 @@ def _engine_batch1(model, example, greedy, length: int, calls: int = 3) -> dict:
     for _ in range(calls):
         _sync()
         start = time.perf_counter()
-        engine.submit([Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)])
-        made = []
-        while engine.pending:
-            made += [len(u.ids) for u in engine.advance() if u.done]
+        made = [
+            len(u.ids)
+            for ended in engine.run([Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)])
+            for u in ended
+        ]
         _sync()
         seconds.append(time.perf_counter() - start)
         assert made == [NEW_TOKENS], made

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from ckpt.layout import layout
 from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
-from model.config import Decoder, GenerationConfig
+from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
     from model.deepresonance import DeepResonance
@@ -67,10 +67,9 @@ class RowsPerSecond(ProgressColumn):
         return Text(f"{speed:.2f} rows/s" if speed else "- rows/s")
 
 
-def model_config(configs: list[Path] | None, lora_alpha: int | None):
+def model_config(configs: list[Path] | None, lora_alpha: int | None) -> ModelConfig | None:
     """The ModelConfig the loader starts from: the original's YAML settings, then --lora-alpha (None: defaults).
     A delta's own record (dr_config.json) and its tensors' shapes still win where they say something."""
-    from model.config import ModelConfig
     from model.original_config import ConfigError, read_original_configs
 
     fields = {}
@@ -91,7 +90,7 @@ def load(
     delta: Path | None,
     device: str,
     dtype: str | None,
-    config=None,
+    config: ModelConfig | None = None,
 ):
     """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given.
     `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha)."""

@@ -86,33 +86,33 @@ def read_original_configs(paths: list[Path]) -> OriginalConfig:
 
 def _merge(path: Path, loaded: dict, out: OriginalConfig) -> None:
     for key, value in loaded.items():
-        if key == "train":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: `train` should be a mapping, got {type(value).__name__}")
+        if key != "train":
+            _set(path, key, key, value, out, top_level=True)
+        elif isinstance(value, dict):
             for inner, inner_value in value.items():
-                _set(path, f"train.{inner}", inner, inner_value, out, train_only=True)
+                _set(path, f"train.{inner}", inner, inner_value, out, top_level=False)
         else:
-            _set(path, key, key, value, out, train_only=False)
+            raise ConfigError(f"{path}: `train` should be a mapping, got {type(value).__name__}")
 
 
-def _set(path: Path, name: str, key: str, value: object, out: OriginalConfig, train_only: bool) -> None:
-    known = False
-    if key in MODEL_KEYS and not train_only:
-        out.model[MODEL_KEYS[key]] = value
-        known = True
-    if key in TRAIN_KEYS:
-        out.train[TRAIN_KEYS[key]] = list(value) if key == "dataset_name_list" else value
-        known = True
-    if key == "freeze_lm" and not train_only:
-        out.stage = 1 if value else 2
-        known = True
-    if key in FIXED and not train_only:
-        if str(value).strip() != FIXED[key]:
-            raise ConfigError(f"{path}: {key} {value!r}: dr builds DeepResonance on {FIXED[key]} only")
-        known = True
+def _set(path: Path, name: str, key: str, value: object, out: OriginalConfig, top_level: bool) -> None:
+    """One key (`name` as written, e.g. "train.epochs"); model and stage keys count at the top level only."""
     if key in UNUSED:
         if name not in out.ignored:
             out.ignored.append(name)
-        known = True
-    if not known:
+        return
+    if top_level and key == "freeze_lm":
+        out.stage = 1 if value else 2
+        return
+    if top_level and key in FIXED:
+        if str(value).strip() != FIXED[key]:
+            raise ConfigError(f"{path}: {key} {value!r}: dr builds DeepResonance on {FIXED[key]} only")
+        return
+    model_field = MODEL_KEYS.get(key) if top_level else None
+    train_field = TRAIN_KEYS.get(key)
+    if model_field is None and train_field is None:
         raise ConfigError(f"{path}: unknown key {name!r} (not one of the original's config keys dr reads)")
+    if model_field is not None:
+        out.model[model_field] = value
+    if train_field is not None:
+        out.train[train_field] = list(value) if key == "dataset_name_list" else value

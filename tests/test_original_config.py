@@ -117,6 +117,7 @@ def test_later_files_win_and_the_flag_wins_over_them(tmp_path):
     [
         ("lora_rank: 8\n", "unknown key 'lora_rank'"),
         ("train:\n    epoch: 3\n", "unknown key 'train.epoch'"),
+        ("train:\n    freeze_lm: true\n", "unknown key 'train.freeze_lm'"),  # the stage is a top-level key
         ("vicuna_version: 13b_v1\n", "vicuna_version '13b_v1': dr builds DeepResonance on 7b_v0 only"),
         ("- lora_r\n", "expected a mapping"),
         ("lora_r: [unclosed\n", "not a readable YAML file"),
