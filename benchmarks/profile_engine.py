@@ -125,7 +125,7 @@ print(f"16 steps: GPU busy {gpu_busy(prof) * 1e3:.1f} ms")
 print(kernel_table(prof))
 
 # prefill chunks alone (they overwrite busy slots: timing only)
-for rows in (8, 32, 64):
+for rows in (1, 8, 32, 64):
     chunk = requests(examples[:rows], [BUDGET] * rows, greedy)
     start = sync()
     for _ in range(3):

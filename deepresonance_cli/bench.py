@@ -125,6 +125,7 @@ def engine(
                 str(r.get("useful_tokens_per_s_after_startup", "")),
             )
         console.print(table)
+    console.print(f"engine start-up (this process): {report['engine_startup_s']} s; the jobs above ran warm")
     if "engine_batch1" in report:
         console.print(f"engine, one slot: {report['engine_batch1']['tokens_per_s']} tok/s")
     if "original_tokens_per_s" in report:

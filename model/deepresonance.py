@@ -18,6 +18,7 @@ from model.config import CLIPS_PER_ITEM, ModelConfig
 from model.encoder import MediaEncoder
 from model.prompt import IGNORE, MEDIA, IdBatch, answer_text, batch_ids, layout_row
 from model.tokenizer import PromptTokenizer
+from model.transfer import to_device
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
     labels: torch.Tensor  # [B, L], IGNORE outside targets
     lengths: torch.Tensor  # [B]
+    sizes: tuple[int, ...]  # `lengths` on the host
 
 
 def embed_batch(
@@ -54,21 +56,21 @@ def embed_batch(
     """
     slots = rows.ids == MEDIA
     embeds = embed_tokens(rows.ids.clamp(min=0))
-    n_slots = int(slots.sum())
+    n_slots = rows.media_slots
     if n_slots:
         if media is None or media.shape[0] != n_slots:
             got = 0 if media is None else media.shape[0]
             raise ValueError(f"batch has {n_slots} media slots but {got} clip embeddings")
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), media.to(embeds.dtype))
     if fusion is not None:
-        width = int(rows.input_lens.max())
+        width = rows.longest_input
         inside = torch.arange(width, device=rows.ids.device).unsqueeze(0) < rows.input_lens.unsqueeze(1)
         fused = fusion(embeds[:, :width], src_key_padding_mask=~inside)
         embeds = torch.cat([torch.where(inside.unsqueeze(-1), fused, embeds[:, :width]), embeds[:, width:]], dim=1)
     embeds = embeds[:, : rows.keep]
     if rows.order is not None:
         embeds = embeds.gather(1, rows.order.unsqueeze(-1).expand_as(embeds))
-    return Batch(embeds, rows.attention_mask, rows.labels, rows.lengths)
+    return Batch(embeds, rows.attention_mask, rows.labels, rows.lengths, rows.sizes)
 
 
 def build_fusion(hidden: int, heads: int, ffn: int, layers: int, dropout: float) -> nn.TransformerEncoder:
@@ -178,7 +180,7 @@ class DeepResonance(nn.Module):
             clips = [f.shape[0] for f in media[start : start + len(ex.media)]]
             layouts.append(layout_row(self.tokenizer, ex.input, ex.instruction, clips, ex.output))
             start += len(ex.media)
-        projected = self.llama_proj(torch.cat(media).to(self.device, self.dtype)) if media else None
+        projected = self.llama_proj(to_device(torch.cat(media), self.device).to(self.dtype)) if media else None
         device = self.embed_tokens.weight.device
         rows = batch_ids(layouts, self.tokenizer.pad_id, self.config.max_length, left_pad, device)
         return embed_batch(rows, projected, self.embed_tokens, self.preencoding)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from model.config import ENCODER_SIZES
+from model.transfer import to_device
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
@@ -126,7 +127,7 @@ class MediaEncoder(nn.Module):
     def forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         key = IMAGEBIND_MODALITY[modality]
         batch = inputs.shape[0]
-        x = inputs.to(device=self.device, dtype=self.dtype)
+        x = to_device(inputs, self.device).to(self.dtype)
         if x.ndim >= 5 and modality != "image":  # several clips per item: fold them into the batch
             x = x.reshape(batch * x.shape[1], *x.shape[2:])
         ib = self.imagebind

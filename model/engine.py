@@ -9,8 +9,9 @@ written into the freed slots (model/kv_slots.py).
 The host never waits for the device's newest work: each `advance` queues `sync_every` steps, then reads the state the
 device had after the previous advance's steps (copied out behind them) and prefills the slots that state shows free,
 behind the queued steps. The host's bookkeeping and the prefill's launches (eager, tens of milliseconds) thus overlap
-the device's decoding instead of leaving it idle (measured on an H200: a quarter of a job's time); the price is that a
-freed slot is refilled one batch of steps later.
+the device's decoding instead of leaving it idle; the price is that a freed slot is refilled one batch of steps later.
+For this the prefill never reads the device: lengths come from the host and host values go over as queued copies
+(a plain copy to the device, or reading a device value, waits for every step queued before it).
 
 Stopping and answer extraction are `generate`'s (model/generate.py): greedy answers equal one-row `generate`.
 Sampling draws each row's tokens from its own counter-based stream (model/next_token.py), so a sampled answer does
@@ -34,6 +35,7 @@ from model.deepresonance import DeepResonance, Example
 from model.kv_slots import BLOCK, PREFILL, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
 from model.next_token import next_token, row_key, uniforms
 from model.prompt import cut_at_stop, stop_sequences
+from model.transfer import to_device
 
 SYNC_EVERY = 8  # decode steps per advance: a row that ends waits up to twice this for its slot's reuse
 PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
@@ -227,8 +229,10 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, requests: Sequence[Request], slots: Sequence[int]) -> list[Update]:
+        """Prefills `requests` into `slots` and draws their first tokens. Nothing here reads the device (host lengths,
+        queued copies), so the launches overlap the decode steps queued before them."""
         batch = self.model.prepare([r.example for r in requests])
-        fits = [n + r.gen.max_new_tokens <= self.length for n, r in zip(batch.lengths.tolist(), requests, strict=True)]
+        fits = [n + r.gen.max_new_tokens <= self.length for n, r in zip(batch.sizes, requests, strict=True)]
         refused = [
             Update(
                 r.handle,
@@ -237,42 +241,32 @@ class Engine:
                 f"its prompt ({n} positions) and {r.gen.max_new_tokens} new tokens do not fit "
                 f"the engine's {self.length} positions per row",
             )
-            for r, n, ok in zip(requests, batch.lengths.tolist(), fits, strict=True)
+            for r, n, ok in zip(requests, batch.sizes, fits, strict=True)
             if not ok
         ]
-        keep = torch.tensor([i for i, ok in enumerate(fits) if ok], dtype=torch.long, device=self.every.device)
+        sizes = [n for n, ok in zip(batch.sizes, fits, strict=True) if ok]
         requests = [r for r, ok in zip(requests, fits, strict=True) if ok]
         if not requests:
             return refused
-        lengths = batch.lengths[keep]
-        embeds = batch.embeds[keep, : int(lengths.max())]  # right-padded: a refused longer row's columns go too
-        rows = torch.tensor(slots[: len(requests)], device=self.every.device)
-        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(len(requests), -1)
+        embeds = batch.embeds
+        if len(requests) < len(fits):
+            embeds = embeds[self._on_device([i for i, ok in enumerate(fits) if ok], torch.long)]
+        embeds = embeds[:, : max(sizes)]  # right-padded: a refused longer row's columns go too
+        rows = self._on_device(slots[: len(requests)], torch.long)
+        lengths = self._on_device(sizes, torch.long)
         with slot_attention_on(self.llm):
-            hidden = self.lm.model(
-                inputs_embeds=embeds,
-                position_ids=positions,
-                attention_mask=PREFILL,
-                use_cache=False,
-                kv=self.kv,
-                kv_rows=rows,
-            ).last_hidden_state
-        logits = self.lm.lm_head(hidden[torch.arange(len(requests), device=rows.device), lengths - 1])
+            logits = self._prefill_pass(embeds, rows, lengths - 1)
         gens = [r.gen for r in requests]
-
-        def per_row(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=rows.device)
-
-        self.greedy[rows] = per_row([not g.do_sample for g in gens], torch.bool)
-        self.temperature[rows] = per_row([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)
-        self.top_k[rows] = per_row([g.top_k for g in gens], torch.long)
-        self.top_p[rows] = per_row([g.top_p for g in gens], torch.float)
-        self.keys[rows] = per_row([r.key for r in requests], torch.long)
-        self.max_new[rows] = per_row([g.max_new_tokens for g in gens], torch.long)
+        self.greedy[rows] = self._on_device([not g.do_sample for g in gens], torch.bool)
+        self.temperature[rows] = self._on_device([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)
+        self.top_k[rows] = self._on_device([g.top_k for g in gens], torch.long)
+        self.top_p[rows] = self._on_device([g.top_p for g in gens], torch.float)
+        self.keys[rows] = self._on_device([r.key for r in requests], torch.long)
+        self.max_new[rows] = self._on_device([g.max_new_tokens for g in gens], torch.long)
         first = self._next(logits, rows, torch.zeros_like(rows))
         self.out[rows, 0] = first
         self.last[rows] = first
-        self.count[rows] = 1
+        self.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
         self.kv.pos[rows] = lengths
         self.done[rows] = self._ended()[rows]
         for s, r in zip(slots, requests, strict=False):
@@ -280,6 +274,23 @@ class Engine:
             self.filled_at[s] = self.advances
             self.steps_left[s] = r.gen.max_new_tokens - 1
         return refused
+
+    def _prefill_pass(self, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The LLM over right-padded prompts [R, L, H], their keys and values written into `slots`: the logits at
+        each row's `last` column [R, vocab]."""
+        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
+        hidden = self.lm.model(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=PREFILL,
+            use_cache=False,
+            kv=self.kv,
+            kv_rows=slots,
+        ).last_hidden_state
+        return self.lm.lm_head(hidden[torch.arange(embeds.shape[0], device=embeds.device), last])
+
+    def _on_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+        return to_device(torch.tensor(values, dtype=dtype), self.every.device)
 
     def _next(self, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
         """Next tokens of the slots `rows` (their n-th token drawn at counter n); with k_cap 1 every choice is the
@@ -353,7 +364,7 @@ class Engine:
             if done:
                 self.handles[s] = None
         if self.cancelled:
-            self.done[torch.tensor(sorted(self.cancelled), device=self.every.device)] = True
+            self.done.index_fill_(0, self._on_device(sorted(self.cancelled), torch.long), True)
             self.cancelled.clear()
         return updates
 

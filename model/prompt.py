@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from model.tokenizer import PromptTokenizer
+from model.transfer import to_device
 
 PLACEHOLDERS = {"<Audio>": "audio", "<Image>": "image", "<Video>": "video"}
 TAGS = {modality: tag for tag, modality in PLACEHOLDERS.items()}  # modality -> its placeholder
@@ -98,7 +99,8 @@ class IdBatch:
     The model embeds and fuses whole rows (`ids`, `input_lens`) and only then cuts them to `keep` positions, as the
     original does after assembly, so `ids` is not cut. The other fields are already cut and, when left-padded,
     rotated so that each row ends at the last column: `order[b, j]` is the column of the cut row that final position
-    j takes (None when right-padded: the first `keep` columns as they are).
+    j takes (None when right-padded: the first `keep` columns as they are). The host-side counts (`keep`, `sizes`,
+    `media_slots`, `longest_input`) let a caller shape its work without reading the device.
     """
 
     ids: torch.Tensor  # [B, L], pad_id after each row, MEDIA at clip slots
@@ -108,6 +110,9 @@ class IdBatch:
     attention_mask: torch.Tensor  # [B, keep]
     labels: torch.Tensor  # [B, keep], IGNORE outside targets
     lengths: torch.Tensor  # [B]
+    sizes: tuple[int, ...]  # `lengths` on the host
+    media_slots: int  # MEDIA ids in `ids`
+    longest_input: int  # max of `input_lens`
 
 
 def batch_ids(
@@ -117,14 +122,15 @@ def batch_ids(
     left_pad: bool = False,
     device: torch.device | None = None,
 ) -> IdBatch:
-    """Right-padded (training) or left-padded (generation) ids, labels and mask of a batch, cut to `max_length`."""
-    lengths = torch.tensor([len(lay.ids) for lay in layouts], device=device)
+    """Right-padded (training) or left-padded (generation) ids, labels and mask of a batch, cut to `max_length`.
+    Built on the host and then copied to `device` (queued copies: the host does not wait for the device)."""
+    lengths = torch.tensor([len(lay.ids) for lay in layouts])
     longest = int(lengths.max())
-    ids = torch.full((len(layouts), longest), pad_id, dtype=torch.long, device=device)
-    starts = torch.tensor([lay.target_start for lay in layouts], device=device)
+    ids = torch.full((len(layouts), longest), pad_id, dtype=torch.long)
+    starts = torch.tensor([lay.target_start for lay in layouts])
     for b, lay in enumerate(layouts):
-        ids[b, : len(lay.ids)] = torch.tensor(lay.ids, device=device)
-    pos = torch.arange(longest, device=device).unsqueeze(0)
+        ids[b, : len(lay.ids)] = torch.tensor(lay.ids)
+    pos = torch.arange(longest).unsqueeze(0)
     valid = pos < lengths.unsqueeze(1)
     labels = torch.where(valid & (pos >= starts.unsqueeze(1)), ids, IGNORE)
     keep = min(longest, max_length)
@@ -134,5 +140,20 @@ def batch_ids(
     if left_pad:
         order = (pos[:, :keep] - (keep - lengths).unsqueeze(1)) % keep
         valid, labels = valid.gather(1, order), labels.gather(1, order)
-    input_lens = torch.tensor([lay.input_len for lay in layouts], device=device)
-    return IdBatch(ids, input_lens, keep, order, valid.long(), labels, lengths)
+    input_lens = [lay.input_len for lay in layouts]
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return to_device(t, device)
+
+    return IdBatch(
+        moved(ids),
+        moved(torch.tensor(input_lens)),
+        keep,
+        None if order is None else moved(order),
+        moved(valid.long()),
+        moved(labels),
+        moved(lengths),
+        tuple(lengths.tolist()),
+        int((ids == MEDIA).sum()),
+        max(input_lens),
+    )

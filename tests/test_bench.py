@@ -114,3 +114,4 @@ def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_pa
         assert engine["useful_tokens"] == sum(min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"]))
         assert 0 < engine["startup_s"] <= engine["wall_s"]
     assert report["engine_batch1"]["tokens_per_s"] > 0 and report["engine_batch1"]["first_call_s"] > 0
+    assert report["engine_startup_s"] > 0 and report["engine_startup_s"] >= report["engine_build_s"]

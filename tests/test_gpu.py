@@ -14,6 +14,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False, decoder="generate")
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiled_state():
+    """Each test's compiled engines start from a clean Dynamo and CUDA-graph state, as in a process of its own (one
+    `dr` command holds one engine; the benchmarks reset between engines)."""
+    yield
+    torch._dynamo.reset()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
 def rows() -> list[Example]:
     g = torch.Generator().manual_seed(1)
     return [
@@ -109,6 +119,46 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
         got.update((u.handle, u.ids) for u in ended)
     assert [got[i] for i in range(len(examples))] == expected
+
+
+def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
+    """The engine's refill (prompt assembly, encoder features to the device, prefill, first tokens) makes no call that
+    waits for the device (CUDA's sync debug mode raises on one), so its launches queue behind the decode steps;
+    answers equal one-row `generate`. A second identical job runs under the check (the first recorded the step's
+    CUDA graphs, which synchronizes)."""
+    from dataclasses import replace
+
+    from model.engine import Engine, Request, cache_length
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
+    model.merge_lora()
+    g = torch.Generator().manual_seed(2)
+    examples = [
+        Example("<Audio>", f"Question {i}?", [("audio", torch.randn(3, model.llama_proj.in_features, generator=g))])
+        if i % 2
+        else Example("", f"Tell me about piece {i}.", [])
+        for i in range(24)
+    ]
+    gens = [replace(GREEDY, max_new_tokens=n) for n in ([16, 3, 9, 12, 1, 5] * 4)]
+    expected = [generate_ids(model, [ex], gen)[0] for ex, gen in zip(examples, gens, strict=True)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 16)
+    engine = Engine(model, 10, length, 16, k_cap=1, sync_every=2, refill_min=1)
+    refill = engine._refill
+
+    def checked_refill():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return refill()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    for job in range(2):
+        if job:
+            engine._refill = checked_refill
+        got = {}
+        for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
+            got.update((u.handle, u.ids) for u in ended)
+        assert [got[i] for i in range(len(examples))] == expected
 
 
 def test_engine_job_equals_generate_job(tiny_layout, tmp_path):

@@ -89,12 +89,13 @@ def test_batch_ids_right_pads_and_labels_only_targets():
     assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
     assert rows.lengths.tolist() == [4, 7] and rows.input_lens.tolist() == [1, 4]
     assert rows.keep == 7 and rows.order is None
+    assert rows.sizes == (4, 7) and rows.media_slots == 3 and rows.longest_input == 4  # the host-side counts
 
 
 def test_batch_ids_cuts_at_max_length_but_keeps_whole_ids():
     rows = batch_ids([SHORT, LONG], PAD, 5)
     assert rows.ids.shape == (2, 7)  # embedding and fusion see whole rows
-    assert rows.keep == 5 and rows.lengths.tolist() == [4, 5]
+    assert rows.keep == 5 and rows.lengths.tolist() == [4, 5] and rows.sizes == (4, 5)
     assert rows.labels.tolist() == [[IGNORE, IGNORE, IGNORE, 13, IGNORE], [IGNORE] * 5]
     assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1] * 5]
 
