@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.speed import _audio_rows, never_stopping_model, realistic_lengths
 from model.config import GenerationConfig
-from model.engine import Engine, Request, cache_length
+from model.engine import SYNC_EVERY, Engine, Request, cache_length
 from model.kv_slots import slot_attention_on
 
 SLOTS, BUDGET = 256, 512
@@ -99,13 +99,13 @@ lengths = realistic_lengths(2048)
 spent: dict = defaultdict(float)
 host_share(engine, spent)
 wall, useful, advances = run_job(engine, requests(examples[:1024], lengths[:1024], greedy))
-print(f"job 1024 rows, sync_every 8: {wall:.2f} s, {useful / wall:,.0f} useful tok/s, {advances} advances")
+print(f"job 1024 rows, sync_every {engine.sync_every}: {wall:.2f} s, {useful / wall:,.0f} tok/s, {advances} advances")
 print("  host seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
 for every in (4, 8, 16):
     engine.sync_every = every
     wall, useful, advances = run_job(engine, requests(examples, lengths, greedy))
     print(f"job 2048 rows, sync_every {every}: {wall:.2f} s, {useful / wall:,.0f} useful tok/s, {advances} advances")
-engine.sync_every = 8
+engine.sync_every = SYNC_EVERY
 
 # a decode step at full occupancy, no refill
 engine.submit(requests(examples[:SLOTS], [BUDGET] * SLOTS, greedy))

@@ -37,7 +37,9 @@ from model.next_token import next_token, row_key, uniforms
 from model.prompt import cut_at_stop, stop_sequences
 from model.transfer import to_device
 
-SYNC_EVERY = 8  # decode steps per advance: a row that ends waits up to twice this for its slot's reuse
+# decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
+# realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
+SYNC_EVERY = 4
 PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
 MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the slot cache may take
 
