@@ -146,3 +146,22 @@ def write_dataset(directory: Path, rows: Iterable[dict], name: str = "toy_test.j
     path = directory / name
     path.write_text(json.dumps(list(rows), indent=1))
     return path
+
+
+def infer_args(tiny_root: Path, dataset: Path, out: Path, *extra: str, max_new_tokens: int = 6) -> list[str]:
+    """`dr infer` on the tiny checkpoint set, greedy, a feature cache beside `out` (what the CLI tests share)."""
+    return [
+        "infer",
+        "--dataset",
+        str(dataset),
+        "--ckpt-root",
+        str(tiny_root),
+        "--out",
+        str(out),
+        "--greedy",
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--cache-dir",
+        str(out.parent / "cache"),
+        *extra,
+    ]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from synth import make_row, write_dataset, write_garbage, write_image, write_video, write_wav
+from synth import infer_args, make_row, write_dataset, write_garbage, write_image, write_video, write_wav
 from typer.testing import CliRunner
 
 from ckpt.layout import layout
@@ -42,24 +42,6 @@ def media_dataset(folder: Path, n: int) -> Path:
     ]
     rows = [make_row(f"r{i}", kinds[i % 4], instruction=f"Question {i % 3}?") for i in range(n)]
     return write_dataset(folder, rows)
-
-
-def infer_args(tiny_root, dataset, out, *extra):
-    return [
-        "infer",
-        "--dataset",
-        str(dataset),
-        "--ckpt-root",
-        str(tiny_root),
-        "--out",
-        str(out),
-        "--greedy",
-        "--max-new-tokens",
-        "6",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        *extra,
-    ]
 
 
 def wait_for_journal(out: Path, lines: int, seconds: float = 240) -> None:

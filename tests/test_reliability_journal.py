@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from synth import make_row, write_dataset
+from synth import infer_args, make_row, write_dataset
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
@@ -30,23 +30,7 @@ def text_dataset(folder: Path, n: int) -> Path:
 
 
 def args(tiny_root: Path, dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "infer",
-        "--dataset",
-        str(dataset),
-        "--ckpt-root",
-        str(tiny_root),
-        "--out",
-        str(out),
-        "--greedy",
-        "--max-new-tokens",
-        "4",
-        "--batch-size",
-        "2",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        *extra,
-    ]
+    return infer_args(tiny_root, dataset, out, "--batch-size", "2", *extra, max_new_tokens=4)
 
 
 def dr(*argv: str, limit_bytes: int | None = None, **kw) -> subprocess.CompletedProcess:
