@@ -157,6 +157,8 @@ def test_fusion_sees_only_its_own_input_segment(tok):
         torch.testing.assert_close(both.embeds[b, :n], alone[b].embeds[0, :n])
         # fusion changes the input segment and leaves the instruction untouched
         assert not torch.allclose(both.embeds[b, : row.input_len], plain.embeds[b, : row.input_len])
+        changed = ~torch.isclose(both.embeds[b, : row.input_len], plain.embeds[b, : row.input_len]).all(-1)
+        assert changed.all()  # every position of the segment is fused, not only the shortest row's width
         assert torch.equal(both.embeds[b, row.input_len : n], plain.embeds[b, row.input_len : n])
 
 
