@@ -573,6 +573,10 @@ def bench_engine(
     _free()
     if only_engine:
         return report
+    report["static_batch1"] = _static_batch1(model, examples[0], greedy)
+    save(report)
+    log(f"static loop, batch 1: {report['static_batch1']['tokens_per_s']} tok/s (the same request)")
+    _free()
     for decoder, n in (("static", compare_rows[0]), ("generate", compare_rows[1])):
         for job, lengths in zip(report["jobs"], jobs, strict=True):
             if decoder == "static" and job["tail"]:
@@ -601,21 +605,31 @@ def bench_engine(
     return report
 
 
-def _engine_batch1(model, example, greedy, length: int, calls: int = 3) -> dict:
-    """One request alone through a one-slot engine (a server's single client): NEW_TOKENS greedy tokens, prefill
-    included; the first call compiles and records the CUDA graphs, the last is the steady figure."""
+def _engine_batch1(model, example, greedy, length: int) -> dict:
+    """One request alone through a one-slot engine (a server's single client)."""
     from model.engine import Engine, Request
 
     engine = Engine(model, 1, length, greedy.max_new_tokens, k_cap=1)
+    request = Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)
+    return _batch1(lambda: [len(u.ids) for ended in engine.run([request]) for u in ended])
+
+
+def _static_batch1(model, example, greedy) -> dict:
+    """The same request through the static loop (`dr`'s batch-1 path before the engine), for the side-by-side ratio."""
+    from model.generate import generate_ids
+
+    gen = replace(greedy, max_new_tokens=NEW_TOKENS, decoder="static")
+    return _batch1(lambda: [len(ids) for ids in generate_ids(model, [example], gen)])
+
+
+def _batch1(run: Callable[[], list[int]], calls: int = 3) -> dict:
+    """NEW_TOKENS greedy tokens of one row, prefill included: the first call compiles and records the CUDA graphs,
+    the last is the steady figure."""
     seconds = []
     for _ in range(calls):
         _sync()
         start = time.perf_counter()
-        made = [
-            len(u.ids)
-            for ended in engine.run([Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)])
-            for u in ended
-        ]
+        made = run()
         _sync()
         seconds.append(time.perf_counter() - start)
         assert made == [NEW_TOKENS], made

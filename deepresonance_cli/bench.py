@@ -126,8 +126,9 @@ def engine(
             )
         console.print(table)
     console.print(f"engine start-up (this process): {report['engine_startup_s']} s; the jobs above ran warm")
-    if "engine_batch1" in report:
-        console.print(f"engine, one slot: {report['engine_batch1']['tokens_per_s']} tok/s")
+    for key, name in (("engine_batch1", "engine, one slot"), ("static_batch1", "static loop, batch 1")):
+        if key in report:
+            console.print(f"{name}: {report[key]['tokens_per_s']} tok/s")
     if "original_tokens_per_s" in report:
         console.print(f"original's way: {report['original_tokens_per_s']} tok/s (one row at a time)")
 

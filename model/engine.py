@@ -3,8 +3,8 @@
 A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
 steps go to rows that already finished. Here each step runs every slot at the same fixed shape (one compiled step and
 CUDA graph serve the whole job); rows end on EOS, on a stop sequence or at their own `max_new_tokens`, and freed slots
-are refilled between steps: waiting rows are prefilled together (right-padded, eager) and their keys and values
-written into the freed slots (model/kv_slots.py).
+are refilled between steps: waiting rows are prefilled together (right-padded; eager, or a few rows replayed as a
+CUDA graph, model/prefill_graphs.py) and their keys and values written into the freed slots (model/kv_slots.py).
 
 The host never waits for the device's newest work: each `advance` queues `sync_every` steps, then reads the state the
 device had after the previous advance's steps (copied out behind them) and prefills the slots that state shows free,
@@ -34,6 +34,7 @@ from model.config import GenerationConfig
 from model.deepresonance import DeepResonance, Example
 from model.kv_slots import BLOCK, PREFILL, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
 from model.next_token import next_token, row_key, uniforms
+from model.prefill_graphs import GRAPH_ROWS, PrefillGraphs
 from model.prompt import cut_at_stop, stop_sequences
 from model.transfer import to_device
 
@@ -104,11 +105,13 @@ class Engine:
         sync_every: int = SYNC_EVERY,
         refill_min: int | None = None,
         stream: bool = False,
+        graph_prefill: bool | None = None,
     ) -> None:
         """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
         new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
-        CUDA graphs and attends with FlexAttention by default; elsewhere it runs eagerly with SDPA. `stream`: report
-        unfinished rows' ids at every sync too."""
+        CUDA graphs and attends with FlexAttention by default, and prefills of a few rows replay CUDA graphs
+        (`graph_prefill`; model/prefill_graphs.py); elsewhere it runs eagerly with SDPA. `stream`: report unfinished
+        rows' ids at every sync too."""
         self.model = model
         self.llm = model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
@@ -144,9 +147,14 @@ class Engine:
         self.cancelled: set[int] = set()
         self.queue: deque[Request] = deque()
         self._step = self._decode_step
-        if on_cuda if compile is None else compile:
+        compiled = on_cuda if compile is None else compile
+        if compiled:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+            # static shapes only: after a third slot count in one process, automatic dynamic shapes compiled a
+            # symbolic-slot step whose answers were wrong (benchmarks/engine_sequence_wrong_answers_h200.log)
+            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
+        self.graphs = PrefillGraphs(self._prefill_pass, length, capture=on_cuda) if graphs else None
 
     @property
     def active(self) -> int:
@@ -256,8 +264,9 @@ class Engine:
         embeds = embeds[:, : max(sizes)]  # right-padded: a refused longer row's columns go too
         rows = self._on_device(slots[: len(requests)], torch.long)
         lengths = self._on_device(sizes, torch.long)
+        run = self.graphs if self.graphs and len(requests) <= GRAPH_ROWS else self._prefill_pass
         with slot_attention_on(self.llm):
-            logits = self._prefill_pass(embeds, rows, lengths - 1)
+            logits = run(embeds, rows, lengths - 1)
         gens = [r.gen for r in requests]
         self.greedy[rows] = self._on_device([not g.do_sample for g in gens], torch.bool)
         self.temperature[rows] = self._on_device([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)

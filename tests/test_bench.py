@@ -115,3 +115,30 @@ def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_pa
         assert 0 < engine["startup_s"] <= engine["wall_s"]
     assert report["engine_batch1"]["tokens_per_s"] > 0 and report["engine_batch1"]["first_call_s"] > 0
     assert report["engine_startup_s"] > 0 and report["engine_startup_s"] >= report["engine_build_s"]
+
+
+@pytest.mark.slow
+def test_bench_engine_compares_every_decoder_on_the_same_rows(tmp_path):
+    """The whole table on the CPU (tiny sizes): every decoder runs each job (the static loop the no-tail one only)
+    with the useful tokens of its own rows, and both batch-1 figures are there for the side-by-side ratio."""
+    budget, compare = 96, (4, 4, 4)
+    report = benchmark.bench_engine(
+        rows=12,
+        slots=4,
+        budget=budget,
+        compare_rows=compare,
+        workdir=str(tmp_path),
+        sizes=LLAMA_TINY,
+        device="cpu",
+        log=lambda line: None,
+    )
+    for job in report["jobs"]:
+        lengths = [min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"])]
+        useful = {r["decoder"]: r["useful_tokens"] for r in job["results"]}
+        expected = {"engine (sdpa)": sum(lengths), "generate (batch 64)": sum(lengths[:4])}
+        expected["transformers continuous batching"] = sum(lengths[:4])
+        if not job["tail"]:
+            expected["static (batch 64)"] = sum(lengths[:4])
+        assert useful == expected
+    for key in ("engine_batch1", "static_batch1"):
+        assert report[key]["tokens_per_s"] > 0

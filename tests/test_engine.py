@@ -73,6 +73,21 @@ def test_greedy_answers_equal_one_row_generate_while_slots_refill(model, kernel,
     assert sum(prefills) == 7 and len(prefills) >= 4  # 2 at the start, then one or two at a time as rows end
 
 
+def test_padded_prefill_of_the_graph_path_equals_one_row_generate(model):
+    """The prefill path that replays CUDA graphs on a GPU (model/prefill_graphs.py) runs here eagerly, with the same
+    padded widths and reused input buffers (a shorter prompt leaves a longer one's embeddings in the padding): every
+    row's ids still equal `generate` on that row alone."""
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 12, 5, 9, 1, 7, 12)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    length = cache_length(max(model.example_length(ex) for ex in examples), 12)
+    engine = Engine(model, 3, length, 12, k_cap=1, sync_every=2, refill_min=1, graph_prefill=True)
+    assert run(engine, examples, gens) == expected
+    widths = [model.example_length(ex) for ex in examples]
+    assert engine.graphs.shapes and all(w % 64 == 0 or w == length for _, w in engine.graphs.shapes)
+    assert max(w for _, w in engine.graphs.shapes) > max(widths)  # the padding ran
+
+
 def test_rows_end_at_stop_sequences_and_eos(stopping_root):
     """With a model whose answers end early (EOS), the engine's ids and answers are `generate`'s, cut the same way."""
     from ckpt.layout import layout
@@ -263,4 +278,30 @@ def test_compiled_flex_step_is_traced_once_per_job(model, monkeypatch):
     engine = Engine(model, 2, length, 9, k_cap=1, kernel="flex", compile=True, sync_every=2, refill_min=1)
     assert len(run(engine, examples, gens)) == 4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_each_slot_count_gets_a_static_step(model, monkeypatch):
+    """Engines of three slot counts in one process: every compiled step has static shapes. With torch.compile's
+    automatic dynamic shapes the third got a symbolic-slot step, whose answers on an H200 were wrong
+    (benchmarks/engine_sequence_wrong_answers_h200.log). Dynamo alone (backend "eager") shows the traced shapes."""
+    real = torch.compile
+    symbolic = []
+
+    def backend(gm, example_inputs):
+        symbolic.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return gm.forward
+
+    def compile_with_the_engines_options(fn, mode=None, **options):
+        return real(fn, backend=backend, **options)
+
+    monkeypatch.setattr(torch, "compile", compile_with_the_engines_options)
+    torch._dynamo.reset()
+    examples = rows()[:3]
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 5, 4)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 5)
+    for slots in (1, 2, 3):
+        engine = Engine(model, slots, length, 5, k_cap=1, compile=True, sync_every=2, refill_min=1)
+        assert len(run(engine, examples, gens)) == 3
+    assert len(symbolic) >= 3 and not any(symbolic)
     torch._dynamo.reset()

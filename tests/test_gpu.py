@@ -74,6 +74,18 @@ def test_compiled_static_loop_matches_generate(tiny_layout):
     assert generate_ids(model, rows(), static) == expected  # the cached compiled step, reused
 
 
+def test_compiled_static_loop_matches_generate_at_three_batch_shapes(tiny_layout):
+    """Batches of 1, 2 and 3 rows (1, 2 and 4 after power-of-two padding) in one process: a third shape is where
+    torch.compile's automatic dynamic shapes would compile a symbolic-batch graph; each batch equals `generate`."""
+    from dataclasses import replace
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
+    model.merge_lora()
+    static = replace(GREEDY, decoder="static")
+    for n in (1, 2, 3):
+        assert generate_ids(model, rows()[:n], static) == generate_ids(model, rows()[:n], GREEDY), n
+
+
 def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path):
     """A whole `run_inference` job on CUDA, several batches, the next batch's media encoded in a background thread
     while the compiled loop replays its CUDA graphs: the answers equal a `generate` job's."""
@@ -159,6 +171,38 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
         for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
             got.update((u.handle, u.ids) for u in ended)
         assert [got[i] for i in range(len(examples))] == expected
+
+
+@pytest.mark.parametrize("graph_prefill", [False, True])
+def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
+    """Engines whose small prefills replay CUDA graphs, one after another in one process: different slot counts (so
+    the compiled step records new CUDA-graph trees each time), a one-slot engine right after a larger one is freed.
+    Every engine's answers equal one-row `generate`. Before the step was compiled with static shapes only, the third
+    slot count got a symbolic-slot step from automatic dynamic shapes: wrong answers without graph prefills
+    (benchmarks/engine_sequence_wrong_answers_h200.log), an illegal memory access with them
+    (benchmarks/engine_dynamic_recompile_crash_h200.log)."""
+    import gc
+    from dataclasses import replace
+
+    from model.engine import Engine, Request, cache_length
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
+    model.merge_lora()
+    examples = rows() * 2
+    gens = [replace(GREEDY, max_new_tokens=n) for n in (16, 3, 9, 12, 1, 5)]
+    expected = [generate_ids(model, [ex], g)[0] for ex, g in zip(examples, gens, strict=True)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 16)
+    for slots in (4, 1, 3, 1):
+        engine = Engine(model, slots, length, 16, k_cap=1, sync_every=3, refill_min=1, graph_prefill=graph_prefill)
+        got = {}
+        for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
+            got.update((u.handle, u.ids) for u in ended)
+        torch.cuda.synchronize()
+        if graph_prefill:
+            assert engine.graphs.shapes and all(e.graph for e in engine.graphs.shapes.values()), "no graph replayed"
+        assert [got[i] for i in range(len(examples))] == expected, slots
+        del engine
+        gc.collect()
 
 
 def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
