@@ -1,0 +1,37 @@
+"""How long Dynamo takes to trace the engine's decode step: the part of a second process's start-up that the compile
+cache does not save (issue #12: 12-13 s of the 14-15 s on an H200 machine). The trace depends on the layer count,
+not on the widths, so a 32-layer Llama of tiny widths on the CPU shows it; Dynamo runs alone (backend "eager").
+
+`PYTHONPATH=. python benchmarks/trace_time.py` traces the step as shipped; `... trace_time.py nested` first wraps
+each decoder layer's forward in `torch.compiler.nested_compile_region` (trace a repeated block once, reuse it).
+"""
+
+import sys
+import time
+
+import torch
+
+from benchmarks.speed import _audio_rows, never_stopping_model
+from model.config import LLAMA_TINY, GenerationConfig
+from model.engine import Engine, Request, cache_length
+
+nested = sys.argv[1:] == ["nested"]
+model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)
+if nested:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    LlamaDecoderLayer.forward = torch.compiler.nested_compile_region(LlamaDecoderLayer.forward)
+real_compile = torch.compile
+torch.compile = lambda fn, mode=None, **options: real_compile(fn, backend="eager", **options)
+examples = _audio_rows(4)
+gen = GenerationConfig(max_new_tokens=8, do_sample=False)
+engine = Engine(model, 4, cache_length(model.example_length(examples[0]), 8), 8, k_cap=1, kernel="flex", compile=True)
+engine.submit([Request(i, ex, gen, i) for i, ex in enumerate(examples)])
+engine.advance()  # the first advance only prefills
+start = time.perf_counter()
+engine.advance()  # the first steps: Dynamo traces the step
+print(f"{'nested regions' if nested else 'as shipped'}: first steps (the trace) {time.perf_counter() - start:.1f} s")
+times = torch._dynamo.utils.compile_times(repr="csv")
+for name, value in zip(*times, strict=True):
+    if name in ("_compile.compile_inner", "bytecode_tracing", "get_fake_value", "build_guards"):
+        print(f"  {name}: {value}")
