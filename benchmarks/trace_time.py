@@ -3,7 +3,8 @@ cache does not save (issue #12: 12-13 s of the 14-15 s on an H200 machine). The 
 not on the widths, so a 32-layer Llama of tiny widths on the CPU shows it; Dynamo runs alone (backend "eager").
 
 `PYTHONPATH=. python benchmarks/trace_time.py` traces the step as shipped; `... trace_time.py nested` first wraps
-each decoder layer's forward in `torch.compiler.nested_compile_region` (trace a repeated block once, reuse it).
+each decoder layer's forward in `torch.compiler.nested_compile_region` (trace a repeated block once, reuse it);
+`... trace_time.py toy` times the same two ways on 32 identical small blocks, where reuse has nothing in its way.
 """
 
 import sys
@@ -15,6 +16,31 @@ from benchmarks.speed import _audio_rows, never_stopping_model
 from model.config import LLAMA_TINY, GenerationConfig
 from model.engine import Engine, Request, cache_length
 
+
+def toy(nested: bool) -> float:
+    """Seconds Dynamo takes over 32 identical blocks (10 norm-linear-SiLU-linear residuals each)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.a, self.b = torch.nn.LayerNorm(64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(10):
+                x = x + self.b(torch.nn.functional.silu(self.a(self.norm(x))))
+            return x
+
+    if nested:
+        Block.forward = torch.compiler.nested_compile_region(Block.forward)
+    blocks = torch.nn.Sequential(*(Block() for _ in range(32)))
+    start = time.perf_counter()
+    torch.compile(blocks, backend="eager", fullgraph=True)(torch.randn(4, 64))
+    return time.perf_counter() - start
+
+
+if sys.argv[1:] == ["toy"]:
+    print(f"toy, 32 blocks: as they are {toy(False):.1f} s, in nested compile regions {toy(True):.1f} s")
+    sys.exit()
 nested = sys.argv[1:] == ["nested"]
 model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)
 if nested:
