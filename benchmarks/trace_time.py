@@ -4,7 +4,9 @@ not on the widths, so a 32-layer Llama of tiny widths on the CPU shows it; Dynam
 
 `PYTHONPATH=. python benchmarks/trace_time.py` traces the step as shipped; `... trace_time.py nested` first wraps
 each decoder layer's forward in `torch.compiler.nested_compile_region` (trace a repeated block once, reuse it);
-`... trace_time.py toy` times the same two ways on 32 identical small blocks, where reuse has nothing in its way.
+`... trace_time.py sdpa` traces the step with the SDPA kernel instead of FlexAttention (the share of FlexAttention's
+32 calls); `... trace_time.py toy` times the first two ways on 32 identical small blocks, where reuse has nothing in
+its way.
 """
 
 import sys
@@ -41,7 +43,7 @@ def toy(nested: bool) -> float:
 if sys.argv[1:] == ["toy"]:
     print(f"toy, 32 blocks: as they are {toy(False):.1f} s, in nested compile regions {toy(True):.1f} s")
     sys.exit()
-nested = sys.argv[1:] == ["nested"]
+nested, kernel = sys.argv[1:] == ["nested"], "sdpa" if sys.argv[1:] == ["sdpa"] else "flex"
 model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)
 if nested:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -51,12 +53,13 @@ real_compile = torch.compile
 torch.compile = lambda fn, mode=None, **options: real_compile(fn, backend="eager", **options)
 examples = _audio_rows(4)
 gen = GenerationConfig(max_new_tokens=8, do_sample=False)
-engine = Engine(model, 4, cache_length(model.example_length(examples[0]), 8), 8, k_cap=1, kernel="flex", compile=True)
+engine = Engine(model, 4, cache_length(model.example_length(examples[0]), 8), 8, k_cap=1, kernel=kernel, compile=True)
 engine.submit([Request(i, ex, gen, i) for i, ex in enumerate(examples)])
 engine.advance()  # the first advance only prefills
 start = time.perf_counter()
 engine.advance()  # the first steps: Dynamo traces the step
-print(f"{'nested regions' if nested else 'as shipped'}: first steps (the trace) {time.perf_counter() - start:.1f} s")
+way = "nested regions" if nested else f"as shipped, {kernel}"
+print(f"{way}: first steps (the trace) {time.perf_counter() - start:.1f} s")
 times = torch._dynamo.utils.compile_times(repr="csv")
 for name, value in zip(*times, strict=True):
     if name in ("_compile.compile_inner", "bytecode_tracing", "get_fake_value", "build_guards"):
