@@ -137,7 +137,7 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
     """The engine's refill (prompt assembly, encoder features to the device, prefill, first tokens) makes no call that
     waits for the device (CUDA's sync debug mode raises on one), so its launches queue behind the decode steps;
     answers equal one-row `generate`. A second identical job runs under the check (the first recorded the step's
-    CUDA graphs, which synchronizes)."""
+    and the small prefills' CUDA graphs, which synchronizes)."""
     from dataclasses import replace
 
     from model.engine import Engine, Request, cache_length
