@@ -313,7 +313,7 @@ def test_ctrl_c_keeps_finished_answers_and_says_how_to_go_on(tiny_root, tmp_path
     wait_for_journal(out, 4)
     proc.send_signal(signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr[-2000:]  # where the interrupt went, if it was lost
     kept = sum(len(v) for v in json.loads(out.read_text()).values())
     assert 4 <= kept < 400
     assert f"interrupted: {kept} answers are kept in {out}" in " ".join(stderr.split())
