@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from model.generate import generate
 from model.journal import Journal, open_journal, output_lock, run_identity
 from model.media import MediaError
 from model.next_token import row_key
+from model.stop_signal import StopOnSignal
 
 log = logging.getLogger(__name__)
 DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads (numpy/torchaudio release the GIL)
@@ -152,6 +154,7 @@ def answer_rows(
     media = prefetched(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers))
 
     def finish(entries: list[dict]) -> None:
+        """Journals rows that ended; a Ctrl-C received meanwhile stops the job here, with them written."""
         journal.write(entries)
         for e in entries:
             if "error" in e:
@@ -160,6 +163,8 @@ def answer_rows(
                 summary.answered += 1
         if on_progress and entries:
             on_progress(len(entries))
+        if stop.signal:
+            raise KeyboardInterrupt
 
     def ready() -> Iterator[list[tuple[Row, list]]]:
         """Each batch's rows whose media loaded; the others are journaled as errors on the way."""
@@ -167,21 +172,22 @@ def answer_rows(
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
-    if gen.decoder == "engine":
-        engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
-        log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
-        requests = (
-            Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
-            for group in ready()
-            for r, m in group
-        )
-        for ended in engine.run(requests):
-            finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
-        return
-    log.info("decoder: %s", gen.decoder)
-    for group in ready():
-        answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
-        finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
+    with StopOnSignal((signal.SIGINT,)) as stop:
+        if gen.decoder == "engine":
+            engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
+            log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
+            requests = (
+                Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
+                for group in ready()
+                for r, m in group
+            )
+            for ended in engine.run(requests):
+                finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
+            return
+        log.info("decoder: %s", gen.decoder)
+        for group in ready():
+            answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
+            finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
 
 
 def entry(row: Row, answer: str | None = None, error: str | None = None) -> dict:

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import time
 import uuid
@@ -39,6 +38,7 @@ from model.deepresonance import DeepResonance, Example
 from model.features import FeatureCache, encode_files
 from model.prompt import layout_row
 from model.sampling import MixedBatchSampler
+from model.stop_signal import StopOnSignal
 from model.train_log import TrainLog
 
 log = logging.getLogger(__name__)
@@ -714,7 +714,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             _write_json(self.out / "train_config.json", asdict(self.cfg))
         with TrainLog(self.out / "logs", self.step, self.total, enabled=self.dist.main, progress=progress) as tlog:
-            with _StopOnSignal() as stop:
+            with StopOnSignal() as stop:
                 while self.step < end and not self._agree(stop.signal):
                     start = time.perf_counter()
                     lr = self.lr
@@ -762,28 +762,6 @@ class Trainer:
         flag = torch.tensor([1.0 if signal_name else 0.0], device=self._reduce_device)
         torch.distributed.all_reduce(flag)
         return bool(flag.item())
-
-
-class _StopOnSignal:
-    """SIGINT/SIGTERM set `signal` instead of killing the process (main thread only; elsewhere a no-op)."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._old: dict[int, object] = {}
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def __enter__(self) -> _StopOnSignal:
-        try:
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread
-            self._old = {}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._old.items():
-            signal.signal(signum, handler)
 
 
 def _write_failure(err: Exception) -> str:

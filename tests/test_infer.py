@@ -290,6 +290,29 @@ def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root
     assert json.loads(out.read_text()) == json.loads(clean.read_text())
 
 
+def test_ctrl_c_inside_a_finalizer_still_stops_the_job(tiny_layout, tmp_path):
+    """A SIGINT that Python handles while a finalizer runs in the main thread: the default handler's KeyboardInterrupt
+    would be raised inside the finalizer and dropped ("Exception ignored"), and the job would run to its end. The
+    job stops after the rows that had finished, every one of them journaled."""
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 12))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    out = tmp_path / "out" / "r.json"
+
+    class SignalledWhileFinalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10_000))  # Python runs the signal's handler here, inside the finalizer
+
+    def on_progress(n: int) -> None:
+        SignalledWhileFinalized()  # finalized at once, in the main thread
+
+    gen = GenerationConfig(max_new_tokens=3, do_sample=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(model, rows, tmp_path / "data", out, gen, batch_size=2, on_progress=on_progress)
+    kept = journal_lines(out)
+    assert 1 <= len(kept) < 12 and all("answer" in e or "error" in e for e in kept)
+
+
 def test_progress_is_told_the_rows_to_answer(tiny_layout, tmp_path):
     rows, _ = load_rows(media_dataset(tmp_path / "data", 6))
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
