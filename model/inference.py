@@ -153,6 +153,8 @@ def answer_rows(
     batches = list(chunks(todo, batch_size))
     media = prefetched(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers))
 
+    stop = StopOnSignal((signal.SIGINT,))
+
     def finish(entries: list[dict]) -> None:
         """Journals rows that ended; a Ctrl-C received meanwhile stops the job here, with them written."""
         journal.write(entries)
@@ -172,7 +174,7 @@ def answer_rows(
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
-    with StopOnSignal((signal.SIGINT,)) as stop:
+    with stop:
         if gen.decoder == "engine":
             engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
             log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)

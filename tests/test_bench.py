@@ -93,22 +93,16 @@ def test_bench_infer_cli_writes_the_report_and_prints_every_measure(report, monk
         assert str(value) in result.output
 
 
+# `bench_engine` at tiny sizes on the CPU: 12 rows through 4 slots, a 96-token budget
+TINY_ENGINE_BENCH = dict(rows=12, slots=4, budget=96, sizes=LLAMA_TINY, device="cpu", log=lambda line: None)
+
+
 def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_path):
     """`bench_engine` for real on the CPU (tiny sizes, the engine only): each job's useful tokens are the drawn
     lengths clipped to the budget (the engine itself checks every row ended exactly there), start-up ends inside the
     job, and the one-slot figure is reported."""
-    budget = 96
-    report = benchmark.bench_engine(
-        rows=12,
-        slots=4,
-        budget=budget,
-        tails=(0.0, 0.25),
-        workdir=str(tmp_path),
-        only_engine=True,
-        sizes=LLAMA_TINY,
-        device="cpu",
-        log=lambda line: None,
-    )
+    budget = TINY_ENGINE_BENCH["budget"]
+    report = benchmark.bench_engine(**TINY_ENGINE_BENCH, tails=(0.0, 0.25), workdir=str(tmp_path), only_engine=True)
     for job in report["jobs"]:
         (engine,) = job["results"]
         assert engine["useful_tokens"] == sum(min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"]))
@@ -121,17 +115,8 @@ def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_pa
 def test_bench_engine_compares_every_decoder_on_the_same_rows(tmp_path):
     """The whole table on the CPU (tiny sizes): every decoder runs each job (the static loop the no-tail one only)
     with the useful tokens of its own rows, and both batch-1 figures are there for the side-by-side ratio."""
-    budget, compare = 96, (4, 4, 4)
-    report = benchmark.bench_engine(
-        rows=12,
-        slots=4,
-        budget=budget,
-        compare_rows=compare,
-        workdir=str(tmp_path),
-        sizes=LLAMA_TINY,
-        device="cpu",
-        log=lambda line: None,
-    )
+    budget = TINY_ENGINE_BENCH["budget"]
+    report = benchmark.bench_engine(**TINY_ENGINE_BENCH, compare_rows=(4, 4, 4), workdir=str(tmp_path))
     for job in report["jobs"]:
         lengths = [min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"])]
         useful = {r["decoder"]: r["useful_tokens"] for r in job["results"]}

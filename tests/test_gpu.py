@@ -37,6 +37,16 @@ def rows() -> list[Example]:
     ]
 
 
+def engine_ids(engine, examples: list[Example], gens: list[GenerationConfig]) -> list[list[int]]:
+    """Each example's ids through `engine` (request i is example i), in the examples' order."""
+    from model.engine import Request
+
+    got = {}
+    for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
+        got.update((u.handle, u.ids) for u in ended)
+    return [got[i] for i in range(len(examples))]
+
+
 @pytest.mark.parametrize("variant", ["alpha", "beta"])
 def test_fast_path_matches_faithful_path_in_float32(tiny_layout, variant):
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir(variant), tiny_layout.imagebind)
@@ -117,7 +127,7 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     max_new_tokens, so slots refill while others decode: each row's ids equal one-row `generate` in fp32."""
     from dataclasses import replace
 
-    from model.engine import Engine, Request, cache_length
+    from model.engine import Engine, cache_length
 
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
     model = load_model(*paths, device="cuda")
@@ -127,10 +137,7 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     expected = [generate_ids(model, [ex], g)[0] for ex, g in zip(examples, gens, strict=True)]
     length = cache_length(max(model.example_length(ex) for ex in examples), 16)
     engine = Engine(model, 4, length, 16, k_cap=1, kernel=kernel, sync_every=3, refill_min=1)
-    got = {}
-    for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
-        got.update((u.handle, u.ids) for u in ended)
-    assert [got[i] for i in range(len(examples))] == expected
+    assert engine_ids(engine, examples, gens) == expected
 
 
 def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
@@ -140,7 +147,7 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
     and the small prefills' CUDA graphs, which synchronizes)."""
     from dataclasses import replace
 
-    from model.engine import Engine, Request, cache_length
+    from model.engine import Engine, cache_length
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
     model.merge_lora()
@@ -167,10 +174,7 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
     for job in range(2):
         if job:
             engine._refill = checked_refill
-        got = {}
-        for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
-            got.update((u.handle, u.ids) for u in ended)
-        assert [got[i] for i in range(len(examples))] == expected
+        assert engine_ids(engine, examples, gens) == expected
 
 
 @pytest.mark.parametrize("graph_prefill", [False, True])
@@ -184,7 +188,7 @@ def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
     import gc
     from dataclasses import replace
 
-    from model.engine import Engine, Request, cache_length
+    from model.engine import Engine, cache_length
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
     model.merge_lora()
@@ -194,13 +198,11 @@ def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
     length = cache_length(max(model.example_length(ex) for ex in examples), 16)
     for slots in (4, 1, 3, 1):
         engine = Engine(model, slots, length, 16, k_cap=1, sync_every=3, refill_min=1, graph_prefill=graph_prefill)
-        got = {}
-        for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
-            got.update((u.handle, u.ids) for u in ended)
+        got = engine_ids(engine, examples, gens)
         torch.cuda.synchronize()
         if graph_prefill:
             assert engine.graphs.shapes and all(e.graph for e in engine.graphs.shapes.values()), "no graph replayed"
-        assert [got[i] for i in range(len(examples))] == expected, slots
+        assert got == expected, slots
         del engine
         gc.collect()
 
