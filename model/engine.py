@@ -1,10 +1,13 @@
 """Continuous batching: a fixed number of slots decode together, and a slot whose row ends takes the next waiting row.
 
 A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
-steps go to rows that already finished. Here each step runs every slot at the same fixed shape (one compiled step and
-CUDA graph serve the whole job); rows end on EOS, on a stop sequence or at their own `max_new_tokens`, and freed slots
-are refilled between steps: waiting rows are prefilled together (right-padded; eager, or a few rows replayed as a
-CUDA graph, model/prefill_graphs.py) and their keys and values written into the freed slots (model/kv_slots.py).
+steps go to rows that already finished. Here each step runs the slots at one of a few fixed widths (a compiled step
+and CUDA graph per width serve the whole job, model/slot_step.py); rows end on EOS, on a stop sequence or at their own
+`max_new_tokens`, and freed slots are refilled between steps: waiting rows are prefilled together (right-padded;
+eager, or a few rows replayed as a CUDA graph, model/prefill_graphs.py) and their keys and values written into the
+freed slots (model/kv_slots.py). When the queue is empty and few rows are left (a job's end, a quiet server), they are
+moved into the first slots and the steps run at the narrowest width that holds them: a step's matmuls cost in
+proportion to its width once it is past the weight reads (7 ms at 256 slots against 5 ms at one on an H200).
 
 The host never waits for the device's newest work: each `advance` queues `sync_every` steps, then reads the state the
 device had after the previous advance's steps (copied out behind them) and prefills the slots that state shows free,
@@ -33,9 +36,11 @@ from peft import PeftModel
 from model.config import GenerationConfig
 from model.deepresonance import DeepResonance, Example
 from model.kv_slots import BLOCK, PREFILL, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
-from model.next_token import next_token, row_key, uniforms
+from model.next_token import row_key
 from model.prefill_graphs import GRAPH_ROWS, PrefillGraphs
 from model.prompt import cut_at_stop, stop_sequences
+from model.slot_state import SlotState, choose, ended
+from model.slot_step import SlotStep
 from model.transfer import to_device
 
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
@@ -43,6 +48,7 @@ from model.transfer import to_device
 SYNC_EVERY = 4
 PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
 MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the slot cache may take
+NARROW = (64, 16)  # the narrower widths a step also runs at; each costs a trace of one layer and a CUDA graph
 
 
 def compile_cache_dir() -> Path:
@@ -106,12 +112,14 @@ class Engine:
         refill_min: int | None = None,
         stream: bool = False,
         graph_prefill: bool | None = None,
+        narrow: Sequence[int] = NARROW,
     ) -> None:
         """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
         new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
         CUDA graphs and attends with FlexAttention by default, and prefills of a few rows replay CUDA graphs
-        (`graph_prefill`; model/prefill_graphs.py); elsewhere it runs eagerly with SDPA. `stream`: report unfinished
-        rows' ids at every sync too."""
+        (`graph_prefill`; model/prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the
+        `narrow` widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync
+        too."""
         self.model = model
         self.llm = model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
@@ -125,34 +133,25 @@ class Engine:
         self.kv = SlotKV(self.llm.config, slots, length, model.dtype, device, kernel or ("flex" if on_cuda else "sdpa"))
         self.every = self.kv.every
         self.stop_tensors = [torch.tensor(s, device=device) for s in self.stops]
-
-        def state(dtype, fill=0):
-            t = torch.full((slots,), fill, dtype=dtype, device=device)
-            torch._dynamo.mark_static_address(t)
-            return t
-
-        self.last, self.count, self.max_new = state(torch.long), state(torch.long), state(torch.long)
-        self.keys, self.top_k = state(torch.long), state(torch.long)
-        self.done, self.greedy = state(torch.bool, True), state(torch.bool, True)
-        self.temperature, self.top_p = state(torch.float, 1.0), state(torch.float, 1.0)
-        self.out = torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device)
-        torch._dynamo.mark_static_address(self.out)
+        self.state = SlotState.empty(slots, max_new_tokens, device)
+        self.widths = sorted({slots, *(w for w in narrow if w < slots)})
         # two host copies of (done, count, out), written in turn behind each advance's steps
         self.copies = [torch.zeros(slots, 2 + max_new_tokens, dtype=torch.long, pin_memory=on_cuda) for _ in "ab"]
         self.in_flight: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
         self.advances = 0
-        self.filled_at = [0] * slots  # the advance whose prefill gave a slot its row (valid in later copies only)
+        self.filled_at = [0] * slots  # the advance whose prefill or move gave a slot its row (valid in later copies)
         self.steps_left = [0] * slots  # decode steps a slot's row may still take (its max_new_tokens bounds it)
         self.handles: list[Any] = [None] * slots
         self.cancelled: set[int] = set()
         self.queue: deque[Request] = deque()
-        self._step = self._decode_step
         compiled = on_cuda if compile is None else compile
         if compiled:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-            # static shapes only: after a third slot count in one process, automatic dynamic shapes compiled a
-            # symbolic-slot step whose answers were wrong (benchmarks/engine_sequence_wrong_answers_h200.log)
-            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        with slot_attention_on(self.llm), torch.inference_mode():
+            self.step = SlotStep(
+                self.lm, self.kv, self.state, self.eos, self.stop_tensors, k_cap, self.widths, compiled,
+                graphs=compiled and on_cuda,
+            )  # fmt: skip
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
         self.graphs = PrefillGraphs(self._prefill_pass, length, capture=on_cuda) if graphs else None
 
@@ -198,13 +197,42 @@ class Engine:
         for the previous advance's copy of the state, never for the steps just queued."""
         self.advances += 1
         if any(h is not None and left > 0 for h, left in zip(self.handles, self.steps_left, strict=True)):
+            width = self.width()
             with slot_attention_on(self.llm), torch.inference_mode():
                 for _ in range(self.sync_every):
-                    self._step()
+                    self.step(width)
             self.steps_left = [left - self.sync_every for left in self.steps_left]
         previous, self.in_flight = self.in_flight, self._copy_state()
         updates = self._collect(*previous) if previous else []
-        return updates + self._refill()
+        updates += self._refill()
+        if not self.queue:
+            self._gather()
+        return updates
+
+    def width(self) -> int:
+        """The narrowest step width that covers every slot holding a row."""
+        need = max((s + 1 for s, h in enumerate(self.handles) if h is not None), default=1)
+        return min(w for w in self.widths if w >= need)
+
+    def _gather(self) -> None:
+        """Moves rows into free slots in front so that the narrowest width that can hold them all does (a job's last
+        rows). The state copy already in flight shows the moved rows where they were, so they are read from the next."""
+        active = [s for s, h in enumerate(self.handles) if h is not None]
+        target = min(w for w in self.widths if w >= len(active))
+        movers = [s for s in active if s >= target]
+        if not movers:
+            return
+        free = [s for s in range(target) if self.handles[s] is None][: len(movers)]
+        src, dst = self._on_device(movers, torch.long), self._on_device(free, torch.long)
+        self.state.move(src, dst)
+        self.kv.move(src, dst)
+        self.state.done.index_fill_(0, src, True)
+        for s, d in zip(movers, free, strict=True):
+            self.handles[d], self.handles[s] = self.handles[s], None
+            self.steps_left[d], self.filled_at[d] = self.steps_left[s], self.advances
+            if s in self.cancelled:
+                self.cancelled.remove(s)
+                self.cancelled.add(d)
 
     def run(self, requests: Iterable[Request]) -> Iterator[list[Update]]:
         """Every request's final update, in the order rows end, as the lists that end together (one journal write
@@ -267,19 +295,19 @@ class Engine:
         run = self.graphs if self.graphs and len(requests) <= GRAPH_ROWS else self._prefill_pass
         with slot_attention_on(self.llm):
             logits = run(embeds, rows, lengths - 1)
-        gens = [r.gen for r in requests]
-        self.greedy[rows] = self._on_device([not g.do_sample for g in gens], torch.bool)
-        self.temperature[rows] = self._on_device([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)
-        self.top_k[rows] = self._on_device([g.top_k for g in gens], torch.long)
-        self.top_p[rows] = self._on_device([g.top_p for g in gens], torch.float)
-        self.keys[rows] = self._on_device([r.key for r in requests], torch.long)
-        self.max_new[rows] = self._on_device([g.max_new_tokens for g in gens], torch.long)
-        first = self._next(logits, rows, torch.zeros_like(rows))
-        self.out[rows, 0] = first
-        self.last[rows] = first
-        self.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
+        gens, st = [r.gen for r in requests], self.state
+        st.greedy[rows] = self._on_device([not g.do_sample for g in gens], torch.bool)
+        st.temperature[rows] = self._on_device([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)
+        st.top_k[rows] = self._on_device([g.top_k for g in gens], torch.long)
+        st.top_p[rows] = self._on_device([g.top_p for g in gens], torch.float)
+        st.keys[rows] = self._on_device([r.key for r in requests], torch.long)
+        st.max_new[rows] = self._on_device([g.max_new_tokens for g in gens], torch.long)
+        first = choose(st, logits, rows, torch.zeros_like(rows), self.k_cap)
+        st.out[rows, 0] = first
+        st.last[rows] = first
+        st.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
         self.kv.pos[rows] = lengths
-        self.done[rows] = self._ended()[rows]
+        st.done[rows] = ended(st, self.eos, self.stop_tensors)[rows]
         for s, r in zip(slots, requests, strict=False):
             self.handles[s] = r.handle
             self.filled_at[s] = self.advances
@@ -303,50 +331,12 @@ class Engine:
     def _on_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
         return to_device(torch.tensor(values, dtype=dtype), self.every.device)
 
-    def _next(self, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-        """Next tokens of the slots `rows` (their n-th token drawn at counter n); with k_cap 1 every choice is the
-        argmax, so no random draw is made."""
-        if self.k_cap == 1:
-            return logits.argmax(-1)
-        u = uniforms(self.keys[rows], counters)
-        return next_token(
-            logits, self.greedy[rows], self.temperature[rows], self.top_k[rows], self.top_p[rows], u, self.k_cap
-        )
-
-    def _ended(self) -> torch.Tensor:
-        """Slots whose ids so far end with EOS or a stop sequence, or reached their max_new_tokens."""
-        ended = self.count >= self.max_new
-        ended |= self.out[self.every, (self.count - 1).clamp(min=0)] == self.eos
-        for stop in self.stop_tensors:
-            m = len(stop)
-            tail = self.out.gather(1, (self.count.unsqueeze(-1) - m + torch.arange(m, device=stop.device)).clamp(0))
-            ended |= (self.count >= m) & (tail == stop).all(-1)
-        return ended
-
-    def _decode_step(self) -> None:
-        """One token for every live slot (dead slots run along and change nothing); compiled on CUDA."""
-        kv, alive = self.kv, ~self.done
-        logits = self.llm(
-            input_ids=self.last.unsqueeze(-1),
-            position_ids=kv.pos.unsqueeze(-1),
-            attention_mask=kv.decode_mask(alive),
-            use_cache=False,
-            kv=kv,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        token = self._next(logits, self.every, self.count)
-        column = self.count.clamp(max=self.max_new_tokens - 1)
-        self.out[self.every, column] = torch.where(alive, token, self.out[self.every, column])
-        self.last.copy_(torch.where(alive, token, self.last))
-        self.count.add_(alive.long())
-        kv.pos.add_(alive.long())
-        self.done.copy_(self.done | self._ended())
-
     def _copy_state(self) -> tuple[int, torch.Tensor, torch.cuda.Event | None]:
         """(this advance, a host copy of every slot's done flag, count and ids, the event that marks it landed):
         the copy is queued behind the steps just launched, into the host buffer the previous copy does not use."""
         host = self.copies[self.advances % 2]
-        state = torch.cat([self.done.long().unsqueeze(-1), self.count.unsqueeze(-1), self.out], dim=1)
+        st = self.state
+        state = torch.cat([st.done.long().unsqueeze(-1), st.count.unsqueeze(-1), st.out], dim=1)
         host.copy_(state, non_blocking=True)
         event = None
         if host.is_pinned():
@@ -375,7 +365,7 @@ class Engine:
             if done:
                 self.handles[s] = None
         if self.cancelled:
-            self.done.index_fill_(0, self._on_device(sorted(self.cancelled), torch.long), True)
+            self.state.done.index_fill_(0, self._on_device(sorted(self.cancelled), torch.long), True)
             self.cancelled.clear()
         return updates
 
@@ -425,8 +415,8 @@ def run_examples(model: DeepResonance, examples: Sequence[Example], gen: Generat
     )
     requests = [Request(i, ex, gen, row_key(gen.seed, str(i), ex.instruction)) for i, ex in enumerate(examples)]
     ids: list[list[int]] = [[] for _ in examples]
-    for ended in engine.run(requests):
-        for u in ended:
+    for batch in engine.run(requests):
+        for u in batch:
             if u.error:
                 raise ValueError(f"example {u.handle}: {u.error}")
             ids[u.handle] = u.ids

@@ -14,7 +14,7 @@ whole cache; this is what keeps long `max_new_tokens` budgets cheap on a GPU).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,18 @@ def int32_slot_limit(config, length: int) -> int:
     return (2**31 - 1) // (heads * length * head_dim)
 
 
+class LayerSlots(NamedTuple):
+    """What one layer's decode step over the first n slots reads and writes: their keys and values [n, heads, length,
+    dim], the columns they write next `pos` [n], their indices `every` [n], and what each may see: `visible`, an SDPA
+    mask [n, 1, 1, length] (bool), or FlexAttention's count of blocks to read [n, 1, 1] (int32)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    pos: torch.Tensor
+    every: torch.Tensor
+    visible: torch.Tensor
+
+
 class SlotKV:
     """Per layer, [slots, heads, length, head_dim] keys and values; `pos[s]` is the column slot s writes next."""
 
@@ -58,25 +70,20 @@ class SlotKV:
         self.slots, self.length, self.kernel = slots, length, kernel
         self.columns = torch.arange(length, device=device)
         self.every = torch.arange(slots, device=device)  # each slot's row index, for per-slot writes
-        self.block_index = torch.arange(length // BLOCK, dtype=torch.int32, device=device).expand(slots, 1, 1, -1)
-        for t in (*self.keys, *self.values, self.pos, self.every):
-            torch._dynamo.mark_static_address(t)  # updated in place (or read) inside CUDA graphs
 
-    def decode_mask(self, alive: torch.Tensor) -> torch.Tensor | BlockMask:
-        """What each slot's query may see in the cache this step. SDPA: columns 0..pos (its prompt, its answer so far
-        and the new key, written first). Flex: columns 0..pos-1 of the `alive` slots only (a finished or free slot
-        reads no block); the new key is merged in by `decode`."""
+    def step_inputs(self, width: int, alive: torch.Tensor) -> list[LayerSlots]:
+        """Each layer's view of the first `width` slots for a decode step (`alive` [width]: the slots decoding). SDPA
+        sees columns 0..pos (its prompt, its answer so far and the new key, written first); Flex reads columns
+        0..pos-1 of the alive slots only (a finished or free slot reads no block), and `decode_attention` merges the
+        new key in."""
+        pos = self.pos[:width]
         if self.kernel == "sdpa":
-            return (self.columns <= self.pos.unsqueeze(-1))[:, None, None, :]
-        pos = self.pos.clone()  # a snapshot: the step advances self.pos after attending
-        blocks = torch.where(alive, (pos - 1).clamp(min=0) // BLOCK + 1, 0).to(torch.int32).view(-1, 1, 1)
-        return BlockMask.from_kv_blocks(
-            blocks,
-            self.block_index,
-            BLOCK_SIZE=BLOCK,
-            mask_mod=lambda b, h, q, kv: kv < pos[b],
-            seq_lengths=(1, self.length),
-        )
+            visible = (self.columns <= pos.unsqueeze(-1))[:, None, None, :]
+        else:
+            visible = torch.where(alive, (pos - 1).clamp(min=0) // BLOCK + 1, 0).to(torch.int32).view(-1, 1, 1)
+        every = self.every[:width]
+        layers = zip(self.keys, self.values, strict=True)
+        return [LayerSlots(k[:width], v[:width], pos, every, visible) for k, v in layers]
 
     def prefill(self, layer: int, rows: torch.Tensor, q, k, v, scaling: float) -> torch.Tensor:
         """Right-padded prompts [R, heads, L, dim] of the slots `rows`: keys and values stored at columns 0..L-1,
@@ -86,27 +93,37 @@ class SlotKV:
         self.values[layer][rows, :, :length] = v
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
-    def decode(self, layer: int, mask: torch.Tensor | BlockMask, q, k, v, scaling: float) -> torch.Tensor:
-        """One new token per slot [S, heads, 1, dim]: its key and value written at `pos`, attention over the slot."""
-        every = self.every
-        if isinstance(mask, BlockMask):
-            # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write
-            # (seen with torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp
-            # the log-sum-exp through return_aux: the older return_lse flag records a warning in a module-level set,
-            # which Dynamo guards on, so the step would be traced and compiled twice (12 s of every start)
-            past, aux = flex_attention(
-                q, self.keys[layer], self.values[layer], block_mask=mask, scale=scaling, return_aux=AuxRequest(lse=True)
-            )
-            lse = aux.lse
-            new = (q.float() * k.float()).sum(-1) * scaling  # [S, heads, 1]
-            top = torch.maximum(lse, new)
-            w_past, w_new = torch.exp(lse - top).unsqueeze(-1), torch.exp(new - top).unsqueeze(-1)
-            out = ((w_past * past.float() + w_new * v.float()) / (w_past + w_new)).to(q.dtype)
-        self.keys[layer][every, :, self.pos] = k[:, :, 0]
-        self.values[layer][every, :, self.pos] = v[:, :, 0]
-        if isinstance(mask, BlockMask):
-            return out
-        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=mask, scale=scaling)
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies the rows of slots `src` into slots `dst` (keys, values and position): how the engine gathers its
+        last rows into the first slots, where a narrower step runs."""
+        for t in (*self.keys, *self.values, self.pos):
+            t[dst] = t[src]
+
+
+def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor:
+    """One new token per slot [n, heads, 1, dim]: its key and value written at `pos`, attention over the slot."""
+    keys, values, pos, every, visible = slots
+    if visible.dtype == torch.bool:
+        keys[every, :, pos] = k[:, :, 0]
+        values[every, :, pos] = v[:, :, 0]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scaling)
+    width, length = keys.shape[0], keys.shape[2]
+    index = torch.arange(length // BLOCK, dtype=torch.int32, device=keys.device).expand(width, 1, 1, -1)
+    mask = BlockMask.from_kv_blocks(
+        visible, index, BLOCK_SIZE=BLOCK, mask_mod=lambda b, h, q, kv: kv < pos[b], seq_lengths=(1, length)
+    )
+    # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write (seen with
+    # torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp. The log-sum-exp comes
+    # through return_aux: the older return_lse flag records a warning in a module-level set, which Dynamo guards on,
+    # so the layer would be traced and compiled twice
+    past, aux = flex_attention(q, keys, values, block_mask=mask, scale=scaling, return_aux=AuxRequest(lse=True))
+    lse = aux.lse
+    new = (q.float() * k.float()).sum(-1) * scaling  # [n, heads, 1]
+    top = torch.maximum(lse, new)
+    w_past, w_new = torch.exp(lse - top).unsqueeze(-1), torch.exp(new - top).unsqueeze(-1)
+    keys[every, :, pos] = k[:, :, 0]
+    values[every, :, pos] = v[:, :, 0]
+    return ((w_past * past.float() + w_new * v.float()) / (w_past + w_new)).to(q.dtype)
 
 
 # Handed to the model as the prefill's attention mask: any 4-D mask makes transformers pass it through instead of
@@ -115,14 +132,13 @@ PREFILL = torch.empty(0, 0, 0, 0, dtype=torch.bool)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention-function signature; the slot cache comes in `kwargs["kv"]`, and `attention_mask` is
-    `decode_mask()`'s when decoding (the prefill's slots come in `kwargs["kv_rows"]`)."""
-    kv: SlotKV = kwargs["kv"]
-    rows = kwargs.get("kv_rows")
-    if rows is not None:
-        out = kv.prefill(module.layer_idx, rows, query, key, value, scaling)
+    """transformers' attention-function signature. Decoding, the layer's slots come in `kwargs["slots"]` (a
+    LayerSlots: nothing here reads the layer's index, so one compiled layer serves them all); prefilling, the cache in
+    `kwargs["kv"]` and the rows' slots in `kwargs["kv_rows"]`."""
+    if "slots" in kwargs:
+        out = decode_attention(kwargs["slots"], query, key, value, scaling)
     else:
-        out = kv.decode(module.layer_idx, attention_mask, query, key, value, scaling)
+        out = kwargs["kv"].prefill(module.layer_idx, kwargs["kv_rows"], query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import cuda_graphs
+
 GRAPH_ROWS = 8  # prefills of at most this many rows replay a graph
 POSITION_STEP = 64  # graphs' prompt widths are multiples of this
 
@@ -66,27 +68,8 @@ class PrefillGraphs:
         if not self.capture:
             return self.run(entry.embeds, entry.slots, entry.last)
         if new:
-            self._capture(entry)
+            # the warm-up runs prefill the call's own rows into its own (free) slots, as the replay does again
+            run = lambda: self.run(entry.embeds, entry.slots, entry.last)  # noqa: E731
+            entry.graph, entry.logits = cuda_graphs.capture(run, self.pool, embeds.device)
         entry.graph.replay()
         return entry.logits
-
-    def _capture(self, entry: Captured) -> None:
-        """Records `entry`'s graph. The warm-up runs prefill the call's own rows into its own (free) slots, as the
-        replay after them does again."""
-        device = entry.embeds.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, kernels) must not happen while capturing
-                self.run(entry.embeds, entry.slots, entry.last)
-        torch.cuda.current_stream(device).wait_stream(side)
-        # cuBLAS keeps one workspace per (handle, stream) and hands it to later calls on that stream; torch 2.11
-        # frees it when any graph captured on that stream dies, and CUDA-graph trees (the compiled step) clear them
-        # around each recording, so a graph that shares one can replay into freed memory (pytorch#193402). Cleared
-        # before, the capture allocates its own in this graph pool; cleared after, no later call shares it. This is
-        # what CUDA-graph trees do around their own captures.
-        torch._C._cuda_clearCublasWorkspaces()
-        entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, pool=self.pool, capture_error_mode="thread_local"):
-            entry.logits = self.run(entry.embeds, entry.slots, entry.last)
-        torch._C._cuda_clearCublasWorkspaces()

@@ -15,8 +15,9 @@ from model.config import GenerationConfig
 from model.deepresonance import Example
 from model.engine import Engine, Request, cache_length, engine_for
 from model.generate import generate_ids
-from model.kv_slots import bytes_per_position
+from model.kv_slots import SlotKV, bytes_per_position
 from model.next_token import next_token, row_key, uniforms
+from model.slot_step import SlotStep
 
 REFERENCE = GenerationConfig(max_new_tokens=12, do_sample=False, decoder="generate")
 
@@ -109,7 +110,7 @@ def test_sampled_answers_do_not_depend_on_batch_or_order(model):
     results = []
     for slots, order in ((1, range(7)), (3, range(7)), (8, reversed(range(7)))):
         order = list(order)
-        engine = Engine(model, slots, length, 10, k_cap=20, sync_every=3)
+        engine = Engine(model, slots, length, 10, k_cap=20, sync_every=3, narrow=(4, 2))
         got = run(engine, [examples[i] for i in order], [gen] * 7, [keys[i] for i in order])
         results.append({order[j]: ids for j, ids in got.items()})
     assert results[0] == results[1] == results[2]
@@ -238,8 +239,8 @@ def test_no_steps_run_once_every_row_reached_its_budget(model, monkeypatch):
     advances of 2 steps (4 steps) finish it; the advance that reports it runs none (with the state copied one
     advance behind, a blind engine would run 2 more)."""
     steps = []
-    real = Engine._decode_step
-    monkeypatch.setattr(Engine, "_decode_step", lambda self: steps.append(1) or real(self))
+    real = SlotStep.__call__
+    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: steps.append(width) or real(self, width))
     engine = Engine(model, 1, 128, 8, k_cap=1, sync_every=2)
     assert run(engine, [Example("", "Hi", [])], [replace(REFERENCE, max_new_tokens=5)]) == {
         0: generate_ids(model, [Example("", "Hi", [])], replace(REFERENCE, max_new_tokens=5))[0]
@@ -257,28 +258,55 @@ def test_finished_and_free_slots_read_no_cache_blocks():
     config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     kv = SlotKV(config, 4, 3 * BLOCK, torch.float32, torch.device("cpu"), "flex")
     kv.pos.copy_(torch.tensor([130, 5, 130, 0]))
-    mask = kv.decode_mask(torch.tensor([True, True, False, False]))
-    assert mask.kv_num_blocks.flatten().tolist() == [2, 1, 0, 0]
+    visible = kv.step_inputs(4, torch.tensor([True, True, False, False]))[0].visible
+    assert visible.flatten().tolist() == [2, 1, 0, 0]
 
 
-def test_compiled_flex_step_is_traced_once_per_job(model, monkeypatch):
-    """The compiled decode step is traced by Dynamo once for a whole job: each extra trace costs a second process
-    seconds of start-up on a 7B model (flex_attention's deprecated return_lse flag caused a second). Dynamo alone
-    (backend "eager") finds the guards that fail, which is what makes it retrace, without Inductor's CPU build."""
+def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch):
+    """Dynamo traces the decode step's layer once per width, whatever the number of layers, and the step's end once
+    per width: each extra trace costs a process about 0.3 s on a 7B model, and a trace per layer would bring back the
+    10-13 s of a whole-model trace (flex_attention's deprecated return_lse flag once caused a second). Dynamo alone
+    (backend "eager") finds the guards that fail, which is what makes it retrace, without Inductor's CPU build. The
+    job ends with one row, so the step also runs at the narrow width."""
     import torch.nn.attention.flex_attention as flex
 
+    assert model.llama_model.config.num_hidden_layers >= 2
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, backend="eager", fullgraph=True))
     monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set())  # as in a fresh process, whatever ran before
+    widths = []
+    step = SlotStep.__call__
+    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or step(self, width))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     examples = rows()[:4]
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 9, 5, 7)]
     length = cache_length(max(model.example_length(ex) for ex in examples), 9)
-    engine = Engine(model, 2, length, 9, k_cap=1, kernel="flex", compile=True, sync_every=2, refill_min=1)
+    engine = Engine(model, 2, length, 9, k_cap=1, kernel="flex", compile=True, sync_every=2, refill_min=1, narrow=[1])
     assert len(run(engine, examples, gens)) == 4
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert set(widths) == {1, 2}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * 2  # (layer, end) x widths
     torch._dynamo.reset()
+
+
+def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypatch):
+    """9 rows through 6 slots whose step also runs at widths 4 and 2: when the queue is empty, rows move into the first
+    slots (keys, values and state) and the step narrows. Every row's ids still equal one-row `generate`, and each
+    finished row is reported once (a move that lost a row's cache, its state, or let the state copy taken before the
+    move report the slot's previous row, would break that)."""
+    examples = rows() + rows()[:2]
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (12, 2, 11, 3, 1, 12, 2, 9, 12)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    widths, moved = [], []
+    step = SlotStep.__call__
+    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or step(self, width))
+    move = SlotKV.move
+    monkeypatch.setattr(SlotKV, "move", lambda self, src, dst: moved.append(src.tolist()) or move(self, src, dst))
+    length = cache_length(max(model.example_length(ex) for ex in examples), 12)
+    engine = Engine(model, 6, length, 12, k_cap=1, sync_every=2, refill_min=1, narrow=(4, 2))
+    assert run(engine, examples, gens) == expected
+    assert {6, 4, 2} <= set(widths) and moved and any(s >= 4 for m in moved for s in m)
+    assert widths.index(2) > widths.index(4) > widths.index(6)
 
 
 def test_each_slot_count_gets_a_static_step(model, monkeypatch):

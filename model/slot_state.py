@@ -1,0 +1,74 @@
+"""What the engine keeps on the device for each slot besides its keys and values: the row's last token, its ids so far,
+its sampling settings and whether it ended; and the two rules every step and prefill apply to it (the next token, the
+end of a row), written once here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from model.next_token import next_token, uniforms
+
+
+@dataclass
+class SlotState:
+    """Per slot [slots] (`out`: [slots, max_new_tokens]). A step over the first n slots uses `head(n)`, views of the
+    same memory."""
+
+    last: torch.Tensor  # the token the next step feeds in
+    count: torch.Tensor  # ids generated so far
+    max_new: torch.Tensor  # the row's own max_new_tokens
+    keys: torch.Tensor  # the row's random stream (model.next_token.row_key)
+    top_k: torch.Tensor
+    done: torch.Tensor
+    greedy: torch.Tensor
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    out: torch.Tensor  # the ids generated so far, column n holding the n-th
+
+    @classmethod
+    def empty(cls, slots: int, max_new_tokens: int, device: torch.device) -> SlotState:
+        """Every slot done (a free slot never decodes) and greedy."""
+
+        def full(dtype, fill=0):
+            return torch.full((slots,), fill, dtype=dtype, device=device)
+
+        long, flag, real = torch.long, torch.bool, torch.float
+        return cls(
+            full(long), full(long), full(long), full(long), full(long), full(flag, True), full(flag, True),
+            full(real, 1.0), full(real, 1.0), torch.zeros(slots, max_new_tokens, dtype=long, device=device),
+        )  # fmt: skip
+
+    def head(self, n: int) -> SlotState:
+        return SlotState(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies the rows of slots `src` into slots `dst`."""
+        for f in fields(self):
+            t = getattr(self, f.name)
+            t[dst] = t[src]
+
+
+def choose(state: SlotState, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor, k_cap: int):
+    """Next tokens of the slots `rows` (their n-th token drawn at counter n); with k_cap 1 every choice is the argmax,
+    so no random draw is made."""
+    if k_cap == 1:
+        return logits.argmax(-1)
+    u = uniforms(state.keys[rows], counters)
+    return next_token(
+        logits, state.greedy[rows], state.temperature[rows], state.top_k[rows], state.top_p[rows], u, k_cap
+    )
+
+
+def ended(state: SlotState, eos: int, stops: list[torch.Tensor]) -> torch.Tensor:
+    """Slots whose ids so far end with EOS or a stop sequence, or reached their max_new_tokens."""
+    rows = torch.arange(state.out.shape[0], device=state.out.device)
+    end = state.count >= state.max_new
+    end |= state.out[rows, (state.count - 1).clamp(min=0)] == eos
+    for stop in stops:
+        m = len(stop)
+        tail = state.out.gather(1, (state.count.unsqueeze(-1) - m + torch.arange(m, device=stop.device)).clamp(0))
+        end |= (state.count >= m) & (tail == stop).all(-1)
+    return end

@@ -1,0 +1,90 @@
+"""The engine's decode step: one token for each of the first `width` slots, through one compiled decoder layer that
+serves every layer, the whole step replayed on CUDA as one CUDA graph per width.
+
+Compiling the whole step made Dynamo trace all 32 layers of a 7B model, 10-13 s of every process's start on an H200
+(benchmarks/README.md, run 5), although the layers are the same code on same-shaped weights. Dynamo lifts a module's
+parameters as inputs and guards on what its code reads, not on which layer it is, so a layer traced and compiled once
+runs them all; the Python loop over the layers and the eager embedding, rotary and sampling glue cost launches that the
+graph replay removes. A narrower width then costs one more trace of one layer, which is what lets the engine run a
+job's last few rows at a width that fits them (model/engine.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from model import cuda_graphs
+from model.kv_slots import LayerSlots, SlotKV
+from model.slot_state import SlotState, choose, ended
+
+
+def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
+    """transformers' decoder layer over one new token per slot [width, 1, hidden]; it attends through
+    model.kv_slots.slot_attention, which finds the layer's slots in its keyword arguments."""
+    return layer(hidden, position_embeddings=(cos, sin), slots=slots)
+
+
+class SlotStep:
+    def __init__(
+        self,
+        lm: torch.nn.Module,
+        kv: SlotKV,
+        state: SlotState,
+        eos: int,
+        stops: list[torch.Tensor],
+        k_cap: int,
+        widths: Sequence[int],
+        compiled: bool,
+        graphs: bool,
+    ) -> None:
+        """A step per width in `widths` over `lm` (a transformers LLaMA causal LM) and the engine's slots. `compiled`:
+        the layer and the step's end go through torch.compile (static shapes only: with automatic dynamic shapes a
+        third slot count compiled a symbolic-slot step whose answers were wrong,
+        benchmarks/engine_sequence_wrong_answers_h200.log). `graphs`: each width's step is captured as a CUDA graph
+        now, while every slot is still free (the capture runs the step three times)."""
+        self.lm, self.kv, self.state = lm, kv, state
+        self.eos, self.stops, self.k_cap = eos, stops, k_cap
+        self.max_new_tokens = state.out.shape[1]
+        self.views = {w: state.head(w) for w in widths}
+        self.layer, self.finish = decode_layer, self._finish
+        if compiled:
+            self.layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
+            self.finish = torch.compile(self._finish, fullgraph=True, dynamic=False)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if graphs:
+            device = state.out.device
+            for w in widths:
+                self.graphs[w], _ = cuda_graphs.capture(
+                    lambda w=w: self._run(w), torch.cuda.graph_pool_handle(), device
+                )
+
+    def __call__(self, width: int) -> None:
+        """One decode step of the first `width` slots (dead slots run along and change nothing)."""
+        graph = self.graphs.get(width)
+        if graph is None:
+            self._run(width)
+        else:
+            graph.replay()
+
+    def _run(self, width: int) -> None:
+        state, model = self.views[width], self.lm.model
+        alive = ~state.done
+        hidden = model.embed_tokens(state.last.unsqueeze(-1))
+        cos, sin = model.rotary_emb(hidden, self.kv.pos[:width].unsqueeze(-1))
+        for layer, slots in zip(model.layers, self.kv.step_inputs(width, alive), strict=True):
+            hidden = self.layer(layer, hidden, cos, sin, slots)
+        self.finish(hidden, state, self.kv.pos[:width], alive)
+
+    def _finish(self, hidden: torch.Tensor, state: SlotState, pos: torch.Tensor, alive: torch.Tensor) -> None:
+        """The logits of each slot's new position, its next token, and the slot's state advanced (alive slots)."""
+        logits = self.lm.lm_head(self.lm.model.norm(hidden[:, -1]))
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        token = choose(state, logits, rows, state.count, self.k_cap)
+        column = state.count.clamp(max=self.max_new_tokens - 1)
+        state.out[rows, column] = torch.where(alive, token, state.out[rows, column])
+        state.last.copy_(torch.where(alive, token, state.last))
+        state.count.add_(alive.long())
+        pos.add_(alive.long())
+        state.done.copy_(state.done | ended(state, self.eos, self.stops))
