@@ -47,7 +47,7 @@ def run_job(engine: Engine, reqs) -> tuple[float, int, int]:
 
 def host_share(engine: Engine, spent: dict) -> None:
     """Wraps the engine's phases with host timers (collect includes waiting for the GPU's steps)."""
-    for name in ("_refill", "_collect", "_step"):
+    for name in ("_refill", "_collect", "step"):
         fn = getattr(engine, name)
 
         def timed(*a, fn=fn, name=name, **k):
@@ -111,15 +111,16 @@ engine.sync_every = SYNC_EVERY
 engine.submit(requests(examples[:SLOTS], [BUDGET] * SLOTS, greedy))
 engine.advance()
 with slot_attention_on(engine.llm), torch.inference_mode():
-    start = sync()
-    for _ in range(64):
-        engine._step()
-    step = (sync() - start) / 64
-print(f"decode step, {SLOTS} slots busy: {step * 1e3:.2f} ms ({SLOTS / step:,.0f} tok/s)")
+    for width in reversed(engine.widths):
+        start = sync()
+        for _ in range(64):
+            engine.step(width)
+        step = (sync() - start) / 64
+        print(f"decode step, width {width}, every slot busy: {step * 1e3:.2f} ms ({width / step:,.0f} tok/s)")
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     with slot_attention_on(engine.llm), torch.inference_mode():
         for _ in range(16):
-            engine._step()
+            engine.step(SLOTS)
     sync()
 print(f"16 steps: GPU busy {gpu_busy(prof) * 1e3:.1f} ms")
 print(kernel_table(prof))

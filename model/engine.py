@@ -48,7 +48,7 @@ from model.transfer import to_device
 SYNC_EVERY = 4
 PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
 MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the slot cache may take
-NARROW = (64, 16)  # the narrower widths a step also runs at; each costs a trace of one layer and a CUDA graph
+NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
 
 
 def compile_cache_dir() -> Path:
@@ -226,7 +226,7 @@ class Engine:
         src, dst = self._on_device(movers, torch.long), self._on_device(free, torch.long)
         self.state.move(src, dst)
         self.kv.move(src, dst)
-        self.state.done.index_fill_(0, src, True)
+        self.state.done.index_fill_(0, src, True)  # free: a wide step reads none of its cache
         for s, d in zip(movers, free, strict=True):
             self.handles[d], self.handles[s] = self.handles[s], None
             self.steps_left[d], self.filled_at[d] = self.steps_left[s], self.advances

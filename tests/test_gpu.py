@@ -122,12 +122,18 @@ def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path
 
 
 @pytest.mark.parametrize("kernel", ["flex", "sdpa"])
-def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel):
+def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel, monkeypatch):
     """The engine compiled with CUDA graphs (the default on CUDA), fewer slots than rows and different
-    max_new_tokens, so slots refill while others decode: each row's ids equal one-row `generate` in fp32."""
+    max_new_tokens, so slots refill while others decode, and the last rows move to the front slots and decode at
+    width 2 (a second graph): each row's ids equal one-row `generate` in fp32."""
     from dataclasses import replace
 
     from model.engine import Engine, cache_length
+    from model.slot_step import SlotStep
+
+    widths = []
+    step = SlotStep.__call__
+    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or step(self, width))
 
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
     model = load_model(*paths, device="cuda")
@@ -136,13 +142,15 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     gens = [replace(GREEDY, max_new_tokens=n) for n in (16, 3, 9, 12, 1, 16, 5, 7, 16)]
     expected = [generate_ids(model, [ex], g)[0] for ex, g in zip(examples, gens, strict=True)]
     length = cache_length(max(model.example_length(ex) for ex in examples), 16)
-    engine = Engine(model, 4, length, 16, k_cap=1, kernel=kernel, sync_every=3, refill_min=1)
+    engine = Engine(model, 4, length, 16, k_cap=1, kernel=kernel, sync_every=3, refill_min=1, narrow=(2,))
     assert engine_ids(engine, examples, gens) == expected
+    assert set(widths) == {4, 2} and set(engine.step.graphs) == {4, 2}
 
 
 def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
-    """The engine's refill (prompt assembly, encoder features to the device, prefill, first tokens) makes no call that
-    waits for the device (CUDA's sync debug mode raises on one), so its launches queue behind the decode steps;
+    """The engine's refill (prompt assembly, encoder features to the device, prefill, first tokens) and its move of the
+    last rows to the front slots make no call that waits for the device (CUDA's sync debug mode raises on one), so
+    their launches queue behind the decode steps;
     answers equal one-row `generate`. A second identical job runs under the check (the first recorded the step's
     and the small prefills' CUDA graphs, which synchronizes)."""
     from dataclasses import replace
@@ -161,26 +169,28 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
     gens = [replace(GREEDY, max_new_tokens=n) for n in ([16, 3, 9, 12, 1, 5] * 4)]
     expected = [generate_ids(model, [ex], gen)[0] for ex, gen in zip(examples, gens, strict=True)]
     length = cache_length(max(model.example_length(ex) for ex in examples), 16)
-    engine = Engine(model, 10, length, 16, k_cap=1, sync_every=2, refill_min=1)
-    refill = engine._refill
+    engine = Engine(model, 10, length, 16, k_cap=1, sync_every=2, refill_min=1, narrow=(4,))
 
-    def checked_refill():
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return refill()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    def checked(work):
+        def run():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return work()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return run
 
     for job in range(2):
         if job:
-            engine._refill = checked_refill
+            engine._refill, engine._gather = checked(engine._refill), checked(engine._gather)
         assert engine_ids(engine, examples, gens) == expected
 
 
 @pytest.mark.parametrize("graph_prefill", [False, True])
 def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
     """Engines whose small prefills replay CUDA graphs, one after another in one process: different slot counts (so
-    the compiled step records new CUDA-graph trees each time), a one-slot engine right after a larger one is freed.
+    the compiled step is traced and captured anew each time), a one-slot engine right after a larger one is freed.
     Every engine's answers equal one-row `generate`. Before the step was compiled with static shapes only, the third
     slot count got a symbolic-slot step from automatic dynamic shapes: wrong answers without graph prefills
     (benchmarks/engine_sequence_wrong_answers_h200.log), an illegal memory access with them
