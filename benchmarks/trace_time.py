@@ -1,12 +1,11 @@
 """How long Dynamo takes to trace the engine's decode step: the part of a second process's start-up that the compile
-cache does not save (issue #12: 12-13 s of the 14-15 s on an H200 machine). The trace depends on the layer count,
-not on the widths, so a 32-layer Llama of tiny widths on the CPU shows it; Dynamo runs alone (backend "eager").
+cache does not save (issue #12). Since run 6 the step compiles one decoder layer, which serves every layer, and the
+step's end, once per width (model/slot_step.py); a trace depends on the code traced, not on the widths, so a 32-layer
+Llama of tiny widths on the CPU shows it. Dynamo runs alone (backend "eager"); each traced frame's time is printed.
 
-`PYTHONPATH=. python benchmarks/trace_time.py` traces the step as shipped; `... trace_time.py nested` first wraps
-each decoder layer's forward in `torch.compiler.nested_compile_region` (trace a repeated block once, reuse it);
-`... trace_time.py sdpa` traces the step with the SDPA kernel instead of FlexAttention (the share of FlexAttention's
-32 calls); `... trace_time.py toy` times the first two ways on 32 identical small blocks, where reuse has nothing in
-its way.
+`PYTHONPATH=. python benchmarks/trace_time.py` traces the step with FlexAttention, `... trace_time.py sdpa` with SDPA.
+Run 5's measurements of the whole-model trace (nested compile regions, 32 toy blocks; benchmarks/README.md) were made
+with this script as it was at commit e7fdc6a.
 """
 
 import sys
@@ -19,36 +18,8 @@ from model.config import LLAMA_TINY, GenerationConfig
 from model.engine import Engine, Request, cache_length
 
 
-def toy(nested: bool) -> float:
-    """Seconds Dynamo takes over 32 identical blocks (10 norm-linear-SiLU-linear residuals each)."""
-
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.norm, self.a, self.b = torch.nn.LayerNorm(64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for _ in range(10):
-                x = x + self.b(torch.nn.functional.silu(self.a(self.norm(x))))
-            return x
-
-    if nested:
-        Block.forward = torch.compiler.nested_compile_region(Block.forward)
-    blocks = torch.nn.Sequential(*(Block() for _ in range(32)))
-    start = time.perf_counter()
-    torch.compile(blocks, backend="eager", fullgraph=True)(torch.randn(4, 64))
-    return time.perf_counter() - start
-
-
-if sys.argv[1:] == ["toy"]:
-    print(f"toy, 32 blocks: as they are {toy(False):.1f} s, in nested compile regions {toy(True):.1f} s")
-    sys.exit()
-nested, kernel = sys.argv[1:] == ["nested"], "sdpa" if sys.argv[1:] == ["sdpa"] else "flex"
+kernel = "sdpa" if sys.argv[1:] == ["sdpa"] else "flex"
 model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)
-if nested:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    LlamaDecoderLayer.forward = torch.compiler.nested_compile_region(LlamaDecoderLayer.forward)
 real_compile = torch.compile
 torch.compile = lambda fn, mode=None, **options: real_compile(fn, backend="eager", **options)
 examples = _audio_rows(4)
@@ -58,8 +29,7 @@ engine.submit([Request(i, ex, gen, i) for i, ex in enumerate(examples)])
 engine.advance()  # the first advance only prefills
 start = time.perf_counter()
 engine.advance()  # the first steps: Dynamo traces the step
-way = "nested regions" if nested else f"as shipped, {kernel}"
-print(f"{way}: first steps (the trace) {time.perf_counter() - start:.1f} s")
+print(f"{kernel}: first steps (the traces and the eager CPU run) {time.perf_counter() - start:.1f} s")
 times = torch._dynamo.utils.compile_times(repr="csv")
 for name, value in zip(*times, strict=True):
     if name in ("_compile.compile_inner", "bytecode_tracing", "get_fake_value", "build_guards"):

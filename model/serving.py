@@ -107,9 +107,9 @@ class EngineWorker:
         self.thread.join(timeout=30)
 
     def _warm_up(self) -> None:
-        """Runs one short request to its end before serving, so that the first client does not pay for compilation
-        (the compiled step and its CUDA graph on CUDA) or first-call allocations. It runs in the worker thread, the
-        one that runs every later step (CUDA graph trees are kept per thread)."""
+        """Runs one short request to its end before serving, so that the first client does not pay for first-call work
+        (on CUDA the one-row prefill's CUDA graph; the step's graphs are captured when the engine is built) or
+        first-call allocations. It runs in the worker thread, the one that runs every later step."""
         gen = GenerationConfig(max_new_tokens=min(8, self.engine.max_new_tokens), do_sample=False)
         handle = object()
         self.engine.submit([Request(handle, Example("", "Warm up."), gen, 0)])

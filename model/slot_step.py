@@ -44,7 +44,7 @@ class SlotStep:
         third slot count compiled a symbolic-slot step whose answers were wrong,
         benchmarks/engine_sequence_wrong_answers_h200.log). `graphs`: each width's step is captured as a CUDA graph
         now, while every slot is still free (the capture runs the step three times)."""
-        self.lm, self.kv, self.state = lm, kv, state
+        self.lm, self.kv = lm, kv
         self.eos, self.stops, self.k_cap = eos, stops, k_cap
         self.max_new_tokens = state.out.shape[1]
         self.views = {w: state.head(w) for w in widths}
