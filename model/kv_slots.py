@@ -3,8 +3,8 @@
 Each slot holds one row: its prompt's keys and values at columns 0..P-1 and one more column per generated token, so a
 slot's column is its token's position. Rows of different lengths share one decode step: every slot writes its new key
 at its own column and attends to columns 0..pos. The attention is plugged into the transformers model as an attention
-implementation ("dr_slots") that takes this object through the forward's keyword arguments, so the model code is
-transformers' own.
+implementation ("dr_slots") that takes the cache through the forward's keyword arguments (a prefill: this object; a
+decode step: one layer's LayerSlots), so the model code is transformers' own.
 
 Two kernels read the cache: "sdpa" (a boolean mask over all columns; every backend) and "flex" (FlexAttention with a
 block mask that skips the blocks past each row's length, so a step reads each row's live keys only instead of the

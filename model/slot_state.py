@@ -51,7 +51,9 @@ class SlotState:
             t[dst] = t[src]
 
 
-def choose(state: SlotState, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor, k_cap: int):
+def choose(
+    state: SlotState, logits: torch.Tensor, rows: torch.Tensor, counters: torch.Tensor, k_cap: int
+) -> torch.Tensor:
     """Next tokens of the slots `rows` (their n-th token drawn at counter n); with k_cap 1 every choice is the argmax,
     so no random draw is made."""
     if k_cap == 1:
