@@ -197,7 +197,7 @@ class Engine:
         for the previous advance's copy of the state, never for the steps just queued."""
         self.advances += 1
         if any(h is not None and left > 0 for h, left in zip(self.handles, self.steps_left, strict=True)):
-            width = self.width()
+            width = self._width()
             with slot_attention_on(self.llm), torch.inference_mode():
                 for _ in range(self.sync_every):
                     self.step(width)
@@ -209,7 +209,7 @@ class Engine:
             self._gather()
         return updates
 
-    def width(self) -> int:
+    def _width(self) -> int:
         """The narrowest step width that covers every slot holding a row."""
         need = max((s + 1 for s, h in enumerate(self.handles) if h is not None), default=1)
         return min(w for w in self.widths if w >= need)
