@@ -59,3 +59,14 @@ def stopping_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         head[model.tokenizer.eos_id] = 1.05 * head[frequent]
     save_delta(model, paths.delta_dir("alpha"))
     return root
+
+
+@pytest.fixture
+def step_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The width of every decode step the engine runs in the test, in order."""
+    from model.slot_step import SlotStep
+
+    widths: list[int] = []
+    real = SlotStep.__call__
+    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or real(self, width))
+    return widths

@@ -17,7 +17,6 @@ from model.engine import Engine, Request, cache_length, engine_for
 from model.generate import generate_ids
 from model.kv_slots import SlotKV, bytes_per_position
 from model.next_token import next_token, row_key, uniforms
-from model.slot_step import SlotStep
 
 REFERENCE = GenerationConfig(max_new_tokens=12, do_sample=False, decoder="generate")
 
@@ -234,18 +233,15 @@ def test_cancel_frees_the_slot_for_the_next_row(model):
     assert finished == ["b"]
 
 
-def test_no_steps_run_once_every_row_reached_its_budget(model, monkeypatch):
+def test_no_steps_run_once_every_row_reached_its_budget(model, step_widths):
     """One row of 5 new tokens, 2 steps per advance: the prefill draws token 1 and steps draw tokens 2..5, so two
     advances of 2 steps (4 steps) finish it; the advance that reports it runs none (with the state copied one
     advance behind, a blind engine would run 2 more)."""
-    steps = []
-    real = SlotStep.__call__
-    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: steps.append(width) or real(self, width))
     engine = Engine(model, 1, 128, 8, k_cap=1, sync_every=2)
     assert run(engine, [Example("", "Hi", [])], [replace(REFERENCE, max_new_tokens=5)]) == {
         0: generate_ids(model, [Example("", "Hi", [])], replace(REFERENCE, max_new_tokens=5))[0]
     }
-    assert len(steps) == 4
+    assert len(step_widths) == 4
 
 
 def test_finished_and_free_slots_read_no_cache_blocks():
@@ -262,7 +258,7 @@ def test_finished_and_free_slots_read_no_cache_blocks():
     assert visible.flatten().tolist() == [2, 1, 0, 0]
 
 
-def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch):
+def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch, step_widths):
     """Dynamo traces the decode step's layer once per width, whatever the number of layers, and the step's end once
     per width: each extra trace costs a process about 0.3 s on a 7B model, and a trace per layer would bring back the
     10-13 s of a whole-model trace (flex_attention's deprecated return_lse flag once caused a second). Dynamo alone
@@ -274,9 +270,6 @@ def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypa
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, backend="eager", fullgraph=True))
     monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set())  # as in a fresh process, whatever ran before
-    widths = []
-    step = SlotStep.__call__
-    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or step(self, width))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     examples = rows()[:4]
@@ -284,12 +277,12 @@ def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypa
     length = cache_length(max(model.example_length(ex) for ex in examples), 9)
     engine = Engine(model, 2, length, 9, k_cap=1, kernel="flex", compile=True, sync_every=2, refill_min=1, narrow=[1])
     assert len(run(engine, examples, gens)) == 4
-    assert set(widths) == {1, 2}
+    assert set(step_widths) == {1, 2}
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * 2  # (layer, end) x widths
     torch._dynamo.reset()
 
 
-def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypatch):
+def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypatch, step_widths):
     """9 rows through 6 slots whose step also runs at widths 4 and 2: when the queue is empty, rows move into the first
     slots (keys, values and state) and the step narrows. Every row's ids still equal one-row `generate`, and each
     finished row is reported once (a move that lost a row's cache, its state, or let the state copy taken before the
@@ -297,16 +290,14 @@ def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypa
     examples = rows() + rows()[:2]
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (12, 2, 11, 3, 1, 12, 2, 9, 12)]
     expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
-    widths, moved = [], []
-    step = SlotStep.__call__
-    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or step(self, width))
+    moved = []
     move = SlotKV.move
     monkeypatch.setattr(SlotKV, "move", lambda self, src, dst: moved.append(src.tolist()) or move(self, src, dst))
     length = cache_length(max(model.example_length(ex) for ex in examples), 12)
     engine = Engine(model, 6, length, 12, k_cap=1, sync_every=2, refill_min=1, narrow=(4, 2))
     assert run(engine, examples, gens) == expected
-    assert {6, 4, 2} <= set(widths) and moved and any(s >= 4 for m in moved for s in m)
-    assert widths.index(2) > widths.index(4) > widths.index(6)
+    assert {6, 4, 2} <= set(step_widths) and moved and any(s >= 4 for m in moved for s in m)
+    assert step_widths.index(2) > step_widths.index(4) > step_widths.index(6)
     assert engine.state.done.all()  # a slot left behind is free, so a wide step reads none of its cache
 
 

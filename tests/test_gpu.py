@@ -122,18 +122,13 @@ def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path
 
 
 @pytest.mark.parametrize("kernel", ["flex", "sdpa"])
-def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel, monkeypatch):
+def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel, step_widths):
     """The engine compiled with CUDA graphs (the default on CUDA), fewer slots than rows and different
     max_new_tokens, so slots refill while others decode, and the last rows move to the front slots and decode at
     width 2 (a second graph): each row's ids equal one-row `generate` in fp32."""
     from dataclasses import replace
 
     from model.engine import Engine, cache_length
-    from model.slot_step import SlotStep
-
-    widths = []
-    step = SlotStep.__call__
-    monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or step(self, width))
 
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
     model = load_model(*paths, device="cuda")
@@ -144,7 +139,7 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     length = cache_length(max(model.example_length(ex) for ex in examples), 16)
     engine = Engine(model, 4, length, 16, k_cap=1, kernel=kernel, sync_every=3, refill_min=1, narrow=(2,))
     assert engine_ids(engine, examples, gens) == expected
-    assert set(widths) == {4, 2} and set(engine.step.graphs) == {4, 2}
+    assert set(step_widths) == {4, 2} and set(engine.step.graphs) == {4, 2}
 
 
 def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
