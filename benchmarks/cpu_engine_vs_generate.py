@@ -16,10 +16,10 @@ import torch
 
 from ckpt.layout import layout
 from ckpt.tiny import write_tiny_set
-from model.checkpoint import load_model
 from model.config import GenerationConfig
-from model.data import Row
-from model.inference import run_inference
+from model.data.catalog import Row
+from model.infer.job import run_inference
+from model.network.checkpoint import load_model
 
 
 def main(out: Path) -> None:

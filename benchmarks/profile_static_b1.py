@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.speed import PROMPT, full_size_llm
 from benchmarks.speed import seconds_per_call as seconds
-from model.decode import decode_static
+from model.generate.static import decode_static
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
 linears = [m for m in llm.modules() if isinstance(m, torch.nn.Linear)]

@@ -1,6 +1,6 @@
 """`dr bench serve`: requests/s and time to first / last token of `dr serve` under 1, 16 and 64 concurrent clients.
 
-The server is the real one (model/http_api.py over model/serving.py, uvicorn on 127.0.0.1) in front of a full-size
+The server is the real one (model/serve/app.py over model/serve/worker.py, uvicorn on 127.0.0.1) in front of a full-size
 random-weights model: a Vicuna-7B-shaped LLM that never stops on its own (benchmarks/speed.py's
 `never_stopping_model`) and ImageBind-huge, so each request pays for its audio's decoding, encoding, prefill and
 decoding like a real one. Clients are `openai` streaming clients, each sending its requests one after another: a 10 s
@@ -24,9 +24,9 @@ from torch import nn
 
 from benchmarks.speed import INSTRUCTION, never_stopping_model, realistic_lengths
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
-from model.encoder import MediaEncoder
-from model.http_api import Limits, create_app, running
-from model.serving import EngineWorker, serving_engine
+from model.media.encoder import MediaEncoder
+from model.serve.app import Limits, create_app, running
+from model.serve.worker import EngineWorker, serving_engine
 
 MODEL_ID = "deepresonance-bench"
 

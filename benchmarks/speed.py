@@ -16,10 +16,10 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.config import VICUNA_7B, ModelConfig
-from model.decode import decode_static
-from model.deepresonance import lora_config
-from model.encoder import MediaEncoder
-from model.generate import StopAtSequences
+from model.generate.base import StopAtSequences
+from model.generate.static import decode_static
+from model.media.encoder import MediaEncoder
+from model.network.deepresonance import lora_config
 
 VOCAB = 32006
 PROMPT = 28  # positions of a typical audio prompt: 3 clips + the instruction
@@ -343,11 +343,12 @@ def bench_job(
 
     from ckpt.tiny import train_tokenizer
     from model.config import GenerationConfig
-    from model.data import Row
-    from model.deepresonance import DeepResonance
-    from model.features import FeatureCache
-    from model.inference import DECODE_WORKERS, run_inference
-    from model.tokenizer import PromptTokenizer
+    from model.data.catalog import Row
+    from model.data.row_features import DECODE_WORKERS
+    from model.infer.job import run_inference
+    from model.media.features import FeatureCache
+    from model.network.deepresonance import DeepResonance
+    from model.text.tokenizer import PromptTokenizer
 
     work = Path(workdir)
     audio = work / "audio"
@@ -412,8 +413,8 @@ def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "c
     from pathlib import Path
 
     from ckpt.tiny import train_tokenizer
-    from model.deepresonance import DeepResonance
-    from model.tokenizer import PromptTokenizer
+    from model.network.deepresonance import DeepResonance
+    from model.text.tokenizer import PromptTokenizer
 
     tok = PromptTokenizer(train_tokenizer(Path(workdir) / "tok"))
     config = LlamaConfig(**{**sizes, "vocab_size": len(tok)}, tie_word_embeddings=False)
@@ -433,7 +434,7 @@ INSTRUCTION = "What is the genre of this music, and which instruments play in it
 
 
 def _audio_rows(rows: int) -> list:
-    from model.deepresonance import Example
+    from model.network.deepresonance import Example
 
     g = torch.Generator().manual_seed(0)
     return [Example("<Audio>", INSTRUCTION, [("audio", torch.randn(3, 1024, generator=g))]) for _ in range(rows)]
@@ -507,8 +508,8 @@ def bench_engine(
     never stop, so each row's own max_new_tokens is its drawn length (a length oracle inside this benchmark only).
     `save(report)` is called after each measurement, so a run cut short keeps what it finished."""
     from model.config import GenerationConfig
-    from model.engine import Engine, Request, cache_length
-    from model.generate import generate_ids
+    from model.engine.scheduler import Engine, Request, cache_length
+    from model.generate.base import generate_ids
 
     model = never_stopping_model(workdir, sizes, device)
     on_cuda = device == "cuda"
@@ -607,7 +608,7 @@ def bench_engine(
 
 def _engine_batch1(model, example, greedy, length: int) -> dict:
     """One request alone through a one-slot engine (a server's single client)."""
-    from model.engine import Engine, Request
+    from model.engine.scheduler import Engine, Request
 
     engine = Engine(model, 1, length, greedy.max_new_tokens, k_cap=1)
     request = Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)
@@ -616,7 +617,7 @@ def _engine_batch1(model, example, greedy, length: int) -> dict:
 
 def _static_batch1(model, example, greedy) -> dict:
     """The same request through the static loop (`dr`'s batch-1 path before the engine), for the side-by-side ratio."""
-    from model.generate import generate_ids
+    from model.generate.base import generate_ids
 
     gen = replace(greedy, max_new_tokens=NEW_TOKENS, decoder="static")
     return _batch1(lambda: [len(ids) for ids in generate_ids(model, [example], gen)])

@@ -1,6 +1,6 @@
 """How long Dynamo takes to trace the engine's decode step: the part of a second process's start-up that the compile
 cache does not save (issue #12). Since run 6 the step compiles one decoder layer, which serves every layer, and the
-step's end, once per width (model/slot_step.py); a trace depends on the code traced, not on the widths, so a 32-layer
+step's end, once per width (model/engine/model_runner.py); a trace depends on the code traced, not on the widths, so a 32-layer
 Llama of tiny widths on the CPU shows it. Dynamo runs alone (backend "eager"); each traced frame's time is printed.
 
 `PYTHONPATH=. python benchmarks/trace_time.py` traces the step with FlexAttention, `... trace_time.py sdpa` with SDPA.
@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.speed import _audio_rows, never_stopping_model
 from model.config import LLAMA_TINY, GenerationConfig
-from model.engine import Engine, Request, cache_length
+from model.engine.scheduler import Engine, Request, cache_length
 
 kernel = "sdpa" if sys.argv[1:] == ["sdpa"] else "flex"
 model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)

@@ -9,15 +9,18 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ckpt.files import CkptError, record_manifest, sha256_file
 from ckpt.layout import PARTIAL_SUFFIX
-from ckpt.weights import load_pickle, tensor_shapes
-from model.files import umask_mode
+from model.io.files import umask_mode
+from model.io.manifest import record_manifest, sha256_file
+from model.io.weights import CkptError, load_pickle, tensor_shapes
 
 
 def convert_delta(delta_dir: Path) -> Path:
     """Write `delta_dir/delta.safetensors` from `delta_dir/pytorch_model.pt` and check it holds the same tensors."""
-    from model.checkpoint import DELTA_PT, DELTA_ST  # here: model.checkpoint imports transformers (~4 s)
+    from model.network.checkpoint import (  # here: model.network.checkpoint imports transformers (~4 s)
+        DELTA_PT,
+        DELTA_ST,
+    )
 
     src, dst = delta_dir / DELTA_PT, delta_dir / DELTA_ST
     if not src.is_file():

@@ -16,10 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ckpt.expected import BaseShape, Shapes, delta_problems, imagebind_dim
-from ckpt.files import CkptError, byte_progress, read_manifest, sha256_file
+from ckpt.files import byte_progress
 from ckpt.layout import VICUNA_DELTA_REPO, CkptLayout, layout
-from ckpt.weights import INDEX_FILES, SINGLE_FILES, ShardedWeights, tensor_shapes
 from model.config import Variant
+from model.io.manifest import read_manifest, sha256_file
+from model.io.weights import INDEX_FILES, SINGLE_FILES, CkptError, ShardedWeights, tensor_shapes
 
 Status = Literal["OK", "missing", "corrupt"]
 _STYLE = {"OK": "green", "missing": "yellow", "corrupt": "red"}
@@ -137,9 +138,9 @@ def _added_token_ids(folder: Path) -> set[int]:
 
 
 def _check_imagebind(paths: CkptLayout, hashes: bool) -> tuple[int | None, Check]:
-    """The loader's own ImageBind check (model.checkpoint.imagebind_problems: every key and shape of the size the
+    """The loader's own ImageBind check (model.network.checkpoint.imagebind_problems: every key and shape of the size the
     file declares), after the recorded size and sha256."""
-    from model.checkpoint import imagebind_problems as loader_problems
+    from model.network.checkpoint import imagebind_problems as loader_problems
 
     fix = f"dr ckpt download imagebind --root {paths.root}"
     check = Check("ImageBind-huge", paths.imagebind, "missing", "", fix)
@@ -163,8 +164,8 @@ def _check_delta(
     loadable: bool = True,
 ) -> Check:
     """Every delta file present (the safetensors dr loads and the pickle the original loads), each through the
-    loader's own checks (model.checkpoint.check_delta_file) when the base is usable, else the shape rules."""
-    from model.checkpoint import DELTA_PT, DELTA_ST, check_delta_file
+    loader's own checks (model.network.checkpoint.check_delta_file) when the base is usable, else the shape rules."""
+    from model.network.checkpoint import DELTA_PT, DELTA_ST, check_delta_file
 
     folder = paths.delta_dir(variant)
     fix = f"dr ckpt download {variant} --root {paths.root}"

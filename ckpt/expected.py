@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from model import tokenizer
+from model.text import tokenizer
 
 Shapes = dict[str, tuple[int, ...]]
 

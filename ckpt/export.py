@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ckpt.layout import layout
-from model.checkpoint import export_model, load_model
 from model.config import Variant
+from model.network.checkpoint import export_model, load_model
 
 
 def export(

@@ -13,7 +13,6 @@ IMAGEBIND_URL_ENV = "DR_IMAGEBIND_URL"  # overrides IMAGEBIND_URL (a mirror, or 
 VICUNA_DELTA_REPO = "lmsys/vicuna-7b-delta-v0"
 
 IMAGEBIND_FILE = "imagebind_huge.pth"
-MANIFEST_FILE = "dr_manifest.json"  # {file: {size, sha256}} written beside what download / vicuna produced
 PARTIAL_SUFFIX = ".part"  # transfers and merges in progress; renamed to the final name once verified
 Piece = Literal["alpha", "beta", "imagebind", "all"]
 PIECES: tuple[Piece, ...] = ("alpha", "beta", "imagebind")  # what `dr ckpt download` fetches

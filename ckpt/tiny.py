@@ -15,12 +15,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ckpt.layout import layout
-from model.checkpoint import save_delta
 from model.config import LLAMA_TINY, ModelConfig
-from model.deepresonance import DeepResonance
-from model.encoder import MediaEncoder
-from model.prompt import ASSISTANT, HUMAN, TARGET_END
-from model.tokenizer import STOP_PIECE, PromptTokenizer
+from model.media.encoder import MediaEncoder
+from model.network.checkpoint import save_delta
+from model.network.deepresonance import DeepResonance
+from model.text.prompt import ASSISTANT, HUMAN, TARGET_END
+from model.text.tokenizer import STOP_PIECE, PromptTokenizer
 
 DEFAULT_CORPUS = [
     "Describe the music in detail.",

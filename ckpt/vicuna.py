@@ -18,10 +18,11 @@ from rich.progress import Progress
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckpt.files import CkptError, byte_progress, record_manifest, sha256_file
-from ckpt.layout import HF_WEB, MANIFEST_FILE, PARTIAL_SUFFIX, VICUNA_DELTA_REPO
-from ckpt.weights import ShardedWeights, tensor_shapes
-from model.files import hub_offline, umask_mode
+from ckpt.files import byte_progress
+from ckpt.layout import HF_WEB, PARTIAL_SUFFIX, VICUNA_DELTA_REPO
+from model.io.files import hub_offline, umask_mode
+from model.io.manifest import MANIFEST_FILE, record_manifest, sha256_file
+from model.io.weights import CkptError, ShardedWeights, tensor_shapes
 
 # The delta's vocabulary has one row more than LLaMA's (32001 vs 32000: the [PAD] token Vicuna v0 added).
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -57,7 +58,7 @@ def resolve_delta(delta: str | Path) -> Path:
         return Path(delta)
     from huggingface_hub import HfApi, snapshot_download
 
-    from ckpt.download import failure, retrying, timeouts
+    from model.io.http import failure, retrying, timeouts
 
     repo = str(delta)
     by_hand = f"download {HF_WEB}/{repo} by hand and pass its folder as --delta DIR"

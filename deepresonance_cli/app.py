@@ -8,10 +8,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ckpt.files import CkptError
 from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer, serve
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
+from model.io.weights import CkptError
 
 app = typer.Typer(
     name="dr",

@@ -1,4 +1,4 @@
-"""`dr data convert`: a multiple-choice benchmark's published file -> dr's row format (model/mc_data.py)."""
+"""`dr data convert`: a multiple-choice benchmark's published file -> dr's row format (model/data/multiple_choice.py)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def convert(
     ] = False,
 ) -> None:
     """Convert a benchmark file to rows with the options in the prompt; audio is not shipped (`dr data check`)."""
-    from model.data import CATALOG, DatasetError
-    from model.mc_data import CONVERTERS, convert
+    from model.data.catalog import CATALOG, DatasetError
+    from model.data.multiple_choice import CONVERTERS, convert
 
     if benchmark not in CONVERTERS:
         raise typer.BadParameter(f"{benchmark}: expected one of {', '.join(CONVERTERS)}", param_hint="BENCHMARK")

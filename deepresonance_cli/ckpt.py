@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from ckpt.files import CkptError
 from ckpt.layout import PIECES, VICUNA_DELTA_REPO, layout
 from deepresonance_cli.options import DtypeChoice
+from model.io.weights import CkptError
 
 app = typer.Typer(help="Download, build, verify and convert checkpoints.", no_args_is_help=True)
 err = Console(stderr=True)

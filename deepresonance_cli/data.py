@@ -1,4 +1,4 @@
-"""`dr data download` and `dr data check`: thin wrappers over model/data.py."""
+"""`dr data download` and `dr data check`: thin wrappers over model/data/catalog.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.progress import track
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from model.data import CheckReport
+    from model.data.catalog import CheckReport
 
 app = typer.Typer(help="Dataset text files: fetch them, and check rows and media.", no_args_is_help=True)
 console = Console()
@@ -23,7 +23,7 @@ DataRoot = typer.Option(Path("data"), "--data-root", help="Folder holding the da
 @app.command()
 def download(data_root: Path = DataRoot) -> None:
     """Fetch the released dataset text files (Hugging Face Sony/DeepResonance_data_models, data/) into --data-root."""
-    from model.data import DatasetError, download_data  # torch and decoders load only when a command runs
+    from model.data.catalog import DatasetError, download_data  # torch and decoders load only when a command runs
 
     try:
         path = download_data(data_root)
@@ -56,7 +56,7 @@ def check(
     show: int = typer.Option(20, "--show", help="How many problem lines to print."),
 ) -> None:
     """Validate rows and look for missing or unreadable media; exits non-zero if anything is wrong."""
-    from model.data import DatasetError, check_dataset, resolve_dataset
+    from model.data.catalog import DatasetError, check_dataset, resolve_dataset
 
     try:
         spec = resolve_dataset(dataset, data_root, media_root, split)

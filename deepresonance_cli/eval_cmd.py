@@ -1,5 +1,5 @@
 """`dr eval`: score prediction files against a dataset's references, and answer multiple-choice rows with the model;
-the metrics live in `eval/`, the likelihood scorer in `model/choice.py`."""
+the metrics live in `eval/`, the likelihood scorer in `model/generate/likelihood.py`."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def eval_command(
         list[Path] | None,
         typer.Argument(exists=True, dir_okay=False, help="{id: {instruction: answer}} JSON files (dr infer's)."),
     ] = None,
-    dataset: Annotated[str, Opt(help="A test set of the catalog (model/data.py) or a rows JSON file.")] = ...,
+    dataset: Annotated[str, Opt(help="A test set of the catalog (model/data/catalog.py) or a rows JSON file.")] = ...,
     data_root: Annotated[Path, Opt(help="Root of the catalog's dataset files.")] = Path("data"),
     protocol: Annotated[Protocol, Opt(help="music-llm (peer tables), coco (captioning) or all.")] = Protocol.music_llm,
     bertscore_model: Annotated[str, Opt(help="Hub name (local cache) or model folder.")] = metrics.DEFAULT_MODEL,
@@ -81,7 +81,7 @@ def eval_command(
     """Score prediction files side by side and/or answer multiple-choice rows: table here, JSON + Markdown + PNG."""
     console = Console()
     console = console if console.is_terminal else Console(width=200)  # logs and pipes get whole tables
-    from model.data import DatasetError, resolve_dataset
+    from model.data.catalog import DatasetError, resolve_dataset
 
     try:
         spec = resolve_dataset(dataset, data_root, media_root, split="test")
@@ -93,7 +93,7 @@ def eval_command(
     predictions, modes, controls = predictions or [], mode or [], control or []
     if not predictions and not modes:
         raise typer.BadParameter("give prediction files, or --mode to answer with the model", param_hint="PREDICTIONS")
-    from model.mc_data import classification_rows, has_choices, load_choice_rows
+    from model.data.multiple_choice import classification_rows, has_choices, load_choice_rows
 
     multiple_choice = has_choices(path)
     if multiple_choice:
@@ -159,7 +159,7 @@ def eval_command(
 
 
 def _rows(path: Path) -> list:
-    from model.data import load_rows
+    from model.data.catalog import load_rows
 
     return load_rows(path)[0]
 
@@ -182,11 +182,11 @@ def answer_with_model(
     [_<control>].json`; likelihood scores are computed afresh."""
     from deepresonance_cli.infer import default_device, load
     from eval.choice import ablate, control_audio, mode_key, score_generative, score_likelihood
-    from model.choice import score_rows
     from model.config import GenerationConfig
-    from model.features import FeatureCache
-    from model.inference import run_inference
-    from model.journal import write_results
+    from model.generate.likelihood import score_rows
+    from model.infer.job import run_inference
+    from model.infer.journal import write_results
+    from model.media.features import FeatureCache
 
     device = default_device(options["device"])
     model = load(options["ckpt_root"], variant, options["base"], options["delta"], device, options["dtype"])

@@ -20,7 +20,7 @@ from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
 from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
-    from model.deepresonance import DeepResonance
+    from model.network.deepresonance import DeepResonance
 
 console = Console(stderr=True)
 
@@ -96,7 +96,7 @@ def load(
     `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha)."""
     import torch
 
-    from model.checkpoint import load_model
+    from model.network.checkpoint import load_model
 
     paths = layout(ckpt_root)
     on_cuda = device.startswith("cuda")
@@ -183,10 +183,10 @@ def infer(
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     import torch
 
-    from model.data import load_rows, resolve_dataset
-    from model.features import FeatureCache
-    from model.inference import run_inference
-    from model.journal import output_lock, write_results
+    from model.data.catalog import load_rows, resolve_dataset
+    from model.infer.job import run_inference
+    from model.infer.journal import output_lock, write_results
+    from model.media.features import FeatureCache
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -276,11 +276,11 @@ def ask(
     config: OriginalConfigs = None,
 ) -> None:
     """One answer about your own music (and image / video)."""
-    from model.data import check_text
-    from model.deepresonance import Example
-    from model.generate import generate
-    from model.media import load_media
-    from model.prompt import TAGS
+    from model.data.catalog import check_text
+    from model.generate.base import generate
+    from model.media.preprocess import load_media
+    from model.network.deepresonance import Example
+    from model.text.prompt import TAGS
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     try:

@@ -1,4 +1,4 @@
-"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/http_api.py, model/serving.py)."""
+"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/serve/app.py, model/serve/worker.py)."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def serve(
     import uvicorn
 
     from model.config import GenerationConfig
-    from model.http_api import Limits, create_app
-    from model.serving import EngineWorker, serving_engine
+    from model.serve.app import Limits, create_app
+    from model.serve.worker import EngineWorker, serving_engine
 
     if not is_loopback(host) and not api_key:
         raise typer.BadParameter(

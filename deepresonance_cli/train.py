@@ -1,4 +1,4 @@
-"""`dr train`: the two-stage recipe (model/training.py) from the command line; options override the stage defaults."""
+"""`dr train`: the two-stage recipe (model/train/loop.py) from the command line; options override the stage defaults."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def train(
 
     from ckpt.layout import layout
     from model.config import ModelConfig, TrainConfig
-    from model.training import train as run_training
+    from model.train.loop import train as run_training
 
     main_rank = int(os.environ.get("RANK", 0)) == 0
     level = logging.INFO if main_rank else logging.WARNING

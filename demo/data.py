@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-from model.prompt import TAGS
+from model.text.prompt import TAGS
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 6.0
@@ -225,8 +225,8 @@ def task_rows(
 def choice_rows(clips: list[tuple[str, Music]], rng: np.random.Generator) -> list[dict]:
     """MuChoMusic-style multiple choice over the musicqa questions: the options are the question's answer sentence
     for every value of its attribute (3 instruments, 2 tempos, 2 loudnesses), in a random order per row, listed in
-    MuChoMusic's prompt; the answer is the sentence for the clip's own value (model/mc_data.py's row format)."""
-    from model.mc_data import mc_row, muchomusic_prompt
+    MuChoMusic's prompt; the answer is the sentence for the clip's own value (model/data/multiple_choice.py's row format)."""
+    from model.data.multiple_choice import mc_row, muchomusic_prompt
 
     rows = []
     for path, music in clips:

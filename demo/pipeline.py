@@ -1,7 +1,7 @@
 """`dr demo` as a function: synthetic data -> tiny model -> stage 1 and stage 2 -> held-out answers -> metrics,
 and a held-out multiple-choice set scored by likelihood (with the audio, and with silence in its place).
 
-It runs the same code paths as the real recipe (model/training.py, model/inference.py, eval/), only smaller: the
+It runs the same code paths as the real recipe (model/train/loop.py, model/infer/job.py, eval/), only smaller: the
 tiny checkpoint set of ckpt/tiny.py (random ImageBind and LLaMA, a tokenizer trained on the demo's texts) and the
 synthetic dataset of demo/data.py. The "untrained" model is the tiny set's random delta, answered and scored
 exactly like the trained one, so the before/after difference is what the two training stages did.
@@ -19,7 +19,7 @@ from ckpt.layout import layout
 from ckpt.tiny import write_tiny_set
 from demo import data as demo_data
 from model.config import GenerationConfig, TrainConfig
-from model.data import load_rows
+from model.data.catalog import load_rows
 
 # Recipe overrides for a tiny random LLM on CPU: short runs with a high peak lr. Stage 1 aligns the projector (and
 # fusion) with the LLM frozen; the embeddings train in both stages, as the original's resize left them trainable.
@@ -60,9 +60,9 @@ def _train(
     quick: bool,
     progress: bool,
 ) -> str:
-    """One training stage through model/training.py. Returns the `dr train` arguments that redo it: its options go
+    """One training stage through model/train/loop.py. Returns the `dr train` arguments that redo it: its options go
     to a JSON file for --config, and the ones `dr train` has flags for are also given as flags (flags win)."""
-    from model.training import train
+    from model.train.loop import train
 
     options = {**STAGE_OPTIONS[variant][stage], "datasets": [str(d) for d in datasets], "seed": seed}
     if quick:
@@ -91,10 +91,10 @@ def _train(
 
 def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, out_json: Path) -> dict:
     """Greedy answers for every held-out row (a fresh result file: old journals are removed first)."""
-    from model.checkpoint import load_model
-    from model.features import FeatureCache
-    from model.inference import run_inference
-    from model.journal import journal_paths, write_results
+    from model.infer.job import run_inference
+    from model.infer.journal import journal_paths, write_results
+    from model.media.features import FeatureCache
+    from model.network.checkpoint import load_model
 
     paths = layout(ckpt)
     model = load_model(paths.vicuna, delta, paths.imagebind, variant)
@@ -115,13 +115,13 @@ def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, o
 
 
 def _choice(ckpt: Path, delta: Path, variant: str, data: demo_data.DemoData, cache: Path, controls: Path) -> dict:
-    """Likelihood multiple choice on the held-out musicmc rows (model/choice.py), with the real audio and with
+    """Likelihood multiple choice on the held-out musicmc rows (model/generate/likelihood.py), with the real audio and with
     silence in its place: {mode: eval.choice report}."""
     from eval.choice import ablate, control_audio, mode_key, score_likelihood
-    from model.checkpoint import load_model
-    from model.choice import score_rows
-    from model.features import FeatureCache
-    from model.mc_data import load_choice_rows
+    from model.data.multiple_choice import load_choice_rows
+    from model.generate.likelihood import score_rows
+    from model.media.features import FeatureCache
+    from model.network.checkpoint import load_model
 
     paths = layout(ckpt)
     model = load_model(paths.vicuna, delta, paths.imagebind, variant)

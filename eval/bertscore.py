@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from eval.needs import Missing
-from model.files import hub_offline
+from model.io.files import hub_offline
 
 DEFAULT_MODEL = "roberta-large"
 

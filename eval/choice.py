@@ -119,7 +119,7 @@ def grade(rows: Sequence, picks: Sequence[int | None]) -> dict:
 
 
 def score_generative(predictions: Mapping[str, Mapping[str, str]], rows: Sequence) -> dict:
-    """`{id: {instruction: answer}}` (what `dr infer` writes) against `model.mc_data.ChoiceRow`s.
+    """`{id: {instruction: answer}}` (what `dr infer` writes) against `model.data.multiple_choice.ChoiceRow`s.
 
     A row without an answer (not run, or its media failed) is left out and counted as missing; unparsed answers are
     scored wrong and counted (both in rows)."""
@@ -135,7 +135,7 @@ def score_generative(predictions: Mapping[str, Mapping[str, str]], rows: Sequenc
 
 
 def score_likelihood(scores: Sequence, rows: Sequence) -> dict[str, dict]:
-    """`model.choice.score_rows` output against the rows: the `acc` and the `acc_norm` pick, as two modes. Rows
+    """`model.generate.likelihood.score_rows` output against the rows: the `acc` and the `acc_norm` pick, as two modes. Rows
     whose media failed (a MediaError in place of scores) are left out and counted as missing."""
     kept = [(s, r) for s, r in zip(scores, rows, strict=True) if hasattr(s, "logprobs")]
     missing = len(rows) - len(kept)

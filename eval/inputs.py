@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def dataset_path(dataset: str | Path, data_root: str | Path = "data") -> Path:
-    """A JSON file as given, else the test file of a catalog name (model.data); DatasetError names the choices."""
-    from model.data import resolve_dataset  # imported here: it pulls in the media stack (torch, av)
+    """A JSON file as given, else the test file of a catalog name (model.data.catalog); DatasetError names the choices."""
+    from model.data.catalog import resolve_dataset  # imported here: it pulls in the media stack (torch, av)
 
     return resolve_dataset(dataset, data_root, split="test").json_path
 
@@ -68,7 +68,9 @@ def pair(predictions: dict[str, dict[str, str]], rows: list[dict]) -> tuple[list
     Rows without an answer and answers without a row are counted (and the rows listed), never silently dropped; an
     answer that is not a string (a number, null, a list) is counted apart (`not_text`), so the report says why.
     """
-    keys = [(str(row.get("id", i)), row["instruction"]) for i, row in enumerate(rows)]  # no id: its index (model.data)
+    keys = [
+        (str(row.get("id", i)), row["instruction"]) for i, row in enumerate(rows)
+    ]  # no id: its index (model.data.catalog)
     cands, refs, missing, not_text = [], [], [], []
     for (row_id, instruction), row in zip(keys, rows, strict=True):
         answers = predictions.get(row_id, {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
-# the Hugging Face dataset repo that holds the released deltas and the test sets (ckpt/ downloads, model/data.py)
+# the Hugging Face dataset repo that holds the released deltas and the test sets (ckpt/ downloads, model/data/catalog.py)
 HF_DATA_REPO = "Sony/DeepResonance_data_models"
 HF_WEB = "https://huggingface.co"  # for the by-hand instructions in error messages
 
@@ -121,7 +121,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = 1337
     top_k: int = 50
-    # "engine": continuous batching (model/engine.py); "static": the static-batch loop (model/decode.py); "generate":
+    # "engine": continuous batching (model/engine/scheduler.py); "static": the static-batch loop (model/generate/static.py); "generate":
     # transformers' generate, the faithful reference the others are tested against
     decoder: Decoder = "engine"
 

@@ -41,10 +41,10 @@ def stopping_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     import torch
 
     from ckpt.layout import layout
-    from model.checkpoint import load_model, save_delta
     from model.config import GenerationConfig
-    from model.deepresonance import Example
-    from model.generate import generate_ids
+    from model.generate.base import generate_ids
+    from model.network.checkpoint import load_model, save_delta
+    from model.network.deepresonance import Example
 
     root = tmp_path_factory.mktemp("stopping") / "ckpt"
     shutil.copytree(tiny_root, root)
@@ -64,7 +64,7 @@ def stopping_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture
 def step_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The width of every decode step the engine runs in the test, in order."""
-    from model.slot_step import SlotStep
+    from model.engine.model_runner import SlotStep
 
     widths: list[int] = []
     real = SlotStep.__call__

@@ -23,10 +23,10 @@ from eval.choice import (
     score_generative,
     score_likelihood,
 )
-from model.choice import OptionScores
-from model.data import Row
-from model.mc_data import ChoiceRow
-from model.media import MediaError
+from model.data.catalog import Row
+from model.data.multiple_choice import ChoiceRow
+from model.generate.likelihood import OptionScores
+from model.media.preprocess import MediaError
 
 OPTIONS = ["Rock", "Latin rock", "Jazz", "Pop music"]
 
@@ -157,12 +157,12 @@ def test_control_audio_files(tmp_path):
 def test_controls_run_through_both_modes(tiny_layout, tmp_path, kind):
     """The same questions with control audio, through the likelihood scorer and the generative path (run_inference):
     every row is answered or scored, none fails on its media, and the inputs really are the control audio."""
-    from model.checkpoint import load_model
-    from model.choice import score_rows
     from model.config import GenerationConfig
-    from model.features import FeatureCache
-    from model.inference import run_inference
-    from model.journal import write_results
+    from model.generate.likelihood import score_rows
+    from model.infer.job import run_inference
+    from model.infer.journal import write_results
+    from model.media.features import FeatureCache
+    from model.network.checkpoint import load_model
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     for i in range(3):

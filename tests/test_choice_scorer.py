@@ -1,4 +1,4 @@
-"""model/choice.py: the likelihood scorer against values derived without it.
+"""model/generate/likelihood.py: the likelihood scorer against values derived without it.
 
 - A hand-built model whose lm_head is a bias only (weights zero) gives every position the same next-token
   distribution, softmax(bias); one option's tokens get a large bias, so that option is certain, and every option's
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_model
-from model.choice import OptionScores, option_logprobs, option_tokens
-from model.deepresonance import Example
-from model.prompt import ASSISTANT, HUMAN
+from model.generate.likelihood import OptionScores, option_logprobs, option_tokens
+from model.network.checkpoint import load_model
+from model.network.deepresonance import Example
+from model.text.prompt import ASSISTANT, HUMAN
 
 OPTIONS = ["piano", "guitar", "drums", "flute"]
 
@@ -138,7 +138,7 @@ def test_an_option_merged_with_the_end_marker_is_scored_as_trained(tiny_layout, 
     """A tokenizer trained on answers (as the demo's) has a `.\\n###` piece: the option "The music is loud." is then
     written, as in training, with that piece last, not with a lone ".", and that is what is scored."""
     from ckpt.tiny import train_tokenizer
-    from model.tokenizer import PromptTokenizer
+    from model.text.tokenizer import PromptTokenizer
 
     corpus = [f"The {w} is {v}." for w in ("music", "tempo", "song") for v in ("loud", "soft", "fast", "slow")]
     tok = PromptTokenizer(train_tokenizer(tmp_path / "tok", corpus, vocab_size=300))

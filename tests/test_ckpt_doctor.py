@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from ckpt.doctor import doctor
-from ckpt.files import record_manifest, sha256_file
 from ckpt.layout import CkptLayout, layout
 from deepresonance_cli.app import app
-from model.encoder import MediaEncoder
+from model.io.manifest import record_manifest, sha256_file
+from model.media.encoder import MediaEncoder
 
 HIDDEN, LAYERS, ENC, RANK, FF = 64, 2, 32, 4, 128
 TEXT = [

@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.checkpoint import DeltaError, load_model
 from model.config import GenerationConfig
-from model.deepresonance import Example
-from model.generate import generate_ids
+from model.generate.base import generate_ids
+from model.network.checkpoint import DeltaError, load_model
+from model.network.deepresonance import Example
 
 runner = CliRunner()
 GREEDY = GenerationConfig(max_new_tokens=8, do_sample=False)

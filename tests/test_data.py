@@ -1,4 +1,4 @@
-"""model/data.py (catalog, row validation, dataset check) and the `dr data` commands."""
+"""model/data/catalog.py (catalog, row validation, dataset check) and the `dr data` commands."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import synth
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.data import (
+from model.data.catalog import (
     CATALOG,
     DatasetError,
     Row,

@@ -1,4 +1,4 @@
-"""model/decode.py's token choice in the static-batch loop: draws follow transformers' warped distribution."""
+"""model/generate/static.py's token choice in the static-batch loop: draws follow transformers' warped distribution."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model.decode import _pick
+from model.generate.static import _pick
 
 
 def warped(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 from demo import data as demo_data
-from model.data import check_dataset, load_rows, resolve_dataset
+from model.data.catalog import check_dataset, load_rows, resolve_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model import engine as engine_module
-from model.checkpoint import load_model
 from model.config import GenerationConfig
-from model.deepresonance import Example
-from model.engine import Engine, Request, cache_length, engine_for
-from model.generate import generate_ids
-from model.kv_slots import SlotKV, bytes_per_position
-from model.next_token import next_token, row_key, uniforms
+from model.engine import scheduler as engine_module
+from model.engine.kv_cache import SlotKV, bytes_per_position
+from model.engine.sampler import next_token, row_key, uniforms
+from model.engine.scheduler import Engine, Request, cache_length, engine_for
+from model.generate.base import generate_ids
+from model.network.checkpoint import load_model
+from model.network.deepresonance import Example
 
 REFERENCE = GenerationConfig(max_new_tokens=12, do_sample=False, decoder="generate")
 
@@ -74,7 +74,7 @@ def test_greedy_answers_equal_one_row_generate_while_slots_refill(model, kernel,
 
 
 def test_padded_prefill_of_the_graph_path_equals_one_row_generate(model):
-    """The prefill path that replays CUDA graphs on a GPU (model/prefill_graphs.py) runs here eagerly, with the same
+    """The prefill path that replays CUDA graphs on a GPU (model/engine/prefill_graphs.py) runs here eagerly, with the same
     padded widths and reused input buffers (a shorter prompt leaves a longer one's embeddings in the padding): every
     row's ids still equal `generate` on that row alone."""
     examples = rows()
@@ -249,7 +249,7 @@ def test_finished_and_free_slots_read_no_cache_blocks():
     slot at 5 one block; finished or never-filled slots none."""
     from transformers import LlamaConfig
 
-    from model.kv_slots import BLOCK, SlotKV
+    from model.engine.kv_cache import BLOCK, SlotKV
 
     config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     kv = SlotKV(config, 4, 3 * BLOCK, torch.float32, torch.device("cpu"), "flex")

@@ -12,7 +12,7 @@ ROWS = [
     {"id": "a", "instruction": "q1", "output": "r1"},
     {"id": "a", "instruction": "q2", "output": "r2"},
     {"id": 7, "instruction": "q1", "output": "r3"},
-    {"instruction": "q3", "output": "r4"},  # no id: its index, "3", as model.data does
+    {"instruction": "q3", "output": "r4"},  # no id: its index, "3", as model.data.catalog does
 ]
 
 
@@ -47,7 +47,7 @@ def test_dataset_is_a_file_or_a_catalog_name(tmp_path):
     f.write_text(json.dumps(ROWS))
     assert ev.dataset_path(str(f), "elsewhere") == f
     assert ev.dataset_path("musicqa", tmp_path) == tmp_path / "musicqa_test.json"
-    from model.data import DatasetError
+    from model.data.catalog import DatasetError
 
     with pytest.raises(DatasetError, match="musicqa"):
         ev.dataset_path("no_such_set", tmp_path)

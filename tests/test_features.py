@@ -1,4 +1,4 @@
-"""model/features.py: the encoder-feature cache and batched encoding, with a fake encoder that counts its calls."""
+"""model/media/features.py: the encoder-feature cache and batched encoding, with a fake encoder that counts its calls."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import synth
 import torch
 
-from model import features as features_module
-from model.features import FeatureCache, encode_files
-from model.media import MediaError
+from model.media import features as features_module
+from model.media.features import FeatureCache, encode_files
+from model.media.preprocess import MediaError
 
 
 class FakeEncoder:
@@ -139,7 +139,7 @@ def test_encoders_whose_weights_differ_only_mid_file_get_different_entries(tmp_p
     middle: their features differ, so the cache must not serve one encoder's features to the other. (The tiny
     weights are one 7 MB file; the audio weight is saved as a view into the middle of a 3 MiB storage, which
     torch.save writes whole, so it lies at least 1.5 MiB from either end of the file.)"""
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     torch.manual_seed(0)
     state = MediaEncoder("tiny").imagebind.state_dict()
@@ -186,7 +186,7 @@ def counted_digest(monkeypatch):
 
 @pytest.fixture
 def weights(tmp_path):
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     torch.manual_seed(0)
     path = tmp_path / "ib.pth"
@@ -195,7 +195,7 @@ def weights(tmp_path):
 
 
 def test_a_second_start_with_the_same_weights_file_does_not_rehash(tmp_path, weights, counted_digest):
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     root = tmp_path / "cache"
     first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
@@ -207,7 +207,7 @@ def test_a_second_start_with_the_same_weights_file_does_not_rehash(tmp_path, wei
 
 
 def test_a_touched_file_is_rehashed_and_changed_weights_change_the_key(tmp_path, weights, counted_digest):
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     root, st = tmp_path / "cache", weights.stat()
     first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
@@ -228,7 +228,7 @@ def test_a_touched_file_is_rehashed_and_changed_weights_change_the_key(tmp_path,
 def test_a_file_of_another_size_is_rehashed(tmp_path, weights, counted_digest):
     """The same weights saved with one tensor as a view into a larger storage (torch.save writes it whole): a bigger
     file with the old mtime is rehashed, and its equal tensors keep the key."""
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     root, st = tmp_path / "cache", weights.stat()
     first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
@@ -245,7 +245,7 @@ def test_a_file_of_another_size_is_rehashed(tmp_path, weights, counted_digest):
 
 
 def test_encoders_not_from_a_file_or_written_to_are_hashed_every_time(tmp_path, weights, counted_digest):
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     root = tmp_path / "cache"
     torch.manual_seed(1)
@@ -263,7 +263,7 @@ def test_encoders_not_from_a_file_or_written_to_are_hashed_every_time(tmp_path, 
 
 
 def test_a_converted_encoder_is_remembered_per_dtype(tmp_path, weights, counted_digest):
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     root = tmp_path / "cache"
     full = FeatureCache.for_encoder(root, MediaEncoder.load(weights))
@@ -277,7 +277,7 @@ def test_a_converted_encoder_is_remembered_per_dtype(tmp_path, weights, counted_
 
 
 def test_an_unreadable_digest_memo_costs_a_rehash(tmp_path, weights, counted_digest):
-    from model.encoder import MediaEncoder
+    from model.media.encoder import MediaEncoder
 
     root = tmp_path / "cache"
     first = FeatureCache.for_encoder(root, MediaEncoder.load(weights))

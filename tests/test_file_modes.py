@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from model.checkpoint import export_model, load_model, save_delta
-from model.journal import write_results
+from model.infer.journal import write_results
+from model.network.checkpoint import export_model, load_model, save_delta
 
 
 @pytest.fixture

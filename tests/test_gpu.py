@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.checkpoint import load_model
 from model.config import GenerationConfig
-from model.deepresonance import Example
-from model.generate import generate_ids
+from model.generate.base import generate_ids
+from model.network.checkpoint import load_model
+from model.network.deepresonance import Example
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 GREEDY = GenerationConfig(max_new_tokens=16, do_sample=False, decoder="generate")
@@ -39,7 +39,7 @@ def rows() -> list[Example]:
 
 def engine_ids(engine, examples: list[Example], gens: list[GenerationConfig]) -> list[list[int]]:
     """Each example's ids through `engine` (request i is example i), in the examples' order."""
-    from model.engine import Request
+    from model.engine.scheduler import Request
 
     got = {}
     for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
@@ -101,9 +101,9 @@ def test_job_with_compiled_static_loop_equals_generate_job(tiny_layout, tmp_path
     while the compiled loop replays its CUDA graphs: the answers equal a `generate` job's."""
     from synth import make_row, write_dataset, write_wav
 
-    from model.data import load_rows
-    from model.inference import run_inference
-    from model.journal import read_journal
+    from model.data.catalog import load_rows
+    from model.infer.job import run_inference
+    from model.infer.journal import read_journal
 
     for i in range(5):
         write_wav(tmp_path / "data" / f"a{i}.wav", 1.0 + i, 220.0 * (i + 1))
@@ -128,7 +128,7 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     width 2 (a second graph): each row's ids equal one-row `generate` in fp32."""
     from dataclasses import replace
 
-    from model.engine import Engine, cache_length
+    from model.engine.scheduler import Engine, cache_length
 
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
     model = load_model(*paths, device="cuda")
@@ -150,7 +150,7 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
     and the small prefills' CUDA graphs, which synchronizes)."""
     from dataclasses import replace
 
-    from model.engine import Engine, cache_length
+    from model.engine.scheduler import Engine, cache_length
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
     model.merge_lora()
@@ -193,7 +193,7 @@ def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
     import gc
     from dataclasses import replace
 
-    from model.engine import Engine, cache_length
+    from model.engine.scheduler import Engine, cache_length
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
     model.merge_lora()
@@ -216,9 +216,9 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
     """A whole `run_inference` job on CUDA with the default decoder (the compiled engine) equals a `generate` job."""
     from synth import make_row, write_dataset, write_wav
 
-    from model.data import load_rows
-    from model.inference import run_inference
-    from model.journal import read_journal
+    from model.data.catalog import load_rows
+    from model.infer.job import run_inference
+    from model.infer.journal import read_journal
 
     for i in range(5):
         write_wav(tmp_path / "data" / f"a{i}.wav", 1.0 + i, 220.0 * (i + 1))

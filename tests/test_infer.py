@@ -16,14 +16,14 @@ from typer.testing import CliRunner
 
 from ckpt.layout import layout
 from deepresonance_cli.app import app
-from model.checkpoint import load_model
 from model.config import GenerationConfig
-from model.data import load_rows
-from model.deepresonance import Example
-from model.features import FeatureCache
-from model.generate import generate
-from model.inference import run_inference
-from model.media import load_media
+from model.data.catalog import load_rows
+from model.generate.base import generate
+from model.infer.job import run_inference
+from model.media.features import FeatureCache
+from model.media.preprocess import load_media
+from model.network.checkpoint import load_model
+from model.network.deepresonance import Example
 
 runner = CliRunner()
 
@@ -232,7 +232,7 @@ def test_torchrun_shards_rows_by_rank_and_merges_one_result(tiny_root, tmp_path)
 def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, monkeypatch):
     import threading
 
-    import model.inference as inference
+    import model.infer.job as inference
 
     rows, _ = load_rows(media_dataset(tmp_path / "data", 4))
     media_calls, overlapped = [], []

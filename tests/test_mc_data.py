@@ -1,4 +1,4 @@
-"""model/mc_data.py: each benchmark's published format -> dr rows -> back, prompts as the benchmarks write them.
+"""model/data/multiple_choice.py: each benchmark's published format -> dr rows -> back, prompts as the benchmarks write them.
 
 Each file below is synthesized in the format its benchmark publishes (field names as in the public repositories). A
 round trip recovers every question's text, correct answer, distractors, audio file and categories from the converted
@@ -15,8 +15,8 @@ import synth
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.data import load_rows, resolve_dataset
-from model.mc_data import (
+from model.data.catalog import load_rows, resolve_dataset
+from model.data.multiple_choice import (
     BenchmarkFormatError,
     classification_rows,
     convert,

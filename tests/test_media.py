@@ -1,4 +1,4 @@
-"""model/media.py against ImageBind's own data.py (loaded with stub modules) and independent computations."""
+"""model/media/preprocess.py against ImageBind's own data.py (loaded with stub modules) and independent computations."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import synth
 import torch
 import torchaudio
 
-from model import media
-from model.media import MediaError, load_audio, load_image, load_media, load_video
+from model.media import preprocess as media
+from model.media.preprocess import MediaError, load_audio, load_image, load_media, load_video
 
 
 class ConstantClipsSampler:

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from model.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
 from model.config import GenerationConfig
-from model.deepresonance import Example
-from model.encoder import MediaEncoder, imagebind_model_module
-from model.generate import StopAtSequences, generate, generate_ids
-from model.prompt import cut_at_stop
+from model.generate.base import StopAtSequences, generate, generate_ids
+from model.media.encoder import MediaEncoder, imagebind_model_module
+from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
+from model.network.deepresonance import Example
+from model.text.prompt import cut_at_stop
 
 GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False, decoder="generate")  # the faithful reference
 
@@ -152,9 +152,9 @@ def test_wrong_variant_and_unreadable_delta(tiny_layout, tmp_path):
 def test_lora_rank_and_fusion_depth_come_from_the_delta(tiny_layout, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from model.checkpoint import DeepResonance
     from model.config import ModelConfig
-    from model.tokenizer import PromptTokenizer
+    from model.network.checkpoint import DeepResonance
+    from model.text.tokenizer import PromptTokenizer
 
     config = ModelConfig(variant="beta", encoder_size="tiny", lora_r=8, fusion_layers=2)
     tok = PromptTokenizer.from_dir(tiny_layout.delta_dir("beta"))
@@ -254,7 +254,7 @@ def test_static_cache_loop_shares_compiled_shapes_across_lengths_and_batch_sizes
     reuse one compiled decoder; the padding must not change any row's tokens."""
     from dataclasses import replace
 
-    from model import decode
+    from model.generate import static as decode
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     static = replace(GREEDY, decoder="static")
@@ -281,7 +281,7 @@ def test_original_delta_of_another_rank_says_which_alpha_it_is_loaded_with(tiny_
     )
     folder = save_delta(rank8, tmp_path / "rank8")
     (folder / "dr_config.json").unlink()  # as the original writes it
-    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="model.network.checkpoint"):
         loaded = load_model(tiny_layout.vicuna, folder, tiny_layout.imagebind)
     assert loaded.config.lora_r == 8 and loaded.config.lora_alpha == 32
     assert "LoRA rank 8 with no saved alpha" in caplog.text and "loading with alpha 32 (scale 4)" in caplog.text

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import eval.bertscore as bertscore
-from model.files import hub_offline
+from model.io.files import hub_offline
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 

@@ -133,8 +133,8 @@ def test_what_dr_cannot_take_is_one_line_naming_the_file(tmp_path, text, message
 def test_an_original_format_delta_loads_with_the_alpha_its_config_names(tiny_layout, tmp_path):
     """A rank-8 delta as the original writes it (no dr_config.json) with the stage config it was trained with
     (lora_alpha 16): LoRA's scale is 16 / 8, not the default 32 / 8."""
-    from model.checkpoint import load_model, save_delta
     from model.config import ModelConfig
+    from model.network.checkpoint import load_model, save_delta
 
     rank8 = load_model(
         tiny_layout.vicuna, None, tiny_layout.imagebind, config=ModelConfig(lora_r=8, encoder_size="tiny")

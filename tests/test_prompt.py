@@ -6,9 +6,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from model.deepresonance import embed_batch
-from model.prompt import IGNORE, MEDIA, PLACEHOLDERS, TAGS, RowLayout, answer_text, batch_ids, layout_row
-from model.tokenizer import ADDED_TOKENS, PromptTokenizer
+from model.network.deepresonance import embed_batch
+from model.text.prompt import IGNORE, MEDIA, PLACEHOLDERS, TAGS, RowLayout, answer_text, batch_ids, layout_row
+from model.text.tokenizer import ADDED_TOKENS, PromptTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from synth import make_row, write_image, write_wav
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.data import load_rows
-from model.tokenizer import PromptTokenizer
+from model.data.catalog import load_rows
+from model.text.tokenizer import PromptTokenizer
 
 runner = CliRunner()
 LONE = "\ud800"

@@ -18,7 +18,7 @@ from synth import infer_args, make_row, write_dataset
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.journal import Journal, JournalError, OutputLocked, output_lock, read_journal, write_results
+from model.infer.journal import Journal, JournalError, OutputLocked, output_lock, read_journal, write_results
 
 runner = CliRunner()
 
@@ -110,7 +110,7 @@ def test_full_disk_while_writing_the_result_keeps_the_journal_and_the_old_file(t
     journal.close()
     out.write_text("{}")
     code = (
-        "import resource, signal, sys; from pathlib import Path; from model.journal import write_results;"
+        "import resource, signal, sys; from pathlib import Path; from model.infer.journal import write_results;"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000));"
         f"write_results(Path({str(out)!r}))"
     )
@@ -147,7 +147,9 @@ def test_second_process_on_the_same_out_says_who_holds_it_and_exits(tiny_root, t
 
 def test_lock_is_released_by_a_killed_holder(tmp_path):
     out = tmp_path / "r.json"
-    code = f"from model.journal import output_lock; output_lock({str(out)!r}).acquire(); print('held', flush=True); "
+    code = (
+        f"from model.infer.journal import output_lock; output_lock({str(out)!r}).acquire(); print('held', flush=True); "
+    )
     code += "import time; time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -219,7 +221,7 @@ def test_greedy_identity_ignores_sampling_knobs_and_speed_options(tiny_root, tmp
 
 
 def test_journal_without_identity_is_refused(tmp_path):
-    from model.journal import check_identity
+    from model.infer.journal import check_identity
 
     out = tmp_path / "r.json"
     out.with_suffix(".jsonl").write_text(json.dumps({"id": "a", "instruction": "q", "answer": "x"}) + "\n")

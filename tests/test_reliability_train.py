@@ -17,7 +17,7 @@ import synth
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.training import MARKER, STATE_FILE, CheckpointError, find_checkpoint
+from model.train.loop import MARKER, STATE_FILE, CheckpointError, find_checkpoint
 
 runner = CliRunner()
 
@@ -107,7 +107,7 @@ def test_checkpoint_mixing_two_runs_is_refused_on_resume(tiny_root, dataset, tmp
 
 KILL_MID_SAVE = """
 import os, signal, sys
-import model.training as training
+import model.train.loop as training
 from model.config import TrainConfig
 original = training.save_delta
 def save_then_die(model, folder, metadata=None):

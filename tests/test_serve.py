@@ -30,11 +30,11 @@ from deepresonance_cli.app import app as cli
 from deepresonance_cli.infer import load
 from deepresonance_cli.serve import demo_checkpoints
 from model.config import GenerationConfig
-from model.deepresonance import Example
-from model.generate import generate, generate_ids
-from model.http_api import Limits, create_app, running
-from model.media import load_media
-from model.serving import EngineWorker, TextStream, serving_engine
+from model.generate.base import generate, generate_ids
+from model.media.preprocess import load_media
+from model.network.deepresonance import Example
+from model.serve.app import Limits, create_app, running
+from model.serve.worker import EngineWorker, TextStream, serving_engine
 
 MODEL = "deepresonance-alpha"
 KEY = "test-key-1234"
@@ -538,7 +538,7 @@ def test_media_decoding_has_a_time_limit(tiny_root, media, monkeypatch):
         time.sleep(2)
         return load_media(modality, path)
 
-    monkeypatch.setattr("model.http_api.load_media", slow_load)
+    monkeypatch.setattr("model.serve.app.load_media", slow_load)
     with server(tiny_root, limits=Limits(decode_timeout_s=0.3)) as (url, worker):
         response = _post(url, {"model": MODEL, "messages": user(audio_part(media["wav"]))}, key=None)
         assert response.status_code == 400 and "took over 0.3 s" in response.json()["error"]["message"]

@@ -14,11 +14,11 @@ import pytest
 import synth
 import torch
 
-from model.checkpoint import DELTA_PT, load_model, read_delta
 from model.config import GenerationConfig, TrainConfig
-from model.generate import generate
-from model.sampling import MixedBatchSampler
-from model.training import Trainer, deepspeed_config, find_checkpoint, lr_factor, train
+from model.generate.base import generate
+from model.network.checkpoint import DELTA_PT, load_model, read_delta
+from model.train.batch_sampler import MixedBatchSampler
+from model.train.loop import Trainer, deepspeed_config, find_checkpoint, lr_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import synth
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.checkpoint import read_delta
+from model.network.checkpoint import read_delta
 
 
 @pytest.mark.parametrize("variant", ["alpha", "beta"])

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from model.config import TrainConfig
-from model.training import Dist, load_state, rng_state, select_device, set_rng_state, total_steps
+from model.train.loop import Dist, load_state, rng_state, select_device, set_rng_state, total_steps
 
 
 def draws() -> tuple[list[float], torch.Tensor]:

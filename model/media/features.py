@@ -22,11 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.media import MODALITIES, MediaError, load_media
+from model.media.preprocess import MODALITIES, MediaError, load_media
 
 
 class Encoder(Protocol):
-    """What encode_files needs (model/encoder.py's MediaEncoder): modality, [B, ...] inputs -> [B, k, D]."""
+    """What encode_files needs (model/media/encoder.py's MediaEncoder): modality, [B, ...] inputs -> [B, k, D]."""
 
     fingerprint: str
     device: torch.device

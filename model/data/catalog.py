@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.config import HF_DATA_REPO, HF_WEB
-from model.files import hub_offline
-from model.media import MODALITIES, MediaError, load_media, probe_media
-from model.prompt import PLACEHOLDERS
-from model.prompt import SPLIT as PLACEHOLDER_RE
+from model.io.files import hub_offline
+from model.media.preprocess import MODALITIES, MediaError, load_media, probe_media
+from model.text.prompt import PLACEHOLDERS
+from model.text.prompt import SPLIT as PLACEHOLDER_RE
 
 HF_DATA_URL = f"{HF_WEB}/datasets/{HF_DATA_REPO}/tree/main/data"
 
@@ -38,7 +38,7 @@ CATALOG: dict[tuple[str, str], tuple[str, str | None]] = {
     ("mtg", "test"): ("mtg_test.json", "MTG/eval_audios"),
     ("musicinstruct_long", "test"): ("musicinstruct_long_test.json", "MusicInstruct/eval_audios"),
     ("musicinstruct_short", "test"): ("musicinstruct_short_test.json", "MusicInstruct/eval_audios"),
-    # multiple-choice benchmarks, as `dr data convert` writes them (model/mc_data.py); media roots are the folders
+    # multiple-choice benchmarks, as `dr data convert` writes them (model/data/multiple_choice.py); media roots are the folders
     # their audio paths are relative to
     ("muchomusic", "test"): ("muchomusic_test.json", "MuChoMusic/audio"),
     ("rulistening", "test"): ("rulistening_test.json", "RUListening/audio"),
@@ -231,7 +231,7 @@ def download_data(data_root: str | Path = "data") -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    from ckpt.download import retrying, timeouts
+    from model.io.http import retrying, timeouts
 
     data_root = Path(data_root)
     by_hand = f"download its files from {HF_DATA_URL} by hand and put them in {data_root}/"

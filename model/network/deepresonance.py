@@ -15,10 +15,10 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from model.config import CLIPS_PER_ITEM, ModelConfig
-from model.encoder import MediaEncoder
-from model.prompt import IGNORE, MEDIA, IdBatch, answer_text, batch_ids, layout_row
-from model.tokenizer import PromptTokenizer
-from model.transfer import to_device
+from model.io.transfer import to_device
+from model.media.encoder import MediaEncoder
+from model.text.prompt import IGNORE, MEDIA, IdBatch, answer_text, batch_ids, layout_row
+from model.text.tokenizer import PromptTokenizer
 
 
 @dataclass

@@ -2,10 +2,10 @@
 
 A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
 steps go to rows that already finished. Here each step runs the slots at one of a few fixed widths (a compiled step
-and CUDA graph per width serve the whole job, model/slot_step.py); rows end on EOS, on a stop sequence or at their own
+and CUDA graph per width serve the whole job, model/engine/model_runner.py); rows end on EOS, on a stop sequence or at their own
 `max_new_tokens`, and freed slots are refilled between steps: waiting rows are prefilled together (right-padded;
-eager, or a few rows replayed as a CUDA graph, model/prefill_graphs.py) and their keys and values written into the
-freed slots (model/kv_slots.py). When the queue is empty and few rows are left (a job's end, a quiet server), they are
+eager, or a few rows replayed as a CUDA graph, model/engine/prefill_graphs.py) and their keys and values written into the
+freed slots (model/engine/kv_cache.py). When the queue is empty and few rows are left (a job's end, a quiet server), they are
 moved into the first slots and the steps run at the narrowest width that holds them: past the weight reads a step's
 matmuls and attention grow with its width (every slot busy on an H200: 11.7 ms at 256 slots, 6.6 ms at 64).
 
@@ -16,8 +16,8 @@ the device's decoding instead of leaving it idle; the price is that a freed slot
 For this the prefill never reads the device: lengths come from the host and host values go over as queued copies
 (a plain copy to the device, or reading a device value, waits for every step queued before it).
 
-Stopping and answer extraction are `generate`'s (model/generate.py): greedy answers equal one-row `generate`.
-Sampling draws each row's tokens from its own counter-based stream (model/next_token.py), so a sampled answer does
+Stopping and answer extraction are `generate`'s (model/generate/base.py): greedy answers equal one-row `generate`.
+Sampling draws each row's tokens from its own counter-based stream (model/engine/sampler.py), so a sampled answer does
 not depend on the batch.
 """
 
@@ -34,14 +34,22 @@ import torch
 from peft import PeftModel
 
 from model.config import GenerationConfig
-from model.deepresonance import DeepResonance, Example
-from model.kv_slots import BLOCK, PREFILL, Kernel, SlotKV, bytes_per_position, int32_slot_limit, slot_attention_on
-from model.next_token import row_key
-from model.prefill_graphs import GRAPH_ROWS, PrefillGraphs
-from model.prompt import cut_at_stop, stop_sequences
-from model.slot_state import SlotState, choose, ended
-from model.slot_step import SlotStep
-from model.transfer import to_device
+from model.engine.kv_cache import (
+    BLOCK,
+    PREFILL,
+    Kernel,
+    SlotKV,
+    bytes_per_position,
+    int32_slot_limit,
+    slot_attention_on,
+)
+from model.engine.model_runner import SlotStep
+from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs
+from model.engine.sampler import row_key
+from model.engine.slot_state import SlotState, choose, ended
+from model.io.transfer import to_device
+from model.network.deepresonance import DeepResonance, Example
+from model.text.prompt import cut_at_stop, stop_sequences
 
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
@@ -67,7 +75,7 @@ class Request:
     handle: Any
     example: Example
     gen: GenerationConfig
-    key: int  # the row's random stream (model.next_token.row_key)
+    key: int  # the row's random stream (model.engine.sampler.row_key)
 
 
 @dataclass
@@ -117,7 +125,7 @@ class Engine:
         """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
         new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
         CUDA graphs and attends with FlexAttention by default, and prefills of a few rows replay CUDA graphs
-        (`graph_prefill`; model/prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the
+        (`graph_prefill`; model/engine/prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the
         `narrow` widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync
         too."""
         self.model = model

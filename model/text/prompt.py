@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.tokenizer import PromptTokenizer
-from model.transfer import to_device
+from model.io.transfer import to_device
+from model.text.tokenizer import PromptTokenizer
 
 PLACEHOLDERS = {"<Audio>": "audio", "<Image>": "image", "<Video>": "video"}
 TAGS = {modality: tag for tag, modality in PLACEHOLDERS.items()}  # modality -> its placeholder

@@ -8,10 +8,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model.config import GenerationConfig
-from model.decode import decode_static
-from model.deepresonance import DeepResonance, Example
-from model.engine import run_examples
-from model.prompt import cut_at_stop, stop_sequences
+from model.engine.scheduler import run_examples
+from model.generate.static import decode_static
+from model.network.deepresonance import DeepResonance, Example
+from model.text.prompt import cut_at_stop, stop_sequences
 
 
 class StopAtSequences(StoppingCriteria):

@@ -6,7 +6,7 @@ Compiling the whole step made Dynamo trace all 32 layers of a 7B model, 10-13 s 
 parameters as inputs and guards on what its code reads, not on which layer it is, so a layer traced and compiled once
 runs them all; the Python loop over the layers and the eager embedding, rotary and sampling glue cost launches that the
 graph replay removes. A narrower width then costs one more trace of one layer, which is what lets the engine run a
-job's last few rows at a width that fits them (model/engine.py).
+job's last few rows at a width that fits them (model/engine/scheduler.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-from model import cuda_graphs
-from model.kv_slots import LayerSlots, SlotKV
-from model.slot_state import SlotState, choose, ended
+from model.engine import cuda_graphs
+from model.engine.kv_cache import LayerSlots, SlotKV
+from model.engine.slot_state import SlotState, choose, ended
 
 
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
     """transformers' decoder layer over one new token per slot [width, 1, hidden]; it attends through
-    model.kv_slots.slot_attention, which finds the layer's slots in its keyword arguments."""
+    model.engine.kv_cache.slot_attention, which finds the layer's slots in its keyword arguments."""
     return layer(hidden, position_embeddings=(cos, sin), slots=slots)
 
 

@@ -1,7 +1,7 @@
 """The two-stage training loop: one process (CPU or one GPU, plain PyTorch) or many through DeepSpeed (ZeRO-2).
 
 Both paths share everything but the optimizer step: the data (rows -> cached encoder features, so the frozen ImageBind
-runs once per file, then is dropped), the batch order (model/sampling.py), the optimizer (AdamW, which is what the
+runs once per file, then is dropped), the batch order (model/train/batch_sampler.py), the optimizer (AdamW, which is what the
 original's DeepSpeed "Adam" is: adam_w_mode defaults to on) and the schedule (DeepSpeed's WarmupDecayLR, rebuilt as a
 LambdaLR). A checkpoint is the delta (save_delta: the original's pytorch_model.pt + safetensors) plus the optimizer,
 scheduler, step and RNG state, so a resumed run continues the very same trajectory.
@@ -31,15 +31,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from model.checkpoint import DELTA_PT, DELTA_ST, DR_CONFIG, load_delta, load_model, read_delta, save_delta
 from model.config import CLIPS_PER_ITEM, ModelConfig, TrainConfig
-from model.data import DatasetError, DatasetSpec, Row, load_rows, media_path, resolve_dataset
-from model.deepresonance import DeepResonance, Example
-from model.features import FeatureCache, encode_files
-from model.prompt import layout_row
-from model.sampling import MixedBatchSampler
-from model.stop_signal import StopOnSignal
-from model.train_log import TrainLog
+from model.data.catalog import DatasetError, DatasetSpec, Row, load_rows, media_path, resolve_dataset
+from model.io.stop_signal import StopOnSignal
+from model.media.features import FeatureCache, encode_files
+from model.network.checkpoint import DELTA_PT, DELTA_ST, DR_CONFIG, load_delta, load_model, read_delta, save_delta
+from model.network.deepresonance import DeepResonance, Example
+from model.text.prompt import layout_row
+from model.train.batch_sampler import MixedBatchSampler
+from model.train.log import TrainLog
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +345,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_state(path: Path) -> dict:
     """A trainer_state / rng file: weights-only, and a truncated or empty one is one line naming it."""
-    from ckpt.files import CkptError
-    from ckpt.weights import torch_load
+    from model.io.weights import CkptError, torch_load
 
     try:
         state = torch_load(path)

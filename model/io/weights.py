@@ -15,7 +15,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ckpt.files import CkptError
+
+class CkptError(RuntimeError):
+    """A checkpoint problem the user can fix; the CLI prints its one-line message and exits non-zero."""
+
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -1,6 +1,6 @@
 """The engine behind `dr serve`: one worker thread owns the continuous-batching engine; asyncio handlers talk to it.
 
-`model.engine.Engine` is not thread-safe and every step needs the device, so a single thread owns it: it takes
+`model.engine.scheduler.Engine` is not thread-safe and every step needs the device, so a single thread owns it: it takes
 commands (submit, cancel) from a queue, advances the engine while rows are pending and blocks on the queue when none
 are. Updates go back to each request's asyncio queue with `loop.call_soon_threadsafe`, so handlers never touch the
 engine and concurrent requests share the engine's running batch instead of taking turns on a lock.
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.config import GenerationConfig
-from model.deepresonance import DeepResonance, Example
-from model.engine import Engine, Request, Update, cache_length, fit_slots, memory_budget
-from model.kv_slots import bytes_per_position
-from model.next_token import row_key
-from model.prompt import TARGET_END
+from model.engine.kv_cache import bytes_per_position
+from model.engine.sampler import row_key
+from model.engine.scheduler import Engine, Request, Update, cache_length, fit_slots, memory_budget
+from model.network.deepresonance import DeepResonance, Example
+from model.text.prompt import TARGET_END
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Ticket:
 
 def request_key(gen: GenerationConfig, instruction: str) -> int:
     """The sampling stream of a served request: the key `dr ask` gives its single row (row 0 of
-    `model.engine.run_examples`), so a sampled answer equals `dr ask` with the same seed and settings."""
+    `model.engine.scheduler.run_examples`), so a sampled answer equals `dr ask` with the same seed and settings."""
     return row_key(gen.seed, "0", instruction)
 
 

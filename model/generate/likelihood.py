@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from model.deepresonance import DeepResonance, Example
-from model.features import FeatureCache
-from model.media import MediaError
-from model.prompt import IGNORE, TARGET_END
-from model.tokenizer import PromptTokenizer
+from model.data.row_features import row_media
+from model.media.features import FeatureCache
+from model.media.preprocess import MediaError
+from model.network.deepresonance import DeepResonance, Example
+from model.text.prompt import IGNORE, TARGET_END
+from model.text.tokenizer import PromptTokenizer
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,8 @@ def score_rows(
     batch_size: int = 16,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[OptionScores | MediaError]:
-    """Each `model.mc_data.ChoiceRow`'s option scores, or its media error; media go through the feature cache as in
+    """Each `model.data.multiple_choice.ChoiceRow`'s option scores, or its media error; media go through the feature cache as in
     `dr infer` (encoded once per file), `batch_size` rows' media and option sequences at a time."""
-    from model.inference import row_media
 
     out: list[OptionScores | MediaError] = []
     for start in range(0, len(rows), batch_size):

@@ -1,7 +1,7 @@
 """Per-dataset inference that never loses finished work.
 
-Rows decode through the continuous-batching engine (model/engine.py) and finish out of order; the rows that end
-together are appended to a JSONL journal (model/journal.py: flushed and fsync'd), so a killed job loses at most the
+Rows decode through the continuous-batching engine (model/engine/scheduler.py) and finish out of order; the rows that end
+together are appended to a JSONL journal (model/infer/journal.py: flushed and fsync'd), so a killed job loses at most the
 rows in flight, and a rerun skips every (id, instruction) already answered. The original's result layout
 `{id: {instruction: answer}}` is rebuilt from the journal(s). Rows are sorted by prompt length so prefills pad
 little, media go through the feature cache, and a row whose media is missing or unreadable is reported and skipped.
@@ -10,28 +10,25 @@ little, media go through the feature cache, and a row whose media is missing or 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from model.config import GenerationConfig
-from model.data import Row, media_path
-from model.deepresonance import DeepResonance, Example
-from model.engine import Request, engine_for
-from model.features import FeatureCache, encode_files
-from model.generate import generate
-from model.journal import Journal, open_journal, output_lock, run_identity
-from model.media import MediaError
-from model.next_token import row_key
-from model.stop_signal import StopOnSignal
+from model.data.catalog import Row
+from model.data.row_features import DECODE_WORKERS, row_media
+from model.engine.sampler import row_key
+from model.engine.scheduler import Request, engine_for
+from model.generate.base import generate
+from model.infer.journal import Journal, open_journal, output_lock, run_identity
+from model.io.stop_signal import StopOnSignal
+from model.media.features import FeatureCache
+from model.media.preprocess import MediaError
+from model.network.deepresonance import DeepResonance, Example
 
 log = logging.getLogger(__name__)
-DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads (numpy/torchaudio release the GIL)
 
 
 @dataclass
@@ -40,34 +37,6 @@ class Summary:
     skipped: int = 0  # answered by an earlier run
     answered: int = 0
     failed: list[str] = field(default_factory=list)  # one `id: reason` line per row that could not be answered
-
-
-def row_media(
-    model: DeepResonance,
-    rows: Sequence[Row],
-    media_root: Path,
-    cache: FeatureCache | None,
-    batch_size: int,
-    workers: int = DECODE_WORKERS,
-) -> list[list[tuple[str, torch.Tensor]] | MediaError]:
-    """Each row's media as clip features (through the cache) or the row's first media error."""
-    if model.visual_encoder is None:
-        raise ValueError("inference needs the ImageBind encoder: load the model with its imagebind weights")
-    wanted: dict[str, list[Path]] = {}
-    for row in rows:
-        for i, modality in enumerate(row.mm_names):
-            wanted.setdefault(modality, []).append(media_path(row, i, media_root))
-    features: dict[tuple[str, Path], torch.Tensor | MediaError] = {}
-    for modality, paths in wanted.items():
-        unique = list(dict.fromkeys(paths))
-        encoded = encode_files(model.visual_encoder, cache, modality, unique, batch_size, workers)
-        features.update({(modality, p): f for p, f in zip(unique, encoded, strict=True)})
-    out: list[list[tuple[str, torch.Tensor]] | MediaError] = []
-    for row in rows:
-        items = [(m, features[(m, media_path(row, i, media_root))]) for i, m in enumerate(row.mm_names)]
-        error = next((f for _, f in items if isinstance(f, MediaError)), None)
-        out.append(error if error is not None else items)
-    return out
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from model.kv_slots import kv_heads
+from model.engine.kv_cache import kv_heads
 
 SYNC_EVERY = 8  # steps between host checks for "all rows finished"
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compiled shape per bucket, not per length

@@ -1,4 +1,4 @@
-"""`dr serve`'s HTTP layer: OpenAI's Chat Completions wire format over the engine worker (model/serving.py).
+"""`dr serve`'s HTTP layer: OpenAI's Chat Completions wire format over the engine worker (model/serve/worker.py).
 
 The `openai` client works unchanged. One user message is one prompt of the original: its media parts become the
 `<Audio>/<Image>/<Video>` tags in the order they appear, its text parts (joined by newlines) the instruction, as
@@ -45,11 +45,11 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.config import CLIPS_PER_ITEM, GenerationConfig
-from model.deepresonance import Example
-from model.engine import Update
-from model.media import MediaError, load_media
-from model.prompt import TAGS, layout_row, stop_sequences
-from model.serving import K_CAP, Busy, EngineWorker, Failed, TextStream, finish_reason
+from model.engine.scheduler import Update
+from model.media.preprocess import MediaError, load_media
+from model.network.deepresonance import Example
+from model.serve.worker import K_CAP, Busy, EngineWorker, Failed, TextStream, finish_reason
+from model.text.prompt import TAGS, layout_row, stop_sequences
 
 AUDIO_FORMATS = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg"}
 IMAGE_TYPES = {
@@ -358,7 +358,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("model").joinpath("web/index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(resources.files("model.serve").joinpath("web/index.html").read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -1,6 +1,6 @@
 """Multiple-choice benchmarks in dr's row format: converters from each benchmark's published file, and the loader.
 
-A multiple-choice row is an ordinary row (`model.data.Row`: `dr infer`, `dr data check` and the text metrics work on
+A multiple-choice row is an ordinary row (`model.data.catalog.Row`: `dr infer`, `dr data check` and the text metrics work on
 it unchanged) with three more keys:
 
 - `options`: the answer texts in the order the prompt lists them,
@@ -52,8 +52,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.data import DatasetError, Row, load_rows
-from model.prompt import TAGS
+from model.data.catalog import DatasetError, Row, load_rows
+from model.text.prompt import TAGS
 
 LETTERS = string.ascii_uppercase
 
@@ -371,7 +371,7 @@ def has_choices(path: str | Path) -> bool:
 
 
 def load_choice_rows(path: str | Path) -> tuple[list[ChoiceRow], list[str]]:
-    """Rows validated as `model.data.load_rows` does, plus the multiple-choice keys -> (rows, `file:row: reason`)."""
+    """Rows validated as `model.data.catalog.load_rows` does, plus the multiple-choice keys -> (rows, `file:row: reason`)."""
     path = Path(path)
     rows, errors = load_rows(path)
     raw_rows = _read_json(path)

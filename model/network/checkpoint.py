@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
-from model.deepresonance import DeepResonance
-from model.encoder import MediaEncoder, file_fingerprint, size_of
-from model.files import umask_mode
-from model.tokenizer import PromptTokenizer
+from model.io.files import umask_mode
+from model.media.encoder import MediaEncoder, file_fingerprint, size_of
+from model.network.deepresonance import DeepResonance
+from model.text.tokenizer import PromptTokenizer
 
 DELTA_PT = "pytorch_model.pt"
 DELTA_ST = "delta.safetensors"
@@ -51,8 +51,7 @@ class DeltaError(ValueError):
 
 def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
     """The delta tensors of a folder; safetensors when present, else the pickle loaded with weights_only."""
-    from ckpt.files import CkptError
-    from ckpt.weights import load_pickle, safetensors_file
+    from model.io.weights import CkptError, load_pickle, safetensors_file
 
     folder = Path(folder)
     path = delta_file(folder)
@@ -80,7 +79,7 @@ def delta_file(folder: str | Path) -> Path:
 
 def fingerprint(files: list[Path]) -> str:
     """sha256 over the files' contents, taken from the download manifest when it recorded this very size."""
-    from ckpt.files import read_manifest, sha256_file
+    from model.io.manifest import read_manifest, sha256_file
 
     digest = hashlib.sha256()
     for path in files:
@@ -235,8 +234,7 @@ def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> Llama
     try:
         return LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
-        from ckpt.files import CkptError
-        from ckpt.weights import ShardedWeights
+        from model.io.weights import CkptError, ShardedWeights
 
         try:
             ShardedWeights(base).shapes()
@@ -249,8 +247,7 @@ def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> Llama
 def imagebind_problems(path: Path) -> list[str]:
     """Why an ImageBind file does not fit the model it declares (its size read from its shapes): unreadable, missing,
     unexpected or misshapen keys. The one check behind `load_model` and `dr ckpt doctor`."""
-    from ckpt.files import CkptError
-    from ckpt.weights import tensor_shapes
+    from model.io.weights import CkptError, tensor_shapes
 
     try:
         shapes = tensor_shapes(path)
@@ -314,8 +311,7 @@ def check_delta_file(path: Path, base: Path, encoder_dim: int | None, variant: s
     is built on the meta device (shapes only) and the loader's own checks run against it. For `dr ckpt doctor`."""
     from transformers import LlamaConfig
 
-    from ckpt.files import CkptError
-    from ckpt.weights import load_pickle, safetensors_file
+    from model.io.weights import CkptError, load_pickle, safetensors_file
 
     try:
         state = safetensors_file(path) if path.suffix == ".safetensors" else load_pickle(path)

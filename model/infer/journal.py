@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from model.files import umask_mode
+from model.io.files import umask_mode
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from model.config import ENCODER_SIZES
-from model.transfer import to_device
+from model.io.transfer import to_device
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}

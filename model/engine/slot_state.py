@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from model.next_token import next_token, uniforms
+from model.engine.sampler import next_token, uniforms
 
 
 @dataclass
@@ -20,7 +20,7 @@ class SlotState:
     last: torch.Tensor  # the token the next step feeds in
     count: torch.Tensor  # ids generated so far
     max_new: torch.Tensor  # the row's own max_new_tokens
-    keys: torch.Tensor  # the row's random stream (model.next_token.row_key)
+    keys: torch.Tensor  # the row's random stream (model.engine.sampler.row_key)
     top_k: torch.Tensor
     done: torch.Tensor
     greedy: torch.Tensor
