@@ -1,8 +1,13 @@
-"""File and hub helpers shared by everything `dr` writes or fetches: file modes, and the one offline check."""
+"""File and hub helpers shared by everything `dr` writes or fetches: file modes, the one way to write a file whole
+or not at all, the one wording of a failed write, and the one offline check."""
 
 from __future__ import annotations
 
+import errno
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -22,3 +27,54 @@ def hub_offline() -> bool:
 
     now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return now.upper() in constants.ENV_VARS_TRUE_VALUES or is_offline_mode()
+
+
+def temporary_name(path: Path) -> Path:
+    """The one naming scheme of files being written: a hidden sibling, unique per process and call, so a crash
+    leaves no file under a final name and two writers never share a temporary."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextmanager
+def written_atomically(path: str | Path, fsync: bool = True) -> Iterator[Path]:
+    """Yields a temporary path in `path`'s folder to write to; on success it is fsync'd, given the umask's mode
+    and renamed over `path` (a reader sees the old file or the new one, never half); on failure it is removed and
+    the error propagates. For writers that take a path (torch.save, safetensors, ffmpeg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        umask_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: str | Path, data: str | bytes, fsync: bool = True) -> None:
+    """`data` into `path` through `written_atomically`."""
+    with written_atomically(path, fsync) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in words, the same for every writer: the OS reports a full disk (or a quota, or a
+    file-size limit) by errno, torch and safetensors as a bare 'write failed'."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "the disk is full"
+    text = " ".join(str(err).split())
+    if "write failed" in text or "No space left" in text or "File too large" in text:
+        return "a write failed: is the disk full?"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {text[:200]}"
