@@ -10,9 +10,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ckpt.layout import PARTIAL_SUFFIX
+from model.io.errors import CkptError
 from model.io.files import umask_mode
 from model.io.manifest import record_manifest, sha256_file
-from model.io.weights import CkptError, load_pickle, tensor_shapes
+from model.io.weights import load_pickle, tensor_shapes
 
 
 def convert_delta(delta_dir: Path) -> Path:

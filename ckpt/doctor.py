@@ -19,8 +19,9 @@ from ckpt.expected import BaseShape, Shapes, delta_problems, imagebind_dim
 from ckpt.files import byte_progress
 from ckpt.layout import VICUNA_DELTA_REPO, CkptLayout, layout
 from model.config import Variant
+from model.io.errors import CkptError
 from model.io.manifest import read_manifest, sha256_file
-from model.io.weights import INDEX_FILES, SINGLE_FILES, CkptError, ShardedWeights, tensor_shapes
+from model.io.weights import INDEX_FILES, SINGLE_FILES, ShardedWeights, tensor_shapes
 
 Status = Literal["OK", "missing", "corrupt"]
 _STYLE = {"OK": "green", "missing": "yellow", "corrupt": "red"}

@@ -30,10 +30,11 @@ from ckpt.layout import (
     layout,
 )
 from model.config import Variant
+from model.io.errors import CkptError
 from model.io.files import hub_offline
 from model.io.http import TRANSFER_ERRORS, backoff, failure, retrying, timeouts
 from model.io.manifest import CHUNK, read_manifest, record_manifest, sha256_file
-from model.io.weights import CkptError, tensor_shapes
+from model.io.weights import tensor_shapes
 
 if TYPE_CHECKING:
     from huggingface_hub.hf_api import RepoFile

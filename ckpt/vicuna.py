@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 
 from ckpt.files import byte_progress
 from ckpt.layout import HF_WEB, PARTIAL_SUFFIX, VICUNA_DELTA_REPO
+from model.io.errors import CkptError
 from model.io.files import hub_offline, umask_mode
 from model.io.manifest import MANIFEST_FILE, record_manifest, sha256_file
-from model.io.weights import CkptError, ShardedWeights, tensor_shapes
+from model.io.weights import ShardedWeights, tensor_shapes
 
 # The delta's vocabulary has one row more than LLaMA's (32001 vs 32000: the [PAD] token Vicuna v0 added).
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")

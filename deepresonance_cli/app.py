@@ -11,7 +11,7 @@ from rich.markup import escape
 from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer, serve
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
-from model.io.weights import CkptError
+from model.io.errors import CkptError
 
 app = typer.Typer(
     name="dr",

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from ckpt.layout import PIECES, VICUNA_DELTA_REPO, layout
 from deepresonance_cli.options import DtypeChoice
-from model.io.weights import CkptError
+from model.io.errors import CkptError
 
 app = typer.Typer(help="Download, build, verify and convert checkpoints.", no_args_is_help=True)
 err = Console(stderr=True)

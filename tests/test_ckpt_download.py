@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 from ckpt.download import download
 from ckpt.layout import HF_DATA_REPO, IMAGEBIND_FILE, layout
 from deepresonance_cli.app import app
+from model.io.errors import CkptError
 from model.io.manifest import read_manifest
-from model.io.weights import CkptError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

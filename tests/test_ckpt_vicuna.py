@@ -18,8 +18,8 @@ import ckpt.vicuna as vicuna
 import model.io.weights as weights
 from ckpt.vicuna import merge_vicuna
 from deepresonance_cli.app import app
+from model.io.errors import CkptError
 from model.io.manifest import read_manifest, sha256_file
-from model.io.weights import CkptError
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 BASE_VOCAB, DELTA_VOCAB = 100, 101

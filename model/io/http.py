@@ -12,7 +12,7 @@ import urllib.error
 from collections.abc import Callable
 from typing import TypeVar
 
-from model.io.weights import CkptError
+from model.io.errors import CkptError
 
 T = TypeVar("T")
 TRANSFER_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)

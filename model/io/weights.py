@@ -15,10 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-
-class CkptError(RuntimeError):
-    """A checkpoint problem the user can fix; the CLI prints its one-line message and exits non-zero."""
-
+from model.io.errors import CkptError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -51,7 +51,8 @@ class DeltaError(ValueError):
 
 def read_delta(folder: str | Path) -> dict[str, torch.Tensor]:
     """The delta tensors of a folder; safetensors when present, else the pickle loaded with weights_only."""
-    from model.io.weights import CkptError, load_pickle, safetensors_file
+    from model.io.errors import CkptError
+    from model.io.weights import load_pickle, safetensors_file
 
     folder = Path(folder)
     path = delta_file(folder)
@@ -234,7 +235,8 @@ def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> Llama
     try:
         return LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
-        from model.io.weights import CkptError, ShardedWeights
+        from model.io.errors import CkptError
+        from model.io.weights import ShardedWeights
 
         try:
             ShardedWeights(base).shapes()
@@ -247,7 +249,8 @@ def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> Llama
 def imagebind_problems(path: Path) -> list[str]:
     """Why an ImageBind file does not fit the model it declares (its size read from its shapes): unreadable, missing,
     unexpected or misshapen keys. The one check behind `load_model` and `dr ckpt doctor`."""
-    from model.io.weights import CkptError, tensor_shapes
+    from model.io.errors import CkptError
+    from model.io.weights import tensor_shapes
 
     try:
         shapes = tensor_shapes(path)
@@ -311,7 +314,8 @@ def check_delta_file(path: Path, base: Path, encoder_dim: int | None, variant: s
     is built on the meta device (shapes only) and the loader's own checks run against it. For `dr ckpt doctor`."""
     from transformers import LlamaConfig
 
-    from model.io.weights import CkptError, load_pickle, safetensors_file
+    from model.io.errors import CkptError
+    from model.io.weights import load_pickle, safetensors_file
 
     try:
         state = safetensors_file(path) if path.suffix == ".safetensors" else load_pickle(path)

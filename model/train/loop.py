@@ -345,7 +345,8 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_state(path: Path) -> dict:
     """A trainer_state / rng file: weights-only, and a truncated or empty one is one line naming it."""
-    from model.io.weights import CkptError, torch_load
+    from model.io.errors import CkptError
+    from model.io.weights import torch_load
 
     try:
         state = torch_load(path)
