@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks import speed as benchmark
+from benchmarks import engine as benchmark
 from deepresonance_cli.app import app
 from model.config import LLAMA_TINY
 

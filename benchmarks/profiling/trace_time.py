@@ -3,7 +3,7 @@ cache does not save (issue #12). Since run 6 the step compiles one decoder layer
 step's end, once per width (model/engine/model_runner.py); a trace depends on the code traced, not on the widths, so a 32-layer
 Llama of tiny widths on the CPU shows it. Dynamo runs alone (backend "eager"); each traced frame's time is printed.
 
-`PYTHONPATH=. python benchmarks/trace_time.py` traces the step with FlexAttention, `... trace_time.py sdpa` with SDPA.
+`PYTHONPATH=. python benchmarks/profiling/trace_time.py` traces the step with FlexAttention, `... trace_time.py sdpa` with SDPA.
 Run 5's measurements of the whole-model trace (nested compile regions, 32 toy blocks; benchmarks/README.md) were made
 with this script as it was at commit e7fdc6a.
 """
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks.speed import _audio_rows, never_stopping_model
+from benchmarks.engine import _audio_rows, never_stopping_model
 from model.config import LLAMA_TINY, GenerationConfig
 from model.engine.scheduler import Engine, Request, cache_length
 

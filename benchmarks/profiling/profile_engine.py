@@ -2,8 +2,8 @@
 step launches, collect), the GPU's share (a decode step at full occupancy, a prefill chunk), `torch.profiler` kernel
 tables, and the engine at one slot (batch-1 latency). Full-size random weights, as `dr bench engine`.
 
-Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profile_engine.py`, then
-`PYTHONPATH=. python benchmarks/profile_engine.py start` (a second process's start-up, with Dynamo's phase times).
+Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profiling/profile_engine.py`, then
+`PYTHONPATH=. python benchmarks/profiling/profile_engine.py start` (a second process's start-up, with Dynamo's phase times).
 """
 
 import sys
@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.speed import _audio_rows, never_stopping_model, realistic_lengths
+from benchmarks.engine import _audio_rows, never_stopping_model, realistic_lengths
 from model.config import GenerationConfig
 from model.engine.kv_cache import slot_attention_on
 from model.engine.scheduler import SYNC_EVERY, Engine, Request, cache_length
