@@ -31,7 +31,7 @@ def infer(
 ) -> None:
     """Decode tokens/s, encoder clips/s and a MusicCaps-sized job: the original's way vs dr's, in one run."""
     need_cuda()
-    from benchmarks.engine import bench_infer
+    from benchmarks.infer import bench_infer
 
     report = bench_infer(tuple(int(b) for b in batches.split(",")), tuple(int(b) for b in static_batches.split(",")))
     _write(out, report)
@@ -62,7 +62,7 @@ def train(
 ) -> None:
     """Stage-2 samples/s: the original's recipe (DeepSpeed ZeRO-2 CPU offload, fp16, encoder on the fly) vs dr's."""
     need_cuda()
-    from benchmarks.engine import bench_train
+    from benchmarks.train import bench_train
 
     report = bench_train(steps=steps, dr_micro_batch=micro_batch, log=console.print)
     _write(out, report)
@@ -79,7 +79,7 @@ def job(
 ) -> None:
     """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
     need_cuda()
-    from benchmarks.engine import bench_job
+    from benchmarks.job import bench_job
 
     report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), decoder=decoder, log=console.print)
     _write(out, report)
