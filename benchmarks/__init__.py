@@ -1,1 +1,2 @@
-"""Full-size speed benchmarks (random weights, the original's way beside dr's) and their results."""
+"""Full-size speed benchmarks (random weights, the original's way beside dr's); their results under results/, one
+folder per run, indexed by README.md."""

@@ -1,7 +1,7 @@
 """`dr bench serve`: requests/s and time to first / last token of `dr serve` under 1, 16 and 64 concurrent clients.
 
 The server is the real one (model/serve/app.py over model/serve/worker.py, uvicorn on 127.0.0.1) in front of a full-size
-random-weights model: a Vicuna-7B-shaped LLM that never stops on its own (benchmarks/speed.py's
+random-weights model: a Vicuna-7B-shaped LLM that never stops on its own (benchmarks/workloads.py's
 `never_stopping_model`) and ImageBind-huge, so each request pays for its audio's decoding, encoding, prefill and
 decoding like a real one. Clients are `openai` streaming clients, each sending its requests one after another: a 10 s
 wav and a MusicQA-like question, `max_tokens` drawn from `realistic_lengths` (caption-like answers; the model runs to
@@ -22,7 +22,7 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from benchmarks.speed import INSTRUCTION, never_stopping_model, realistic_lengths
+from benchmarks.workloads import INSTRUCTION, never_stopping_model, realistic_lengths
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
 from model.media.encoder import MediaEncoder
 from model.serve.app import Limits, create_app, running

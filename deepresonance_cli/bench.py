@@ -1,4 +1,4 @@
-"""`dr bench`: full-size speed measurements (random weights) on a GPU, written under benchmarks/."""
+"""`dr bench`: full-size speed measurements (random weights) on a GPU, written under benchmarks/results/ by default."""
 
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ def need_cuda() -> None:
 
 @app.command("infer")
 def infer(
-    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/infer.json"),
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/infer.json"),
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes for dr's generate path.")] = "1,64,512",
     static_batches: Annotated[str, typer.Option(help="Batch sizes for the static-cache loop.")] = "1,64,512",
 ) -> None:
     """Decode tokens/s, encoder clips/s and a MusicCaps-sized job: the original's way vs dr's, in one run."""
     need_cuda()
-    from benchmarks.speed import bench_infer
+    from benchmarks.infer import bench_infer
 
     report = bench_infer(tuple(int(b) for b in batches.split(",")), tuple(int(b) for b in static_batches.split(",")))
     _write(out, report)
@@ -56,13 +56,13 @@ def infer(
 
 @app.command("train")
 def train(
-    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/train.json"),
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/train.json"),
     steps: int = 5,
     micro_batch: Annotated[int, typer.Option(help="dr's micro-batch (the original's is 2).")] = 16,
 ) -> None:
     """Stage-2 samples/s: the original's recipe (DeepSpeed ZeRO-2 CPU offload, fp16, encoder on the fly) vs dr's."""
     need_cuda()
-    from benchmarks.speed import bench_train
+    from benchmarks.train import bench_train
 
     report = bench_train(steps=steps, dr_micro_batch=micro_batch, log=console.print)
     _write(out, report)
@@ -71,7 +71,7 @@ def train(
 
 @app.command("job")
 def job(
-    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/job.json"),
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/job.json"),
     rows: int = 2858,
     batch_size: int = 512,
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the synthesized audio.")] = Path("/tmp/dr_job"),
@@ -79,7 +79,7 @@ def job(
 ) -> None:
     """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
     need_cuda()
-    from benchmarks.speed import bench_job
+    from benchmarks.job import bench_job
 
     report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), decoder=decoder, log=console.print)
     _write(out, report)
@@ -88,7 +88,7 @@ def job(
 
 @app.command("engine")
 def engine(
-    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/engine.json"),
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/engine.json"),
     rows: int = 2048,
     slots: Annotated[int, typer.Option(help="The engine's slot count.")] = 256,
     compare_rows: Annotated[
@@ -100,7 +100,7 @@ def engine(
     """A realistic-length job (answers of caption-like lengths, 512-token budget): the continuous-batching engine
     against the static loop, `generate`, transformers' continuous batching and the original's way, in one run."""
     need_cuda()
-    from benchmarks.speed import bench_engine
+    from benchmarks.engine import bench_engine
 
     report = bench_engine(
         rows=rows,
@@ -140,7 +140,7 @@ def _write(out: Path, report: dict) -> None:
 
 @app.command("serve")
 def serve(
-    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/serve.json"),
+    out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/serve.json"),
     clients: Annotated[str, typer.Option(help="Comma-separated numbers of concurrent clients.")] = "1,16,64",
     requests_per_client: int = 8,
     slots: Annotated[int, typer.Option(help="The server's engine slots.")] = 64,

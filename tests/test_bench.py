@@ -10,7 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks import speed as benchmark
+from benchmarks import infer as infer_bench
+from benchmarks.engine import bench_engine
+from benchmarks.workloads import realistic_lengths
 from deepresonance_cli.app import app
 from model.config import LLAMA_TINY
 
@@ -27,7 +29,7 @@ def report() -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return benchmark.bench_infer(
+        return infer_bench.bench_infer(
             (1, 3),
             (31,),
             log=lambda line: None,
@@ -80,7 +82,7 @@ def test_bench_infer_cli_writes_the_report_and_prints_every_measure(report, monk
     and passed on, the JSON lands where asked, and the table shows each measure of each path and the projection."""
     asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(benchmark, "bench_infer", lambda *batches: asked.append(batches) or report)
+    monkeypatch.setattr(infer_bench, "bench_infer", lambda *batches: asked.append(batches) or report)
     out = tmp_path / "infer.json"
     result = runner.invoke(app, ["bench", "infer", "--out", str(out), "--batches", "1,3", "--static-batches", "31"])
     assert result.exit_code == 0, result.output
@@ -102,10 +104,10 @@ def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_pa
     lengths clipped to the budget (the engine itself checks every row ended exactly there), start-up ends inside the
     job, and the one-slot figure is reported."""
     budget = TINY_ENGINE_BENCH["budget"]
-    report = benchmark.bench_engine(**TINY_ENGINE_BENCH, tails=(0.0, 0.25), workdir=str(tmp_path), only_engine=True)
+    report = bench_engine(**TINY_ENGINE_BENCH, tails=(0.0, 0.25), workdir=str(tmp_path), only_engine=True)
     for job in report["jobs"]:
         (engine,) = job["results"]
-        assert engine["useful_tokens"] == sum(min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"]))
+        assert engine["useful_tokens"] == sum(min(n, budget) for n in realistic_lengths(12, job["tail"]))
         assert 0 < engine["startup_s"] <= engine["wall_s"]
     assert report["engine_batch1"]["tokens_per_s"] > 0 and report["engine_batch1"]["first_call_s"] > 0
     assert report["engine_startup_s"] > 0 and report["engine_startup_s"] >= report["engine_build_s"]
@@ -116,9 +118,9 @@ def test_bench_engine_compares_every_decoder_on_the_same_rows(tmp_path):
     """The whole table on the CPU (tiny sizes): every decoder runs each job (the static loop the no-tail one only)
     with the useful tokens of its own rows, and both batch-1 figures are there for the side-by-side ratio."""
     budget = TINY_ENGINE_BENCH["budget"]
-    report = benchmark.bench_engine(**TINY_ENGINE_BENCH, compare_rows=(4, 4, 4), workdir=str(tmp_path))
+    report = bench_engine(**TINY_ENGINE_BENCH, compare_rows=(4, 4, 4), workdir=str(tmp_path))
     for job in report["jobs"]:
-        lengths = [min(n, budget) for n in benchmark.realistic_lengths(12, job["tail"])]
+        lengths = [min(n, budget) for n in realistic_lengths(12, job["tail"])]
         useful = {r["decoder"]: r["useful_tokens"] for r in job["results"]}
         expected = {"engine (sdpa)": sum(lengths), "generate (batch 64)": sum(lengths[:4])}
         expected["transformers continuous batching"] = sum(lengths[:4])

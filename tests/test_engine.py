@@ -304,7 +304,8 @@ def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypa
 def test_each_slot_count_gets_a_static_step(model, monkeypatch):
     """Engines of three slot counts in one process: every compiled step has static shapes. With torch.compile's
     automatic dynamic shapes the third got a symbolic-slot step, whose answers on an H200 were wrong
-    (benchmarks/engine_sequence_wrong_answers_h200.log). Dynamo alone (backend "eager") shows the traced shapes."""
+    (benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
+    Dynamo alone (backend "eager") shows the traced shapes."""
     real = torch.compile
     symbolic = []
 

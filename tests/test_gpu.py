@@ -188,8 +188,9 @@ def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
     the compiled step is traced and captured anew each time), a one-slot engine right after a larger one is freed.
     Every engine's answers equal one-row `generate`. Before the step was compiled with static shapes only, the third
     slot count got a symbolic-slot step from automatic dynamic shapes: wrong answers without graph prefills
-    (benchmarks/engine_sequence_wrong_answers_h200.log), an illegal memory access with them
-    (benchmarks/engine_dynamic_recompile_crash_h200.log)."""
+    (benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log),
+    an illegal memory access with them
+    (benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_dynamic_recompile_crash_h200.log)."""
     import gc
     from dataclasses import replace
 

@@ -42,8 +42,9 @@ class SlotStep:
         """A step per width in `widths` over `lm` (a transformers LLaMA causal LM) and the engine's slots. `compiled`:
         the layer and the step's end go through torch.compile (static shapes only: with automatic dynamic shapes a
         third slot count compiled a symbolic-slot step whose answers were wrong,
-        benchmarks/engine_sequence_wrong_answers_h200.log). `graphs`: each width's step is captured as a CUDA graph
-        now, while every slot is still free (the capture runs the step three times)."""
+        benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
+        `graphs`: each width's step is captured as a CUDA graph now, while every slot is still free (the capture runs
+        the step three times)."""
         self.lm, self.kv = lm, kv
         self.eos, self.stops, self.k_cap = eos, stops, k_cap
         self.max_new_tokens = state.out.shape[1]

@@ -1,7 +1,8 @@
 """The static loop compiled with dynamic shapes from the start (`torch.compile(dynamic=True)`), to see whether one
-compile can serve every batch shape. Output: benchmarks/static_dynamic_compile_h100.json (rejected: see README).
+compile can serve every batch shape. Output (H100, run 4):
+benchmarks/results/2026-11-25-h100-infer-run4-compiled-prefill/static_dynamic_compile_h100.json (rejected: see README).
 
-Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/static_dynamic_compile.py OUT.json`.
+Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profiling/static_dynamic_compile.py OUT.json`.
 """
 
 import functools
@@ -11,7 +12,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.speed import NEW_TOKENS, decode, full_size_llm
+from benchmarks.workloads import NEW_TOKENS, decode, full_size_llm
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
 results = []

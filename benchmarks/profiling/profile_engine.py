@@ -2,8 +2,9 @@
 step launches, collect), the GPU's share (a decode step at full occupancy, a prefill chunk), `torch.profiler` kernel
 tables, and the engine at one slot (batch-1 latency). Full-size random weights, as `dr bench engine`.
 
-Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profile_engine.py`, then
-`PYTHONPATH=. python benchmarks/profile_engine.py start` (a second process's start-up, with Dynamo's phase times).
+Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profiling/profile_engine.py`, then
+`PYTHONPATH=. python benchmarks/profiling/profile_engine.py start` (a second process's start-up, with Dynamo's phase
+times).
 """
 
 import sys
@@ -14,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.speed import _audio_rows, never_stopping_model, realistic_lengths
+from benchmarks.workloads import audio_rows, never_stopping_model, realistic_lengths
 from model.config import GenerationConfig
 from model.engine.kv_cache import slot_attention_on
 from model.engine.scheduler import SYNC_EVERY, Engine, Request, cache_length
@@ -69,7 +70,7 @@ def gpu_busy(prof) -> float:
 
 if sys.argv[1:] == ["start"]:  # a second process: start-up from the compile cache the first one filled
     model = never_stopping_model("/tmp/dr_profile")
-    examples = _audio_rows(SLOTS)
+    examples = audio_rows(SLOTS)
     t0 = time.perf_counter()
     engine = Engine(model, SLOTS, cache_length(model.example_length(examples[0]), BUDGET), BUDGET, k_cap=1)
     engine.submit(requests(examples, [16] * SLOTS, GenerationConfig(do_sample=False)))
@@ -81,7 +82,7 @@ if sys.argv[1:] == ["start"]:  # a second process: start-up from the compile cac
 
 model = never_stopping_model("/tmp/dr_profile")
 greedy = GenerationConfig(max_new_tokens=BUDGET, do_sample=False)
-examples = _audio_rows(2048)
+examples = audio_rows(2048)
 prompt = model.example_length(examples[0])
 length = cache_length(prompt, BUDGET)
 print(f"prompt {prompt} positions, slot length {length}, {SLOTS} slots")

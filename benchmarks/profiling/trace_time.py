@@ -1,9 +1,11 @@
 """How long Dynamo takes to trace the engine's decode step: the part of a second process's start-up that the compile
 cache does not save (issue #12). Since run 6 the step compiles one decoder layer, which serves every layer, and the
-step's end, once per width (model/engine/model_runner.py); a trace depends on the code traced, not on the widths, so a 32-layer
-Llama of tiny widths on the CPU shows it. Dynamo runs alone (backend "eager"); each traced frame's time is printed.
+step's end, once per width (model/engine/model_runner.py); a trace depends on the code traced, not on the widths, so a
+32-layer Llama of tiny widths on the CPU shows it. Dynamo runs alone (backend "eager"); each traced frame's time is
+printed. Output: benchmarks/results/2026-12-02-cpu-dynamo-trace-time/trace_time_cpu.log.
 
-`PYTHONPATH=. python benchmarks/trace_time.py` traces the step with FlexAttention, `... trace_time.py sdpa` with SDPA.
+`PYTHONPATH=. python benchmarks/profiling/trace_time.py` traces the step with FlexAttention, `... trace_time.py sdpa`
+with SDPA.
 Run 5's measurements of the whole-model trace (nested compile regions, 32 toy blocks; benchmarks/README.md) were made
 with this script as it was at commit e7fdc6a.
 """
@@ -13,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.speed import _audio_rows, never_stopping_model
+from benchmarks.workloads import audio_rows, never_stopping_model
 from model.config import LLAMA_TINY, GenerationConfig
 from model.engine.scheduler import Engine, Request, cache_length
 
@@ -21,7 +23,7 @@ kernel = "sdpa" if sys.argv[1:] == ["sdpa"] else "flex"
 model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)
 real_compile = torch.compile
 torch.compile = lambda fn, mode=None, **options: real_compile(fn, backend="eager", **options)
-examples = _audio_rows(4)
+examples = audio_rows(4)
 gen = GenerationConfig(max_new_tokens=8, do_sample=False)
 engine = Engine(model, 4, cache_length(model.example_length(examples[0]), 8), 8, k_cap=1, kernel=kernel, compile=True)
 engine.submit([Request(i, ex, gen, i) for i, ex in enumerate(examples)])

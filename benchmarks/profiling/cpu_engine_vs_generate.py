@@ -1,7 +1,7 @@
 """CPU: the continuous-batching engine against `generate` on a `run_inference` job with the tiny checkpoint set
 (random weights, so rows never stop early and the engine's refills bring nothing: this measures its overhead).
 
-Usage: PYTHONPATH=. python benchmarks/cpu_engine_vs_generate.py OUT.json
+Usage: PYTHONPATH=. python benchmarks/profiling/cpu_engine_vs_generate.py OUT.json
 """
 
 from __future__ import annotations

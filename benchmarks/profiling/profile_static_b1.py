@@ -1,15 +1,16 @@
 """Where a batch-1 step of the static loop spends its time on a GPU, next to two floors: the model's linear layers
-chained in one CUDA graph (cuBLAS GEMV), and the copy bandwidth. Output: benchmarks/profile_static_b1_h100.log.
+chained in one CUDA graph (cuBLAS GEMV), and the copy bandwidth. Output (H100, run 4):
+benchmarks/results/2026-11-25-h100-infer-run4-compiled-prefill/profile_static_b1_h100.log.
 
-Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profile_static_b1.py`.
+Run from the repo root on a CUDA machine: `PYTHONPATH=. python benchmarks/profiling/profile_static_b1.py`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.speed import PROMPT, full_size_llm
-from benchmarks.speed import seconds_per_call as seconds
+from benchmarks.timing import seconds_per_call as seconds
+from benchmarks.workloads import PROMPT, full_size_llm
 from model.generate.static import decode_static
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
