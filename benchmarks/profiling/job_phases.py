@@ -6,10 +6,10 @@ and writes, the main thread waiting for the background media thread, the engine'
 rows), journal writes, and the GPU's busy share sampled through NVML. `--engine-only` runs the same rows' features
 straight through the engine instead: the job's engine-alone figure, for the side-by-side ratio.
 
-    PYTHONPATH=. python3 benchmarks/job_phases.py OUT.json [--rows 2858] [--tag cold] [--keep-features]
-    PYTHONPATH=. python3 benchmarks/job_phases.py OUT.json --engine-only
-    PYTHONPATH=. python3 benchmarks/job_phases.py OUT.json --mix catalog  # rows shaped like the catalog's sets
-    PYTHONPATH=. python3 benchmarks/job_phases.py OUT.json --tiny          # the CPU check: tiny shapes, 24 rows
+    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json [--rows 2858] [--tag cold] [--keep-features]
+    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --engine-only
+    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --mix catalog  # rows shaped like the catalog's sets
+    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --tiny          # the CPU check: tiny shapes, 24 rows
 
 `--mix musiccaps` (the default) is `dr bench job`'s shape: one 10 s wav and "Describe the music in detail." per row,
 64 tokens each. `--mix catalog` mixes the catalog's tasks: MusicQA-style questions of varied length, MusicCaps
@@ -34,7 +34,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from benchmarks.speed import MUSICCAPS_ROWS, NEW_TOKENS
+from benchmarks.workloads import MUSICCAPS_ROWS, NEW_TOKENS
 
 CLOCK = time.perf_counter
 
