@@ -8,8 +8,8 @@ straight through the engine instead: the job's engine-alone figure, for the side
 
     PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json [--rows 2858] [--tag cold] [--keep-features]
     PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --engine-only
-    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --mix catalog  # rows shaped like the catalog's sets
-    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --tiny          # the CPU check: tiny shapes, 24 rows
+    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --mix catalog  # catalog-shaped rows
+    PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --tiny  # the CPU check: tiny shapes
 
 `--mix musiccaps` (the default) is `dr bench job`'s shape: one 10 s wav and "Describe the music in detail." per row,
 64 tokens each. `--mix catalog` mixes the catalog's tasks: MusicQA-style questions of varied length, MusicCaps
