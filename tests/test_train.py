@@ -18,7 +18,10 @@ from model.config import GenerationConfig, TrainConfig
 from model.generate.base import generate
 from model.network.checkpoint import DELTA_PT, load_model, read_delta
 from model.train.batch_sampler import MixedBatchSampler
-from model.train.loop import Trainer, deepspeed_config, find_checkpoint, lr_factor, train
+from model.train.checkpoints import find_checkpoint
+from model.train.distributed import deepspeed_config
+from model.train.loop import Trainer, train
+from model.train.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
