@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from model.config import TrainConfig
-from model.io.files import write_atomically, write_failure
+from model.io.files import temporary_folder, write_atomically, write_failure
 from model.network.checkpoint import DELTA_PT, DELTA_ST, DR_CONFIG
 from model.train.distributed import Dist
 
@@ -69,9 +69,7 @@ def write_checkpoint(folder: Path, out: Path, identity: dict, dist: Dist, write_
 
     A failed write (a full disk) removes the temporary folder and is one line; earlier checkpoints stay whole.
     """
-    # a fixed name, not model.io.files.temporary_name: every rank writes into it, and a save cut short is cleared by
-    # the next save of the same step
-    tmp = folder.with_name(f".{folder.name}.tmp") if folder != out else out / ".final.tmp"
+    tmp = temporary_folder(folder if folder != out else out / "final")
     try:
         if dist.main:
             shutil.rmtree(tmp, ignore_errors=True)
