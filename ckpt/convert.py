@@ -9,11 +9,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ckpt.layout import PARTIAL_SUFFIX
 from model.io.errors import CkptError
-from model.io.files import umask_mode
+from model.io.files import written_atomically
 from model.io.manifest import record_manifest, sha256_file
-from model.io.weights import load_pickle, tensor_shapes
+from model.io.weights import load_pickle, safetensors_shapes
 
 
 def convert_delta(delta_dir: Path) -> Path:
@@ -27,12 +26,9 @@ def convert_delta(delta_dir: Path) -> Path:
     if not src.is_file():
         raise CkptError(f"no {DELTA_PT} in {delta_dir}")
     state = load_pickle(src)
-    tmp = dst.with_suffix(PARTIAL_SUFFIX + dst.suffix)  # keeps the suffix the readers dispatch on
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    umask_mode(tmp)
-    if tensor_shapes(tmp) != {k: tuple(v.shape) for k, v in state.items()}:
-        tmp.unlink()
-        raise CkptError(f"{tmp} does not hold the tensors of {src}")
-    tmp.replace(dst)
+    with written_atomically(dst) as tmp:  # a failed check removes the temporary file, leaving no dst
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+        if safetensors_shapes(tmp) != {k: tuple(v.shape) for k, v in state.items()}:
+            raise CkptError(f"{tmp} does not hold the tensors of {src}")
     record_manifest(delta_dir, {dst.name: {"size": dst.stat().st_size, "sha256": sha256_file(dst)}})
     return dst

@@ -13,7 +13,7 @@ IMAGEBIND_URL_ENV = "DR_IMAGEBIND_URL"  # overrides IMAGEBIND_URL (a mirror, or 
 VICUNA_DELTA_REPO = "lmsys/vicuna-7b-delta-v0"
 
 IMAGEBIND_FILE = "imagebind_huge.pth"
-PARTIAL_SUFFIX = ".part"  # transfers and merges in progress; renamed to the final name once verified
+PARTIAL_SUFFIX = ".part"  # transfers in progress (resumed by Range); renamed to the final name once verified
 Piece = Literal["alpha", "beta", "imagebind", "all"]
 PIECES: tuple[Piece, ...] = ("alpha", "beta", "imagebind")  # what `dr ckpt download` fetches
 

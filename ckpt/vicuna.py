@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ckpt.files import byte_progress
-from ckpt.layout import HF_WEB, PARTIAL_SUFFIX, VICUNA_DELTA_REPO
+from ckpt.layout import HF_WEB, VICUNA_DELTA_REPO
 from model.io.errors import CkptError
-from model.io.files import hub_offline, umask_mode
+from model.io.files import hub_offline, temporary_folder, umask_mode
 from model.io.manifest import MANIFEST_FILE, record_manifest, sha256_file
 from model.io.weights import ShardedWeights, tensor_shapes
 
@@ -128,8 +128,8 @@ def merge_vicuna(
 ) -> Path:
     """Build Vicuna-v0 in `out`: safetensors shards + index, the delta's config and tokenizer, a sha256 manifest.
 
-    The result is written to `<out>.part` and renamed once every shard has been re-read and checked, so `out`
-    never holds a half-written model. fp16 by default, as FastChat produced it.
+    The result is written to a temporary sibling folder and renamed once every shard has been re-read and checked, so
+    `out` never holds a half-written model. fp16 by default, as FastChat produced it.
     """
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CkptError(f"{out} already exists and is not empty; pass --overwrite to rebuild it")
@@ -142,7 +142,7 @@ def merge_vicuna(
     groups = _shards(plan, torch_dtype.itemsize, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
 
-    tmp = out.with_name(out.name + PARTIAL_SUFFIX)
+    tmp = temporary_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     total = sum(torch_dtype.itemsize * _numel(s) for s in plan.values())

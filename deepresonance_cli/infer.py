@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, get_args
@@ -137,10 +136,12 @@ def generation(
 def default_device(device: str | None) -> str:
     import torch
 
+    from model.io.dist import ranks_from_env
+
     if device:
         return device
     if torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        return f"cuda:{ranks_from_env().local_rank}"
     return "cpu"
 
 
@@ -186,10 +187,12 @@ def infer(
     from model.data.catalog import load_rows, resolve_dataset
     from model.infer.job import run_inference
     from model.infer.journal import output_lock, write_results
+    from model.io.dist import ranks_from_env
     from model.media.features import FeatureCache
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    ranks = ranks_from_env()
+    world, rank = ranks.world, ranks.rank
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -115,9 +114,10 @@ def train(
 
     from ckpt.layout import layout
     from model.config import ModelConfig, TrainConfig
+    from model.io.dist import ranks_from_env
     from model.train.loop import train as run_training
 
-    main_rank = int(os.environ.get("RANK", 0)) == 0
+    main_rank = ranks_from_env().main
     level = logging.INFO if main_rank else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)])
     options, model_fields = read_configs(config, stage) if config else ({}, {})

@@ -118,7 +118,7 @@ def test_output_is_sharded_indexed_and_checksummed(folders: dict, tmp_path: Path
     assert set(files) | {"config.json", "tokenizer.model"} <= set(manifest)
     for file in files:
         assert manifest[file]["sha256"] == sha256_file(out / file)
-    assert not (tmp_path / "vicuna.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vicuna"]  # no temporary folder left beside it
 
 
 def test_peak_memory_stays_near_one_shard(folders: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

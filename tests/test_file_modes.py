@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from model.infer.journal import write_results
+from model.io.files import write_atomically, written_atomically
 from model.network.checkpoint import export_model, load_model, save_delta
 
 
@@ -32,3 +33,22 @@ def test_deltas_exports_and_results_are_readable_by_the_group(tiny_layout, tmp_p
     out = tmp_path / "res" / "r.json"
     write_results(out)
     assert mode(out) == 0o644
+
+
+def test_a_failed_atomic_write_leaves_neither_temporary_nor_final_file(tmp_path, umask_022):
+    path = tmp_path / "sub" / "out.json"
+    with pytest.raises(RuntimeError, match="cut"), written_atomically(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("cut")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "sub"]
+    write_atomically(path, "whole")
+    assert path.read_text() == "whole" and mode(path) == 0o644 and os.listdir(path.parent) == ["out.json"]
+
+
+def test_an_existing_file_survives_a_failed_rewrite(tmp_path):
+    path = tmp_path / "out.json"
+    write_atomically(path, b"old")
+    with pytest.raises(OSError), written_atomically(path) as tmp:
+        tmp.write_text("new, half")
+        raise OSError(28, "No space left on device")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.json"]

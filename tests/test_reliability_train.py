@@ -17,7 +17,7 @@ import synth
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
-from model.train.loop import MARKER, STATE_FILE, CheckpointError, find_checkpoint
+from model.train.checkpoints import MARKER, STATE_FILE, CheckpointError, find_checkpoint
 
 runner = CliRunner()
 

@@ -18,7 +18,10 @@ from model.config import GenerationConfig, TrainConfig
 from model.generate.base import generate
 from model.network.checkpoint import DELTA_PT, load_model, read_delta
 from model.train.batch_sampler import MixedBatchSampler
-from model.train.loop import Trainer, deepspeed_config, find_checkpoint, lr_factor, train
+from model.train.checkpoints import find_checkpoint
+from model.train.distributed import deepspeed_config
+from model.train.loop import Trainer, train
+from model.train.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +89,6 @@ def changed_params(trainer: Trainer) -> set[str]:
     return {k for k, v in trainer.model.named_parameters() if not torch.equal(v.detach(), before[k])}
 
 
-# ------------------------------------------------------------------------------------------------ what trains
 @pytest.mark.parametrize("variant", ["alpha", "beta"])
 def test_stage1_updates_only_projector_and_fusion(tiny_layout, data, tmp_path, variant):
     trainer = run(tiny_layout, data, tmp_path, stage=1, variant=variant, max_steps=3)
@@ -128,7 +130,6 @@ def test_bfloat16_keeps_trained_weights_in_float32(tiny_layout, data, tmp_path):
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
 
 
-# ------------------------------------------------------------------------------------------------- checkpoints
 def test_resume_continues_the_same_run(tiny_layout, data, tmp_path):
     """Dropout (LoRA, fusion), data order, AdamW and the schedule all continue; the starting delta is remembered."""
     steps, init = 6, tiny_layout.delta_dir("beta")
@@ -174,7 +175,6 @@ def test_saved_delta_has_the_original_keys_and_loads(tiny_layout, data, tmp_path
         torch.testing.assert_close(own[key], value, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------------------------- data order
 def test_sampler_mixes_like_the_original():
     lengths = [list(range(10)), list(range(3)), list(range(5))]
     sampler = MixedBatchSampler(lengths, batch_size=2, seed=12)
@@ -232,7 +232,6 @@ def test_deepspeed_config_takes_batch_and_clipping_from_the_recipe(tmp_path):
         deepspeed_config(tmp_path / "mb.json", cfg)
 
 
-# ------------------------------------------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_model_learns_and_reproduces_targets(tiny_layout, data, tmp_path):
     trainer = run(tiny_layout, data, tmp_path, stage=2, max_steps=120, warmup_type="linear")

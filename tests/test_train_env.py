@@ -13,7 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from model.config import TrainConfig
-from model.train.loop import Dist, load_state, rng_state, select_device, set_rng_state, total_steps
+from model.train.checkpoints import load_state
+from model.train.distributed import Dist, rng_state, select_device, set_rng_state
+from model.train.optim import total_steps
 
 
 def draws() -> tuple[list[float], torch.Tensor]:

@@ -18,20 +18,18 @@ What can go wrong, and what happens then:
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from model.io.files import umask_mode
+from model.io.files import write_atomically, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +50,9 @@ class OutputLocked(JournalError):
 
 def disk_error(path: Path, err: OSError, what: str) -> JournalError:
     """One line for a failed write: which file, why (full disk, file-size limit, permissions), what was kept."""
-    reason = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else err.strerror or err
-    return JournalError(f"{path}: could not write ({reason}); {what}")
+    return JournalError(f"{path}: could not write ({write_failure(err)}); {what}")
 
 
-# ----------------------------------------------------------------------------------------------------------- paths
 def journal_paths(out_json: Path) -> list[Path]:
     """All journals of a result file: one per rank when several processes shared the job."""
     return sorted(p for p in out_json.parent.glob(out_json.stem + ".*jsonl") if p.is_file())
@@ -71,7 +67,6 @@ def lock_path(out_json: Path, rank: int = 0) -> Path:
     return out_json.with_name(out_json.name + (".lock" if rank == 0 else f".rank{rank}.lock"))
 
 
-# ------------------------------------------------------------------------------------------------------- identity
 def run_identity(model: Any, gen: Any) -> dict:
     """What decides the answers: the delta (by content), its LoRA alpha (not in the original's deltas), variant, dtype
     and the generation settings.
@@ -101,7 +96,6 @@ def _differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
-# -------------------------------------------------------------------------------------------------------- reading
 def _read_lines(path: Path) -> tuple[list[bytes], bytes]:
     """(complete lines, torn tail): the tail is whatever follows the last newline."""
     try:
@@ -177,7 +171,6 @@ def remove_outputs(out_json: Path, world: int = 1) -> None:
     out_json.unlink(missing_ok=True)
 
 
-# -------------------------------------------------------------------------------------------------------- writing
 def recover(path: Path) -> int:
     """Make the journal end on a complete line: a torn tail is renamed aside and reported. Returns lines kept."""
     lines, tail = _read_lines(path)
@@ -267,8 +260,8 @@ def open_journal(
 
 
 def write_results(out_json: Path, rows: Sequence[Any] | None = None) -> dict[str, dict[str, str]]:
-    """Rebuilds `{id: {instruction: answer}}` from the journals, in dataset order, written atomically (a unique
-    temporary file renamed over the result: a reader never sees half a file, a full disk leaves the old one)."""
+    """Rebuilds `{id: {instruction: answer}}` from the journals, in dataset order, written atomically (a reader
+    never sees half a file, a full disk leaves the old one)."""
     out_json = Path(out_json)
     done = read_journal(journal_paths(out_json))
     order = [(r.id, r.instruction) for r in rows] if rows is not None else list(done)
@@ -277,24 +270,13 @@ def write_results(out_json: Path, rows: Sequence[Any] | None = None) -> dict[str
         if key in done:
             results.setdefault(key[0], {})[key[1]] = done[key]
     text = json.dumps(results, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace")
-    tmp = None
     try:
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=out_json.name + ".", suffix=".tmp", dir=out_json.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask_mode(tmp)
-        os.replace(tmp, out_json)
+        write_atomically(out_json, text)
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise disk_error(out_json, e, "every answer is kept in its journal; rerun to write it") from e
     return results
 
 
-# ----------------------------------------------------------------------------------------------------------- lock
 class OutputLock:
     """An advisory lock (flock) on `<out>.lock`: one process per result file. The file names its holder (pid, host,
     start time) for the message the next process prints. Re-entrant within a process (the CLI takes it before

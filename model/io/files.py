@@ -35,6 +35,13 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def temporary_folder(path: Path) -> Path:
+    """The one naming scheme of folders being filled before a rename into place: a hidden sibling with a fixed name,
+    unlike a file's, so that every rank of a job writes into the same one and the next attempt clears what a killed
+    one left (a model or a checkpoint is gigabytes)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 @contextmanager
 def written_atomically(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     """Yields a temporary path in `path`'s folder to write to; on success it is fsync'd, given the umask's mode

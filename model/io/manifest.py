@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.progress import Progress
 
+from model.io.files import write_atomically
+
 MANIFEST_FILE = "dr_manifest.json"  # written beside what download / vicuna produced
 CHUNK = 8 << 20
 
@@ -38,6 +40,4 @@ def record_manifest(folder: Path, entries: dict[str, dict[str, Any]]) -> None:
     """Merge entries into the folder's manifest (download adds one piece at a time)."""
     files = read_manifest(folder) | entries
     text = json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n"
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(folder / MANIFEST_FILE)
+    write_atomically(folder / MANIFEST_FILE, text)

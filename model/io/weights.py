@@ -78,14 +78,19 @@ def safetensors_file(path: Path) -> dict[str, torch.Tensor]:
         raise CkptError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
 
 
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file, from its header only, whatever the file is called."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CkptError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+
+
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of one weights file (.safetensors header only; pickles memory-mapped)."""
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CkptError(f"{path}: not a readable safetensors file ({_first_line(e)})") from e
+        return safetensors_shapes(path)
     return {k: tuple(v.shape) for k, v in load_pickle(path).items()}
 
 

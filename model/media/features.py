@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.io.files import write_atomically, written_atomically
 from model.media.preprocess import MODALITIES, MediaError, load_media
 
 
@@ -106,15 +107,10 @@ def _read_digests(path: Path) -> dict[str, str]:
 
 
 def _write_digests(path: Path, memo: dict[str, str]) -> None:
-    """Atomically (temp file, then rename), so concurrent starts never read half a memo; a cache root that cannot
-    be written only loses the speed-up."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(memo, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    """Atomically, so concurrent starts never read half a memo; a cache root that cannot be written only loses the
+    speed-up. Not fsync'd: a memo lost to a crash costs a rehash."""
+    with suppress(OSError):
+        write_atomically(path, json.dumps(memo, indent=1), fsync=False)
 
 
 class FeatureCache:
@@ -187,23 +183,19 @@ class FeatureCache:
         return features
 
     def put(self, modality: str, path: str | Path, features: torch.Tensor) -> None:
-        """Store [k, D] features for this file (atomically: temp file in the same folder, then rename)."""
+        """Store [k, D] features for this file, atomically. Not fsync'd: an entry a crash left unreadable is dropped
+        and encoded again on the next read."""
         if features.ndim != 2:
             raise ValueError(f"expected [k, D] features, got shape {tuple(features.shape)}")
         entry = self.entry(modality, path)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         metadata = {
             "fingerprint": self.encoder_fingerprint,
             "weights": self.weights,
             "mode": self.mode(modality),
             "source": str(path),
         }
-        try:
+        with written_atomically(entry, fsync=False) as tmp:
             save_file({"features": features.detach().cpu().contiguous()}, tmp, metadata=metadata)
-            os.replace(tmp, entry)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _load(modality: str, path: str | Path) -> torch.Tensor | MediaError:

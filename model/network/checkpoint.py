@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
-from model.io.files import umask_mode
+from model.io.files import umask_mode, written_atomically
 from model.media.encoder import MediaEncoder, file_fingerprint, size_of
 from model.network.deepresonance import DeepResonance
 from model.text.tokenizer import PromptTokenizer
@@ -162,12 +162,10 @@ def save_delta(model: DeepResonance, folder: str | Path, metadata: dict[str, str
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = delta_state(model)
-    tmp = folder / (DELTA_PT + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(folder / DELTA_PT)
-    save_file(dict(state), str(folder / (DELTA_ST + ".tmp")), metadata=metadata)
-    umask_mode(folder / (DELTA_ST + ".tmp"))
-    (folder / (DELTA_ST + ".tmp")).replace(folder / DELTA_ST)
+    with written_atomically(folder / DELTA_PT) as tmp:
+        torch.save(state, tmp)
+    with written_atomically(folder / DELTA_ST) as tmp:
+        save_file(dict(state), str(tmp), metadata=metadata)
     model.tokenizer.save(folder)
     model.llama_model.config.save_pretrained(folder)
     (folder / DR_CONFIG).write_text(json.dumps(asdict(model.config), indent=2))
