@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deepresonance_cli.errors import fail
+
 console = Console()
-err_console = Console(stderr=True)
 
 Benchmark = Annotated[str, typer.Argument(help="muchomusic, rulistening, mmau_music or mmar_music.")]
 
@@ -42,8 +43,7 @@ def convert(
         options = dict(audio_pattern=audio_pattern, keep_all=all_tasks, seed=seed, leave_one_out=leave_one_out)
         rows = convert(benchmark, source, target, **options)
     except DatasetError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(1) from e
+        fail(str(e))
     console.print(f"{len(rows)} rows -> {target}", highlight=False)
     console.print(
         f"audio: put the files under {data_root / media}/ (or pass --media-root), then "

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from deepresonance_cli.errors import fail
+
 if TYPE_CHECKING:
     from model.data.catalog import CheckReport
 
@@ -28,8 +30,7 @@ def download(data_root: Path = DataRoot) -> None:
     try:
         path = download_data(data_root)
     except DatasetError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from e
+        fail(str(e))
     console.print(f"dataset text files in {path}/")
 
 
@@ -62,8 +63,7 @@ def check(
         spec = resolve_dataset(dataset, data_root, media_root, split)
         report = check_dataset(spec, decode, progress=lambda files: track(files, "checking media", console=err_console))
     except DatasetError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from e
+        fail(str(e))
     console.print(report_table(report))
     problems = report.row_errors + report.media_errors
     for line in problems[:show]:

@@ -33,7 +33,12 @@ Device = Annotated[
     str | None, typer.Option(callback=check_device, help="cpu, cuda, cuda:1 (default: cuda when available).")
 ]
 Dtype = Annotated[DtypeChoice | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
-TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
+# sampling defaults: GenerationConfig's (model/config.py), the original's settings
+Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopP = Annotated[float, typer.Option(help="Top-p (nucleus) of sampling (1.0: off).")]
+TopK = Annotated[int, typer.Option(help="Top-k of sampling (0: off; the default is the original's).")]
+Seed = Annotated[int, typer.Option(help="Seed of sampling.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens an answer may have.")]
 LoraAlpha = Annotated[
     int | None,
     typer.Option(
@@ -162,11 +167,11 @@ def infer(
         ),
     ] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of the original's sampling.")] = False,
-    temperature: float = 0.1,
-    top_p: float = 1.0,
-    top_k: TopK = 50,
-    seed: int = 1337,
-    max_new_tokens: int = 512,
+    temperature: Temperature = GenerationConfig.temperature,
+    top_p: TopP = GenerationConfig.top_p,
+    top_k: TopK = GenerationConfig.top_k,
+    seed: Seed = GenerationConfig.seed,
+    max_new_tokens: MaxNewTokens = GenerationConfig.max_new_tokens,
     device: Device = None,
     dtype: Dtype = None,
     lora_alpha: LoraAlpha = None,
@@ -265,11 +270,11 @@ def ask(
     base: Base = None,
     delta: Delta = None,
     greedy: bool = False,
-    temperature: float = 0.1,
-    top_p: float = 1.0,
-    top_k: TopK = 50,
-    seed: int = 1337,
-    max_new_tokens: int = 512,
+    temperature: Temperature = GenerationConfig.temperature,
+    top_p: TopP = GenerationConfig.top_p,
+    top_k: TopK = GenerationConfig.top_k,
+    seed: Seed = GenerationConfig.seed,
+    max_new_tokens: MaxNewTokens = GenerationConfig.max_new_tokens,
     device: Device = None,
     dtype: Dtype = None,
     lora_alpha: LoraAlpha = None,
