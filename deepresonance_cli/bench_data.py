@@ -1,4 +1,4 @@
-"""`dr data convert`: a multiple-choice benchmark's published file -> dr's row format (model/data/multiple_choice.py)."""
+"""`dr data convert`: a multiple-choice benchmark's published file -> dr's row format (model/data/benchmarks.py)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def convert(
     ] = False,
 ) -> None:
     """Convert a benchmark file to rows with the options in the prompt; audio is not shipped (`dr data check`)."""
+    from model.data.benchmarks import CONVERTERS, convert
     from model.data.catalog import CATALOG, DatasetError
-    from model.data.multiple_choice import CONVERTERS, convert
 
     if benchmark not in CONVERTERS:
         raise typer.BadParameter(f"{benchmark}: expected one of {', '.join(CONVERTERS)}", param_hint="BENCHMARK")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
 from eval import report
-from model.data.multiple_choice import convert
+from model.data.benchmarks import convert
 
 MMAU = [
     {

@@ -38,8 +38,8 @@ CATALOG: dict[tuple[str, str], tuple[str, str | None]] = {
     ("mtg", "test"): ("mtg_test.json", "MTG/eval_audios"),
     ("musicinstruct_long", "test"): ("musicinstruct_long_test.json", "MusicInstruct/eval_audios"),
     ("musicinstruct_short", "test"): ("musicinstruct_short_test.json", "MusicInstruct/eval_audios"),
-    # multiple-choice benchmarks, as `dr data convert` writes them (model/data/multiple_choice.py); media roots are the folders
-    # their audio paths are relative to
+    # multiple-choice benchmarks, as `dr data convert` writes them (model/data/benchmarks.py); media roots are the
+    # folders their audio paths are relative to
     ("muchomusic", "test"): ("muchomusic_test.json", "MuChoMusic/audio"),
     ("rulistening", "test"): ("rulistening_test.json", "RUListening/audio"),
     ("mmau_music", "test"): ("mmau_music_test.json", "MMAU"),
@@ -103,6 +103,28 @@ def resolve_dataset(
     return spec if media_root is None else DatasetSpec(spec.name, spec.json_path, Path(media_root))
 
 
+def read_json(path: str | Path) -> object:
+    """A JSON file's value, or a DatasetError of one line naming the file: missing, unreadable, not UTF-8, empty,
+    malformed (where), or nested too deeply for the parser (a hostile file of 100,000 `[`: RecursionError)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not text.strip():
+        raise DatasetError(f"{path}: empty file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
+
+
 def check_text(text: str, what: str) -> None:
     """Text the tokenizer and the result files can take: valid Unicode (JSON's "\\ud800" escapes, and command-line
     bytes that are not UTF-8, decode to lone surrogates, which sentencepiece rejects mid-run)."""
@@ -155,12 +177,7 @@ def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
     Raises DatasetError if the file is unusable.
     """
     path = Path(path)
-    try:
-        raw_rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DatasetError(f"{path}: no such file") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: not readable JSON ({e})") from e
+    raw_rows = read_json(path)
     if not isinstance(raw_rows, list):
         raise DatasetError(f"{path}: expected a JSON list of rows, got {type(raw_rows).__name__}")
     rows: list[Row] = []
