@@ -11,6 +11,7 @@ from rich.progress import track
 from rich.table import Table
 
 from deepresonance_cli.errors import fail
+from deepresonance_cli.options import AllowOutside
 
 if TYPE_CHECKING:
     from model.data.catalog import CheckReport
@@ -55,13 +56,16 @@ def check(
     split: str = typer.Option("test", "--split", help="Catalog split for a dataset name: test or train."),
     decode: bool = typer.Option(False, "--decode", help="Fully preprocess every media file instead of probing it."),
     show: int = typer.Option(20, "--show", help="How many problem lines to print."),
+    allow_outside_media_root: AllowOutside = False,
 ) -> None:
     """Validate rows and look for missing or unreadable media; exits non-zero if anything is wrong."""
     from model.data.catalog import DatasetError, check_dataset, resolve_dataset
 
     try:
         spec = resolve_dataset(dataset, data_root, media_root, split)
-        report = check_dataset(spec, decode, progress=lambda files: track(files, "checking media", console=err_console))
+        report = check_dataset(
+            spec, decode, lambda files: track(files, "checking media", console=err_console), allow_outside_media_root
+        )
     except DatasetError as e:
         fail(str(e))
     console.print(report_table(report))

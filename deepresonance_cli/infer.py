@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ckpt.layout import layout
-from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
+from deepresonance_cli.options import AllowOutside, DtypeChoice, VariantChoice, check_device
 from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -184,6 +184,7 @@ def infer(
     overwrite: Annotated[
         bool, typer.Option(help="Answer every row again, discarding --out's answers (of this or another run).")
     ] = False,
+    allow_outside_media_root: AllowOutside = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     import torch
@@ -200,7 +201,7 @@ def infer(
     device = default_device(device)
     batch_size = batch_size or (256 if device.startswith("cuda") else 8)
     spec = resolve_dataset(dataset, data_root, media_root)
-    rows, errors = load_rows(spec.json_path)
+    rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     for line in errors:
         console.print(f"[yellow]skipped invalid row[/] {line}")
     rows = rows[:limit] if limit is not None else rows
