@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Annotated, get_args
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from ckpt.layout import layout
+from deepresonance_cli.errors import short
 from deepresonance_cli.options import AllowOutside, DtypeChoice, VariantChoice, check_device
 from model.config import Decoder, GenerationConfig, ModelConfig
 
@@ -203,7 +205,7 @@ def infer(
     spec = resolve_dataset(dataset, data_root, media_root)
     rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     for line in errors:
-        console.print(f"[yellow]skipped invalid row[/] {line}")
+        console.print(f"[yellow]skipped invalid row[/] {escape(short(line))}")
     rows = rows[:limit] if limit is not None else rows
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
@@ -257,7 +259,7 @@ def show_summary(summary, invalid: int, in_file: int, out: Path) -> None:
     table.add_row(*map(str, (summary.total, summary.answered, summary.skipped, len(summary.failed), invalid, in_file)))
     console.print(table)
     for line in summary.failed:
-        console.print(f"[red]failed[/] {line}")
+        console.print(f"[red]failed[/] {escape(short(line))}")
     console.print(f"results: {out}")
 
 

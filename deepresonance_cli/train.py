@@ -11,7 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
+from deepresonance_cli.errors import short
 from deepresonance_cli.options import TrainDtypeChoice, VariantChoice, check_device
 
 console = Console(stderr=True)
@@ -157,7 +159,7 @@ def train(
     if not main_rank:
         return
     if result.skipped:
-        console.print(f"[yellow]skipped {len(result.skipped)} row(s)[/] (first: {result.skipped[0]})")
+        console.print(f"[yellow]skipped {len(result.skipped)} row(s)[/] (first: {escape(short(result.skipped[0]))})")
     last = result.history[-1] if result.history else None
     summary = f"step {result.step}/{result.total_steps}" + (f", loss {last['loss']:.4f}" if last else "")
     where = out if result.step == result.total_steps else f"{out}/checkpoint-{result.step:06d}"

@@ -95,3 +95,12 @@ def test_a_long_message_is_cut_keeping_its_start_and_end():
 def test_an_error_without_a_message_is_named():
     assert describe(MemoryError()) == "MemoryError (no message)"
     assert describe(FileNotFoundError(2, "No such file or directory", "/x/y")) == "/x/y: No such file or directory"
+
+
+def test_a_row_id_that_looks_like_markup_is_printed_as_text(tmp_path):
+    """An invalid row is reported with its id; `[/]` once made rich raise MarkupError before any work was done."""
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"id": "[/]", "instruction": "q"}]))
+    argv = ["infer", "--dataset", str(rows), "--ckpt-root", str(tmp_path / "no_ckpt"), "--device", "cpu"]
+    result = runner.invoke(app, [*argv, "--out", str(tmp_path / "r.json")])
+    assert f"skipped invalid row {rows}:0: id '[/]': missing field(s)" in " ".join(result.output.split())
