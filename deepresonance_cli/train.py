@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,10 +23,9 @@ Opt = typer.Option
 
 def read_options(path: Path) -> dict:
     """A JSON --config: an object of TrainConfig fields; anything else is one line naming the file."""
-    try:
-        options = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    from model.data.catalog import read_json
+
+    options = read_json(path)
     if not isinstance(options, dict):
         raise ValueError(f"{path}: expected a JSON object of training options, got {type(options).__name__}")
     return options
