@@ -8,8 +8,10 @@ from typing import NoReturn
 
 import typer
 
-MAX_CHARS = 400  # a line a reader takes in; a longer message keeps its start (the file) and its end (the reason)
-HEAD, TAIL = 260, 100
+# dr's own longest messages (where to put a checkpoint by hand: a URL and a path) run to about 400 characters; a longer
+# message (a hostile file's cell quoted back) keeps its start (the file) and its end (the reason)
+MAX_CHARS = 1000
+HEAD, TAIL = 600, 300
 
 
 def short(message: str) -> str:
