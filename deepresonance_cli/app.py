@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer, serve
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
+from deepresonance_cli.errors import describe, fail
 from model.io.errors import CkptError
 
 app = typer.Typer(
@@ -34,13 +33,6 @@ app.command("serve")(serve.serve)
 # What a user's input can cause (missing or damaged files, full disks, bad rows or options): one line, never a trace.
 # CkptError is a RuntimeError: listed by name so that other RuntimeErrors (bugs) keep their traceback.
 KNOWN_ERRORS = (OSError, ValueError, MemoryError, CkptError)  # MemoryError: a slot cache that cannot fit
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line (library messages such as torch's span many); the path comes first."""
-    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err.strerror or ""):
-        return f"{err.filename}: {err.strerror or err}"
-    return " ".join(str(err).split())
 
 
 @app.callback()
@@ -73,8 +65,7 @@ def main() -> None:
     try:
         app()
     except KNOWN_ERRORS as err:
-        Console(stderr=True).print(f"[red]error:[/] {escape(one_line(err))}", highlight=False, soft_wrap=True)
-        raise SystemExit(1) from None
+        fail(describe(err))
 
 
 if __name__ == "__main__":

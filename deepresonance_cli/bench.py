@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepresonance_cli.errors import fail
+
 app = typer.Typer(help="Full-size benchmarks with random weights (needs a CUDA GPU).", no_args_is_help=True)
 console = Console()
 
@@ -19,8 +21,7 @@ def need_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        Console(stderr=True).print("[red]error:[/] dr bench builds 7B-sized models on a CUDA GPU; none is visible here")
-        raise typer.Exit(1)
+        fail("dr bench builds 7B-sized models on a CUDA GPU; none is visible here")
 
 
 @app.command("infer")

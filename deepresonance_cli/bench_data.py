@@ -1,4 +1,4 @@
-"""`dr data convert`: a multiple-choice benchmark's published file -> dr's row format (model/data/multiple_choice.py)."""
+"""`dr data convert`: a multiple-choice benchmark's published file -> dr's row format (model/data/benchmarks.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deepresonance_cli.errors import fail
+
 console = Console()
-err_console = Console(stderr=True)
 
 Benchmark = Annotated[str, typer.Argument(help="muchomusic, rulistening, mmau_music or mmar_music.")]
 
@@ -31,8 +32,8 @@ def convert(
     ] = False,
 ) -> None:
     """Convert a benchmark file to rows with the options in the prompt; audio is not shipped (`dr data check`)."""
+    from model.data.benchmarks import CONVERTERS, convert
     from model.data.catalog import CATALOG, DatasetError
-    from model.data.multiple_choice import CONVERTERS, convert
 
     if benchmark not in CONVERTERS:
         raise typer.BadParameter(f"{benchmark}: expected one of {', '.join(CONVERTERS)}", param_hint="BENCHMARK")
@@ -42,8 +43,7 @@ def convert(
         options = dict(audio_pattern=audio_pattern, keep_all=all_tasks, seed=seed, leave_one_out=leave_one_out)
         rows = convert(benchmark, source, target, **options)
     except DatasetError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=False)
-        raise typer.Exit(1) from e
+        fail(str(e))
     console.print(f"{len(rows)} rows -> {target}", highlight=False)
     console.print(
         f"audio: put the files under {data_root / media}/ (or pass --media-root), then "

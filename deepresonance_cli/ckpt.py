@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
-from rich.console import Console
 
 from ckpt.layout import PIECES, VICUNA_DELTA_REPO, layout
+from deepresonance_cli.errors import fail
 from deepresonance_cli.options import DtypeChoice
 from model.io.errors import CkptError
 
 app = typer.Typer(help="Download, build, verify and convert checkpoints.", no_args_is_help=True)
-err = Console(stderr=True)
 
 
-def _fail(e: CkptError) -> typer.Exit:
-    for line in str(e).splitlines():
-        err.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
-    return typer.Exit(1)
+def _fail(e: CkptError) -> NoReturn:
+    """One `error:` line per line of the message: a download names each piece that failed on its own line."""
+    fail(*str(e).splitlines())
 
 
 @app.command()
@@ -37,7 +36,7 @@ def download(
         for path in run_download(what, root, imagebind_url=imagebind_url, force=force):  # type: ignore[arg-type]
             typer.echo(f"ok: {path}")
     except CkptError as e:
-        raise _fail(e) from None
+        _fail(e)
 
 
 @app.command()
@@ -54,7 +53,7 @@ def vicuna(
     try:
         typer.echo(f"ok: {merge_vicuna(llama, delta, out, dtype=dtype.value, overwrite=overwrite)}")
     except CkptError as e:
-        raise _fail(e) from None
+        _fail(e)
 
 
 @app.command()
@@ -80,7 +79,7 @@ def convert(delta_dir: Path = typer.Argument(..., exists=True, file_okay=False))
     try:
         typer.echo(f"ok: {convert_delta(delta_dir)}")
     except CkptError as e:
-        raise _fail(e) from None
+        _fail(e)
 
 
 @app.command()

@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from deepresonance_cli.errors import fail
+from deepresonance_cli.options import AllowOutside
+
 if TYPE_CHECKING:
     from model.data.catalog import CheckReport
 
@@ -28,8 +31,7 @@ def download(data_root: Path = DataRoot) -> None:
     try:
         path = download_data(data_root)
     except DatasetError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from e
+        fail(str(e))
     console.print(f"dataset text files in {path}/")
 
 
@@ -54,16 +56,18 @@ def check(
     split: str = typer.Option("test", "--split", help="Catalog split for a dataset name: test or train."),
     decode: bool = typer.Option(False, "--decode", help="Fully preprocess every media file instead of probing it."),
     show: int = typer.Option(20, "--show", help="How many problem lines to print."),
+    allow_outside_media_root: AllowOutside = False,
 ) -> None:
     """Validate rows and look for missing or unreadable media; exits non-zero if anything is wrong."""
     from model.data.catalog import DatasetError, check_dataset, resolve_dataset
 
     try:
         spec = resolve_dataset(dataset, data_root, media_root, split)
-        report = check_dataset(spec, decode, progress=lambda files: track(files, "checking media", console=err_console))
+        report = check_dataset(
+            spec, decode, lambda files: track(files, "checking media", console=err_console), allow_outside_media_root
+        )
     except DatasetError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from e
+        fail(str(e))
     console.print(report_table(report))
     problems = report.row_errors + report.media_errors
     for line in problems[:show]:

@@ -3,7 +3,6 @@ the metrics live in `eval/`, the likelihood scorer in `model/generate/likelihood
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import eval as metrics
+from deepresonance_cli.errors import fail
 from eval import report
 
 
@@ -145,7 +145,9 @@ def eval_command(
     if results:
         from eval.choice import references
 
-        extra = json.loads(reference_file.read_text(encoding="utf-8")) if reference_file else []
+        extra = metrics.load_json(reference_file) if reference_file else []
+        if not isinstance(extra, list) or not all(isinstance(r, dict) for r in extra):
+            fail(f"{reference_file}: expected a JSON list of {{dataset, model, accuracy, source}} objects")
         wanted = {spec.name, spec.name.removesuffix("_test")}
         published = [r for name in wanted for r in references(name, extra)] if reference_table or extra else []
         choice = {"dataset": spec.name, "questions": len(choice_rows), "results": results, "reference": published}

@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Annotated, get_args
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from ckpt.layout import layout
-from deepresonance_cli.options import DtypeChoice, VariantChoice, check_device
+from deepresonance_cli.errors import short
+from deepresonance_cli.options import AllowOutside, DtypeChoice, VariantChoice, check_device
 from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
@@ -32,7 +34,12 @@ Device = Annotated[
     str | None, typer.Option(callback=check_device, help="cpu, cuda, cuda:1 (default: cuda when available).")
 ]
 Dtype = Annotated[DtypeChoice | None, typer.Option(help="float32, bfloat16 or float16 (default: bfloat16 on CUDA).")]
-TopK = Annotated[int, typer.Option(help="Top-k of sampling (50: the original's, 0: off).")]
+# sampling defaults: GenerationConfig's (model/config.py), the original's settings
+Temperature = Annotated[float, typer.Option(help="Sampling temperature.")]
+TopP = Annotated[float, typer.Option(help="Top-p (nucleus) of sampling (1.0: off).")]
+TopK = Annotated[int, typer.Option(help="Top-k of sampling (0: off; the default is the original's).")]
+Seed = Annotated[int, typer.Option(help="Seed of sampling.")]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens an answer may have.")]
 LoraAlpha = Annotated[
     int | None,
     typer.Option(
@@ -163,11 +170,11 @@ def infer(
         ),
     ] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding instead of the original's sampling.")] = False,
-    temperature: float = 0.1,
-    top_p: float = 1.0,
-    top_k: TopK = 50,
-    seed: int = 1337,
-    max_new_tokens: int = 512,
+    temperature: Temperature = GenerationConfig.temperature,
+    top_p: TopP = GenerationConfig.top_p,
+    top_k: TopK = GenerationConfig.top_k,
+    seed: Seed = GenerationConfig.seed,
+    max_new_tokens: MaxNewTokens = GenerationConfig.max_new_tokens,
     device: Device = None,
     dtype: Dtype = None,
     lora_alpha: LoraAlpha = None,
@@ -180,6 +187,7 @@ def infer(
     overwrite: Annotated[
         bool, typer.Option(help="Answer every row again, discarding --out's answers (of this or another run).")
     ] = False,
+    allow_outside_media_root: AllowOutside = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
     import torch
@@ -198,9 +206,9 @@ def infer(
     device = default_device(device)
     batch_size = batch_size or (256 if device.startswith("cuda") else 8)
     spec = resolve_dataset(dataset, data_root, media_root)
-    rows, errors = load_rows(spec.json_path)
+    rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     for line in errors:
-        console.print(f"[yellow]skipped invalid row[/] {line}")
+        console.print(f"[yellow]skipped invalid row[/] {escape(short(line))}")
     rows = rows[:limit] if limit is not None else rows
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
@@ -254,7 +262,7 @@ def show_summary(summary, invalid: int, in_file: int, out: Path) -> None:
     table.add_row(*map(str, (summary.total, summary.answered, summary.skipped, len(summary.failed), invalid, in_file)))
     console.print(table)
     for line in summary.failed:
-        console.print(f"[red]failed[/] {line}")
+        console.print(f"[red]failed[/] {escape(short(line))}")
     console.print(f"results: {out}")
 
 
@@ -268,11 +276,11 @@ def ask(
     base: Base = None,
     delta: Delta = None,
     greedy: bool = False,
-    temperature: float = 0.1,
-    top_p: float = 1.0,
-    top_k: TopK = 50,
-    seed: int = 1337,
-    max_new_tokens: int = 512,
+    temperature: Temperature = GenerationConfig.temperature,
+    top_p: TopP = GenerationConfig.top_p,
+    top_k: TopK = GenerationConfig.top_k,
+    seed: Seed = GenerationConfig.seed,
+    max_new_tokens: MaxNewTokens = GenerationConfig.max_new_tokens,
     device: Device = None,
     dtype: Dtype = None,
     lora_alpha: LoraAlpha = None,

@@ -1,11 +1,20 @@
-"""Choices shared by `dr infer`, `dr ask` and `dr train`, checked when the command line is parsed: a typo is one
-usage line, never a KeyError or a trace from deep inside torch."""
+"""Options shared by several commands (`dr infer`, `dr ask`, `dr train`, `dr data check`), checked when the command
+line is parsed: a typo is one usage line, never a KeyError or a trace from deep inside torch."""
 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Annotated
 
 import typer
+
+AllowOutside = Annotated[
+    bool,
+    typer.Option(
+        help="Read media paths that leave the media root (absolute, or '..' above it), as the original did; without "
+        "it their rows are refused, one line each, and the other rows go on.",
+    ),
+]
 
 
 class VariantChoice(str, Enum):

@@ -1,4 +1,4 @@
-"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/serve/app.py, model/serve/worker.py)."""
+"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/serve/app.py, worker.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from deepresonance_cli.infer import (
     model_config,
 )
 from deepresonance_cli.options import DtypeChoice, VariantChoice
+from model.config import GenerationConfig
 
 Opt = typer.Option
 console = Console(stderr=True)
@@ -69,7 +70,9 @@ def serve(
     demo: Annotated[bool, Opt(help="Serve `dr demo`'s tiny trained model (trained once if missing).")] = False,
     demo_dir: Annotated[Path, Opt(help="Where `dr demo`'s output is (or goes).")] = Path("runs/demo"),
     slots: Annotated[int | None, Opt(help="Rows decoding together (default: 64 on CUDA, 8 on CPU).")] = None,
-    max_new_tokens: Annotated[int, Opt(help="The largest max_tokens a request may ask for.")] = 512,
+    max_new_tokens: Annotated[
+        int, Opt(help="The largest max_tokens a request may ask for.")
+    ] = GenerationConfig.max_new_tokens,
     max_pending: Annotated[int, Opt(help="Requests queued or decoding at once; more get 429.")] = 256,
     max_body_mb: Annotated[float, Opt(help="Largest request body (base64 media included), MiB.")] = 32.0,
     max_media: Annotated[int, Opt(help="Media items per prompt.")] = 4,
@@ -79,7 +82,6 @@ def serve(
     """Serve the model: OpenAI's Chat Completions API at /v1, a page to ask about your music at /."""
     import uvicorn
 
-    from model.config import GenerationConfig
     from model.serve.app import Limits, create_app
     from model.serve.worker import EngineWorker, serving_engine
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
+from deepresonance_cli.errors import short
 from deepresonance_cli.options import TrainDtypeChoice, VariantChoice, check_device
 
 console = Console(stderr=True)
@@ -21,10 +22,9 @@ Opt = typer.Option
 
 def read_options(path: Path) -> dict:
     """A JSON --config: an object of TrainConfig fields; anything else is one line naming the file."""
-    try:
-        options = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+    from model.data.catalog import read_json
+
+    options = read_json(path)
     if not isinstance(options, dict):
         raise ValueError(f"{path}: expected a JSON object of training options, got {type(options).__name__}")
     return options
@@ -157,7 +157,7 @@ def train(
     if not main_rank:
         return
     if result.skipped:
-        console.print(f"[yellow]skipped {len(result.skipped)} row(s)[/] (first: {result.skipped[0]})")
+        console.print(f"[yellow]skipped {len(result.skipped)} row(s)[/] (first: {escape(short(result.skipped[0]))})")
     last = result.history[-1] if result.history else None
     summary = f"step {result.step}/{result.total_steps}" + (f", loss {last['loss']:.4f}" if last else "")
     where = out if result.step == result.total_steps else f"{out}/checkpoint-{result.step:06d}"

@@ -225,8 +225,9 @@ def task_rows(
 def choice_rows(clips: list[tuple[str, Music]], rng: np.random.Generator) -> list[dict]:
     """MuChoMusic-style multiple choice over the musicqa questions: the options are the question's answer sentence
     for every value of its attribute (3 instruments, 2 tempos, 2 loudnesses), in a random order per row, listed in
-    MuChoMusic's prompt; the answer is the sentence for the clip's own value (model/data/multiple_choice.py's row format)."""
-    from model.data.multiple_choice import mc_row, muchomusic_prompt
+    MuChoMusic's prompt; the answer is the sentence for the clip's own value (model/data/multiple_choice.py's
+    row format)."""
+    from model.data.benchmarks import mc_row, muchomusic_prompt
 
     rows = []
     for path, music in clips:

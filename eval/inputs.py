@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def dataset_path(dataset: str | Path, data_root: str | Path = "data") -> Path:
-    """A JSON file as given, else the test file of a catalog name (model.data.catalog); DatasetError names the choices."""
+    """A JSON file as given, else the test file of a catalog name (model.data.catalog); DatasetError names the
+    choices."""
     from model.data.catalog import resolve_dataset  # imported here: it pulls in the media stack (torch, av)
 
     return resolve_dataset(dataset, data_root, split="test").json_path
 
 
-def load_json(path: str | Path) -> dict | list:
-    """A JSON file; an unreadable, empty or malformed one is one ValueError line naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if not text.strip():
-        raise ValueError(f"{path}: empty file")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+def load_json(path: str | Path) -> object:
+    """A JSON file; an unreadable, empty, malformed or too deeply nested one is one ValueError line naming it
+    (model.data.catalog.read_json, the one reader of the project's JSON inputs)."""
+    from model.data.catalog import read_json  # imported here: it pulls in the media stack (torch, av)
+
+    return read_json(path)
 
 
 def read_predictions(path: str | Path) -> dict[str, dict[str, object]]:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
 from eval import report
-from model.data.multiple_choice import convert
+from model.data.benchmarks import convert
 
 MMAU = [
     {
@@ -150,3 +150,22 @@ def test_classification_set_gets_accuracy_next_to_text_metrics(tmp_path, tiny_ro
     results = got["multiple_choice"]["results"]
     assert results["pred"]["generative"]["accuracy"] == pytest.approx(2 / 6)
     assert results["alpha"]["likelihood"]["n"] == 6 and results["alpha"]["likelihood"]["chance"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+        ('{"dataset": "mmau_music"}', "expected a JSON list of {dataset, model, accuracy, source} objects"),
+    ],
+)
+def test_a_bad_reference_file_is_one_line_naming_it(bench, content, expected):
+    rows = json.loads((bench / "mmau_music_test.json").read_text())
+    (bench / "mine.json").write_text(json.dumps({r["id"]: {r["instruction"]: "A"} for r in rows}))
+    (bench / "refs.json").write_text(content)
+    args = ["eval", str(bench / "mine.json"), "--dataset", "mmau_music", "--data-root", str(bench)]
+    args += ["--reference-file", str(bench / "refs.json"), "--out", str(bench / "r.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    error = f"{result.output} {result.exception}"  # fail()'s line, or the DatasetError main prints as one line
+    assert f"{bench / 'refs.json'}: {expected}" in error

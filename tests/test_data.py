@@ -109,7 +109,7 @@ def test_unusable_files(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         load_rows(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(DatasetError, match="not readable JSON"):
+    with pytest.raises(DatasetError, match="not valid JSON"):
         load_rows(tmp_path / "bad.json")
     (tmp_path / "obj.json").write_text(json.dumps({"a": 1}))
     with pytest.raises(DatasetError, match="expected a JSON list"):

@@ -1,4 +1,5 @@
-"""model/data/multiple_choice.py: each benchmark's published format -> dr rows -> back, prompts as the benchmarks write them.
+"""model/data/benchmarks.py and multiple_choice.py: each benchmark's published format -> dr rows -> back, prompts as
+the benchmarks write them.
 
 Each file below is synthesized in the format its benchmark publishes (field names as in the public repositories). A
 round trip recovers every question's text, correct answer, distractors, audio file and categories from the converted
@@ -15,14 +16,9 @@ import synth
 from typer.testing import CliRunner
 
 from deepresonance_cli.app import app
+from model.data.benchmarks import BenchmarkFormatError, convert
 from model.data.catalog import load_rows, resolve_dataset
-from model.data.multiple_choice import (
-    BenchmarkFormatError,
-    classification_rows,
-    convert,
-    has_choices,
-    load_choice_rows,
-)
+from model.data.multiple_choice import classification_rows, has_choices, load_choice_rows
 
 MUCHO_CSV = [
     {

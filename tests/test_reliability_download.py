@@ -53,7 +53,7 @@ def online(monkeypatch: pytest.MonkeyPatch, silent: str) -> str:
 
 
 def one_line(result) -> str:
-    from deepresonance_cli.app import one_line as flatten
+    from deepresonance_cli.errors import describe as flatten
 
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         return flatten(result.exception)

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from ckpt.doctor import doctor
 from ckpt.layout import CkptLayout, layout
-from deepresonance_cli.app import KNOWN_ERRORS, app, one_line
+from deepresonance_cli.app import KNOWN_ERRORS, app
+from deepresonance_cli.errors import describe
 
 runner = CliRunner()
 
@@ -53,7 +54,7 @@ def one_line_failure(result, *fragments: str) -> str:
     """The command failed with an error `dr` prints as one line (main's KNOWN_ERRORS), holding every fragment."""
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, KNOWN_ERRORS), repr(result.exception)
-    line = one_line(result.exception)
+    line = describe(result.exception)
     for fragment in fragments:
         assert fragment in line, line
     assert "weights_only=False" not in line and "weights_only` set to `False" not in line

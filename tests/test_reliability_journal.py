@@ -161,6 +161,25 @@ def test_lock_is_released_by_a_killed_holder(tmp_path):
         pass
 
 
+def test_lock_is_reentrant_and_held_until_its_last_release(tmp_path):
+    out = tmp_path / "r.json"
+    probe = (
+        "import sys; from model.infer.journal import OutputLocked, output_lock\n"
+        f"try:\n    output_lock({str(out)!r}).acquire()\nexcept OutputLocked as e:\n    sys.exit(str(e))"
+    )
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stderr
+
+    first = output_lock(out).acquire()
+    output_lock(out).acquire()  # again, as run_inference does under `dr infer`
+    first.release()
+    assert f"pid {os.getpid()} on {os.uname().nodename}" in other_process()  # one hold is left
+    first.release()
+    assert other_process() == ""
+    first.release()  # one release too many does nothing
+
+
 def test_concurrent_result_writes_never_collide(tmp_path):
     out = tmp_path / "r.json"
     journal = Journal(out.with_suffix(".jsonl"))

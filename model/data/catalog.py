@@ -2,7 +2,9 @@
 
 Rows follow the original's JSON files: a list of `{id, input, instruction, output, mm_names, mm_paths}`, where each
 `<Audio>`/`<Image>`/`<Video>` placeholder in `input` stands for the next entry of `mm_names`/`mm_paths` (paths are
-relative to the dataset's media root).
+relative to the dataset's media root). A path that leaves the media root (absolute, or climbing out with `..`) makes
+its row invalid unless allowed (`outside_media_root`): the original read it, so a hostile row file could make a job
+read any file of the machine (`/etc/passwd`) and report what it made of it.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ CATALOG: dict[tuple[str, str], tuple[str, str | None]] = {
     ("mtg", "test"): ("mtg_test.json", "MTG/eval_audios"),
     ("musicinstruct_long", "test"): ("musicinstruct_long_test.json", "MusicInstruct/eval_audios"),
     ("musicinstruct_short", "test"): ("musicinstruct_short_test.json", "MusicInstruct/eval_audios"),
-    # multiple-choice benchmarks, as `dr data convert` writes them (model/data/multiple_choice.py); media roots are the folders
-    # their audio paths are relative to
+    # multiple-choice benchmarks, as `dr data convert` writes them (model/data/benchmarks.py); media roots are the
+    # folders their audio paths are relative to
     ("muchomusic", "test"): ("muchomusic_test.json", "MuChoMusic/audio"),
     ("rulistening", "test"): ("rulistening_test.json", "RUListening/audio"),
     ("mmau_music", "test"): ("mmau_music_test.json", "MMAU"),
@@ -103,6 +105,28 @@ def resolve_dataset(
     return spec if media_root is None else DatasetSpec(spec.name, spec.json_path, Path(media_root))
 
 
+def read_json(path: str | Path) -> object:
+    """A JSON file's value, or a DatasetError of one line naming the file: missing, unreadable, not UTF-8, empty,
+    malformed (where), or nested too deeply for the parser (a hostile file of 100,000 `[`: RecursionError)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not text.strip():
+        raise DatasetError(f"{path}: empty file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
+
+
 def check_text(text: str, what: str) -> None:
     """Text the tokenizer and the result files can take: valid Unicode (JSON's "\\ud800" escapes, and command-line
     bytes that are not UTF-8, decode to lone surrogates, which sentencepiece rejects mid-run)."""
@@ -114,7 +138,17 @@ def check_text(text: str, what: str) -> None:
         ) from None
 
 
-def _validate(raw: object, index: int) -> Row:
+def outside_media_root(path: str) -> str | None:
+    """Why a row's media path leaves the media root, or None when it stays inside. The rule is lexical (no file is
+    touched): a symlink inside the root is followed, as media folders are often links to another disk."""
+    if os.path.isabs(path):
+        return "an absolute path"
+    if os.path.normpath(path).split(os.sep)[0] == os.pardir:
+        return "climbs out of it with '..'"
+    return None
+
+
+def _validate(raw: object, index: int, allow_outside_media_root: bool = False) -> Row:
     """Raw JSON row -> Row, or ValueError saying what is wrong. A missing id becomes the row's index."""
     if not isinstance(raw, dict):
         raise ValueError(f"expected an object, got {type(raw).__name__}")
@@ -144,10 +178,16 @@ def _validate(raw: object, index: int) -> Row:
     wanted = [PLACEHOLDERS[p] for p in PLACEHOLDER_RE.findall(raw["input"])]
     if wanted != names:
         raise ValueError(f"placeholders in input ask for {wanted} but mm_names is {names}")
+    for i, path in enumerate(paths):
+        outside = None if allow_outside_media_root else outside_media_root(path)
+        if outside:
+            raise ValueError(
+                f"mm_paths[{i}] {path!r} is outside the media root ({outside}); --allow-outside-media-root reads it"
+            )
     return Row(str(row_id), raw["input"], raw["instruction"], raw["output"], tuple(names), tuple(paths))
 
 
-def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
+def load_rows(path: str | Path, allow_outside_media_root: bool = False) -> tuple[list[Row], list[str]]:
     """Read and validate a row-format JSON list -> (valid rows, one `file:row: reason` line per invalid row).
 
     `row` is the 0-based index in the list (the row's id, when it has one, starts the reason). A second row with the
@@ -155,12 +195,7 @@ def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
     Raises DatasetError if the file is unusable.
     """
     path = Path(path)
-    try:
-        raw_rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise DatasetError(f"{path}: no such file") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path}: not readable JSON ({e})") from e
+    raw_rows = read_json(path)
     if not isinstance(raw_rows, list):
         raise DatasetError(f"{path}: expected a JSON list of rows, got {type(raw_rows).__name__}")
     rows: list[Row] = []
@@ -168,7 +203,7 @@ def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
     first_index: dict[tuple[str, str], int] = {}
     for i, raw in enumerate(raw_rows):
         try:
-            row = _validate(raw, i)
+            row = _validate(raw, i, allow_outside_media_root)
         except ValueError as e:
             named = f"id {raw['id']!r}: " if isinstance(raw, dict) and "id" in raw else ""
             errors.append(f"{path}:{i}: {named}{e}")
@@ -183,7 +218,8 @@ def load_rows(path: str | Path) -> tuple[list[Row], list[str]]:
 
 
 def media_path(row: Row, i: int, media_root: str | Path) -> Path:
-    """Path of the row's i-th media file (os.path.join semantics, as the original: absolute paths win)."""
+    """Path of the row's i-th media file (os.path.join semantics, as the original: absolute paths win). Rows whose
+    paths leave the media root are invalid (`outside_media_root`) unless loaded with `allow_outside_media_root`."""
     return Path(os.path.join(media_root, row.mm_paths[i]))
 
 
@@ -203,13 +239,16 @@ class CheckReport:
 
 
 def check_dataset(
-    spec: DatasetSpec, decode: bool = False, progress: Callable[[Iterable], Iterable] = iter
+    spec: DatasetSpec,
+    decode: bool = False,
+    progress: Callable[[Iterable], Iterable] = iter,
+    allow_outside_media_root: bool = False,
 ) -> CheckReport:
     """Validate every row and look at every distinct media file once: present, missing or unreadable.
 
     `decode=False` opens each file and reads its header (fast); `decode=True` runs the full ImageBind preprocessing.
     """
-    rows, errors = load_rows(spec.json_path)
+    rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     report = CheckReport(spec, rows=len(rows) + len(errors), row_errors=errors)
     files = {(name, media_path(row, i, spec.media_root)) for row in rows for i, name in enumerate(row.mm_names)}
     for modality, path in progress(sorted(files)):

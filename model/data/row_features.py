@@ -25,7 +25,8 @@ def row_media(
     batch_size: int,
     workers: int = DECODE_WORKERS,
 ) -> list[list[tuple[str, torch.Tensor]] | MediaError]:
-    """Each row's media as clip features (through the cache) or the row's first media error."""
+    """Each row's media as clip features (through the cache) or the row's first media error, naming the row's own
+    file (files of identical content are decoded once and share their error, which names the first of them)."""
     if model.visual_encoder is None:
         raise ValueError("inference needs the ImageBind encoder: load the model with its imagebind weights")
     wanted: dict[str, list[Path]] = {}
@@ -39,7 +40,8 @@ def row_media(
         features.update({(modality, p): f for p, f in zip(unique, encoded, strict=True)})
     out: list[list[tuple[str, torch.Tensor]] | MediaError] = []
     for row in rows:
-        items = [(m, features[(m, media_path(row, i, media_root))]) for i, m in enumerate(row.mm_names)]
-        error = next((f for _, f in items if isinstance(f, MediaError)), None)
-        out.append(error if error is not None else items)
+        paths = [media_path(row, i, media_root) for i in range(len(row.mm_names))]
+        items = [(m, features[(m, p)]) for m, p in zip(row.mm_names, paths, strict=True)]
+        errors = (MediaError(p, f.reason) for (_, f), p in zip(items, paths, strict=True) if isinstance(f, MediaError))
+        out.append(next(errors, items))
     return out

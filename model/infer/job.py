@@ -1,8 +1,8 @@
 """Per-dataset inference that never loses finished work.
 
-Rows decode through the continuous-batching engine (model/engine/scheduler.py) and finish out of order; the rows that end
-together are appended to a JSONL journal (model/infer/journal.py: flushed and fsync'd), so a killed job loses at most the
-rows in flight, and a rerun skips every (id, instruction) already answered. The original's result layout
+Rows decode through the continuous-batching engine (model/engine/scheduler.py) and finish out of order; the rows that
+end together are appended to a JSONL journal (model/infer/journal.py: flushed and fsync'd), so a killed job loses at
+most the rows in flight, and a rerun skips every (id, instruction) already answered. The original's result layout
 `{id: {instruction: answer}}` is rebuilt from the journal(s). Rows are sorted by prompt length so prefills pad
 little, media go through the feature cache, and a row whose media is missing or unreadable is reported and skipped.
 """

@@ -10,15 +10,14 @@ What can go wrong, and what happens then:
   bytes are renamed aside (`<journal>.torn-<time>`) and reported in one line, and appending starts on a fresh line;
 - a full disk during a write: the journal is cut back to its last complete line and the run stops with one line
   naming the file; only the rows of that write are redone;
-- a second process on the same `--out`: an advisory lock (`flock` on `<out>.lock`) lets one in; the other says which
-  process holds it (pid, host, start time) and exits before doing any work;
+- a second process on the same `--out`: an advisory lock (filelock's `flock` on `<out>.lock`) lets one in; the other
+  says which process holds it (pid, host, start time) and exits before doing any work;
 - another delta, variant, dtype or generation settings than the journal's: one line offering a new `--out` or
   `--overwrite`, nothing skipped wrongly.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from model.io.files import write_atomically, write_failure
 
@@ -278,67 +279,61 @@ def write_results(out_json: Path, rows: Sequence[Any] | None = None) -> dict[str
 
 
 class OutputLock:
-    """An advisory lock (flock) on `<out>.lock`: one process per result file. The file names its holder (pid, host,
-    start time) for the message the next process prints. Re-entrant within a process (the CLI takes it before
-    loading the model, run_inference again); the OS drops it when the holder dies, so a kill leaves no stale lock."""
+    """One process per result file: filelock's FileLock (flock) on `<out>.lock`, taken without waiting. The lock file
+    names its holder (pid, host, start time) for the one line the next process prints. Re-entrant within a process
+    (the CLI takes it before loading the model, run_inference again: one FileLock instance per path counts the
+    holds); the OS drops it when the holder dies, so a kill leaves no stale lock."""
 
-    _held: dict[Path, list] = {}  # path -> [fd, depth], this process's locks
+    _held: set[FileLock] = set()  # held locks stay referenced: a caller may drop its handle and keep the lock
 
     def __init__(self, out_json: Path, rank: int = 0) -> None:
         self.path = lock_path(Path(out_json), rank)
         self.out = Path(out_json)
+        self.lock = FileLock(self.path, blocking=False, is_singleton=True, thread_local=False, on_acquired=_note_holder)
 
     def acquire(self) -> OutputLock:
-        key = self.path.resolve()
-        if key in self._held:
-            self._held[key][1] += 1
-            return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.lock.acquire()
+        except Timeout:
+            raise OutputLocked(
+                f"{self.out}: another dr process is writing it ({self._holder()}; lock {self.path}); wait for it to "
+                "finish, or pass another --out (several GPUs: torchrun shards one job)"
+            ) from None
         except OSError as e:
             raise JournalError(f"{self.path}: cannot create the lock of {self.out} ({e.strerror or e})") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
-            os.close(fd)
-            raise OutputLocked(
-                f"{self.out}: another dr process is writing it ({holder}; lock {self.path}); wait for it to finish, "
-                "or pass another --out (several GPUs: torchrun shards one job)"
-            ) from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
-        except OSError:
-            pass  # the lock holds without its note; the next process then names only the lock file
-        self._held[key] = [fd, 1]
+        self._held.add(self.lock)
         return self
 
-    @staticmethod
-    def _holder(fd: int) -> str:
+    def _holder(self) -> str:
         try:
-            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            info = json.loads(self.path.read_bytes()[:4096] or b"{}")
             return f"pid {info['pid']} on {info['host']}, started {info['started']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "holder unknown"
 
     def release(self) -> None:
-        key = self.path.resolve()
-        entry = self._held.get(key)
-        if entry is None:
+        if not self.lock.is_locked:
             return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._held[key]
-            os.close(entry[0])  # closing the only descriptor drops the flock; the file stays (others may wait on it)
+        self.lock.release()
+        if not self.lock.is_locked:
+            self._held.discard(self.lock)  # the file stays (others may wait on it)
 
     def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _note_holder(fd: int) -> None:
+    """Write this process into the lock file it has just locked (filelock's on_acquired hook)."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+    except OSError:
+        pass  # the lock holds without its note; the next process then names only the lock file
 
 
 def output_lock(out_json: str | Path, rank: int = 0) -> OutputLock:
