@@ -3,6 +3,13 @@
 The released DeepResonance weights were trained on exactly those inputs, so every quirk of the original pipeline is
 kept on purpose (see `audio_clips`). ImageBind's own module cannot be imported here (pytorchvideo/decord do not work
 with current torchvision), so decoding uses soundfile and PyAV, and the transforms are rebuilt with torch/torchvision.
+
+This is the one entry point for media (`load_media`, `probe_media`: `dr infer`, `dr ask`, `dr data check`, `dr serve`).
+Before decoding, every file is checked against the bounds named below (rate, channels, duration, pixels, aspect
+ratio, frames; why each value: model/media/bounds.py), and only what ImageBind uses is decoded: 3 x 2 s of audio
+(read clip by clip when long); video decoding stops at the last frame its 5 clips use and converts only their 10
+frames (inter-frame codecs need the frames before them decoded). Beyond a bound, or with NaN/Inf samples or
+features, a file is a one-line MediaError.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from model.media.audio import audio_clips, decode_audio, load_audio, probe_audio
 
 # What a file may expand to, checked from its header before decoding (why each, in model/media/bounds.py):
 from model.media.bounds import (  # noqa: F401 (the bounds are named here, where every loader starts)
-    EXTENSIONS,
     FULL_DECODE_SAMPLES,
     MAX_ASPECT_RATIO,
     MAX_CHANNELS,
