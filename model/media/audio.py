@@ -38,7 +38,7 @@ NUM_MEL_BINS, TARGET_FRAMES = 128, 204
 AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
 # Input read on each side of a clip when reading clip by clip: far beyond the resampler's reach (under 10 ms), and
 # enough input that conv1d runs the same algorithm as on a whole file, so the result is bit-identical (on CPU, tested
-# in tests/test_hostile_media.py; 1 s of context was not enough for 8 kHz mono).
+# in tests/test_hostile_media.py; 1/8 s of context was not enough for 8 kHz mono).
 CONTEXT_SECONDS = 4
 # Clip-by-clip reading needs clips that do not overlap (ImageBind's in-place mean subtraction links overlapping ones):
 # starts (d - 2) / 3 apart, so d >= 8 s; 9 s leaves room for rounding.
