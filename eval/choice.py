@@ -135,8 +135,8 @@ def score_generative(predictions: Mapping[str, Mapping[str, str]], rows: Sequenc
 
 
 def score_likelihood(scores: Sequence, rows: Sequence) -> dict[str, dict]:
-    """`model.generate.likelihood.score_rows` output against the rows: the `acc` and the `acc_norm` pick, as two modes. Rows
-    whose media failed (a MediaError in place of scores) are left out and counted as missing."""
+    """`model.generate.likelihood.score_rows` output against the rows: the `acc` and the `acc_norm` pick, as two
+    modes. Rows whose media failed (a MediaError in place of scores) are left out and counted as missing."""
     kept = [(s, r) for s, r in zip(scores, rows, strict=True) if hasattr(s, "logprobs")]
     missing = len(rows) - len(kept)
     out = {}
@@ -177,36 +177,47 @@ def mode_key(answering: str, audio: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ published numbers
-# Accuracy (%) other models report, written down from the cited tables without a copy of them at hand (this project
-# has no network): not re-checked, so verify against the source before citing. Shown only with --reference-table,
-# marked as published and not computed here. Protocols differ from dr's (prompts, parsing, option order), so they are
-# context, not a like-for-like comparison.
+# Accuracy (%) other models report, each with where a reader finds it: `source` names the table, `url` opens it (issue
+# 27 re-checked every value against its source). Shown only with --reference-table, marked as published and not
+# computed here. Protocols differ from dr's (prompts, parsing, option order), so they are context, not a like-for-like
+# comparison. MMAU changed its questions (v05.15.25): every MMAU row names its version, as the same model scores
+# differently on the two.
+_QWEN3_OMNI = "QwenLM/Qwen3-Omni README, music results table"
+_QWEN3_OMNI_URL = "https://github.com/QwenLM/Qwen3-Omni"
+_MUCHOMUSIC = "mulab-mir/muchomusic results (Weck et al., MuChoMusic, ISMIR 2024, arXiv:2408.01337)"
+_MUCHOMUSIC_URL = "https://github.com/mulab-mir/muchomusic"
+_AF3 = "Goel et al., Audio Flamingo 3, arXiv:2507.08128, Table 2"
+_AF3_URL = "https://arxiv.org/abs/2507.08128"
+_MMAU_BOARD = "MMAU v05.15.25 leaderboard, music"
+_MMAU_BOARD_URL = "https://sakshi113.github.io/mmau_homepage/#leaderboard"
+_MMAR = "ddlBoJack/MMAR README, results table, music"
+_MMAR_URL = "https://github.com/ddlBoJack/MMAR"
+
+
+def _rows(dataset: str, source: str, url: str, scores: dict[str, float], **extra: str) -> list[dict]:
+    return [
+        {"dataset": dataset, "model": m, "accuracy": a, "source": source, "url": url, **extra}
+        for m, a in scores.items()
+    ]
+
+
 REFERENCE: list[dict] = [
-    {
-        "dataset": "muchomusic",
-        "model": "Qwen2.5-Omni-7B",
-        "accuracy": 52.0,
-        "source": "Qwen2.5-Omni Technical Report, arXiv:2503.20215, audio-understanding table (MuChoMusic)",
-    },
-    {
-        "dataset": "muchomusic",
-        "model": "Qwen-Audio",
-        "accuracy": 51.4,
-        "source": "Weck et al., MuChoMusic, ISMIR 2024, arXiv:2408.01337, Table 3",
-    },
-    {
-        "dataset": "gtzan",
-        "model": "Qwen2.5-Omni-7B",
-        "accuracy": 88.0,
-        "source": "Qwen2.5-Omni Technical Report, arXiv:2503.20215, audio-understanding table (GTZAN)",
-    },
-    {
-        "dataset": "mmau_music",
-        "model": "Qwen2-Audio-Instruct",
-        "accuracy": 50.98,
-        "source": "Sakshi et al., MMAU, arXiv:2410.19168, test-mini results table (music)",
-    },
-]
+    *_rows("muchomusic", _MUCHOMUSIC, _MUCHOMUSIC_URL,
+           {"Qwen-Audio": 51.4, "M2UGen": 42.9, "SALMONN": 41.8, "MU-LLaMA": 32.4, "MusiLingo": 21.1}),
+    *_rows("muchomusic", _AF3, _AF3_URL, {"Audio Flamingo 3": 47.4}),
+    # RUL-MuchoMusic (RUListening's MuChoMusic); the Qwen2.5-Omni report itself has no MuChoMusic row
+    *_rows("rulistening", _QWEN3_OMNI, _QWEN3_OMNI_URL, {"Qwen3-Omni-30B-A3B-Instruct": 52.0, "Qwen2.5-Omni-7B": 47.3}),
+    *_rows("gtzan", _QWEN3_OMNI, _QWEN3_OMNI_URL,
+           {"Qwen3-Omni-30B-A3B-Instruct": 93.0, "CLaMP 3": 87.9, "Qwen2.5-Omni-7B": 81.7}),
+    *_rows("mmau_music", "MMAU original test-mini: Sakshi et al., MMAU, arXiv:2410.19168, test-mini results (music)",
+           "https://arxiv.org/abs/2410.19168", {"Qwen2-Audio-Instruct": 50.98}, version="original test-mini"),
+    *_rows("mmau_music", _MMAU_BOARD, _MMAU_BOARD_URL,
+           {"Kimi-Audio": 66.77, "Qwen2.5-Omni-7B": 65.90, "Qwen2-Audio-Instruct": 56.29, "M2UGen": 37.13,
+            "MU-LLaMA": 32.34}, version="v05.15.25"),
+    *_rows("mmau_music", f"MMAU v05.15.25: {_AF3}", _AF3_URL, {"Audio Flamingo 3": 73.95}, version="v05.15.25"),
+    *_rows("mmar_music", _MMAR, _MMAR_URL,
+           {"Qwen2.5-Omni-7B": 40.8, "SALMONN": 29.6, "Qwen2-Audio-Instruct": 24.3, "MU-LLaMA": 13.6}),
+]  # fmt: skip
 
 
 def references(dataset: str, extra: Sequence[dict] = ()) -> list[dict]:

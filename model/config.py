@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
-# the Hugging Face dataset repo that holds the released deltas and the test sets (ckpt/ downloads, model/data/catalog.py)
+# the Hugging Face dataset repo that holds the released deltas and the test sets (ckpt/ downloads,
+# model/data/catalog.py)
 HF_DATA_REPO = "Sony/DeepResonance_data_models"
 HF_WEB = "https://huggingface.co"  # for the by-hand instructions in error messages
 
@@ -110,10 +112,21 @@ class ModelConfig:
         return replace(base or cls(), **known)
 
 
+# Sampling below this temperature is greedy decoding (GenerationConfig turns do_sample off). At T = 1e-4 a logit gap
+# of 0.01 already weighs the runner-up by exp(-100), so sampling is greedy in all but exact ties, while smaller values
+# (1e-45, 5e-324) make logits / T overflow to inf and the softmax NaN. 0 is the usual way to ask for greedy.
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """The original samples with temperature 0.1, top_p 1.0 and up to 512 new tokens; top_k 50 is the default of
-    the transformers 4.29 `generate` it called (it set no top_k), so it filtered too."""
+    the transformers 4.29 `generate` it called (it set no top_k), so it filtered too.
+
+    A temperature below MIN_SAMPLING_TEMPERATURE (0 included) means greedy: do_sample is turned off here, the one
+    place `dr infer`, `dr ask` and `dr serve` all build their settings. A temperature that is negative, NaN or
+    infinite is a ValueError.
+    """
 
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -121,9 +134,16 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = 1337
     top_k: int = 50
-    # "engine": continuous batching (model/engine/scheduler.py); "static": the static-batch loop (model/generate/static.py); "generate":
-    # transformers' generate, the faithful reference the others are tested against
+    # "engine": continuous batching (model/engine/scheduler.py); "static": the static-batch loop
+    # (model/generate/static.py); "generate": transformers' generate, the faithful reference the others are tested
+    # against
     decoder: Decoder = "engine"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.do_sample and self.temperature < MIN_SAMPLING_TEMPERATURE:
+            object.__setattr__(self, "do_sample", False)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import soundfile as sf
 import synth
 
 from eval.choice import (
+    REFERENCE,
     ablate,
     accuracy,
     bootstrap_ci,
@@ -23,7 +24,7 @@ from eval.choice import (
     score_generative,
     score_likelihood,
 )
-from model.data.catalog import Row
+from model.data.catalog import CATALOG, Row
 from model.data.multiple_choice import ChoiceRow
 from model.generate.likelihood import OptionScores
 from model.media.preprocess import MediaError
@@ -141,6 +142,31 @@ def test_references_are_marked_and_keep_their_sources():
     rows = references("muchomusic", [{"dataset": "muchomusic", "model": "Mine", "accuracy": 40.0, "source": "me"}])
     assert rows and all(r["computed_here"] is False and r["source"] for r in rows)
     assert "Mine" in [r["model"] for r in rows] and references("nope") == []
+
+
+def test_every_built_in_reference_row_has_a_source_a_reader_can_open():
+    from urllib.parse import urlsplit
+
+    for r in REFERENCE:
+        assert isinstance(r["source"], str) and r["source"].strip(), r
+        url = urlsplit(r["url"])
+        assert url.scheme == "https" and url.netloc and " " not in r["url"], r
+        assert (r["dataset"], "test") in CATALOG and 0 < r["accuracy"] < 100, r
+        if r["dataset"] == "mmau_music":  # MMAU scores differ by version: each row names its own
+            assert r["version"] in r["source"], r
+
+
+def test_reference_rows_hold_the_verified_values():
+    """Issue 27's checked values: no MuChoMusic row for Qwen2.5-Omni (its 52.0 was Qwen3-Omni on RUL-MuchoMusic),
+    GTZAN Qwen2.5-Omni 81.7, and Qwen2-Audio's MMAU music by version."""
+    table = {(r["dataset"], r["model"], r.get("version")): r["accuracy"] for r in REFERENCE}
+    assert not any(d == "muchomusic" and m.startswith("Qwen2.5-Omni") for d, m, _ in table)
+    assert table["rulistening", "Qwen3-Omni-30B-A3B-Instruct", None] == 52.0
+    assert table["rulistening", "Qwen2.5-Omni-7B", None] == 47.3
+    assert table["gtzan", "Qwen2.5-Omni-7B", None] == 81.7
+    assert table["mmau_music", "Qwen2-Audio-Instruct", "original test-mini"] == 50.98
+    assert table["mmau_music", "Qwen2-Audio-Instruct", "v05.15.25"] == 56.29
+    assert len(table) == len(REFERENCE)  # no row twice
 
 
 def test_control_audio_files(tmp_path):

@@ -38,11 +38,23 @@ def imagebind_model_module() -> types.ModuleType:
     return imagebind_model
 
 
+class NonFiniteFeatures(ValueError):
+    """The encoder computed NaN or Inf for some items of a batch (`items`, 0-based); `features` holds the whole
+    batch's output, so a caller can keep the items that are finite. Such features must never reach a prompt or a
+    cache: a masked attention weight of 0 times NaN is NaN, which would poison the rows decoded after them."""
+
+    def __init__(self, modality: str, items: list[int], features: torch.Tensor) -> None:
+        self.items, self.features = items, features
+        which = ", ".join(str(i + 1) for i in items)
+        super().__init__(f"{modality} item(s) {which} of the batch: encoder features are not finite (NaN or Inf)")
+
+
 class MediaEncoder(nn.Module):
     """Frozen ImageBind: ImageBind inputs [B, ...] -> unit-norm clip embeddings [B, clips, D].
 
     Each clip goes preprocessor -> trunk -> head -> L2 normalise. The original applies only the Normalize of the
-    audio postprocessor (no logit scale of 20), so audio embeddings have unit norm like vision ones.
+    audio postprocessor (no logit scale of 20), so audio embeddings have unit norm like vision ones. Non-finite
+    outputs raise NonFiniteFeatures.
     """
 
     def __init__(self, size: str = "huge") -> None:
@@ -136,7 +148,11 @@ class MediaEncoder(nn.Module):
         features = ib.modality_heads[key](features, **tokens["head"])
         post = ib.modality_postprocessors[key]
         features = post[0](features) if isinstance(post, nn.Sequential) else post(features)
-        return features.reshape(batch, -1, features.shape[-1])
+        features = features.reshape(batch, -1, features.shape[-1])
+        finite = torch.isfinite(features).flatten(1).all(1).tolist()
+        if not all(finite):
+            raise NonFiniteFeatures(modality, [i for i, ok in enumerate(finite) if not ok], features)
+        return features
 
 
 def size_of(state: dict[str, torch.Tensor], path: Path) -> str:

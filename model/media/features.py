@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -23,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.io.files import write_atomically, written_atomically
-from model.media.preprocess import MODALITIES, MediaError, load_media
+from model.media.encoder import NonFiniteFeatures
+from model.media.preprocess import MODALITIES, MediaError, check_file, load_media
 
 
 class Encoder(Protocol):
@@ -147,19 +149,20 @@ class FeatureCache:
         return f"{modality}-{'pooled' if self.pooled else 'clips'}-{str(self.dtype).removeprefix('torch.')}"
 
     def file_hash(self, path: str | Path) -> str:
-        """sha256 of the file's bytes, remembered per (path, size, mtime) for the life of this object."""
+        """sha256 of the file's bytes, remembered per (path, size, mtime) for the life of this object. Only a regular
+        file is read (checked on the opened descriptor, which a FIFO or device cannot block in non-blocking mode)."""
         path = Path(path)
         try:
-            st = path.stat()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise MediaError(path, "no such file") from e
-        memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if memo not in self._hashes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self._hashes[memo] = h.hexdigest()
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MediaError(path, "not a regular file")
+            memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if memo not in self._hashes:
+                self._hashes[memo] = hashlib.file_digest(f, "sha256").hexdigest()
         return self._hashes[memo]
 
     def entry(self, modality: str, path: str | Path) -> Path:
@@ -169,7 +172,8 @@ class FeatureCache:
         return self.root / encoder / self.mode(modality) / digest[:2] / f"{digest}.safetensors"
 
     def get(self, modality: str, path: str | Path) -> torch.Tensor | None:
-        """Cached [k, D] features, or None on a miss. A corrupt entry is deleted and counts as a miss."""
+        """Cached [k, D] features, or None on a miss. A corrupt entry (or one holding NaN or Inf) is deleted and
+        counts as a miss."""
         entry = self.entry(modality, path)
         if not entry.is_file():
             return None
@@ -177,16 +181,18 @@ class FeatureCache:
             features = load_file(entry)["features"]
         except (SafetensorError, OSError, KeyError, ValueError):
             features = None
-        if features is None or features.ndim != 2:
+        if features is None or features.ndim != 2 or not torch.isfinite(features).all():
             entry.unlink(missing_ok=True)
             return None
         return features
 
     def put(self, modality: str, path: str | Path, features: torch.Tensor) -> None:
-        """Store [k, D] features for this file, atomically. Not fsync'd: an entry a crash left unreadable is dropped
-        and encoded again on the next read."""
+        """Store [k, D] features for this file, atomically; never NaN or Inf, which would answer every later job that
+        reads them. Not fsync'd: an entry a crash left unreadable is dropped and encoded again on the next read."""
         if features.ndim != 2:
             raise ValueError(f"expected [k, D] features, got shape {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise ValueError(f"{path}: features are not finite (NaN or Inf), not cached")
         entry = self.entry(modality, path)
         metadata = {
             "fingerprint": self.encoder_fingerprint,
@@ -218,7 +224,9 @@ def encode_files(
     the file's MediaError.
 
     Cache hits skip decoding and the encoder; misses are decoded (`workers` threads) and encoded `batch_size` files
-    at a time, then stored. Files with identical content are encoded once. A bad file only fails its own entry.
+    at a time, then stored. Files with identical content are encoded once. A bad file only fails its own entry: one
+    that is not a regular file of the modality's types before anything reads it, one whose features are not finite
+    (NaN or Inf) after the encoder, and these are never cached.
     Without a cache, every file is encoded (per-clip).
     """
     if cache is not None and (cache.encoder_fingerprint, cache.dtype) != (encoder.fingerprint, encoder.dtype):
@@ -230,6 +238,7 @@ def encode_files(
     todo: dict[str, list[int]] = {}  # content key -> indices of paths with that content
     for i, path in enumerate(paths):
         try:
+            check_file(Path(path), modality)  # before the cache reads a byte of it
             hit = cache.get(modality, path) if cache is not None else None
             key = cache.file_hash(path) if cache is not None else str(i)
         except MediaError as e:
@@ -247,13 +256,20 @@ def encode_files(
             good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
             for g, x in zip(batch, loaded, strict=True):
                 if isinstance(x, MediaError):
-                    for i in g:
-                        results[i] = x
+                    for i in g:  # each path named in its own error, though they share content
+                        results[i] = MediaError(paths[i], x.reason)
             if not good:
                 continue
             inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
-            outputs = encoder(modality, inputs).cpu()
+            try:
+                outputs = encoder(modality, inputs).cpu()
+            except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
+                outputs = e.features.cpu()
             for (g, _), features in zip(good, outputs, strict=True):
+                if not torch.isfinite(features).all():
+                    for i in g:
+                        results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
+                    continue
                 if cache is not None and cache.pooled:
                     features = features.mean(dim=0, keepdim=True)
                 if cache is not None:

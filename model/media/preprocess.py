@@ -3,36 +3,51 @@
 The released DeepResonance weights were trained on exactly those inputs, so every quirk of the original pipeline is
 kept on purpose (see `audio_clips`). ImageBind's own module cannot be imported here (pytorchvideo/decord do not work
 with current torchvision), so decoding uses soundfile and PyAV, and the transforms are rebuilt with torch/torchvision.
+
+This is the one entry point for media (`load_media`, `probe_media`: `dr infer`, `dr ask`, `dr data check`, `dr serve`).
+Before decoding, every file is checked against the bounds named below (rate, channels, duration, pixels, aspect
+ratio, frames; why each value: model/media/bounds.py), and only what ImageBind uses is decoded: 3 x 2 s of audio
+(read clip by clip when long); video decoding stops at the last frame its 5 clips use and converts only their 10
+frames (inter-frame codecs need the frames before them decoded). Beyond a bound, or with NaN/Inf samples or
+features, a file is a one-line MediaError.
 """
 
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms
 
-from model.config import AUDIO_CLIPS, VIDEO_CLIPS
+from model.config import VIDEO_CLIPS
+from model.media.audio import audio_clips, decode_audio, load_audio, probe_audio  # noqa: F401 (the module's API)
+
+# What a file may expand to, checked from its header before decoding (why each, in model/media/bounds.py):
+from model.media.bounds import (  # noqa: F401 (the bounds are named here, where every loader starts)
+    FULL_DECODE_SAMPLES,
+    MAX_ASPECT_RATIO,
+    MAX_CHANNELS,
+    MAX_IMAGE_PIXELS,
+    MAX_MEDIA_SECONDS,
+    MAX_RESAMPLE_TAPS,
+    MAX_SAMPLE_RATE,
+    MAX_VIDEO_FRAMES,
+    MAX_VIDEO_PIXELS,
+    MIN_SAMPLE_RATE,
+    MediaError,
+    check_file,
+    check_seconds,
+    check_size,
+    clip_timepoints,
+)
 
 MODALITIES = ("audio", "image", "video")
-AUDIO_EXTS = frozenset({".wav", ".mp3", ".flac", ".ogg"})
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-VIDEO_EXTS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v"})
-EXTENSIONS = {"audio": AUDIO_EXTS, "image": IMAGE_EXTS, "video": VIDEO_EXTS}
 
-# ImageBind's preprocessing constants (load_and_transform_{audio,vision,video}_data defaults).
-SAMPLE_RATE = 16000
-AUDIO_CLIP_SECONDS = 2
-NUM_MEL_BINS, TARGET_FRAMES = 128, 204
-AUDIO_MEAN, AUDIO_STD = -4.268, 9.138
+# ImageBind's preprocessing constants (load_and_transform_{vision,video}_data defaults; audio's: model/media/audio.py).
 VIDEO_CLIP_SECONDS, FRAMES_PER_CLIP = 2, 2
 CROP = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,147 +63,54 @@ _IMAGE_TRANSFORM = transforms.Compose(
 )
 
 
-class MediaError(ValueError):
-    """A media file that cannot become encoder input; the message is one line, `path: reason`."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = " ".join(str(reason).split())
-        super().__init__(f"{self.path}: {self.reason}")
-
-
-def _check_file(path: Path, modality: str) -> None:
-    if path.suffix.lower() not in EXTENSIONS[modality]:
-        allowed = ", ".join(sorted(EXTENSIONS[modality]))
-        raise MediaError(path, f"unsupported {modality} extension {path.suffix or '(none)'!r} (expected {allowed})")
-    if not path.is_file():
-        raise MediaError(path, "no such file")
-
-
-def clip_timepoints(duration: float, clip_seconds: int, num_clips: int) -> list[tuple[Fraction, Fraction]]:
-    """(start, end) seconds of pytorchvideo's ConstantClipsPerVideoSampler, as ImageBind iterates it.
-
-    Starts are k * max(duration - clip_seconds, 0) / num_clips for k < num_clips, in exact Fractions of the float
-    duration (the last clip does not reach the end of the file). The sampler's "end of video reached" stop can never
-    fire with these starts, so there are always num_clips clips; for short files they coincide at [0, clip_seconds].
-    """
-    step = Fraction(max(duration - clip_seconds, 0)) / num_clips
-    return [(step * k, step * k + clip_seconds) for k in range(num_clips)]
-
-
-def _decode_audio_soundfile(path: Path) -> tuple[torch.Tensor, int]:
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return torch.from_numpy(np.ascontiguousarray(data.T)), sr
-
-
-def _decode_audio_av(path: Path) -> tuple[torch.Tensor, int]:
-    """FFmpeg decoding to planar float32 (what torchaudio's FFmpeg path returns for compressed audio)."""
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            raise MediaError(path, "no audio stream")
-        stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="fltp")
-        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
-        chunks += [out.to_ndarray() for out in resampler.resample(None)]
-        sr = stream.rate
-    if not chunks:
-        return torch.zeros(1, 0), sr
-    return torch.from_numpy(np.concatenate(chunks, axis=1)), sr
-
-
-def decode_audio(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Decode to ([channels, samples] float32 in [-1, 1], sample rate), as torchaudio.load(path) does."""
-    path = Path(path)
-    _check_file(path, "audio")
-    try:
-        if path.suffix.lower() == ".mp3":
-            return _decode_audio_av(path)
-        return _decode_audio_soundfile(path)
-    except MediaError:
-        raise
-    except (av.FFmpegError, RuntimeError, OSError, ValueError) as e:
-        raise MediaError(path, f"unreadable audio ({e})") from e
-
-
-def _melspec(clip: torch.Tensor) -> torch.Tensor:
-    fbank = torchaudio.compliance.kaldi.fbank(
-        clip,
-        htk_compat=True,
-        sample_frequency=SAMPLE_RATE,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=NUM_MEL_BINS,
-        dither=0.0,
-        frame_length=25,
-        frame_shift=10,
-    ).t()
-    pad = TARGET_FRAMES - fbank.size(1)
-    fbank = torch.nn.functional.pad(fbank, (0, pad)) if pad > 0 else fbank[:, :TARGET_FRAMES]
-    return TF.normalize(fbank.unsqueeze(0), mean=[AUDIO_MEAN], std=[AUDIO_STD])
-
-
-def audio_clips(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """[channels, samples] waveform -> [3, 1, 128, 204] normalised log-mel clips, exactly as ImageBind computes them.
-
-    Two quirks of the original are reproduced because the released weights were trained on them:
-    - Each clip's mean is subtracted in place on a *view* of the waveform. When the clips overlap (files shorter than
-      8 s: clips are 2 s long and start at 0, (d-2)/3 and 2(d-2)/3), a later clip sees samples already shifted by an
-      earlier clip's mean, and its own mean subtraction accounts for that. (Kaldi fbank also removes each frame's DC
-      offset, so this changes results only at float-rounding level, but it is kept bit-exact.)
-    - Multi-channel audio is not mixed down: the mean is taken over all channels, then kaldi fbank (channel=-1) uses
-      the first channel only.
-    The waveform passed in is modified (it is the in-place subtraction above).
-    """
-    if waveform.numel() == 0:
-        raise ValueError("empty audio")
-    if sample_rate != SAMPLE_RATE:
-        waveform = torchaudio.functional.resample(waveform, orig_freq=sample_rate, new_freq=SAMPLE_RATE)
-    min_samples = SAMPLE_RATE * 25 // 1000
-    if waveform.size(1) < min_samples:
-        raise ValueError(f"audio too short ({waveform.size(1)} samples at 16 kHz, need {min_samples})")
-    clips = []
-    for start, end in clip_timepoints(waveform.size(1) / SAMPLE_RATE, AUDIO_CLIP_SECONDS, AUDIO_CLIPS):
-        view = waveform[:, int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
-        view -= view.mean()
-        clips.append(_melspec(view))
-    return torch.stack(clips)
-
-
-def load_audio(path: str | Path) -> torch.Tensor:
-    """wav/mp3/flac/ogg file -> [3, 1, 128, 204] float32 (ImageBind's load_and_transform_audio_data)."""
-    waveform, sr = decode_audio(path)
-    try:
-        return audio_clips(waveform, sr)
-    except ValueError as e:
-        raise MediaError(path, str(e)) from e
-
-
 def load_image(path: str | Path) -> torch.Tensor:
     """Image file -> [3, 224, 224] float32: RGB, bicubic short side 224, centre crop, CLIP mean/std."""
     path = Path(path)
-    _check_file(path, "image")
+    check_file(path, "image")
     try:
         with Image.open(path) as img:
+            check_size(path, *img.size, MAX_IMAGE_PIXELS)  # from the header: nothing is decoded yet
             rgb = img.convert("RGB")
+    except MediaError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(path, f"unreadable image ({e})") from e
     return _IMAGE_TRANSFORM(rgb)
 
 
+def _frame_count(path: Path, container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
+    """The stream's frame count (the header's, else its packets, as a demuxer-built index counts), within bounds."""
+    count = stream.frames
+    if not count:
+        check_seconds(path, container.duration / av.time_base if container.duration else None)
+        count = 0
+        for packet in container.demux(stream):
+            count += bool(packet.size)
+            if count > MAX_VIDEO_FRAMES:
+                break
+        container.seek(0)
+    if count > MAX_VIDEO_FRAMES:
+        raise MediaError(path, f"over {MAX_VIDEO_FRAMES} video frames")
+    check_seconds(path, count / fps)
+    return count
+
+
 def _video_frames(path: Path) -> list[np.ndarray]:
-    """Decode the RGB frames ImageBind samples, in clip order, 2 per clip (bit-identical to decord's, checked)."""
+    """Decode the RGB frames ImageBind samples, in clip order, 2 per clip (bit-identical to decord's, checked).
+
+    Frame size and count are checked from the container before decoding, each decoded frame's size again, and
+    decoding stops at the last frame a clip uses; only those frames are converted to RGB."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise MediaError(path, "no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context.width or stream.codec_context.height:
+            check_size(path, stream.codec_context.width, stream.codec_context.height, MAX_VIDEO_PIXELS)
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise MediaError(path, "unknown frame rate")
         fps = float(rate)
-        count = stream.frames
-        if not count:  # no frame count in the header: count packets, as a demuxer-built index would
-            count = sum(1 for p in container.demux(stream) if p.size)
-            container.seek(0)
+        count = _frame_count(path, container, stream, fps)
         if count == 0:
             raise MediaError(path, "no video frames")
         wanted = []
@@ -202,6 +124,7 @@ def _video_frames(path: Path) -> list[np.ndarray]:
         decoded: dict[int, np.ndarray] = {}
         needed = set(wanted)
         for i, frame in enumerate(container.decode(stream)):
+            check_size(path, frame.width, frame.height, MAX_VIDEO_PIXELS)
             if i in needed:
                 decoded[i] = frame.to_ndarray(format="rgb24")
             if i >= max(needed):
@@ -209,6 +132,8 @@ def _video_frames(path: Path) -> list[np.ndarray]:
     missing = sorted(needed - decoded.keys())
     if missing:
         raise MediaError(path, f"decoded fewer frames than the container lists ({count}); frame {missing[0]} missing")
+    if len({f.shape for f in decoded.values()}) > 1:
+        raise MediaError(path, "the frame size changes within the video")
     return [decoded[i] for i in wanted]
 
 
@@ -238,7 +163,7 @@ def load_video(path: str | Path) -> torch.Tensor:
     224 crops per clip; output order is clip-major (clip0 crops 0-2, clip1 crops 0-2, ...).
     """
     path = Path(path)
-    _check_file(path, "video")
+    check_file(path, "video")
     try:
         frames = _video_frames(path)
     except MediaError:
@@ -260,25 +185,30 @@ _LOADERS = {"audio": load_audio, "image": load_image, "video": load_video}
 
 
 def probe_media(modality: str, path: str | Path) -> None:
-    """Cheap readability check (open the file, read its header and stream list); raises MediaError like the loaders.
+    """Cheap readability check (the header and stream list, and the bounds on them); raises MediaError like the
+    loaders.
 
     It does not decode samples, so a file truncated mid-stream passes here and fails in load_media.
     """
     path = Path(path)
     if modality not in _LOADERS:
         raise ValueError(f"unknown modality {modality!r} (expected one of {', '.join(MODALITIES)})")
-    _check_file(path, modality)
+    check_file(path, modality)
     try:
         if modality == "image":
             with Image.open(path) as img:
+                check_size(path, *img.size, MAX_IMAGE_PIXELS)
                 img.verify()
-        elif modality == "audio" and path.suffix.lower() != ".mp3":
-            if sf.info(str(path)).frames == 0:
-                raise MediaError(path, "empty audio")
+        elif modality == "audio":
+            probe_audio(path)
         else:
             with av.open(str(path)) as container:
-                if not (container.streams.audio if modality == "audio" else container.streams.video):
-                    raise MediaError(path, f"no {modality} stream")
+                if not container.streams.video:
+                    raise MediaError(path, "no video stream")
+                context = container.streams.video[0].codec_context
+                if context.width or context.height:
+                    check_size(path, context.width, context.height, MAX_VIDEO_PIXELS)
+                check_seconds(path, container.duration / av.time_base if container.duration else None)
     except MediaError:
         raise
     except (av.FFmpegError, RuntimeError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
