@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.job_workload import MIXES, floor, job_model, mix_rows, oracle, write_media
+from benchmarks.job_workload import MIXES, figures, floor, job_model, mix_rows, oracle, write_media
 from benchmarks.workloads import MUSICCAPS_ROWS
 from model.config import VICUNA_7B, GenerationConfig
 
@@ -124,8 +124,8 @@ def whole_job(
     if gen.decoder == "engine":
         assert made["tokens"] == useful, f"the job made {made['tokens']} tokens, its rows' lengths sum to {useful}"
     return {
-        "wall_s": round(wall, 3),
-        "first_rows_s": round(first[0], 3),
+        "wall_s": figures(wall),
+        "first_rows_s": figures(first[0]),
         "rows": summary.answered,
         "failed": len(summary.failed),
         "rows_per_s": round(summary.answered / wall, 2),
@@ -170,8 +170,8 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
     wall = CLOCK() - start
     assert [made.get(i) for i in range(len(data))] == lengths, "a row did not end at its own length"
     return {
-        "wall_s": round(wall, 3),
-        "first_rows_s": round(first, 3),
+        "wall_s": figures(wall),
+        "first_rows_s": figures(first),
         "rows": len(made),
         "slots": engine.slots,
         "warmup_s": round(warmup, 2),

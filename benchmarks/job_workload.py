@@ -51,9 +51,9 @@ BANDWIDTH, MATRIX_FLOPS = 4.3e12, 790e12
 def mix_rows(rows: int, mix: str, seed: int = 0) -> tuple[list, list[int]]:
     """The job's rows and each row's answer length (its max_new_tokens: the length oracle). `musiccaps`: `dr bench
     job`'s first shape, one wav and "Describe the music in detail." per row, NEW_TOKENS each. `catalog`: the
-    catalog's tasks mixed (MIX): MusicQA-style questions of varied length, MusicCaps captions, Music4way rows with an
-    image or a video beside the music, MuChoMusic multiple-choice prompts with their options, each answered to a
-    length drawn for its task."""
+    catalog's tasks in MIX's shares, in random order: MusicQA-style questions of varied length, MusicCaps captions,
+    Music4way rows with an image or a video beside the music, MuChoMusic multiple-choice prompts with their options,
+    each answered to a length drawn for its task."""
     from model.data.catalog import Row
     from model.data.multiple_choice import muchomusic_prompt
 
@@ -65,7 +65,7 @@ def mix_rows(rows: int, mix: str, seed: int = 0) -> tuple[list, list[int]]:
     if mix != "catalog":
         raise ValueError(f"unknown mix {mix!r}: one of {', '.join(MIXES)}")
     rng = np.random.default_rng(seed)
-    tasks = rng.choice(list(MIX), size=rows, p=[share for share, *_ in MIX.values()])
+    tasks = rng.permutation(np.repeat(list(MIX), _counts([share for share, *_ in MIX.values()], rows)))
     data, lengths = [], []
     for i, task in enumerate(tasks):
         _, text, kinds, (median, spread) = MIX[task]
@@ -80,6 +80,15 @@ def mix_rows(rows: int, mix: str, seed: int = 0) -> tuple[list, list[int]]:
         data.append(Row(str(i), text, instruction, "", kinds, names))
         lengths.append(int(np.clip(round(median * np.exp(spread * rng.standard_normal())), 2, 512)))
     return data, lengths
+
+
+def _counts(shares: list[float], rows: int) -> list[int]:
+    """Rows per task: the shares of `rows`, rounded by largest remainder (every task with a row's worth of share
+    gets its rows, even in a small job)."""
+    exact = np.array(shares) * rows
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact)[: rows - counts.sum()]] += 1
+    return counts.tolist()
 
 
 def write_media(folder: Path, data: list, seconds: float) -> None:
@@ -203,9 +212,9 @@ def floor(model, data: list, lengths: list[int], slots: int) -> dict:
     }
     total = sum(seconds.values())
     return {
-        **{k: _figures(v) for k, v in seconds.items()},
+        **{k: figures(v) for k, v in seconds.items()},
         "slots": slots,
-        "floor_s": _figures(total),
+        "floor_s": figures(total),
         "useful_tokens": tokens,
         "useful_tokens_per_s": round(tokens / total, 1),
         "mean_prompt_positions": round(sum(prompts) / len(prompts), 1),
@@ -213,6 +222,7 @@ def floor(model, data: list, lengths: list[int], slots: int) -> dict:
     }
 
 
-def _figures(seconds: float) -> float:
-    """Four significant figures: a full-size floor is seconds, a tiny model's is microseconds."""
+def figures(seconds: float) -> float:
+    """Seconds to four significant figures: a full-size job takes tens of seconds, a tiny one milliseconds, and a
+    tiny floor is microseconds."""
     return float(f"{seconds:.4g}")
