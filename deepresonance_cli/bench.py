@@ -114,7 +114,16 @@ def job(
     )
     _write(out, report)
     table = Table(title=f"dr bench job on {report['device']} ({report['decoder']}, {report['rows']} rows per mix)")
-    for column in ("mix", "measure", "s", "first rows s", "useful tokens", "useful tok/s", "x engine alone", "x floor"):
+    for column in (
+        "mix",
+        "measure",
+        "s",
+        "first rows s",
+        "useful tokens",
+        "useful tok/s",
+        "job s / engine s",
+        "job s / floor s",
+    ):
         table.add_column(column)
     for name, m in report["mixes"].items():
         whole, alone, least = m["whole_job"], m["engine_only"], m["floor"]
