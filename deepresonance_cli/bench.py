@@ -74,17 +74,84 @@ def train(
 def job(
     out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/job.json"),
     rows: int = 2858,
-    batch_size: int = 512,
-    workdir: Annotated[Path, typer.Option(help="Scratch folder for the synthesized audio.")] = Path("/tmp/dr_job"),
+    mix: Annotated[
+        str,
+        typer.Option(
+            help="musiccaps (one wav, a caption, 64 tokens per row), catalog (the catalog's sets mixed) or both."
+        ),
+    ] = "both",
+    batch_size: Annotated[int, typer.Option(help="The job's most slots (rows decoding together).")] = 512,
+    budget: Annotated[
+        int, typer.Option(help="The catalog mix's max_new_tokens (answers end at their own lengths).")
+    ] = 512,
+    seconds: Annotated[float, typer.Option(help="Length of each row's audio and video.")] = 10.0,
+    workdir: Annotated[Path, typer.Option(help="Scratch folder for the synthesized media.")] = Path("/tmp/dr_job"),
     decoder: Annotated[str, typer.Option(help="engine, static or generate (compile time included).")] = "engine",
+    device: Annotated[str, typer.Option(help="cuda, or cpu with --tiny (a check that the benchmark runs).")] = "cuda",
+    tiny: Annotated[bool, typer.Option(help="Tiny LLM and ImageBind instead of the full-size shapes.")] = False,
 ) -> None:
-    """A MusicCaps-sized `dr infer` job end to end (audio decoding, ImageBind-huge, 64 tokens per row), timed."""
-    need_cuda()
+    """`dr infer` jobs shaped like real ones, in one process: per mix, the whole job from the call to its last row
+    (start-up included), the same rows through the engine alone (warm), and the floor of the rows."""
     from benchmarks.job import bench_job
+    from benchmarks.job_workload import MIXES
+    from model.config import LLAMA_TINY, VICUNA_7B
 
-    report = bench_job(rows=rows, batch=batch_size, workdir=str(workdir), decoder=decoder, log=console.print)
+    if mix not in (*MIXES, "both"):
+        raise typer.BadParameter(f"{mix!r}: musiccaps, catalog or both", param_hint="--mix")
+    if device.startswith("cuda"):
+        need_cuda()
+    report = bench_job(
+        rows=rows,
+        mixes=MIXES if mix == "both" else (mix,),
+        seconds=seconds,
+        batch=batch_size,
+        budget=budget,
+        workdir=str(workdir),
+        decoder=decoder,
+        sizes=LLAMA_TINY if tiny else VICUNA_7B,
+        encoder_size="tiny" if tiny else "huge",
+        device=device,
+        log=console.print,
+    )
     _write(out, report)
-    console.print(f"{report['rows']} rows in {report['wall_seconds']} s")
+    table = Table(title=f"dr bench job on {report['device']} ({report['decoder']}, {report['rows']} rows per mix)")
+    for column in (
+        "mix",
+        "measure",
+        "s",
+        "first rows s",
+        "useful tokens",
+        "useful tok/s",
+        "job s / engine s",
+        "job s / floor s",
+    ):
+        table.add_column(column)
+    for name, m in report["mixes"].items():
+        whole, alone, least = m["whole_job"], m["engine_only"], m["floor"]
+        useful = str(m["useful_tokens"])
+        table.add_row(
+            name,
+            "whole job",
+            str(whole["wall_s"]),
+            str(whole["first_rows_s"]),
+            useful,
+            str(whole["useful_tokens_per_s"]),
+            str(m["whole_job_over_engine_only"]),
+            str(m["whole_job_over_floor"]),
+        )
+        table.add_row(
+            "",
+            "engine alone",
+            str(alone["wall_s"]),
+            str(alone["first_rows_s"]),
+            useful,
+            str(alone["useful_tokens_per_s"]),
+        )
+        table.add_row(
+            "", f"floor ({least['slots']} slots)", str(least["floor_s"]), "", useful, str(least["useful_tokens_per_s"])
+        )
+    console.print(table)
+    console.print(f"model built in {report['model_build_s']} s (not in the whole job's seconds)")
 
 
 @app.command("engine")

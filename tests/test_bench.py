@@ -11,10 +11,15 @@ import torch
 from typer.testing import CliRunner
 
 from benchmarks import infer as infer_bench
+from benchmarks import job as job_bench
 from benchmarks.engine import bench_engine
+from benchmarks.job import bench_job
+from benchmarks.job_workload import floor, job_model, mix_rows
 from benchmarks.workloads import realistic_lengths
+from deepresonance_cli import bench as bench_cli
 from deepresonance_cli.app import app
 from model.config import LLAMA_TINY
+from model.network.deepresonance import Example
 
 NEW_TOKENS = 8
 MUSICCAPS_ROWS = 2858  # the MusicCaps test split the projection is for
@@ -129,3 +134,95 @@ def test_bench_engine_compares_every_decoder_on_the_same_rows(tmp_path):
         assert useful == expected
     for key in ("engine_batch1", "static_batch1"):
         assert report[key]["tokens_per_s"] > 0
+
+
+# `bench_job` at tiny sizes on the CPU: 12 rows of each mix (the catalog's has image and video rows), 4 slots,
+# answers of at most 12 tokens, one-second media
+TINY_JOB_BENCH = dict(
+    rows=12, batch=4, budget=12, seconds=1.0, sizes=LLAMA_TINY, encoder_size="tiny", device="cpu", log=lambda line: None
+)
+
+
+@pytest.fixture(scope="module")
+def job_report(tmp_path_factory) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return bench_job(**TINY_JOB_BENCH, workdir=str(tmp_path_factory.mktemp("job")))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bench_job_answers_every_row_of_each_mix_to_its_oracle_length(job_report):
+    """Both mixes, musiccaps first; each whole job answers all 12 rows and makes exactly the tokens of the rows'
+    drawn lengths (clipped to the budget: the musiccaps rows' 64 become 12), the engine alone runs the same rows
+    and tokens, the floor is positive, and the ratios are the seconds' ratios. The musiccaps mix keeps the fields
+    of earlier reports."""
+    assert list(job_report["mixes"]) == ["musiccaps", "catalog"]
+    for name, mix in job_report["mixes"].items():
+        data, drawn = mix_rows(12, name)
+        useful = sum(min(n, 12) for n in drawn)
+        whole, alone, least = mix["whole_job"], mix["engine_only"], mix["floor"]
+        assert whole["rows"] == alone["rows"] == 12 and whole["failed"] == 0, name
+        assert mix["useful_tokens"] == whole["useful_tokens"] == alone["useful_tokens"] == least["useful_tokens"]
+        assert whole["generated_tokens"] == useful == mix["useful_tokens"], name
+        assert 0 < whole["first_rows_s"] <= whole["wall_s"] and 0 < alone["first_rows_s"] <= alone["wall_s"]
+        assert close(whole["useful_tokens_per_s"], useful / whole["wall_s"])
+        assert close(alone["useful_tokens_per_s"], useful / alone["wall_s"])
+        assert whole["slots"] == alone["slots"] == least["slots"] == 4
+        assert least["floor_s"] > 0 and close(least["useful_tokens_per_s"], useful / least["floor_s"])
+        assert close(mix["whole_job_over_engine_only"], whole["wall_s"] / alone["wall_s"])
+        assert close(mix["whole_job_over_floor"], whole["wall_s"] / least["floor_s"])
+    caps = job_report["mixes"]["musiccaps"]["whole_job"]
+    assert job_report["wall_seconds"] == caps["wall_s"] and job_report["answered"] == 12
+    assert job_report["rows_per_s"] == caps["rows_per_s"] and job_report["failed"] == 0
+
+
+def test_floor_of_two_rows_by_hand(tmp_path):
+    """Two rows (a caption of 3 tokens, an image+audio question of 5) on 4 slots: 8 tokens are 2 decode steps, each
+    reading every weight once; the rows read their prompt plus the tokens so far at each token; prefill is 2 FLOP
+    per weight per prompt position. Weights counted from the tiny shapes, prompt positions from `prepare`."""
+    model = job_model(tmp_path, LLAMA_TINY, "tiny", "cpu")
+    data = [mix_rows(1, "musiccaps")[0][0], next(r for r in mix_rows(12, "catalog")[0] if r.input == "<Image><Audio>")]
+    features = {
+        "audio": torch.zeros(3, model.visual_encoder.out_dim),
+        "image": torch.zeros(1, model.visual_encoder.out_dim),
+    }
+    examples = [Example(r.input, r.instruction, [(m, features[m]) for m in r.mm_names]) for r in data]
+    p1, p2 = model.prepare(examples).sizes
+    h, ffn, layers = (LLAMA_TINY[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    vocab = len(model.tokenizer)
+    weights = 2 * vocab * h + layers * (4 * h * h + 3 * h * ffn + 2 * h) + h  # embed, lm_head, layers, final norm
+    position_bytes = 2 * layers * h * 4  # K and V, fp32
+    read = sum(p1 + k for k in range(1, 4)) + sum(p2 + k for k in range(1, 6))
+    seconds = {
+        "decode_weight_reads_s": 2 * weights * 4 / 4.3e12,
+        "decode_cache_reads_s": read * position_bytes / 4.3e12,
+        "prefill_matrix_s": (p1 + p2) * 2 * weights / 790e12,
+    }
+    got = floor(model, data, [3, 5], slots=4)
+    for key, expected in seconds.items():
+        assert got[key] == pytest.approx(expected, rel=1e-3), key
+    assert got["floor_s"] == pytest.approx(sum(seconds.values()), rel=1e-3)
+    assert got["mean_prompt_positions"] == pytest.approx((p1 + p2) / 2, abs=0.05) and got["useful_tokens"] == 8
+
+
+def test_bench_job_cli_writes_the_report_and_prints_every_figure(job_report, monkeypatch, tmp_path):
+    """The shell around `bench_job`: `--mix` picks the mixes, the JSON lands where asked, and the table shows each
+    mix's whole job, engine alone and floor with their ratios."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_cli.console, "width", 160)  # the table's every column in full
+    monkeypatch.setattr(job_bench, "bench_job", lambda **kw: asked.append(kw["mixes"]) or job_report)
+    out = tmp_path / "job.json"
+    result = runner.invoke(app, ["bench", "job", "--out", str(out), "--mix", "catalog"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text()) == job_report and asked == [("catalog",)]
+    runner.invoke(app, ["bench", "job", "--out", str(out)])
+    assert asked[-1] == ("musiccaps", "catalog")
+    for mix in job_report["mixes"].values():
+        for figure in (mix["whole_job_over_engine_only"], mix["whole_job_over_floor"], mix["floor"]["floor_s"]):
+            assert str(figure) in result.output
+        for measure in ("whole_job", "engine_only", "floor"):
+            assert str(mix[measure]["useful_tokens_per_s"]) in result.output
+    assert runner.invoke(app, ["bench", "job", "--mix", "jazz"]).exit_code != 0
