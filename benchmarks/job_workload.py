@@ -55,7 +55,7 @@ def mix_rows(rows: int, mix: str, seed: int = 0) -> tuple[list, list[int]]:
     Music4way rows with an image or a video beside the music, MuChoMusic multiple-choice prompts with their options,
     each answered to a length drawn for its task."""
     from model.data.catalog import Row
-    from model.data.multiple_choice import muchomusic_prompt
+    from model.data.benchmarks import muchomusic_prompt
 
     if mix == "musiccaps":
         data = [
