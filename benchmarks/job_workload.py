@@ -54,8 +54,8 @@ def mix_rows(rows: int, mix: str, seed: int = 0) -> tuple[list, list[int]]:
     catalog's tasks in MIX's shares, in random order: MusicQA-style questions of varied length, MusicCaps captions,
     Music4way rows with an image or a video beside the music, MuChoMusic multiple-choice prompts with their options,
     each answered to a length drawn for its task."""
-    from model.data.catalog import Row
     from model.data.benchmarks import muchomusic_prompt
+    from model.data.catalog import Row
 
     if mix == "musiccaps":
         data = [

@@ -115,8 +115,8 @@ def _answer(ckpt: Path, delta: Path, variant: str, dataset: Path, cache: Path, o
 
 
 def _choice(ckpt: Path, delta: Path, variant: str, data: demo_data.DemoData, cache: Path, controls: Path) -> dict:
-    """Likelihood multiple choice on the held-out musicmc rows (model/generate/likelihood.py), with the real audio and with
-    silence in its place: {mode: eval.choice report}."""
+    """Likelihood multiple choice on the held-out musicmc rows (model/generate/likelihood.py), with the real audio
+    and with silence in its place: {mode: eval.choice report}."""
     from eval.choice import ablate, control_audio, mode_key, score_likelihood
     from model.data.multiple_choice import load_choice_rows
     from model.generate.likelihood import score_rows

@@ -1,4 +1,4 @@
-"""model/media/features.py: the encoder-feature cache and batched encoding, with a fake encoder that counts its calls."""
+"""model/media/features.py: the encoder-feature cache and batched encoding, with a fake encoder that counts calls."""
 
 from __future__ import annotations
 
