@@ -65,6 +65,7 @@ def check(
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
     console.print(report_table(report))
+    console.print(f"rows with all their media: {report.rows_complete} of {report.rows - len(report.row_errors)}")
     problems = report.row_errors + report.media_errors
     for line in problems[:show]:
         console.print(line, highlight=False, soft_wrap=True, markup=False)

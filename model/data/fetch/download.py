@@ -138,7 +138,7 @@ def _fetch_once(source: Source, dest: Path, work: Path, cookies: Path | None) ->
     try:
         load_media(source.kind, out)
     except MediaError as e:
-        raise Failed(f"not a readable {source.kind} ({e.args[0] if e.args else e})") from e
+        raise Failed(f"not a readable {source.kind} ({e.reason[:160]})") from e
     except (RuntimeError, ValueError) as e:
         raise Failed(f"not a readable {source.kind} ({failure(e)})") from e
     with written_atomically(dest) as tmp:
@@ -210,8 +210,13 @@ def _ytdlp_failure(err: Exception) -> Exception:
         return Failed("not media (a web page yt-dlp cannot read)")
     if "Did not get any data blocks" in text or "downloaded file is empty" in text:
         return Failed("empty download (zero length)")
-    if re.search(r"content too short|incomplete|truncat", text, re.I):
-        return Failed("truncated download")
+    short = re.search(r"(\d+) bytes read, (\d+) more expected", text)
+    if short or re.search(r"content too short|incomplete|truncat", text, re.I):
+        return Failed(
+            f"truncated download ({short[1]} bytes of {int(short[1]) + int(short[2])})"
+            if short
+            else "truncated download"
+        )
     for pattern, reason in _PERMANENT:
         if pattern.search(text):
             return Unavailable(reason)
@@ -310,7 +315,7 @@ def _convert(source: Source, raw: Path, out: Path, already_cut: bool) -> None:
         command += ["-t", f"{length:.3f}"] if length else []
         if source.kind == "audio":
             command += ["-map", "0:a:0", "-vn"]
-        elif raw.suffix.lower() == out.suffix and not seek and not length:
+        elif raw.suffix.lower() == out.suffix and not (seek or length or already_cut):  # a cut copy keeps edit lists
             command += ["-map", "0:v:0", "-map", "0:a:0?", "-c", "copy"]
         else:
             command += ["-map", "0:v:0", "-map", "0:a:0?"]

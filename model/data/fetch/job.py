@@ -51,13 +51,13 @@ def run_media(
     hint = ffmpeg_hint()
     if hint:
         raise MediaJobError(hint)
-    say(LICENCE_NOTE)
     by_path = {s.path: s for s in kept}
     skipped_youtube = [s for s in kept if is_youtube(s.url)] if js_runtime() is None else []
-    if skipped_youtube:
-        say(JS_HINT.format(n=len(skipped_youtube)))
     root = Path(spec.media_root)
     with MediaLock(root):
+        say(LICENCE_NOTE)
+        if skipped_youtube:
+            say(JS_HINT.format(n=len(skipped_youtube)))
         shutil.rmtree(work_dir(root), ignore_errors=True)  # what a killed run left half downloaded
         journal = Journal(root)
         todo: list[Source] = []
