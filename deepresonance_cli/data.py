@@ -135,7 +135,9 @@ def media(
 
 @app.command("sources")
 def sources_cmd(
-    recipe: str = typer.Argument(..., help="Which metadata: see `dr data sources --help`."),
+    recipe: str = typer.Argument(
+        ..., help="musiccaps, audioset, m2ugen, muchomusic or musicqa (README: Fetching the media)."
+    ),
     metadata: list[Path] = typer.Argument(..., help="The recipe's metadata file(s)."),
     out: Path = typer.Option(..., "--out", help="The sources table to write (CSV)."),
     pattern: str | None = typer.Option(None, "--pattern", help="Media path of each entry (the recipe's fields)."),

@@ -111,7 +111,7 @@ def fetch(source: Source, media_root: Path, gate: HostGate, cookies: Path | None
             else:
                 backoff(attempt)
         except OSError as e:
-            raise _disk_error(e, source) from e
+            raise _disk_error(e, media_root / source.path) from e
         finally:
             shutil.rmtree(work, ignore_errors=True)
     raise AssertionError("unreachable")
@@ -122,10 +122,8 @@ def work_dir(media_root: Path) -> Path:
     return Path(media_root) / ".dr-media" / "work"
 
 
-def _disk_error(err: OSError, source: Source) -> MediaJobError:
-    return MediaJobError(
-        f"{source.path}: cannot write it ({write_failure(err)}); what is journaled is kept, rerun to resume"
-    )
+def _disk_error(err: OSError, dest: Path) -> MediaJobError:
+    return MediaJobError(f"{dest}: cannot write it ({write_failure(err)}); what is journaled is kept, rerun to resume")
 
 
 def _fetch_once(source: Source, dest: Path, work: Path, cookies: Path | None) -> None:
@@ -199,6 +197,8 @@ def _ytdlp_failure(err: Exception) -> Exception:
     from yt_dlp.networking.exceptions import HTTPError
 
     cause = (getattr(err, "exc_info", None) or (None, None))[1]
+    while cause is not None and not isinstance(cause, (HTTPError, OSError)) and getattr(cause, "cause", None):
+        cause = cause.cause  # yt-dlp wraps a page's HTTP error in its extractor's
     text = " ".join(str(getattr(err, "msg", "") or err).split()).removeprefix("ERROR: ")
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return cause
@@ -206,6 +206,9 @@ def _ytdlp_failure(err: Exception) -> Exception:
         return OSError(errno.EFBIG, "File too large")
     if isinstance(cause, HTTPError):
         return _http_failure(cause.status, cause.response.headers.get("Retry-After"))
+    status = re.search(r"HTTP Error (\d{3})", text)
+    if status:
+        return _http_failure(int(status[1]), None)
     if "Unsupported URL" in text:
         return Failed("not media (a web page yt-dlp cannot read)")
     if "Did not get any data blocks" in text or "downloaded file is empty" in text:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from model.data.fetch.sources import Source, parse_source, write_sources
+from model.data.fetch.sources import Source, kind_of, parse_source, write_sources
 from model.data.multiple_choice import MUCHOMUSIC_AUDIO
 
 YOUTUBE = "https://www.youtube.com/watch?v={ytid}"
@@ -77,18 +77,19 @@ def _segments(paths: list[Path]) -> Iterator[Entry]:
 
 def _m2ugen(paths: list[Path]) -> Iterator[Entry]:
     """filtered.csv (the segments), then optionally MUImage/MUVideo instruction or caption JSON files naming the
-    files (`input_file`/`output_file`, or the keys); without them each segment names `{ytid}.mp3` (MUCaps)."""
+    files (`input_file`/`output_file`, or the keys); without them each segment names `{ytid}.mp3` (MUCaps). Fields:
+    ytid, start, end, name, kind (so `{kind}s/{name}` puts them in audios/, images/, videos/)."""
     csvs, names = [p for p in paths if p.suffix.lower() != ".json"], [p for p in paths if p.suffix.lower() == ".json"]
     segments = {e[2]["ytid"]: e for e in _segments(csvs)}
     if not names:
         for where, line, fields in segments.values():
-            yield where, line, {**fields, "name": f"{fields['ytid']}.mp3"}
+            yield where, line, {**fields, "name": f"{fields['ytid']}.mp3", "kind": "audio"}
         return
     for path in names:
         for i, name in _json_names(path):
             ytid = PurePosixPath(name).stem
             if ytid in segments:
-                yield str(path), i, {**segments[ytid][2], "name": name}
+                yield str(path), i, {**segments[ytid][2], "name": name, "kind": kind_of(name) or ""}
             else:
                 yield str(path), i, {"ytid": ytid, "name": name, "missing": f"{ytid} is in none of {csvs}"}
 
