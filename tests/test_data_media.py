@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from ckpt.layout import HF_DATA_REPO
 from deepresonance_cli.app import app
+from model.data.fetch.download import js_runtime
 from model.data.fetch.outcomes import MediaLock
 from model.data.fetch.recipes import build
 
@@ -402,10 +403,30 @@ def test_youtube_without_a_javascript_runtime_is_one_line_and_no_request(tmp_pat
     monkeypatch.setattr("yt_dlp.YoutubeDL", None)  # any attempt to fetch would fail loudly
     result = runner.invoke(app, media_args(data, sources, tmp_path / "media", "--report", str(tmp_path / "r.json")))
     assert [x for x in result.output.splitlines() if "Deno" in x] == [
-        "YouTube sources need a JavaScript runtime for yt-dlp: install Deno (https://deno.com) or Node.js; "
-        "1 YouTube source(s) skipped"
+        "YouTube sources need a JavaScript runtime for yt-dlp: install Deno (`pip install deno`, or https://deno.com) "
+        "or Node.js 22+; 1 YouTube source(s) skipped"
     ]
     assert json.loads((tmp_path / "r.json").read_text())["failed"] == {"no JavaScript runtime for YouTube": 1}
+
+
+RUNTIMES = [
+    ({}, None),
+    ({"node": "v20.11.0"}, None),
+    ({"node": "v22.3.0"}, "node"),
+    ({"node": "v22.3.0", "deno": "deno 2.9.8"}, "deno"),
+]
+
+
+@pytest.mark.parametrize(("programs", "found"), RUNTIMES)
+def test_the_javascript_runtime_is_found_as_yt_dlp_finds_it(tmp_path, monkeypatch, programs, found):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name, version in programs.items():
+        (folder / name).write_text(f"#!/bin/sh\necho {version}\n")
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(folder))
+    monkeypatch.setattr("sysconfig.get_path", lambda name: str(tmp_path / "no-scripts"))
+    assert js_runtime() == found
 
 
 def test_without_ffmpeg_one_line_says_how_to_install_it(tmp_path, monkeypatch):

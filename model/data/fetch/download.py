@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import threading
 import time
 import zipfile
@@ -28,10 +29,11 @@ from model.media.preprocess import MediaError, load_media
 RETRIES_ENV, DELAY_ENV = "DR_MEDIA_RETRIES", "DR_MEDIA_DELAY"
 RETRIES, DELAY = 3, 2.0  # retries after a transient failure; seconds between two requests to one host
 MAX_RETRY_AFTER = 600.0
-JS_RUNTIMES = ("deno", "node", "bun")  # what yt-dlp can run YouTube's player code with, its default first
+JS_RUNTIMES, NODE_MIN = ("deno", "node", "bun"), 22  # what yt-dlp can run YouTube's player code with, its default first
 FFMPEG_HINT = "ffmpeg is not installed: install it (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)"
 JS_HINT = (
-    "YouTube sources need a JavaScript runtime for yt-dlp: install Deno (https://deno.com) or Node.js; "
+    "YouTube sources need a JavaScript runtime for yt-dlp: install Deno (`pip install deno`, or https://deno.com) "
+    "or Node.js 22+; "
     "{n} YouTube source(s) skipped"
 )
 LICENCE_NOTE = (
@@ -67,8 +69,23 @@ def ffmpeg_hint() -> str | None:
 
 
 def js_runtime() -> str | None:
-    """The JavaScript runtime yt-dlp would use for YouTube, found on PATH as yt-dlp looks for it."""
-    return next((name for name in JS_RUNTIMES if shutil.which(name)), None)
+    """The JavaScript runtime yt-dlp can use for YouTube, looked for where yt-dlp looks (this Python's scripts
+    folder, where `pip install deno` puts it, then PATH); Node.js only from version 22, yt-dlp's minimum."""
+    search = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+    for name in JS_RUNTIMES:
+        exe = shutil.which(name, path=search)
+        if exe and (name != "node" or _major_version(exe) >= NODE_MIN):
+            return name
+    return None
+
+
+def _major_version(exe: str) -> int:
+    try:
+        said = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    match = re.match(r"v?(\d+)", said.strip())
+    return int(match[1]) if match else 0
 
 
 class HostGate:
