@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress, track
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -118,7 +118,17 @@ def media(
 
     try:
         spec = resolve_dataset(dataset, data_root, media_root, split)
-        report = run_media(spec, sources, jobs, cookies, retry_failed, say=say)
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("media files", total=None)
+            report = run_media(
+                spec,
+                sources,
+                jobs,
+                cookies,
+                retry_failed,
+                say,
+                lambda _, total: bar.update(task, total=total, advance=1),
+            )
     except (DatasetError, SourcesError, MediaJobError) as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e

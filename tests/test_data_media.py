@@ -346,22 +346,25 @@ def test_hf_urls_come_through_the_hub_and_a_zip_member_by_its_name(hub, wav, tmp
     archive = tmp_path / "audios.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("audios/deep/song.wav", wav)
+        z.writestr("audios/other.wav", wav)
     hub.files["media/plain.wav"] = Served(wav)
     hub.files["media/audios.zip"] = Served(archive.read_bytes())
     base = f"hf://datasets/{HF_DATA_REPO}/media"
-    data = dataset(tmp_path, ("audio", "plain.wav"), ("audio", "song.wav"), ("audio", "absent.wav"))
+    data = dataset(tmp_path, ("audio", "plain.wav"), ("audio", "song.wav"), ("audio", "o.wav"), ("audio", "absent.wav"))
     sources = table(
         tmp_path / "s.csv",
         {"path": "plain.wav", "url": f"{base}/plain.wav"},
         {"path": "song.wav", "url": f"{base}/audios.zip#song.wav"},
+        {"path": "o.wav", "url": f"{base}/audios.zip#audios/other.wav"},
         {"path": "absent.wav", "url": f"{base}/nothing.wav"},
     )
     root = tmp_path / "media"
     result = runner.invoke(app, media_args(data, sources, root, "--report", str(tmp_path / "r.json")))
     assert sf.read(root / "plain.wav")[0].shape == sf.read(root / "song.wav")[0].shape
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["files"]["fetched"] == 2 and report["unavailable"] == {"not found on the hub": 1}, result.output
-    assert len(hub.gets("absent.wav")) == 0 and len(hub.gets("audios.zip")) == 1
+    assert report["files"]["fetched"] == 3 and report["unavailable"] == {"not found (HTTP 404)": 1}, result.output
+    assert len([entry for entry in hub.log if entry[1].endswith("/nothing.wav")]) == 1  # permanent: asked once
+    assert len(hub.gets("audios.zip")) == 1  # one download for both members
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

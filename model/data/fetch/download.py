@@ -27,6 +27,7 @@ from model.io.http import backoff, failure, timeouts
 from model.media.preprocess import MediaError, load_media
 
 RETRIES_ENV, DELAY_ENV = "DR_MEDIA_RETRIES", "DR_MEDIA_DELAY"
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)  # stop the job: no file can land
 RETRIES, DELAY = 3, 2.0  # retries after a transient failure; seconds between two requests to one host
 MAX_RETRY_AFTER = 600.0
 JS_RUNTIMES, NODE_MIN = ("deno", "node", "bun"), 22  # what yt-dlp can run YouTube's player code with, its default first
@@ -115,22 +116,28 @@ def fetch(source: Source, media_root: Path, gate: HostGate, cookies: Path | None
         shutil.rmtree(work, ignore_errors=True)
         try:
             work.mkdir(parents=True)
-            gate.wait(source.url)
-            _fetch_once(source, media_root / source.path, work, cookies)
+            _fetch_once(source, media_root / source.path, work, gate, cookies)
             return Outcome(source.path, FETCHED, "", source.url)
         except Unavailable as e:
             return Outcome(source.path, UNAVAILABLE, str(e), source.url)
-        except Failed as e:
-            if not e.retry or attempt == retries:
-                return Outcome(source.path, FAILED, str(e), source.url)
-            if e.retry_after is not None:
-                time.sleep(min(e.retry_after, MAX_RETRY_AFTER))
-            else:
-                backoff(attempt)
         except OSError as e:
-            raise _disk_error(e, media_root / source.path) from e
+            if e.errno in WRITE_ERRNOS:
+                raise _disk_error(e, media_root / source.path) from e
+            failed = Failed(failure(e))
+        except Failed as e:
+            failed = e
+        except (
+            Exception
+        ) as e:  # what yt-dlp or the hub client raises besides its documented errors: retried, then failed
+            failed = Failed(failure(e))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if not failed.retry or attempt == retries:
+            return Outcome(source.path, FAILED, str(failed), source.url)
+        if failed.retry_after is not None:
+            time.sleep(min(failed.retry_after, MAX_RETRY_AFTER))
+        else:
+            backoff(attempt)
     raise AssertionError("unreachable")
 
 
@@ -143,10 +150,11 @@ def _disk_error(err: OSError, dest: Path) -> MediaJobError:
     return MediaJobError(f"{dest}: cannot write it ({write_failure(err)}); what is journaled is kept, rerun to resume")
 
 
-def _fetch_once(source: Source, dest: Path, work: Path, cookies: Path | None) -> None:
+def _fetch_once(source: Source, dest: Path, work: Path, gate: HostGate, cookies: Path | None) -> None:
     if source.url.startswith("hf://"):
-        raw, cut = _from_hub(source.url, work), False
+        raw, cut = _from_hub(source.url, work, gate), False
     else:
+        gate.wait(source.url)
         raw, cut = _from_ytdlp(source, work, cookies)
     out = work / ("out" + dest.suffix.lower())
     _convert(source, raw, out, cut)
@@ -217,7 +225,7 @@ def _ytdlp_failure(err: Exception) -> Exception:
     while cause is not None and not isinstance(cause, (HTTPError, OSError)) and getattr(cause, "cause", None):
         cause = cause.cause  # yt-dlp wraps a page's HTTP error in its extractor's
     text = " ".join(str(getattr(err, "msg", "") or err).split()).removeprefix("ERROR: ")
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
         return cause
     if re.search(r"No space left|File too large|Errno 2[78]\b", text):
         return OSError(errno.EFBIG, "File too large")
@@ -257,11 +265,18 @@ def _http_failure(status: int, retry_after: str | None) -> Exception:
 
 
 # --------------------------------------------------------------------------------------------------------------- hub
-def _from_hub(url: str, work: Path) -> Path:
+def _from_hub(url: str, work: Path, gate: HostGate) -> Path:
     """hf://datasets/OWNER/REPO/FILE[#MEMBER]: the file through huggingface_hub's cache (a ZIP is fetched once for
-    all its members), a member taken by its path in the ZIP or, failing that, by its file name."""
+    all its members, and a cached one costs no request, so no wait), a member taken by its path in the ZIP or,
+    failing that, by its file name."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     from model.io.http import bounded_hub
 
@@ -269,19 +284,36 @@ def _from_hub(url: str, work: Path) -> Path:
         raise Failed("offline (HF_HUB_OFFLINE=1)", retry=False)
     match = HF_URL.match(url)
     bounded_hub()
-    try:
-        local = Path(
+
+    def download(cached: bool) -> Path:
+        return Path(
             hf_hub_download(
                 match["repo"],
                 match["file"],
                 repo_type="dataset",
                 endpoint=os.environ.get("HF_ENDPOINT"),
                 etag_timeout=timeouts()[1],
+                local_files_only=cached,
             )
         )
+
+    try:
+        local = download(cached=True)
+    except LocalEntryNotFoundError:
+        local = None
+    try:
+        if local is None:
+            gate.wait(url)
+            local = download(cached=False)
+    except LocalEntryNotFoundError as e:  # the hub's answer (its cause), or none: it could not be reached
+        response = getattr(e.__cause__, "response", None)
+        status = getattr(response, "status_code", None)
+        if status is None:
+            raise Failed(failure(e)) from e
+        raise _http_failure(status, response.headers.get("Retry-After")) from e
     except GatedRepoError as e:
         raise Unavailable("needs sign-in (a gated repo: run `hf auth login`)") from e
-    except (RepositoryNotFoundError, EntryNotFoundError) as e:
+    except (RepositoryNotFoundError, RemoteEntryNotFoundError) as e:
         raise Unavailable("not found on the hub") from e
     except HfHubHTTPError as e:
         response = getattr(e, "response", None)
@@ -289,12 +321,6 @@ def _from_hub(url: str, work: Path) -> Path:
         if status is None:
             raise Failed(failure(e)) from e
         raise _http_failure(status, response.headers.get("Retry-After")) from e
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise
-        raise Failed(failure(e)) from e
-    except Exception as e:  # timeouts, resets: huggingface_hub raises its client's own types
-        raise Failed(failure(e)) from e
     if not match["member"]:
         return local
     try:

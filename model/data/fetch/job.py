@@ -32,12 +32,12 @@ def run_media(
     cookies: Path | None = None,
     retry_failed: bool = False,
     say: Callable[[str], None] = print,
-    done: Callable[[Outcome], None] = lambda outcome: None,
+    done: Callable[[Outcome, int], None] = lambda outcome, total: None,
 ) -> Report:
     """Fetch what the dataset's rows name and the table lists; returns the report. `say` gets the one-line notes
-    (licence, bad input, a missing JavaScript runtime), `done` each outcome as it comes. Raises MediaJobError when
-    the job cannot start or go on (ffmpeg missing, the root locked, a full disk) and SourcesError / DatasetError
-    for unusable inputs."""
+    (licence, a missing JavaScript runtime), `done` each outcome as it comes with the number of files named. Raises
+    MediaJobError when the job cannot start or go on (ffmpeg missing, the root locked, a full disk) and
+    SourcesError / DatasetError for unusable inputs."""
     rows, row_errors = load_rows(spec.json_path)
     wanted: dict[str, str] = {}
     for row in rows:
@@ -67,10 +67,10 @@ def run_media(
                 todo.append(by_path[path])
             else:
                 report.add(outcome)
-                done(outcome)
+                done(outcome, len(wanted))
         for outcome in _fetch_all(todo, root, jobs, cookies, journal):
             report.add(outcome)
-            done(outcome)
+            done(outcome, len(wanted))
     report.missing = [p for p in wanted if not (root / p).is_file()]
     report.rows_complete = sum(
         all(media_path(row, i, root).is_file() for i in range(len(row.mm_paths))) for row in rows
