@@ -77,7 +77,7 @@ def check(
 
 def media_table(report) -> Table:
     """`dr data media`'s summary: rows complete, then files by outcome and reason."""
-    from model.data.fetch.outcomes import FAILED, FETCHED, PRESENT, UNAVAILABLE
+    from model.data.fetch.outcomes import FAILED, FETCHED, NO_SOURCE, PRESENT, UNAVAILABLE
 
     table = Table(title=report.dataset, caption=f"media: {report.media_root}/")
     table.add_column("what")
@@ -88,7 +88,7 @@ def media_table(report) -> Table:
     for status in (UNAVAILABLE, FAILED):
         for reason, n in sorted(report.reasons[status].items()):
             table.add_row(f"{status}: {reason}", str(n))
-    table.add_row("files without a source", str(report.counts["no source"]))
+    table.add_row("files without a source", str(report.counts[NO_SOURCE]))
     table.add_row("table rows ignored (not named by the rows)", str(report.ignored_rows))
     return table
 
@@ -132,10 +132,6 @@ def media(
     except (DatasetError, SourcesError, MediaJobError) as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
-    for line in report.input_errors[:20]:
-        say(line)
-    if len(report.input_errors) > 20:
-        say(f"... and {len(report.input_errors) - 20} more (all in --report)")
     console.print(media_table(report))
     if report_path:
         report.write(report_path)

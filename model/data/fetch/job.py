@@ -11,6 +11,7 @@ from model.data.catalog import DatasetSpec, load_rows, media_path
 from model.data.fetch.download import JS_HINT, LICENCE_NOTE, HostGate, fetch, ffmpeg_hint, js_runtime, work_dir
 from model.data.fetch.outcomes import (
     FAILED,
+    NO_SOURCE,
     PRESENT,
     UNAVAILABLE,
     Journal,
@@ -22,7 +23,7 @@ from model.data.fetch.outcomes import (
 from model.data.fetch.sources import Source, is_youtube, normal_path, read_sources, select
 from model.media.preprocess import MediaError, probe_media
 
-NO_SOURCE = "no source"
+SHOWN = 20  # bad-input lines printed; the JSON report lists them all
 
 
 def run_media(
@@ -35,9 +36,9 @@ def run_media(
     done: Callable[[Outcome, int], None] = lambda outcome, total: None,
 ) -> Report:
     """Fetch what the dataset's rows name and the table lists; returns the report. `say` gets the one-line notes
-    (licence, a missing JavaScript runtime), `done` each outcome as it comes with the number of files named. Raises
-    MediaJobError when the job cannot start or go on (ffmpeg missing, the root locked, a full disk) and
-    SourcesError / DatasetError for unusable inputs."""
+    (licence, bad input, a missing JavaScript runtime), `done` each outcome as it comes with the number of files
+    named. Raises MediaJobError when the job cannot start or go on (ffmpeg missing, the root locked, a full disk)
+    and SourcesError / DatasetError for unusable inputs."""
     rows, row_errors = load_rows(spec.json_path)
     wanted: dict[str, str] = {}
     for row in rows:
@@ -56,6 +57,10 @@ def run_media(
     root = Path(spec.media_root)
     with MediaLock(root):
         say(LICENCE_NOTE)
+        for line in report.input_errors[:SHOWN]:
+            say(line)
+        if len(report.input_errors) > SHOWN:
+            say(f"... and {len(report.input_errors) - SHOWN} more such lines (all of them in the JSON report)")
         if skipped_youtube:
             say(JS_HINT.format(n=len(skipped_youtube)))
         shutil.rmtree(work_dir(root), ignore_errors=True)  # what a killed run left half downloaded
@@ -71,6 +76,7 @@ def run_media(
         for outcome in _fetch_all(todo, root, jobs, cookies, journal):
             report.add(outcome)
             done(outcome, len(wanted))
+        shutil.rmtree(work_dir(root), ignore_errors=True)
     report.missing = [p for p in wanted if not (root / p).is_file()]
     report.rows_complete = sum(
         all(media_path(row, i, root).is_file() for i in range(len(row.mm_paths))) for row in rows

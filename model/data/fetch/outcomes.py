@@ -20,6 +20,7 @@ from model.io.files import write_atomically, write_failure
 
 STATE_DIR = ".dr-media"
 FETCHED, PRESENT, UNAVAILABLE, FAILED = "fetched", "present", "unavailable", "failed"
+NO_SOURCE = "no source"  # a path the rows name and the sources table does not list
 
 
 class MediaJobError(RuntimeError):
@@ -29,7 +30,7 @@ class MediaJobError(RuntimeError):
 @dataclass(frozen=True)
 class Outcome:
     path: str
-    status: str  # FETCHED, PRESENT, UNAVAILABLE or FAILED
+    status: str  # FETCHED, PRESENT, UNAVAILABLE, FAILED or NO_SOURCE
     reason: str = ""
     url: str = ""
 
@@ -125,7 +126,7 @@ class Report:
     media_root: str
     rows: int = 0
     rows_complete: int = 0
-    counts: Counter = field(default_factory=Counter)  # FETCHED / PRESENT / UNAVAILABLE / FAILED / "no source"
+    counts: Counter = field(default_factory=Counter)  # by status
     reasons: dict[str, Counter] = field(default_factory=lambda: {UNAVAILABLE: Counter(), FAILED: Counter()})
     ignored_rows: int = 0  # table rows the dataset does not name
     input_errors: list[str] = field(default_factory=list)
@@ -142,7 +143,7 @@ class Report:
             "media_root": self.media_root,
             "rows": self.rows,
             "rows_complete": self.rows_complete,
-            "files": {k: self.counts[k] for k in (FETCHED, PRESENT, UNAVAILABLE, FAILED, "no source")},
+            "files": {k: self.counts[k] for k in (FETCHED, PRESENT, UNAVAILABLE, FAILED, NO_SOURCE)},
             "unavailable": dict(self.reasons[UNAVAILABLE]),
             "failed": dict(self.reasons[FAILED]),
             "ignored_table_rows": self.ignored_rows,
