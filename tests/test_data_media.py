@@ -58,6 +58,7 @@ class MediaServer:
     plans: dict[str, list[Step]] = field(default_factory=dict)  # path -> steps (each used once; the last stays)
     log: list[tuple[str, str, str | None, int, float]] = field(default_factory=list)  # method, path, Range, status, t
     slow_started: threading.Event = field(default_factory=threading.Event)
+    cookies: list[str | None] = field(default_factory=list)  # each request's Cookie header
 
     def serve(self, path: str, *steps: Step) -> str:
         self.plans[path] = list(steps)
@@ -85,6 +86,7 @@ def _handler(server: MediaServer) -> type[BaseHTTPRequestHandler]:
 
         def _answer(self, body: bool) -> None:
             path = self.path.split("?")[0]
+            server.cookies.append(self.headers.get("Cookie"))
             plan = server.plans.get(path) or [Step("status", status=404)]
             step = plan.pop(0) if len(plan) > 1 else plan[0]
             if step.kind == "status":
@@ -303,6 +305,17 @@ def test_not_found_and_forbidden_are_permanent_not_retried_and_skipped_on_rerun(
     assert len(server.requests("/gone.wav")) == 1  # journaled as unavailable: not asked again
     runner.invoke(app, media_args(data, sources, root, "--retry-failed"))
     assert len(server.requests("/gone.wav")) == 2 and len(server.requests("/private.wav")) == 2
+
+
+def test_cookies_are_passed_to_the_host(server, wav, tmp_path):
+    url = server.serve("/member.wav", Step(data=wav))
+    jar = tmp_path / "cookies.txt"
+    jar.write_text("# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tSID\tsecret42\n")
+    data = dataset(tmp_path, ("audio", "m.wav"))
+    sources = table(tmp_path / "s.csv", {"path": "m.wav", "url": url})
+    result = runner.invoke(app, media_args(data, sources, tmp_path / "media", "--cookies", str(jar)))
+    assert result.exit_code == 0, result.output
+    assert server.cookies and all(c == "SID=secret42" for c in server.cookies)
 
 
 @pytest.mark.parametrize(
