@@ -7,10 +7,11 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from model.data.catalog import DatasetSpec, load_rows, media_path
+from model.data.catalog import DatasetSpec, load_rows
 from model.data.fetch.download import JS_HINT, LICENCE_NOTE, HostGate, fetch, ffmpeg_hint, js_runtime, work_dir
 from model.data.fetch.outcomes import (
     FAILED,
+    FETCHED,
     NO_SOURCE,
     PRESENT,
     UNAVAILABLE,
@@ -53,7 +54,7 @@ def run_media(
     if hint:
         raise MediaJobError(hint)
     by_path = {s.path: s for s in kept}
-    skipped_youtube = [s for s in kept if is_youtube(s.url)] if js_runtime() is None else []
+    skipped_youtube = {s.path for s in kept if is_youtube(s.url)} if js_runtime() is None else set()
     root = Path(spec.media_root)
     with MediaLock(root):
         say(LICENCE_NOTE)
@@ -66,21 +67,22 @@ def run_media(
         shutil.rmtree(work_dir(root), ignore_errors=True)  # what a killed run left half downloaded
         journal = Journal(root)
         todo: list[Source] = []
+        there: set[str] = set()  # paths whose file is whole and readable now
         for path in sorted(wanted):
             outcome = _settled(path, wanted[path], root, by_path.get(path), journal, retry_failed, skipped_youtube)
             if outcome is None:
                 todo.append(by_path[path])
-            else:
-                report.add(outcome)
-                done(outcome, len(wanted))
+                continue
+            report.add(outcome)
+            there |= {path} if outcome.status == PRESENT else set()
+            done(outcome, len(wanted))
         for outcome in _fetch_all(todo, root, jobs, cookies, journal):
             report.add(outcome)
+            there |= {outcome.path} if outcome.status == FETCHED else set()
             done(outcome, len(wanted))
         shutil.rmtree(work_dir(root), ignore_errors=True)
-    report.missing = [p for p in wanted if not (root / p).is_file()]
-    report.rows_complete = sum(
-        all(media_path(row, i, root).is_file() for i in range(len(row.mm_paths))) for row in rows
-    )
+    report.missing = sorted(set(wanted) - there)
+    report.rows_complete = sum(all(normal_path(p) in there for p in row.mm_paths) for row in rows)
     return report
 
 
@@ -91,7 +93,7 @@ def _settled(
     source: Source | None,
     journal: Journal,
     retry_failed: bool,
-    skipped: list[Source],
+    skipped: set[str],
 ) -> Outcome | None:
     """The outcome of a path that needs no fetching (there already, no source, known unavailable), else None."""
     dest = root / path
@@ -106,7 +108,7 @@ def _settled(
     last = journal.last.get(path)
     if last is not None and last.status == UNAVAILABLE and not retry_failed and last.url == source.url:
         return last
-    if source in skipped:
+    if path in skipped:
         return Outcome(path, FAILED, "no JavaScript runtime for YouTube", source.url)
     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):  # a temporary a kill left behind
         stale.unlink(missing_ok=True)
