@@ -33,6 +33,7 @@ from deepresonance_cli.app import app
 from model.data.fetch.download import js_runtime
 from model.data.fetch.outcomes import MediaLock
 from model.data.fetch.recipes import build
+from model.data.fetch.sources import read_sources
 
 runner = CliRunner()
 CLIP_SECONDS = 12.0
@@ -579,6 +580,23 @@ def test_muchomusic_and_musicqa_recipes(tmp_path):
     rows = write_dataset(tmp_path, [make_row("1", [("audio", "songs/a b.wav")])], "musicqa_test.json")
     (source,), _ = build("musicqa", [rows])
     assert (source.path, source.url) == ("songs/a b.wav", "hf://datasets/mu-llama/MusicQA/audios.zip#a b.wav")
+
+
+def test_dr_data_sources_writes_a_table_dr_data_media_reads(tmp_path):
+    meta = tmp_path / "musiccaps-public.csv"
+    meta.write_text("ytid,start_s,end_s\nabcdefghijk,30,40\n../evil,0,10\n")
+    out = tmp_path / "sources.csv"
+    result = runner.invoke(
+        app, ["data", "sources", "musiccaps", str(meta), "--out", str(out), "--pattern", "c/{ytid}.mp3"]
+    )
+    assert result.exit_code == 0 and "1 sources in" in result.output
+    assert f"{meta}:3: path 'c/../evil.mp3' leaves the media root" in result.output
+    sources, errors = read_sources(out)
+    assert errors == [] and [(s.path, s.url, s.start, s.end, s.kind, s.line) for s in sources] == [
+        ("c/abcdefghijk.mp3", "https://www.youtube.com/watch?v=abcdefghijk", 30.0, 40.0, "audio", 2)
+    ]
+    bad = runner.invoke(app, ["data", "sources", "musiccaps", str(meta), "--out", str(out), "--pattern", "{id}.wav"])
+    assert bad.exit_code == 1 and "'id' is not a field of musiccaps" in bad.output
 
 
 def test_check_shows_how_many_rows_have_all_their_media(tmp_path):

@@ -116,8 +116,8 @@ def _settled(
 
 
 def _fetch_all(todo: list[Source], root: Path, jobs: int, cookies: Path | None, journal: Journal):
-    """Outcomes as workers finish them, each journaled first. On a full disk the queue is dropped, the running
-    files finish, and the MediaJobError propagates."""
+    """Outcomes as workers finish them, each journaled first. On a full disk (MediaJobError) or an interrupt the
+    queue is dropped, the running files finish unjournaled, and the error propagates."""
     gate = HostGate()
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         pending = {pool.submit(fetch, source, root, gate, cookies) for source in todo}
@@ -128,7 +128,7 @@ def _fetch_all(todo: list[Source], root: Path, jobs: int, cookies: Path | None, 
                     outcome = future.result()
                     journal.record(outcome)
                     yield outcome
-        except MediaJobError:
+        except BaseException:  # a full disk, or Ctrl-C: the queue is dropped, running files finish
             for future in pending:
                 future.cancel()
             raise
