@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, track
+from rich.progress import track
 from rich.table import Table
 
 if TYPE_CHECKING:
     from model.data.catalog import CheckReport
+    from model.data.fetch.outcomes import Report
 
 app = typer.Typer(help="Dataset text files: fetch them, and check rows and media.", no_args_is_help=True)
 console = Console()
@@ -75,7 +76,7 @@ def check(
         raise typer.Exit(1)
 
 
-def media_table(report) -> Table:
+def media_table(report: Report) -> Table:
     """`dr data media`'s summary: rows complete, then files by outcome and reason."""
     from model.data.fetch.outcomes import FAILED, FETCHED, NO_SOURCE, PRESENT, UNAVAILABLE
 
@@ -108,6 +109,8 @@ def media(
     split: str = typer.Option("test", "--split", help="Catalog split for a dataset name: test or train."),
 ) -> None:
     """Fetch the audio, images and videos the dataset's rows name, as the sources table says; resumable."""
+    from rich.progress import Progress
+
     from model.data.catalog import DatasetError, resolve_dataset
     from model.data.fetch.job import run_media
     from model.data.fetch.outcomes import MediaJobError
