@@ -328,19 +328,24 @@ def test_cookies_are_passed_to_the_host(server, wav, tmp_path):
     ],
     ids=["truncated", "html", "zero-length"],
 )
-def test_what_is_not_whole_media_is_retried_then_failed_with_its_reason(server, wav, tmp_path, step, reason):
+def test_what_is_not_whole_media_is_retried_then_failed_with_its_reason(
+    server, wav, tmp_path, step, reason, monkeypatch
+):
     if step.kind == "truncated":
         step.data = wav
-    url = server.serve("/bad.wav", step)
-    data = dataset(tmp_path, ("audio", "bad.wav"))
-    root = tmp_path / "media"
-    result = runner.invoke(app, media_args(data, table(tmp_path / "s.csv", {"path": "bad.wav", "url": url}), root))
-    assert result.exit_code == 1
-    entry = journal(root)[-1]
-    assert entry["status"] == "failed" and reason in entry["reason"], entry
-    first_gets = [t for method, _, rng, _, t in server.requests("/bad.wav") if method == "GET" and rng is None]
-    assert len(first_gets) >= 3  # three attempts (DR_MEDIA_RETRIES=2)
-    assert final_files(root) == set()
+    requests = []
+    for retries in (0, 2):  # one attempt, then three: three times the requests of one
+        monkeypatch.setenv("DR_MEDIA_RETRIES", str(retries))
+        url = server.serve(f"/bad{retries}.wav", step)
+        data = dataset(tmp_path, ("audio", "bad.wav"))
+        root = tmp_path / f"media{retries}"
+        result = runner.invoke(app, media_args(data, table(tmp_path / "s.csv", {"path": "bad.wav", "url": url}), root))
+        assert result.exit_code == 1
+        entry = journal(root)[-1]
+        assert entry["status"] == "failed" and reason in entry["reason"], entry
+        assert final_files(root) == set()
+        requests.append(len(server.requests(f"/bad{retries}.wav")))
+    assert requests[1] == 3 * requests[0] > 0, requests
 
 
 def test_requests_to_one_host_are_spaced_by_the_delay(server, wav, tmp_path, monkeypatch):
