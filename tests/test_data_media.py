@@ -281,6 +281,16 @@ def test_429_is_retried_after_the_retry_after_the_host_asked_for(server, wav, tm
     assert journal(root)[-1]["status"] == "fetched"
 
 
+def test_server_errors_are_retried(server, wav, tmp_path):
+    url = server.serve("/flaky.wav", Step("status", status=503), Step("status", status=502), Step(data=wav))
+    data = dataset(tmp_path, ("audio", "flaky.wav"))
+    root = tmp_path / "media"
+    result = runner.invoke(app, media_args(data, table(tmp_path / "s.csv", {"path": "flaky.wav", "url": url}), root))
+    assert result.exit_code == 0, result.output
+    assert [status for *_, status, _ in server.requests("/flaky.wav")][:2] == [503, 502]
+    assert (root / "flaky.wav").is_file()
+
+
 def test_not_found_and_forbidden_are_permanent_not_retried_and_skipped_on_rerun(server, wav, tmp_path):
     gone = server.serve("/gone.wav", Step("status", status=404))
     private = server.serve("/private.wav", Step("status", status=403))
