@@ -291,6 +291,33 @@ def test_server_errors_are_retried(server, wav, tmp_path):
     assert (root / "flaky.wav").is_file()
 
 
+@pytest.mark.parametrize(
+    ("message", "kind", "reason"),
+    [
+        ("Private video. Sign in if you've been granted access to this video", "Unavailable", "private"),
+        (
+            "Sign in to confirm your age. This video may be inappropriate for some users.",
+            "Unavailable",
+            "age-restricted",
+        ),
+        (
+            "Sign in to confirm you're not a bot. Use --cookies-from-browser or --cookies",
+            "Unavailable",
+            "needs sign-in",
+        ),
+        ("Video unavailable. This video has been removed by the uploader", "Unavailable", "removed"),
+        ("Video unavailable. This content isn't available, try again later.", "Failed", "rate-limited"),
+    ],
+)
+def test_youtube_refusals_are_told_apart(message, kind, reason):
+    from yt_dlp.utils import DownloadError
+
+    from model.data.fetch.download import _ytdlp_failure
+
+    outcome = _ytdlp_failure(DownloadError(f"ERROR: [youtube] abcdefghijk: {message}"))
+    assert type(outcome).__name__ == kind and str(outcome).startswith(reason)
+
+
 def test_not_found_and_forbidden_are_permanent_not_retried_and_skipped_on_rerun(server, wav, tmp_path):
     gone = server.serve("/gone.wav", Step("status", status=404))
     private = server.serve("/private.wav", Step("status", status=403))

@@ -34,8 +34,7 @@ JS_RUNTIMES, NODE_MIN = ("deno", "node", "bun"), 22  # what yt-dlp can run YouTu
 FFMPEG_HINT = "ffmpeg is not installed: install it (Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)"
 JS_HINT = (
     "YouTube sources need a JavaScript runtime for yt-dlp: install Deno (`pip install deno`, or https://deno.com) "
-    "or Node.js 22+; "
-    "{n} YouTube source(s) skipped"
+    "or Node.js 22+; {n} YouTube source(s) skipped"
 )
 LICENCE_NOTE = (
     "note: the media belong to their owners; fetch and use them for research under their terms "
@@ -245,6 +244,8 @@ def _ytdlp_failure(err: Exception) -> Exception:
             if short
             else "truncated download"
         )
+    if re.search(r"try again later|rate[- ]limit|too many requests", text, re.I):
+        return Failed("rate-limited by the host (try again later)")  # YouTube words it "Video unavailable. ..."
     for pattern, reason in _PERMANENT:
         if pattern.search(text):
             return Unavailable(reason)
