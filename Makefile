@@ -9,6 +9,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 install: $(BIN)/python
+	command -v ffmpeg >/dev/null || { apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; }  # dr data media
 	$(BIN)/pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed,serve]'
 	$(BIN)/pip install -q --no-deps imagebind-unofficial==0.1.1

@@ -229,6 +229,7 @@ class CheckReport:
 
     spec: DatasetSpec
     rows: int = 0
+    rows_complete: int = 0  # valid rows whose media files are all present and readable (the coverage)
     row_errors: list[str] = field(default_factory=list)
     media: dict[str, Counter] = field(default_factory=lambda: {m: Counter() for m in MODALITIES})
     media_errors: list[str] = field(default_factory=list)
@@ -251,6 +252,7 @@ def check_dataset(
     rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     report = CheckReport(spec, rows=len(rows) + len(errors), row_errors=errors)
     files = {(name, media_path(row, i, spec.media_root)) for row in rows for i, name in enumerate(row.mm_names)}
+    bad = set()
     for modality, path in progress(sorted(files)):
         try:
             (load_media if decode else probe_media)(modality, path)
@@ -259,6 +261,10 @@ def check_dataset(
             missing = not path.is_file()
             report.media[modality]["missing" if missing else "unreadable"] += 1
             report.media_errors.append(str(e))
+            bad.add(path)
+    report.rows_complete = sum(
+        not any(media_path(row, i, spec.media_root) in bad for i in range(len(row.mm_paths))) for row in rows
+    )
     return report
 
 
