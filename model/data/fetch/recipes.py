@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from model.data.benchmarks import MUCHOMUSIC_AUDIO
 from model.data.fetch.sources import Source, kind_of, parse_source, write_sources
-from model.data.multiple_choice import MUCHOMUSIC_AUDIO
 
 YOUTUBE = "https://www.youtube.com/watch?v={ytid}"
 MUSICQA_ZIP = "hf://datasets/mu-llama/MusicQA/audios.zip#{name}"

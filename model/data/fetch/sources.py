@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from model.io.files import write_atomically
-from model.media.preprocess import EXTENSIONS, MODALITIES
+from model.media.bounds import EXTENSIONS
+from model.media.preprocess import MODALITIES
 
 COLUMNS = ("path", "url", "start", "end", "kind")
 REQUIRED = ("path", "url")
