@@ -538,7 +538,7 @@ def test_media_decoding_has_a_time_limit(tiny_root, media, monkeypatch):
         time.sleep(2)
         return load_media(modality, path)
 
-    monkeypatch.setattr("model.serve.app.load_media", slow_load)
+    monkeypatch.setattr("model.serve.decoding.load_media", slow_load)
     with server(tiny_root, limits=Limits(decode_timeout_s=0.3)) as (url, worker):
         response = _post(url, {"model": MODEL, "messages": user(audio_part(media["wav"]))}, key=None)
         assert response.status_code == 400 and "took over 0.3 s" in response.json()["error"]["message"]
