@@ -41,11 +41,14 @@ KEY = "test-key-1234"
 
 
 @contextmanager
-def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits()):
-    """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`."""
+def server(
+    root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits(), **options
+):
+    """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`; `options` go to
+    create_app (host, cors_origins)."""
     model = load(root, "alpha", None, None, "cpu", None)
     worker = EngineWorker(model, serving_engine(model, slots, max_new_tokens=32), max_pending)
-    with running(create_app(worker, MODEL, api_key, limits)) as url:
+    with running(create_app(worker, MODEL, api_key, limits, **options)) as url:
         yield url, worker
 
 

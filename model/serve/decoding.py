@@ -9,6 +9,7 @@ decode. Every failure is a one-line 400 naming the request's item; no server pat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from collections import deque
@@ -38,8 +39,8 @@ class FairThreads:
         self.waiting: dict[str, deque[asyncio.Future[None]]] = {}  # by client, in turn order
 
     async def run(self, client: str, job: Callable[[], T], timeout: float) -> T:
-        """`job`'s result, once a thread is free for `client`'s turn; TimeoutError if it runs over `timeout` seconds
-        (its thread stays taken until the job ends: a decode cannot be stopped midway)."""
+        """`job`'s result, once a thread is free for `client`'s turn; asyncio.TimeoutError if it runs over `timeout`
+        seconds (its thread stays taken until the job ends: a decode cannot be stopped midway)."""
         await self._take(client)
         loop = asyncio.get_running_loop()
         future = self.pool.submit(job)
@@ -64,8 +65,8 @@ class FairThreads:
             raise
 
     def _ended(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In the job's thread: hands the thread on in the loop's (unless the server has stopped: nobody waits)."""
-        if not loop.is_closed():
+        """In the job's thread: hands the thread on in the loop's."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server stopped, nobody waits
             loop.call_soon_threadsafe(self._hand_on)
 
     def _hand_on(self) -> None:
@@ -121,5 +122,5 @@ async def decode_media(
         return []
     try:
         return await threads.run(client, load_all, timeout)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         raise ApiError(400, f"{current[0]}: decoding took over {timeout:g} s", "decode_timeout") from None

@@ -70,7 +70,8 @@ class BodyDeadline:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = asyncio.get_running_loop().time() + self.seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
         received = False
 
         async def timed() -> Message:
@@ -78,9 +79,8 @@ class BodyDeadline:
             if received:
                 return await receive()
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
                 late = f"the request body did not arrive within {self.seconds:g} s"
                 raise BodyTimeout(408, late, "body_timeout") from None
             received = message["type"] != "http.request" or not message.get("more_body", False)
