@@ -41,9 +41,7 @@ KEY = "test-key-1234"
 
 
 @contextmanager
-def server(
-    root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits(), **options
-):
+def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits(), **options):
     """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`; `options` go to
     create_app (host, cors_origins)."""
     model = load(root, "alpha", None, None, "cpu", None)
