@@ -266,6 +266,23 @@ def test_stalled_bodies_are_timed_out_and_left_bodies_log_no_traceback(keyless):
     wait_idle(worker)
 
 
+def test_bodies_held_at_once_are_bounded(tiny_root):
+    """With 1 MiB for all bodies together: one upload stalled at 700 KB holds it, so a second one gets 429 (and its
+    connection closed) once its bytes would go over; when the first times out, requests are served again."""
+    with server(tiny_root, limits=Limits(max_held_bytes=2**20, body_timeout_s=2.0)) as (url, worker):
+        port = port_of(url)
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 900000\r\n\r\n"
+        first, second = (socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(2))
+        first.sendall(head.encode() + b" " * 700_000)
+        time.sleep(0.5)
+        second.sendall(head.encode() + b" " * 700_000)
+        refused = until_closed(second)
+        assert refused.startswith(b"HTTP/1.1 429") and b"request bodies" in refused, refused[:300]
+        assert until_closed(first).startswith(b"HTTP/1.1 408")
+        assert post(url, ASK).status_code == 200
+        wait_idle(worker)
+
+
 # --- #8: media that break decoders ---------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""ASGI middleware in front of `dr serve`'s routes: who may call it (Host and Origin) and how long a body may take.
+"""What guards `dr serve`'s routes: who may call it (Host and Origin), how long a body may take to arrive (ASGI
+middleware) and how many body bytes all requests together may hold.
 
 Starlette's TrustedHostMiddleware answers in plain text and uvicorn bounds no request body in time, so both are
 small middlewares here, answering with OpenAI's error object.
@@ -7,7 +8,8 @@ small middlewares here, answering with OpenAI's error object.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,3 +89,34 @@ class BodyDeadline:
             return message
 
         await self.app(scope, timed, send)
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once, over all requests, from their first chunk until their media are decoded
+    (a body is read whole into memory; without a total, many large uploads, slow or queued, would add up); a chunk
+    over it is refused with 429."""
+
+    def __init__(self, most: int) -> None:
+        self.most, self.held = most, 0
+
+    @contextmanager
+    def holding(self) -> Iterator[Callable[[int], None]]:
+        """Yields `take(n)`, which adds n bytes to what the block holds; all of it is given back when it ends."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.held + n > self.most:
+                raise ApiError(
+                    429,
+                    f"server busy: {self.held / 2**20:.0f} MiB of request bodies are being received or decoded; "
+                    "retry later",
+                    "bodies_held",
+                )
+            self.held += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            self.held -= taken

@@ -13,6 +13,9 @@ class Limits:
     # commas and brackets in the raw body (base64 holds none): bounds every list and object before JSON parsing, so
     # validation never builds millions of items or per-item errors; a chat request this model can take has a few dozen
     max_json_items: int = 10_000
+    # request bodies held at once by all requests together, from their first byte until their media are decoded
+    # (429 beyond it): with the body limit, bounds what many concurrent or stalled uploads hold
+    max_held_bytes: int = 256 * 2**20
     body_timeout_s: float = 60.0  # to receive the whole body; a stalled upload gets 408 and its connection closed
     max_media: int = 4  # media items in one prompt (the original's prompts carry one of each at most)
     # per request, its own media decoding (time waiting for a decode thread is not counted)
