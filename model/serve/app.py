@@ -22,9 +22,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from importlib import resources
+from typing import TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -38,24 +40,40 @@ from model.config import CLIPS_PER_ITEM, GenerationConfig
 from model.engine.scheduler import Update
 from model.network.deepresonance import Example
 from model.serve.decoding import FairThreads, decode_media
-from model.serve.guards import LOOPBACK_NAMES, BodyDeadline, CallerGuard
+from model.serve.guards import LOOPBACK_NAMES, BodyBudget, BodyDeadline, CallerGuard
 from model.serve.limits import Limits
 from model.serve.request import generation_config, parse_prompt
 from model.serve.wire import ApiError, parse_body
-from model.serve.worker import Busy, EngineWorker, Failed, TextStream, finish_reason
+from model.serve.worker import Busy, EngineWorker, Failed, TextStream, Ticket, finish_reason
 from model.text.prompt import layout_row, stop_sequences
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 RETRY_AFTER_S = 1
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to be over `limit` bytes."""
+@dataclass
+class Admitted:
+    """A request ready for the engine: its ticket, its prompt with decoded media, its settings, its prompt's length
+    and whether it streams (with the usage chunk)."""
+
+    ticket: Ticket
+    example: Example
+    gen: GenerationConfig
+    positions: int
+    stream: bool
+    usage: bool
+
+
+async def read_body(request: Request, limit: int, take: Callable[[int], None]) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be over `limit` bytes; each chunk is `take`n from
+    the server's body budget as it arrives."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {int(declared)} bytes is over this server's {limit}", "body_too_large")
     body = bytearray()
     async for chunk in request.stream():
+        take(len(chunk))
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"request body is over this server's {limit} bytes", "body_too_large")
@@ -84,6 +102,7 @@ def create_app(
     model = worker.model
     stops = stop_sequences(model.tokenizer)
     threads = FairThreads(limits.decode_workers)
+    bodies = BodyBudget(limits.max_held_bytes)
     created = int(time.time())
     cors_origins = list(cors_origins)
 
@@ -118,7 +137,8 @@ def create_app(
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
         headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 429 else headers
-        headers = {"Connection": "close"} if err.status == 408 else headers  # the rest of the body is not awaited
+        unread = err.code in ("body_timeout", "body_too_large", "bodies_held")
+        headers = {**(headers or {}), "Connection": "close"} if unread else headers  # the rest of the body is not read
         return err.response(headers)
 
     @app.exception_handler(HTTPException)
@@ -127,7 +147,7 @@ def create_app(
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(request: Request, err: ClientDisconnect) -> Response:
-        log.info("%s left while sending its request body", request.client.host if request.client else "a client")
+        log.info("%s left before its request was admitted", request.client.host if request.client else "a client")
         return Response(status_code=499)  # nobody reads it
 
     @app.exception_handler(Exception)
@@ -169,54 +189,66 @@ def create_app(
         authorize(request)
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "dr"}]}
 
+    async def admitted(request: Request) -> Admitted:
+        """The request read, checked, admitted and its media decoded. Its body is held within the server's body
+        budget until then, and dropped on return: only the decoded inputs stay while it is answered."""
+        with bodies.holding() as take:
+            body = parse_body(await read_body(request, limits.max_body_bytes, take), limits)
+            if body.model != model_id:
+                raise ApiError(
+                    404,
+                    f"model {body.model!r} is not served here (GET /v1/models: {model_id})",
+                    "model_not_found",
+                    "model",
+                )
+            prompt = parse_prompt(body, limits)
+            gen = generation_config(body, defaults, worker.engine.max_new_tokens)
+            clips = [CLIPS_PER_ITEM[m.modality] for m in prompt.media]
+            positions = len(layout_row(model.tokenizer, prompt.input, prompt.instruction, clips).ids)
+            if positions > model.config.max_length:
+                raise ApiError(
+                    400,
+                    f"the prompt takes {positions} positions; the model takes at most {model.config.max_length}",
+                    "prompt_too_long",
+                    "messages",
+                )
+            if positions + gen.max_new_tokens > worker.engine.length:
+                raise ApiError(
+                    400,
+                    f"the prompt ({positions} positions) and max_tokens {gen.max_new_tokens} do not fit "
+                    f"this server's {worker.engine.length} positions per answer",
+                    "prompt_too_long",
+                )
+            try:
+                ticket = worker.admit(body.stream)
+            except Busy as err:
+                raise ApiError(429, f"server busy: {err}; retry later", "server_busy") from None
+            except Failed as err:
+                raise ApiError(503, str(err), "engine_failed") from None
+            try:
+                client = request.client.host if request.client else ""
+                media = await unless_gone(request, decode_media(prompt, threads, client, limits.decode_timeout_s))
+            except BaseException:
+                worker.release(ticket)
+                raise
+        usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        example = Example(prompt.input, prompt.instruction, media)
+        return Admitted(ticket, example, gen, positions, body.stream, usage)
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Response:
         authorize(request)
-        body = parse_body(await read_body(request, limits.max_body_bytes), limits)
-        if body.model != model_id:
-            raise ApiError(
-                404, f"model {body.model!r} is not served here (GET /v1/models: {model_id})", "model_not_found", "model"
-            )
-        prompt = parse_prompt(body, limits)
-        gen = generation_config(body, defaults, worker.engine.max_new_tokens)
-        clips = [CLIPS_PER_ITEM[m.modality] for m in prompt.media]
-        positions = len(layout_row(model.tokenizer, prompt.input, prompt.instruction, clips).ids)
-        if positions > model.config.max_length:
-            raise ApiError(
-                400,
-                f"the prompt takes {positions} positions; the model takes at most {model.config.max_length}",
-                "prompt_too_long",
-                "messages",
-            )
-        if positions + gen.max_new_tokens > worker.engine.length:
-            raise ApiError(
-                400,
-                f"the prompt ({positions} positions) and max_tokens {gen.max_new_tokens} do not fit "
-                f"this server's {worker.engine.length} positions per answer",
-                "prompt_too_long",
-            )
-        try:
-            ticket = worker.admit(body.stream)
-        except Busy as err:
-            raise ApiError(429, f"server busy: {err}; retry later", "server_busy") from None
-        except Failed as err:
-            raise ApiError(503, str(err), "engine_failed") from None
-        try:
-            client = request.client.host if request.client else ""
-            media = await decode_media(prompt, threads, client, limits.decode_timeout_s)
-        except BaseException:
-            worker.release(ticket)
-            raise
-        updates = worker.run(ticket, Example(prompt.input, prompt.instruction, media), gen)
+        req = await admitted(request)
+        ticket, gen, positions = req.ticket, req.gen, req.positions
+        updates = worker.run(ticket, req.example, gen)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
 
         def usage(ids: list[int]) -> dict:
             return {"prompt_tokens": positions, "completion_tokens": len(ids), "total_tokens": positions + len(ids)}
 
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if req.stream:
             return StreamingResponse(
-                sse_chunks(updates, model.answer, meta, gen.max_new_tokens, stops, usage if include_usage else None),
+                sse_chunks(updates, model.answer, meta, gen.max_new_tokens, stops, usage if req.usage else None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -230,6 +262,20 @@ def create_app(
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage(final.ids)})
 
     return app
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; if the client disconnects first, `work` is cancelled (a request waiting for a decode thread
+    leaves the queue) and ClientDisconnect raised."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_disconnect(request))
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnect
 
 
 async def until_done(updates: AsyncIterator[Update], request: Request) -> Update | None:
