@@ -436,6 +436,32 @@ def test_decode_threads_take_clients_in_turn_and_time_only_decoding(tiny_root, h
         wait_idle(worker)
 
 
+def test_a_client_that_leaves_while_waiting_for_a_decode_thread_leaves_the_queue(tiny_root, hostile, monkeypatch):
+    """Two slow decodes hold both threads; four clients that give up while waiting behind them are never decoded
+    and give their admission back; the server answers after."""
+    decoded = []
+
+    def slow_flac(modality: str, path: Path):
+        decoded.append(path)
+        time.sleep(1.0)
+        return load_media(modality, path)
+
+    monkeypatch.setattr("model.serve.decoding.load_media", slow_flac)
+    flac = write_long_flac(hostile["light"].with_name("leave.flac"), 0.05)
+    ask = chat(user(audio_part(flac, "flac")), max_tokens=4)
+    with server(tiny_root, limits=Limits(decode_timeout_s=5.0)) as (url, worker), ThreadPoolExecutor(6) as pool:
+        stay = [pool.submit(post, url, ask) for _ in range(2)]
+        time.sleep(0.3)
+        leave = [pool.submit(post, url, ask, timeout=0.3) for _ in range(4)]
+        for run in leave:
+            with pytest.raises(httpx2.ReadTimeout):
+                run.result()
+        assert [r.result().status_code for r in stay] == [200, 200]
+        wait_idle(worker)
+        assert len(decoded) == 2 and worker.stats["refused"] == 4
+        assert post(url, ASK).status_code == 200
+
+
 # --- #1: a poisoned row changes nothing after it -------------------------------------------------------------------
 
 
