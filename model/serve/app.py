@@ -3,14 +3,14 @@
 The `openai` client works unchanged. The wire format is model/serve/wire.py, a request's prompt and sampling
 settings model/serve/request.py (one user message is one prompt of the original, as `dr ask` builds it; only data
 URLs are taken: the server never fetches a URL nor reads a path named by a request), media decoding
-model/serve/decoding.py, the limits model/serve/limits.py, the Host/Origin and body-time checks
-model/serve/guards.py.
+model/serve/decoding.py, the limits model/serve/limits.py, the Host/Origin checks, the body's time limit and the
+budget of body bytes held at once model/serve/guards.py.
 
 Errors are OpenAI's error object with a one-line message: 400 for a request that cannot be answered (undecodable
 media, unsupported type or field, too many items, a prompt that does not fit, a wrong Host), 401 without the API key,
 403 from a browser page of another origin, 408 for a body that does not arrive in time, 413 for a body over the
-limit, 422 for a body that is not a chat request, 429 with Retry-After when the server is full, 500 for a bug (never
-plain text).
+limit, 422 for a body that is not a chat request, 429 with Retry-After when the server is full (requests or body
+bytes), 500 for a bug (never plain text).
 """
 
 from __future__ import annotations
