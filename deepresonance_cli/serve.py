@@ -1,4 +1,4 @@
-"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/serve/app.py, worker.py)."""
+"""`dr serve`: the model behind an OpenAI-compatible HTTP API and a web page (model/serve/)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from deepresonance_cli.infer import (
 )
 from deepresonance_cli.options import DtypeChoice, VariantChoice
 from model.config import GenerationConfig
+from model.serve.limits import Limits
 
 Opt = typer.Option
 console = Console(stderr=True)
@@ -69,20 +70,30 @@ def serve(
     ] = None,
     demo: Annotated[bool, Opt(help="Serve `dr demo`'s tiny trained model (trained once if missing).")] = False,
     demo_dir: Annotated[Path, Opt(help="Where `dr demo`'s output is (or goes).")] = Path("runs/demo"),
+    cors_origin: Annotated[
+        list[str] | None, Opt(help="A browser origin whose pages may call the API (repeat for more); others get 403.")
+    ] = None,
     slots: Annotated[int | None, Opt(help="Rows decoding together (default: 64 on CUDA, 8 on CPU).")] = None,
     max_new_tokens: Annotated[
         int, Opt(help="The largest max_tokens a request may ask for.")
     ] = GenerationConfig.max_new_tokens,
-    max_pending: Annotated[int, Opt(help="Requests queued or decoding at once; more get 429.")] = 256,
-    max_body_mb: Annotated[float, Opt(help="Largest request body (base64 media included), MiB.")] = 32.0,
-    max_media: Annotated[int, Opt(help="Media items per prompt.")] = 4,
-    decode_timeout: Annotated[float, Opt(help="Seconds a request's media may take to decode.")] = 30.0,
+    max_pending: Annotated[int, Opt(help="Requests queued or decoding at once; more get 429.")] = Limits.max_pending,
+    max_body_mb: Annotated[
+        float, Opt(help="Largest request body (base64 media included), MiB.")
+    ] = Limits.max_body_bytes / 2**20,
+    body_timeout: Annotated[
+        float, Opt(help="Seconds a request body may take to arrive; then 408.")
+    ] = Limits.body_timeout_s,
+    max_media: Annotated[int, Opt(help="Media items per prompt.")] = Limits.max_media,
+    decode_timeout: Annotated[
+        float, Opt(help="Seconds a request's own media decoding may take.")
+    ] = Limits.decode_timeout_s,
     eager: Annotated[bool, Opt(help="Decode without torch.compile and CUDA graphs (no compile wait on CUDA).")] = False,
 ) -> None:
     """Serve the model: OpenAI's Chat Completions API at /v1, a page to ask about your music at /."""
     import uvicorn
 
-    from model.serve.app import Limits, create_app
+    from model.serve.app import create_app
     from model.serve.worker import EngineWorker, serving_engine
 
     if not is_loopback(host) and not api_key:
@@ -99,8 +110,15 @@ def serve(
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
     slots = slots or (64 if device.startswith("cuda") else 8)
     engine = serving_engine(model, slots, max_new_tokens, compile=False if eager else None)
-    worker = EngineWorker(model, engine, max_pending)
-    limits = Limits(int(max_body_mb * 2**20), max_media, decode_timeout)
-    app = create_app(worker, model_id, api_key, limits, GenerationConfig(max_new_tokens=max_new_tokens))
+    limits = Limits(
+        max_body_bytes=int(max_body_mb * 2**20),
+        body_timeout_s=body_timeout,
+        max_media=max_media,
+        decode_timeout_s=decode_timeout,
+        max_pending=max_pending,
+    )
+    worker = EngineWorker(model, engine, limits.max_pending)
+    defaults = GenerationConfig(max_new_tokens=max_new_tokens)
+    app = create_app(worker, model_id, api_key, limits, defaults, host, cors_origin or ())
     console.print(f"{model_id} on {device}: {engine.slots} slots; http://{host}:{port}/ (API at /v1)")
     uvicorn.run(app, host=host, port=port, log_level="info")

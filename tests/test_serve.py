@@ -41,11 +41,12 @@ KEY = "test-key-1234"
 
 
 @contextmanager
-def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits()):
-    """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`."""
+def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits(), **options):
+    """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`; `options` go to
+    create_app (host, cors_origins)."""
     model = load(root, "alpha", None, None, "cpu", None)
     worker = EngineWorker(model, serving_engine(model, slots, max_new_tokens=32), max_pending)
-    with running(create_app(worker, MODEL, api_key, limits)) as url:
+    with running(create_app(worker, MODEL, api_key, limits, **options)) as url:
         yield url, worker
 
 
@@ -538,7 +539,7 @@ def test_media_decoding_has_a_time_limit(tiny_root, media, monkeypatch):
         time.sleep(2)
         return load_media(modality, path)
 
-    monkeypatch.setattr("model.serve.app.load_media", slow_load)
+    monkeypatch.setattr("model.serve.decoding.load_media", slow_load)
     with server(tiny_root, limits=Limits(decode_timeout_s=0.3)) as (url, worker):
         response = _post(url, {"model": MODEL, "messages": user(audio_part(media["wav"]))}, key=None)
         assert response.status_code == 400 and "took over 0.3 s" in response.json()["error"]["message"]
