@@ -80,8 +80,10 @@ def serve(
     import uvicorn
 
     from model.config import GenerationConfig
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import default_slots
     from model.serve.app import Limits, create_app
-    from model.serve.worker import EngineWorker, serving_engine
+    from model.serve.worker import EngineWorker
 
     if not is_loopback(host) and not api_key:
         raise typer.BadParameter(
@@ -95,8 +97,8 @@ def serve(
         ckpt_root, delta = demo_checkpoints(demo_dir, variant)
         model_id += "-demo"
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
-    slots = slots or (64 if device.startswith("cuda") else 8)
-    engine = serving_engine(model, slots, max_new_tokens, compile=False if eager else None)
+    slots = slots or default_slots(device, "server")
+    engine = Engine.sized(model, model.config.max_length, max_new_tokens, slots, compile=False if eager else None)
     worker = EngineWorker(model, engine, max_pending)
     limits = Limits(int(max_body_mb * 2**20), max_media, decode_timeout)
     app = create_app(worker, model_id, api_key, limits, GenerationConfig(max_new_tokens=max_new_tokens))

@@ -10,10 +10,12 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model.config import GenerationConfig
-from model.engine import scheduler as engine_module
+from model.engine import sizing
 from model.engine.kv_cache import SlotKV, bytes_per_position
 from model.engine.sampler import next_token, row_key, uniforms
-from model.engine.scheduler import Engine, Request, cache_length, engine_for
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request
+from model.engine.sizing import cache_length
 from model.generate.base import generate_ids
 from model.network.checkpoint import load_model
 from model.network.deepresonance import Example
@@ -184,15 +186,14 @@ def test_slots_come_from_the_memory_budget(model, monkeypatch):
         * 4
     )
     assert bytes_per_position(config, torch.float32) == per_position
-    gen = GenerationConfig(max_new_tokens=100, do_sample=False)
     length = cache_length(40, 100)
     assert length == 256  # 140 rounded up to FlexAttention's 128-column blocks
-    monkeypatch.setattr(engine_module, "memory_budget", lambda m: 10 * length * per_position + 5)
-    assert engine_for(model, [40, 12], gen, most_slots=64).slots == 10
-    assert engine_for(model, [40, 12], gen, most_slots=4).slots == 4
-    monkeypatch.setattr(engine_module, "memory_budget", lambda m: length * per_position - 1)
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 10 * length * per_position + 5)
+    assert Engine.sized(model, 40, 100, 64).slots == 10
+    assert Engine.sized(model, 40, 100, 4).slots == 4
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: length * per_position - 1)
     with pytest.raises(MemoryError, match="one row of 256 positions needs .* GiB of cache"):
-        engine_for(model, [40], gen, most_slots=64)
+        Engine.sized(model, 40, 100, 64)
 
 
 def test_rows_that_cannot_fit_or_exceed_the_budget_are_refused_by_name(model):

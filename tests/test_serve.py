@@ -30,11 +30,12 @@ from deepresonance_cli.app import app as cli
 from deepresonance_cli.infer import load
 from deepresonance_cli.serve import demo_checkpoints
 from model.config import GenerationConfig
+from model.engine.scheduler import Engine
 from model.generate.base import generate, generate_ids
 from model.media.preprocess import load_media
 from model.network.deepresonance import Example
 from model.serve.app import Limits, create_app, running
-from model.serve.worker import EngineWorker, TextStream, serving_engine
+from model.serve.worker import EngineWorker, TextStream
 
 MODEL = "deepresonance-alpha"
 KEY = "test-key-1234"
@@ -44,7 +45,7 @@ KEY = "test-key-1234"
 def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | None = None, limits=Limits()):
     """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`."""
     model = load(root, "alpha", None, None, "cpu", None)
-    worker = EngineWorker(model, serving_engine(model, slots, max_new_tokens=32), max_pending)
+    worker = EngineWorker(model, Engine.sized(model, model.config.max_length, 32, slots), max_pending)
     with running(create_app(worker, MODEL, api_key, limits)) as url:
         yield url, worker
 

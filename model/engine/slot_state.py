@@ -5,11 +5,14 @@ end of a row), written once here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
+from model.config import GenerationConfig
 from model.engine.sampler import next_token, uniforms
+from model.io.transfer import to_device
 
 
 @dataclass
@@ -40,6 +43,20 @@ class SlotState:
             full(long), full(long), full(long), full(long), full(long), full(flag, True), full(flag, True),
             full(real, 1.0), full(real, 1.0), torch.zeros(slots, max_new_tokens, dtype=long, device=device),
         )  # fmt: skip
+
+    def start(self, rows: torch.Tensor, gens: Sequence[GenerationConfig], keys: Sequence[int]) -> None:
+        """Writes the sampling settings, budgets and random streams of new rows into slots `rows` (queued copies:
+        the host does not wait for the device)."""
+
+        def put(field: torch.Tensor, values: list) -> None:
+            field[rows] = to_device(torch.tensor(values, dtype=field.dtype), rows.device)
+
+        put(self.greedy, [not g.do_sample for g in gens])
+        put(self.temperature, [g.temperature if g.do_sample else 1.0 for g in gens])
+        put(self.top_k, [g.top_k for g in gens])
+        put(self.top_p, [g.top_p for g in gens])
+        put(self.keys, list(keys))
+        put(self.max_new, [g.max_new_tokens for g in gens])
 
     def head(self, n: int) -> SlotState:
         return SlotState(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})

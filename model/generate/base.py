@@ -8,7 +8,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model.config import GenerationConfig
-from model.engine.scheduler import run_examples
+from model.engine.sampler import row_key
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request
+from model.engine.sizing import cache_length, top_k_cap
 from model.generate.static import decode_static
 from model.network.deepresonance import DeepResonance, Example
 from model.text.prompt import cut_at_stop, stop_sequences
@@ -33,6 +36,27 @@ class StopAtSequences(StoppingCriteria):
             if input_ids.shape[1] >= len(stop):
                 done |= (input_ids[:, -len(stop) :] == stop).all(dim=1)
         return done
+
+
+def run_examples(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
+    """New ids per example through an eager engine with one slot per example (`dr ask`). Rows draw from the streams
+    of their positions in `examples` with `gen.seed`."""
+    engine = Engine(
+        model,
+        len(examples),
+        cache_length(max(model.example_length(ex) for ex in examples), gen.max_new_tokens),
+        gen.max_new_tokens,
+        k_cap=top_k_cap(model, gen),
+        compile=False,
+    )
+    requests = [Request(i, ex, gen, row_key(gen.seed, str(i), ex.instruction)) for i, ex in enumerate(examples)]
+    ids: list[list[int]] = [[] for _ in examples]
+    for batch in engine.run(requests):
+        for u in batch:
+            if u.error:
+                raise ValueError(f"example {u.handle}: {u.error}")
+            ids[u.handle] = u.ids
+    return ids
 
 
 @torch.inference_mode()

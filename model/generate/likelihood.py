@@ -113,8 +113,8 @@ def score_rows(
     batch_size: int = 16,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[OptionScores | MediaError]:
-    """Each `model.data.multiple_choice.ChoiceRow`'s option scores, or its media error; media go through the feature cache as in
-    `dr infer` (encoded once per file), `batch_size` rows' media and option sequences at a time."""
+    """Each `model.data.multiple_choice.ChoiceRow`'s option scores, or its media error; media go through the feature
+    cache as in `dr infer` (encoded once per file), `batch_size` rows' media and option sequences at a time."""
 
     out: list[OptionScores | MediaError] = []
     for start in range(0, len(rows), batch_size):

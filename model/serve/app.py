@@ -45,7 +45,8 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.config import CLIPS_PER_ITEM, GenerationConfig
-from model.engine.scheduler import Update
+from model.engine.sequence import Update
+from model.engine.sizing import fits_slot
 from model.media.preprocess import MediaError, load_media
 from model.network.deepresonance import Example
 from model.serve.worker import K_CAP, Busy, EngineWorker, Failed, TextStream, finish_reason
@@ -402,7 +403,7 @@ def create_app(
                 "prompt_too_long",
                 "messages",
             )
-        if positions + gen.max_new_tokens > worker.engine.length:
+        if not fits_slot(positions, gen.max_new_tokens, worker.engine.length):
             raise ApiError(
                 400,
                 f"the prompt ({positions} positions) and max_tokens {gen.max_new_tokens} do not fit "
