@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.speed import PROMPT, full_size_llm
 from benchmarks.speed import seconds_per_call as seconds
 from model.generate.static import decode_static
+from model.text.stopping import StopRule
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
 linears = [m for m in llm.modules() if isinstance(m, torch.nn.Linear)]
@@ -48,7 +49,7 @@ mask = torch.ones(1, PROMPT, dtype=torch.long, device="cuda")
 
 
 def run():
-    decode_static(llm, embeds, mask, 64, [[-5]], -1, compile=True)
+    decode_static(llm, embeds, mask, 64, StopRule(-1, ((-5,),), lambda ids: ""), compile=True)
 
 
 print(f"first call (compile): {seconds(run, 1):.1f} s")

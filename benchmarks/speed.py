@@ -16,10 +16,11 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.config import VICUNA_7B, ModelConfig
-from model.generate.base import StopAtSequences
+from model.generate.base import StopByRule
 from model.generate.static import decode_static
 from model.media.encoder import MediaEncoder
 from model.network.deepresonance import lora_config
+from model.text.stopping import StopRule
 
 VOCAB = 32006
 PROMPT = 28  # positions of a typical audio prompt: 3 clips + the instruction
@@ -94,8 +95,7 @@ def full_size_llm(
 ) -> torch.nn.Module:
     """A random LLaMA of `sizes` (Vicuna-7B's by default) with Vicuna's 32006-row vocabulary, LoRA as the original's
     stage 2 wraps it (its B random, so merging changes the weights) when `lora`."""
-    config = LlamaConfig(**{**sizes, "vocab_size": VOCAB}, tie_word_embeddings=False)
-    config._attn_implementation = attn
+    config = LlamaConfig(**{**sizes, "vocab_size": VOCAB}, tie_word_embeddings=False, attn_implementation=attn)
     with torch.device(device):
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
     llm.eval()
@@ -116,7 +116,8 @@ def decode(
     hidden, device = llm.config.hidden_size, llm.device
     embeds = torch.randn(batch, PROMPT, hidden, device=device, dtype=dtype) * 0.02
     mask = torch.ones(batch, PROMPT, dtype=torch.long, device=device)
-    stop = [StopAtSequences([[-5]])]  # never fires: every run makes exactly new_tokens
+    never = StopRule(-1, ((-5,),), lambda ids: "")  # never fires: every run makes exactly new_tokens
+    stop = [StopByRule(never)]
     if original:
         kwargs = dict(
             do_sample=True,
@@ -131,8 +132,8 @@ def decode(
         kwargs = dict(do_sample=False)
 
     def run():
-        if static:  # dr's own loop: static cache, one compiled step; EOS -1 and a stop that never fires
-            return decode_static(llm, embeds, mask, new_tokens, [[-5]], -1, compile=device.type == "cuda")
+        if static:  # dr's own loop: static cache, one compiled step, and a rule that never fires
+            return decode_static(llm, embeds, mask, new_tokens, never, compile=device.type == "cuda")
         with torch.inference_mode():
             llm.generate(
                 inputs_embeds=embeds,
@@ -417,8 +418,7 @@ def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "c
     from model.text.tokenizer import PromptTokenizer
 
     tok = PromptTokenizer(train_tokenizer(Path(workdir) / "tok"))
-    config = LlamaConfig(**{**sizes, "vocab_size": len(tok)}, tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
+    config = LlamaConfig(**{**sizes, "vocab_size": len(tok)}, tie_word_embeddings=False, attn_implementation="sdpa")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)

@@ -43,7 +43,7 @@ from model.engine.sizing import engine_size, fits_slot
 from model.engine.slot_state import SlotState, choose, ended
 from model.io.transfer import to_device
 from model.network.deepresonance import DeepResonance
-from model.text.prompt import cut_at_stop, stop_sequences
+from model.text.stopping import StopRule
 
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
@@ -77,15 +77,13 @@ class Engine:
         self.llm = model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
         device, on_cuda = model.device, model.device.type == "cuda"
-        tok = model.tokenizer
-        self.eos = tok.eos_id
-        self.stops = stop_sequences(tok)
+        self.rule = StopRule.of(model.tokenizer)
         self.slots, self.length, self.max_new_tokens = slots, length, max_new_tokens
         self.k_cap, self.sync_every, self.stream = k_cap, sync_every, stream
         self.refill_min = refill_min or max(1, slots // 8)
         self.kv = SlotKV(self.llm.config, slots, length, model.dtype, device, kernel or ("flex" if on_cuda else "sdpa"))
         self.every = self.kv.every
-        self.stop_tensors = [torch.tensor(s, device=device) for s in self.stops]
+        self.stop_tensors = [torch.tensor(s, device=device) for s in self.rule.stops]
         self.state = SlotState.empty(slots, max_new_tokens, device)
         self.widths = sorted({slots, *(w for w in narrow if w < slots)})
         # two host copies of (done, count, out), written in turn behind each advance's steps
@@ -99,7 +97,7 @@ class Engine:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         with slot_attention_on(self.llm), torch.inference_mode():
             self.step = SlotStep(
-                self.lm, self.kv, self.state, self.eos, self.stop_tensors, k_cap, self.widths, compiled,
+                self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,
                 graphs=compiled and on_cuda,
             )  # fmt: skip
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
@@ -266,7 +264,7 @@ class Engine:
         st.last[rows] = first
         st.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
         self.kv.pos[rows] = lengths
-        st.done[rows] = ended(st, self.eos, self.stop_tensors)[rows]
+        st.done[rows] = ended(st, self.rule.eos, self.stop_tensors)[rows]
         for s, r in zip(slots, requests, strict=False):
             self.rows[s] = Row(r, self.advances, r.gen.max_new_tokens - 1)
         return refused
@@ -292,22 +290,30 @@ class Engine:
         advance are not in it yet."""
         if event is not None:
             event.synchronize()
-        updates, cancelled = [], []
+        updates, freed = [], []
         for s, row in enumerate(self.rows):
             if row is None:
                 continue
             if row.cancelled:
                 self.rows[s] = None
-                cancelled.append(s)
+                freed.append(s)
                 continue
             if row.filled_at >= taken:
                 continue
             done, count = bool(state[s, 0]), int(state[s, 1])
+            # the whole rule on the newest ids: the device saw only its id part, not the text's end
+            first = max(0, row.checked - self.rule.lookback)
+            end = self.rule.end(state[s, 2 + first : 2 + count].tolist(), row.checked - first)
+            row.checked = count
+            if end is not None:
+                count = first + end
+                if not done:
+                    freed.append(s)  # the device decodes on until told
+                done = True
             if done or self.stream:
-                ids = cut_at_stop(state[s, 2 : 2 + count].tolist(), self.eos, self.stops)
-                updates.append(Update(row.handle, ids, done))
+                updates.append(Update(row.handle, state[s, 2 : 2 + count].tolist(), done))
             if done:
                 self.rows[s] = None
-        if cancelled:
-            self.state.done.index_fill_(0, self._on_device(cancelled, torch.long), True)
+        if freed:
+            self.state.done.index_fill_(0, self._on_device(freed, torch.long), True)
         return updates

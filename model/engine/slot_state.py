@@ -1,6 +1,6 @@
 """What the engine keeps on the device for each slot besides its keys and values: the row's last token, its ids so far,
-its sampling settings and whether it ended; and the two rules every step and prefill apply to it (the next token, the
-end of a row), written once here.
+its sampling settings and whether it ended; and the two rules every step and prefill apply to it: the next token
+(written once here) and the end of a row (model/text/stopping.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from model.config import GenerationConfig
 from model.engine.sampler import next_token, uniforms
 from model.io.transfer import to_device
+from model.text.stopping import ended_on_device
 
 
 @dataclass
@@ -82,12 +83,5 @@ def choose(
 
 
 def ended(state: SlotState, eos: int, stops: list[torch.Tensor]) -> torch.Tensor:
-    """Slots whose ids so far end with EOS or a stop sequence, or reached their max_new_tokens."""
-    rows = torch.arange(state.out.shape[0], device=state.out.device)
-    end = state.count >= state.max_new
-    end |= state.out[rows, (state.count - 1).clamp(min=0)] == eos
-    for stop in stops:
-        m = len(stop)
-        tail = state.out.gather(1, (state.count.unsqueeze(-1) - m + torch.arange(m, device=stop.device)).clamp(0))
-        end |= (state.count >= m) & (tail == stop).all(-1)
-    return end
+    """Slots whose row ended by the id part of model/text/stopping.py's rule (EOS, a stop sequence, the budget)."""
+    return ended_on_device(state.out, state.count, state.max_new, eos, stops)

@@ -49,8 +49,9 @@ from model.engine.sequence import Update
 from model.engine.sizing import fits_slot
 from model.media.preprocess import MediaError, load_media
 from model.network.deepresonance import Example
-from model.serve.worker import K_CAP, Busy, EngineWorker, Failed, TextStream, finish_reason
-from model.text.prompt import TAGS, layout_row, stop_sequences
+from model.serve.worker import K_CAP, Busy, EngineWorker, Failed, TextStream
+from model.text.prompt import TAGS, layout_row
+from model.text.stopping import StopRule
 
 AUDIO_FORMATS = {"wav": ".wav", "mp3": ".mp3", "flac": ".flac", "ogg": ".ogg"}
 IMAGE_TYPES = {
@@ -323,7 +324,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app: the worker is warmed up and started with the app and stopped with it."""
     model = worker.model
-    stops = stop_sequences(model.tokenizer)
+    rule = StopRule.of(model.tokenizer)
     pool = ThreadPoolExecutor(limits.decode_workers, thread_name_prefix="dr-media")
     created = int(time.time())
 
@@ -430,7 +431,7 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                sse_chunks(updates, model.answer, meta, gen.max_new_tokens, stops, usage if include_usage else None),
+                sse_chunks(updates, model.answer, meta, gen.max_new_tokens, rule, usage if include_usage else None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -440,7 +441,7 @@ def create_app(
         if final.error:
             raise ApiError(503, final.error, "engine_failed") if ticket.failed else ApiError(400, final.error)
         message = {"role": "assistant", "content": model.answer(final.ids)}
-        choice = {"index": 0, "message": message, "finish_reason": finish_reason(final.ids, gen.max_new_tokens, stops)}
+        choice = {"index": 0, "message": message, "finish_reason": rule.finish_reason(final.ids, gen.max_new_tokens)}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage(final.ids)})
 
     return app
@@ -471,7 +472,7 @@ async def sse_chunks(
     answer: Callable[[list[int]], str],
     meta: dict,
     max_new_tokens: int,
-    stops: list[list[int]],
+    rule: StopRule,
     usage: Callable[[list[int]], dict] | None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream: the role, text deltas as they settle, the finish reason, usage if asked, [DONE]. An
@@ -496,7 +497,7 @@ async def sse_chunks(
             if piece:
                 yield chunk({"content": piece})
             if u.done:
-                yield chunk({}, finish_reason(u.ids, max_new_tokens, stops))
+                yield chunk({}, rule.finish_reason(u.ids, max_new_tokens))
                 if usage:
                     yield format_sse_event(
                         data_str=_json(

@@ -192,24 +192,13 @@ class EngineWorker:
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:
             ticket: Ticket = u.handle
-            if ticket.ended:  # its answer's end was seen at an earlier sync; the engine frees its slot now
+            if ticket.ended:  # cancelled while this update was on its way
                 continue
             if u.done:
                 self._end(ticket, "failed" if u.error else "answered")
                 ticket.deliver(u)
-            elif self._answered(u.ids):
-                self.engine.cancel(ticket)
-                self._end(ticket, "answered")
-                ticket.deliver(Update(ticket, u.ids, True))
             elif ticket.stream:
                 ticket.deliver(u)
-
-    def _answered(self, ids: list[int]) -> bool:
-        """Whether the decoded text already holds the answer's end, "\n###", which the engine's stop sequences miss
-        when the model spells it in other pieces: the answer (the text before it) cannot change any more, so the
-        row ends here instead of decoding on to max_new_tokens. Only the newest ids are decoded (those since the
-        last sync and a few before, enough for the marker to straddle them)."""
-        return TARGET_END in self.model.tokenizer.decode(ids[-(self.engine.sync_every + 8) :])
 
     def _fail_all(self, reason: str) -> None:
         tickets = [h for h in self.engine.handles if h is not None] + [r.handle for r in self.engine.queue]
@@ -224,12 +213,6 @@ class EngineWorker:
             self._end(ticket, "failed")
             ticket.failed = True
             ticket.deliver(Update(ticket, [], True, f"the engine failed: {reason}"))
-
-
-def finish_reason(ids: list[int], max_new_tokens: int, stops: list[list[int]]) -> str:
-    """OpenAI's finish_reason: "length" when the row ran to its token budget without a stop, else "stop"."""
-    stopped = any(ids[-len(s) :] == list(s) for s in stops if len(ids) >= len(s))
-    return "length" if len(ids) >= max_new_tokens and not stopped else "stop"
 
 
 class TextStream:

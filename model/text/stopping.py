@@ -36,7 +36,8 @@ class StopRule:
 
     @classmethod
     def of(cls, tok: PromptTokenizer) -> StopRule:
-        return cls(tok.eos_id, ((tok.stop_id,), tuple(tok.newline_stop)), tok.decode)
+        """The rule of `tok`'s ids, decoding with `tok.decode` as it is at each call."""
+        return cls(tok.eos_id, ((tok.stop_id,), tuple(tok.newline_stop)), lambda ids: tok.decode(ids))
 
     @property
     def lookback(self) -> int:
@@ -78,6 +79,25 @@ class StopRule:
         """OpenAI's finish_reason of a row's cut ids: "length" when it ran to its budget without ending, else "stop"
         (an EOS is cut off, so a row one short of its budget ended on one)."""
         return "length" if len(ids) >= max_new_tokens and self.end(ids) is None else "stop"
+
+
+class RowEnds:
+    """Which rows of a batch have ended, as their ids arrive (each id is checked once, with its `lookback`)."""
+
+    def __init__(self, rule: StopRule, rows: int) -> None:
+        self.rule = rule
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+
+    def add(self, new: Sequence[Sequence[int]]) -> list[bool]:
+        """Appends each row's new ids; whether each row has ended."""
+        for b, ids in enumerate(new):
+            row, since = self.ids[b], len(self.ids[b])
+            row.extend(ids)
+            if not self.done[b]:
+                first = max(0, since - self.rule.lookback)
+                self.done[b] = self.rule.end(row[first:], since - first) is not None
+        return self.done
 
 
 def ended_on_device(
