@@ -147,11 +147,12 @@ AttentionInterface.register(IMPLEMENTATION, slot_attention)
 
 @contextmanager
 def slot_attention_on(llm: torch.nn.Module):
-    """The model's layers attend through SlotKV inside the block (its other users keep their implementation)."""
-    config = llm.config
-    saved = config._attn_implementation
-    config._attn_implementation = IMPLEMENTATION
+    """The model's layers attend through SlotKV inside the block (its other users keep their implementation).
+    `llm`: a transformers model, or a PeftModel around one."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    saved = base.config._attn_implementation
+    base.set_attn_implementation(IMPLEMENTATION)
     try:
         yield
     finally:
-        config._attn_implementation = saved
+        base.set_attn_implementation(saved)
