@@ -196,6 +196,19 @@ def test_slots_come_from_the_memory_budget(model, monkeypatch):
         Engine.sized(model, 40, 100, 64)
 
 
+def test_a_question_through_the_engine_runs_the_encoder_once(model, monkeypatch):
+    """`dr ask`'s path (`generate` with the engine): one encoder call per modality of the question, not one more
+    for a batch prepared and then prepared again by the engine."""
+    calls = []
+    forward = model.visual_encoder.forward
+    monkeypatch.setattr(
+        model.visual_encoder, "forward", lambda modality, x: calls.append(modality) or forward(modality, x)
+    )
+    question = rows()[2]  # an image and an audio clip
+    generate_ids(model, [question], replace(REFERENCE, max_new_tokens=3, decoder="engine"))
+    assert sorted(calls) == ["audio", "image"]
+
+
 def test_rows_that_cannot_fit_or_exceed_the_budget_are_refused_by_name(model):
     engine = Engine(model, 2, 128, 8, k_cap=1)
     long = Example("", "word " * 200, [])

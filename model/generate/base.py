@@ -56,13 +56,13 @@ def run_examples(model: DeepResonance, examples: Sequence[Example], gen: Generat
 @torch.inference_mode()
 def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
     """New token ids per example, cut after the stop sequence (or EOS)."""
+    if gen.decoder == "engine":  # the engine prepares the rows itself: prepared here too, media would encode twice
+        return run_examples(model, examples, gen)
     batch = model.prepare(examples, left_pad=True)
     tok = model.tokenizer
     rule = StopRule.of(tok)
     if gen.seed is not None:
         torch.manual_seed(gen.seed)
-    if gen.decoder == "engine":
-        return run_examples(model, examples, gen)
     if gen.decoder == "static":
         out = decode_static(
             model.llama_model,
