@@ -87,10 +87,16 @@ class SlotKV:
 
     def prefill(self, layer: int, rows: torch.Tensor, q, k, v, scaling: float) -> torch.Tensor:
         """Right-padded prompts [R, heads, L, dim] of the slots `rows`: keys and values stored at columns 0..L-1,
-        causal attention over the prompt itself (a real query never sees a padded key: pads come after it)."""
+        causal attention over the prompt itself (a real query never sees a padded key: pads come after it).
+
+        The columns past L are zeroed: they still hold the slot's previous row, which a decode step reads with weight
+        0 (SDPA reads every column, Flex the rest of each block it reads), and 0 x a non-finite value left by a row
+        whose inputs were not finite would be NaN in the new row's attention."""
         length = k.shape[2]
         self.keys[layer][rows, :, :length] = k
         self.values[layer][rows, :, :length] = v
+        self.keys[layer][rows, :, length:] = 0
+        self.values[layer][rows, :, length:] = 0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
