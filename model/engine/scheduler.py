@@ -40,7 +40,7 @@ from model.engine.model_runner import SlotStep, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs
 from model.engine.sequence import Request, Row, Update
 from model.engine.sizing import engine_size, fits_slot
-from model.engine.slot_state import SlotState, choose, ended
+from model.engine.slot_state import HostCopies, SlotState, StateCopy
 from model.io.transfer import to_device
 from model.network.deepresonance import DeepResonance
 from model.text.stopping import StopRule
@@ -86,9 +86,8 @@ class Engine:
         self.stop_tensors = [torch.tensor(s, device=device) for s in self.rule.stops]
         self.state = SlotState.empty(slots, max_new_tokens, device)
         self.widths = sorted({slots, *(w for w in narrow if w < slots)})
-        # two host copies of (done, count, out), written in turn behind each advance's steps
-        self.copies = [torch.zeros(slots, 2 + max_new_tokens, dtype=torch.long, pin_memory=on_cuda) for _ in "ab"]
-        self.in_flight: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.copies = HostCopies(slots, max_new_tokens, pinned=on_cuda)
+        self.in_flight: StateCopy | None = None  # the state copy queued behind the last advance's steps
         self.advances = 0
         self.rows: list[Row | None] = [None] * slots  # each slot's row, None when free
         self.queue: deque[Request] = deque()
@@ -167,8 +166,8 @@ class Engine:
             for row in self.rows:
                 if row is not None:
                     row.steps_left -= self.sync_every
-        previous, self.in_flight = self.in_flight, self._copy_state()
-        updates = self._collect(*previous) if previous else []
+        previous, self.in_flight = self.in_flight, self.copies.queue(self.state, self.advances)
+        updates = self._collect(previous) if previous else []
         updates += self._refill()
         if not self.queue:
             self._gather()
@@ -257,14 +256,9 @@ class Engine:
         run = self.graphs if self.graphs and len(requests) <= GRAPH_ROWS else self.prefill_pass
         with slot_attention_on(self.llm):
             logits = run(embeds, rows, lengths - 1)
-        st = self.state
-        st.start(rows, [r.gen for r in requests], [r.key for r in requests])
-        first = choose(st, logits, rows, torch.zeros_like(rows), self.k_cap)
-        st.out[rows, 0] = first
-        st.last[rows] = first
-        st.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
+        self.state.start(rows, [r.gen for r in requests], [r.key for r in requests])
+        self.state.first(rows, logits, self.k_cap, self.rule.eos, self.stop_tensors)
         self.kv.pos[rows] = lengths
-        st.done[rows] = ended(st, self.rule.eos, self.stop_tensors)[rows]
         for s, r in zip(slots, requests, strict=False):
             self.rows[s] = Row(r, self.advances, r.gen.max_new_tokens - 1)
         return refused
@@ -272,24 +266,9 @@ class Engine:
     def _on_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
         return to_device(torch.tensor(values, dtype=dtype), self.every.device)
 
-    def _copy_state(self) -> tuple[int, torch.Tensor, torch.cuda.Event | None]:
-        """(this advance, a host copy of every slot's done flag, count and ids, the event that marks it landed):
-        the copy is queued behind the steps just launched, into the host buffer the previous copy does not use."""
-        host = self.copies[self.advances % 2]
-        st = self.state
-        state = torch.cat([st.done.long().unsqueeze(-1), st.count.unsqueeze(-1), st.out], dim=1)
-        host.copy_(state, non_blocking=True)
-        event = None
-        if host.is_pinned():
-            event = torch.cuda.Event()
-            event.record()
-        return self.advances, host, event
-
-    def _collect(self, taken: int, state: torch.Tensor, event: torch.cuda.Event | None) -> list[Update]:
-        """Updates from the state copied in advance `taken` (once it has landed); slots refilled in or after that
-        advance are not in it yet."""
-        if event is not None:
-            event.synchronize()
+    def _collect(self, copy: StateCopy) -> list[Update]:
+        """Updates from a state copy (once it has landed); slots refilled in or after its advance are not in it."""
+        state = copy.landed()
         updates, freed = [], []
         for s, row in enumerate(self.rows):
             if row is None:
@@ -298,7 +277,7 @@ class Engine:
                 self.rows[s] = None
                 freed.append(s)
                 continue
-            if row.filled_at >= taken:
+            if row.filled_at >= copy.advance:
                 continue
             done, count = bool(state[s, 0]), int(state[s, 1])
             # the whole rule on the newest ids: the device saw only its id part, not the text's end

@@ -59,6 +59,14 @@ class SlotState:
         put(self.keys, list(keys))
         put(self.max_new, [g.max_new_tokens for g in gens])
 
+    def first(self, rows: torch.Tensor, logits: torch.Tensor, k_cap: int, eos: int, stops: list[torch.Tensor]) -> None:
+        """Draws the first token of the new rows in slots `rows` from their prompts' `logits` [rows, vocab]."""
+        token = choose(self, logits, rows, torch.zeros_like(rows), k_cap)
+        self.out[rows, 0] = token
+        self.last[rows] = token
+        self.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
+        self.done[rows] = ended(self, eos, stops)[rows]
+
     def head(self, n: int) -> SlotState:
         return SlotState(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
 
@@ -85,3 +93,35 @@ def choose(
 def ended(state: SlotState, eos: int, stops: list[torch.Tensor]) -> torch.Tensor:
     """Slots whose row ended by the id part of model/text/stopping.py's rule (EOS, a stop sequence, the budget)."""
     return ended_on_device(state.out, state.count, state.max_new, eos, stops)
+
+
+@dataclass
+class StateCopy:
+    """Every slot's done flag, count and ids [slots, 2 + max_new_tokens] on the host as of advance `advance`, once
+    `event` (None on the CPU) has passed."""
+
+    advance: int
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+    def landed(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+class HostCopies:
+    """Two host buffers for the state, written in turn: each copy is queued behind the steps just launched, into the
+    buffer the copy before it (the one the host reads next) does not use."""
+
+    def __init__(self, slots: int, max_new_tokens: int, pinned: bool) -> None:
+        self.buffers = [torch.zeros(slots, 2 + max_new_tokens, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
+
+    def queue(self, state: SlotState, advance: int) -> StateCopy:
+        host = self.buffers[advance % 2]
+        host.copy_(torch.cat([state.done.long().unsqueeze(-1), state.count.unsqueeze(-1), state.out], 1), True)
+        event = None
+        if host.is_pinned():
+            event = torch.cuda.Event()
+            event.record()
+        return StateCopy(advance, host, event)
