@@ -158,19 +158,19 @@ class Engine:
         when streaming, the others' progress) and refills free slots behind the queued steps. The host waits only
         for the previous advance's copy of the state, never for the steps just queued."""
         self.advances += 1
-        if any(row is not None and row.steps_left > 0 for row in self.rows):
-            width = self._width()
-            with slot_attention_on(self.llm), torch.inference_mode():
+        with slot_attention_on(self.llm), torch.inference_mode():  # one switch for the steps and the prefills
+            if any(row is not None and row.steps_left > 0 for row in self.rows):
+                width = self._width()
                 for _ in range(self.sync_every):
                     self.step(width)
-            for row in self.rows:
-                if row is not None:
-                    row.steps_left -= self.sync_every
-        previous, self.in_flight = self.in_flight, self.copies.queue(self.state, self.advances)
-        updates = self._collect(previous) if previous else []
-        updates += self._refill()
-        if not self.queue:
-            self._gather()
+                for row in self.rows:
+                    if row is not None:
+                        row.steps_left -= self.sync_every
+            previous, self.in_flight = self.in_flight, self.copies.queue(self.state, self.advances)
+            updates = self._collect(previous) if previous else []
+            updates += self._refill()
+            if not self.queue:
+                self._gather()
         return updates
 
     def _width(self) -> int:
