@@ -455,9 +455,9 @@ def test_bench_serve_runs_on_cpu_with_tiny_sizes(tmp_path):
 
 
 def test_a_row_ends_once_its_text_holds_the_answer_end(tiny_root):
-    """The engine stops on the stop ids; a model may spell the answer's end "\\n###" in other pieces. The worker
-    sees it in the decoded text and ends the row there (finish "stop", the slot freed) with the answer the whole run
-    would have given. Here one token of the greedy answer decodes as "\\n###"."""
+    """A model may spell the answer's end "\\n###" in pieces no stop id sequence matches. The engine sees it in the
+    decoded text (model/text/stopping.py) and ends the row there (finish "stop", the slot freed) with the answer the
+    whole run would have given. Here one token of the greedy answer decodes as "\\n###"."""
     with server(tiny_root) as (url, worker):
         tok, model = worker.model.tokenizer, worker.model
         full = generate_ids(model, [Example("", "Hi?")], GenerationConfig(max_new_tokens=32, do_sample=False))[0]
