@@ -55,7 +55,7 @@ def run_examples(model: DeepResonance, examples: Sequence[Example], gen: Generat
 
 @torch.inference_mode()
 def generate_ids(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
-    """New token ids per example, cut after the stop sequence (or EOS)."""
+    """New token ids per example, each cut where model/text/stopping.py's rule ends its row."""
     if gen.decoder == "engine":  # the engine prepares the rows itself: prepared here too, media would encode twice
         return run_examples(model, examples, gen)
     batch = model.prepare(examples, left_pad=True)
