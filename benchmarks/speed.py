@@ -409,8 +409,9 @@ def realistic_lengths(rows: int, tail: float = 0.0, seed: int = 0) -> list[int]:
 
 def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "cuda", vocab: int = VOCAB):
     """DeepResonance with a Vicuna-7B-shaped LLM (random bf16 weights, full 32006-row vocabulary, LoRA merged: no
-    adapters) and no encoder (prompts carry clip features). The lm_head rows of EOS and of the stop pieces are zeroed
-    so random weights never end a row: the benchmark's length oracle (each row's max_new_tokens) ends it."""
+    adapters) and no encoder (prompts carry clip features). The lm_head rows of EOS and of every piece holding "\\n" or
+    "#" are zeroed so random weights never end a row (model/text/stopping.py): the benchmark's length oracle (each
+    row's max_new_tokens) ends it. Ids past the tokenizer's decode as nothing (the engine decodes rows as they grow)."""
     from pathlib import Path
 
     from ckpt.tiny import train_tokenizer
@@ -424,8 +425,10 @@ def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "c
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
     model = DeepResonance(ModelConfig(variant="alpha"), llm, tok, None, 1024, lora=False).to(device, dtype)
     model.llama_model.resize_token_embeddings(vocab, mean_resizing=False)
+    decode, known = tok.decode, len(tok)
+    tok.decode = lambda ids: decode([i for i in ids if i < known])
     with torch.no_grad():
-        for token in {tok.eos_id, tok.stop_id, *tok.newline_stop}:
+        for token in [tok.eos_id, *(i for i in range(known) if set(decode([i])) & set("\n#"))]:
             model.llama_model.get_output_embeddings().weight[token] = 0
     return model.eval()
 
