@@ -81,7 +81,9 @@ def bench_engine(
     never stop, so each row's own max_new_tokens is its drawn length (a length oracle inside this benchmark only).
     `save(report)` is called after each measurement, so a run cut short keeps what it finished."""
     from model.config import GenerationConfig
-    from model.engine.scheduler import Engine, Request, cache_length
+    from model.engine.scheduler import Engine
+    from model.engine.sequence import Request
+    from model.engine.sizing import cache_length
     from model.generate.base import generate_ids
 
     model = never_stopping_model(workdir, sizes, device)
@@ -181,7 +183,8 @@ def bench_engine(
 
 def _engine_batch1(model, example, greedy, length: int) -> dict:
     """One request alone through a one-slot engine (a server's single client)."""
-    from model.engine.scheduler import Engine, Request
+    from model.engine.scheduler import Engine
+    from model.engine.sequence import Request
 
     engine = Engine(model, 1, length, greedy.max_new_tokens, k_cap=1)
     request = Request(0, example, replace(greedy, max_new_tokens=NEW_TOKENS), 0)

@@ -141,7 +141,9 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
     its own, in the job's order (shortest prompts first), after a warm-up of one engine-full of short rows: the
     engine alone, warm. Every row must end at exactly its oracle length."""
     from model.data.row_features import row_media
-    from model.engine.scheduler import Request, engine_for
+    from model.engine.scheduler import Engine
+    from model.engine.sequence import Request
+    from model.engine.sizing import top_k_cap
     from model.media.features import FeatureCache
     from model.media.preprocess import MediaError
     from model.network.deepresonance import Example
@@ -153,7 +155,7 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
     prompts = [model.example_length(e) for e in examples]
     order = sorted(range(len(examples)), key=prompts.__getitem__)
     started = CLOCK()
-    engine = engine_for(model, prompts, gen, most_slots=batch)
+    engine = Engine.sized(model, max(prompts), gen.max_new_tokens, batch, k_cap=top_k_cap(model, gen))
     warm = replace(gen, max_new_tokens=min(WARMUP_TOKENS, gen.max_new_tokens))
     for _ in engine.run(Request(i, examples[i], warm, i) for i in order[: engine.slots]):
         pass

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.workloads import NEW_TOKENS
+from benchmarks.workloads import NEW_TOKENS, never_stopping
 from model.config import VICUNA_7B
 
 QUESTIONS = (
@@ -149,10 +149,7 @@ def job_model(work: Path, sizes: dict = VICUNA_7B, encoder_size: str = "huge", d
     encoder.drop_unused_towers()
     model = DeepResonance(ModelConfig(variant="alpha"), llm, tok, encoder, encoder.out_dim).to(device, dtype).eval()
     model.merge_lora()
-    with torch.no_grad():
-        for token in {tok.eos_id, tok.stop_id, *tok.newline_stop}:
-            model.llama_model.get_output_embeddings().weight[token] = 0
-    return model
+    return never_stopping(model)
 
 
 @contextmanager
@@ -164,12 +161,12 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     from model.infer import job
 
     by_id = {r.id: n for r, n in zip(data, lengths, strict=True)}
-    request, row_media, generate, engine_for = job.Request, job.row_media, job.generate, job.engine_for
+    request, row_media, generate, sized_engine = job.Request, job.row_media, job.generate, job.Engine.sized
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
     made = {"tokens": 0, "slots": None}
 
     def sized(*args, **kwargs):
-        engine = engine_for(*args, **kwargs)
+        engine = sized_engine(*args, **kwargs)
         made["slots"] = engine.slots
         return engine
 
@@ -184,12 +181,12 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     job.Request = lambda row, example, gen, key: request(row, example, replace(gen, max_new_tokens=by_id[row.id]), key)
     job.row_media = loaded
     job.generate = lambda model, rows, gen: generate(model, rows, replace(gen, max_new_tokens=batches.popleft()))
-    job.engine_for = sized
+    job.Engine.sized = sized
     model.answer = answer
     try:
         yield made
     finally:
-        job.Request, job.row_media, job.generate, job.engine_for = request, row_media, generate, engine_for
+        job.Request, job.row_media, job.generate, job.Engine.sized = request, row_media, generate, sized_engine
         del model.answer
 
 

@@ -24,9 +24,10 @@ from torch import nn
 
 from benchmarks.workloads import INSTRUCTION, never_stopping_model, realistic_lengths
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
+from model.engine.scheduler import Engine
 from model.media.encoder import MediaEncoder
 from model.serve.app import Limits, create_app, running
-from model.serve.worker import EngineWorker, serving_engine
+from model.serve.worker import EngineWorker
 
 MODEL_ID = "deepresonance-bench"
 
@@ -120,7 +121,7 @@ def bench_serve(
     pieces = len(model.tokenizer)  # the small stand-in tokenizer lacks most of the full-size vocabulary's ids
     decode = model.tokenizer.decode
     model.tokenizer.decode = lambda ids: decode([i % pieces for i in ids])  # so random picks decode as well
-    engine = serving_engine(model, slots, budget, compile=False if eager else None)
+    engine = Engine.sized(model, model.config.max_length, budget, slots, compile=False if eager else None)
     worker = EngineWorker(model, engine, max_pending=max(clients) + 1)
     app = create_app(worker, MODEL_ID, limits=Limits(max_body_bytes=64 * 2**20), defaults=GenerationConfig())
     audio = [_wav_b64(audio_seconds, 110 + 7 * k) for k in range(16)]

@@ -10,9 +10,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.timing import timed_with_warmup
 from model.config import VICUNA_7B, ModelConfig
-from model.generate.base import StopAtSequences
+from model.generate.base import StopByRule
 from model.generate.static import decode_static
 from model.network.deepresonance import lora_config
+from model.text.stopping import StopRule
 
 VOCAB = 32006
 PROMPT = 28  # positions of a typical audio prompt: 3 clips + the instruction
@@ -26,8 +27,7 @@ def full_size_llm(
 ) -> torch.nn.Module:
     """A random LLaMA of `sizes` (Vicuna-7B's by default) with Vicuna's 32006-row vocabulary, LoRA as the original's
     stage 2 wraps it (its B random, so merging changes the weights) when `lora`."""
-    config = LlamaConfig(**{**sizes, "vocab_size": VOCAB}, tie_word_embeddings=False)
-    config._attn_implementation = attn
+    config = LlamaConfig(**{**sizes, "vocab_size": VOCAB}, tie_word_embeddings=False, attn_implementation=attn)
     with torch.device(device):
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
     llm.eval()
@@ -48,7 +48,8 @@ def decode(
     hidden, device = llm.config.hidden_size, llm.device
     embeds = torch.randn(batch, PROMPT, hidden, device=device, dtype=dtype) * 0.02
     mask = torch.ones(batch, PROMPT, dtype=torch.long, device=device)
-    stop = [StopAtSequences([[-5]])]  # never fires: every run makes exactly new_tokens
+    never = StopRule(-1, ((-5,),), lambda ids: "")  # never fires: every run makes exactly new_tokens
+    stop = [StopByRule(never)]
     if original:
         kwargs = dict(
             do_sample=True,
@@ -63,8 +64,8 @@ def decode(
         kwargs = dict(do_sample=False)
 
     def run():
-        if static:  # dr's own loop: static cache, one compiled step; EOS -1 and a stop that never fires
-            return decode_static(llm, embeds, mask, new_tokens, [[-5]], -1, compile=device.type == "cuda")
+        if static:  # dr's own loop: static cache, one compiled step, and a rule that never fires
+            return decode_static(llm, embeds, mask, new_tokens, never, compile=device.type == "cuda")
         with torch.inference_mode():
             llm.generate(
                 inputs_embeds=embeds,
@@ -93,8 +94,7 @@ def realistic_lengths(rows: int, tail: float = 0.0, seed: int = 0) -> list[int]:
 
 def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "cuda", vocab: int = VOCAB):
     """DeepResonance with a Vicuna-7B-shaped LLM (random bf16 weights, full 32006-row vocabulary, LoRA merged: no
-    adapters) and no encoder (prompts carry clip features). The lm_head rows of EOS and of the stop pieces are zeroed
-    so random weights never end a row: the benchmark's length oracle (each row's max_new_tokens) ends it."""
+    adapters) and no encoder (prompts carry clip features); random weights never end a row (`never_stopping`)."""
     from pathlib import Path
 
     from ckpt.tiny import train_tokenizer
@@ -102,17 +102,26 @@ def never_stopping_model(workdir: str, sizes: dict = VICUNA_7B, device: str = "c
     from model.text.tokenizer import PromptTokenizer
 
     tok = PromptTokenizer(train_tokenizer(Path(workdir) / "tok"))
-    config = LlamaConfig(**{**sizes, "vocab_size": len(tok)}, tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
+    config = LlamaConfig(**{**sizes, "vocab_size": len(tok)}, tie_word_embeddings=False, attn_implementation="sdpa")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         llm = LlamaForCausalLM._from_config(config, dtype=dtype)
     model = DeepResonance(ModelConfig(variant="alpha"), llm, tok, None, 1024, lora=False).to(device, dtype)
     model.llama_model.resize_token_embeddings(vocab, mean_resizing=False)
+    return never_stopping(model).eval()
+
+
+def never_stopping(model):
+    """Zeroes the lm_head rows of EOS and of every piece holding "\\n" or "#", so random weights never end a row
+    (model/text/stopping.py): the benchmark's length oracle (each row's max_new_tokens) ends it. Ids past the
+    tokenizer's decode as nothing (the engine decodes rows as they grow)."""
+    tok = model.tokenizer
+    decode, known = tok.decode, len(tok)
+    tok.decode = lambda ids: decode([i for i in ids if i < known])
     with torch.no_grad():
-        for token in {tok.eos_id, tok.stop_id, *tok.newline_stop}:
+        for token in [tok.eos_id, *(i for i in range(known) if set(decode([i])) & set("\n#"))]:
             model.llama_model.get_output_embeddings().weight[token] = 0
-    return model.eval()
+    return model
 
 
 def audio_rows(rows: int) -> list:

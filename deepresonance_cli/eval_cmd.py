@@ -185,6 +185,7 @@ def answer_with_model(
     from deepresonance_cli.infer import default_device, load
     from eval.choice import ablate, control_audio, mode_key, score_generative, score_likelihood
     from model.config import GenerationConfig
+    from model.engine.sizing import default_slots
     from model.generate.likelihood import score_rows
     from model.infer.job import run_inference
     from model.infer.journal import write_results
@@ -192,7 +193,7 @@ def answer_with_model(
 
     device = default_device(options["device"])
     model = load(options["ckpt_root"], variant, options["base"], options["delta"], device, options["dtype"])
-    batch_size = options["batch_size"] or (64 if device.startswith("cuda") else 8)
+    batch_size = options["batch_size"] or default_slots(device, "eval")
     cache = FeatureCache.for_encoder(cache_dir, model.visual_encoder)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
     out: dict[str, dict] = {}

@@ -193,6 +193,7 @@ def infer(
     import torch
 
     from model.data.catalog import load_rows, resolve_dataset
+    from model.engine.sizing import default_slots
     from model.infer.job import run_inference
     from model.infer.journal import output_lock, write_results
     from model.io.dist import ranks_from_env
@@ -204,7 +205,7 @@ def infer(
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)
-    batch_size = batch_size or (256 if device.startswith("cuda") else 8)
+    batch_size = batch_size or default_slots(device, "job")
     spec = resolve_dataset(dataset, data_root, media_root)
     rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     for line in errors:

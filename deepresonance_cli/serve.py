@@ -93,8 +93,10 @@ def serve(
     """Serve the model: OpenAI's Chat Completions API at /v1, a page to ask about your music at /."""
     import uvicorn
 
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import default_slots
     from model.serve.app import create_app
-    from model.serve.worker import EngineWorker, serving_engine
+    from model.serve.worker import EngineWorker
 
     if not is_loopback(host) and not api_key:
         raise typer.BadParameter(
@@ -108,8 +110,8 @@ def serve(
         ckpt_root, delta = demo_checkpoints(demo_dir, variant)
         model_id += "-demo"
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
-    slots = slots or (64 if device.startswith("cuda") else 8)
-    engine = serving_engine(model, slots, max_new_tokens, compile=False if eager else None)
+    slots = slots or default_slots(device, "server")
+    engine = Engine.sized(model, model.config.max_length, max_new_tokens, slots, compile=False if eager else None)
     limits = Limits(
         max_body_bytes=int(max_body_mb * 2**20),
         body_timeout_s=body_timeout,

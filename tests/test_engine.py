@@ -10,10 +10,12 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model.config import GenerationConfig
-from model.engine import scheduler as engine_module
+from model.engine import sizing
 from model.engine.kv_cache import SlotKV, bytes_per_position
 from model.engine.sampler import next_token, row_key, uniforms
-from model.engine.scheduler import Engine, Request, cache_length, engine_for
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request
+from model.engine.sizing import cache_length
 from model.generate.base import generate_ids
 from model.network.checkpoint import load_model
 from model.network.deepresonance import Example
@@ -74,9 +76,8 @@ def test_greedy_answers_equal_one_row_generate_while_slots_refill(model, kernel,
 
 
 def test_padded_prefill_of_the_graph_path_equals_one_row_generate(model):
-    """The prefill path that replays CUDA graphs on a GPU (model/engine/prefill_graphs.py) runs here eagerly, with the same
-    padded widths and reused input buffers (a shorter prompt leaves a longer one's embeddings in the padding): every
-    row's ids still equal `generate` on that row alone."""
+    """The prefill path that replays CUDA graphs on a GPU (model/engine/prefill_graphs.py) runs here eagerly, with the
+    same padded widths and reused input buffers: every row's ids still equal `generate` on that row alone."""
     examples = rows()
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 12, 5, 9, 1, 7, 12)]
     expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
@@ -86,6 +87,33 @@ def test_padded_prefill_of_the_graph_path_equals_one_row_generate(model):
     widths = [model.example_length(ex) for ex in examples]
     assert engine.graphs.shapes and all(w % 64 == 0 or w == length for _, w in engine.graphs.shapes)
     assert max(w for _, w in engine.graphs.shapes) > max(widths)  # the padding ran
+
+
+@pytest.mark.parametrize("decoder", ["engine", "engine, graph prefill", "static"])
+def test_a_row_with_non_finite_media_leaves_nothing_for_the_next_rows(model, decoder):
+    """A row whose media features are NaN fills its slot's cache (or the static loop's) with NaN past where the next,
+    shorter rows write. Those columns are masked, but masked weight 0 x NaN = NaN: the next rows in that one slot must
+    still get the answers they get without the poisoned row before them."""
+    audio = model.encode_media([rows()[0].media[0]])[0]
+    # its NaN clips last, so a graph prefill's reused padding would carry them into the next row's slot
+    poison = Example("Listen closely to this recording: <Audio>", "Describe it.", [("audio", audio * torch.nan)])
+    after = [Example("", "Hi", []), rows()[4]]
+    assert max(map(model.example_length, after)) < model.example_length(poison) < 64  # one padded prefill width
+    gen = replace(REFERENCE, max_new_tokens=6, decoder="static")
+    if decoder == "static":
+        expected = [generate_ids(model, [ex], gen)[0] for ex in after]
+        generate_ids(model, [poison], gen)
+        assert [generate_ids(model, [ex], gen)[0] for ex in after] == expected
+        return
+    length = cache_length(model.example_length(poison), 6)
+
+    def one_slot(examples: list[Example]) -> dict[int, list[int]]:
+        engine = Engine(model, 1, length, 6, k_cap=1, sync_every=2, graph_prefill=decoder != "engine")
+        return run(engine, examples, [gen] * len(examples))
+
+    expected = one_slot(after)
+    got = one_slot([poison, *after])
+    assert [got[1], got[2]] == [expected[0], expected[1]]
 
 
 def test_rows_end_at_stop_sequences_and_eos(stopping_root):
@@ -184,15 +212,27 @@ def test_slots_come_from_the_memory_budget(model, monkeypatch):
         * 4
     )
     assert bytes_per_position(config, torch.float32) == per_position
-    gen = GenerationConfig(max_new_tokens=100, do_sample=False)
     length = cache_length(40, 100)
     assert length == 256  # 140 rounded up to FlexAttention's 128-column blocks
-    monkeypatch.setattr(engine_module, "memory_budget", lambda m: 10 * length * per_position + 5)
-    assert engine_for(model, [40, 12], gen, most_slots=64).slots == 10
-    assert engine_for(model, [40, 12], gen, most_slots=4).slots == 4
-    monkeypatch.setattr(engine_module, "memory_budget", lambda m: length * per_position - 1)
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 10 * length * per_position + 5)
+    assert Engine.sized(model, 40, 100, 64).slots == 10
+    assert Engine.sized(model, 40, 100, 4).slots == 4
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: length * per_position - 1)
     with pytest.raises(MemoryError, match="one row of 256 positions needs .* GiB of cache"):
-        engine_for(model, [40], gen, most_slots=64)
+        Engine.sized(model, 40, 100, 64)
+
+
+def test_a_question_through_the_engine_runs_the_encoder_once(model, monkeypatch):
+    """`dr ask`'s path (`generate` with the engine): one encoder call per modality of the question, not one more
+    for a batch prepared and then prepared again by the engine."""
+    calls = []
+    forward = model.visual_encoder.forward
+    monkeypatch.setattr(
+        model.visual_encoder, "forward", lambda modality, x: calls.append(modality) or forward(modality, x)
+    )
+    question = rows()[2]  # an image and an audio clip
+    generate_ids(model, [question], replace(REFERENCE, max_new_tokens=3, decoder="engine"))
+    assert sorted(calls) == ["audio", "image"]
 
 
 def test_rows_that_cannot_fit_or_exceed_the_budget_are_refused_by_name(model):

@@ -39,7 +39,7 @@ def rows() -> list[Example]:
 
 def engine_ids(engine, examples: list[Example], gens: list[GenerationConfig]) -> list[list[int]]:
     """Each example's ids through `engine` (request i is example i), in the examples' order."""
-    from model.engine.scheduler import Request
+    from model.engine.sequence import Request
 
     got = {}
     for ended in engine.run(Request(i, ex, g, i) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
@@ -128,7 +128,8 @@ def test_compiled_engine_matches_generate_while_slots_refill(tiny_layout, kernel
     width 2 (a second graph): each row's ids equal one-row `generate` in fp32."""
     from dataclasses import replace
 
-    from model.engine.scheduler import Engine, cache_length
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import cache_length
 
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
     model = load_model(*paths, device="cuda")
@@ -150,7 +151,8 @@ def test_engine_prefill_queues_behind_the_steps_without_waiting(tiny_layout):
     and the small prefills' CUDA graphs, which synchronizes)."""
     from dataclasses import replace
 
-    from model.engine.scheduler import Engine, cache_length
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import cache_length
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
     model.merge_lora()
@@ -194,7 +196,8 @@ def test_engines_come_and_go_in_one_process(tiny_layout, graph_prefill):
     import gc
     from dataclasses import replace
 
-    from model.engine.scheduler import Engine, cache_length
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import cache_length
 
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
     model.merge_lora()

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from model.config import GenerationConfig
-from model.generate.base import StopAtSequences, generate, generate_ids
+from model.generate.base import generate, generate_ids
 from model.media.encoder import MediaEncoder, imagebind_model_module
 from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
 from model.network.deepresonance import Example
-from model.text.prompt import cut_at_stop
 
 GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False, decoder="generate")  # the faithful reference
 
@@ -240,12 +239,29 @@ def test_encoder_load_rejects_wrong_weights(tmp_path):
         MediaEncoder.load(tmp_path / "absent.pth", "tiny")
 
 
-def test_stop_sequences_cut_rows_independently():
-    stop = StopAtSequences([[7], [5, 6]])
-    ids = torch.tensor([[1, 2, 7], [1, 5, 6], [5, 6, 1]])
-    assert stop(ids, None).tolist() == [True, True, False]
-    assert cut_at_stop([4, 5, 6, 9], eos=2, stops=[[7], [5, 6]]) == [4, 5, 6]
-    assert cut_at_stop([4, 2, 7], eos=2, stops=[[7]]) == [4]
+def test_every_decoder_ends_a_row_where_its_text_first_holds_the_answer_end(model, monkeypatch):
+    """A model may spell the answer's end "\\n###" in pieces that no stop id sequence matches. Here one token of the
+    greedy answer decodes as "\\n###": every decoder ends the row at that token (kept) with the answer the whole run
+    gives, as `dr serve` does (`dr infer` used to decode on to max_new_tokens)."""
+    from dataclasses import replace
+
+    row = [Example("", "Hi?", [])]
+    full = generate_ids(model, row, replace(GREEDY, max_new_tokens=32))[0]
+    marker = next(t for k, t in enumerate(full) if k >= 9 and t not in full[:k])
+    cut = full.index(marker)
+    decode = model.tokenizer.decode
+
+    def spelled(ids: list[int]) -> str:
+        if marker not in ids:
+            return decode(ids)
+        k = ids.index(marker)
+        return decode(ids[:k]) + "\n###" + decode(ids[k + 1 :])
+
+    monkeypatch.setattr(model.tokenizer, "decode", spelled)
+    for decoder in ("generate", "static", "engine"):
+        ids = generate_ids(model, row, replace(GREEDY, max_new_tokens=32, decoder=decoder))[0]
+        assert ids == full[: cut + 1], decoder
+        assert model.answer(ids) == decode(full[:cut]), decoder
 
 
 @pytest.mark.parametrize("variant", ["alpha", "beta"])

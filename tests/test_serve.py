@@ -30,11 +30,12 @@ from deepresonance_cli.app import app as cli
 from deepresonance_cli.infer import load
 from deepresonance_cli.serve import demo_checkpoints
 from model.config import GenerationConfig
+from model.engine.scheduler import Engine
 from model.generate.base import generate, generate_ids
 from model.media.preprocess import load_media
 from model.network.deepresonance import Example
 from model.serve.app import Limits, create_app, running
-from model.serve.worker import EngineWorker, TextStream, serving_engine
+from model.serve.worker import EngineWorker, TextStream
 
 MODEL = "deepresonance-alpha"
 KEY = "test-key-1234"
@@ -45,7 +46,7 @@ def server(root: Path, slots: int = 8, max_pending: int = 256, api_key: str | No
     """(base URL, worker) of a live server on 127.0.0.1 (a free port) over the tiny model in `root`; `options` go to
     create_app (host, cors_origins)."""
     model = load(root, "alpha", None, None, "cpu", None)
-    worker = EngineWorker(model, serving_engine(model, slots, max_new_tokens=32), max_pending)
+    worker = EngineWorker(model, Engine.sized(model, model.config.max_length, 32, slots), max_pending)
     with running(create_app(worker, MODEL, api_key, limits, **options)) as url:
         yield url, worker
 
@@ -455,9 +456,9 @@ def test_bench_serve_runs_on_cpu_with_tiny_sizes(tmp_path):
 
 
 def test_a_row_ends_once_its_text_holds_the_answer_end(tiny_root):
-    """The engine stops on the stop ids; a model may spell the answer's end "\\n###" in other pieces. The worker
-    sees it in the decoded text and ends the row there (finish "stop", the slot freed) with the answer the whole run
-    would have given. Here one token of the greedy answer decodes as "\\n###"."""
+    """A model may spell the answer's end "\\n###" in pieces no stop id sequence matches. The engine sees it in the
+    decoded text (model/text/stopping.py) and ends the row there (finish "stop", the slot freed) with the answer the
+    whole run would have given. Here one token of the greedy answer decodes as "\\n###"."""
     with server(tiny_root) as (url, worker):
         tok, model = worker.model.tokenizer, worker.model
         full = generate_ids(model, [Example("", "Hi?")], GenerationConfig(max_new_tokens=32, do_sample=False))[0]

@@ -18,7 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.workloads import audio_rows, never_stopping_model, realistic_lengths
 from model.config import GenerationConfig
 from model.engine.kv_cache import slot_attention_on
-from model.engine.scheduler import SYNC_EVERY, Engine, Request, cache_length
+from model.engine.scheduler import SYNC_EVERY, Engine
+from model.engine.sequence import Request
+from model.engine.sizing import cache_length
 
 SLOTS, BUDGET = 256, 512
 

@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.timing import seconds_per_call as seconds
 from benchmarks.workloads import PROMPT, full_size_llm
 from model.generate.static import decode_static
+from model.text.stopping import StopRule
 
 llm = full_size_llm(torch.bfloat16, "sdpa", lora=False)
 linears = [m for m in llm.modules() if isinstance(m, torch.nn.Linear)]
@@ -49,7 +50,7 @@ mask = torch.ones(1, PROMPT, dtype=torch.long, device="cuda")
 
 
 def run():
-    decode_static(llm, embeds, mask, 64, [[-5]], -1, compile=True)
+    decode_static(llm, embeds, mask, 64, StopRule(-1, ((-5,),), lambda ids: ""), compile=True)
 
 
 print(f"first call (compile): {seconds(run, 1):.1f} s")

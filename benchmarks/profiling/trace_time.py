@@ -17,7 +17,9 @@ import torch
 
 from benchmarks.workloads import audio_rows, never_stopping_model
 from model.config import LLAMA_TINY, GenerationConfig
-from model.engine.scheduler import Engine, Request, cache_length
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request
+from model.engine.sizing import cache_length
 
 kernel = "sdpa" if sys.argv[1:] == ["sdpa"] else "flex"
 model = never_stopping_model("/tmp/dr_trace_time", {**LLAMA_TINY, "num_hidden_layers": 32}, "cpu", vocab=512)

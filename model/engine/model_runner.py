@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from model.engine import cuda_graphs
-from model.engine.kv_cache import LayerSlots, SlotKV
+from model.engine.kv_cache import PREFILL, LayerSlots, SlotKV
 from model.engine.slot_state import SlotState, choose, ended
 
 
@@ -24,6 +24,18 @@ def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: 
     """transformers' decoder layer over one new token per slot [width, 1, hidden]; it attends through
     model.engine.kv_cache.slot_attention, which finds the layer's slots in its keyword arguments."""
     return layer(hidden, position_embeddings=(cos, sin), slots=slots)
+
+
+def prefill_pass(
+    lm: torch.nn.Module, kv: SlotKV, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
+    """`lm` over right-padded prompts [R, L, H], their keys and values written into `slots` of `kv`: the logits at
+    each row's `last` column [R, vocab]."""
+    positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
+    hidden = lm.model(
+        inputs_embeds=embeds, position_ids=positions, attention_mask=PREFILL, use_cache=False, kv=kv, kv_rows=slots
+    ).last_hidden_state
+    return lm.lm_head(hidden[torch.arange(embeds.shape[0], device=embeds.device), last])
 
 
 class SlotStep:

@@ -7,8 +7,9 @@ decode steps already running, so they cost no wall time. torch.compile is not us
 about 10 s to every process's start-up, while capturing an eager pass costs three of its runs per shape.
 
 Rows are not padded (each row count up to GRAPH_ROWS has its own graphs); widths are padded to a multiple of
-POSITION_STEP. The columns past a row's prompt are written in its own slot and never read: the decode step writes
-each column before any query attends to it, and a prompt's causal attention never looks right.
+POSITION_STEP. The columns past a row's prompt are written in its own slot, from zero embeddings, and never attended
+to: the decode step writes each column before any query attends to it, and a prompt's causal attention never looks
+right.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class PrefillGraphs:
 
     def __call__(self, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """Logits at each row's `last` column [rows, vocab], the rows' keys and values written into `slots`. Columns
-        past `embeds`' width keep an earlier call's values: they only fill positions that are never read."""
+        past `embeds`' width are zeroed, not left as an earlier call's: a decode step weighs those positions by 0, and
+        0 x a non-finite value an earlier row brought is NaN."""
         rows, width = embeds.shape[:2]
         shape = (rows, padded_width(width, self.length))
         entry = self.shapes.get(shape)
@@ -63,6 +65,7 @@ class PrefillGraphs:
                 embeds.new_zeros(*shape, embeds.shape[-1]), torch.empty_like(slots), torch.empty_like(last)
             )
         entry.embeds[:, :width].copy_(embeds)
+        entry.embeds[:, width:].zero_()
         entry.slots.copy_(slots)
         entry.last.copy_(last)
         if not self.capture:

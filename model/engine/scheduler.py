@@ -1,13 +1,14 @@
-"""Continuous batching: a fixed number of slots decode together, and a slot whose row ends takes the next waiting row.
+"""Continuous batching (the scheduler): a fixed number of slots decode together, and a slot whose row ends takes the
+next waiting row.
 
 A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
 steps go to rows that already finished. Here each step runs the slots at one of a few fixed widths (a compiled step
-and CUDA graph per width serve the whole job, model/engine/model_runner.py); rows end on EOS, on a stop sequence or at their own
-`max_new_tokens`, and freed slots are refilled between steps: waiting rows are prefilled together (right-padded;
-eager, or a few rows replayed as a CUDA graph, model/engine/prefill_graphs.py) and their keys and values written into the
-freed slots (model/engine/kv_cache.py). When the queue is empty and few rows are left (a job's end, a quiet server), they are
-moved into the first slots and the steps run at the narrowest width that holds them: past the weight reads a step's
-matmuls and attention grow with its width (every slot busy on an H200: 11.7 ms at 256 slots, 6.6 ms at 64).
+and CUDA graph per width serve the whole job: model_runner.py); rows end where model/text/stopping.py says, and freed
+slots are refilled between steps: waiting rows are prefilled together (right-padded; eager, or a few rows replayed as
+a CUDA graph: prefill_graphs.py) and their keys and values written into the freed slots (kv_cache.py). When the queue
+is empty and few rows are left (a job's end, a quiet server), they are moved into the first slots and the steps run at
+the narrowest width that holds them: past the weight reads a step's matmuls and attention grow with its width (every
+slot busy on an H200: 11.7 ms at 256 slots, 6.6 ms at 64).
 
 The host never waits for the device's newest work: each `advance` queues `sync_every` steps, then reads the state the
 device had after the previous advance's steps (copied out behind them) and prefills the slots that state shows free,
@@ -16,9 +17,9 @@ the device's decoding instead of leaving it idle; the price is that a freed slot
 For this the prefill never reads the device: lengths come from the host and host values go over as queued copies
 (a plain copy to the device, or reading a device value, waits for every step queued before it).
 
-Stopping and answer extraction are `generate`'s (model/generate/base.py): greedy answers equal one-row `generate`.
-Sampling draws each row's tokens from its own counter-based stream (model/engine/sampler.py), so a sampled answer does
-not depend on the batch.
+Greedy answers equal one-row `generate` (model/generate/base.py). Sampling draws each row's tokens from its own
+counter-based stream (sampler.py), so a sampled answer does not depend on the batch. Sizes: sizing.py; the host's
+per-row state: sequence.py; the device's: slot_state.py.
 """
 
 from __future__ import annotations
@@ -26,84 +27,29 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 from peft import PeftModel
 
 from model.config import GenerationConfig
-from model.engine.kv_cache import (
-    BLOCK,
-    PREFILL,
-    Kernel,
-    SlotKV,
-    bytes_per_position,
-    int32_slot_limit,
-    slot_attention_on,
-)
-from model.engine.model_runner import SlotStep
+from model.engine.compile_cache import compile_cache_dir
+from model.engine.kv_cache import Kernel, SlotKV, slot_attention_on
+from model.engine.model_runner import SlotStep, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs
-from model.engine.sampler import row_key
-from model.engine.slot_state import SlotState, choose, ended
+from model.engine.sequence import Request, Row, Update
+from model.engine.sizing import engine_size, fits_slot
+from model.engine.slot_state import HostCopies, SlotState, StateCopy
 from model.io.transfer import to_device
-from model.network.deepresonance import DeepResonance, Example
-from model.text.prompt import cut_at_stop, stop_sequences
+from model.network.deepresonance import DeepResonance
+from model.text.stopping import StopRule
 
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
 SYNC_EVERY = 4
 PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
-MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the slot cache may take
 NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
-
-
-def compile_cache_dir() -> Path:
-    """Where compiled kernels persist between processes: $TORCHINDUCTOR_CACHE_DIR if set, else the user's cache
-    directory (a second `dr infer` then loads the compiled step instead of compiling it again)."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dr" / "inductor"
-
-
-@dataclass
-class Request:
-    """One prompt for the engine; `handle` comes back with its updates (a dataset row, a server request)."""
-
-    handle: Any
-    example: Example
-    gen: GenerationConfig
-    key: int  # the row's random stream (model.engine.sampler.row_key)
-
-
-@dataclass
-class Update:
-    """A row's generated ids so far (cut at its stop), and whether it ended; `error` when it could not run."""
-
-    handle: Any
-    ids: list[int]
-    done: bool
-    error: str | None = None
-
-
-def fit_slots(length: int, per_position: int, budget: int, most: int) -> int:
-    """Slots of `length` positions that fit in `budget` bytes (at most `most`; 0 if not even one fits)."""
-    return max(0, min(most, budget // (length * per_position)))
-
-
-def cache_length(longest_prompt: int, max_new_tokens: int) -> int:
-    """Positions per slot: the longest prompt and answer, rounded up to FlexAttention's block."""
-    return -(-(longest_prompt + max_new_tokens) // BLOCK) * BLOCK
-
-
-def memory_budget(model: DeepResonance) -> int | None:
-    """Bytes the slot cache may use on CUDA (a share of free memory); None on CPU (no fixed bound)."""
-    device = model.llama_model.device
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.mem_get_info(device)[0] * MEMORY_SHARE)
 
 
 class Engine:
@@ -113,7 +59,7 @@ class Engine:
         slots: int,
         length: int,
         max_new_tokens: int,
-        k_cap: int = 50,
+        k_cap: int = GenerationConfig.top_k,
         kernel: Kernel | None = None,
         compile: bool | None = None,
         sync_every: int = SYNC_EVERY,
@@ -125,47 +71,55 @@ class Engine:
         """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
         new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
         CUDA graphs and attends with FlexAttention by default, and prefills of a few rows replay CUDA graphs
-        (`graph_prefill`; model/engine/prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the
-        `narrow` widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync
-        too."""
+        (`graph_prefill`; prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the `narrow`
+        widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync too."""
         self.model = model
         self.llm = model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
         device, on_cuda = model.device, model.device.type == "cuda"
-        tok = model.tokenizer
-        self.eos = tok.eos_id
-        self.stops = stop_sequences(tok)
+        self.rule = StopRule.of(model.tokenizer)
         self.slots, self.length, self.max_new_tokens = slots, length, max_new_tokens
         self.k_cap, self.sync_every, self.stream = k_cap, sync_every, stream
         self.refill_min = refill_min or max(1, slots // 8)
         self.kv = SlotKV(self.llm.config, slots, length, model.dtype, device, kernel or ("flex" if on_cuda else "sdpa"))
         self.every = self.kv.every
-        self.stop_tensors = [torch.tensor(s, device=device) for s in self.stops]
+        self.stop_tensors = [torch.tensor(s, device=device) for s in self.rule.stops]
         self.state = SlotState.empty(slots, max_new_tokens, device)
         self.widths = sorted({slots, *(w for w in narrow if w < slots)})
-        # two host copies of (done, count, out), written in turn behind each advance's steps
-        self.copies = [torch.zeros(slots, 2 + max_new_tokens, dtype=torch.long, pin_memory=on_cuda) for _ in "ab"]
-        self.in_flight: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+        self.copies = HostCopies(slots, max_new_tokens, pinned=on_cuda)
+        self.in_flight: StateCopy | None = None  # the state copy queued behind the last advance's steps
         self.advances = 0
-        self.filled_at = [0] * slots  # the advance whose prefill or move gave a slot its row (valid in later copies)
-        self.steps_left = [0] * slots  # decode steps a slot's row may still take (its max_new_tokens bounds it)
-        self.handles: list[Any] = [None] * slots
-        self.cancelled: set[int] = set()
+        self.rows: list[Row | None] = [None] * slots  # each slot's row, None when free
         self.queue: deque[Request] = deque()
         compiled = on_cuda if compile is None else compile
         if compiled:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         with slot_attention_on(self.llm), torch.inference_mode():
             self.step = SlotStep(
-                self.lm, self.kv, self.state, self.eos, self.stop_tensors, k_cap, self.widths, compiled,
+                self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,
                 graphs=compiled and on_cuda,
             )  # fmt: skip
+        self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
-        self.graphs = PrefillGraphs(self._prefill_pass, length, capture=on_cuda) if graphs else None
+        self.graphs = PrefillGraphs(self.prefill_pass, length, capture=on_cuda) if graphs else None
+
+    @classmethod
+    def sized(
+        cls, model: DeepResonance, longest_prompt: int, max_new_tokens: int, most_slots: int, **options: Any
+    ) -> Engine:
+        """An engine for prompts of up to `longest_prompt` positions and answers of up to `max_new_tokens`, with as
+        many slots as fit in the device's memory (at most `most_slots`; model/engine/sizing.py)."""
+        slots, length = engine_size(model, longest_prompt, max_new_tokens, most_slots)
+        return cls(model, slots, length, max_new_tokens, **options)
+
+    @property
+    def handles(self) -> list[Any]:
+        """Each slot's row's handle, None when free."""
+        return [row and row.handle for row in self.rows]
 
     @property
     def active(self) -> int:
-        return sum(h is not None for h in self.handles)
+        return sum(row is not None for row in self.rows)
 
     @property
     def pending(self) -> int:
@@ -195,52 +149,51 @@ class Engine:
     def cancel(self, handle: Any) -> None:
         """Drops a queued or decoding row (a client that went away); its slot is freed at the next sync."""
         self.queue = deque(r for r in self.queue if r.handle is not handle)
-        for s, h in enumerate(self.handles):
-            if h is handle:
-                self.cancelled.add(s)
+        for row in self.rows:
+            if row is not None and row.handle is handle:
+                row.cancelled = True
 
     def advance(self) -> list[Update]:
         """Queues `sync_every` decode steps, then reports the rows that the previous advance's steps ended (and,
         when streaming, the others' progress) and refills free slots behind the queued steps. The host waits only
         for the previous advance's copy of the state, never for the steps just queued."""
         self.advances += 1
-        if any(h is not None and left > 0 for h, left in zip(self.handles, self.steps_left, strict=True)):
-            width = self._width()
-            with slot_attention_on(self.llm), torch.inference_mode():
+        with slot_attention_on(self.llm), torch.inference_mode():  # one switch for the steps and the prefills
+            if any(row is not None and row.steps_left > 0 for row in self.rows):
+                width = self._width()
                 for _ in range(self.sync_every):
                     self.step(width)
-            self.steps_left = [left - self.sync_every for left in self.steps_left]
-        previous, self.in_flight = self.in_flight, self._copy_state()
-        updates = self._collect(*previous) if previous else []
-        updates += self._refill()
-        if not self.queue:
-            self._gather()
+                for row in self.rows:
+                    if row is not None:
+                        row.steps_left -= self.sync_every
+            previous, self.in_flight = self.in_flight, self.copies.queue(self.state, self.advances)
+            updates = self._collect(previous) if previous else []
+            updates += self._refill()
+            if not self.queue:
+                self._gather()
         return updates
 
     def _width(self) -> int:
         """The narrowest step width that covers every slot holding a row."""
-        need = max((s + 1 for s, h in enumerate(self.handles) if h is not None), default=1)
+        need = max((s + 1 for s, row in enumerate(self.rows) if row is not None), default=1)
         return min(w for w in self.widths if w >= need)
 
     def _gather(self) -> None:
         """Moves rows into free slots in front so that the narrowest width that can hold them all does (a job's last
         rows). The state copy already in flight shows the moved rows where they were, so they are read from the next."""
-        active = [s for s, h in enumerate(self.handles) if h is not None]
+        active = [s for s, row in enumerate(self.rows) if row is not None]
         target = min(w for w in self.widths if w >= len(active))
         movers = [s for s in active if s >= target]
         if not movers:
             return
-        free = [s for s in range(target) if self.handles[s] is None][: len(movers)]
+        free = [s for s in range(target) if self.rows[s] is None][: len(movers)]
         src, dst = self._on_device(movers, torch.long), self._on_device(free, torch.long)
         self.state.move(src, dst)
         self.kv.move(src, dst)
         self.state.done.index_fill_(0, src, True)  # free: a wide step reads none of its cache
         for s, d in zip(movers, free, strict=True):
-            self.handles[d], self.handles[s] = self.handles[s], None
-            self.steps_left[d], self.filled_at[d] = self.steps_left[s], self.advances
-            if s in self.cancelled:
-                self.cancelled.remove(s)
-                self.cancelled.add(d)
+            self.rows[d], self.rows[s] = self.rows[s], None
+            self.rows[d].filled_at = self.advances
 
     def run(self, requests: Iterable[Request]) -> Iterator[list[Update]]:
         """Every request's final update, in the order rows end, as the lists that end together (one journal write
@@ -263,7 +216,7 @@ class Engine:
                 yield ended
 
     def _refill(self) -> list[Update]:
-        free = [s for s, h in enumerate(self.handles) if h is None]
+        free = [s for s, row in enumerate(self.rows) if row is None]
         take = min(len(free), len(self.queue))
         if not take or (take < self.refill_min and take < len(self.queue) and self.active):
             return []
@@ -278,7 +231,7 @@ class Engine:
         """Prefills `requests` into `slots` and draws their first tokens. Nothing here reads the device (host lengths,
         queued copies), so the launches overlap the decode steps queued before them."""
         batch = self.model.prepare([r.example for r in requests])
-        fits = [n + r.gen.max_new_tokens <= self.length for n, r in zip(batch.sizes, requests, strict=True)]
+        fits = [fits_slot(n, r.gen.max_new_tokens, self.length) for n, r in zip(batch.sizes, requests, strict=True)]
         refused = [
             Update(
                 r.handle,
@@ -300,132 +253,46 @@ class Engine:
         embeds = embeds[:, : max(sizes)]  # right-padded: a refused longer row's columns go too
         rows = self._on_device(slots[: len(requests)], torch.long)
         lengths = self._on_device(sizes, torch.long)
-        run = self.graphs if self.graphs and len(requests) <= GRAPH_ROWS else self._prefill_pass
+        run = self.graphs if self.graphs and len(requests) <= GRAPH_ROWS else self.prefill_pass
         with slot_attention_on(self.llm):
             logits = run(embeds, rows, lengths - 1)
-        gens, st = [r.gen for r in requests], self.state
-        st.greedy[rows] = self._on_device([not g.do_sample for g in gens], torch.bool)
-        st.temperature[rows] = self._on_device([g.temperature if g.do_sample else 1.0 for g in gens], torch.float)
-        st.top_k[rows] = self._on_device([g.top_k for g in gens], torch.long)
-        st.top_p[rows] = self._on_device([g.top_p for g in gens], torch.float)
-        st.keys[rows] = self._on_device([r.key for r in requests], torch.long)
-        st.max_new[rows] = self._on_device([g.max_new_tokens for g in gens], torch.long)
-        first = choose(st, logits, rows, torch.zeros_like(rows), self.k_cap)
-        st.out[rows, 0] = first
-        st.last[rows] = first
-        st.count.index_fill_(0, rows, 1)  # a Python value assigned by index is copied over first, waiting
+        self.state.start(rows, [r.gen for r in requests], [r.key for r in requests])
+        self.state.first(rows, logits, self.k_cap, self.rule.eos, self.stop_tensors)
         self.kv.pos[rows] = lengths
-        st.done[rows] = ended(st, self.eos, self.stop_tensors)[rows]
         for s, r in zip(slots, requests, strict=False):
-            self.handles[s] = r.handle
-            self.filled_at[s] = self.advances
-            self.steps_left[s] = r.gen.max_new_tokens - 1
+            self.rows[s] = Row(r, self.advances, r.gen.max_new_tokens - 1)
         return refused
-
-    def _prefill_pass(self, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The LLM over right-padded prompts [R, L, H], their keys and values written into `slots`: the logits at
-        each row's `last` column [R, vocab]."""
-        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
-        hidden = self.lm.model(
-            inputs_embeds=embeds,
-            position_ids=positions,
-            attention_mask=PREFILL,
-            use_cache=False,
-            kv=self.kv,
-            kv_rows=slots,
-        ).last_hidden_state
-        return self.lm.lm_head(hidden[torch.arange(embeds.shape[0], device=embeds.device), last])
 
     def _on_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
         return to_device(torch.tensor(values, dtype=dtype), self.every.device)
 
-    def _copy_state(self) -> tuple[int, torch.Tensor, torch.cuda.Event | None]:
-        """(this advance, a host copy of every slot's done flag, count and ids, the event that marks it landed):
-        the copy is queued behind the steps just launched, into the host buffer the previous copy does not use."""
-        host = self.copies[self.advances % 2]
-        st = self.state
-        state = torch.cat([st.done.long().unsqueeze(-1), st.count.unsqueeze(-1), st.out], dim=1)
-        host.copy_(state, non_blocking=True)
-        event = None
-        if host.is_pinned():
-            event = torch.cuda.Event()
-            event.record()
-        return self.advances, host, event
-
-    def _collect(self, taken: int, state: torch.Tensor, event: torch.cuda.Event | None) -> list[Update]:
-        """Updates from the state copied in advance `taken` (once it has landed); slots refilled in or after that
-        advance are not in it yet."""
-        if event is not None:
-            event.synchronize()
-        updates = []
-        for s, handle in enumerate(self.handles):
-            if handle is None:
+    def _collect(self, copy: StateCopy) -> list[Update]:
+        """Updates from a state copy (once it has landed); slots refilled in or after its advance are not in it."""
+        state = copy.landed()
+        updates, freed = [], []
+        for s, row in enumerate(self.rows):
+            if row is None:
                 continue
-            if s in self.cancelled:
-                self.handles[s] = None
+            if row.cancelled:
+                self.rows[s] = None
+                freed.append(s)
                 continue
-            if self.filled_at[s] >= taken:
+            if row.filled_at >= copy.advance:
                 continue
             done, count = bool(state[s, 0]), int(state[s, 1])
+            # the whole rule on the newest ids: the device saw only its id part, not the text's end
+            first = max(0, row.checked - self.rule.lookback)
+            end = self.rule.end(state[s, 2 + first : 2 + count].tolist(), row.checked - first)
+            row.checked = count
+            if end is not None:
+                count = first + end
+                if not done:
+                    freed.append(s)  # the device decodes on until told
+                done = True
             if done or self.stream:
-                ids = cut_at_stop(state[s, 2 : 2 + count].tolist(), self.eos, self.stops)
-                updates.append(Update(handle, ids, done))
+                updates.append(Update(row.handle, state[s, 2 : 2 + count].tolist(), done))
             if done:
-                self.handles[s] = None
-        if self.cancelled:
-            self.state.done.index_fill_(0, self._on_device(sorted(self.cancelled), torch.long), True)
-            self.cancelled.clear()
+                self.rows[s] = None
+        if freed:
+            self.state.done.index_fill_(0, self._on_device(freed, torch.long), True)
         return updates
-
-
-def engine_for(
-    model: DeepResonance,
-    prompt_lengths: Sequence[int],
-    gen: GenerationConfig,
-    most_slots: int,
-    **options,
-) -> Engine:
-    """An engine sized for a job: rows of the given prompt lengths, answers of up to `gen.max_new_tokens`, as many
-    slots as fit in the memory budget (at most `most_slots`). Raises MemoryError with one line if none fits."""
-    length = cache_length(max(prompt_lengths, default=1), gen.max_new_tokens)
-    budget = memory_budget(model)
-    slots = most_slots
-    if budget is not None:
-        per = bytes_per_position(model.llama_model.config, model.dtype)
-        slots = fit_slots(length, per, budget, min(most_slots, int32_slot_limit(model.llama_model.config, length)))
-        if not slots:
-            need = length * per / 2**30
-            raise MemoryError(
-                f"one row of {length} positions needs {need:.1f} GiB of cache; {budget / 2**30:.1f} GiB is free "
-                "for it: lower --max-new-tokens or free GPU memory"
-            )
-    return Engine(model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), **options)
-
-
-def top_k_cap(model: DeepResonance, gen: GenerationConfig) -> int:
-    """The candidates an engine for `gen` keeps per row: 1 when greedy (a plain argmax), top-k when sampling with it,
-    the whole vocabulary when top-k is off."""
-    if not gen.do_sample:
-        return 1
-    return gen.top_k if gen.top_k > 0 else len(model.tokenizer)
-
-
-def run_examples(model: DeepResonance, examples: Sequence[Example], gen: GenerationConfig) -> list[list[int]]:
-    """New ids per example through an eager engine with one slot per example (`generate`'s interface; `dr ask`).
-    Rows draw from the streams of their positions in `examples` with `gen.seed`."""
-    engine = Engine(
-        model,
-        len(examples),
-        cache_length(max(model.example_length(ex) for ex in examples), gen.max_new_tokens),
-        gen.max_new_tokens,
-        k_cap=top_k_cap(model, gen),
-        compile=False,
-    )
-    requests = [Request(i, ex, gen, row_key(gen.seed, str(i), ex.instruction)) for i, ex in enumerate(examples)]
-    ids: list[list[int]] = [[] for _ in examples]
-    for batch in engine.run(requests):
-        for u in batch:
-            if u.error:
-                raise ValueError(f"example {u.handle}: {u.error}")
-            ids[u.handle] = u.ids
-    return ids

@@ -8,13 +8,14 @@ tokens equal `generate`'s (tested), and rows are cut at the same stop sequences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
 
 from model.engine.kv_cache import kv_heads
+from model.text.stopping import RowEnds, StopRule
 
 SYNC_EVERY = 8  # steps between host checks for "all rows finished"
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: one compiled shape per bucket, not per length
@@ -79,23 +80,13 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-def _finished(tokens: torch.Tensor, stops: Sequence[torch.Tensor], eos_id: int) -> torch.Tensor:
-    """Rows whose tokens so far hold EOS or a stop sequence (checked at sync points, not every step)."""
-    done = (tokens == eos_id).any(dim=1)
-    for stop in stops:
-        if tokens.shape[1] >= len(stop):
-            done |= (tokens.unfold(1, len(stop), 1) == stop).all(dim=-1).any(dim=-1)
-    return done
-
-
 @torch.inference_mode()
 def decode_static(
     llm: torch.nn.Module,
     embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
-    stops: Sequence[Sequence[int]],
-    eos_id: int,
+    rule: StopRule,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -104,6 +95,7 @@ def decode_static(
 ) -> torch.Tensor:
     """New token ids [B, <= max_new_tokens] for left-padded prompt embeddings [B, L, H].
 
+    Rows end by `rule`, checked on the host every SYNC_EVERY steps; the caller cuts them (`rule.cut`).
     Prompts are left-padded to a multiple of PROMPT_BUCKET and the batch is filled up to a power of two with empty
     rows, so a job's batches (the last, smaller one too) share a few compiled shapes.
     """
@@ -126,7 +118,7 @@ def decode_static(
     logits = decoder.prefill(embeds, allowed, positions)
 
     step_mask = allowed[:, :, -1:, :].clone()  # the last real query's view, extended one key per step
-    stop_tensors = [torch.tensor(s, device=device) for s in stops]
+    ends = RowEnds(rule, rows)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     real = out[:rows]
     position = positions[:, -1:]
@@ -134,7 +126,7 @@ def decode_static(
         token = _pick(logits, do_sample, temperature, top_p, top_k)
         out[:, i] = token
         last = i == max_new_tokens - 1
-        if last or ((i + 1) % SYNC_EVERY == 0 and bool(_finished(real[:, : i + 1], stop_tensors, eos_id).all())):
+        if last or ((i + 1) % SYNC_EVERY == 0 and all(ends.add(real[:, i + 1 - SYNC_EVERY : i + 1].tolist()))):
             return real[:, : i + 1]
         step_mask[:, 0, 0, length + i] = True
         position = position + 1

@@ -20,7 +20,9 @@ from model.config import GenerationConfig
 from model.data.catalog import Row
 from model.data.row_features import DECODE_WORKERS, row_media
 from model.engine.sampler import row_key
-from model.engine.scheduler import Request, engine_for
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request
+from model.engine.sizing import top_k_cap
 from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
@@ -145,7 +147,8 @@ def answer_rows(
 
     with stop:
         if gen.decoder == "engine":
-            engine = engine_for(model, [lengths[id(r)] for r in todo], gen, most_slots=batch_size)
+            longest = max((lengths[id(r)] for r in todo), default=1)
+            engine = Engine.sized(model, longest, gen.max_new_tokens, batch_size, k_cap=top_k_cap(model, gen))
             log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
             requests = (
                 Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))

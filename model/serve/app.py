@@ -37,15 +37,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from model.config import CLIPS_PER_ITEM, GenerationConfig
-from model.engine.scheduler import Update
+from model.engine.sequence import Update
+from model.engine.sizing import fits_slot
 from model.network.deepresonance import Example
 from model.serve.decoding import FairThreads, decode_media
 from model.serve.guards import LOOPBACK_NAMES, BodyBudget, BodyDeadline, CallerGuard
 from model.serve.limits import Limits
 from model.serve.request import generation_config, parse_prompt
 from model.serve.wire import ApiError, parse_body
-from model.serve.worker import Busy, EngineWorker, Failed, TextStream, Ticket, finish_reason
-from model.text.prompt import layout_row, stop_sequences
+from model.serve.worker import Busy, EngineWorker, Failed, TextStream, Ticket
+from model.text.prompt import layout_row
+from model.text.stopping import StopRule
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,7 +102,7 @@ def create_app(
     other origins may call it only if `cors_origins` lists them. `defaults` are the sampling settings of a request
     that names none (GenerationConfig's: the original's)."""
     model = worker.model
-    stops = stop_sequences(model.tokenizer)
+    rule = StopRule.of(model.tokenizer)
     threads = FairThreads(limits.decode_workers)
     bodies = BodyBudget(limits.max_held_bytes)
     created = int(time.time())
@@ -212,7 +214,7 @@ def create_app(
                     "prompt_too_long",
                     "messages",
                 )
-            if positions + gen.max_new_tokens > worker.engine.length:
+            if not fits_slot(positions, gen.max_new_tokens, worker.engine.length):
                 raise ApiError(
                     400,
                     f"the prompt ({positions} positions) and max_tokens {gen.max_new_tokens} do not fit "
@@ -248,7 +250,7 @@ def create_app(
 
         if req.stream:
             return StreamingResponse(
-                sse_chunks(updates, model.answer, meta, gen.max_new_tokens, stops, usage if req.usage else None),
+                sse_chunks(updates, model.answer, meta, gen.max_new_tokens, rule, usage if req.usage else None),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -258,7 +260,7 @@ def create_app(
         if final.error:
             raise ApiError(503, final.error, "engine_failed") if ticket.failed else ApiError(400, final.error)
         message = {"role": "assistant", "content": model.answer(final.ids)}
-        choice = {"index": 0, "message": message, "finish_reason": finish_reason(final.ids, gen.max_new_tokens, stops)}
+        choice = {"index": 0, "message": message, "finish_reason": rule.finish_reason(final.ids, gen.max_new_tokens)}
         return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage(final.ids)})
 
     return app
@@ -303,7 +305,7 @@ async def sse_chunks(
     answer: Callable[[list[int]], str],
     meta: dict,
     max_new_tokens: int,
-    stops: list[list[int]],
+    rule: StopRule,
     usage: Callable[[list[int]], dict] | None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk stream: the role, text deltas as they settle, the finish reason, usage if asked, [DONE]. An
@@ -328,7 +330,7 @@ async def sse_chunks(
             if piece:
                 yield chunk({"content": piece})
             if u.done:
-                yield chunk({}, finish_reason(u.ids, max_new_tokens, stops))
+                yield chunk({}, rule.finish_reason(u.ids, max_new_tokens))
                 if usage:
                     yield format_sse_event(
                         data_str=_json(

@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.config import GenerationConfig
-from model.engine.kv_cache import bytes_per_position
 from model.engine.sampler import row_key
-from model.engine.scheduler import Engine, Request, Update, cache_length, fit_slots, memory_budget
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request, Update
 from model.network.deepresonance import DeepResonance, Example
 from model.text.prompt import TARGET_END
 
 log = logging.getLogger(__name__)
 
 WATCH_S = 5.0  # how often a waiting request checks that the worker thread still runs
-K_CAP = 50  # the largest top-k a request may ask for: the original's (and `dr ask`'s) top-k
+K_CAP = GenerationConfig.top_k  # the largest top-k a request may ask for: the engine's default cap
 
 
 class Busy(Exception):
@@ -57,27 +57,18 @@ class Ticket:
 
 def request_key(gen: GenerationConfig, instruction: str) -> int:
     """The sampling stream of a served request: the key `dr ask` gives its single row (row 0 of
-    `model.engine.scheduler.run_examples`), so a sampled answer equals `dr ask` with the same seed and settings."""
+    `model.generate.base.run_examples`), so a sampled answer equals `dr ask` with the same seed and settings."""
     return row_key(gen.seed, "0", instruction)
-
-
-def serving_engine(model: DeepResonance, slots: int, max_new_tokens: int, **options: Any) -> Engine:
-    """An engine for a server: `slots` rows (fewer where the device's memory budget does not hold them) of the
-    model's longest prompt plus `max_new_tokens`, top-k up to K_CAP, reporting unfinished rows (streaming)."""
-    length = cache_length(model.config.max_length, max_new_tokens)
-    budget = memory_budget(model)
-    if budget is not None:
-        slots = fit_slots(length, bytes_per_position(model.llama_model.config, model.dtype), budget, slots)
-        if not slots:
-            raise MemoryError(f"not one slot of {length} positions fits in the free GPU memory: lower max_new_tokens")
-    return Engine(model, slots, length, max_new_tokens, k_cap=K_CAP, stream=True, **options)
 
 
 class EngineWorker:
     """Owns an Engine in one thread; `admit` then `run` streams a request's updates to asyncio code."""
 
     def __init__(self, model: DeepResonance, engine: Engine, max_pending: int) -> None:
+        """`engine`: one sized for the model's longest prompt (`Engine.sized(model, model.config.max_length, ...)`)
+        with top-k up to K_CAP; the worker has it report unfinished rows too (streaming)."""
         self.model, self.engine, self.max_pending = model, engine, max_pending
+        engine.stream = True
         self.commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.admitted = 0  # requests submitted and not yet ended (read and written under `lock`)
         self.lock = threading.Lock()
@@ -201,24 +192,13 @@ class EngineWorker:
     def _deliver(self, updates: list[Update]) -> None:
         for u in updates:
             ticket: Ticket = u.handle
-            if ticket.ended:  # its answer's end was seen at an earlier sync; the engine frees its slot now
+            if ticket.ended:  # cancelled while this update was on its way
                 continue
             if u.done:
                 self._end(ticket, "failed" if u.error else "answered")
                 ticket.deliver(u)
-            elif self._answered(u.ids):
-                self.engine.cancel(ticket)
-                self._end(ticket, "answered")
-                ticket.deliver(Update(ticket, u.ids, True))
             elif ticket.stream:
                 ticket.deliver(u)
-
-    def _answered(self, ids: list[int]) -> bool:
-        """Whether the decoded text already holds the answer's end, "\n###", which the engine's stop sequences miss
-        when the model spells it in other pieces: the answer (the text before it) cannot change any more, so the
-        row ends here instead of decoding on to max_new_tokens. Only the newest ids are decoded (those since the
-        last sync and a few before, enough for the marker to straddle them)."""
-        return TARGET_END in self.model.tokenizer.decode(ids[-(self.engine.sync_every + 8) :])
 
     def _fail_all(self, reason: str) -> None:
         tickets = [h for h in self.engine.handles if h is not None] + [r.handle for r in self.engine.queue]
@@ -233,12 +213,6 @@ class EngineWorker:
             self._end(ticket, "failed")
             ticket.failed = True
             ticket.deliver(Update(ticket, [], True, f"the engine failed: {reason}"))
-
-
-def finish_reason(ids: list[int], max_new_tokens: int, stops: list[list[int]]) -> str:
-    """OpenAI's finish_reason: "length" when the row ran to its token budget without a stop, else "stop"."""
-    stopped = any(ids[-len(s) :] == list(s) for s in stops if len(ids) >= len(s))
-    return "length" if len(ids) >= max_new_tokens and not stopped else "stop"
 
 
 class TextStream:

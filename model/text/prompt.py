@@ -32,26 +32,6 @@ def answer_text(generated: str) -> str:
     return generated.split(TARGET_END)[0]
 
 
-def stop_sequences(tok: PromptTokenizer) -> list[list[int]]:
-    """Generation stops after "▁###" (id 835, the original's only stop) or "\\n###" as it follows an answer: both come
-    after the answer's end, which `answer_text` cuts at the first "\\n###", so answers are unchanged and rows end as
-    soon as they are done."""
-    return [[tok.stop_id], list(tok.newline_stop)]
-
-
-def cut_at_stop(ids: list[int], eos: int, stops: Sequence[Sequence[int]]) -> list[int]:
-    """Ids up to the first EOS (dropped) or the end of the first stop sequence (kept)."""
-    end = len(ids)
-    for i in range(len(ids)):
-        if ids[i] == eos:
-            end = i
-            break
-        if any(ids[max(0, i + 1 - len(s)) : i + 1] == list(s) for s in stops):
-            end = i + 1
-            break
-    return ids[:end]
-
-
 @dataclass(frozen=True)
 class RowLayout:
     """One row's token ids (MEDIA at clip slots); the input segment is ids[:input_len]; labels start at target_start."""
