@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,48 @@ def test_an_unreadable_digest_memo_costs_a_rehash(tmp_path, weights, counted_dig
     assert len(counted_digest) == 2 and again.weights == first.weights
     FeatureCache.for_encoder(root, MediaEncoder.load(weights))
     assert len(counted_digest) == 2  # the memo was rewritten
+
+
+@pytest.mark.slow
+def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
+    """A long job's media decode in processes (model/media/decoders.py): each file's encoder input is the one the
+    threads give, bit for bit, and a bad file's MediaError comes back across the process boundary naming it."""
+    from model.media.decoders import DecodeProcesses, in_threads
+
+    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0 + i, freq=200.0 * (i + 1)) for i in range(3)]
+    paths.append(synth.write_garbage(tmp_path / "bad.wav"))
+    threads = in_threads(2)("audio", paths)
+    with DecodeProcesses(2) as decode:
+        processes = decode("audio", paths)
+    for a, b in zip(threads[:3], processes[:3], strict=True):
+        assert torch.equal(a, b)
+    assert isinstance(processes[3], MediaError) and processes[3].path == str(paths[3])
+    assert processes[3].reason == threads[3].reason
+
+
+def test_prefetch_starts_loading_before_it_is_iterated_and_stays_depth_ahead():
+    """The job's media loader: the first `depth` groups load as soon as it exists (overlapping the engine's build),
+    later ones only as earlier ones are taken, and groups come back in order."""
+    import threading
+
+    from model.infer.job import Prefetch
+
+    started: list[int] = []
+    release = threading.Event()
+
+    def load(group):
+        started.append(group[0])
+        release.wait(5)
+        return [g * 10 for g in group]
+
+    media = Prefetch([[0], [1], [2], [3]], load, depth=2)
+    deadline = time.monotonic() + 5
+    while len(started) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started == [0]  # loading began before any iteration
+    release.set()
+    time.sleep(0.2)
+    assert started == [0, 1]  # two ahead, no more, until the caller takes one
+    out = list(media)
+    media.close()
+    assert out == [([0], [0]), ([1], [10]), ([2], [20]), ([3], [30])] and started == [0, 1, 2, 3]

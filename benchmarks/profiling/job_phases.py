@@ -127,9 +127,22 @@ def instrument(phases: Phases) -> None:
     from model.data import row_features
     from model.engine import scheduler
     from model.infer import job, journal
-    from model.media import encoder, features, preprocess
+    from model.media import decoders, encoder, features
 
-    phases.wrap(features, "_load", "media decode + fbank (thread-seconds)")
+    threads = features.in_threads  # encode_files' default decoder
+
+    def in_threads(workers):
+        decode = threads(workers)
+
+        def timed(modality, paths):
+            with phases.timed("media decode, threads (a group's wall)"):
+                return decode(modality, paths)
+
+        return timed
+
+    features.in_threads = in_threads
+    phases.wrap(decoders.DecodeProcesses, "__call__", "media decode, processes (a group's wall)")
+    phases.wrap(decoders.DecodeProcesses, "__init__", "decoding processes started")
     phases.wrap(encoder.MediaEncoder, "forward", "encoder forward")
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
     phases.wrap(features.FeatureCache, "get", "cache: read")
@@ -139,18 +152,18 @@ def instrument(phases: Phases) -> None:
     phases.wrap(scheduler.Engine, "__init__", "engine build")
     phases.wrap(scheduler.Engine, "_prefill", "engine prefill (host)")
     job.row_media = row_features.row_media  # job imported the name before the wrap
-    real_prefetched = job.prefetched
 
-    def prefetched(groups, load):
-        it = real_prefetched(groups, load)
-        while True:
-            with phases.timed("main thread waits for media"):
-                item = next(it, None)
-            if item is None:
-                return
-            yield item
+    class TimedPrefetch(job.Prefetch):
+        def __iter__(self):
+            it = super().__iter__()
+            while True:
+                with phases.timed("main thread waits for media"):
+                    item = next(it, None)
+                if item is None:
+                    return
+                yield item
 
-    job.prefetched = prefetched
+    job.Prefetch = TimedPrefetch
     real_write = journal.Journal.write
 
     def write(self, entries):
@@ -159,7 +172,6 @@ def instrument(phases: Phases) -> None:
             phases.finished.append((CLOCK() - phases.start, len(entries)))
 
     journal.Journal.write = write
-    del preprocess
 
 
 def run_job(work: Path, data: list, lengths: list[int], tiny: bool, keep_features: bool, phases: Phases) -> dict:

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from model.data.catalog import Row, media_path
+from model.media.decoders import Decode
 from model.media.features import FeatureCache, encode_files
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance
 
-DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads (numpy/torchaudio release the GIL)
+DECODE_WORKERS = min(8, os.cpu_count() or 1)  # media decoding threads, where no process pool is given
 
 
 def row_media(
@@ -24,6 +25,7 @@ def row_media(
     cache: FeatureCache | None,
     batch_size: int,
     workers: int = DECODE_WORKERS,
+    decode: Decode | None = None,
 ) -> list[list[tuple[str, torch.Tensor]] | MediaError]:
     """Each row's media as clip features (through the cache) or the row's first media error, naming the row's own
     file (files of identical content are decoded once and share their error, which names the first of them)."""
@@ -36,7 +38,7 @@ def row_media(
     features: dict[tuple[str, Path], torch.Tensor | MediaError] = {}
     for modality, paths in wanted.items():
         unique = list(dict.fromkeys(paths))
-        encoded = encode_files(model.visual_encoder, cache, modality, unique, batch_size, workers)
+        encoded = encode_files(model.visual_encoder, cache, modality, unique, batch_size, workers, decode)
         features.update({(modality, p): f for p, f in zip(unique, encoded, strict=True)})
     out: list[list[tuple[str, torch.Tensor]] | MediaError] = []
     for row in rows:

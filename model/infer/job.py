@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from model.engine.sizing import top_k_cap
 from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
+from model.media.decoders import DecodeProcesses, processes_for
 from model.media.features import FeatureCache
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance, Example
@@ -46,20 +49,29 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def prefetched(groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], list]) -> Iterator[tuple]:
-    """(group, load(group)) for each group, the next group loading in a background thread while the caller works."""
-    if not groups:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, groups[0])
-        try:
-            for k, group in enumerate(groups):
-                loaded = pending.result()
-                if k + 1 < len(groups):
-                    pending = pool.submit(load, groups[k + 1])
-                yield group, loaded
-        finally:
-            pending.cancel()
+class Prefetch:
+    """(group, load(group)) for each group, in order, loaded by one background thread that keeps `depth` groups
+    ahead of the caller. The first loads start at construction, so they overlap whatever the caller does before it
+    iterates (building and compiling the engine)."""
+
+    def __init__(self, groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], list], depth: int = 2):
+        self.groups, self.load = groups, load
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dr-media")
+        self.pending = deque(self.pool.submit(load, g) for g in groups[:depth])
+
+    def __iter__(self) -> Iterator[tuple[Sequence[Row], list]]:
+        upcoming = len(self.pending)
+        for group in self.groups:
+            loaded = self.pending.popleft().result()
+            if upcoming < len(self.groups):
+                self.pending.append(self.pool.submit(self.load, self.groups[upcoming]))
+                upcoming += 1
+            yield group, loaded
+
+    def close(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def run_inference(
@@ -119,12 +131,33 @@ def answer_rows(
     """Answers `todo`, journaling rows as they finish (answers and media errors) and counting them in `summary`."""
     lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
     todo.sort(key=lambda r: lengths[id(r)])  # similar lengths decode (or prefill) together: little padding
-    # media a batch at a time (the encoder runs batched, the cache keeps what it computed): the next batch's media are
-    # read, preprocessed and encoded in a background thread while answers decode
+    # media a batch at a time (the encoder runs batched, the cache keeps what it computed), read, preprocessed (in
+    # processes for a long job on a GPU: model/media/decoders.py) and encoded in a background thread that starts now,
+    # while the engine is built, and stays two batches ahead of the decoding
     batches = list(chunks(todo, batch_size))
-    media = prefetched(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers))
-
+    processes = processes_for(sum(len(r.mm_names) for r in todo), model.device)
     stop = StopOnSignal((signal.SIGINT,))
+    with ExitStack() as closing:
+        decode = closing.enter_context(DecodeProcesses(processes)) if processes else None
+        media = Prefetch(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers, decode))
+        closing.callback(media.close)
+        closing.enter_context(stop)
+        decode_rows(model, todo, lengths, gen, batch_size, media, journal, summary, stop, on_progress)
+
+
+def decode_rows(
+    model: DeepResonance,
+    todo: list[Row],
+    lengths: dict[int, int],
+    gen: GenerationConfig,
+    batch_size: int,
+    media: Prefetch,
+    journal: Journal,
+    summary: Summary,
+    stop: StopOnSignal,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    """The rows through the chosen decoder as their media arrive, journaled as they end."""
 
     def finish(entries: list[dict]) -> None:
         """Journals rows that ended; a Ctrl-C received meanwhile stops the job here, with them written."""
@@ -145,23 +178,22 @@ def answer_rows(
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
-    with stop:
-        if gen.decoder == "engine":
-            longest = max((lengths[id(r)] for r in todo), default=1)
-            engine = Engine.sized(model, longest, gen.max_new_tokens, batch_size, k_cap=top_k_cap(model, gen))
-            log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
-            requests = (
-                Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
-                for group in ready()
-                for r, m in group
-            )
-            for ended in engine.run(requests):
-                finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
-            return
-        log.info("decoder: %s", gen.decoder)
-        for group in ready():
-            answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
-            finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
+    if gen.decoder == "engine":
+        longest = max((lengths[id(r)] for r in todo), default=1)
+        engine = Engine.sized(model, longest, gen.max_new_tokens, batch_size, k_cap=top_k_cap(model, gen))
+        log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
+        requests = (
+            Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
+            for group in ready()
+            for r, m in group
+        )
+        for ended in engine.run(requests):
+            finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
+        return
+    log.info("decoder: %s", gen.decoder)
+    for group in ready():
+        answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
+        finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
 
 
 def entry(row: Row, answer: str | None = None, error: str | None = None) -> dict:

@@ -54,6 +54,10 @@ class MediaError(ValueError):
         self.reason = " ".join(str(reason).split())
         super().__init__(f"{self.path}: {self.reason}")
 
+    def __reduce__(self) -> tuple:
+        """Pickled as (path, reason): it comes back from decoding processes (model/media/decoders.py)."""
+        return type(self), (self.path, self.reason)
+
 
 def check_file(path: Path, modality: str) -> None:
     """A known media extension and a regular file, checked before anything opens it: a device (/dev/zero), a FIFO

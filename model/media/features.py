@@ -24,8 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.io.files import write_atomically, written_atomically
+from model.media.decoders import Decode, in_threads
 from model.media.encoder import NonFiniteFeatures
-from model.media.preprocess import MODALITIES, MediaError, check_file, load_media
+from model.media.preprocess import MODALITIES, MediaError, check_file
 
 
 class Encoder(Protocol):
@@ -204,13 +205,6 @@ class FeatureCache:
             save_file({"features": features.detach().cpu().contiguous()}, tmp, metadata=metadata)
 
 
-def _load(modality: str, path: str | Path) -> torch.Tensor | MediaError:
-    try:
-        return load_media(modality, path)
-    except MediaError as e:
-        return e
-
-
 @torch.no_grad()
 def encode_files(
     encoder: Encoder,
@@ -219,11 +213,13 @@ def encode_files(
     paths: Sequence[str | Path],
     batch_size: int = 8,
     workers: int = 2,
+    decode: Decode | None = None,
 ) -> list[torch.Tensor | MediaError]:
     """Per-file [k, D] features (k clips as model/config.py's CLIPS_PER_ITEM says; 1 when the cache is pooled), or
     the file's MediaError.
 
-    Cache hits skip decoding and the encoder; misses are decoded (`workers` threads) and encoded `batch_size` files
+    Cache hits skip decoding and the encoder; misses are decoded (by `decode`, else in `workers` threads: model/media/
+    decoders.py) and encoded `batch_size` files
     at a time, then stored. Files with identical content are encoded once. A bad file only fails its own entry: one
     that is not a regular file of the modality's types before anything reads it, one whose features are not finite
     (NaN or Inf) after the encoder, and these are never cached.
@@ -249,31 +245,31 @@ def encode_files(
         else:
             todo.setdefault(key, []).append(i)
     groups = list(todo.values())
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in range(0, len(groups), batch_size):
-            batch = groups[start : start + batch_size]
-            loaded = list(pool.map(lambda g: _load(modality, paths[g[0]]), batch))
-            good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
-            for g, x in zip(batch, loaded, strict=True):
-                if isinstance(x, MediaError):
-                    for i in g:  # each path named in its own error, though they share content
-                        results[i] = MediaError(paths[i], x.reason)
-            if not good:
-                continue
-            inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
-            try:
-                outputs = encoder(modality, inputs).cpu()
-            except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
-                outputs = e.features.cpu()
-            for (g, _), features in zip(good, outputs, strict=True):
-                if not torch.isfinite(features).all():
-                    for i in g:
-                        results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
-                    continue
-                if cache is not None and cache.pooled:
-                    features = features.mean(dim=0, keepdim=True)
-                if cache is not None:
-                    cache.put(modality, paths[g[0]], features)
+    decode = decode or in_threads(workers)
+    for start in range(0, len(groups), batch_size):
+        batch = groups[start : start + batch_size]
+        loaded = decode(modality, [Path(paths[g[0]]) for g in batch])
+        good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
+        for g, x in zip(batch, loaded, strict=True):
+            if isinstance(x, MediaError):
+                for i in g:  # each path named in its own error, though they share content
+                    results[i] = MediaError(paths[i], x.reason)
+        if not good:
+            continue
+        inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
+        try:
+            outputs = encoder(modality, inputs).cpu()
+        except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
+            outputs = e.features.cpu()
+        for (g, _), features in zip(good, outputs, strict=True):
+            if not torch.isfinite(features).all():
                 for i in g:
-                    results[i] = features
+                    results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
+                continue
+            if cache is not None and cache.pooled:
+                features = features.mean(dim=0, keepdim=True)
+            if cache is not None:
+                cache.put(modality, paths[g[0]], features)
+            for i in g:
+                results[i] = features
     return results  # type: ignore[return-value]

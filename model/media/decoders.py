@@ -1,0 +1,83 @@
+"""Decoding many media files into encoder inputs (decode, resample, fbank or frames) on several CPU cores.
+
+Threads do not spread this work: fbank and the frame transforms are many small torch ops that hold the GIL between
+them. Measured on a 16-core H100 host (benchmarks/results/2026-12-05-h100-job-phases/): one thread decodes a 10 s
+wav in 8 ms, and 8 or 16 threads together manage 95-120 files/s, no more than one thread; 16 processes with one
+intra-op thread each, 500 files/s. Within a `dr infer` job the threads also starved the engine's own thread, which
+launches the decode steps. So a long job decodes in processes (started from a forkserver, never forked from a
+process holding CUDA), and a short one, or a CPU job, in threads, where starting processes would cost more than
+it saves.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from model.media.preprocess import MediaError, load_media
+
+Decoded = torch.Tensor | MediaError
+# modality, files -> each file's encoder input or its MediaError, in order
+Decode = Callable[[str, Sequence[Path]], list[Decoded]]
+PROCESSES_FROM = 256  # files a job must decode before processes pay for their start (seconds, importing torch)
+
+
+def load_or_error(modality: str, path: str | Path) -> Decoded:
+    try:
+        return load_media(modality, path)
+    except MediaError as e:
+        return e
+
+
+def in_threads(workers: int) -> Decode:
+    """Decoding in `workers` threads of this process (a pool per call)."""
+
+    def decode(modality: str, paths: Sequence[Path]) -> list[Decoded]:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            return list(pool.map(partial(load_or_error, modality), paths))
+
+    return decode
+
+
+def _one_intra_op_thread() -> None:
+    torch.set_num_threads(1)  # the process is one of many: its ops must not each spread over every core
+
+
+class DecodeProcesses:
+    """A pool of decoding processes, started at once (so their start overlaps whatever the caller does next) and
+    closed with the job. Call it as a `Decode`."""
+
+    def __init__(self, workers: int) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["model.media.preprocess"])  # imported once, then forked per worker
+        self.workers = workers
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_intra_op_thread)
+        for _ in range(workers):
+            self.pool.submit(os.getpid)
+
+    def __call__(self, modality: str, paths: Sequence[Path]) -> list[Decoded]:
+        chunk = max(1, len(paths) // (4 * self.workers))
+        return list(self.pool.map(partial(load_or_error, modality), paths, chunksize=chunk))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> DecodeProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def processes_for(files: int, device: torch.device, workers: int | None = None) -> int:
+    """Decoding processes for a job of `files` media files on `device`: none (threads) for a CPU job or a short
+    one, else one per core up to 16 (the measured rate stopped growing there)."""
+    if device.type != "cuda" or files < PROCESSES_FROM:
+        return 0
+    return workers or min(16, os.cpu_count() or 1)
