@@ -369,12 +369,12 @@ def test_normal_files_pass_the_probe(tmp_path):
 
 def test_a_batch_keeps_its_finite_items_when_the_encoder_refuses_one(tmp_path, monkeypatch):
     """The real (tiny) encoder: finite but huge inputs overflow inside it; that file fails, its batch-mate does not."""
-    from model.media import features as features_module
+    from model.media import decoders
 
     good, bad = synth.write_wav(tmp_path / "good.wav", 3.0), synth.write_wav(tmp_path / "bad.wav", 3.0, 300.0)
-    real = features_module.load_media
+    real = decoders.load_media
     huge = torch.full((3, 1, 128, 204), 1e30)
-    monkeypatch.setattr(features_module, "load_media", lambda m, p: huge if Path(p) == bad else real(m, p))
+    monkeypatch.setattr(decoders, "load_media", lambda m, p: huge if Path(p) == bad else real(m, p))
     encoder = MediaEncoder("tiny")
     cache = FeatureCache(tmp_path / "cache", encoder.fingerprint)
     out = encode_files(encoder, cache, "audio", [good, bad], batch_size=2)
