@@ -217,6 +217,15 @@ def test_slots_come_from_the_memory_budget(model, monkeypatch):
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 10 * length * per_position + 5)
     assert Engine.sized(model, 40, 100, 64).slots == 10
     assert Engine.sized(model, 40, 100, 4).slots == 4
+    # a count the memory bounds is rounded down to a multiple of 32, so runs whose free memory differs by a little
+    # build the same shapes (and load them from the compile cache); a count the caller set is kept
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 165 * length * per_position + 5)
+    assert sizing.engine_size(model, 40, 100, 256) == (160, length)
+    assert sizing.engine_size(model, 40, 100, 170) == (160, length)
+    assert sizing.engine_size(model, 40, 100, 161) == (161, length)  # the caller's cap binds, not the memory
+    assert sizing.engine_size(model, 40, 100, 150) == (150, length)
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 31 * length * per_position)
+    assert sizing.engine_size(model, 40, 100, 256) == (31, length)  # under one step: every slot that fits
     monkeypatch.setattr(sizing, "memory_budget", lambda m: length * per_position - 1)
     with pytest.raises(MemoryError, match="one row of 256 positions needs .* GiB of cache"):
         Engine.sized(model, 40, 100, 64)

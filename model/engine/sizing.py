@@ -20,6 +20,10 @@ MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the slot cac
 # likelihood batches); on a CPU, 8
 CUDA_SLOTS = {"job": 256, "server": 64, "eval": 64}
 CPU_SLOTS = 8
+# a slot count that the memory bounds is rounded down to a multiple of this: the compiled step is built for its
+# shapes (slots x positions), and a count that followed the free memory to the slot would rarely repeat from one run
+# or dataset to the next, so each job would compile again instead of loading from the compile cache
+SLOT_STEP = 32
 
 
 def default_slots(device: str, use: Literal["job", "server", "eval"]) -> int:
@@ -52,8 +56,8 @@ def memory_budget(model: DeepResonance) -> int | None:
 
 def engine_size(model: DeepResonance, longest_prompt: int, max_new_tokens: int, most_slots: int) -> tuple[int, int]:
     """(slots, positions per slot) of an engine for prompts of up to `longest_prompt` positions and answers of up to
-    `max_new_tokens`: as many slots as fit in the memory budget, at most `most_slots`. Raises MemoryError with one
-    line if not one fits."""
+    `max_new_tokens`: as many slots as fit in the memory budget, at most `most_slots`, a count the memory bounds
+    rounded down to a multiple of SLOT_STEP. Raises MemoryError with one line if not one fits."""
     length = cache_length(longest_prompt, max_new_tokens)
     budget = memory_budget(model)
     if budget is None:
@@ -66,6 +70,8 @@ def engine_size(model: DeepResonance, longest_prompt: int, max_new_tokens: int, 
             f"one row of {length} positions needs {length * per / 2**30:.1f} GiB of cache; {budget / 2**30:.1f} GiB "
             "is free for it: lower --max-new-tokens or free GPU memory"
         )
+    if slots < most_slots and slots > SLOT_STEP:
+        slots -= slots % SLOT_STEP
     return slots, length
 
 
