@@ -1,9 +1,9 @@
 """Decoding many media files into encoder inputs (decode, resample, fbank or frames) on several CPU cores.
 
 Threads do not spread this work: fbank and the frame transforms are many small torch ops that hold the GIL between
-them. Measured on a 16-core H100 host (benchmarks/results/2026-12-05-h100-job-phases/): one thread decodes a 10 s
-wav in 8 ms, and 8 or 16 threads together manage 95-120 files/s, no more than one thread; 16 processes with one
-intra-op thread each, 500 files/s. Within a `dr infer` job the threads also starved the engine's own thread, which
+them. Measured on a 16-core H100 host (benchmarks/results/2026-12-05-h100-whole-job/media_workers.log): one thread
+decodes 125 ten-second wavs a second, and 8 or 16 threads together 95-120, no more than one; 8 or 16 processes with
+one intra-op thread each, 480-510. Within a `dr infer` job the threads also starved the engine's own thread, which
 launches the decode steps. So a long job decodes in processes (started from a forkserver, never forked from a
 process holding CUDA), and a short one, or a CPU job, in threads, where starting processes would cost more than
 it saves.
