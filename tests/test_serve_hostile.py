@@ -219,6 +219,9 @@ def test_unsupported_fields_are_named_and_types_are_strict(keyless):
     assert top_p_0.status_code == 200 and top_p_0.json()["choices"][0]["message"]["content"] == greedy
     harmless = {"user": "u1", "metadata": {"a": "b"}, "logprobs": False, "tools": [], "presence_penalty": 0}
     assert post(url, {**ASK, **harmless}).json()["choices"][0]["message"]["content"] == greedy
+    for tiny in (1e-45, 1e-300, 5e-324):  # #2: a temperature that would sample from NaN is greedy
+        reply = post(url, {**ASK, "temperature": tiny, "seed": 3})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == greedy, tiny
 
 
 # --- #6: slow and abandoned bodies ----------------------------------------------------------------------------------
