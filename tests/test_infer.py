@@ -351,3 +351,24 @@ def test_feature_cache_goes_beside_a_dataset_file_given_by_path(tiny_root, tmp_p
     del args[at : at + 2]
     assert runner.invoke(app, args).exit_code == 0
     assert any((dataset.parent / ".features").iterdir()) and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_a_job_decoding_in_processes_answers_as_one_decoding_in_threads(tiny_layout, tmp_path, monkeypatch):
+    """A long GPU job decodes its media in processes (model/media/decoders.py); forced here on the CPU, the same rows
+    (audio, image, video, a corrupt file) get the same answers and the same one-line errors as with threads."""
+    import model.infer.job as inference
+
+    folder = tmp_path / "data"
+    rows, _ = load_rows(media_dataset(folder, 8))
+    write_garbage(folder / "broken.wav")
+    rows += load_rows(write_dataset(folder, [make_row("corrupt", [("audio", "broken.wav")])], "bad.json"))[0]
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=6, do_sample=False)
+    threads = run_inference(model, rows, folder, tmp_path / "threads" / "r.json", gen, batch_size=4)
+    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
+    processes = run_inference(model, rows, folder, tmp_path / "processes" / "r.json", gen, batch_size=4)
+    assert threads.answered == processes.answered == 8
+    assert processes.failed == threads.failed and "broken.wav" in processes.failed[0]
+    answers = lambda name: sorted(map(json.dumps, journal_lines(tmp_path / name / "r.json")))  # noqa: E731
+    assert answers("processes") == answers("threads")
