@@ -10,8 +10,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model.config import GenerationConfig
-from model.engine import sizing
-from model.engine.kv_cache import SlotKV, bytes_per_position
+from model.engine.kv_cache import PagedKV
 from model.engine.sampler import next_token, row_key, uniforms
 from model.engine.scheduler import Engine
 from model.engine.sequence import Request
@@ -202,35 +201,6 @@ def test_uniforms_are_uniform_and_uncorrelated():
     assert row_key(1, "a", "q") != row_key(2, "a", "q") != row_key(1, "b", "q") != row_key(1, "a", "r")
 
 
-def test_slots_come_from_the_memory_budget(model, monkeypatch):
-    config = model.llama_model.config
-    per_position = (
-        2
-        * config.num_hidden_layers
-        * config.num_key_value_heads
-        * (config.hidden_size // config.num_attention_heads)
-        * 4
-    )
-    assert bytes_per_position(config, torch.float32) == per_position
-    length = cache_length(40, 100)
-    assert length == 256  # 140 rounded up to FlexAttention's 128-column blocks
-    monkeypatch.setattr(sizing, "memory_budget", lambda m: 10 * length * per_position + 5)
-    assert Engine.sized(model, 40, 100, 64).slots == 10
-    assert Engine.sized(model, 40, 100, 4).slots == 4
-    # a count the memory bounds is rounded down to a multiple of 32, so runs whose free memory differs by a little
-    # build the same shapes (and load them from the compile cache); a count the caller set is kept
-    monkeypatch.setattr(sizing, "memory_budget", lambda m: 165 * length * per_position + 5)
-    assert sizing.engine_size(model, 40, 100, 256) == (160, length)
-    assert sizing.engine_size(model, 40, 100, 170) == (160, length)
-    assert sizing.engine_size(model, 40, 100, 161) == (161, length)  # the caller's cap binds, not the memory
-    assert sizing.engine_size(model, 40, 100, 150) == (150, length)
-    monkeypatch.setattr(sizing, "memory_budget", lambda m: 31 * length * per_position)
-    assert sizing.engine_size(model, 40, 100, 256) == (31, length)  # under one step: every slot that fits
-    monkeypatch.setattr(sizing, "memory_budget", lambda m: length * per_position - 1)
-    with pytest.raises(MemoryError, match="one row of 256 positions needs .* GiB of cache"):
-        Engine.sized(model, 40, 100, 64)
-
-
 def test_a_question_through_the_engine_runs_the_encoder_once(model, monkeypatch):
     """`dr ask`'s path (`generate` with the engine): one encoder call per modality of the question, not one more
     for a batch prepared and then prepared again by the engine."""
@@ -298,10 +268,8 @@ def test_finished_and_free_slots_read_no_cache_blocks():
     slot at 5 one block; finished or never-filled slots none."""
     from transformers import LlamaConfig
 
-    from model.engine.kv_cache import BLOCK, SlotKV
-
     config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    kv = SlotKV(config, 4, 3 * BLOCK, torch.float32, torch.device("cpu"), "flex")
+    kv = PagedKV(config, 4, 3, 13, torch.float32, torch.device("cpu"), "flex")
     kv.pos.copy_(torch.tensor([130, 5, 130, 0]))
     visible = kv.step_inputs(4, torch.tensor([True, True, False, False]))[0].visible
     assert visible.flatten().tolist() == [2, 1, 0, 0]
@@ -340,8 +308,8 @@ def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypa
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (12, 2, 11, 3, 1, 12, 2, 9, 12)]
     expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
     moved = []
-    move = SlotKV.move
-    monkeypatch.setattr(SlotKV, "move", lambda self, src, dst: moved.append(src.tolist()) or move(self, src, dst))
+    move = PagedKV.move
+    monkeypatch.setattr(PagedKV, "move", lambda self, src, dst: moved.append(list(src)) or move(self, src, dst))
     length = cache_length(max(model.example_length(ex) for ex in examples), 12)
     engine = Engine(model, 6, length, 12, k_cap=1, sync_every=2, refill_min=1, narrow=(4, 2))
     assert run(engine, examples, gens) == expected

@@ -1,14 +1,18 @@
-"""Keys and values of a fixed number of slots, and the attention that reads them, for the continuous-batching engine.
+"""The paged keys and values of the continuous-batching engine, and the attention that reads them.
 
-Each slot holds one row: its prompt's keys and values at columns 0..P-1 and one more column per generated token, so a
-slot's column is its token's position. Rows of different lengths share one decode step: every slot writes its new key
-at its own column and attends to columns 0..pos. The attention is plugged into the transformers model as an attention
-implementation ("dr_slots") that takes the cache through the forward's keyword arguments (a prefill: this object; a
-decode step: one layer's LayerSlots), so the model code is transformers' own.
+Every layer's keys (and values) are one pool [1, heads, blocks x block, head_dim]; a slot's row lives in the blocks its
+row of the block table names (model/engine/block_pool.py keeps the table on the host; `sync` copies it here), so its
+column c is at position table[c // block] x block + c % block. Rows of different lengths share one decode step: every
+slot writes its new key at its own column and attends to columns 0..pos. The attention is plugged into the transformers
+model as an attention implementation ("dr_slots") that takes the cache through the forward's keyword arguments (a
+prefill: this object; a decode step: one layer's LayerSlots), so the model code is transformers' own.
 
-Two kernels read the cache: "sdpa" (a boolean mask over all columns; every backend) and "flex" (FlexAttention with a
-block mask that skips the blocks past each row's length, so a step reads each row's live keys only instead of the
-whole cache; this is what keeps long `max_new_tokens` budgets cheap on a GPU).
+Two kernels read the cache: "flex" (FlexAttention over the whole pool with a paged block mask: each row reads its own
+blocks only, found through the table, so a step reads each row's live keys and nothing else) and "sdpa" (each row's
+blocks gathered into a dense tensor with a boolean mask: every backend, a reference for the paged one).
+
+Blocks are zeroed when freed and the scratch block only ever receives zeros: a block a row reads holds its own keys
+or zeros, and masked weight 0 x a non-finite value left by an earlier row (whose inputs were not finite) would be NaN.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 from transformers import AttentionInterface
 
+from model.engine.block_pool import BlockPool
+from model.io.transfer import to_device
+
 Kernel = Literal["sdpa", "flex"]
-BLOCK = 128  # FlexAttention's key block: cache lengths are a multiple of it
+BLOCK = 128  # positions per cache block: FlexAttention's key block
 IMPLEMENTATION = "dr_slots"
 
 
@@ -33,90 +40,139 @@ def kv_heads(config) -> tuple[int, int]:
 
 
 def bytes_per_position(config, dtype: torch.dtype) -> int:
-    """Cache bytes of one position of one slot: a key and a value in every layer."""
+    """Cache bytes of one position of one row: a key and a value in every layer."""
     heads, head_dim = kv_heads(config)
     return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize
 
 
-def int32_slot_limit(config, length: int) -> int:
-    """Slots whose one-layer cache stays under 2**31 elements: compiled kernels then index it with int32 (torch 2.11's
-    FlexAttention kernel fails to compile with the int64 indexing a larger tensor needs)."""
+def int32_position_limit(config) -> int:
+    """Pool positions whose one-layer cache stays under 2**31 elements: compiled kernels then index it with int32
+    (torch 2.11's FlexAttention kernel fails to compile with the int64 indexing a larger tensor needs)."""
     heads, head_dim = kv_heads(config)
-    return (2**31 - 1) // (heads * length * head_dim)
+    return (2**31 - 1) // (heads * head_dim)
 
 
 class LayerSlots(NamedTuple):
-    """What one layer's decode step over the first n slots reads and writes: their keys and values [n, heads, length,
-    dim], the columns they write next `pos` [n], their indices `every` [n], and what each may see: `visible`, an SDPA
-    mask [n, 1, 1, length] (bool), or FlexAttention's count of blocks to read [n, 1, 1] (int32)."""
+    """What one layer's decode step over the first n slots reads and writes: the layer's pools `keys` and `values`
+    [1, heads, positions, dim], each slot's next column `pos` [n] and the pool position it writes there `write` [n]
+    (the scratch block for a dead slot), which slots decode `alive` [n], their block table rows `table` [n, per_row],
+    each block's holder `owner` and place in its row `place` [blocks], and what each slot may see: `visible`, an SDPA
+    mask over its gathered columns [n, 1, 1, per_row x block] (bool), or FlexAttention's count of blocks to read
+    [n, 1, 1] (int32)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     pos: torch.Tensor
-    every: torch.Tensor
+    write: torch.Tensor
+    alive: torch.Tensor
+    table: torch.Tensor
+    owner: torch.Tensor
+    place: torch.Tensor
     visible: torch.Tensor
 
 
-class SlotKV:
-    """Per layer, [slots, heads, length, head_dim] keys and values; `pos[s]` is the column slot s writes next."""
+class PagedKV:
+    """Per layer a pool of `blocks` blocks of `block` positions; `pos[s]` is the column slot s writes next."""
 
-    def __init__(self, config, slots: int, length: int, dtype: torch.dtype, device: torch.device, kernel: Kernel):
+    def __init__(
+        self,
+        config,
+        slots: int,
+        per_row: int,
+        blocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernel: Kernel,
+        block: int = BLOCK,
+    ) -> None:
         heads, head_dim = kv_heads(config)
-        shape = (slots, heads, length, head_dim)
+        shape = (1, heads, blocks * block, head_dim)
         layers = range(config.num_hidden_layers)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.book = BlockPool(blocks, slots, per_row, block)
+        self.table = self.book.table.to(device)
+        self.owner, self.place = self.book.owner.to(device), self.book.place.to(device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
-        self.slots, self.length, self.kernel = slots, length, kernel
-        self.columns = torch.arange(length, device=device)
-        self.every = torch.arange(slots, device=device)  # each slot's row index, for per-slot writes
+        self.slots, self.per_row, self.block, self.kernel = slots, per_row, block, kernel
+        self.columns = torch.arange(per_row * block, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos.device
+
+    def sync(self) -> None:
+        """Brings the device up to the host's book, queued behind the work already launched: freed blocks zeroed (no
+        step queued later reads or writes them for their old row), then the table and the holders copied."""
+        book = self.book
+        if book.released:
+            index = to_device(torch.tensor(book.released), self.device)
+            for pool in (*self.keys, *self.values):
+                heads, _, dim = pool.shape[1:]
+                pool.view(heads, book.blocks, self.block, dim).index_fill_(1, index, 0)
+            book.released = []
+        if book.changed:
+            for mine, theirs in ((self.table, book.table), (self.owner, book.owner), (self.place, book.place)):
+                mine.copy_(to_device(theirs, self.device))
+            book.changed = False
 
     def step_inputs(self, width: int, alive: torch.Tensor) -> list[LayerSlots]:
         """Each layer's view of the first `width` slots for a decode step (`alive` [width]: the slots decoding). SDPA
-        sees columns 0..pos (its prompt, its answer so far and the new key, written first); Flex reads columns
-        0..pos-1 of the alive slots only (a finished or free slot reads no block), and `decode_attention` merges the
-        new key in."""
-        pos = self.pos[:width]
+        sees columns 0..pos (its prompt, its answer so far and the new key, written first); Flex reads blocks holding
+        columns 0..pos-1 of the alive slots only (a finished or free slot reads no block), and `decode_attention`
+        merges the new key in."""
+        pos, table = self.pos[:width], self.table[:width]
+        held = (pos // self.block).clamp(max=self.per_row - 1)
+        write = table.gather(1, held.unsqueeze(-1)).squeeze(-1).long() * self.block + pos % self.block
         if self.kernel == "sdpa":
             visible = (self.columns <= pos.unsqueeze(-1))[:, None, None, :]
         else:
-            visible = torch.where(alive, (pos - 1).clamp(min=0) // BLOCK + 1, 0).to(torch.int32).view(-1, 1, 1)
-        every = self.every[:width]
-        layers = zip(self.keys, self.values, strict=True)
-        return [LayerSlots(k[:width], v[:width], pos, every, visible) for k, v in layers]
+            visible = torch.where(alive, (pos - 1).clamp(min=0) // self.block + 1, 0).to(torch.int32).view(-1, 1, 1)
+        return [
+            LayerSlots(k, v, pos, write, alive, table, self.owner, self.place, visible)
+            for k, v in zip(self.keys, self.values, strict=True)
+        ]
 
-    def prefill(self, layer: int, rows: torch.Tensor, q, k, v, scaling: float) -> torch.Tensor:
-        """Right-padded prompts [R, heads, L, dim] of the slots `rows`: keys and values stored at columns 0..L-1,
-        causal attention over the prompt itself (a real query never sees a padded key: pads come after it).
-
-        The columns past L are zeroed: they still hold the slot's previous row, which a decode step reads with weight
-        0 (SDPA reads every column, Flex the rest of each block it reads), and 0 x a non-finite value left by a row
-        whose inputs were not finite would be NaN in the new row's attention."""
-        length = k.shape[2]
-        self.keys[layer][rows, :, :length] = k
-        self.values[layer][rows, :, :length] = v
-        for cache in (self.keys[layer], self.values[layer]):  # index_fill_: a Python value assigned by index is
-            cache[:, :, length:].index_fill_(0, rows, 0)  # copied over first, which a captured prefill cannot do
+    def prefill(self, layer: int, index: torch.Tensor, q, k, v, scaling: float) -> torch.Tensor:
+        """Right-padded prompts [R, heads, L, dim]: keys and values stored at the pool positions `index` [R, L]
+        (model/engine/block_pool.py: prefill_index; padding columns point into the scratch block, where zeros are
+        written), causal attention over the prompt itself (a real query never sees a padded key: pads come after it)."""
+        real = (index >= self.block).unsqueeze(1).unsqueeze(-1)  # [R, 1, L, 1]: not the scratch block
+        flat = index.flatten()
+        for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
+            pool[0][:, flat] = torch.where(real, new, 0).transpose(0, 1).flatten(1, 2)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
 
-    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copies the rows of slots `src` into slots `dst` (keys, values and position): how the engine gathers its
-        last rows into the first slots, where a narrower step runs."""
-        for t in (*self.keys, *self.values, self.pos):
-            t[dst] = t[src]
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """The rows of slots `src` now in slots `dst` (their blocks and position; no key is copied): how the engine
+        gathers its last rows into the first slots, where a narrower step runs."""
+        self.book.move(src, dst)
+        s, d = (to_device(torch.tensor(x), self.device) for x in (src, dst))
+        self.pos[d] = self.pos[s]
 
 
 def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor:
-    """One new token per slot [n, heads, 1, dim]: its key and value written at `pos`, attention over the slot."""
-    keys, values, pos, every, visible = slots
+    """One new token per slot [n, heads, 1, dim]: its key and value written at `write`, attention over the row."""
+    keys, values, pos, write, alive, table, owner, place, visible = slots
+    new_k = torch.where(alive[:, None, None], k[:, :, 0], 0).transpose(0, 1)  # [heads, n, dim]
+    new_v = torch.where(alive[:, None, None], v[:, :, 0], 0).transpose(0, 1)
+    n, per_row = table.shape
+    heads, dim = keys.shape[1], keys.shape[3]
+    block = keys.shape[2] // owner.shape[0]
     if visible.dtype == torch.bool:
-        keys[every, :, pos] = k[:, :, 0]
-        values[every, :, pos] = v[:, :, 0]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scaling)
-    width, length = keys.shape[0], keys.shape[2]
-    index = torch.arange(length // BLOCK, dtype=torch.int32, device=keys.device).expand(width, 1, 1, -1)
+        keys[0][:, write] = new_k
+        values[0][:, write] = new_v
+        rows = table.long()
+        dense_k = keys[0].view(heads, -1, block, dim)[:, rows].flatten(2, 3).transpose(0, 1)  # [n, heads, columns, dim]
+        dense_v = values[0].view(heads, -1, block, dim)[:, rows].flatten(2, 3).transpose(0, 1)
+        return F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=visible, scale=scaling)
+
+    def mask_mod(b, h, q_idx, kv):
+        held = kv // block
+        return (owner[held] == b) & (place[held] * block + kv % block < pos[b])
+
     mask = BlockMask.from_kv_blocks(
-        visible, index, BLOCK_SIZE=BLOCK, mask_mod=lambda b, h, q, kv: kv < pos[b], seq_lengths=(1, length)
+        visible, table.view(n, 1, 1, per_row), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(1, keys.shape[2])
     )
     # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write (seen with
     # torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp. The log-sum-exp comes
@@ -127,8 +183,8 @@ def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor
     new = (q.float() * k.float()).sum(-1) * scaling  # [n, heads, 1]
     top = torch.maximum(lse, new)
     w_past, w_new = torch.exp(lse - top).unsqueeze(-1), torch.exp(new - top).unsqueeze(-1)
-    keys[every, :, pos] = k[:, :, 0]
-    values[every, :, pos] = v[:, :, 0]
+    keys[0][:, write] = new_k
+    values[0][:, write] = new_v
     return ((w_past * past.float() + w_new * v.float()) / (w_past + w_new)).to(q.dtype)
 
 
@@ -140,11 +196,11 @@ PREFILL = torch.empty(0, 0, 0, 0, dtype=torch.bool)
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature. Decoding, the layer's slots come in `kwargs["slots"]` (a
     LayerSlots: nothing here reads the layer's index, so one compiled layer serves them all); prefilling, the cache in
-    `kwargs["kv"]` and the rows' slots in `kwargs["kv_rows"]`."""
+    `kwargs["kv"]` and the pool positions the prompts go to in `kwargs["kv_index"]`."""
     if "slots" in kwargs:
         out = decode_attention(kwargs["slots"], query, key, value, scaling)
     else:
-        out = kwargs["kv"].prefill(module.layer_idx, kwargs["kv_rows"], query, key, value, scaling)
+        out = kwargs["kv"].prefill(module.layer_idx, kwargs["kv_index"], query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -153,7 +209,7 @@ AttentionInterface.register(IMPLEMENTATION, slot_attention)
 
 @contextmanager
 def slot_attention_on(llm: torch.nn.Module):
-    """The model's layers attend through SlotKV inside the block (its other users keep their implementation).
+    """The model's layers attend through PagedKV inside the block (its other users keep their implementation).
     `llm`: a transformers model, or a PeftModel around one. A switch visits every module (about 1.5 ms for a 32-layer
     LoRA model on a CPU), so a nested block switches nothing."""
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm

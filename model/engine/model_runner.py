@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from model.engine import cuda_graphs
-from model.engine.kv_cache import PREFILL, LayerSlots, SlotKV
+from model.engine.kv_cache import PREFILL, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
 
 
@@ -27,13 +27,13 @@ def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: 
 
 
 def prefill_pass(
-    lm: torch.nn.Module, kv: SlotKV, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor
+    lm: torch.nn.Module, kv: PagedKV, embeds: torch.Tensor, index: torch.Tensor, last: torch.Tensor
 ) -> torch.Tensor:
-    """`lm` over right-padded prompts [R, L, H], their keys and values written into `slots` of `kv`: the logits at
-    each row's `last` column [R, vocab]."""
+    """`lm` over right-padded prompts [R, L, H], their keys and values written at the pool positions `index` [R, L]
+    of `kv`: the logits at each row's `last` column [R, vocab]."""
     positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
     hidden = lm.model(
-        inputs_embeds=embeds, position_ids=positions, attention_mask=PREFILL, use_cache=False, kv=kv, kv_rows=slots
+        inputs_embeds=embeds, position_ids=positions, attention_mask=PREFILL, use_cache=False, kv=kv, kv_index=index
     ).last_hidden_state
     return lm.lm_head(hidden[torch.arange(embeds.shape[0], device=embeds.device), last])
 
@@ -42,7 +42,7 @@ class SlotStep:
     def __init__(
         self,
         lm: torch.nn.Module,
-        kv: SlotKV,
+        kv: PagedKV,
         state: SlotState,
         eos: int,
         stops: list[torch.Tensor],

@@ -7,9 +7,8 @@ decode steps already running, so they cost no wall time. torch.compile is not us
 about 10 s to every process's start-up, while capturing an eager pass costs three of its runs per shape.
 
 Rows are not padded (each row count up to GRAPH_ROWS has its own graphs); widths are padded to a multiple of
-POSITION_STEP. The columns past a row's prompt are written in its own slot, from zero embeddings, and never attended
-to: the decode step writes each column before any query attends to it, and a prompt's causal attention never looks
-right.
+POSITION_STEP by the caller, whose write positions send the padding columns to the cache's scratch block
+(model/engine/block_pool.py): a prompt's causal attention never looks right, so the padding changes no row.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from model.engine import cuda_graphs
 GRAPH_ROWS = 8  # prefills of at most this many rows replay a graph
 POSITION_STEP = 64  # graphs' prompt widths are multiples of this
 
-Pass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (embeds, slots, last) -> logits
+Pass = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (embeds, index, last) -> logits
 
 
 @dataclass
@@ -32,7 +31,7 @@ class Captured:
     """One shape's static inputs, its graph (None where graphs are not captured) and the graph's output."""
 
     embeds: torch.Tensor  # [R, W, H]
-    slots: torch.Tensor  # [R]
+    index: torch.Tensor  # [R, W], the cache positions each column writes
     last: torch.Tensor  # [R], the column of each row's last prompt position
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
@@ -44,35 +43,36 @@ def padded_width(width: int, length: int) -> int:
 
 
 class PrefillGraphs:
-    """Runs `run` (the prefill's LLM pass, writing keys and values into the slots given) at padded widths, replaying
-    a CUDA graph per shape when `capture`; otherwise the same padded pass runs eagerly (so CPU tests cover it)."""
+    """Runs `run` (the prefill's LLM pass, writing keys and values at the cache positions given) at padded widths,
+    replaying a CUDA graph per shape when `capture`; otherwise the same padded pass runs eagerly (so CPU tests cover
+    it)."""
 
-    def __init__(self, run: Pass, length: int, capture: bool) -> None:
-        self.run, self.length, self.capture = run, length, capture
+    def __init__(self, run: Pass, capture: bool) -> None:
+        self.run, self.capture = run, capture
         self.shapes: dict[tuple[int, int], Captured] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
-    def __call__(self, embeds: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Logits at each row's `last` column [rows, vocab], the rows' keys and values written into `slots`. Columns
-        past `embeds`' width are zeroed, not left as an earlier call's: a decode step weighs those positions by 0, and
-        0 x a non-finite value an earlier row brought is NaN."""
+    def __call__(self, embeds: torch.Tensor, index: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Logits at each row's `last` column [rows, vocab], the rows' keys and values written at `index` [rows,
+        padded_width(...)]. Columns past `embeds`' width are zeroed, not left as an earlier call's: padding from zero
+        embeddings stays finite whatever rows came before."""
         rows, width = embeds.shape[:2]
-        shape = (rows, padded_width(width, self.length))
+        shape = tuple(index.shape)
         entry = self.shapes.get(shape)
         new = entry is None
         if new:
             entry = self.shapes[shape] = Captured(
-                embeds.new_zeros(*shape, embeds.shape[-1]), torch.empty_like(slots), torch.empty_like(last)
+                embeds.new_zeros(*shape, embeds.shape[-1]), torch.empty_like(index), torch.empty_like(last)
             )
         entry.embeds[:, :width].copy_(embeds)
         entry.embeds[:, width:].zero_()
-        entry.slots.copy_(slots)
+        entry.index.copy_(index)
         entry.last.copy_(last)
         if not self.capture:
-            return self.run(entry.embeds, entry.slots, entry.last)
+            return self.run(entry.embeds, entry.index, entry.last)
         if new:
-            # the warm-up runs prefill the call's own rows into its own (free) slots, as the replay does again
-            run = lambda: self.run(entry.embeds, entry.slots, entry.last)  # noqa: E731
+            # the warm-up runs prefill the call's own rows into its own blocks, as the replay does again
+            run = lambda: self.run(entry.embeds, entry.index, entry.last)  # noqa: E731
             entry.graph, entry.logits = cuda_graphs.capture(run, self.pool, embeds.device)
         entry.graph.replay()
         return entry.logits

@@ -28,6 +28,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import torch
@@ -35,9 +36,9 @@ from peft import PeftModel
 
 from model.config import GenerationConfig
 from model.engine.compile_cache import compile_cache_dir
-from model.engine.kv_cache import Kernel, SlotKV, slot_attention_on
+from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
 from model.engine.model_runner import SlotStep, prefill_pass
-from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs
+from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
 from model.engine.sequence import Request, Row, Update
 from model.engine.sizing import engine_size, fits_slot
 from model.engine.slot_state import HostCopies, SlotState, StateCopy
@@ -67,12 +68,18 @@ class Engine:
         stream: bool = False,
         graph_prefill: bool | None = None,
         narrow: Sequence[int] = NARROW,
+        blocks: int | None = None,
+        block: int = BLOCK,
     ) -> None:
         """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
         new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
         CUDA graphs and attends with FlexAttention by default, and prefills of a few rows replay CUDA graphs
         (`graph_prefill`; prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the `narrow`
-        widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync too."""
+        widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync too.
+        The cache is a pool of `blocks` blocks of `block` positions (block_pool.py; by default enough for every slot's
+        longest row, so no row is ever preempted); rows are admitted while their blocks fit, and when a growing row
+        finds the pool empty the youngest row is preempted: its blocks freed, the row queued again in front, to be
+        decoded afresh (greedy and sampled ids do not depend on when a row runs)."""
         self.model = model
         self.llm = model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
@@ -81,8 +88,12 @@ class Engine:
         self.slots, self.length, self.max_new_tokens = slots, length, max_new_tokens
         self.k_cap, self.sync_every, self.stream = k_cap, sync_every, stream
         self.refill_min = refill_min or max(1, slots // 8)
-        self.kv = SlotKV(self.llm.config, slots, length, model.dtype, device, kernel or ("flex" if on_cuda else "sdpa"))
-        self.every = self.kv.every
+        per_row = -(-length // block)
+        kernel = kernel or ("flex" if on_cuda else "sdpa")
+        blocks = blocks or slots * per_row + 1
+        self.kv = PagedKV(self.llm.config, slots, per_row, blocks, model.dtype, device, kernel, block)
+        self.book = self.kv.book
+        self.preempted = 0  # rows sent back to the queue for want of blocks
         self.stop_tensors = [torch.tensor(s, device=device) for s in self.rule.stops]
         self.state = SlotState.empty(slots, max_new_tokens, device)
         self.widths = sorted({slots, *(w for w in narrow if w < slots)})
@@ -101,7 +112,7 @@ class Engine:
             )  # fmt: skip
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
-        self.graphs = PrefillGraphs(self.prefill_pass, length, capture=on_cuda) if graphs else None
+        self.graphs = PrefillGraphs(self.prefill_pass, capture=on_cuda) if graphs else None
 
     @classmethod
     def sized(
@@ -109,8 +120,8 @@ class Engine:
     ) -> Engine:
         """An engine for prompts of up to `longest_prompt` positions and answers of up to `max_new_tokens`, with as
         many slots as fit in the device's memory (at most `most_slots`; model/engine/sizing.py)."""
-        slots, length = engine_size(model, longest_prompt, max_new_tokens, most_slots)
-        return cls(model, slots, length, max_new_tokens, **options)
+        slots, length, blocks = engine_size(model, longest_prompt, max_new_tokens, most_slots)
+        return cls(model, slots, length, max_new_tokens, blocks=blocks, **options)
 
     @property
     def handles(self) -> list[Any]:
@@ -138,6 +149,14 @@ class Engine:
         return refused
 
     def _refusal(self, r: Request) -> str | None:
+        r.size = self.model.example_length(r.example)
+        if not fits_slot(r.size, r.gen.max_new_tokens, self.length):
+            return (
+                f"its prompt ({r.size} positions) and {r.gen.max_new_tokens} new tokens do not fit "
+                f"the engine's {self.length} positions per row"
+            )
+        if self.book.blocks_for(r.size + r.gen.max_new_tokens - 1) > self.book.blocks - 1:
+            return f"its prompt ({r.size} positions) and {r.gen.max_new_tokens} new tokens do not fit the cache"
         if r.gen.max_new_tokens > self.max_new_tokens:
             return f"max_new_tokens {r.gen.max_new_tokens} is over this engine's {self.max_new_tokens}"
         if r.gen.do_sample and not 0 <= r.gen.top_k <= self.k_cap:
@@ -159,7 +178,9 @@ class Engine:
         for the previous advance's copy of the state, never for the steps just queued."""
         self.advances += 1
         with slot_attention_on(self.llm), torch.inference_mode():  # one switch for the steps and the prefills
+            self._grow()
             if any(row is not None and row.steps_left > 0 for row in self.rows):
+                self.kv.sync()
                 width = self._width()
                 for _ in range(self.sync_every):
                     self.step(width)
@@ -189,7 +210,7 @@ class Engine:
         free = [s for s in range(target) if self.rows[s] is None][: len(movers)]
         src, dst = self._on_device(movers, torch.long), self._on_device(free, torch.long)
         self.state.move(src, dst)
-        self.kv.move(src, dst)
+        self.kv.move(movers, free)
         self.state.done.index_fill_(0, src, True)  # free: a wide step reads none of its cache
         for s, d in zip(movers, free, strict=True):
             self.rows[d], self.rows[s] = self.rows[s], None
@@ -217,7 +238,7 @@ class Engine:
 
     def _refill(self) -> list[Update]:
         free = [s for s, row in enumerate(self.rows) if row is None]
-        take = min(len(free), len(self.queue))
+        take = self._admissible(min(len(free), len(self.queue)))
         if not take or (take < self.refill_min and take < len(self.queue) and self.active):
             return []
         updates = []
@@ -226,45 +247,90 @@ class Engine:
             updates += self._prefill(chunk, free[start : start + len(chunk)])
         return updates
 
+    def _need(self, size: int, max_new_tokens: int, steps: int) -> int:
+        """Positions a row of `size` prompt positions holds once `steps` decode steps ran (its budget bounds them)."""
+        return size + min(steps, max_new_tokens - 1)
+
+    def _admissible(self, most: int) -> int:
+        """How many of the first `most` queued rows to admit: in order, while their prompts and first two advances fit
+        in the free blocks beside what the rows decoding need for their next two (so that admitting rarely makes a
+        row be preempted)."""
+        book, ahead = self.book, 2 * self.sync_every
+        spare = book.available
+        for s, row in enumerate(self.rows):
+            if row is not None:
+                steps = row.request.gen.max_new_tokens - 1 - row.steps_left + ahead
+                spare -= max(
+                    0, book.blocks_for(self._need(row.size, row.request.gen.max_new_tokens, steps)) - book.held[s]
+                )
+        for n, r in enumerate(islice(self.queue, most)):
+            spare -= book.blocks_for(self._need(r.size, r.gen.max_new_tokens, ahead))
+            if spare < 0:
+                return n
+        return most
+
+    def _grow(self) -> None:
+        """Gives each decoding row the blocks its next `sync_every` steps write; where the pool is short, the youngest
+        rows are preempted until it is not."""
+        for s in sorted(
+            (s for s, row in enumerate(self.rows) if row is not None), key=lambda s: self.rows[s].filled_at
+        ):
+            row = self.rows[s]
+            if row is None or row.steps_left <= 0:
+                continue
+            gen = row.request.gen
+            need = self._need(row.size, gen.max_new_tokens, gen.max_new_tokens - 1 - row.steps_left + self.sync_every)
+            while not self.book.grow(s, need):
+                youngest = max(
+                    (v for v, other in enumerate(self.rows) if other is not None), key=lambda v: self.rows[v].filled_at
+                )
+                self._preempt(youngest)
+                if youngest == s:
+                    break
+
+    def _preempt(self, s: int) -> None:
+        """Frees slot `s` and its blocks, its row queued again in front."""
+        self.queue.appendleft(self.rows[s].request)
+        self.rows[s] = None
+        self.book.release(s)
+        self.state.done.index_fill_(0, self._on_device([s], torch.long), True)
+        self.preempted += 1
+
     @torch.inference_mode()
     def _prefill(self, requests: Sequence[Request], slots: Sequence[int]) -> list[Update]:
         """Prefills `requests` into `slots` and draws their first tokens. Nothing here reads the device (host lengths,
         queued copies), so the launches overlap the decode steps queued before them."""
         batch = self.model.prepare([r.example for r in requests])
-        fits = [fits_slot(n, r.gen.max_new_tokens, self.length) for n, r in zip(batch.sizes, requests, strict=True)]
-        refused = [
-            Update(
-                r.handle,
-                [],
-                True,
-                f"its prompt ({n} positions) and {r.gen.max_new_tokens} new tokens do not fit "
-                f"the engine's {self.length} positions per row",
-            )
-            for r, n, ok in zip(requests, batch.sizes, fits, strict=True)
-            if not ok
-        ]
-        sizes = [n for n, ok in zip(batch.sizes, fits, strict=True) if ok]
-        requests = [r for r, ok in zip(requests, fits, strict=True) if ok]
-        if not requests:
-            return refused
-        embeds = batch.embeds
-        if len(requests) < len(fits):
-            embeds = embeds[self._on_device([i for i, ok in enumerate(fits) if ok], torch.long)]
-        embeds = embeds[:, : max(sizes)]  # right-padded: a refused longer row's columns go too
-        rows = self._on_device(slots[: len(requests)], torch.long)
+        sizes = batch.sizes
+        grown = [self.book.grow(s, n) for s, n in zip(slots, sizes, strict=False)]
+        if not all(grown):  # prepare measured more than _admissible counted: the rest wait in front
+            keep = grown.index(False)
+            for s in slots[keep : len(requests)]:
+                self.book.release(s)
+            self.queue.extendleft(reversed(requests[keep:]))
+            requests, sizes = requests[:keep], sizes[:keep]
+            if not requests:
+                return []
+        self.kv.sync()
+        slots = slots[: len(requests)]
+        width = max(sizes)
+        graph = self.graphs is not None and len(requests) <= GRAPH_ROWS
+        embeds = batch.embeds[: len(requests), :width]
+        index = self.book.prefill_index(slots, sizes, padded_width(width, self.length) if graph else width)
+        rows = self._on_device(slots, torch.long)
         lengths = self._on_device(sizes, torch.long)
-        run = self.graphs if self.graphs and len(requests) <= GRAPH_ROWS else self.prefill_pass
+        run = self.graphs if graph else self.prefill_pass
         with slot_attention_on(self.llm):
-            logits = run(embeds, rows, lengths - 1)
+            logits = run(embeds, to_device(index, self.kv.device), lengths - 1)
         self.state.start(rows, [r.gen for r in requests], [r.key for r in requests])
         self.state.first(rows, logits, self.k_cap, self.rule.eos, self.stop_tensors)
         self.kv.pos[rows] = lengths
-        for s, r in zip(slots, requests, strict=False):
-            self.rows[s] = Row(r, self.advances, r.gen.max_new_tokens - 1)
-        return refused
+        for s, r, n in zip(slots, requests, sizes, strict=True):
+            self.rows[s] = Row(r, self.advances, r.gen.max_new_tokens - 1, n)
+        return []
 
     def _on_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(torch.tensor(values, dtype=dtype), self.every.device)
+        return to_device(torch.tensor(values, dtype=dtype), self.kv.device)
 
     def _collect(self, copy: StateCopy) -> list[Update]:
         """Updates from a state copy (once it has landed); slots refilled in or after its advance are not in it."""
@@ -275,6 +341,7 @@ class Engine:
                 continue
             if row.cancelled:
                 self.rows[s] = None
+                self.book.release(s)
                 freed.append(s)
                 continue
             if row.filled_at >= copy.advance:
@@ -293,6 +360,7 @@ class Engine:
                 updates.append(Update(row.handle, state[s, 2 : 2 + count].tolist(), done))
             if done:
                 self.rows[s] = None
+                self.book.release(s)
         if freed:
             self.state.done.index_fill_(0, self._on_device(freed, torch.long), True)
         return updates

@@ -1,0 +1,155 @@
+"""The paged cache (model/engine/block_pool.py, kv_cache.py): rows hold the blocks their positions fill, grow block by
+block, are preempted and decoded again when the pool runs short, and every row's ids stay those of one-row
+`generate`; the book's arithmetic against hand-worked tables."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model.config import GenerationConfig
+from model.engine import sizing
+from model.engine.block_pool import BlockPool
+from model.engine.kv_cache import BLOCK, bytes_per_position
+from model.engine.sampler import row_key
+from model.engine.scheduler import Engine
+from model.engine.sequence import Request
+from model.engine.sizing import cache_length
+from model.generate.base import generate_ids
+from model.network.checkpoint import load_model
+from model.network.deepresonance import Example
+from tests.test_engine import REFERENCE, rows, run
+
+
+@pytest.fixture(scope="module")
+def model(tiny_layout):
+    return load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+
+
+def test_the_book_gives_takes_and_moves_blocks():
+    book = BlockPool(blocks=6, slots=3, per_row=4, block=4)
+    assert book.available == 5  # block 0 is the scratch block
+    assert book.grow(0, 5) and book.table[0].tolist() == [1, 2, 0, 0]  # 5 positions: 2 blocks of 4
+    assert book.grow(1, 4) and book.table[1].tolist() == [3, 0, 0, 0]
+    assert book.grow(0, 8) and book.held[0] == 2  # still 2 blocks
+    assert not book.grow(1, 13) and book.held[1] == 1  # needs 3 more, 2 free: nothing given
+    assert book.grow(0, 9) and book.table[0].tolist() == [1, 2, 4, 0]
+    assert book.owner.tolist() == [-1, 0, 0, 1, 0, -1] and book.place.tolist()[1:5] == [0, 1, 0, 2]
+    # prefill positions: slot 0's 6 columns in blocks 1 and 2, slot 1's 3 in block 3, padding into the scratch block
+    index = book.prefill_index([0, 1], [6, 3], 6)
+    assert index.tolist() == [[4, 5, 6, 7, 8, 9], [12, 13, 14, 3, 0, 1]]
+    book.released.clear()
+    book.release(0)
+    assert sorted(book.free) == [1, 2, 4, 5] and book.released == [1, 2, 4] and book.table[0].tolist() == [0] * 4
+    book.move([1], [2])
+    assert book.table[2].tolist() == [3, 0, 0, 0] and book.held[1:] == [0, 1] and book.owner[3] == 2
+
+
+def test_a_small_pool_preempts_and_every_answer_still_equals_one_row_generate(model, monkeypatch):
+    """7 rows through 3 slots whose pool holds 11 blocks of 8 positions, fewer than three of the longest rows need:
+    rows grow block by block, the youngest is preempted when a growing row finds the pool empty, and every row's ids
+    still equal `generate` on that row alone, with each row reported once."""
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (12, 12, 5, 12, 1, 12, 9)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    sizes = [model.example_length(ex) for ex in examples]
+    assert max(-(-(n + 12) // 8) for n in sizes) * 3 > 11  # three long rows would need more than the pool
+    grown = []
+    real = BlockPool.grow
+    monkeypatch.setattr(BlockPool, "grow", lambda self, s, n: grown.append(n) or real(self, s, n))
+    length = cache_length(max(sizes), 12)
+    for kernel in ("sdpa", "flex"):
+        engine = Engine(model, 3, length, 12, k_cap=1, kernel=kernel, sync_every=2, refill_min=1, blocks=12, block=8)
+        assert run(engine, examples, gens) == expected
+        assert engine.preempted > 0 and engine.state.done.all()
+        assert engine.book.available == 11 and not engine.book.owner.ge(0).any()  # every block back in the pool
+    assert any(n % 8 and n > max(sizes) for n in grown)  # rows grew past their prompt's blocks
+
+
+def test_sampled_answers_do_not_depend_on_preemption(model):
+    """A preempted row decoded again draws the same tokens: its stream is its own (counter-based), not the batch's."""
+    examples = rows()
+    gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.9, top_k=20, seed=3)
+    keys = [row_key(3, str(i), ex.instruction) for i, ex in enumerate(examples)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 12)
+    roomy = Engine(model, 3, length, 12, k_cap=20, sync_every=2, refill_min=1, block=8)
+    tight = Engine(model, 3, length, 12, k_cap=20, sync_every=2, refill_min=1, blocks=12, block=8)
+    assert run(tight, examples, [gen] * 7, keys) == run(roomy, examples, [gen] * 7, keys)
+    assert tight.preempted > 0 and roomy.preempted == 0
+
+
+def test_rows_in_flight_are_bounded_by_the_tokens_they_hold_not_their_budget(model, monkeypatch):
+    """Short answers under a long budget: a pool that holds four rows' prompts and first tokens would, reserving each
+    row's prompt + 48 tokens, hold one; paged, the four slots all decode together, since the rows end long before their
+    budget."""
+    examples = [Example("", "Hi", []), Example("", "Tell me about jazz.", [])] * 3
+    gen = replace(REFERENCE, max_new_tokens=48, decoder="engine")
+    short = [replace(gen, max_new_tokens=3)] * 6
+    longest = max(model.example_length(ex) for ex in examples)
+    blocks = 4 * -(-(longest + 2) // 8) + 1
+    assert (blocks - 1) // -(-(longest + 48) // 8) == 1
+    busy = []
+    real = Engine.advance
+    monkeypatch.setattr(Engine, "advance", lambda self: busy.append(self.active) or real(self))
+    length = cache_length(longest, 48)
+    engine = Engine(model, 4, length, 48, k_cap=1, sync_every=2, refill_min=1, blocks=blocks, block=8)
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, short, strict=True))}
+    assert run(engine, examples, short) == expected
+    assert max(busy) == 4 and engine.preempted == 0
+
+
+def test_a_row_longer_than_the_pool_is_refused_by_name(model):
+    engine = Engine(model, 2, 128, 8, k_cap=1, blocks=3, block=8)  # 2 usable blocks: 16 positions
+    gen = replace(REFERENCE, max_new_tokens=8)
+    ended = [u for batch in engine.run([Request("long", Example("", "word " * 20, []), gen, 1)]) for u in batch]
+    assert "do not fit the cache" in ended[0].error
+
+
+def test_blocks_come_from_the_memory_budget(model, monkeypatch):
+    config = model.llama_model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
+    assert bytes_per_position(config, torch.float32) == per_position
+    per_block = BLOCK * per_position
+    assert cache_length(40, 100) == 256 and cache_length(200, 300) == 512  # 2 blocks; 4
+    assert cache_length(300, 400) == 1024  # 6 blocks -> 8
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 200 * per_block + 5)
+    assert sizing.engine_size(model, 40, 100, 256) == (191, 256, 192)  # rounded down to 3 x 64 blocks; a row each
+    assert sizing.engine_size(model, 40, 100, 64) == (64, 256, 192)
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 40 * per_block)
+    assert sizing.engine_size(model, 40, 100, 256) == (39, 256, 40)  # under one step: every block
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 2 * per_block)
+    with pytest.raises(MemoryError, match="one row of 140 positions needs .* GiB of cache"):
+        Engine.sized(model, 40, 100, 64)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_dead_slots_and_prefill_padding_leave_only_zeros_in_the_scratch_block(kernel):
+    """Every row's unused table entries name the scratch block, so whatever lands there is read (with weight 0) by
+    live rows; a non-finite key of a dead slot or of a prompt's padding would turn that 0 into NaN."""
+    from transformers import LlamaConfig
+
+    from model.engine.kv_cache import PagedKV, decode_attention
+
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    kv = PagedKV(config, 3, 2, 7, torch.float32, torch.device("cpu"), kernel, block=4)
+    assert kv.book.grow(0, 3) and kv.book.grow(1, 2)
+    kv.sync()
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    k[1, :, 2:], v[1, :, 2:] = torch.nan, torch.inf  # row 1's padding columns
+    kv.prefill(0, kv.book.prefill_index([0, 1], [3, 2], 5), q, k, v, 1.0)
+    kv.pos[:2] = torch.tensor([3, 2])
+    assert kv.keys[0].isfinite().all() and kv.values[0].isfinite().all()
+    assert kv.book.grow(1, 6)  # slot 1 crosses into a second block; slot 2 is free
+    kv.sync()
+    alive = torch.tensor([True, False, False])
+    kv.pos[2] = 4  # a free slot's stale position points at an unallocated table entry: the scratch block
+    q, k, v = (torch.randn(3, 2, 1, 8) for _ in range(3))
+    k[1:], v[1:] = torch.nan, torch.nan
+    out = decode_attention(kv.step_inputs(3, alive)[0], q, k, v, 1.0)
+    assert out[0].isfinite().all()
+    scratch = [pool[0, :, :4] for pool in (kv.keys[0], kv.values[0])]
+    assert all((s == 0).all() for s in scratch)
+    assert kv.keys[0].isfinite().all() and kv.values[0].isfinite().all()
