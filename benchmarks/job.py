@@ -130,6 +130,7 @@ def whole_job(
         "failed": len(summary.failed),
         "rows_per_s": round(summary.answered / wall, 2),
         "slots": made["slots"],
+        **pool_figures(made["engine"]),
         "useful_tokens": useful,
         "generated_tokens": made["tokens"],
         "useful_tokens_per_s": round(useful / wall, 1),
@@ -176,10 +177,18 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
         "first_rows_s": figures(first),
         "rows": len(made),
         "slots": engine.slots,
+        **pool_figures(engine),
         "warmup_s": round(warmup, 2),
         "useful_tokens": sum(lengths),
         "useful_tokens_per_s": round(sum(lengths) / wall, 1),
     }
+
+
+def pool_figures(engine) -> dict:
+    """The engine's cache pool (blocks of BLOCK positions) and the rows it preempted for want of blocks."""
+    if engine is None:
+        return {}
+    return {"pool_blocks": engine.book.blocks, "preempted": engine.preempted}
 
 
 def _sync() -> None:

@@ -157,17 +157,17 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     """While open, `run_inference` answers each row to its own length: the engine's requests ask for it (installed
     where the job builds them); a static decoder's batch runs to its longest row (where real stopping would end it).
     Yields what the job did: {"tokens": the tokens of every answer it made, counted where it turns ids into text,
-    "slots": its engine's slot count (None with a static decoder)}."""
+    "slots": its engine's slot count (None with a static decoder), "engine": the engine (its pool and preemptions)}."""
     from model.infer import job
 
     by_id = {r.id: n for r, n in zip(data, lengths, strict=True)}
     request, row_media, generate, sized_engine = job.Request, job.row_media, job.generate, job.Engine.sized
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
-    made = {"tokens": 0, "slots": None}
+    made = {"tokens": 0, "slots": None, "engine": None}
 
     def sized(*args, **kwargs):
         engine = sized_engine(*args, **kwargs)
-        made["slots"] = engine.slots
+        made["slots"], made["engine"] = engine.slots, engine
         return engine
 
     def loaded(model, group, *args, **kwargs):

@@ -181,7 +181,10 @@ def decode_rows(
     if gen.decoder == "engine":
         longest = max((lengths[id(r)] for r in todo), default=1)
         engine = Engine.sized(model, longest, gen.max_new_tokens, batch_size, k_cap=top_k_cap(model, gen))
-        log.info("decoder: engine, %d slots x %d positions", engine.slots, engine.length)
+        log.info(
+            "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
+            engine.slots, engine.length, engine.book.blocks, engine.book.block,
+        )  # fmt: skip
         requests = (
             Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
             for group in ready()
