@@ -157,7 +157,16 @@ def reference_video(path: Path, reference: types.ModuleType) -> torch.Tensor:
     return torch.stack(reference.SpatialCrop(224, num_crops=3)(clips))
 
 
-@pytest.mark.parametrize("seconds, fps, size", [(3.0, 8, (64, 48)), (1.0, 6, (48, 80))])
+@pytest.mark.parametrize(
+    "seconds, fps, size",
+    [
+        (3.0, 8, (64, 48)),
+        (1.0, 6, (48, 80)),
+        (10.0, 8, (224, 224)),  # `dr bench job`'s videos: already 224 on the short side, so not rescaled
+        (2.0, 25, (640, 360)),  # large enough that swscale slices the reference's RGB conversion across threads
+        (2.5, 10, (360, 640)),
+    ],
+)
 def test_video_matches_imagebind(tmp_path, reference, seconds, fps, size):
     path = synth.write_video(tmp_path / "v.mp4", seconds, fps, size)
     got = load_video(path)
