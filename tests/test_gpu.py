@@ -237,3 +237,24 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
         assert run_inference(model, rows, tmp_path / "data", out, gen, batch_size=4).answered == 11
         answers.append(read_journal([out.with_suffix(".jsonl")]))
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("kernel", ["flex", "sdpa"])
+def test_compiled_paged_engine_grows_rows_across_blocks_and_preempts(tiny_layout, kernel):
+    """The compiled engine with a pool of 6 blocks of 128 positions for 4 slots: rows of up to 200 tokens grow into
+    their second block as they decode, the pool runs short, the youngest rows are preempted and decoded again. Each
+    row's ids equal one-row `generate` in fp32, and every block is back in the pool at the end."""
+    from dataclasses import replace
+
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import cache_length
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind, device="cuda")
+    model.merge_lora()
+    examples = rows() * 3
+    gens = [replace(GREEDY, max_new_tokens=n) for n in (200, 30, 150, 120, 1, 200, 90, 170, 60)]
+    expected = [generate_ids(model, [ex], g)[0] for ex, g in zip(examples, gens, strict=True)]
+    length = cache_length(max(model.example_length(ex) for ex in examples), 200)
+    engine = Engine(model, 4, length, 200, k_cap=1, kernel=kernel, sync_every=3, refill_min=1, narrow=(2,), blocks=6)
+    assert engine_ids(engine, examples, gens) == expected
+    assert engine.preempted > 0 and engine.book.available == 5
