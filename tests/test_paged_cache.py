@@ -153,3 +153,17 @@ def test_dead_slots_and_prefill_padding_leave_only_zeros_in_the_scratch_block(ke
     scratch = [pool[0, :, :4] for pool in (kv.keys[0], kv.values[0])]
     assert all((s == 0).all() for s in scratch)
     assert kv.keys[0].isfinite().all() and kv.values[0].isfinite().all()
+
+
+def test_a_streaming_engine_reserves_whole_budgets_and_never_preempts(model):
+    """The pool of the preempting test above, streaming: rows wait in the queue until their whole budget fits, so none
+    is preempted (a streamed answer cannot be taken back), and the answers are the same."""
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (12, 12, 5, 12, 1, 12, 9)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    length = cache_length(max(model.example_length(ex) for ex in examples), 12)
+    engine = Engine(model, 3, length, 12, k_cap=1, sync_every=2, refill_min=1, blocks=12, block=8, stream=True)
+    got = {}
+    for ended in engine.run(Request(i, ex, g, 0) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
+        got.update((u.handle, u.ids) for u in ended if u.done)
+    assert got == expected and engine.preempted == 0

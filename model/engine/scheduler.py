@@ -254,8 +254,10 @@ class Engine:
     def _admissible(self, most: int) -> int:
         """How many of the first `most` queued rows to admit: in order, while their prompts and first two advances fit
         in the free blocks beside what the rows decoding need for their next two (so that admitting rarely makes a
-        row be preempted)."""
-        book, ahead = self.book, 2 * self.sync_every
+        row be preempted). A streaming engine counts whole budgets instead and never preempts: text already streamed
+        cannot be taken back, and a row decoded again in another batch may, in low precision, take another path."""
+        book = self.book
+        ahead = self.max_new_tokens if self.stream else 2 * self.sync_every
         spare = book.available
         for s, row in enumerate(self.rows):
             if row is not None:
