@@ -9,7 +9,15 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.workloads import NEW_TOKENS, audio_rows, decode, full_size_llm, never_stopping_model, realistic_lengths
+from benchmarks.workloads import (
+    NEW_TOKENS,
+    audio_rows,
+    decode,
+    full_size_llm,
+    never_stopping_model,
+    prompt_rows,
+    realistic_lengths,
+)
 from model.config import VICUNA_7B
 
 
@@ -73,13 +81,16 @@ def bench_engine(
     save: Callable[[dict], None] = lambda report: None,
     sizes: dict = VICUNA_7B,
     device: str = "cuda",
+    prompts: Sequence[str] = ("short",),
 ) -> dict:
     """A realistic-length job (audio prompts, answers ending at caption-like lengths, `budget` max_new_tokens) through
     the engine and, on subsets of the same rows (`compare_rows` for the static loop, `generate` and transformers'
     continuous batching), the static-batch decoders (batches of 64 in dataset order, each running to its longest row,
     which is where real stopping would end it), and the original's way (one row at a time). Greedy; random weights
     never stop, so each row's own max_new_tokens is its drawn length (a length oracle inside this benchmark only).
-    `save(report)` is called after each measurement, so a run cut short keeps what it finished."""
+    `save(report)` is called after each measurement, so a run cut short keeps what it finished. `prompts`: the engine
+    also runs the first job's lengths on each other prompt shape named (benchmarks/workloads.py: PROMPT_SHAPES; the
+    same engine, sized for the longest prompt of all)."""
     from model.config import GenerationConfig
     from model.engine.scheduler import Engine
     from model.engine.sequence import Request
@@ -97,6 +108,8 @@ def bench_engine(
     greedy = GenerationConfig(max_new_tokens=budget, do_sample=False)
     examples = audio_rows(rows)
     report["prompt_positions"] = model.example_length(examples[0])
+    shaped = {shape: prompt_rows(model, rows, shape) for shape in prompts if shape != "short"}
+    longest = max([report["prompt_positions"], *(model.example_length(e) for rows_ in shaped.values() for e in rows_)])
     jobs = []
     for tail in tails:
         lengths = [min(n, budget) for n in realistic_lengths(rows, tail)]
@@ -105,7 +118,7 @@ def bench_engine(
             {"tail": tail, "mean_length": round(sum(lengths) / rows, 1), "results": SavedList(save, report)}
         )
 
-    def engine_run(engine: Engine, lengths: list[int]) -> float:
+    def engine_run(engine: Engine, lengths: list[int], examples: list = examples) -> float:
         start = time.perf_counter()
         refused = engine.submit(
             Request(i, ex, replace(greedy, max_new_tokens=k), i)
@@ -123,8 +136,9 @@ def bench_engine(
     # one decoder at a time over every job (its compiled code is built once; its memory is freed before the next)
     kernel = "flex" if on_cuda else "sdpa"
     built = time.perf_counter()
-    engine = Engine(model, slots, cache_length(report["prompt_positions"], budget), budget, k_cap=1, kernel=kernel)
+    engine = Engine.sized(model, longest, budget, slots, k_cap=1, kernel=kernel)
     report["engine_build_s"] = round(time.perf_counter() - built, 2)
+    report |= {"engine_slots": engine.slots, "pool_blocks": engine.book.blocks}
     # the process's first rows (one engine-full of 16-token answers) compile the step: the start-up a user waits
     # for; the jobs below then run warm
     report["engine_startup_s"] = round(report["engine_build_s"] + engine_run(engine, [16] * slots), 2)
@@ -139,6 +153,24 @@ def bench_engine(
                 log,
             )
         )
+    report["prompt_shapes"] = {}
+    for shape, shaped_rows in shaped.items():
+        sizes = [model.example_length(e) for e in shaped_rows]
+        preempted = engine.preempted
+        result = _timed_job(
+            f"engine ({kernel}), {shape} prompts",
+            lambda rows_=shaped_rows, engine=engine: engine_run(engine, jobs[0], rows_),
+            rows,
+            sum(jobs[0]),
+            log,
+        )
+        report["prompt_shapes"][shape] = {
+            "mean_prompt_positions": round(sum(sizes) / len(sizes), 1),
+            "prompt_positions_range": [min(sizes), max(sizes)],
+            "preempted": engine.preempted - preempted,
+            **result,
+        }
+        save(report)
     del engine
     _free()
     report["engine_batch1"] = _engine_batch1(

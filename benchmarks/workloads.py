@@ -130,3 +130,42 @@ def audio_rows(rows: int) -> list:
 
     g = torch.Generator().manual_seed(0)
     return [Example("<Audio>", INSTRUCTION, [("audio", torch.randn(3, 1024, generator=g))]) for _ in range(rows)]
+
+
+PROMPT_SHAPES = ("short", "long", "varied")  # audio + a MusicQA question; multiple-choice sized; 16-210 positions
+LONG_PROMPT = 170  # a MuChoMusic or RUListening question with its options
+VARIED = (16, 210)
+
+
+def prompt_rows(model, rows: int, shape: str, seed: int = 0) -> list:
+    """`rows` prompts of one shape: "short" (`audio_rows`), "long" (those rows' questions lengthened to LONG_PROMPT
+    positions) or "varied" (each row's length drawn from VARIED; rows shorter than an audio prompt are text only),
+    the same for every run. Questions grow by a filler word, whose positions per word are measured once."""
+    import random
+
+    from model.network.deepresonance import Example
+
+    base = audio_rows(rows)
+    if shape == "short":
+        return base
+    if shape not in PROMPT_SHAPES:
+        raise ValueError(f"unknown prompt shape {shape!r}: one of {', '.join(PROMPT_SHAPES)}")
+    draw = random.Random(seed)
+    targets = [LONG_PROMPT] * rows if shape == "long" else [draw.randint(*VARIED) for _ in range(rows)]
+    audio = model.example_length(base[0])
+
+    def grown(ex: Example, target: int) -> Example:
+        plain = model.example_length(ex)
+        per_word = (model.example_length(Example(ex.input, ex.instruction + " music" * 100, ex.media)) - plain) / 100
+        words = max(0, round((target - plain) / per_word))
+        return Example(ex.input, ex.instruction + " music" * words, ex.media)
+
+    text = Example("", "Answer briefly.", [])
+    made: dict[tuple[bool, int], Example] = {}
+    out = []
+    for ex, target in zip(base, targets, strict=True):
+        with_audio = target >= audio
+        shaped = made.get((with_audio, target)) or grown(ex if with_audio else text, target)
+        made[(with_audio, target)] = shaped
+        out.append(Example(shaped.input, shaped.instruction, ex.media if with_audio else []))
+    return out

@@ -164,9 +164,13 @@ def engine(
     ] = "512,128,512",
     only_engine: Annotated[bool, typer.Option(help="Only the engine (e.g. to time a second start-up).")] = False,
     workdir: Annotated[Path, typer.Option(help="Scratch folder.")] = Path("/tmp/dr_engine"),
+    prompts: Annotated[
+        str, typer.Option(help="Prompt shapes the engine runs: short (35 positions), long (170), varied (16-210).")
+    ] = "short,long,varied",
 ) -> None:
     """A realistic-length job (answers of caption-like lengths, 512-token budget): the continuous-batching engine
-    against the static loop, `generate`, transformers' continuous batching and the original's way, in one run."""
+    against the static loop, `generate`, transformers' continuous batching and the original's way, in one run; the
+    engine also on multiple-choice-sized and varied prompts."""
     need_cuda()
     from benchmarks.engine import bench_engine
 
@@ -174,6 +178,7 @@ def engine(
         rows=rows,
         slots=slots,
         only_engine=only_engine,
+        prompts=tuple(prompts.split(",")),
         compare_rows=tuple(int(n) for n in compare_rows.split(",")),
         workdir=str(workdir),
         log=console.print,
@@ -193,6 +198,11 @@ def engine(
                 str(r.get("useful_tokens_per_s_after_startup", "")),
             )
         console.print(table)
+    for shape, r in report.get("prompt_shapes", {}).items():
+        console.print(
+            f"engine, {shape} prompts (mean {r['mean_prompt_positions']} positions): "
+            f"{r.get('useful_tokens_per_s', r.get('error'))} useful tok/s, {r['preempted']} rows preempted"
+        )
     console.print(f"engine start-up (this process): {report['engine_startup_s']} s; the jobs above ran warm")
     for key, name in (("engine_batch1", "engine, one slot"), ("static_batch1", "static loop, batch 1")):
         if key in report:

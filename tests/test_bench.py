@@ -102,6 +102,7 @@ def test_bench_infer_cli_writes_the_report_and_prints_every_measure(report, monk
 
 # `bench_engine` at tiny sizes on the CPU: 12 rows through 4 slots, a 96-token budget
 TINY_ENGINE_BENCH = dict(rows=12, slots=4, budget=96, sizes=LLAMA_TINY, device="cpu", log=lambda line: None)
+PROMPTS = ("short", "long", "varied")
 
 
 def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_path):
@@ -116,6 +117,19 @@ def test_bench_engine_runs_every_row_to_its_own_length_and_times_one_slot(tmp_pa
         assert 0 < engine["startup_s"] <= engine["wall_s"]
     assert report["engine_batch1"]["tokens_per_s"] > 0 and report["engine_batch1"]["first_call_s"] > 0
     assert report["engine_startup_s"] > 0 and report["engine_startup_s"] >= report["engine_build_s"]
+
+
+def test_bench_engine_runs_the_same_lengths_on_long_and_varied_prompts(tmp_path):
+    """The engine also answers the first job's lengths on multiple-choice-sized prompts (170 positions, within a
+    filler word) and on prompts drawn from 16-210 positions, every row ended at its own length (engine_run checks)."""
+    report = bench_engine(**TINY_ENGINE_BENCH, tails=(0.0,), workdir=str(tmp_path), only_engine=True, prompts=PROMPTS)
+    shapes = report["prompt_shapes"]
+    assert set(shapes) == {"long", "varied"}
+    assert 168 <= shapes["long"]["mean_prompt_positions"] <= 172
+    low, high = shapes["varied"]["prompt_positions_range"]
+    assert 14 <= low < 40 and 150 < high <= 212  # 12 draws from 16-210, text-only rows under an audio prompt's length
+    useful = sum(min(n, TINY_ENGINE_BENCH["budget"]) for n in realistic_lengths(12, 0.0))
+    assert all(r["useful_tokens"] == useful and r["useful_tokens_per_s"] > 0 for r in shapes.values())
 
 
 @pytest.mark.slow
