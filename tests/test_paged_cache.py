@@ -167,3 +167,15 @@ def test_a_streaming_engine_reserves_whole_budgets_and_never_preempts(model):
     for ended in engine.run(Request(i, ex, g, 0) for i, (ex, g) in enumerate(zip(examples, gens, strict=True))):
         got.update((u.handle, u.ids) for u in ended if u.done)
     assert got == expected and engine.preempted == 0
+
+
+def test_jobs_on_other_datasets_size_to_the_same_compiled_shapes(model, monkeypatch):
+    """A second job, on a dataset whose longest prompt differs and with a little more or less free memory, gets the
+    same slots, row width and pool (every shape the compiled step is built for), so it loads the step from the compile
+    cache instead of compiling it again."""
+    per_block = BLOCK * bytes_per_position(model.llama_model.config, model.dtype)
+    shapes = set()
+    for longest, free_blocks in ((60, 710), (200, 705), (130, 767)):
+        monkeypatch.setattr(sizing, "memory_budget", lambda m, n=free_blocks: n * per_block)
+        shapes.add(sizing.engine_size(model, longest, 512, 256))
+    assert shapes == {(256, 1024, 704)}
