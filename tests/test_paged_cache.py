@@ -179,3 +179,30 @@ def test_jobs_on_other_datasets_size_to_the_same_compiled_shapes(model, monkeypa
         monkeypatch.setattr(sizing, "memory_budget", lambda m, n=free_blocks: n * per_block)
         shapes.add(sizing.engine_size(model, longest, 512, 256))
     assert shapes == {(256, 1024, 704)}
+
+
+def test_prefills_are_spread_over_advances_while_rows_decode(model, monkeypatch):
+    """With 60 prompt positions an advance while others decode, a refill of several rows goes in over several
+    advances (one row each where one alone is over 60), the first fill of an idle engine is not held back, and the
+    answers are unchanged."""
+    from model.engine import scheduler
+
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (12, 2, 2, 2, 12, 12, 2)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    sizes = [model.example_length(ex) for ex in examples]
+    monkeypatch.setattr(scheduler, "PREFILL_POSITIONS", 60)
+    filled: dict[int, list[int]] = {}
+    real = Engine._prefill
+    monkeypatch.setattr(
+        Engine,
+        "_prefill",
+        lambda self, r, s: filled.setdefault(self.advances, []).extend(q.size for q in r) or real(self, r, s),
+    )
+    length = cache_length(max(sizes), 12)
+    engine = Engine(model, 4, length, 12, k_cap=1, sync_every=2, refill_min=1)
+    assert run(engine, examples, gens) == expected
+    first, *later = filled.values()
+    assert len(first) == 4  # nothing decoded yet: every free slot filled at once
+    assert later and all(len(p) == 1 or sum(p) <= 60 for p in later)
+    assert sum(len(p) for p in filled.values()) == 7

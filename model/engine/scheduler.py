@@ -50,6 +50,9 @@ from model.text.stopping import StopRule
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
 SYNC_EVERY = 4
 PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
+# prompt positions an advance prefills while other rows decode (13.4 GFLOP a position on a 7B model: 16384 are about
+# 0.3 s on an H100); a job's steady refills (a few rows an advance) stay under it, bursts of long prompts are spread
+PREFILL_POSITIONS = 16384
 NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
 
 
@@ -189,7 +192,7 @@ class Engine:
                         row.steps_left -= self.sync_every
             previous, self.in_flight = self.in_flight, self.copies.queue(self.state, self.advances)
             updates = self._collect(previous) if previous else []
-            updates += self._refill()
+            self._refill()
             if not self.queue:
                 self._gather()
         return updates
@@ -236,16 +239,26 @@ class Engine:
             if ended:
                 yield ended
 
-    def _refill(self) -> list[Update]:
+    def _refill(self) -> None:
         free = [s for s, row in enumerate(self.rows) if row is None]
         take = self._admissible(min(len(free), len(self.queue)))
         if not take or (take < self.refill_min and take < len(self.queue) and self.active):
-            return []
-        updates = []
+            return
+        if self.active:
+            take = self._interleaved(take)
         for start in range(0, take, PREFILL_ROWS):
             chunk = [self.queue.popleft() for _ in range(min(PREFILL_ROWS, take - start))]
-            updates += self._prefill(chunk, free[start : start + len(chunk)])
-        return updates
+            self._prefill(chunk, free[start : start + len(chunk)])
+
+    def _interleaved(self, most: int) -> int:
+        """While rows decode, an advance prefills at most PREFILL_POSITIONS prompt positions (at least one row): a
+        prefill stalls the decoding rows for as long as it runs, and the rows left over go in at the next advance."""
+        total = 0
+        for n, r in enumerate(islice(self.queue, most)):
+            total += r.size
+            if total > PREFILL_POSITIONS and n:
+                return n
+        return most
 
     def _need(self, size: int, max_new_tokens: int, steps: int) -> int:
         """Positions a row of `size` prompt positions holds once `steps` decode steps ran (its budget bounds them)."""
@@ -299,7 +312,7 @@ class Engine:
         self.preempted += 1
 
     @torch.inference_mode()
-    def _prefill(self, requests: Sequence[Request], slots: Sequence[int]) -> list[Update]:
+    def _prefill(self, requests: Sequence[Request], slots: Sequence[int]) -> None:
         """Prefills `requests` into `slots` and draws their first tokens. Nothing here reads the device (host lengths,
         queued copies), so the launches overlap the decode steps queued before them."""
         batch = self.model.prepare([r.example for r in requests])
@@ -312,7 +325,7 @@ class Engine:
             self.queue.extendleft(reversed(requests[keep:]))
             requests, sizes = requests[:keep], sizes[:keep]
             if not requests:
-                return []
+                return
         self.kv.sync()
         slots = slots[: len(requests)]
         width = max(sizes)
@@ -329,7 +342,6 @@ class Engine:
         self.kv.pos[rows] = lengths
         for s, r, n in zip(slots, requests, sizes, strict=True):
             self.rows[s] = Row(r, self.advances, r.gen.max_new_tokens - 1, n)
-        return []
 
     def _on_device(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
         return to_device(torch.tensor(values, dtype=dtype), self.kv.device)
