@@ -58,8 +58,9 @@ def engine_size(
 ) -> tuple[int, int, int | None]:
     """(slots, positions per row, pool blocks) of an engine for prompts of up to `longest_prompt` positions and
     answers of up to `max_new_tokens`: `most_slots` rows, and as many cache blocks as fit in the memory budget (a
-    multiple of BLOCK_STEP; None on a CPU: the engine's default). Raises MemoryError with one line if the longest row
-    does not fit."""
+    multiple of BLOCK_STEP), but no more than every slot's longest row could fill (a 64-slot server does not take the
+    whole device); None on a CPU: the engine's default. Raises MemoryError with one line if the longest row does not
+    fit."""
     length = cache_length(longest_prompt, max_new_tokens)
     budget = memory_budget(model)
     if budget is None:
@@ -75,7 +76,8 @@ def engine_size(
             f"one row of {longest_prompt + max_new_tokens} positions needs {need * per_block / 2**30:.1f} GiB of "
             f"cache; {budget / 2**30:.1f} GiB is free for it: lower --max-new-tokens or free GPU memory"
         )
-    return min(most_slots, blocks - 1), length, blocks
+    slots = min(most_slots, blocks - 1)
+    return slots, length, min(blocks, slots * (length // BLOCK) + 1)  # no more than every slot's longest row
 
 
 def top_k_cap(model: DeepResonance, gen: GenerationConfig) -> int:
