@@ -171,8 +171,15 @@ def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor
         held = kv // block
         return (owner[held] == b) & (place[held] * block + kv % block < pos[b])
 
+    # no query blocks: they serve only the backward pass, and building them makes a dense map of every row against
+    # every block of the pool, each layer of each step
     mask = BlockMask.from_kv_blocks(
-        visible, table.view(n, 1, 1, per_row), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(1, keys.shape[2])
+        visible,
+        table.view(n, 1, 1, per_row),
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod,
+        seq_lengths=(1, keys.shape[2]),
+        compute_q_blocks=False,
     )
     # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write (seen with
     # torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp. The log-sum-exp comes
