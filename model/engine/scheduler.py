@@ -5,10 +5,12 @@ A static batch runs until its longest answer ends, so on real jobs (answers of v
 steps go to rows that already finished. Here each step runs the slots at one of a few fixed widths (a compiled step
 and CUDA graph per width serve the whole job: model_runner.py); rows end where model/text/stopping.py says, and freed
 slots are refilled between steps: waiting rows are prefilled together (right-padded; eager, or a few rows replayed as
-a CUDA graph: prefill_graphs.py) and their keys and values written into the freed slots (kv_cache.py). When the queue
-is empty and few rows are left (a job's end, a quiet server), they are moved into the first slots and the steps run at
-the narrowest width that holds them: past the weight reads a step's matmuls and attention grow with its width (every
-slot busy on an H200: 11.7 ms at 256 slots, 6.6 ms at 64).
+a CUDA graph: prefill_graphs.py) and their keys and values written into cache blocks of their own (the cache is paged:
+block_pool.py, kv_cache.py), as many rows as the free blocks hold, a burst of long prompts spread over several
+advances. When the queue is empty and few rows are left (a job's end, a quiet server), they are moved into the first
+slots (their block tables move, no key is copied) and the steps run at the narrowest width that holds them: past the
+weight reads a step's matmuls and attention grow with its width (every slot busy on an H200: 11.7 ms at 256 slots,
+6.6 ms at 64).
 
 The host never waits for the device's newest work: each `advance` queues `sync_every` steps, then reads the state the
 device had after the previous advance's steps (copied out behind them) and prefills the slots that state shows free,
