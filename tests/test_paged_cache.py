@@ -211,3 +211,31 @@ def test_prefills_are_spread_over_advances_while_rows_decode(model, monkeypatch)
     assert len(first) == 4  # nothing decoded yet: every free slot filled at once
     assert later and all(len(p) == 1 or sum(p) <= 60 for p in later)
     assert sum(len(p) for p in filled.values()) == 7
+
+
+@pytest.mark.slow
+def test_the_compiled_step_writes_the_pool_in_place():
+    """Compiled, a write through a view of a graph input (`keys[0][:, write] = ...`) copies the whole input: the
+    pool, every layer of every step (on an H100 the paged engine ran 2.7x slower for it,
+    benchmarks/results/2026-12-05-h100-paged-cache-first/). Inductor's code for the decode attention (the SDPA kernel:
+    Inductor on a CPU cannot build FlexAttention with its log-sum-exp) has no loop over the pool's elements."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from transformers import LlamaConfig
+
+    from model.engine.kv_cache import PagedKV, decode_attention
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    kv = PagedKV(config, 4, 2, 512, torch.float32, torch.device("cpu"), "sdpa")
+    for s in range(3):
+        assert kv.book.grow(s, 100)
+    kv.sync()
+    kv.pos[:3] = 99
+    q, k, v = (torch.randn(4, 2, 1, 32) for _ in range(3))
+    compiled = torch.compile(decode_attention, fullgraph=True, dynamic=False)
+    _, codes = run_and_get_code(compiled, kv.step_inputs(4, torch.tensor([True] * 3 + [False]))[0], q, k, v, 0.2)
+    elements = kv.keys[0].numel()
+    spans = [rf"<static_cast<int64_t>\({n}L\)" for n in (elements, elements // 2, elements // 64)]
+    assert codes and not any(re.search(span, code) for span in spans for code in codes)
+    torch._dynamo.reset()
