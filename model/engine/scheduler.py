@@ -276,10 +276,8 @@ class Engine:
         spare = book.available
         for s, row in enumerate(self.rows):
             if row is not None:
-                steps = row.request.gen.max_new_tokens - 1 - row.steps_left + ahead
-                spare -= max(
-                    0, book.blocks_for(self._need(row.size, row.request.gen.max_new_tokens, steps)) - book.held[s]
-                )
+                need = self._need(row.size, row.request.gen.max_new_tokens, row.issued + ahead)
+                spare -= max(0, book.blocks_for(need) - book.held[s])
         for n, r in enumerate(islice(self.queue, most)):
             spare -= book.blocks_for(self._need(r.size, r.gen.max_new_tokens, ahead))
             if spare < 0:
@@ -296,7 +294,7 @@ class Engine:
             if row is None or row.steps_left <= 0:
                 continue
             gen = row.request.gen
-            need = self._need(row.size, gen.max_new_tokens, gen.max_new_tokens - 1 - row.steps_left + self.sync_every)
+            need = self._need(row.size, gen.max_new_tokens, row.issued + self.sync_every)
             while not self.book.grow(s, need):
                 youngest = max(
                     (v for v, other in enumerate(self.rows) if other is not None), key=lambda v: self.rows[v].filled_at

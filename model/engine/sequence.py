@@ -50,3 +50,8 @@ class Row:
     @property
     def handle(self) -> Any:
         return self.request.handle
+
+    @property
+    def issued(self) -> int:
+        """Decode steps queued for the row so far."""
+        return self.request.gen.max_new_tokens - 1 - self.steps_left
