@@ -291,14 +291,19 @@ def test_an_unreadable_digest_memo_costs_a_rehash(tmp_path, weights, counted_dig
 
 @pytest.mark.slow
 def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
-    """A long job's media decode in processes (model/media/decoders.py): each file's encoder input is the one the
-    threads give, bit for bit, and a bad file's MediaError comes back across the process boundary naming it."""
+    """A long job's media decode in processes (model/media/decoders.py): the pool starts without holding up its
+    caller, each file's encoder input is the one the threads give, bit for bit, and a bad file's MediaError comes
+    back across the process boundary naming it."""
     from model.media.decoders import DecodeProcesses, in_threads
 
     paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0 + i, freq=200.0 * (i + 1)) for i in range(3)]
     paths.append(synth.write_garbage(tmp_path / "bad.wav"))
     threads = in_threads(2)("audio", paths)
+    begin = time.monotonic()
     with DecodeProcesses(2) as decode:
+        # the forkserver imports torch before the first process exists (seconds): not on the caller's thread, which
+        # builds the engine meanwhile
+        assert time.monotonic() - begin < 0.5
         processes = decode("audio", paths)
     for a, b in zip(threads[:3], processes[:3], strict=True):
         assert torch.equal(a, b)

@@ -51,11 +51,25 @@ from model.text.stopping import StopRule
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
 SYNC_EVERY = 4
-PREFILL_ROWS = 64  # rows per prefill call, bounding its activations
+# padded prompt positions per prefill call, bounding its activations (about 2 GB at 16384 on a 7B model); a call pads
+# each row to its longest, so rows go in by length (a varied job padded 84% beyond its prompts in calls of 64 rows
+# taken in queue order: benchmarks/results/2026-12-05-h100-engine-phases/)
+PREFILL_CHUNK = 16384
 # prompt positions an advance prefills while other rows decode (13.4 GFLOP a position on a 7B model: 16384 are about
 # 0.3 s on an H100); a job's steady refills (a few rows an advance) stay under it, bursts of long prompts are spread
 PREFILL_POSITIONS = 16384
 NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
+
+
+def prefill_chunks(requests: Sequence[Request], positions: int = PREFILL_CHUNK) -> list[list[Request]]:
+    """`requests` as prefill calls: shortest prompts first, each call at most `positions` positions once its rows are
+    padded to its longest (at least one row a call)."""
+    chunks: list[list[Request]] = []
+    for r in sorted(requests, key=lambda r: r.size):
+        if not chunks or (len(chunks[-1]) + 1) * r.size > positions:
+            chunks.append([])
+        chunks[-1].append(r)
+    return chunks
 
 
 class Engine:
@@ -248,9 +262,10 @@ class Engine:
             return
         if self.active:
             take = self._interleaved(take)
-        for start in range(0, take, PREFILL_ROWS):
-            chunk = [self.queue.popleft() for _ in range(min(PREFILL_ROWS, take - start))]
+        start = 0
+        for chunk in prefill_chunks([self.queue.popleft() for _ in range(take)], PREFILL_CHUNK):
             self._prefill(chunk, free[start : start + len(chunk)])
+            start += len(chunk)
 
     def _interleaved(self, most: int) -> int:
         """While rows decode, an advance prefills at most PREFILL_POSITIONS prompt positions (at least one row): a

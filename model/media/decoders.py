@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
@@ -50,15 +51,23 @@ def _one_intra_op_thread() -> None:
 
 
 class DecodeProcesses:
-    """A pool of decoding processes, started at once (so their start overlaps whatever the caller does next) and
-    closed with the job. Call it as a `Decode`."""
+    """A pool of decoding processes, started at once by a thread of its own and closed with the job. Call it as a
+    `Decode`.
+
+    Starting the processes blocks whoever starts them until the forkserver has imported its preload (torch and the
+    media code: 5.4 s on a 16-core H100 host, benchmarks/results/2026-12-05-h100-engine-phases/), so the caller's
+    thread does not: a job builds its engine meanwhile."""
 
     def __init__(self, workers: int) -> None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["model.media.preprocess"])  # imported once, then forked per worker
         self.workers = workers
         self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_intra_op_thread)
-        for _ in range(workers):
+        self.starting = threading.Thread(target=self._start, name="dr-decoders", daemon=True)
+        self.starting.start()
+
+    def _start(self) -> None:
+        for _ in range(self.workers):
             self.pool.submit(os.getpid)
 
     def __call__(self, modality: str, paths: Sequence[Path]) -> list[Decoded]:
@@ -66,6 +75,7 @@ class DecodeProcesses:
         return list(self.pool.map(partial(load_or_error, modality), paths, chunksize=chunk))
 
     def close(self) -> None:
+        self.starting.join()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> DecodeProcesses:
