@@ -258,3 +258,24 @@ def test_compiled_paged_engine_grows_rows_across_blocks_and_preempts(tiny_layout
     engine = Engine(model, 4, length, 200, k_cap=1, kernel=kernel, sync_every=3, refill_min=1, narrow=(2,), blocks=6)
     assert engine_ids(engine, examples, gens) == expected
     assert engine.preempted > 0 and engine.book.available == 5
+
+
+def test_packed_prefill_attention_in_half_precision_equals_the_masked_reference():
+    """The engine's packed prefill (prompts end to end, no padding) attends in bf16 through torch's variable-length
+    flash attention; each prompt's output equals causal SDPA over that prompt alone, and a query never sees another
+    prompt (a key of another row set huge would pull its output away)."""
+    import torch.nn.functional as F
+
+    from model.engine.kv_cache import packed_attention, varlen_attn
+
+    assert varlen_attn is not None, "this torch has no torch.nn.attention.varlen: the packed prefill falls back"
+    g = torch.Generator(device="cuda").manual_seed(3)
+    sizes = [5, 130, 1, 77, 260]
+    starts = torch.tensor([0, 5, 135, 136, 213, 473], device="cuda")
+    q, k, v = (torch.randn(473, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    v[135] = 1e4  # row 2's only value: rows 1 and 3 beside it must not see it
+    out = packed_attention(q, k, v, starts, max(sizes), 64**-0.5)
+    for r, n in enumerate(sizes):
+        a, b = starts[r].item(), starts[r].item() + n
+        alone = F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True)
+        torch.testing.assert_close(out[a:b], alone.transpose(0, 1), atol=2e-2, rtol=2e-2)

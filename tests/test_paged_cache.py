@@ -213,41 +213,36 @@ def test_prefills_are_spread_over_advances_while_rows_decode(model, monkeypatch)
     assert sum(len(p) for p in filled.values()) == 7
 
 
-def test_prefill_calls_group_prompts_by_length_within_their_positions():
-    """A call pads every row to its longest, so rows go in shortest first: six prompts of about 30 and 200 positions,
-    interleaved, in calls of at most 600 padded positions make two calls of three (worked by hand: 3 x 32 and 3 x 200
-    positions), where taking them in queue order would pad the short ones to 200."""
+def test_prefill_calls_hold_at_most_their_positions_in_queue_order():
+    """A refill's rows go in as calls of at most `positions` prompt positions (packed: no padding), in queue order, at
+    least one row a call (worked by hand)."""
     from model.engine.scheduler import prefill_chunks
 
-    sizes = [30, 200, 31, 199, 32, 198]
     requests = [Request(i, None, REFERENCE, i) for i in range(6)]
-    for r, n in zip(requests, sizes, strict=True):
+    for r, n in zip(requests, [30, 200, 31, 199, 32, 198], strict=True):
         r.size = n
-    chunks = prefill_chunks(requests, positions=600)
-    assert [[r.size for r in c] for c in chunks] == [[30, 31, 32], [198, 199, 200]]
-    assert [[r.handle for r in c] for c in prefill_chunks(requests, positions=199)] == [[0, 2, 4], [5], [3], [1]]
+    assert [[r.handle for r in c] for c in prefill_chunks(requests, positions=400)] == [[0, 1, 2], [3, 4], [5]]
+    assert [[r.handle for r in c] for c in prefill_chunks(requests, positions=100)] == [[0], [1], [2], [3], [4], [5]]
 
 
-def test_a_refill_split_into_calls_by_length_keeps_every_answer(model, monkeypatch):
-    """Seven prompts of different lengths fill an idle engine in several calls of few positions each (rows regrouped
-    by length, so a row's slot is not its queue place): every row's ids still equal one-row `generate`, and each call
-    holds rows no longer than the next call's."""
+def test_a_refill_split_into_packed_calls_keeps_every_answer(model, monkeypatch):
+    """Seven prompts of different lengths fill an idle engine in several packed calls of few positions each (prompts
+    end to end, each attending to itself alone, at its own positions): every row's ids still equal one-row
+    `generate`, and no call holds more than its positions unless it holds one row."""
     from model.engine import scheduler
 
     examples = rows()
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (6, 2, 5, 3, 6, 4, 2)]
     expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
-    sizes = sorted(model.example_length(ex) for ex in examples)
-    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 2 * sizes[-1])
+    sizes = [model.example_length(ex) for ex in examples]
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", max(sizes) + min(sizes))
     calls: list[list[int]] = []
     real = Engine._prefill
     monkeypatch.setattr(Engine, "_prefill", lambda self, r, s: calls.append([q.size for q in r]) or real(self, r, s))
-    engine = Engine(model, 7, cache_length(sizes[-1], 6), 6, k_cap=1, sync_every=2)
+    engine = Engine(model, 7, cache_length(max(sizes), 6), 6, k_cap=1, sync_every=2)
     assert run(engine, examples, gens) == expected
-    assert len(calls) >= 3 and sorted(n for c in calls for n in c) == sizes
-    assert all(max(a) <= min(b) for a, b in zip(calls, calls[1:], strict=False)) and all(
-        len(c) * max(c) <= 2 * sizes[-1] for c in calls
-    )
+    assert [n for c in calls for n in c] == sizes and len(calls) >= 3
+    assert all(sum(c) <= max(sizes) + min(sizes) or len(c) == 1 for c in calls)
 
 
 @pytest.mark.slow

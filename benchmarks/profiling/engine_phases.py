@@ -84,20 +84,25 @@ def instrumented(engine: Engine, spans: Spans, prefill_positions: list) -> list[
         (owner, name, owner.__dict__.get(name, MISSING))
         for owner, name in [
             (engine, n)
-            for n in ("step", "prefill_pass", "graphs", "_grow", "_collect", "_refill", "_gather", "advance")
+            for n in ("step", "packed_prefill", "graphs", "_grow", "_collect", "_refill", "_gather", "advance")
         ]
         + [(engine.kv, "sync"), (engine.model, "prepare")]
     ]
     engine.step = spans.device("decode_step", spans.timed("step_launch", engine.step))
 
     def counted(run, name):
-        def wrapper(embeds, index, last):
-            prefill_positions.append((int(last.numel()), int(index.numel()), int((last + 1).sum())))
-            return spans.device(name, spans.timed(name + "_launch", run))(embeds, index, last)
+        """A prefill call's rows and the positions it ran (a graph's padded width; a packed call's prompts: its
+        `sizes`, on the host) and the prompts' own positions where the host knows them (a graph's need the device)."""
+
+        def wrapper(embeds, index, third):
+            packed = isinstance(third, (list, tuple))
+            real = sum(third) if packed else None
+            prefill_positions.append((index.shape[0], real if packed else int(index.numel()), real))
+            return spans.device(name, spans.timed(name + "_launch", run))(embeds, index, third)
 
         return wrapper
 
-    engine.prefill_pass = counted(engine.prefill_pass, "prefill_eager")
+    engine.packed_prefill = counted(engine.packed_prefill, "prefill_packed")
     if engine.graphs is not None:
         engine.graphs = type("Timed", (), {"__call__": staticmethod(counted(engine.graphs, "prefill_graph"))})()
     for name in ("_grow", "_collect", "_refill", "_gather", "advance"):
@@ -180,7 +185,7 @@ def main() -> None:
             "prefill_calls": len(prefills),
             "prefill_rows": sum(p[0] for p in prefills),
             "prefill_positions_run": sum(p[1] for p in prefills),
-            "prefill_positions_real": sum(p[2] for p in prefills),
+            "prefill_positions_real_packed": sum(p[2] for p in prefills if p[2] is not None),
         }
         busy = sum(entry["device_s"].values())
         entry["device_idle_share"] = round(max(0.0, 1 - busy / wall), 3)

@@ -17,6 +17,7 @@ or zeros, and masked weight 0 x a non-finite value left by an earlier row (whose
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Literal, NamedTuple
 
@@ -24,6 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 from transformers import AttentionInterface
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.9: the masked SDPA serves
+    varlen_attn = None
 
 from model.engine.block_pool import BlockPool
 from model.io.transfer import to_device
@@ -133,10 +139,19 @@ class PagedKV:
             for k, v in zip(self.keys, self.values, strict=True)
         ]
 
-    def prefill(self, layer: int, index: torch.Tensor, q, k, v, scaling: float) -> torch.Tensor:
+    def prefill(
+        self, layer: int, index: torch.Tensor, q, k, v, scaling: float, starts: torch.Tensor | None = None, longest=0
+    ) -> torch.Tensor:
         """Right-padded prompts [R, heads, L, dim]: keys and values stored at the pool positions `index` [R, L]
         (model/engine/block_pool.py: prefill_index; padding columns point into the scratch block, where zeros are
-        written), causal attention over the prompt itself (a real query never sees a padded key: pads come after it)."""
+        written), causal attention over the prompt itself (a real query never sees a padded key: pads come after it).
+        With `starts` [R + 1], the prompts are packed [1, heads, T, dim] (row r in columns starts[r]:starts[r + 1],
+        the longest `longest` positions) and `index` is [T]."""
+        if starts is not None:
+            for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
+                pool[0][:, index] = new[0]
+            out = packed_attention(*(x[0].transpose(0, 1) for x in (q, k, v)), starts, longest, scaling)
+            return out.transpose(0, 1).unsqueeze(0)
         real = (index >= self.block).unsqueeze(1).unsqueeze(-1)  # [R, 1, L, 1]: not the scratch block
         flat = index.flatten()
         for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
@@ -149,6 +164,27 @@ class PagedKV:
         self.book.move(src, dst)
         s, d = (to_device(torch.tensor(x), self.device) for x in (src, dst))
         self.pos[d] = self.pos[s]
+
+
+def packed_attention(q, k, v, starts: torch.Tensor, longest: int, scaling: float) -> torch.Tensor:
+    """Causal attention within each of the prompts packed in q, k, v [T, heads, dim] (row r in starts[r]:starts[r + 1]):
+    torch's variable-length flash attention where it runs (CUDA, half precision), else SDPA with the equivalent
+    block-diagonal causal mask [T, T] (the CPU, fp32 on a GPU; exact, and a prompt's T is small there)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None:
+        cu = starts.to(torch.int32)
+        params = inspect.signature(varlen_attn).parameters  # torch 2.9-2.11 took is_causal, later a window
+        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if "scale" in params:
+            causal["scale"] = scaling
+        elif abs(scaling - q.shape[-1] ** -0.5) > 1e-6:
+            raise ValueError(f"this torch's varlen_attn has no scale argument; the model attends at scale {scaling}")
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
+    total = q.shape[0]
+    row = torch.searchsorted(starts[1:], torch.arange(total, device=q.device), right=True)
+    column = torch.arange(total, device=q.device)
+    mask = (row.unsqueeze(-1) == row) & (column <= column.unsqueeze(-1))
+    out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask, scale=scaling)
+    return out.transpose(0, 1)
 
 
 def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor:
@@ -211,7 +247,10 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     if "slots" in kwargs:
         out = decode_attention(kwargs["slots"], query, key, value, scaling)
     else:
-        out = kwargs["kv"].prefill(module.layer_idx, kwargs["kv_index"], query, key, value, scaling)
+        out = kwargs["kv"].prefill(
+            module.layer_idx, kwargs["kv_index"], query, key, value, scaling, kwargs.get("kv_starts"),
+            kwargs.get("kv_longest", 0),
+        )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -12,12 +12,14 @@ job's last few rows at a width that fits them (model/engine/scheduler.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 
 from model.engine import cuda_graphs
 from model.engine.kv_cache import PREFILL, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
+from model.io.transfer import to_device
 
 
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
@@ -36,6 +38,36 @@ def prefill_pass(
         inputs_embeds=embeds, position_ids=positions, attention_mask=PREFILL, use_cache=False, kv=kv, kv_index=index
     ).last_hidden_state
     return lm.lm_head(hidden[torch.arange(embeds.shape[0], device=embeds.device), last])
+
+
+def packed_prefill(
+    lm: torch.nn.Module, kv: PagedKV, embeds: torch.Tensor, index: torch.Tensor, sizes: Sequence[int]
+) -> torch.Tensor:
+    """`prefill_pass` without the padding: right-padded prompts [R, L, H] (row r's first sizes[r] columns real) and
+    their pool positions `index` [R, L] on the host go through `lm` end to end as one sequence of sum(sizes)
+    positions, each prompt attending causally to itself alone (kv_cache.packed_attention). A call whose prompts
+    differ in length computes no padding: a varied job's calls of 64 padded rows ran 84% more positions than its
+    prompts held (benchmarks/results/2026-12-05-h100-engine-phases/). Built from host lengths, so nothing here waits
+    for the device."""
+    rows, width = index.shape
+    real = torch.arange(width) < torch.tensor(sizes).unsqueeze(-1)
+    flat = (torch.arange(rows).unsqueeze(-1) * width + torch.arange(width))[real]
+    starts = torch.tensor([0, *accumulate(sizes)])
+    total = len(flat)
+    columns = torch.arange(width).expand(rows, -1)[real]
+    moved = to_device(torch.cat([flat, columns, index[real], starts]), kv.device)  # one queued copy
+    flat, columns, at, starts = moved.split([total, total, total, rows + 1])
+    hidden = lm.model(
+        inputs_embeds=embeds.flatten(0, 1)[flat].unsqueeze(0),
+        position_ids=columns.unsqueeze(0),
+        attention_mask=PREFILL,
+        use_cache=False,
+        kv=kv,
+        kv_index=at,
+        kv_starts=starts,
+        kv_longest=max(sizes),
+    ).last_hidden_state
+    return lm.lm_head(hidden[0, starts[1:] - 1])
 
 
 class SlotStep:

@@ -4,8 +4,8 @@ next waiting row.
 A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
 steps go to rows that already finished. Here each step runs the slots at one of a few fixed widths (a compiled step
 and CUDA graph per width serve the whole job: model_runner.py); rows end where model/text/stopping.py says, and freed
-slots are refilled between steps: waiting rows are prefilled together (right-padded; eager, or a few rows replayed as
-a CUDA graph: prefill_graphs.py) and their keys and values written into cache blocks of their own (the cache is paged:
+slots are refilled between steps: waiting rows are prefilled together (packed end to end, eager: model_runner.py; a
+few rows padded and replayed as a CUDA graph: prefill_graphs.py) and their keys and values written into cache blocks of their own (the cache is paged:
 block_pool.py, kv_cache.py), as many rows as the free blocks hold, a burst of long prompts spread over several
 advances. When the queue is empty and few rows are left (a job's end, a quiet server), they are moved into the first
 slots (their block tables move, no key is copied) and the steps run at the narrowest width that holds them: past the
@@ -39,7 +39,7 @@ from peft import PeftModel
 from model.config import GenerationConfig
 from model.engine.compile_cache import compile_cache_dir
 from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
-from model.engine.model_runner import SlotStep, prefill_pass
+from model.engine.model_runner import SlotStep, packed_prefill, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
 from model.engine.sequence import Request, Row, Update
 from model.engine.sizing import engine_size, fits_slot
@@ -51,9 +51,8 @@ from model.text.stopping import StopRule
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
 SYNC_EVERY = 4
-# padded prompt positions per prefill call, bounding its activations (about 2 GB at 16384 on a 7B model); a call pads
-# each row to its longest, so rows go in by length (a varied job padded 84% beyond its prompts in calls of 64 rows
-# taken in queue order: benchmarks/results/2026-12-05-h100-engine-phases/)
+# prompt positions per prefill call, bounding its activations (about 2 GB at 16384 on a 7B model); calls are packed,
+# so these are the prompts' own positions (model_runner.packed_prefill)
 PREFILL_CHUNK = 16384
 # prompt positions an advance prefills while other rows decode (13.4 GFLOP a position on a 7B model: 16384 are about
 # 0.3 s on an H100); a job's steady refills (a few rows an advance) stay under it, bursts of long prompts are spread
@@ -62,13 +61,15 @@ NARROW = (64,)  # narrower widths the step also runs at; each costs a process a 
 
 
 def prefill_chunks(requests: Sequence[Request], positions: int = PREFILL_CHUNK) -> list[list[Request]]:
-    """`requests` as prefill calls: shortest prompts first, each call at most `positions` positions once its rows are
-    padded to its longest (at least one row a call)."""
+    """`requests`, in order, as prefill calls of at most `positions` prompt positions each (at least one row a call)."""
     chunks: list[list[Request]] = []
-    for r in sorted(requests, key=lambda r: r.size):
-        if not chunks or (len(chunks[-1]) + 1) * r.size > positions:
+    total = 0
+    for r in requests:
+        if not chunks or total + r.size > positions:
             chunks.append([])
+            total = 0
         chunks[-1].append(r)
+        total += r.size
     return chunks
 
 
@@ -130,6 +131,7 @@ class Engine:
                 graphs=compiled and on_cuda,
             )  # fmt: skip
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
+        self.packed_prefill = partial(packed_prefill, self.lm, self.kv)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
         self.graphs = PrefillGraphs(self.prefill_pass, capture=on_cuda) if graphs else None
 
@@ -349,9 +351,11 @@ class Engine:
         index = self.book.prefill_index(slots, sizes, padded_width(width, self.length) if graph else width)
         rows = self._on_device(slots, torch.long)
         lengths = self._on_device(sizes, torch.long)
-        run = self.graphs if graph else self.prefill_pass
         with slot_attention_on(self.llm):
-            logits = run(embeds, to_device(index, self.kv.device), lengths - 1)
+            if graph:  # a few rows: one CUDA graph per shape, so padded
+                logits = self.graphs(embeds, to_device(index, self.kv.device), lengths - 1)
+            else:
+                logits = self.packed_prefill(embeds, index, sizes)
         self.state.start(rows, [r.gen for r in requests], [r.key for r in requests])
         self.state.first(rows, logits, self.k_cap, self.rule.eos, self.stop_tensors)
         self.kv.pos[rows] = lengths
