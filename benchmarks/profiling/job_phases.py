@@ -125,7 +125,7 @@ class GpuBusy:
 def instrument(phases: Phases) -> None:
     """Timers around the job's phases, installed on the modules that call them."""
     from model.data import row_features
-    from model.engine import scheduler
+    from model.engine import model_runner, scheduler
     from model.infer import job, journal
     from model.media import decoders, encoder, features
 
@@ -142,7 +142,7 @@ def instrument(phases: Phases) -> None:
 
     features.in_threads = in_threads
     phases.wrap(decoders.DecodeProcesses, "__call__", "media decode, processes (a group's wall)")
-    phases.wrap(decoders.DecodeProcesses, "__init__", "decoding processes started")
+    phases.wrap(decoders.DecodeProcesses, "_start", "decoding processes started (a thread of their own)")
     phases.wrap(encoder.MediaEncoder, "forward", "encoder forward")
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
     phases.wrap(features.FeatureCache, "get", "cache: read")
@@ -150,6 +150,7 @@ def instrument(phases: Phases) -> None:
     phases.wrap(row_features, "row_media", "row_media (a group, background)")
     phases.wrap(journal.Journal, "write", "journal write")
     phases.wrap(scheduler.Engine, "__init__", "engine build")
+    phases.wrap(model_runner.SlotStep, "__init__", "engine build: steps traced, compiled or loaded, captured")
     phases.wrap(scheduler.Engine, "_prefill", "engine prefill (host)")
     job.row_media = row_features.row_media  # job imported the name before the wrap
 
