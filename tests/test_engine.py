@@ -343,3 +343,33 @@ def test_each_slot_count_gets_a_static_step(model, monkeypatch):
         assert len(run(engine, examples, gens)) == 3
     assert len(symbolic) >= 3 and not any(symbolic)
     torch._dynamo.reset()
+
+
+def test_a_source_with_nothing_ready_lets_the_engine_decode_what_it_has(model):
+    """A request source (a job whose next media group is still loading) may say WAIT: an engine with rows decodes them
+    and asks again, instead of waiting on the source; an idle one asks on. Every row still equals one-row `generate`."""
+    from model.engine.scheduler import WAIT
+
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 2, 6, 4, 5, 2, 3)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    keys = [row_key(0, str(i), ex.instruction) for i, ex in enumerate(examples)]
+    ended: dict[int, list[int]] = {}
+
+    def source():
+        yield from (WAIT, WAIT)  # nothing queued yet: the engine must not stop here
+        for i in (0, 1):
+            yield Request(i, examples[i], gens[i], keys[i])
+        for _ in range(1000):
+            if ended:
+                break
+            yield WAIT
+        else:
+            raise AssertionError("the engine kept asking its source instead of decoding the rows it had")
+        for i in range(2, 7):
+            yield Request(i, examples[i], gens[i], keys[i])
+
+    engine = Engine(model, 4, cache_length(max(model.example_length(ex) for ex in examples), 6), 6, k_cap=1)
+    for batch in engine.run(source()):
+        ended.update((u.handle, u.ids) for u in batch)
+    assert ended == expected

@@ -337,3 +337,25 @@ def test_prefetch_starts_loading_before_it_is_iterated_and_stays_depth_ahead():
     out = list(media)
     media.close()
     assert out == [([0], [0]), ([1], [10]), ([2], [20]), ([3], [30])] and started == [0, 1, 2, 3]
+
+
+def test_prefetch_says_wait_while_its_caller_is_busy_and_blocks_when_it_is_not():
+    """While the engine decodes (`busy`), a group still loading comes back as WAIT instead of holding the engine up;
+    once the caller has nothing else to do, the loader is waited for, and every group still comes, in order."""
+    import threading
+
+    from model.engine.scheduler import WAIT
+    from model.infer.job import Prefetch
+
+    slow = threading.Event()
+    media = Prefetch([[0], [1]], lambda g: slow.wait(5) and [g[0] * 10] if g[0] else [0], depth=2)
+    busy = [True]
+    media.busy = lambda: busy[0]
+    items = iter(media)
+    assert next(items) == ([0], [0])
+    assert next(items) is WAIT and next(items) is WAIT  # group 1 is still loading: the engine decodes on
+    busy[0] = False
+    threading.Timer(0.2, slow.set).start()
+    assert next(items) == ([1], [10])  # nothing else to do: waited for
+    assert next(items, None) is None
+    media.close()

@@ -3,14 +3,12 @@ next waiting row.
 
 A static batch runs until its longest answer ends, so on real jobs (answers of very different lengths) most of its
 steps go to rows that already finished. Here each step runs the slots at one of a few fixed widths (a compiled step
-and CUDA graph per width serve the whole job: model_runner.py); rows end where model/text/stopping.py says, and freed
-slots are refilled between steps: waiting rows are prefilled together (packed end to end, eager: model_runner.py; a
-few rows padded and replayed as a CUDA graph: prefill_graphs.py) and their keys and values written into cache blocks of their own (the cache is paged:
-block_pool.py, kv_cache.py), as many rows as the free blocks hold, a burst of long prompts spread over several
-advances. When the queue is empty and few rows are left (a job's end, a quiet server), they are moved into the first
-slots (their block tables move, no key is copied) and the steps run at the narrowest width that holds them: past the
-weight reads a step's matmuls and attention grow with its width (every slot busy on an H200: 11.7 ms at 256 slots,
-6.6 ms at 64).
+and CUDA graph per width: model_runner.py); rows end where model/text/stopping.py says, and freed slots are refilled
+between steps: waiting rows are prefilled together (packed end to end: model_runner.py; a few rows padded, replayed
+as a CUDA graph: prefill_graphs.py) into cache blocks of their own (paged: block_pool.py, kv_cache.py), as many as
+the free blocks hold, a burst of long prompts spread over several advances. When the queue is empty and few rows are
+left, they are moved into the first slots (block tables move, no key is copied) and the steps run at the narrowest
+width that holds them (every slot busy on an H200: 11.7 ms a step at 256 slots, 6.6 ms at 64).
 
 The host never waits for the device's newest work: each `advance` queues `sync_every` steps, then reads the state the
 device had after the previous advance's steps (copied out behind them) and prefills the slots that state shows free,
@@ -51,12 +49,11 @@ from model.text.stopping import StopRule
 # decode steps per advance: a row that ends waits up to twice this for its slot's reuse; 4 beat 8 and 16 on the
 # realistic-length job in both H200 profiles (benchmarks/README.md, runs 3 and 4: +1.6%, +2.0% over 8)
 SYNC_EVERY = 4
-# prompt positions per prefill call, bounding its activations (about 2 GB at 16384 on a 7B model); calls are packed,
-# so these are the prompts' own positions (model_runner.packed_prefill)
-PREFILL_CHUNK = 16384
+PREFILL_CHUNK = 16384  # prompt positions a (packed) prefill call runs, bounding its activations: ~2 GB on a 7B model
 # prompt positions an advance prefills while other rows decode (13.4 GFLOP a position on a 7B model: 16384 are about
 # 0.3 s on an H100); a job's steady refills (a few rows an advance) stay under it, bursts of long prompts are spread
 PREFILL_POSITIONS = 16384
+WAIT = object()  # what a request source yields for "none ready yet" (Engine.run)
 NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
 
 
@@ -237,17 +234,20 @@ class Engine:
             self.rows[d], self.rows[s] = self.rows[s], None
             self.rows[d].filled_at = self.advances
 
-    def run(self, requests: Iterable[Request]) -> Iterator[list[Update]]:
+    def run(self, requests: Iterable[Request | object]) -> Iterator[list[Update]]:
         """Every request's final update, in the order rows end, as the lists that end together (one journal write
-        each); `requests` is read lazily (two engine-fulls ahead), so it may load media as it goes."""
+        each); `requests` is read lazily (two engine-fulls ahead), so it may load media as it goes, and may yield WAIT
+        for "none ready yet": the engine then decodes what it has and asks again after the next advance."""
         source = iter(requests)
         exhausted = False
         while True:
             while not exhausted and len(self.queue) < 2 * self.slots:
                 nxt = next(source, None)
+                if nxt is WAIT and self.pending:
+                    break
                 if nxt is None:
                     exhausted = True
-                else:
+                elif nxt is not WAIT:
                     refused = self.submit([nxt])
                     if refused:
                         yield refused

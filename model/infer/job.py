@@ -22,7 +22,7 @@ from model.config import GenerationConfig
 from model.data.catalog import Row
 from model.data.row_features import DECODE_WORKERS, row_media
 from model.engine.sampler import row_key
-from model.engine.scheduler import Engine
+from model.engine.scheduler import WAIT, Engine
 from model.engine.sequence import Request
 from model.engine.sizing import top_k_cap
 from model.generate.base import generate
@@ -49,19 +49,31 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+# media groups loaded ahead of the engine: a group's features are small (a 512-row audio group about 6 MB), so the
+# loader runs ahead of the decoding instead of idling while the engine takes the groups before it; decoded media
+# inputs (the large ones) exist for one group at a time, in the loader
+PREFETCH_DEPTH = 6
+
+
 class Prefetch:
     """(group, load(group)) for each group, in order, loaded by one background thread that keeps `depth` groups
     ahead of the caller. The first loads start at construction, so they overlap whatever the caller does before it
-    iterates (building and compiling the engine)."""
+    iterates (building and compiling the engine). While `busy()` says the caller has other work, a group not loaded
+    yet comes back as WAIT instead of being waited for."""
 
-    def __init__(self, groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], list], depth: int = 2):
+    def __init__(
+        self, groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], list], depth: int = PREFETCH_DEPTH
+    ):
         self.groups, self.load = groups, load
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dr-media")
         self.pending = deque(self.pool.submit(load, g) for g in groups[:depth])
+        self.busy: Callable[[], bool] = lambda: False
 
-    def __iter__(self) -> Iterator[tuple[Sequence[Row], list]]:
+    def __iter__(self) -> Iterator[tuple[Sequence[Row], list] | object]:
         upcoming = len(self.pending)
         for group in self.groups:
+            while self.busy() and not self.pending[0].done():
+                yield WAIT
             loaded = self.pending.popleft().result()
             if upcoming < len(self.groups):
                 self.pending.append(self.pool.submit(self.load, self.groups[upcoming]))
@@ -172,9 +184,14 @@ def decode_rows(
         if stop.signal:
             raise KeyboardInterrupt
 
-    def ready() -> Iterator[list[tuple[Row, list]]]:
-        """Each batch's rows whose media loaded; the others are journaled as errors on the way."""
-        for group, loaded in media:
+    def ready() -> Iterator[list[tuple[Row, list]] | object]:
+        """Each batch's rows whose media loaded (or WAIT, while the media are not loaded and the engine decodes);
+        the others are journaled as errors on the way."""
+        for item in media:
+            if item is WAIT:
+                yield item
+                continue
+            group, loaded = item
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
@@ -185,16 +202,21 @@ def decode_rows(
             "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
             engine.slots, engine.length, engine.book.blocks, engine.book.block,
         )  # fmt: skip
-        requests = (
-            Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
-            for group in ready()
-            for r, m in group
-        )
-        for ended in engine.run(requests):
+        media.busy = lambda: engine.pending > 0  # the engine decodes while the next group loads
+
+        def requests() -> Iterator[Request | object]:
+            for group in ready():
+                if group is WAIT:
+                    yield group
+                    continue
+                for r, m in group:
+                    yield Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
+
+        for ended in engine.run(requests()):
             finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
         return
     log.info("decoder: %s", gen.decoder)
-    for group in ready():
+    for group in ready():  # WAIT never comes: nothing else is busy
         answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
         finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
 
