@@ -142,10 +142,10 @@ def answer_rows(
 ) -> None:
     """Answers `todo`, journaling rows as they finish (answers and media errors) and counting them in `summary`."""
     lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
-    todo.sort(key=lambda r: lengths[id(r)])  # similar lengths decode (or prefill) together: little padding
+    todo.sort(key=lambda r: lengths[id(r)])  # the static decoders pad a batch to its longest (the engine packs)
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed), read, preprocessed (in
     # processes for a long job on a GPU: model/media/decoders.py) and encoded in a background thread that starts now,
-    # while the engine is built, and stays two batches ahead of the decoding
+    # while the engine is built, and stays PREFETCH_DEPTH batches ahead of the decoding
     batches = list(chunks(todo, batch_size))
     processes = processes_for(sum(len(r.mm_names) for r in todo), model.device)
     stop = StopOnSignal((signal.SIGINT,))
