@@ -311,6 +311,31 @@ def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
     assert processes[3].reason == threads[3].reason
 
 
+def test_files_asked_for_while_the_decoding_processes_start_are_decoded_by_the_caller(tmp_path, monkeypatch):
+    """The pool's start (the forkserver importing torch: seconds) does not hold up a job's first media: until it is
+    up, the files are decoded on the calling thread, as the threads would decode them, and no worker is started."""
+    import multiprocessing
+    import threading
+
+    from model.media import decoders
+
+    up = threading.Event()
+    monkeypatch.setattr(decoders.DecodeProcesses, "_start", lambda self: up.wait(30))
+    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=300.0 * (i + 1)) for i in range(3)]
+    paths.append(synth.write_garbage(tmp_path / "bad.wav"))
+    expected = decoders.in_threads(2)("audio", paths)
+    decode = decoders.DecodeProcesses(2)
+    try:
+        got = decode("audio", paths)
+        assert not multiprocessing.active_children()  # the pool would have started its workers to map them
+    finally:
+        up.set()
+        decode.close()
+    for a, b in zip(expected[:3], got[:3], strict=True):
+        assert torch.equal(a, b)
+    assert isinstance(got[3], MediaError) and got[3].reason == expected[3].reason
+
+
 def test_prefetch_starts_loading_before_it_is_iterated_and_stays_depth_ahead():
     """The job's media loader: the first `depth` groups load as soon as it exists (overlapping the engine's build),
     later ones only as earlier ones are taken, and groups come back in order."""

@@ -258,6 +258,32 @@ def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, m
     assert summary.answered == 4 and len(media_calls) == 2 and overlapped == [True]
 
 
+@pytest.mark.parametrize(("decoder", "groups"), [("engine", [2, 3, 2]), ("generate", [3, 3, 1])])
+def test_an_engine_jobs_first_media_group_is_small(tiny_layout, tmp_path, monkeypatch, decoder, groups):
+    """An engine job loads a small first media group (FIRST_GROUP rows), so its engine starts on rows whose media
+    came quickly, then whole engine-fulls; a static decoder's groups are its batches. Answers do not depend on it."""
+    import model.infer.job as inference
+
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 7))
+    sizes = []
+    real_row_media = inference.row_media
+
+    def row_media(model, group, *args, **kwargs):
+        sizes.append(len(group))
+        return real_row_media(model, group, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "row_media", row_media)
+    monkeypatch.setattr(inference, "FIRST_GROUP", 2)
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False, decoder=decoder)
+    summary = run_inference(model, rows, tmp_path / "data", tmp_path / "small" / "r.json", gen, batch_size=3)
+    assert summary.answered == 7 and sizes == groups
+    monkeypatch.setattr(inference, "FIRST_GROUP", 3)
+    run_inference(model, rows, tmp_path / "data", tmp_path / "whole" / "r.json", gen, batch_size=3)
+    answers = lambda name: sorted(map(json.dumps, journal_lines(tmp_path / name / "r.json")))  # noqa: E731
+    assert answers("small") == answers("whole")
+
+
 @pytest.mark.slow
 def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root, tmp_path):
     """Answers of different lengths (the stopping model) finish out of order in the engine; a job killed mid-run and

@@ -53,6 +53,10 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 # loader runs ahead of the decoding instead of idling while the engine takes the groups before it; decoded media
 # inputs (the large ones) exist for one group at a time, in the loader
 PREFETCH_DEPTH = 6
+# rows in an engine job's first media group: its media (decoded on the loader's thread while the decoding processes
+# start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is
+# built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
+FIRST_GROUP = 64
 
 
 class Prefetch:
@@ -146,7 +150,8 @@ def answer_rows(
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed), read, preprocessed (in
     # processes for a long job on a GPU: model/media/decoders.py) and encoded in a background thread that starts now,
     # while the engine is built, and stays PREFETCH_DEPTH batches ahead of the decoding
-    batches = list(chunks(todo, batch_size))
+    first = min(FIRST_GROUP, batch_size) if gen.decoder == "engine" else batch_size  # a static decoder's: batches
+    batches = [todo[:first], *chunks(todo[first:], batch_size)]
     processes = processes_for(sum(len(r.mm_names) for r in todo), model.device)
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:
