@@ -239,6 +239,29 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
     assert answers[0] == answers[1]
 
 
+def test_a_jobs_media_load_on_a_stream_of_their_own(tiny_layout, tmp_path, monkeypatch):
+    """The job's loader thread encodes on its own CUDA stream, not between the engine's steps on the default one."""
+    from synth import make_row, write_dataset, write_wav
+
+    import model.infer.job as inference
+    from model.data.catalog import load_rows
+
+    write_wav(tmp_path / "data" / "a.wav", 1.0, 220.0)
+    rows, _ = load_rows(write_dataset(tmp_path / "data", [make_row(f"r{i}", [("audio", "a.wav")]) for i in range(3)]))
+    streams = []
+    real_row_media = inference.row_media
+
+    def row_media(model, *args, **kwargs):
+        streams.append(torch.cuda.current_stream(model.device) != torch.cuda.default_stream(model.device))
+        return real_row_media(model, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "row_media", row_media)
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind, device="cuda")
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    assert inference.run_inference(model, rows, tmp_path / "data", tmp_path / "r.json", gen, 2).answered == 3
+    assert streams == [True, True]
+
+
 @pytest.mark.parametrize("kernel", ["flex", "sdpa"])
 def test_compiled_paged_engine_grows_rows_across_blocks_and_preempts(tiny_layout, kernel):
     """The compiled engine with a pool of 6 blocks of 128 positions for 4 slots: rows of up to 200 tokens grow into

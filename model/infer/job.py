@@ -18,6 +18,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from model.config import GenerationConfig
 from model.data.catalog import Row
 from model.data.row_features import DECODE_WORKERS, row_media
@@ -153,10 +155,19 @@ def answer_rows(
     first = min(FIRST_GROUP, batch_size) if gen.decoder == "engine" else batch_size  # a static decoder's: batches
     batches = [todo[:first], *chunks(todo[first:], batch_size)]
     processes = processes_for(sum(len(r.mm_names) for r in todo), model.device)
+    # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
+    # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
+    # each call's read-back would wait for every step queued before it
+    side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+
+    def load(group: Sequence[Row]) -> list:
+        with torch.cuda.stream(side):  # no-op without one
+            return row_media(model, group, media_root, cache, batch_size, workers, decode)
+
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:
         decode = closing.enter_context(DecodeProcesses(processes)) if processes else None
-        media = Prefetch(batches, lambda g: row_media(model, g, media_root, cache, batch_size, workers, decode))
+        media = Prefetch(batches, load)
         closing.callback(media.close)
         closing.enter_context(stop)
         decode_rows(model, todo, lengths, gen, batch_size, media, journal, summary, stop, on_progress)
