@@ -284,6 +284,32 @@ def test_an_engine_jobs_first_media_group_is_small(tiny_layout, tmp_path, monkey
     assert answers("small") == answers("whole")
 
 
+def test_an_engine_job_is_sized_before_its_media_loader_starts(tiny_layout, tmp_path, monkeypatch):
+    """The engine's pool is a share of the free memory: sized once the loader encodes, it would follow the encoder's
+    activations, and its compiled step's shapes (which the compile cache keys on) would change from run to run."""
+    import model.infer.job as inference
+
+    events = []
+    real_size, real_prefetch = inference.engine_size, inference.Prefetch
+
+    def engine_size(*args, **kwargs):
+        events.append("size")
+        return real_size(*args, **kwargs)
+
+    class Prefetch(real_prefetch):
+        def __init__(self, *args, **kwargs):
+            events.append("loader")  # its first loads start here
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "engine_size", engine_size)
+    monkeypatch.setattr(inference, "Prefetch", Prefetch)
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 3))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    assert run_inference(model, rows, tmp_path / "data", tmp_path / "r.json", gen, batch_size=2).answered == 3
+    assert events == ["size", "loader"]
+
+
 @pytest.mark.slow
 def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root, tmp_path):
     """Answers of different lengths (the stopping model) finish out of order in the engine; a job killed mid-run and

@@ -26,7 +26,7 @@ from model.data.row_features import DECODE_WORKERS, row_media
 from model.engine.sampler import row_key
 from model.engine.scheduler import WAIT, Engine
 from model.engine.sequence import Request
-from model.engine.sizing import top_k_cap
+from model.engine.sizing import engine_size, top_k_cap
 from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
@@ -154,6 +154,11 @@ def answer_rows(
     # while the engine is built, and stays PREFETCH_DEPTH batches ahead of the decoding
     first = min(FIRST_GROUP, batch_size) if gen.decoder == "engine" else batch_size  # a static decoder's: batches
     batches = [todo[:first], *chunks(todo[first:], batch_size)]
+    # an engine is sized now, before the loader allocates encoder activations: its cache's pool is a share of the
+    # free memory, and a pool size that followed the loader's progress would differ from run to run, and so would the
+    # compiled step's shapes, which the compile cache of an earlier job would then not hold (model/engine/sizing.py)
+    longest = max(lengths.values())
+    size = engine_size(model, longest, gen.max_new_tokens, batch_size) if gen.decoder == "engine" else None
     processes = processes_for(sum(len(r.mm_names) for r in todo), model.device)
     # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
     # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
@@ -170,22 +175,21 @@ def answer_rows(
         media = Prefetch(batches, load)
         closing.callback(media.close)
         closing.enter_context(stop)
-        decode_rows(model, todo, lengths, gen, batch_size, media, journal, summary, stop, on_progress)
+        decode_rows(model, size, gen, media, journal, summary, stop, on_progress)
 
 
 def decode_rows(
     model: DeepResonance,
-    todo: list[Row],
-    lengths: dict[int, int],
+    size: tuple[int, int, int | None] | None,
     gen: GenerationConfig,
-    batch_size: int,
     media: Prefetch,
     journal: Journal,
     summary: Summary,
     stop: StopOnSignal,
     on_progress: Callable[[int], None] | None,
 ) -> None:
-    """The rows through the chosen decoder as their media arrive, journaled as they end."""
+    """The rows through the chosen decoder as their media arrive, journaled as they end; `size`: the engine's
+    (slots, positions per row, pool blocks), None for a static decoder."""
 
     def finish(entries: list[dict]) -> None:
         """Journals rows that ended; a Ctrl-C received meanwhile stops the job here, with them written."""
@@ -211,9 +215,9 @@ def decode_rows(
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
-    if gen.decoder == "engine":
-        longest = max((lengths[id(r)] for r in todo), default=1)
-        engine = Engine.sized(model, longest, gen.max_new_tokens, batch_size, k_cap=top_k_cap(model, gen))
+    if size is not None:
+        slots, length, blocks = size
+        engine = Engine(model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), blocks=blocks)
         log.info(
             "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
             engine.slots, engine.length, engine.book.blocks, engine.book.block,
