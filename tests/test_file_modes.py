@@ -52,3 +52,31 @@ def test_an_existing_file_survives_a_failed_rewrite(tmp_path):
         tmp.write_text("new, half")
         raise OSError(28, "No space left on device")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_the_umask_is_read_without_being_set(mask, monkeypatch):
+    """Setting the umask to read it would, for an instant, give files other threads create (the feature cache
+    stores in threads) the wrong mode, and two readers interleaving would leave a wrong one set."""
+    import builtins
+
+    from model.io import files
+
+    old = os.umask(mask)
+    try:
+        monkeypatch.setattr(os, "umask", lambda _: pytest.fail("the umask was set"))
+        assert files.current_umask() == mask
+        monkeypatch.undo()
+        real_open = builtins.open
+
+        def no_proc(file, *args, **kwargs):
+            if file == "/proc/self/status":
+                raise OSError(file)
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", no_proc)
+        assert files.current_umask() == mask  # where /proc does not say it: set and set back
+        assert os.umask(mask) == mask
+    finally:
+        monkeypatch.undo()
+        os.umask(old)

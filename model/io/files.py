@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,9 +15,23 @@ from pathlib import Path
 def umask_mode(path: str | Path) -> None:
     """Gives a written file the mode an ordinary `open` would (0666 less the umask): safetensors' writer and
     `tempfile.mkstemp` create files as 0600, which hides deltas and results from the rest of a lab's group."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+_UMASK_SWAP = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask. Linux tells it in /proc/self/status; elsewhere it can only be read by setting it and
+    setting it back, which threads writing at once (the feature cache's stores) must not interleave."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        with _UMASK_SWAP:
+            mask = os.umask(0)
+            os.umask(mask)
+            return mask
 
 
 def hub_offline() -> bool:

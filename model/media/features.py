@@ -232,44 +232,55 @@ def encode_files(
         )
     results: list[torch.Tensor | MediaError | None] = [None] * len(paths)
     todo: dict[str, list[int]] = {}  # content key -> indices of paths with that content
-    for i, path in enumerate(paths):
+
+    def look_up(i: int) -> tuple[torch.Tensor | MediaError | None, str]:
+        """(the cached features, a miss's None or the file's MediaError; the file's content key)."""
+        path = paths[i]
         try:
             check_file(Path(path), modality)  # before the cache reads a byte of it
             hit = cache.get(modality, path) if cache is not None else None
-            key = cache.file_hash(path) if cache is not None else str(i)
+            return hit, cache.file_hash(path) if cache is not None else str(i)
         except MediaError as e:
-            results[i] = e
-            continue
-        if hit is not None:
-            results[i] = hit
-        else:
-            todo.setdefault(key, []).append(i)
-    groups = list(todo.values())
-    decode = decode or in_threads(workers)
-    for start in range(0, len(groups), batch_size):
-        batch = groups[start : start + batch_size]
-        loaded = decode(modality, [Path(paths[g[0]]) for g in batch])
-        good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
-        for g, x in zip(batch, loaded, strict=True):
-            if isinstance(x, MediaError):
-                for i in g:  # each path named in its own error, though they share content
-                    results[i] = MediaError(paths[i], x.reason)
-        if not good:
-            continue
-        inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
-        try:
-            outputs = encoder(modality, inputs).cpu()
-        except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
-            outputs = e.features.cpu()
-        for (g, _), features in zip(good, outputs, strict=True):
-            if not torch.isfinite(features).all():
-                for i in g:
-                    results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
+            return e, ""
+
+    # the lookups hash every file and the stores write one each: in threads (sha256 and file I/O release the GIL),
+    # where one thread spent 3.4 s of a 2,858-file job's 12 s of media loading on them (H100 host,
+    # benchmarks/results/2026-12-05-h100-engine-phases/phases_warm.json)
+    with ThreadPoolExecutor(max(1, workers)) as io:
+        for i, (found, key) in enumerate(io.map(look_up, range(len(paths)))):
+            if found is None:
+                todo.setdefault(key, []).append(i)
+            else:
+                results[i] = found
+        groups = list(todo.values())
+        decode = decode or in_threads(workers)
+        for start in range(0, len(groups), batch_size):
+            batch = groups[start : start + batch_size]
+            loaded = decode(modality, [Path(paths[g[0]]) for g in batch])
+            good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
+            for g, x in zip(batch, loaded, strict=True):
+                if isinstance(x, MediaError):
+                    for i in g:  # each path named in its own error, though they share content
+                        results[i] = MediaError(paths[i], x.reason)
+            if not good:
                 continue
-            if cache is not None and cache.pooled:
-                features = features.mean(dim=0, keepdim=True)
-            if cache is not None:
-                cache.put(modality, paths[g[0]], features)
-            for i in g:
-                results[i] = features
+            inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
+            try:
+                outputs = encoder(modality, inputs).cpu()
+            except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
+                outputs = e.features.cpu()
+            stores = []
+            for (g, _), features in zip(good, outputs, strict=True):
+                if not torch.isfinite(features).all():
+                    for i in g:
+                        results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
+                    continue
+                if cache is not None and cache.pooled:
+                    features = features.mean(dim=0, keepdim=True)
+                if cache is not None:
+                    stores.append(io.submit(cache.put, modality, paths[g[0]], features))
+                for i in g:
+                    results[i] = features
+            for stored in stores:
+                stored.result()  # a failed write fails the call, as it did written in turn
     return results  # type: ignore[return-value]
