@@ -161,14 +161,14 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     from model.infer import job
 
     by_id = {r.id: n for r, n in zip(data, lengths, strict=True)}
-    request, row_media, generate, sized_engine = job.Request, job.row_media, job.generate, job.Engine.sized
+    request, row_media, generate, engine = job.Request, job.row_media, job.generate, job.Engine
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
     made = {"tokens": 0, "slots": None, "engine": None}
 
-    def sized(*args, **kwargs):
-        engine = sized_engine(*args, **kwargs)
-        made["slots"], made["engine"] = engine.slots, engine
-        return engine
+    def built(*args, **kwargs):
+        made["engine"] = engine(*args, **kwargs)
+        made["slots"] = made["engine"].slots
+        return made["engine"]
 
     def loaded(model, group, *args, **kwargs):
         batches.append(max(by_id[r.id] for r in group))
@@ -181,33 +181,39 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     job.Request = lambda row, example, gen, key: request(row, example, replace(gen, max_new_tokens=by_id[row.id]), key)
     job.row_media = loaded
     job.generate = lambda model, rows, gen: generate(model, rows, replace(gen, max_new_tokens=batches.popleft()))
-    job.Engine.sized = sized
+    job.Engine = built
     model.answer = answer
     try:
         yield made
     finally:
-        job.Request, job.row_media, job.generate, job.Engine.sized = request, row_media, generate, sized_engine
+        job.Request, job.row_media, job.generate, job.Engine = request, row_media, generate, engine
         del model.answer
 
 
 def floor(model, data: list, lengths: list[int], slots: int) -> dict:
-    """The job's floor on an H200: every decode step reads the weights once and each live row's cache, prefill is
-    matrix work (2 FLOP per weight per prompt position). Steps: the answer tokens packed `slots` to a step; a row of
-    prompt p answering n tokens reads p + k cached positions at its k-th token."""
+    """The job's floor on an H200. Decoding: every step reads the weights once and each live row's cache, and every
+    token is 2 FLOP per matrix weight (all weights but the input embedding, which is a lookup); a step takes at
+    least the longer of its reads and its matrix work, so decoding takes at least the longer of their sums (at 512
+    slots the matrix work is the longer). Prefill is matrix work, 2 FLOP per matrix weight per prompt position.
+    Steps: the answer tokens packed `slots` to a step; a row of prompt p answering n tokens reads p + k cached
+    positions at its k-th token."""
     config = model.llama_model.config
     weights = sum(p.numel() * p.element_size() for p in model.llama_model.parameters())
+    lookup = model.llama_model.get_input_embeddings().weight.numel()
     per_position = 2 * config.num_hidden_layers * config.hidden_size * model.dtype.itemsize
     prompts = [model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in data]
     tokens = sum(lengths)
     steps = -(-tokens // slots)
     cache_reads = sum(n * p + n * (n + 1) // 2 for p, n in zip(prompts, lengths, strict=True)) * per_position
-    flop_per_position = 2 * (weights / model.dtype.itemsize)
+    flop_per_position = 2 * (weights / model.dtype.itemsize - lookup)
     seconds = {
         "decode_weight_reads_s": steps * weights / BANDWIDTH,
         "decode_cache_reads_s": cache_reads / BANDWIDTH,
+        "decode_matrix_s": tokens * flop_per_position / MATRIX_FLOPS,
         "prefill_matrix_s": sum(prompts) * flop_per_position / MATRIX_FLOPS,
     }
-    total = sum(seconds.values())
+    reads = seconds["decode_weight_reads_s"] + seconds["decode_cache_reads_s"]
+    total = max(reads, seconds["decode_matrix_s"]) + seconds["prefill_matrix_s"]
     return {
         **{k: figures(v) for k, v in seconds.items()},
         "slots": slots,

@@ -192,10 +192,14 @@ def test_bench_job_answers_every_row_of_each_mix_to_its_oracle_length(job_report
     assert job_report["rows_per_s"] == caps["rows_per_s"] and job_report["failed"] == 0
 
 
-def test_floor_of_two_rows_by_hand(tmp_path):
+def test_floor_of_two_rows_by_hand(tmp_path, monkeypatch):
     """Two rows (a caption of 3 tokens, an image+audio question of 5) on 4 slots: 8 tokens are 2 decode steps, each
-    reading every weight once; the rows read their prompt plus the tokens so far at each token; prefill is 2 FLOP
-    per weight per prompt position. Weights counted from the tiny shapes, prompt positions from `prepare`."""
+    reading every weight once; the rows read their prompt plus the tokens so far at each token; each token and each
+    prompt position is 2 FLOP per matrix weight (not the input embedding, a lookup). Decoding takes the longer of its
+    reads and its matrix work: the reads at the H200's rates, the matrix work on a card slowed 10^6 times. Weights
+    counted from the tiny shapes, prompt positions from `prepare`."""
+    import benchmarks.job_workload as workload
+
     model = job_model(tmp_path, LLAMA_TINY, "tiny", "cpu")
     data = [mix_rows(1, "musiccaps")[0][0], next(r for r in mix_rows(12, "catalog")[0] if r.input == "<Image><Audio>")]
     features = {
@@ -207,17 +211,24 @@ def test_floor_of_two_rows_by_hand(tmp_path):
     h, ffn, layers = (LLAMA_TINY[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
     vocab = len(model.tokenizer)
     weights = 2 * vocab * h + layers * (4 * h * h + 3 * h * ffn + 2 * h) + h  # embed, lm_head, layers, final norm
+    matrix = weights - vocab * h
     position_bytes = 2 * layers * h * 4  # K and V, fp32
     read = sum(p1 + k for k in range(1, 4)) + sum(p2 + k for k in range(1, 6))
-    seconds = {
-        "decode_weight_reads_s": 2 * weights * 4 / 4.3e12,
-        "decode_cache_reads_s": read * position_bytes / 4.3e12,
-        "prefill_matrix_s": (p1 + p2) * 2 * weights / 790e12,
-    }
-    got = floor(model, data, [3, 5], slots=4)
-    for key, expected in seconds.items():
-        assert got[key] == pytest.approx(expected, rel=1e-3), key
-    assert got["floor_s"] == pytest.approx(sum(seconds.values()), rel=1e-3)
+    for flops in (790e12, 790e6):
+        monkeypatch.setattr(workload, "MATRIX_FLOPS", flops)
+        seconds = {
+            "decode_weight_reads_s": 2 * weights * 4 / 4.3e12,
+            "decode_cache_reads_s": read * position_bytes / 4.3e12,
+            "decode_matrix_s": 8 * 2 * matrix / flops,
+            "prefill_matrix_s": (p1 + p2) * 2 * matrix / flops,
+        }
+        got = floor(model, data, [3, 5], slots=4)
+        for key, expected in seconds.items():
+            assert got[key] == pytest.approx(expected, rel=1e-3), key
+        reads = seconds["decode_weight_reads_s"] + seconds["decode_cache_reads_s"]
+        decoding = reads if flops == 790e12 else seconds["decode_matrix_s"]
+        assert decoding == max(reads, seconds["decode_matrix_s"])  # each case takes its branch
+        assert got["floor_s"] == pytest.approx(decoding + seconds["prefill_matrix_s"], rel=1e-3)
     assert got["mean_prompt_positions"] == pytest.approx((p1 + p2) / 2, abs=0.05) and got["useful_tokens"] == 8
 
 
