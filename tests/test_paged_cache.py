@@ -100,6 +100,20 @@ def test_rows_in_flight_are_bounded_by_the_tokens_they_hold_not_their_budget(mod
     assert max(busy) == 4 and engine.preempted == 0
 
 
+def test_datasets_of_other_prompt_lengths_get_one_engine_shape(model, monkeypatch):
+    """The compiled step's shapes are the engine's (slots, positions per row, pool blocks): jobs at `dr infer`'s
+    512-token budget on a captioning set (17-position prompts) and on a multiple-choice set (210) must get the same
+    ones, and so must free memory that differs by less than a pool step, or a second process on another dataset
+    compiles its step again instead of loading it from the compile cache."""
+    config = model.llama_model.config
+    per_block = BLOCK * bytes_per_position(config, torch.float32)
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 1000 * per_block)
+    captions = sizing.engine_size(model, 17, 512, 256)
+    assert captions == sizing.engine_size(model, 210, 512, 256) == (256, 1024, 960)
+    monkeypatch.setattr(sizing, "memory_budget", lambda m: 1020 * per_block + 7)
+    assert sizing.engine_size(model, 210, 512, 256) == captions
+
+
 def test_a_row_longer_than_the_pool_is_refused_by_name(model):
     engine = Engine(model, 2, 128, 8, k_cap=1, blocks=3, block=8)  # 2 usable blocks: 16 positions
     gen = replace(REFERENCE, max_new_tokens=8)
