@@ -318,6 +318,8 @@ def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
     """A long job's media decode in processes (model/media/decoders.py): the pool starts without holding up its
     caller, each file's encoder input is the one the threads give, bit for bit, and a bad file's MediaError comes
     back across the process boundary naming it."""
+    import multiprocessing
+
     from model.media.decoders import DecodeProcesses, in_threads
 
     paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0 + i, freq=200.0 * (i + 1)) for i in range(3)]
@@ -328,16 +330,19 @@ def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
         # the forkserver imports torch before the first process exists (seconds): not on the caller's thread, which
         # builds the engine meanwhile
         assert time.monotonic() - begin < 0.5
+        decode.starting.join()  # a call before the pool is up would decode on this thread
         processes = decode("audio", paths)
+        assert len(multiprocessing.active_children()) == 2
     for a, b in zip(threads[:3], processes[:3], strict=True):
         assert torch.equal(a, b)
     assert isinstance(processes[3], MediaError) and processes[3].path == str(paths[3])
     assert processes[3].reason == threads[3].reason
 
 
-def test_files_asked_for_while_the_decoding_processes_start_are_decoded_by_the_caller(tmp_path, monkeypatch):
-    """The pool's start (the forkserver importing torch: seconds) does not hold up a job's first media: until it is
-    up, the files are decoded on the calling thread, as the threads would decode them, and no worker is started."""
+def test_a_small_call_while_the_decoding_processes_start_is_decoded_by_the_caller(tmp_path, monkeypatch):
+    """The pool's start (the forkserver importing torch: seconds) does not hold up a job's first media group: a call
+    of at most CALLER_DECODES files made before the pool is up is decoded on the calling thread, as the threads would
+    decode it, and no worker is started (a larger call waits for the pool: the slow test of the processes)."""
     import multiprocessing
     import threading
 
@@ -349,9 +354,13 @@ def test_files_asked_for_while_the_decoding_processes_start_are_decoded_by_the_c
     paths.append(synth.write_garbage(tmp_path / "bad.wav"))
     expected = decoders.in_threads(2)("audio", paths)
     decode = decoders.DecodeProcesses(2)
+    pooled = []
+    decode.pool.map = lambda fn, files, chunksize: pooled.append(len(files)) or map(fn, files)
     try:
         got = decode("audio", paths)
-        assert not multiprocessing.active_children()  # the pool would have started its workers to map them
+        assert not multiprocessing.active_children() and not pooled
+        monkeypatch.setattr(decoders, "CALLER_DECODES", len(paths) - 1)
+        assert [type(x) for x in decode("audio", paths)] == [type(x) for x in got] and pooled == [len(paths)]
     finally:
         up.set()
         decode.close()

@@ -410,6 +410,7 @@ def test_a_job_decoding_in_processes_answers_as_one_decoding_in_threads(tiny_lay
     """A long GPU job decodes its media in processes (model/media/decoders.py); forced here on the CPU, the same rows
     (audio, image, video, a corrupt file) get the same answers and the same one-line errors as with threads."""
     import model.infer.job as inference
+    from model.media import decoders
 
     folder = tmp_path / "data"
     rows, _ = load_rows(media_dataset(folder, 8))
@@ -419,6 +420,7 @@ def test_a_job_decoding_in_processes_answers_as_one_decoding_in_threads(tiny_lay
     gen = GenerationConfig(max_new_tokens=6, do_sample=False)
     threads = run_inference(model, rows, folder, tmp_path / "threads" / "r.json", gen, batch_size=4)
     monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
+    monkeypatch.setattr(decoders, "CALLER_DECODES", 0)  # every file through the pool, started or not
     processes = run_inference(model, rows, folder, tmp_path / "processes" / "r.json", gen, batch_size=4)
     assert threads.answered == processes.answered == 8
     assert processes.failed == threads.failed and "broken.wav" in processes.failed[0]

@@ -27,9 +27,10 @@ Decoded = torch.Tensor | MediaError
 # modality, files -> each file's encoder input or its MediaError, in order
 Decode = Callable[[str, Sequence[Path]], list[Decoded]]
 PROCESSES_FROM = 256  # files a job must decode before processes pay for their start (seconds, importing torch)
-# files decoded at a time on the caller's thread while the pool starts (one thread decodes ~125 ten-second wavs a
-# second: 16 are ~0.13 s, so a call checks often whether the processes came up)
-WHILE_STARTING = 16
+# the most files a call decodes on the caller's thread while the pool starts: an engine job's first media group
+# (model/infer/job.py, FIRST_GROUP), about 0.5 s of ten-second wavs for one thread; a larger call waits for the pool
+# rather than hold the GIL for seconds while the job's main thread builds its engine
+CALLER_DECODES = 64
 
 
 def load_or_error(modality: str, path: str | Path) -> Decoded:
@@ -59,8 +60,8 @@ class DecodeProcesses:
 
     Starting the processes blocks whoever starts them until the forkserver has imported its preload (torch and the
     media code: 5.4 s on a 16-core H100 host, benchmarks/results/2026-12-05-h100-engine-phases/), so the caller's
-    thread does not: a job builds its engine meanwhile. Files asked for before the pool is up are decoded on the
-    calling thread, a few at a time, until it is: the job's first (small) media group does not wait for the pool."""
+    thread does not: a job builds its engine meanwhile. A small call made before the pool is up (the job's first
+    media group) is decoded on the calling thread instead of waiting for it."""
 
     def __init__(self, workers: int) -> None:
         context = multiprocessing.get_context("forkserver")
@@ -76,12 +77,10 @@ class DecodeProcesses:
 
     def __call__(self, modality: str, paths: Sequence[Path]) -> list[Decoded]:
         one = partial(load_or_error, modality)
-        done: list[Decoded] = []
-        while self.starting.is_alive() and len(done) < len(paths):
-            done += map(one, paths[len(done) : len(done) + WHILE_STARTING])
-        rest = paths[len(done) :]
-        chunk = max(1, len(rest) // (4 * self.workers))
-        return done + list(self.pool.map(one, rest, chunksize=chunk))
+        if len(paths) <= CALLER_DECODES and self.starting.is_alive():
+            return list(map(one, paths))
+        chunk = max(1, len(paths) // (4 * self.workers))
+        return list(self.pool.map(one, paths, chunksize=chunk))
 
     def close(self) -> None:
         self.starting.join()
