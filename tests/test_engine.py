@@ -263,16 +263,20 @@ def test_no_steps_run_once_every_row_reached_its_budget(model, step_widths):
     assert len(step_widths) == 4
 
 
-def test_finished_and_free_slots_read_no_cache_blocks():
-    """FlexAttention's block mask: a live slot at position 130 reads columns 0..129, two 128-column blocks; a live
-    slot at 5 one block; finished or never-filled slots none."""
+def test_finished_and_free_slots_read_no_cache_blocks_and_only_a_partly_filled_block_is_masked():
+    """FlexAttention's block mask: a live slot at position 130 reads columns 0..129, one full 128-column block and
+    its second block masked (named first); a live slot at 5 one masked block; at 256 two full blocks, none masked;
+    finished or never-filled slots none."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    kv = PagedKV(config, 4, 3, 13, torch.float32, torch.device("cpu"), "flex")
-    kv.pos.copy_(torch.tensor([130, 5, 130, 0]))
-    visible = kv.step_inputs(4, torch.tensor([True, True, False, False]))[0].visible
-    assert visible.flatten().tolist() == [2, 1, 0, 0]
+    kv = PagedKV(config, 5, 3, 16, torch.float32, torch.device("cpu"), "flex")
+    kv.table.copy_(torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 0], [0, 0, 0], [6, 7, 8]]))
+    kv.pos.copy_(torch.tensor([130, 5, 130, 0, 256]))
+    visible = kv.step_inputs(5, torch.tensor([True, True, False, False, True]))[0].visible
+    assert visible.full.flatten().tolist() == [1, 0, 0, 0, 2]
+    assert visible.partial.flatten().tolist() == [1, 1, 0, 0, 0]
+    assert visible.partial_index[[0, 1], 0, 0, 0].tolist() == [2, 3]
 
 
 def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch, step_widths):

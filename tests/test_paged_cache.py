@@ -285,3 +285,51 @@ def test_the_compiled_step_writes_the_pool_in_place():
     spans = [rf"<static_cast<int64_t>\({n}L\)" for n in (elements, elements // 2, elements // 64)]
     assert codes and not any(re.search(span, code) for span in spans for code in codes)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_the_paged_mask_through_compiled_flex_attention_reads_each_rows_own_columns():
+    """The decode step's block mask (full blocks unmasked, a partly filled last block masked) through compiled
+    FlexAttention on the CPU equals attention over each live row's own columns 0..pos-1; listing a partly filled
+    block as full would let the row see columns it never wrote. Eager FlexAttention applies the mask everywhere and
+    ignores the block lists, so only a compiled kernel tests them; the CPU's needs index lists as wide as the pool,
+    so they are padded here (the GPU test file runs the engine's own)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from transformers import LlamaConfig
+
+    from model.engine.kv_cache import PagedKV, paged_block_mask
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    block, blocks, pos = 16, 10, [20, 5, 40, 0, 32]  # 1 full + 1 partial, 1 partial, 2 + 1, free, 2 full
+    kv = PagedKV(config, 5, 3, blocks, torch.float32, torch.device("cpu"), "flex", block=block)
+    g = torch.Generator().manual_seed(0)
+    for pool in (kv.keys[0], kv.values[0]):
+        pool.copy_(torch.randn(pool.shape, generator=g))
+    for s, n in enumerate(pos):
+        kv.book.grow(s, n)
+    kv.sync()
+    kv.pos.copy_(torch.tensor(pos))
+    mask = paged_block_mask(kv.step_inputs(5, torch.tensor([True, True, True, False, True]))[0])
+    assert mask.full_kv_num_blocks.flatten().tolist() == [1, 0, 2, 0, 2]
+    assert mask.kv_num_blocks.flatten().tolist() == [1, 1, 1, 0, 0]
+
+    def wide(partial, full):
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-1], blocks - t.shape[-1])], -1)  # noqa: E731
+        return BlockMask.from_kv_blocks(
+            partial, pad(mask.kv_indices), full, pad(mask.full_kv_indices), BLOCK_SIZE=block,
+            mask_mod=mask.mask_mod, seq_lengths=(1, blocks * block), compute_q_blocks=False,
+        )  # fmt: skip
+
+    attend = torch.compile(lambda q, m: flex_attention(q, kv.keys[0], kv.values[0], block_mask=m), fullgraph=True)
+    q = torch.randn(5, 2, 1, 32, generator=g)
+    with torch.inference_mode():
+        got = attend(q, wide(mask.kv_num_blocks, mask.full_kv_num_blocks))
+        overread = mask.full_kv_num_blocks + mask.kv_num_blocks  # the partial blocks read as full
+        wrong = attend(q, wide(torch.zeros_like(overread), overread))
+    for s in (0, 1, 2, 4):
+        held = kv.book.table[s, : kv.book.held[s]].long()
+        columns = (held.unsqueeze(-1) * block + torch.arange(block)).flatten()[: pos[s]]
+        expected = F.scaled_dot_product_attention(q[s : s + 1], kv.keys[0][:, :, columns], kv.values[0][:, :, columns])
+        torch.testing.assert_close(got[s : s + 1], expected)
+        assert (s == 4) == torch.allclose(wrong[s : s + 1], expected, atol=1e-4)  # row 4 had no partial block

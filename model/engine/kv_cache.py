@@ -58,13 +58,24 @@ def int32_position_limit(config) -> int:
     return (2**31 - 1) // (heads * head_dim)
 
 
+class FlexBlocks(NamedTuple):
+    """The blocks a decode step's FlexAttention reads for each of n slots, as its block mask takes them: the blocks
+    wholly before the slot's position (`full` [n, 1, 1], the first of its table row), read without a mask, and the
+    block holding its last columns, if it is partly filled (`partial` [n, 1, 1], 0 or 1), masked to those columns;
+    `partial_index` [n, 1, 1, per_row] names that block first. A finished or free slot reads none."""
+
+    partial: torch.Tensor
+    partial_index: torch.Tensor
+    full: torch.Tensor
+
+
 class LayerSlots(NamedTuple):
     """What one layer's decode step over the first n slots reads and writes: the layer's pools `keys` and `values`
-    [1, heads, positions, dim], each slot's next column `pos` [n] and the pool position it writes there `write` [n]
-    (the scratch block for a dead slot), which slots decode `alive` [n], their block table rows `table` [n, per_row],
-    each block's holder `owner` and place in its row `place` [blocks], and what each slot may see: `visible`, an SDPA
-    mask over its gathered columns [n, 1, 1, per_row x block] (bool), or FlexAttention's count of blocks to read
-    [n, 1, 1] (int32)."""
+    [1, heads, positions, dim] of blocks of `block` positions, each slot's next column `pos` [n] and the pool position
+    it writes there `write` [n] (the scratch block for a dead slot), which slots decode `alive` [n], their block table
+    rows `table` [n, per_row], each block's holder `owner` and place in its row `place` [blocks], and what each slot
+    may see: `visible`, an SDPA mask over its gathered columns
+    [n, 1, 1, per_row x block] (bool), or FlexAttention's blocks (FlexBlocks)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -74,7 +85,8 @@ class LayerSlots(NamedTuple):
     table: torch.Tensor
     owner: torch.Tensor
     place: torch.Tensor
-    visible: torch.Tensor
+    visible: torch.Tensor | FlexBlocks
+    block: int
 
 
 class PagedKV:
@@ -102,6 +114,7 @@ class PagedKV:
         self.pos = torch.zeros(slots, dtype=torch.long, device=device)
         self.slots, self.per_row, self.block, self.kernel = slots, per_row, block, kernel
         self.columns = torch.arange(per_row * block, device=device)
+        self.order = torch.arange(per_row, device=device)
 
     @property
     def device(self) -> torch.device:
@@ -124,18 +137,23 @@ class PagedKV:
 
     def step_inputs(self, width: int, alive: torch.Tensor) -> list[LayerSlots]:
         """Each layer's view of the first `width` slots for a decode step (`alive` [width]: the slots decoding). SDPA
-        sees columns 0..pos (its prompt, its answer so far and the new key, written first); Flex reads blocks holding
-        columns 0..pos-1 of the alive slots only (a finished or free slot reads no block), and `decode_attention`
-        merges the new key in."""
+        sees columns 0..pos (its prompt, its answer so far and the new key, written first); Flex reads the blocks
+        holding columns 0..pos-1 of the alive slots only, all but a partly filled last one without a mask (the mask
+        is evaluated at every position of a block it applies to), and `decode_attention` merges the new key in. Built
+        once a step, shared by the layers."""
         pos, table = self.pos[:width], self.table[:width]
         held = (pos // self.block).clamp(max=self.per_row - 1)
         write = table.gather(1, held.unsqueeze(-1)).squeeze(-1).long() * self.block + pos % self.block
         if self.kernel == "sdpa":
             visible = (self.columns <= pos.unsqueeze(-1))[:, None, None, :]
         else:
-            visible = torch.where(alive, (pos - 1).clamp(min=0) // self.block + 1, 0).to(torch.int32).view(-1, 1, 1)
+            flags = lambda x: x.to(torch.int32).view(-1, 1, 1)  # noqa: E731
+            first = table.gather(1, (held.unsqueeze(-1) + self.order) % self.per_row)  # the partial block in front
+            visible = FlexBlocks(
+                flags(alive & (pos % self.block != 0)), first.view(width, 1, 1, -1), flags(alive * (pos // self.block))
+            )
         return [
-            LayerSlots(k, v, pos, write, alive, table, self.owner, self.place, visible)
+            LayerSlots(k, v, pos, write, alive, table, self.owner, self.place, visible, self.block)
             for k, v in zip(self.keys, self.values, strict=True)
         ]
 
@@ -187,19 +205,47 @@ def packed_attention(q, k, v, starts: torch.Tensor, longest: int, scaling: float
     return out.transpose(0, 1)
 
 
+def paged_block_mask(slots: LayerSlots) -> BlockMask:
+    """FlexAttention's mask for a decode step over the slots' cached columns 0..pos-1 (FlexBlocks says which blocks
+    are read, and which of them masked)."""
+    pos, table, owner, place, visible, block = (
+        slots.pos,
+        slots.table,
+        slots.owner,
+        slots.place,
+        slots.visible,
+        slots.block,
+    )
+
+    def mask_mod(b, h, q_idx, kv):  # the whole rule (FlexAttention's eager path applies it everywhere)
+        held = kv // block
+        return (owner[held] == b) & (place[held] * block + kv % block < pos[b])
+
+    # no query blocks: they serve only the backward pass, and building them makes a dense map of every row against
+    # every block of the pool, each layer of each step
+    return BlockMask.from_kv_blocks(
+        visible.partial,
+        visible.partial_index,
+        visible.full,
+        table.view(*table.shape[:1], 1, 1, -1),
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod,
+        seq_lengths=(1, slots.keys.shape[2]),
+        compute_q_blocks=False,
+    )
+
+
 def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor:
     """One new token per slot [n, heads, 1, dim]: its key and value written at `write`, attention over the row."""
-    keys, values, pos, write, alive, table, owner, place, visible = slots
+    keys, values, _, write, alive, table, _, _, visible, block = slots
     new_k = torch.where(alive[:, None, None], k[:, :, 0], 0)  # [n, heads, dim]
     new_v = torch.where(alive[:, None, None], v[:, :, 0], 0)
     # written by index on the pool itself, not through the view keys[0]: compiled, a write through a view of a graph
     # input copies the whole input (the pool, every layer, every step: 147 ms against 0.03 ms for a 256 MB pool on a
     # CPU), where a write to the input is done in place
     first = torch.zeros_like(write)
-    n, per_row = table.shape
     heads, dim = keys.shape[1], keys.shape[3]
-    block = keys.shape[2] // owner.shape[0]
-    if visible.dtype == torch.bool:
+    if not isinstance(visible, FlexBlocks):
         keys[first, :, write] = new_k
         values[first, :, write] = new_v
         rows = table.long()
@@ -207,20 +253,7 @@ def decode_attention(slots: LayerSlots, q, k, v, scaling: float) -> torch.Tensor
         dense_v = values[0].view(heads, -1, block, dim)[:, rows].flatten(2, 3).transpose(0, 1)
         return F.scaled_dot_product_attention(q, dense_k, dense_v, attn_mask=visible, scale=scaling)
 
-    def mask_mod(b, h, q_idx, kv):
-        held = kv // block
-        return (owner[held] == b) & (place[held] * block + kv % block < pos[b])
-
-    # no query blocks: they serve only the backward pass, and building them makes a dense map of every row against
-    # every block of the pool, each layer of each step
-    mask = BlockMask.from_kv_blocks(
-        visible,
-        table.view(n, 1, 1, per_row),
-        BLOCK_SIZE=block,
-        mask_mod=mask_mod,
-        seq_lengths=(1, keys.shape[2]),
-        compute_q_blocks=False,
-    )
+    mask = paged_block_mask(slots)
     # compiled FlexAttention reads a cache written earlier in the same graph as it was before the write (seen with
     # torch 2.14): attend to the earlier columns, then merge the new key by its log-sum-exp. The log-sum-exp comes
     # through return_aux: the older return_lse flag records a warning in a module-level set, which Dynamo guards on,
