@@ -1,8 +1,11 @@
 """Where a paged engine's decode time goes: a full engine of rows (full-size shapes, random weights) decoding, timed per
 advance, then the same advances under torch.profiler with the kernels that took the most device time, per kernel
-("flex" and "sdpa" engines in turn, one process).
+("flex" and "sdpa" engines in turn, one process). "flex-masked" is the flex engine with every block it reads
+listed as partly filled, so its mask is evaluated on each (as before full blocks were listed): the same compiled
+kernel, for the side-by-side ratio.
 
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py [--slots 512] [--prompt 40] [--budget 64]
+    ... paged_step.py --slots 256 --prompt 170 --budget 96 --kernels flex,flex-masked  # full blocks against none
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py --tiny  # the CPU check
 """
 
@@ -18,6 +21,7 @@ import torch
 
 from benchmarks.job_workload import job_model
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
+from model.engine import kv_cache
 from model.engine.scheduler import Engine
 from model.engine.sequence import Request
 from model.network.deepresonance import Example
@@ -26,6 +30,22 @@ from model.network.deepresonance import Example
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def masked_everywhere() -> None:
+    """The step's FlexAttention told that every block it reads is partly filled (its mask evaluated on each)."""
+    real = kv_cache.PagedKV.step_inputs
+
+    def step_inputs(self, width, alive):
+        layers = real(self, width, alive)
+        blocks = layers[0].visible
+        if not isinstance(blocks, kv_cache.FlexBlocks):
+            return layers
+        table = layers[0].table
+        every = kv_cache.FlexBlocks(blocks.partial + blocks.full, table.view(width, 1, 1, -1), blocks.full * 0)
+        return [layer._replace(visible=every) for layer in layers]
+
+    kv_cache.PagedKV.step_inputs = step_inputs
 
 
 def main() -> None:
@@ -40,9 +60,13 @@ def main() -> None:
     model = job_model(Path(tempfile.mkdtemp()), sizes, encoder, device)
     gen = GenerationConfig(max_new_tokens=args.budget, do_sample=False, decoder="engine")
     example = Example("", "Describe the music in detail.", [])
+    real_inputs = kv_cache.PagedKV.step_inputs
     for kernel in args.kernels.split(","):
+        kv_cache.PagedKV.step_inputs = real_inputs
+        if kernel == "flex-masked":
+            masked_everywhere()
         begin = time.perf_counter()
-        engine = Engine.sized(model, args.prompt, args.budget, args.slots, k_cap=1, kernel=kernel)
+        engine = Engine.sized(model, args.prompt, args.budget, args.slots, k_cap=1, kernel=kernel.split("-")[0])
         sync()
         print(
             f"{kernel}: built in {time.perf_counter() - begin:.1f} s; {engine.slots} slots, {engine.book.blocks} blocks"
