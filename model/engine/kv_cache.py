@@ -8,7 +8,8 @@ model as an attention implementation ("dr_slots") that takes the cache through t
 prefill: this object; a decode step: one layer's LayerSlots), so the model code is transformers' own.
 
 Two kernels read the cache: "flex" (FlexAttention over the whole pool with a paged block mask: each row reads its own
-blocks only, found through the table, so a step reads each row's live keys and nothing else) and "sdpa" (each row's
+blocks only, found through the table, so a step reads each row's live keys and nothing else; the mask is evaluated
+on a partly filled last block only) and "sdpa" (each row's
 blocks gathered into a dense tensor with a boolean mask: every backend, a reference for the paged one).
 
 Blocks are zeroed when freed and the scratch block only ever receives zeros: a block a row reads holds its own keys
