@@ -42,7 +42,9 @@ def masked_everywhere() -> None:
         if not isinstance(blocks, kv_cache.FlexBlocks):
             return layers
         table = layers[0].table
-        every = kv_cache.FlexBlocks(blocks.partial + blocks.full, table.view(width, 1, 1, -1), blocks.full * 0)
+        every = kv_cache.FlexBlocks(
+            blocks.partial + blocks.full, table.view(width, 1, 1, -1), torch.zeros_like(blocks.full)
+        )
         return [layer._replace(visible=every) for layer in layers]
 
     kv_cache.PagedKV.step_inputs = step_inputs

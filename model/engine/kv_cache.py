@@ -148,11 +148,10 @@ class PagedKV:
         if self.kernel == "sdpa":
             visible = (self.columns <= pos.unsqueeze(-1))[:, None, None, :]
         else:
-            flags = lambda x: x.to(torch.int32).view(-1, 1, 1)  # noqa: E731
+            partial = (alive & (pos % self.block != 0)).to(torch.int32).view(-1, 1, 1)
+            full = torch.where(alive, pos // self.block, 0).to(torch.int32).view(-1, 1, 1)
             first = table.gather(1, (held.unsqueeze(-1) + self.order) % self.per_row)  # the partial block in front
-            visible = FlexBlocks(
-                flags(alive & (pos % self.block != 0)), first.view(width, 1, 1, -1), flags(alive * (pos // self.block))
-            )
+            visible = FlexBlocks(partial, first.view(width, 1, 1, -1), full)
         return [
             LayerSlots(k, v, pos, write, alive, table, self.owner, self.place, visible, self.block)
             for k, v in zip(self.keys, self.values, strict=True)
@@ -209,14 +208,7 @@ def packed_attention(q, k, v, starts: torch.Tensor, longest: int, scaling: float
 def paged_block_mask(slots: LayerSlots) -> BlockMask:
     """FlexAttention's mask for a decode step over the slots' cached columns 0..pos-1 (FlexBlocks says which blocks
     are read, and which of them masked)."""
-    pos, table, owner, place, visible, block = (
-        slots.pos,
-        slots.table,
-        slots.owner,
-        slots.place,
-        slots.visible,
-        slots.block,
-    )
+    _, _, pos, _, _, table, owner, place, visible, block = slots
 
     def mask_mod(b, h, q_idx, kv):  # the whole rule (FlexAttention's eager path applies it everywhere)
         held = kv // block
@@ -228,7 +220,7 @@ def paged_block_mask(slots: LayerSlots) -> BlockMask:
         visible.partial,
         visible.partial_index,
         visible.full,
-        table.view(*table.shape[:1], 1, 1, -1),
+        table.view(table.shape[0], 1, 1, -1),
         BLOCK_SIZE=block,
         mask_mod=mask_mod,
         seq_lengths=(1, slots.keys.shape[2]),
