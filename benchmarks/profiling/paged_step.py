@@ -2,10 +2,13 @@
 advance, then the same advances under torch.profiler with the kernels that took the most device time, per kernel
 ("flex" and "sdpa" engines in turn, one process). "flex-masked" is the flex engine with every block it reads
 listed as partly filled, so its mask is evaluated on each (as before full blocks were listed): the same compiled
-kernel, for the side-by-side ratio.
+kernel, for the side-by-side ratio. A "/64" suffix runs that engine with cache blocks of 64 positions instead of
+kv_cache.BLOCK (the same memory in twice the blocks): a row then reads at most 63 unused positions of its last block
+instead of 127.
 
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py [--slots 512] [--prompt 40] [--budget 64]
     ... paged_step.py --slots 256 --prompt 170 --budget 96 --kernels flex,flex-masked  # full blocks against none
+    ... paged_step.py --slots 256 --prompt 170 --budget 96 --kernels flex,flex/64  # 128-position blocks against 64
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py --tiny  # the CPU check
 """
 
@@ -23,6 +26,7 @@ from benchmarks.job_workload import job_model
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
 from model.engine import kv_cache
 from model.engine.scheduler import Engine
+from model.engine.sizing import engine_size
 from model.engine.sequence import Request
 from model.network.deepresonance import Example
 
@@ -65,10 +69,17 @@ def main() -> None:
     real_inputs = kv_cache.PagedKV.step_inputs
     for kernel in args.kernels.split(","):
         kv_cache.PagedKV.step_inputs = real_inputs
-        if kernel == "flex-masked":
+        name, _, block = kernel.partition("/")
+        if name == "flex-masked":
             masked_everywhere()
         begin = time.perf_counter()
-        engine = Engine.sized(model, args.prompt, args.budget, args.slots, k_cap=1, kernel=kernel.split("-")[0])
+        slots, length, blocks = engine_size(model, args.prompt, args.budget, args.slots)
+        block = int(block or kv_cache.BLOCK)
+        scale = kv_cache.BLOCK // block
+        engine = Engine(
+            model, slots, length, args.budget, blocks=blocks and blocks * scale, block=block, k_cap=1,
+            kernel=name.split("-")[0],
+        )  # fmt: skip
         sync()
         print(
             f"{kernel}: built in {time.perf_counter() - begin:.1f} s; {engine.slots} slots, {engine.book.blocks} blocks"
