@@ -26,8 +26,8 @@ from benchmarks.job_workload import job_model
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
 from model.engine import kv_cache
 from model.engine.scheduler import Engine
-from model.engine.sizing import engine_size
 from model.engine.sequence import Request
+from model.engine.sizing import engine_size
 from model.network.deepresonance import Example
 
 
