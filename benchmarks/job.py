@@ -15,6 +15,7 @@ import torch
 from benchmarks.job_workload import MIXES, figures, floor, job_model, mix_rows, oracle, write_media
 from benchmarks.workloads import MUSICCAPS_ROWS
 from model.config import VICUNA_7B, GenerationConfig
+from model.engine.sizing import CUDA_SLOTS
 
 CLOCK = time.perf_counter
 WARMUP_TOKENS = 16  # the engine-only warm-up: one engine-full of rows this long compiles and captures its steps
@@ -24,7 +25,7 @@ def bench_job(
     rows: int = MUSICCAPS_ROWS,
     mixes: Sequence[str] = MIXES,
     seconds: float = 10.0,
-    batch: int = 512,
+    batch: int = CUDA_SLOTS["job"],
     budget: int = 512,
     workdir: str = "/tmp/dr_job",
     decoder: str = "engine",

@@ -80,7 +80,9 @@ def job(
             help="musiccaps (one wav, a caption, 64 tokens per row), catalog (the catalog's sets mixed) or both."
         ),
     ] = "both",
-    batch_size: Annotated[int, typer.Option(help="The job's most slots (rows decoding together).")] = 512,
+    batch_size: Annotated[
+        int | None, typer.Option(help="The job's most slots (rows decoding together); default: as `dr infer`'s.")
+    ] = None,
     budget: Annotated[
         int, typer.Option(help="The catalog mix's max_new_tokens (answers end at their own lengths).")
     ] = 512,
@@ -104,7 +106,7 @@ def job(
         rows=rows,
         mixes=MIXES if mix == "both" else (mix,),
         seconds=seconds,
-        batch=batch_size,
+        **({"batch": batch_size} if batch_size else {}),
         budget=budget,
         workdir=str(workdir),
         decoder=decoder,

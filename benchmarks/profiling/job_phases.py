@@ -36,6 +36,7 @@ from benchmarks.job import engine_only, whole_job
 from benchmarks.job_workload import MIXES, floor, job_model, mix_rows, write_media
 from benchmarks.workloads import MUSICCAPS_ROWS
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
+from model.engine.sizing import CUDA_SLOTS
 
 CLOCK = time.perf_counter
 SHAPES = {False: (VICUNA_7B, "huge", "cuda"), True: (LLAMA_TINY, "tiny", "cpu")}  # --tiny: (sizes, encoder, device)
@@ -184,7 +185,7 @@ def run_job(work: Path, data: list, lengths: list[int], tiny: bool, keep_feature
     gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else 512, do_sample=False)
     with GpuBusy() as busy:
         phases.start = CLOCK()
-        result = whole_job(model, data, lengths, work, gen, 512, fresh_features=False)
+        result = whole_job(model, data, lengths, work, gen, CUDA_SLOTS["job"], fresh_features=False)
     return {
         **result,
         "gpu_busy_share": busy.share(),
@@ -198,7 +199,7 @@ def run_engine_only(work: Path, data: list, lengths: list[int], tiny: bool) -> d
     """The same rows' features (from the job's cache) straight through the engine: no media, no journal."""
     model = job_model(work, *SHAPES[tiny])
     gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else 512, do_sample=False)
-    result = engine_only(model, data, lengths, work, gen, 512)
+    result = engine_only(model, data, lengths, work, gen, CUDA_SLOTS["job"])
     return {**result, "floor": floor(model, data, lengths, result["slots"])}
 
 

@@ -16,10 +16,11 @@ from model.engine.kv_cache import BLOCK, bytes_per_position, int32_position_limi
 from model.network.deepresonance import DeepResonance
 
 MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the cache's pool may take
-# rows decoding together by default: on CUDA a job fills the device (11.7 ms a step at 256 slots on an H200, 6.6 ms
-# at 64: throughput grows with slots), a server and an evaluation keep 64 (a server's latency, an evaluation's
-# likelihood batches); on a CPU, 8
-CUDA_SLOTS = {"job": 256, "server": 64, "eval": 64}
+# rows decoding together by default: on CUDA a job fills the device (throughput grows with slots: on an H100, 512
+# slots against 256 gave 13,421 / 6,550 / 8,589 useful tok/s on short / long / varied prompts against 11,928 / 6,480
+# / 8,017, benchmarks/results/2026-12-06-h100-pipeline-measured/), a server and an evaluation keep 64 (a server's
+# latency, an evaluation's likelihood batches); on a CPU, 8
+CUDA_SLOTS = {"job": 512, "server": 64, "eval": 64}
 CPU_SLOTS = 8
 # the pool's block count is rounded down to a multiple of this: the compiled step is built for its shapes, and a count
 # that followed the free memory to the block would rarely repeat from one run or dataset to the next, so each job
