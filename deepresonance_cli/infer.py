@@ -165,7 +165,7 @@ def infer(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Rows decoding together: the engine's slots, at most (default: 256 on CUDA, as many as fit in its "
+            help="Rows decoding together: the engine's slots, at most (default: 512 on CUDA, as many as fit in its "
             "memory; 8 on CPU), or the rows per batch of the static decoders."
         ),
     ] = None,
