@@ -97,6 +97,7 @@ def job(
     from benchmarks.job import bench_job
     from benchmarks.job_workload import MIXES
     from model.config import LLAMA_TINY, VICUNA_7B
+    from model.engine.sizing import CUDA_SLOTS
 
     if mix not in (*MIXES, "both"):
         raise typer.BadParameter(f"{mix!r}: musiccaps, catalog or both", param_hint="--mix")
@@ -106,7 +107,7 @@ def job(
         rows=rows,
         mixes=MIXES if mix == "both" else (mix,),
         seconds=seconds,
-        **({"batch": batch_size} if batch_size else {}),
+        batch=batch_size or CUDA_SLOTS["job"],
         budget=budget,
         workdir=str(workdir),
         decoder=decoder,

@@ -75,9 +75,8 @@ def main() -> None:
         begin = time.perf_counter()
         slots, length, blocks = engine_size(model, args.prompt, args.budget, args.slots)
         block = int(block or kv_cache.BLOCK)
-        scale = kv_cache.BLOCK // block
         engine = Engine(
-            model, slots, length, args.budget, blocks=blocks and blocks * scale, block=block, k_cap=1,
+            model, slots, length, args.budget, blocks=blocks and blocks * kv_cache.BLOCK // block, block=block, k_cap=1,
             kernel=name.split("-")[0],
         )  # fmt: skip
         sync()
