@@ -161,7 +161,7 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     from model.infer import job
 
     by_id = {r.id: n for r, n in zip(data, lengths, strict=True)}
-    request, row_media, generate, engine = job.Request, job.row_media, job.generate, job.Engine
+    request, decode_media, generate, engine = job.Request, job.decode_media, job.generate, job.Engine
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
     made = {"tokens": 0, "slots": None, "engine": None}
 
@@ -172,21 +172,21 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
 
     def loaded(model, group, *args, **kwargs):
         batches.append(max(by_id[r.id] for r in group))
-        return row_media(model, group, *args, **kwargs)
+        return decode_media(model, group, *args, **kwargs)
 
     def answer(ids):
         made["tokens"] += len(ids)
         return type(model).answer(model, ids)
 
     job.Request = lambda row, example, gen, key: request(row, example, replace(gen, max_new_tokens=by_id[row.id]), key)
-    job.row_media = loaded
+    job.decode_media = loaded
     job.generate = lambda model, rows, gen: generate(model, rows, replace(gen, max_new_tokens=batches.popleft()))
     job.Engine = built
     model.answer = answer
     try:
         yield made
     finally:
-        job.Request, job.row_media, job.generate, job.Engine = request, row_media, generate, engine
+        job.Request, job.decode_media, job.generate, job.Engine = request, decode_media, generate, engine
         del model.answer
 
 

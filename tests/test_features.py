@@ -397,6 +397,79 @@ def test_prefetch_starts_loading_before_it_is_iterated_and_stays_depth_ahead():
     assert out == [([0], [0]), ([1], [10]), ([2], [20]), ([3], [30])] and started == [0, 1, 2, 3]
 
 
+def test_prefetch_stages_overlap_in_group_order_and_hand_off_at_most_handoff_groups():
+    """A job's loader decodes a group while the group before it is encoded: stage one of group 1 runs while stage two
+    of group 0 does, each stage takes the groups in order, and stage one runs at most HANDOFF groups ahead of stage
+    two (the decoded inputs it holds are the large ones)."""
+    import threading
+
+    from model.infer import job
+    from model.infer.job import Prefetch
+
+    assert job.HANDOFF == 2
+    decoded, encoded, overlapped = [], [], []
+    decoding = [threading.Event() for _ in range(5)]
+    release = threading.Event()
+
+    def decode(group):
+        decoded.append(group[0])
+        decoding[group[0]].set()
+        return group[0] * 10
+
+    def encode(value):
+        if value == 0:  # group 0's encoding: group 1 decodes meanwhile, group 2 waits for it (the hand-off)
+            overlapped.append(decoding[1].wait(5))
+            release.wait(5)
+        encoded.append(value)
+        return [value + 1]
+
+    media = Prefetch([[g] for g in range(5)], decode, encode, depth=5)
+    assert decoding[1].wait(5)
+    time.sleep(0.3)
+    assert decoded == [0, 1] and encoded == [] and overlapped == [True]
+    release.set()
+    out = list(media)
+    media.close()
+    assert out == [([g], [g * 10 + 1]) for g in range(5)]
+    assert decoded == [0, 1, 2, 3, 4] and encoded == [0, 10, 20, 30, 40]
+
+
+def test_prefetch_closes_while_a_stage_waits_for_its_hand_off_and_passes_on_a_stages_error():
+    """Closed while stage one waits for its hand-off (stage two still encoding): the waiting group is not decoded
+    once the hand-off comes, nor any later one. A stage's error reaches the caller at its group."""
+    import threading
+
+    from model.infer.job import Prefetch
+
+    decoded, stuck = [], threading.Event()
+
+    def encode(value):
+        stuck.wait(10)
+        return value
+
+    media = Prefetch([[g] for g in range(6)], lambda g: decoded.append(g[0]) or g, encode, depth=6)
+    time.sleep(0.3)
+    assert decoded == [0, 1]  # group 2 waits for group 0's encoding
+    closing = threading.Thread(target=media.close)
+    closing.start()
+    time.sleep(0.2)
+    stuck.set()  # the running encode returns and gives its hand-off back
+    closing.join(5)
+    assert not closing.is_alive() and decoded == [0, 1]
+
+    def decode(group):
+        if group[0] == 1:
+            raise ValueError("group 1 cannot be decoded")
+        return group
+
+    media = Prefetch([[0], [1], [2]], decode, lambda g: g, depth=3)
+    items = iter(media)
+    assert next(items) == ([0], [0])
+    with pytest.raises(ValueError, match="group 1"):
+        next(items)
+    media.close()
+
+
 def test_prefetch_says_wait_while_its_caller_is_busy_and_blocks_when_it_is_not():
     """While the engine decodes (`busy`), a group still loading comes back as WAIT instead of holding the engine up;
     once the caller has nothing else to do, the loader is waited for, and every group still comes, in order."""

@@ -240,7 +240,7 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
 
 
 def test_a_jobs_media_load_on_a_stream_of_their_own(tiny_layout, tmp_path, monkeypatch):
-    """The job's loader thread encodes on its own CUDA stream, not between the engine's steps on the default one."""
+    """The job's loader encodes on its own CUDA stream, not between the engine's steps on the default one."""
     from synth import make_row, write_dataset, write_wav
 
     import model.infer.job as inference
@@ -249,13 +249,13 @@ def test_a_jobs_media_load_on_a_stream_of_their_own(tiny_layout, tmp_path, monke
     write_wav(tmp_path / "data" / "a.wav", 1.0, 220.0)
     rows, _ = load_rows(write_dataset(tmp_path / "data", [make_row(f"r{i}", [("audio", "a.wav")]) for i in range(3)]))
     streams = []
-    real_row_media = inference.row_media
+    real_encode_media = inference.encode_media
 
-    def row_media(model, *args, **kwargs):
+    def encode_media(model, *args, **kwargs):
         streams.append(torch.cuda.current_stream(model.device) != torch.cuda.default_stream(model.device))
-        return real_row_media(model, *args, **kwargs)
+        return real_encode_media(model, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "row_media", row_media)
+    monkeypatch.setattr(inference, "encode_media", encode_media)
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind, device="cuda")
     gen = GenerationConfig(max_new_tokens=4, do_sample=False)
     assert inference.run_inference(model, rows, tmp_path / "data", tmp_path / "r.json", gen, 2).answered == 3

@@ -237,20 +237,20 @@ def test_next_batch_media_load_while_this_batch_decodes(tiny_layout, tmp_path, m
     rows, _ = load_rows(media_dataset(tmp_path / "data", 4))
     media_calls, overlapped = [], []
     second_batch_media = threading.Event()
-    real_row_media, real_generate = inference.row_media, inference.generate
+    real_decode_media, real_generate = inference.decode_media, inference.generate
 
-    def row_media(model, group, *args, **kwargs):
+    def decode_media(model, group, *args, **kwargs):
         media_calls.append([r.id for r in group])
         if len(media_calls) == 2:
             second_batch_media.set()
-        return real_row_media(model, group, *args, **kwargs)
+        return real_decode_media(model, group, *args, **kwargs)
 
     def generate(model, examples, gen):
         if len(overlapped) == 0:  # the first batch: the second's media must be on their way before it finishes
             overlapped.append(second_batch_media.wait(timeout=30))
         return real_generate(model, examples, gen)
 
-    monkeypatch.setattr(inference, "row_media", row_media)
+    monkeypatch.setattr(inference, "decode_media", decode_media)
     monkeypatch.setattr(inference, "generate", generate)
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     gen = GenerationConfig(max_new_tokens=4, do_sample=False, decoder="generate")
@@ -266,13 +266,13 @@ def test_an_engine_jobs_first_media_group_is_small(tiny_layout, tmp_path, monkey
 
     rows, _ = load_rows(media_dataset(tmp_path / "data", 7))
     sizes = []
-    real_row_media = inference.row_media
+    real_decode_media = inference.decode_media
 
-    def row_media(model, group, *args, **kwargs):
+    def decode_media(model, group, *args, **kwargs):
         sizes.append(len(group))
-        return real_row_media(model, group, *args, **kwargs)
+        return real_decode_media(model, group, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "row_media", row_media)
+    monkeypatch.setattr(inference, "decode_media", decode_media)
     monkeypatch.setattr(inference, "FIRST_GROUP", 2)
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     gen = GenerationConfig(max_new_tokens=4, do_sample=False, decoder=decoder)

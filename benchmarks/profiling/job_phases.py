@@ -148,12 +148,13 @@ def instrument(phases: Phases) -> None:
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
     phases.wrap(features.FeatureCache, "get", "cache: read")
     phases.wrap(features.FeatureCache, "put", "cache: write")
-    phases.wrap(row_features, "row_media", "row_media (a group, background)")
+    phases.wrap(row_features, "decode_media", "decode_media: a group's lookups and decoding (loader stage 1)")
+    phases.wrap(row_features, "encode_media", "encode_media: a group's encoding and stores (loader stage 2)")
     phases.wrap(journal.Journal, "write", "journal write")
     phases.wrap(scheduler.Engine, "__init__", "engine build")
     phases.wrap(model_runner.SlotStep, "__init__", "engine build: steps traced, compiled or loaded, captured")
     phases.wrap(scheduler.Engine, "_prefill", "engine prefill (host)")
-    job.row_media = row_features.row_media  # job imported the name before the wrap
+    job.decode_media, job.encode_media = row_features.decode_media, row_features.encode_media  # imported before
 
     class TimedPrefetch(job.Prefetch):
         def __iter__(self):

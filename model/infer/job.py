@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from model.config import GenerationConfig
 from model.data.catalog import Row
-from model.data.row_features import DECODE_WORKERS, row_media
+from model.data.row_features import DECODE_WORKERS, DecodedMedia, decode_media, encode_media
 from model.engine.sampler import row_key
 from model.engine.scheduler import WAIT, Engine
 from model.engine.sequence import Request
@@ -52,44 +53,72 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 # media groups loaded ahead of the engine: a group's features are small (a 512-row audio group about 6 MB), so the
-# loader runs ahead of the decoding instead of idling while the engine takes the groups before it; decoded media
-# inputs (the large ones) exist for one group at a time, in the loader
+# loader runs ahead of the decoding instead of idling while the engine takes the groups before it
 PREFETCH_DEPTH = 6
+# groups a stage of the loader may run ahead of the next: a group's decoded inputs (the large ones: 160 MB for 512
+# ten-second wavs) wait for the encoder while the next group decodes, and no more
+HANDOFF = 2
 # rows in an engine job's first media group: its media (decoded on the loader's thread while the decoding processes
 # start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is
 # built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
 FIRST_GROUP = 64
+Gate = threading.Semaphore | None
 
 
 class Prefetch:
-    """(group, load(group)) for each group, in order, loaded by one background thread that keeps `depth` groups
+    """(group, result) for each group, in order, where result is the group passed through `stages` in turn
+    (stages[-1](...stages[0](group))), each stage on a background thread of its own that takes the groups in order:
+    while one stage works on a group, the one before it works on the next (decoding the next group's media while
+    this group's are encoded). A stage runs at most HANDOFF groups ahead of the next, and the last at most `depth`
     ahead of the caller. The first loads start at construction, so they overlap whatever the caller does before it
     iterates (building and compiling the engine). While `busy()` says the caller has other work, a group not loaded
     yet comes back as WAIT instead of being waited for."""
 
-    def __init__(
-        self, groups: Sequence[Sequence[Row]], load: Callable[[Sequence[Row]], list], depth: int = PREFETCH_DEPTH
-    ):
-        self.groups, self.load = groups, load
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dr-media")
-        self.pending = deque(self.pool.submit(load, g) for g in groups[:depth])
+    def __init__(self, groups: Sequence, *stages: Callable, depth: int = PREFETCH_DEPTH):
+        self.groups, self.stages = groups, stages
+        self.threads = [ThreadPoolExecutor(1, thread_name_prefix=f"dr-media-{i}") for i in range(len(stages))]
+        self.gates = [threading.Semaphore(HANDOFF) for _ in stages[1:]]
+        self.closed = False
+        self.pending = deque(self._submit(g) for g in groups[:depth])
         self.busy: Callable[[], bool] = lambda: False
 
-    def __iter__(self) -> Iterator[tuple[Sequence[Row], list] | object]:
+    def _submit(self, group: object) -> Future:
+        """The group's last stage's future; stage i takes gates[i] before it starts and stage i + 1 gives it back."""
+        given: object = group
+        for i, (stage, thread) in enumerate(zip(self.stages, self.threads, strict=True)):
+            enter = self.gates[i] if i < len(self.gates) else None
+            leave = self.gates[i - 1] if i > 0 else None
+            given = thread.submit(self._run, stage, given, i > 0, enter, leave)
+        return given  # type: ignore[return-value]
+
+    def _run(self, stage: Callable, given: object, chained: bool, enter: Gate, leave: Gate) -> object:
+        try:
+            if enter is not None and not self.closed:
+                enter.acquire()
+            if self.closed:
+                raise CancelledError
+            return stage(given.result() if chained else given)  # type: ignore[attr-defined]
+        finally:
+            if leave is not None:
+                leave.release()
+
+    def __iter__(self) -> Iterator[tuple[Sequence, object] | object]:
         upcoming = len(self.pending)
         for group in self.groups:
             while self.busy() and not self.pending[0].done():
                 yield WAIT
             loaded = self.pending.popleft().result()
             if upcoming < len(self.groups):
-                self.pending.append(self.pool.submit(self.load, self.groups[upcoming]))
+                self.pending.append(self._submit(self.groups[upcoming]))
                 upcoming += 1
             yield group, loaded
 
     def close(self) -> None:
-        for future in self.pending:
-            future.cancel()
-        self.pool.shutdown(wait=True)
+        self.closed = True
+        for gate in self.gates:  # a stage waiting for its gate goes on, and sees `closed`
+            gate.release()
+        for thread in self.threads:
+            thread.shutdown(wait=True, cancel_futures=True)
 
 
 def run_inference(
@@ -165,14 +194,20 @@ def answer_rows(
     # each call's read-back would wait for every step queued before it
     side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
-    def load(group: Sequence[Row]) -> list:
+    def decode(group: Sequence[Row]) -> DecodedMedia:
+        return decode_media(model, group, media_root, cache, workers, decoders)
+
+    def encode(media: DecodedMedia) -> list:
         with torch.cuda.stream(side):  # no-op without one
-            return row_media(model, group, media_root, cache, batch_size, workers, decode)
+            return encode_media(model, media, cache, batch_size, workers)
 
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:
-        decode = closing.enter_context(DecodeProcesses(processes)) if processes else None
-        media = Prefetch(batches, load)
+        decoders = closing.enter_context(DecodeProcesses(processes)) if processes else None
+        # a group decodes while the one before it is encoded and stored: on one thread, the decoding processes
+        # idled through the encoding and the stores (musiccaps on an H100: 11.1 s of decoding in a 17.4 s media
+        # wall, benchmarks/results/2026-12-06-h100-pipeline-measured/)
+        media = Prefetch(batches, decode, encode)
         closing.callback(media.close)
         closing.enter_context(stop)
         decode_rows(model, size, gen, media, journal, summary, stop, on_progress)

@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.io.files import write_atomically, written_atomically
-from model.media.decoders import Decode, in_threads
+from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import NonFiniteFeatures
 from model.media.preprocess import MODALITIES, MediaError, check_file
 
@@ -205,7 +206,106 @@ class FeatureCache:
             save_file({"features": features.detach().cpu().contiguous()}, tmp, metadata=metadata)
 
 
+@dataclass
+class Lookup:
+    """One modality's files after the feature cache was asked for them: `results` holds each hit and each file's
+    MediaError, None for a miss; `misses` the indices of the missed paths, grouped by content (each content is
+    decoded and encoded once, for every path that holds it)."""
+
+    modality: str
+    paths: Sequence[str | Path]
+    results: list[torch.Tensor | MediaError | None]
+    misses: list[list[int]]
+
+    def first_paths(self, start: int = 0, stop: int | None = None) -> list[Path]:
+        """The path decoded for each missed content in misses[start:stop]."""
+        return [Path(self.paths[g[0]]) for g in self.misses[start:stop]]
+
+
+def look_up(cache: FeatureCache | None, modality: str, paths: Sequence[str | Path], workers: int = 2) -> Lookup:
+    """Checks each file (a regular file of the modality's types, before anything reads it) and asks the cache for it.
+    Without a cache every good file is a miss of its own."""
+
+    def one(i: int) -> tuple[torch.Tensor | MediaError | None, str]:
+        """(the cached features, a miss's None or the file's MediaError; the file's content key)."""
+        path = paths[i]
+        try:
+            check_file(Path(path), modality)  # before the cache reads a byte of it
+            hit = cache.get(modality, path) if cache is not None else None
+            return hit, cache.file_hash(path) if cache is not None else str(i)
+        except MediaError as e:
+            return e, ""
+
+    results: list[torch.Tensor | MediaError | None] = [None] * len(paths)
+    todo: dict[str, list[int]] = {}  # content key -> indices of paths with that content
+    # the lookups hash every file: in threads (sha256 and file I/O release the GIL), where one thread spent 3.4 s of
+    # a 2,858-file job's 12 s of media loading on them and on the stores (H100 host,
+    # benchmarks/results/2026-12-05-h100-engine-phases/phases_warm.json)
+    with ThreadPoolExecutor(max(1, workers)) as io:
+        for i, (found, key) in enumerate(io.map(one, range(len(paths)))):
+            if found is None:
+                todo.setdefault(key, []).append(i)
+            else:
+                results[i] = found
+    return Lookup(modality, paths, results, list(todo.values()))
+
+
+def check_encoder(encoder: Encoder, cache: FeatureCache | None) -> None:
+    """A cache holds one encoder's features in one dtype: another's would answer with the wrong features."""
+    if cache is not None and (cache.encoder_fingerprint, cache.dtype) != (encoder.fingerprint, encoder.dtype):
+        raise ValueError(
+            f"feature cache is for {cache.encoder_fingerprint} in {cache.dtype}, "
+            f"encoder is {encoder.fingerprint} in {encoder.dtype}"
+        )
+
+
 @torch.no_grad()
+def encode_misses(
+    encoder: Encoder,
+    cache: FeatureCache | None,
+    lookup: Lookup,
+    decoded: Callable[[int, int], list[Decoded]],
+    batch_size: int = 8,
+    workers: int = 2,
+) -> list[torch.Tensor | MediaError]:
+    """Fills in `lookup.results` for its misses, `batch_size` contents at a time: `decoded(start, stop)` gives the
+    encoder inputs (or MediaErrors) of misses[start:stop]. A file whose features are not finite (NaN or Inf) after
+    the encoder fails its own entry and is never cached; the others are stored (in `workers` threads)."""
+    check_encoder(encoder, cache)
+    results, paths = lookup.results, lookup.paths
+    with ThreadPoolExecutor(max(1, workers)) as io:
+        for start in range(0, len(lookup.misses), batch_size):
+            batch = lookup.misses[start : start + batch_size]
+            loaded = decoded(start, start + len(batch))
+            good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
+            for g, x in zip(batch, loaded, strict=True):
+                if isinstance(x, MediaError):
+                    for i in g:  # each path named in its own error, though they share content
+                        results[i] = MediaError(paths[i], x.reason)
+            if not good:
+                continue
+            inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
+            try:
+                outputs = encoder(lookup.modality, inputs).cpu()
+            except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
+                outputs = e.features.cpu()
+            stores = []
+            for (g, _), features in zip(good, outputs, strict=True):
+                if not torch.isfinite(features).all():
+                    for i in g:
+                        results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
+                    continue
+                if cache is not None and cache.pooled:
+                    features = features.mean(dim=0, keepdim=True)
+                if cache is not None:
+                    stores.append(io.submit(cache.put, lookup.modality, paths[g[0]], features))
+                for i in g:
+                    results[i] = features
+            for stored in stores:
+                stored.result()  # a failed write fails the call, as it did written in turn
+    return results  # type: ignore[return-value]
+
+
 def encode_files(
     encoder: Encoder,
     cache: FeatureCache | None,
@@ -219,68 +319,13 @@ def encode_files(
     the file's MediaError.
 
     Cache hits skip decoding and the encoder; misses are decoded (by `decode`, else in `workers` threads: model/media/
-    decoders.py) and encoded `batch_size` files
-    at a time, then stored. Files with identical content are encoded once. A bad file only fails its own entry: one
-    that is not a regular file of the modality's types before anything reads it, one whose features are not finite
-    (NaN or Inf) after the encoder, and these are never cached.
+    decoders.py) and encoded `batch_size` files at a time (so one batch of inputs is decoded at once), then stored.
+    Files with identical content are encoded once. A bad file only fails its own entry (`look_up`, `encode_misses`).
     Without a cache, every file is encoded (per-clip).
     """
-    if cache is not None and (cache.encoder_fingerprint, cache.dtype) != (encoder.fingerprint, encoder.dtype):
-        raise ValueError(
-            f"feature cache is for {cache.encoder_fingerprint} in {cache.dtype}, "
-            f"encoder is {encoder.fingerprint} in {encoder.dtype}"
-        )
-    results: list[torch.Tensor | MediaError | None] = [None] * len(paths)
-    todo: dict[str, list[int]] = {}  # content key -> indices of paths with that content
-
-    def look_up(i: int) -> tuple[torch.Tensor | MediaError | None, str]:
-        """(the cached features, a miss's None or the file's MediaError; the file's content key)."""
-        path = paths[i]
-        try:
-            check_file(Path(path), modality)  # before the cache reads a byte of it
-            hit = cache.get(modality, path) if cache is not None else None
-            return hit, cache.file_hash(path) if cache is not None else str(i)
-        except MediaError as e:
-            return e, ""
-
-    # the lookups hash every file and the stores write one each: in threads (sha256 and file I/O release the GIL),
-    # where one thread spent 3.4 s of a 2,858-file job's 12 s of media loading on them (H100 host,
-    # benchmarks/results/2026-12-05-h100-engine-phases/phases_warm.json)
-    with ThreadPoolExecutor(max(1, workers)) as io:
-        for i, (found, key) in enumerate(io.map(look_up, range(len(paths)))):
-            if found is None:
-                todo.setdefault(key, []).append(i)
-            else:
-                results[i] = found
-        groups = list(todo.values())
-        decode = decode or in_threads(workers)
-        for start in range(0, len(groups), batch_size):
-            batch = groups[start : start + batch_size]
-            loaded = decode(modality, [Path(paths[g[0]]) for g in batch])
-            good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
-            for g, x in zip(batch, loaded, strict=True):
-                if isinstance(x, MediaError):
-                    for i in g:  # each path named in its own error, though they share content
-                        results[i] = MediaError(paths[i], x.reason)
-            if not good:
-                continue
-            inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
-            try:
-                outputs = encoder(modality, inputs).cpu()
-            except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
-                outputs = e.features.cpu()
-            stores = []
-            for (g, _), features in zip(good, outputs, strict=True):
-                if not torch.isfinite(features).all():
-                    for i in g:
-                        results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
-                    continue
-                if cache is not None and cache.pooled:
-                    features = features.mean(dim=0, keepdim=True)
-                if cache is not None:
-                    stores.append(io.submit(cache.put, modality, paths[g[0]], features))
-                for i in g:
-                    results[i] = features
-            for stored in stores:
-                stored.result()  # a failed write fails the call, as it did written in turn
-    return results  # type: ignore[return-value]
+    check_encoder(encoder, cache)
+    lookup = look_up(cache, modality, paths, workers)
+    decode = decode or in_threads(workers)
+    return encode_misses(
+        encoder, cache, lookup, lambda a, b: decode(modality, lookup.first_paths(a, b)), batch_size, workers
+    )
