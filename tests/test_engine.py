@@ -270,7 +270,7 @@ def test_finished_and_free_slots_read_no_cache_blocks_and_only_a_partly_filled_b
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    kv = PagedKV(config, 5, 3, 16, torch.float32, torch.device("cpu"), "flex")
+    kv = PagedKV(config, 5, 3, 16, torch.float32, torch.device("cpu"), "flex", block=128)
     kv.table.copy_(torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 0], [0, 0, 0], [6, 7, 8]]))
     kv.pos.copy_(torch.tensor([130, 5, 130, 0, 256]))
     visible = kv.step_inputs(5, torch.tensor([True, True, False, False, True]))[0].visible

@@ -131,14 +131,10 @@ def test_blocks_come_from_the_memory_budget(model, monkeypatch):
     assert cache_length(300, 400) == 1024  # 6 blocks -> 8
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 200 * per_block + 5)
     assert sizing.engine_size(model, 40, 100, 256) == (191, 256, 192)  # rounded down to 3 x 64 blocks; a row each
-    assert sizing.engine_size(model, 40, 100, 64) == (64, 256, 129)  # 64 rows of 2 blocks and the scratch
+    assert sizing.engine_size(model, 40, 100, 64) == (64, 256, 192)  # 64 rows of 4 blocks would be 257: the budget
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 40 * per_block)
     assert sizing.engine_size(model, 40, 100, 256) == (39, 256, 40)  # under one step: every block
-    assert sizing.engine_size(model, 40, 100, 8) == (
-        8,
-        256,
-        17,
-    )  # 8 slots of 2 blocks and the scratch: the rest stays free
+    assert sizing.engine_size(model, 40, 100, 8) == (8, 256, 33)  # 8 slots of 4 blocks and the scratch: the rest free
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 2 * per_block)
     with pytest.raises(MemoryError, match="one row of 140 positions needs .* GiB of cache"):
         Engine.sized(model, 40, 100, 64)
