@@ -19,6 +19,7 @@ from benchmarks.workloads import (
     realistic_lengths,
 )
 from model.config import VICUNA_7B
+from model.engine.sizing import CUDA_SLOTS
 
 
 def _timed_job(name: str, run: Callable[[], float | None], rows: int, useful: int, log) -> dict:
@@ -71,7 +72,7 @@ def _sync() -> None:
 
 def bench_engine(
     rows: int = 2048,
-    slots: int = 256,
+    slots: int = CUDA_SLOTS["job"],
     budget: int = 512,
     tails: tuple[float, ...] = (0.0, 0.02),
     compare_rows: tuple[int, int, int] = (512, 128, 512),

@@ -161,7 +161,9 @@ def job(
 def engine(
     out: Annotated[Path, typer.Option(help="Where the JSON result goes.")] = Path("benchmarks/results/engine.json"),
     rows: int = 2048,
-    slots: Annotated[int, typer.Option(help="The engine's slot count.")] = 256,
+    slots: Annotated[
+        int | None, typer.Option(help="The engine's slot count; default: as `dr infer`'s on a GPU.")
+    ] = None,
     compare_rows: Annotated[
         str, typer.Option(help="Rows for the static loop, generate and transformers' continuous batching.")
     ] = "512,128,512",
@@ -176,10 +178,11 @@ def engine(
     engine also on multiple-choice-sized and varied prompts."""
     need_cuda()
     from benchmarks.engine import bench_engine
+    from model.engine.sizing import CUDA_SLOTS
 
     report = bench_engine(
         rows=rows,
-        slots=slots,
+        slots=slots or CUDA_SLOTS["job"],
         only_engine=only_engine,
         prompts=tuple(prompts.split(",")),
         compare_rows=tuple(int(n) for n in compare_rows.split(",")),
