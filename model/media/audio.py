@@ -17,7 +17,6 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-import torchvision.transforms.functional as TF
 
 from model.config import AUDIO_CLIPS
 from model.media.bounds import (
@@ -190,7 +189,9 @@ def _melspec(clip: torch.Tensor) -> torch.Tensor:
     ).t()
     pad = TARGET_FRAMES - fbank.size(1)
     fbank = torch.nn.functional.pad(fbank, (0, pad)) if pad > 0 else fbank[:, :TARGET_FRAMES]
-    return TF.normalize(fbank.unsqueeze(0), mean=[AUDIO_MEAN], std=[AUDIO_STD])
+    # torchvision's normalize, written out (float32 mean and std, subtracted then divided, as it does): importing
+    # torchvision costs a decoding process 1.4 s of its start (benchmarks/profiling/decoder_start.py)
+    return (fbank.unsqueeze(0) - torch.tensor(AUDIO_MEAN)) / torch.tensor(AUDIO_STD)
 
 
 def audio_clips(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:

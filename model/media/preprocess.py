@@ -14,7 +14,9 @@ features, a file is a one-line MediaError.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -22,7 +24,6 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 from PIL import Image
-from torchvision import transforms
 
 from model.config import VIDEO_CLIPS
 from model.media.audio import audio_clips, decode_audio, load_audio, probe_audio  # noqa: F401 (the module's API)
@@ -56,14 +57,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _VIDEO_MEAN = torch.tensor(CLIP_MEAN)[:, None, None, None]  # broadcast over [C, T, H, W]
 _VIDEO_STD = torch.tensor(CLIP_STD)[:, None, None, None]
 
-_IMAGE_TRANSFORM = transforms.Compose(
-    [
-        transforms.Resize(CROP, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(CROP),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-    ]
-)
+
+@functools.cache
+def _image_transform() -> Callable[[Image.Image], torch.Tensor]:
+    """ImageBind's vision transform, built on first use: torchvision is imported only by a process that decodes an
+    image (it costs a decoding process 1.4 s of its start: benchmarks/profiling/decoder_start.py)."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(CROP, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(CROP),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+        ]
+    )
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -78,7 +86,7 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(path, f"unreadable image ({e})") from e
-    return _IMAGE_TRANSFORM(rgb)
+    return _image_transform()(rgb)
 
 
 def _frame_count(path: Path, container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
