@@ -194,7 +194,7 @@ def infer(
 
     from model.data.catalog import load_rows, resolve_dataset
     from model.engine.sizing import default_slots
-    from model.infer.job import run_inference
+    from model.infer.job import run_inference, start_decoders
     from model.infer.journal import output_lock, write_results
     from model.io.dist import ranks_from_env
     from model.media.features import FeatureCache
@@ -214,6 +214,9 @@ def infer(
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
     ctx.call_on_close(lock.release)
+    decoders = start_decoders(rows[rank::world], torch.device(device))  # their start overlaps the model's load
+    if decoders is not None:
+        ctx.call_on_close(decoders.close)
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
     cache = FeatureCache.for_encoder(cache_dir or spec.json_path.parent / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
@@ -242,6 +245,7 @@ def infer(
                 on_progress=lambda n: progress.advance(task, n),
                 on_total=lambda n: progress.update(task, total=n),
                 overwrite=overwrite,
+                decoders=decoders,
             )
     except KeyboardInterrupt:
         kept = sum(len(v) for v in write_results(out, rows).values()) if rank == 0 else 0

@@ -405,6 +405,49 @@ def test_feature_cache_goes_beside_a_dataset_file_given_by_path(tiny_root, tmp_p
     assert any((dataset.parent / ".features").iterdir()) and not (tmp_path / "data").exists()
 
 
+def test_infer_starts_its_decoding_processes_before_loading_the_model_and_the_job_uses_them(
+    tiny_root, tmp_path, monkeypatch
+):
+    """`dr infer` starts the decoding processes before it loads the model (their start, a forkserver importing torch,
+    overlaps the load), the job decodes with them instead of starting its own, and they are closed once, after the
+    job, or when loading fails."""
+    import deepresonance_cli.infer as cli
+    import model.infer.job as inference
+    from model.media.decoders import in_threads
+
+    events = []
+
+    class Decoders:  # stands in for DecodeProcesses: threads, and a log of what was done with it
+        def __init__(self, workers):
+            events.append("started")
+            self.decode = in_threads(workers)
+
+        def __call__(self, modality, paths):
+            events.append("decoded")
+            return self.decode(modality, paths)
+
+        def close(self):
+            events.append("closed")
+
+    real_load = cli.load
+
+    def load(*args, **kwargs):
+        events.append("load")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)  # as a long job on a GPU
+    monkeypatch.setattr(inference, "DecodeProcesses", Decoders)
+    monkeypatch.setattr(cli, "load", load)
+    dataset = media_dataset(tmp_path / "data", 4)
+    result = runner.invoke(app, infer_args(tiny_root, dataset, tmp_path / "res" / "toy.json", "--batch-size", "2"))
+    assert result.exit_code == 0, result.output
+    assert events[:2] == ["started", "load"] and "decoded" in events
+    assert events.count("started") == 1 and events.count("closed") == 1 and events[-1] == "closed"
+    events.clear()
+    failed = runner.invoke(app, infer_args(tmp_path / "no-ckpt", dataset, tmp_path / "res2" / "toy.json"))
+    assert failed.exit_code != 0 and events == ["started", "load", "closed"]
+
+
 @pytest.mark.slow
 def test_a_job_decoding_in_processes_answers_as_one_decoding_in_threads(tiny_layout, tmp_path, monkeypatch):
     """A long GPU job decodes its media in processes (model/media/decoders.py); forced here on the CPU, the same rows

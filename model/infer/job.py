@@ -121,6 +121,15 @@ class Prefetch:
             thread.shutdown(wait=True, cancel_futures=True)
 
 
+def start_decoders(rows: Sequence[Row], device: torch.device) -> DecodeProcesses | None:
+    """Decoding processes for these rows' media, started now, or None where threads do (model/media/decoders.py:
+    a CPU job or a short one). Their start (a forkserver importing torch: 7-8 s into a job on a 16-core H100 host,
+    benchmarks/results/2026-12-06-h100-two-stage-loader-block64/) is why `dr infer` starts them before it loads the
+    model: the two then overlap, and the job's media decode in processes from its first groups on."""
+    processes = processes_for(sum(len(r.mm_names) for r in rows), device)
+    return DecodeProcesses(processes) if processes else None
+
+
 def run_inference(
     model: DeepResonance,
     rows: Sequence[Row],
@@ -135,10 +144,12 @@ def run_inference(
     workers: int = DECODE_WORKERS,
     on_total: Callable[[int], None] | None = None,
     overwrite: bool = False,
+    decoders: DecodeProcesses | None = None,
 ) -> Summary:
     """Answers every row not answered yet; `on_total(n)` is told how many rows this process will answer, then
     `on_progress(n)` is called as n more rows finish. `batch_size` is the engine's slot count (rows decoding
-    together) or, for the static decoders, the rows per batch.
+    together) or, for the static decoders, the rows per batch. `decoders`: decoding processes the caller started
+    (`start_decoders`) and closes; without them, a long job on a GPU starts its own.
 
     One process per `out_json` (its lock is held throughout); answers of another delta, variant, dtype or generation
     settings already in its journal are a JournalError unless `overwrite` (which answers every row again).
@@ -156,7 +167,8 @@ def run_inference(
         if on_total:
             on_total(len(todo))
         if todo:
-            answer_rows(model, todo, media_root, gen, batch_size, cache, workers, journal, summary, on_progress)
+            job = (media_root, gen, batch_size, cache, workers, decoders)
+            answer_rows(model, todo, *job, journal, summary, on_progress)
     finally:
         journal.close()
         lock.release()
@@ -171,6 +183,7 @@ def answer_rows(
     batch_size: int,
     cache: FeatureCache | None,
     workers: int,
+    decoders: DecodeProcesses | None,
     journal: Journal,
     summary: Summary,
     on_progress: Callable[[int], None] | None,
@@ -179,8 +192,8 @@ def answer_rows(
     lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
     todo.sort(key=lambda r: lengths[id(r)])  # the static decoders pad a batch to its longest (the engine packs)
     # media a batch at a time (the encoder runs batched, the cache keeps what it computed), read, preprocessed (in
-    # processes for a long job on a GPU: model/media/decoders.py) and encoded in a background thread that starts now,
-    # while the engine is built, and stays PREFETCH_DEPTH batches ahead of the decoding
+    # processes for a long job on a GPU: model/media/decoders.py) and encoded by background threads (Prefetch) that
+    # start while the engine is built, and stay PREFETCH_DEPTH batches ahead of the decoding
     first = min(FIRST_GROUP, batch_size) if gen.decoder == "engine" else batch_size  # a static decoder's: batches
     batches = [todo[:first], *chunks(todo[first:], batch_size)]
     # an engine is sized now, before the loader allocates encoder activations: its cache's pool is a share of the
@@ -188,7 +201,6 @@ def answer_rows(
     # compiled step's shapes, which the compile cache of an earlier job would then not hold (model/engine/sizing.py)
     longest = max(lengths.values())
     size = engine_size(model, longest, gen.max_new_tokens, batch_size) if gen.decoder == "engine" else None
-    processes = processes_for(sum(len(r.mm_names) for r in todo), model.device)
     # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
     # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
     # each call's read-back would wait for every step queued before it
@@ -203,7 +215,10 @@ def answer_rows(
 
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:
-        decoders = closing.enter_context(DecodeProcesses(processes)) if processes else None
+        if decoders is None:  # none started by the caller
+            decoders = start_decoders(todo, model.device)
+            if decoders is not None:
+                closing.callback(decoders.close)
         # a group decodes while the one before it is encoded and stored: on one thread, the decoding processes
         # idled through the encoding and the stores (musiccaps on an H100: 11.1 s of decoding in a 17.4 s media
         # wall, benchmarks/results/2026-12-06-h100-pipeline-measured/)
