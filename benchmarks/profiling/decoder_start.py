@@ -50,20 +50,20 @@ def main() -> None:
     }
     variants = {"dr (no torchvision)": "", "with torchvision": "torchvision"}
     times: dict[str, dict[str, list[float]]] = {v: {m: [] for m in media} for v in variants}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # the report is written after each round, so a run cut short keeps its rounds
         for name, extra in variants.items():
             for modality, files in media.items():
                 cmd = [sys.executable, "-c", CHILD, extra, modality, str(args.workers), *map(str, files)]
                 got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 assert got["decoded"] == count, got
                 times[name][modality].append(round(got["seconds"], 3))
-    report = {
-        "workers": args.workers,
-        "files": count,
-        "seconds": times,
-        "median_s": {v: {m: statistics.median(t) for m, t in ms.items()} for v, ms in times.items()},
-    }
-    args.out.write_text(json.dumps(report, indent=1))
+        report = {
+            "workers": args.workers,
+            "files": count,
+            "seconds": times,
+            "median_s": {v: {m: statistics.median(t) for m, t in ms.items()} for v, ms in times.items()},
+        }
+        args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report["median_s"], indent=1))
 
 
