@@ -170,6 +170,8 @@ def run_inference(
             job = (media_root, gen, batch_size, cache, workers, decoders)
             answer_rows(model, todo, *job, journal, summary, on_progress)
     finally:
+        if cache is not None:
+            cache.hashes.save()  # what the lookups' last saves left (model/media/file_hashes.py, SAVE_EVERY_S)
         journal.close()
         lock.release()
     return summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from model.io.files import write_atomically, written_atomically
 from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import NonFiniteFeatures
+from model.media.file_hashes import SAVE_EVERY_S, FileHashes
 from model.media.preprocess import MODALITIES, MediaError, check_file
 
 
@@ -138,7 +138,7 @@ class FeatureCache:
         self.weights = weights
         self.dtype = dtype
         self.pooled = pooled
-        self._hashes: dict[tuple[str, int, int], str] = {}
+        self.hashes = FileHashes(self.root)
 
     @classmethod
     def for_encoder(cls, root: str | Path, encoder: Encoder, pooled: bool = False) -> FeatureCache:
@@ -151,21 +151,8 @@ class FeatureCache:
         return f"{modality}-{'pooled' if self.pooled else 'clips'}-{str(self.dtype).removeprefix('torch.')}"
 
     def file_hash(self, path: str | Path) -> str:
-        """sha256 of the file's bytes, remembered per (path, size, mtime) for the life of this object. Only a regular
-        file is read (checked on the opened descriptor, which a FIFO or device cannot block in non-blocking mode)."""
-        path = Path(path)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            raise MediaError(path, "no such file") from e
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MediaError(path, "not a regular file")
-            memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-            if memo not in self._hashes:
-                self._hashes[memo] = hashlib.file_digest(f, "sha256").hexdigest()
-        return self._hashes[memo]
+        """sha256 of the file's bytes, remembered by the file's identity (model/media/file_hashes.py)."""
+        return self.hashes.digest(Path(path))
 
     def entry(self, modality: str, path: str | Path) -> Path:
         """Where the features of this file live (whether or not they exist yet)."""
@@ -247,6 +234,8 @@ def look_up(cache: FeatureCache | None, modality: str, paths: Sequence[str | Pat
                 todo.setdefault(key, []).append(i)
             else:
                 results[i] = found
+    if cache is not None:
+        cache.hashes.save(SAVE_EVERY_S)  # the next job reads none of these files where their features are cached
     return Lookup(modality, paths, results, list(todo.values()))
 
 
@@ -326,6 +315,9 @@ def encode_files(
     check_encoder(encoder, cache)
     lookup = look_up(cache, modality, paths, workers)
     decode = decode or in_threads(workers)
-    return encode_misses(
+    encoded = encode_misses(
         encoder, cache, lookup, lambda a, b: decode(modality, lookup.first_paths(a, b)), batch_size, workers
     )
+    if cache is not None:
+        cache.hashes.save()
+    return encoded

@@ -1,0 +1,108 @@
+"""sha256 of media files, remembered on disk by each file's identity, so that a job whose features are all cached
+(a second checkpoint evaluated on the same set) neither reads nor hashes its media again.
+
+A remembered digest is used only while the file's size, mtime, ctime, inode and device are all unchanged. Writing a
+file always moves its ctime to the kernel's clock, which no tool can set back, so a rewritten file is hashed again
+even where its size and mtime were restored. Clocks tick coarsely (some file systems keep seconds), so a file whose
+ctime is within SETTLED_NS of its hashing could still change within the same tick: its digest is kept for this
+process only (git treats its "racily clean" index entries the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+from contextlib import suppress
+from pathlib import Path
+
+from model.io.files import write_atomically
+from model.media.preprocess import MediaError
+
+# in the feature cache's root: resolved path -> [size, mtime, ctime, inode, device, sha256]
+HASHES_FILE = "file-hashes.json"
+HASHES_KEPT = 200_000  # the most recent files remembered on disk (about 30 MB of JSON)
+SETTLED_NS = 2_000_000_000  # a file's ctime must be this much older than its hashing for the digest to be kept on disk
+# a job's lookups save the memo at most this often, and the job once more at its end: each save rewrites the whole
+# memo (about 8 MB for a 55,000-file set), and a job looks up a group of files at a time
+SAVE_EVERY_S = 10.0
+
+
+def _valid(record: object) -> bool:
+    return (
+        isinstance(record, list)
+        and len(record) == 6
+        and all(isinstance(x, int) for x in record[:5])
+        and isinstance(record[5], str)
+        and len(record[5]) == 64
+    )
+
+
+def _read(path: Path) -> dict[str, list]:
+    """The memo on disk, or an empty one when it is missing or unreadable (it only saves time: a bad one costs a
+    rehash); malformed records are dropped."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {k: v for k, v in memo.items() if isinstance(k, str) and _valid(v)}
+
+
+class FileHashes:
+    """Files' sha256, remembered for this object's life and, under `root`, across processes (`save`). Thread-safe:
+    a job's lookups hash in several threads."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.path = root / HASHES_FILE if root is not None else None
+        self.lock = threading.Lock()
+        self.known: dict[str, list] | None = None  # read from disk at first use
+        self.settled: dict[str, list] = {}  # hashed here and safe to keep on disk, not saved yet
+        self.saved_at = -float("inf")  # time.monotonic() of the last save
+
+    def digest(self, path: Path) -> str:
+        """sha256 of the file's bytes. Only a regular file is read (checked on the opened descriptor, which a FIFO or
+        device cannot block in non-blocking mode)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            raise MediaError(path, "no such file") from e
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise MediaError(path, "not a regular file")
+            key = str(path.resolve())
+            identity = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+            with self.lock:
+                if self.known is None:
+                    self.known = _read(self.path) if self.path is not None else {}
+                record = self.known.get(key)
+            if record is not None and record[:5] == identity:
+                return record[5]
+            settled = time.time_ns() - st.st_ctime_ns > SETTLED_NS  # taken before the bytes are read
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        with self.lock:
+            self.known[key] = [*identity, digest]
+            if settled:
+                self.settled[key] = self.known[key]
+        return digest
+
+    def save(self, at_most_every: float = 0.0) -> None:
+        """Adds this process's settled digests to the memo on disk (merged with what other processes wrote there
+        meanwhile; the most recent HASHES_KEPT kept), atomically, unless the last save was less than `at_most_every`
+        seconds ago. Not fsync'd, and a root that cannot be written only loses the speed-up."""
+        with self.lock:
+            if self.path is None or not self.settled or time.monotonic() - self.saved_at < at_most_every:
+                return
+            new, self.settled, self.saved_at = self.settled, {}, time.monotonic()
+        memo = _read(self.path)
+        for key in new:
+            memo.pop(key, None)  # moved to the end: the most recent
+        memo.update(new)
+        kept = dict(list(memo.items())[-HASHES_KEPT:])
+        with suppress(OSError):
+            write_atomically(self.path, json.dumps(kept, separators=(",", ":")), fsync=False)

@@ -1,0 +1,123 @@
+"""The feature cache's file digests remembered on disk (model/media/file_hashes.py): a later process reads no bytes of
+an unchanged file, and any rewrite, even one that restores size and mtime, is hashed again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+from model.media import file_hashes
+from model.media.features import FeatureCache, look_up
+from model.media.file_hashes import HASHES_FILE, FileHashes
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the files whose bytes are hashed."""
+    count = [0]
+    real = hashlib.file_digest
+
+    def file_digest(f, name):
+        count[0] += 1
+        return real(f, name)
+
+    monkeypatch.setattr(file_hashes.hashlib, "file_digest", file_digest)
+    return count
+
+
+@pytest.fixture
+def settled_at_once(monkeypatch):
+    """Any file counts as settled once its ctime is in the past (the test writes and hashes within milliseconds)."""
+    monkeypatch.setattr(file_hashes, "SETTLED_NS", 0)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_later_process_takes_an_unchanged_files_digest_from_disk(tmp_path, reads, settled_at_once):
+    media = tmp_path / "a.wav"
+    media.write_bytes(b"RIFF" + bytes(range(256)) * 40)
+    time.sleep(0.01)
+    first = FileHashes(tmp_path / "cache")
+    assert first.digest(media) == sha256(media) and reads[0] == 1
+    assert first.digest(media) == sha256(media) and reads[0] == 1  # remembered in this process
+    first.save()
+    later = FileHashes(tmp_path / "cache")  # a new process's
+    assert later.digest(media) == sha256(media) and reads[0] == 1  # no byte read
+
+
+def test_a_rewritten_file_is_hashed_again_though_its_size_and_mtime_are_restored(tmp_path, reads, settled_at_once):
+    media = tmp_path / "a.wav"
+    media.write_bytes(b"a" * 4096)
+    time.sleep(0.01)
+    first = FileHashes(tmp_path / "cache")
+    old = first.digest(media)
+    first.save()
+    before = os.stat(media)
+    time.sleep(0.05)
+    media.write_bytes(b"b" * 4096)  # same size
+    os.utime(media, ns=(before.st_atime_ns, before.st_mtime_ns))  # same mtime: only the ctime tells
+    later = FileHashes(tmp_path / "cache")
+    assert later.digest(media) == sha256(media) != old and reads[0] == 2
+
+
+def test_a_file_changed_just_before_its_hashing_is_not_kept_on_disk(tmp_path, reads):
+    """Within SETTLED_NS of its ctime a file could change again within the same clock tick: kept in memory only."""
+    media = tmp_path / "fresh.wav"
+    media.write_bytes(b"x" * 100)
+    hashes = FileHashes(tmp_path / "cache")
+    assert hashes.digest(media) == sha256(media)
+    hashes.save()
+    assert not (tmp_path / "cache" / HASHES_FILE).exists()
+    assert FileHashes(tmp_path / "cache").digest(media) == sha256(media) and reads[0] == 2
+
+
+def test_a_bad_memo_costs_a_rehash_and_an_unwritable_root_only_the_speed_up(tmp_path, reads, settled_at_once):
+    media = tmp_path / "a.wav"
+    media.write_bytes(b"y" * 100)
+    time.sleep(0.01)
+    root = tmp_path / "cache"
+    root.mkdir()
+    st = os.stat(media)
+    wrong = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, "0" * 64]
+    (root / HASHES_FILE).write_text(json.dumps({str(media.resolve()): wrong[:5] + ["short"]}))  # malformed
+    assert FileHashes(root).digest(media) == sha256(media) and reads[0] == 1
+    (root / HASHES_FILE).write_text("{not json")
+    assert FileHashes(root).digest(media) == sha256(media) and reads[0] == 2
+    blocked = FileHashes(tmp_path / "a.wav" / "cache")  # its root is under a file: cannot be written
+    assert blocked.digest(media) == sha256(media)
+    blocked.save()
+
+
+def test_a_jobs_lookups_remember_the_digests_for_the_next_job(tmp_path, reads, settled_at_once):
+    """`look_up` saves the digests it computed: the next job's lookups of the same cached files hash none."""
+    files = [tmp_path / f"m{i}.wav" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 2048)
+    time.sleep(0.01)
+    look_up(FeatureCache(tmp_path / "cache", "fake-v1"), "audio", files)
+    assert reads[0] == 3
+    again = look_up(FeatureCache(tmp_path / "cache", "fake-v1"), "audio", files)
+    assert reads[0] == 3 and len(again.misses) == 3  # no features were stored: misses, but known by content
+
+
+def test_a_save_soon_after_the_last_waits_for_the_next(tmp_path, settled_at_once):
+    """A job's lookups save at most every SAVE_EVERY_S (each save rewrites the memo); its final save writes the rest."""
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    a.write_bytes(b"a" * 10)
+    b.write_bytes(b"b" * 10)
+    time.sleep(0.01)
+    hashes = FileHashes(tmp_path / "cache")
+    hashes.digest(a)
+    hashes.save(60.0)  # the first save is not held back
+    hashes.digest(b)
+    hashes.save(60.0)
+    memo = lambda: json.loads((tmp_path / "cache" / HASHES_FILE).read_text())  # noqa: E731
+    assert list(memo()) == [str(a.resolve())]
+    hashes.save()
+    assert list(memo()) == [str(a.resolve()), str(b.resolve())]
