@@ -1,14 +1,15 @@
 """File and hub helpers shared by everything `dr` writes or fetches: file modes, the one way to write a file whole
-or not at all, the one wording of a failed write, and the one offline check."""
+or not at all, the one wording of a failed write, the one way to keep a memo, and the one offline check."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -100,3 +101,22 @@ def write_failure(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return f"{type(err).__name__}: {text[:200]}"
+
+
+def read_memo(path: Path, valid: Callable[[str, object], bool]) -> dict:
+    """A JSON object of remembered results (digests, by whatever identifies what was digested), its entries that
+    `valid(key, value)` accepts; empty when missing or unreadable. A memo only saves time: a bad one costs a redo."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict):
+        return {}
+    return {k: v for k, v in memo.items() if isinstance(k, str) and valid(k, v)}
+
+
+def write_memo(path: Path, memo: dict) -> None:
+    """Atomically, so concurrent processes never read half a memo; a folder that cannot be written only loses the
+    speed-up. Not fsync'd: a memo lost to a crash costs a redo."""
+    with suppress(OSError):
+        write_atomically(path, json.dumps(memo, separators=(",", ":")), fsync=False)

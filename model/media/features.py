@@ -14,7 +14,6 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.io.files import write_atomically, written_atomically
+from model.io.files import read_memo, write_memo, written_atomically
 from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import NonFiniteFeatures
 from model.media.file_hashes import SAVE_EVERY_S, FileHashes
@@ -90,31 +89,17 @@ def encoder_digest(root: str | Path, encoder: Encoder) -> str:
     what = {"file": dict(source), "fingerprint": encoder.fingerprint, "tensors": tensors}
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
     path = Path(root) / DIGESTS_FILE
-    memo = _read_digests(path)
+    memo = read_memo(path, _is_digest)
     if key in memo:
         return memo[key]
     digest = weights_digest(state)
     memo[key] = digest
-    _write_digests(path, dict(list(memo.items())[-DIGESTS_KEPT:]))
+    write_memo(path, dict(list(memo.items())[-DIGESTS_KEPT:]))
     return digest
 
 
-def _read_digests(path: Path) -> dict[str, str]:
-    """The memo, or an empty one when it is missing or unreadable (it only saves time: a bad one costs a rehash)."""
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(memo, dict):
-        return {}
-    return {k: v for k, v in memo.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
-
-
-def _write_digests(path: Path, memo: dict[str, str]) -> None:
-    """Atomically, so concurrent starts never read half a memo; a cache root that cannot be written only loses the
-    speed-up. Not fsync'd: a memo lost to a crash costs a rehash."""
-    with suppress(OSError):
-        write_atomically(path, json.dumps(memo, indent=1), fsync=False)
+def _is_digest(key: str, value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64
 
 
 class FeatureCache:

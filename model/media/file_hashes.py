@@ -11,15 +11,13 @@ process only (git treats its "racily clean" index entries the same way).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import threading
 import time
-from contextlib import suppress
 from pathlib import Path
 
-from model.io.files import write_atomically
+from model.io.files import read_memo, write_memo
 from model.media.preprocess import MediaError
 
 # in the feature cache's root: resolved path -> [size, mtime, ctime, inode, device, sha256]
@@ -31,7 +29,8 @@ SETTLED_NS = 2_000_000_000  # a file's ctime must be this much older than its ha
 SAVE_EVERY_S = 10.0
 
 
-def _valid(record: object) -> bool:
+def _is_record(key: str, record: object) -> bool:
+    """[size, mtime, ctime, inode, device, sha256]"""
     return (
         isinstance(record, list)
         and len(record) == 6
@@ -39,18 +38,6 @@ def _valid(record: object) -> bool:
         and isinstance(record[5], str)
         and len(record[5]) == 64
     )
-
-
-def _read(path: Path) -> dict[str, list]:
-    """The memo on disk, or an empty one when it is missing or unreadable (it only saves time: a bad one costs a
-    rehash); malformed records are dropped."""
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(memo, dict):
-        return {}
-    return {k: v for k, v in memo.items() if isinstance(k, str) and _valid(v)}
 
 
 class FileHashes:
@@ -79,7 +66,7 @@ class FileHashes:
             identity = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
             with self.lock:
                 if self.known is None:
-                    self.known = _read(self.path) if self.path is not None else {}
+                    self.known = read_memo(self.path, _is_record) if self.path is not None else {}
                 record = self.known.get(key)
             if record is not None and record[:5] == identity:
                 return record[5]
@@ -99,10 +86,8 @@ class FileHashes:
             if self.path is None or not self.settled or time.monotonic() - self.saved_at < at_most_every:
                 return
             new, self.settled, self.saved_at = self.settled, {}, time.monotonic()
-        memo = _read(self.path)
+        memo = read_memo(self.path, _is_record)
         for key in new:
             memo.pop(key, None)  # moved to the end: the most recent
         memo.update(new)
-        kept = dict(list(memo.items())[-HASHES_KEPT:])
-        with suppress(OSError):
-            write_atomically(self.path, json.dumps(kept, separators=(",", ":")), fsync=False)
+        write_memo(self.path, dict(list(memo.items())[-HASHES_KEPT:]))
