@@ -36,10 +36,12 @@ def bench_job(
 ) -> dict:
     """Per mix (musiccaps first: the shape of earlier runs), in one process and on one model: `run_inference` on
     `rows` rows with their own media files (`seconds` long) and a fresh feature cache, from the call to the last row
-    (compile and capture included: the first mix pays the process's cold start), then the same rows' features
-    straight through a warm engine, then the floor arithmetic of the rows. Random weights never stop: each row
-    answers its oracle length, at most `budget` (the catalog mix's max_new_tokens, as `dr infer` asks by default;
-    the musiccaps mix asks for its 64 tokens, as earlier runs did). `batch` is the job's slot count."""
+    (compile and capture included: the first mix pays the process's cold start); the same job again with every
+    feature cached (another checkpoint evaluated on the same set: no media decoded, encoded or, where their
+    digests are remembered, read); then the same rows' features straight through a warm engine, then the floor
+    arithmetic of the rows. Random weights never stop: each row answers its oracle length, at most `budget` (the
+    catalog mix's max_new_tokens, as `dr infer` asks by default; the musiccaps mix asks for its 64 tokens, as
+    earlier runs did). `batch` is the job's slot count."""
     from model.data.row_features import DECODE_WORKERS
 
     work = Path(workdir)
@@ -66,6 +68,9 @@ def bench_job(
         whole = whole_job(model, data, lengths, work, gen, batch)
         log(f"{mix}: whole job {whole['wall_s']} s, {whole['useful_tokens_per_s']} useful tok/s")
         _free()
+        cached = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)
+        log(f"{mix}: whole job, features cached {cached['wall_s']} s, {cached['useful_tokens_per_s']} useful tok/s")
+        _free()
         alone = engine_only(model, data, lengths, work, replace(gen, decoder="engine"), batch)
         log(f"{mix}: engine alone {alone['wall_s']} s, {alone['useful_tokens_per_s']} useful tok/s")
         _free()
@@ -75,6 +80,7 @@ def bench_job(
             "useful_tokens": sum(lengths),
             "max_new_tokens": longest,
             "whole_job": whole,
+            "whole_job_features_cached": cached,
             "engine_only": alone,
             "floor": least,
             # seconds over seconds: how many times longer the whole job takes than the engine alone, than the floor
@@ -135,6 +141,7 @@ def whole_job(
         "useful_tokens": useful,
         "generated_tokens": made["tokens"],
         "useful_tokens_per_s": round(useful / wall, 1),
+        "encoded_files": made["encoded"],
     }
 
 

@@ -157,13 +157,20 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     """While open, `run_inference` answers each row to its own length: the engine's requests ask for it (installed
     where the job builds them); a static decoder's batch runs to its longest row (where real stopping would end it).
     Yields what the job did: {"tokens": the tokens of every answer it made, counted where it turns ids into text,
-    "slots": its engine's slot count (None with a static decoder), "engine": the engine (its pool and preemptions)}."""
+    "slots": its engine's slot count (None with a static decoder), "engine": the engine (its pool and preemptions),
+    "encoded": the media files its encoder ran on}."""
     from model.infer import job
 
     by_id = {r.id: n for r, n in zip(data, lengths, strict=True)}
     request, decode_media, generate, engine = job.Request, job.decode_media, job.generate, job.Engine
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
-    made = {"tokens": 0, "slots": None, "engine": None}
+    made = {"tokens": 0, "slots": None, "engine": None, "encoded": 0}
+    encoder = model.visual_encoder
+    encode = encoder.forward
+
+    def encoded(modality, inputs):
+        made["encoded"] += len(inputs)
+        return encode(modality, inputs)
 
     def built(*args, **kwargs):
         made["engine"] = engine(*args, **kwargs)
@@ -183,11 +190,12 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     job.generate = lambda model, rows, gen: generate(model, rows, replace(gen, max_new_tokens=batches.popleft()))
     job.Engine = built
     model.answer = answer
+    encoder.forward = encoded
     try:
         yield made
     finally:
         job.Request, job.decode_media, job.generate, job.Engine = request, decode_media, generate, engine
-        del model.answer
+        del model.answer, encoder.forward
 
 
 def floor(model, data: list, lengths: list[int], slots: int) -> dict:

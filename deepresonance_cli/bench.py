@@ -142,6 +142,15 @@ def job(
             str(m["whole_job_over_engine_only"]),
             str(m["whole_job_over_floor"]),
         )
+        cached = m["whole_job_features_cached"]
+        table.add_row(
+            "",
+            "whole job, features cached",
+            str(cached["wall_s"]),
+            str(cached["first_rows_s"]),
+            useful,
+            str(cached["useful_tokens_per_s"]),
+        )
         table.add_row(
             "",
             "engine alone",

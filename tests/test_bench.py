@@ -178,6 +178,10 @@ def test_bench_job_answers_every_row_of_each_mix_to_its_oracle_length(job_report
         useful = sum(min(n, 12) for n in drawn)
         whole, alone, least = mix["whole_job"], mix["engine_only"], mix["floor"]
         assert whole["rows"] == alone["rows"] == 12 and whole["failed"] == 0, name
+        cached = mix["whole_job_features_cached"]
+        files = {(m, path) for r in data for m, path in zip(r.mm_names, r.mm_paths, strict=True)}
+        assert whole["encoded_files"] == len(files) and cached["encoded_files"] == 0, name  # the rerun: all cached
+        assert cached["rows"] == 12 and cached["generated_tokens"] == useful and cached["failed"] == 0, name
         assert mix["useful_tokens"] == whole["useful_tokens"] == alone["useful_tokens"] == least["useful_tokens"]
         assert whole["generated_tokens"] == useful == mix["useful_tokens"], name
         assert 0 < whole["first_rows_s"] <= whole["wall_s"] and 0 < alone["first_rows_s"] <= alone["wall_s"]
