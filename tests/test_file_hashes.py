@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from model.io import files as io_files
 from model.media import file_hashes
 from model.media.features import FeatureCache, look_up
 from model.media.file_hashes import HASHES_FILE, FileHashes
@@ -77,7 +78,9 @@ def test_a_file_changed_just_before_its_hashing_is_not_kept_on_disk(tmp_path, re
     assert FileHashes(tmp_path / "cache").digest(media) == sha256(media) and reads[0] == 2
 
 
-def test_a_bad_memo_costs_a_rehash_and_an_unwritable_root_only_the_speed_up(tmp_path, reads, settled_at_once):
+def test_a_bad_memo_costs_a_rehash_and_an_unwritable_root_only_the_speed_up(
+    tmp_path, reads, settled_at_once, monkeypatch
+):
     media = tmp_path / "a.wav"
     media.write_bytes(b"y" * 100)
     time.sleep(0.01)
@@ -89,6 +92,11 @@ def test_a_bad_memo_costs_a_rehash_and_an_unwritable_root_only_the_speed_up(tmp_
     assert FileHashes(root).digest(media) == sha256(media) and reads[0] == 1
     (root / HASHES_FILE).write_text("{not json")
     assert FileHashes(root).digest(media) == sha256(media) and reads[0] == 2
+    right = [*wrong[:5], sha256(media)]
+    (root / HASHES_FILE).write_text(json.dumps({str(media.resolve()): right, "padding": "x" * 200}))
+    assert FileHashes(root).digest(media) == sha256(media) and reads[0] == 2  # a good memo is used
+    monkeypatch.setattr(io_files, "MEMO_BYTES", 100)  # a memo over the bound is not read at all
+    assert FileHashes(root).digest(media) == sha256(media) and reads[0] == 3
     blocked = FileHashes(tmp_path / "a.wav" / "cache")  # its root is under a file: cannot be written
     assert blocked.digest(media) == sha256(media)
     blocked.save()

@@ -103,10 +103,16 @@ def write_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}"
 
 
+MEMO_BYTES = 64 << 20  # a larger memo is not read (the file-digest memo's 200,000 entries are about 30 MB)
+
+
 def read_memo(path: Path, valid: Callable[[str, object], bool]) -> dict:
     """A JSON object of remembered results (digests, by whatever identifies what was digested), its entries that
-    `valid(key, value)` accepts; empty when missing or unreadable. A memo only saves time: a bad one costs a redo."""
+    `valid(key, value)` accepts; empty when missing, unreadable or over MEMO_BYTES. A memo only saves time: a bad one
+    costs a redo."""
     try:
+        if path.stat().st_size > MEMO_BYTES:
+            return {}
         memo = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
