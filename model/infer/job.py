@@ -167,8 +167,9 @@ def run_inference(
         if on_total:
             on_total(len(todo))
         if todo:
-            job = (media_root, gen, batch_size, cache, workers, decoders)
-            answer_rows(model, todo, *job, journal, summary, on_progress)
+            answer_rows(
+                model, todo, media_root, gen, batch_size, cache, workers, decoders, journal, summary, on_progress
+            )
     finally:
         if cache is not None:
             cache.hashes.save()  # what the lookups' last saves left (model/media/file_hashes.py, SAVE_EVERY_S)
