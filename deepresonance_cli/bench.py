@@ -142,23 +142,9 @@ def job(
             str(m["whole_job_over_engine_only"]),
             str(m["whole_job_over_floor"]),
         )
-        cached = m["whole_job_features_cached"]
-        table.add_row(
-            "",
-            "whole job, features cached",
-            str(cached["wall_s"]),
-            str(cached["first_rows_s"]),
-            useful,
-            str(cached["useful_tokens_per_s"]),
-        )
-        table.add_row(
-            "",
-            "engine alone",
-            str(alone["wall_s"]),
-            str(alone["first_rows_s"]),
-            useful,
-            str(alone["useful_tokens_per_s"]),
-        )
+        for measure, run in (("whole job, features cached", m["whole_job_features_cached"]), ("engine alone", alone)):
+            times = (str(run["wall_s"]), str(run["first_rows_s"]), useful, str(run["useful_tokens_per_s"]))
+            table.add_row("", measure, *times)
         table.add_row(
             "", f"floor ({least['slots']} slots)", str(least["floor_s"]), "", useful, str(least["useful_tokens_per_s"])
         )
