@@ -490,3 +490,15 @@ def test_prefetch_says_wait_while_its_caller_is_busy_and_blocks_when_it_is_not()
     assert next(items) == ([1], [10])  # nothing else to do: waited for
     assert next(items, None) is None
     media.close()
+
+
+def test_a_file_is_identified_once_from_its_lookup_to_its_store(tmp_path, audio_files, monkeypatch):
+    """Each file's digest (an open, a stat and a path resolution even when remembered) is taken once: the lookup's
+    key, the cache read and the store all use it."""
+    calls = []
+    real_hash = FeatureCache.file_hash
+    monkeypatch.setattr(FeatureCache, "file_hash", lambda self, path: calls.append(path) or real_hash(self, path))
+    cache = FeatureCache(tmp_path / "cache", FakeEncoder.fingerprint)
+    encode_files(FakeEncoder(), cache, "audio", audio_files[:3], batch_size=2)
+    assert sorted(map(str, calls)) == sorted(map(str, audio_files[:3]))
+    assert all(cache.entry("audio", p).is_file() for p in audio_files[:3])

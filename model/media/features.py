@@ -139,16 +139,17 @@ class FeatureCache:
         """sha256 of the file's bytes, remembered by the file's identity (model/media/file_hashes.py)."""
         return self.hashes.digest(Path(path))
 
-    def entry(self, modality: str, path: str | Path) -> Path:
-        """Where the features of this file live (whether or not they exist yet)."""
-        digest = self.file_hash(path)
+    def entry(self, modality: str, path: str | Path, digest: str | None = None) -> Path:
+        """Where the features of this file live (whether or not they exist yet); `digest`: its `file_hash`, where the
+        caller has it (a job's lookup hashes each file once, its store reuses it)."""
+        digest = digest or self.file_hash(path)
         encoder = _digest(f"{self.encoder_fingerprint}\0{self.weights}")
         return self.root / encoder / self.mode(modality) / digest[:2] / f"{digest}.safetensors"
 
-    def get(self, modality: str, path: str | Path) -> torch.Tensor | None:
+    def get(self, modality: str, path: str | Path, digest: str | None = None) -> torch.Tensor | None:
         """Cached [k, D] features, or None on a miss. A corrupt entry (or one holding NaN or Inf) is deleted and
         counts as a miss."""
-        entry = self.entry(modality, path)
+        entry = self.entry(modality, path, digest)
         if not entry.is_file():
             return None
         try:
@@ -160,14 +161,14 @@ class FeatureCache:
             return None
         return features
 
-    def put(self, modality: str, path: str | Path, features: torch.Tensor) -> None:
+    def put(self, modality: str, path: str | Path, features: torch.Tensor, digest: str | None = None) -> None:
         """Store [k, D] features for this file, atomically; never NaN or Inf, which would answer every later job that
         reads them. Not fsync'd: an entry a crash left unreadable is dropped and encoded again on the next read."""
         if features.ndim != 2:
             raise ValueError(f"expected [k, D] features, got shape {tuple(features.shape)}")
         if not torch.isfinite(features).all():
             raise ValueError(f"{path}: features are not finite (NaN or Inf), not cached")
-        entry = self.entry(modality, path)
+        entry = self.entry(modality, path, digest)
         metadata = {
             "fingerprint": self.encoder_fingerprint,
             "weights": self.weights,
@@ -188,6 +189,7 @@ class Lookup:
     paths: Sequence[str | Path]
     results: list[torch.Tensor | MediaError | None]
     misses: list[list[int]]
+    keys: list[str]  # each missed content's key: its file digest where there is a cache
 
     def first_paths(self, start: int = 0, stop: int | None = None) -> list[Path]:
         """The path decoded for each missed content in misses[start:stop]."""
@@ -203,8 +205,10 @@ def look_up(cache: FeatureCache | None, modality: str, paths: Sequence[str | Pat
         path = paths[i]
         try:
             check_file(Path(path), modality)  # before the cache reads a byte of it
-            hit = cache.get(modality, path) if cache is not None else None
-            return hit, cache.file_hash(path) if cache is not None else str(i)
+            if cache is None:
+                return None, str(i)
+            digest = cache.file_hash(path)
+            return cache.get(modality, path, digest), digest
         except MediaError as e:
             return e, ""
 
@@ -221,7 +225,7 @@ def look_up(cache: FeatureCache | None, modality: str, paths: Sequence[str | Pat
                 results[i] = found
     if cache is not None:
         cache.hashes.save(SAVE_EVERY_S)  # the next job reads none of these files where their features are cached
-    return Lookup(modality, paths, results, list(todo.values()))
+    return Lookup(modality, paths, results, list(todo.values()), list(todo))
 
 
 def check_encoder(encoder: Encoder, cache: FeatureCache | None) -> None:
@@ -250,21 +254,22 @@ def encode_misses(
     with ThreadPoolExecutor(max(1, workers)) as io:
         for start in range(0, len(lookup.misses), batch_size):
             batch = lookup.misses[start : start + batch_size]
+            keys = lookup.keys[start : start + batch_size]
             loaded = decoded(start, start + len(batch))
-            good = [(g, x) for g, x in zip(batch, loaded, strict=True) if isinstance(x, torch.Tensor)]
+            good = [(g, k, x) for g, k, x in zip(batch, keys, loaded, strict=True) if isinstance(x, torch.Tensor)]
             for g, x in zip(batch, loaded, strict=True):
                 if isinstance(x, MediaError):
                     for i in g:  # each path named in its own error, though they share content
                         results[i] = MediaError(paths[i], x.reason)
             if not good:
                 continue
-            inputs = torch.stack([x for _, x in good]).to(encoder.device, encoder.dtype)
+            inputs = torch.stack([x for _, _, x in good]).to(encoder.device, encoder.dtype)
             try:
                 outputs = encoder(lookup.modality, inputs).cpu()
             except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
                 outputs = e.features.cpu()
             stores = []
-            for (g, _), features in zip(good, outputs, strict=True):
+            for (g, key, _), features in zip(good, outputs, strict=True):
                 if not torch.isfinite(features).all():
                     for i in g:
                         results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
@@ -272,7 +277,7 @@ def encode_misses(
                 if cache is not None and cache.pooled:
                     features = features.mean(dim=0, keepdim=True)
                 if cache is not None:
-                    stores.append(io.submit(cache.put, lookup.modality, paths[g[0]], features))
+                    stores.append(io.submit(cache.put, lookup.modality, paths[g[0]], features, key))
                 for i in g:
                     results[i] = features
             for stored in stores:
