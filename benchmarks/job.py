@@ -36,16 +36,22 @@ def bench_job(
 ) -> dict:
     """Per mix (musiccaps first: the shape of earlier runs), in one process and on one model: `run_inference` on
     `rows` rows with their own media files (`seconds` long) and a fresh feature cache, from the call to the last row
-    (compile and capture included: the first mix pays the process's cold start); the same job again with every
+    (compile and capture included: the first mix pays the process's cold start; its decoding processes start with
+    the model's build, as `dr infer`'s with its load); the same job again with every
     feature cached (another checkpoint evaluated on the same set: no media decoded, encoded or, where their
     digests are remembered, read); then the same rows' features straight through a warm engine, then the floor
     arithmetic of the rows. Random weights never stop: each row answers its oracle length, at most `budget` (the
     catalog mix's max_new_tokens, as `dr infer` asks by default; the musiccaps mix asks for its 64 tokens, as
     earlier runs did). `batch` is the job's slot count."""
     from model.data.row_features import DECODE_WORKERS
+    from model.infer.job import start_decoders
 
     work = Path(workdir)
     on_cuda = device.startswith("cuda")
+    first_rows = mix_rows(rows, mixes[0])[0]
+    # the first job's decoding processes start with the model's build, as `dr infer` starts them with its load (a
+    # later job's start from the forkserver the first one left, which is up in a fraction of a second)
+    decoders = start_decoders(first_rows, torch.device(device))
     built = CLOCK()
     model = job_model(work, sizes, encoder_size, device)
     report = {
@@ -65,7 +71,10 @@ def bench_job(
         write_media(work / "media", data, seconds)
         longest = max(lengths) if mix == "musiccaps" else budget
         gen = GenerationConfig(max_new_tokens=longest, do_sample=False, decoder=decoder)
-        whole = whole_job(model, data, lengths, work, gen, batch)
+        whole = whole_job(model, data, lengths, work, gen, batch, decoders=decoders)
+        if decoders is not None:
+            decoders.close()
+            decoders = None
         log(f"{mix}: whole job {whole['wall_s']} s, {whole['useful_tokens_per_s']} useful tok/s")
         _free()
         cached = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)
@@ -98,11 +107,19 @@ def bench_job(
 
 
 def whole_job(
-    model, data: list, lengths: list[int], work: Path, gen: GenerationConfig, batch: int, fresh_features: bool = True
+    model,
+    data: list,
+    lengths: list[int],
+    work: Path,
+    gen: GenerationConfig,
+    batch: int,
+    fresh_features: bool = True,
+    decoders=None,
 ) -> dict:
     """`run_inference` as `dr infer` runs it (media decoded and encoded through the feature cache, the engine sized,
     compiled and run, the journal written), timed from the call to its last row and to its first finished rows.
-    Every row must be answered; with the engine, every answer must hold exactly its oracle length."""
+    `decoders`: decoding processes started earlier, as `dr infer` starts them before its model's load (else the job
+    starts its own). Every row must be answered; with the engine, every answer must hold exactly its oracle length."""
     from model.infer.job import run_inference
     from model.media.features import FeatureCache
 
@@ -123,6 +140,7 @@ def whole_job(
             batch,
             cache,
             on_progress=lambda n: first or first.append(CLOCK() - start),
+            decoders=decoders,
         )
         _sync()
         wall = CLOCK() - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -331,7 +332,7 @@ def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
         # builds the engine meanwhile
         assert time.monotonic() - begin < 0.5
         decode.starting.join()  # a call before the pool is up would decode on this thread
-        processes = decode("audio", paths)
+        processes = list(decode("audio", paths))  # taken before the pool closes
         assert len(multiprocessing.active_children()) == 2
     for a, b in zip(threads[:3], processes[:3], strict=True):
         assert torch.equal(a, b)
@@ -355,18 +356,82 @@ def test_a_small_call_while_the_decoding_processes_start_is_decoded_by_the_calle
     expected = decoders.in_threads(2)("audio", paths)
     decode = decoders.DecodeProcesses(2)
     pooled = []
-    decode.pool.map = lambda fn, files, chunksize: pooled.append(len(files)) or map(fn, files)
+    threads = ThreadPoolExecutor(2)
+    decode.pool.submit = lambda fn, modality, files: pooled.append(len(files)) or threads.submit(fn, modality, files)
     try:
         got = decode("audio", paths)
         assert not multiprocessing.active_children() and not pooled
         monkeypatch.setattr(decoders, "CALLER_DECODES", len(paths) - 1)
-        assert [type(x) for x in decode("audio", paths)] == [type(x) for x in got] and pooled == [len(paths)]
+        assert [type(x) for x in decode("audio", paths)] == [type(x) for x in got] and pooled == [1, 1, 1, 1]
     finally:
+        threads.shutdown()
         up.set()
         decode.close()
     for a, b in zip(expected[:3], got[:3], strict=True):
         assert torch.equal(a, b)
     assert isinstance(got[3], MediaError) and got[3].reason == expected[3].reason
+
+
+def test_a_call_to_the_decoding_processes_returns_before_its_files_are_decoded(tmp_path, monkeypatch):
+    """A job's loader looks up its next group while the processes decode this one: a call returns at once, each
+    chunk of files comes back as one stacked tensor (model/media/decoders.py: a tensor a file cost the job a socket
+    handshake each) and the sequence gives every file's input, or its error, in order, as the threads would."""
+    import threading
+
+    from model.media import decoders
+
+    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=250.0 * (i + 1)) for i in range(6)]
+    paths.insert(2, synth.write_garbage(tmp_path / "bad.wav"))
+    expected = decoders.in_threads(2)("audio", paths)
+    go = threading.Event()
+    real = decoders.load_or_error
+    monkeypatch.setattr(decoders, "load_or_error", lambda m, p: go.wait(30) and real(m, p))
+    monkeypatch.setattr(decoders.DecodeProcesses, "_start", lambda self: None)
+    decode = decoders.DecodeProcesses(1)
+    chunks = []
+    with ThreadPoolExecutor(2) as threads:
+
+        def submit(fn, modality, files):
+            chunks.append(threads.submit(fn, modality, files))
+            return chunks[-1]
+
+        decode.pool.submit = submit
+        decode.starting.join()
+        got = decode("audio", paths)
+        assert len(got) == len(paths) and not any(c.done() for c in chunks)  # nothing decoded yet
+        go.set()
+        stacked = [c.result()[0] for c in chunks]
+        assert [len(s) for s in stacked] == [2, 3, 1]  # 7 files, 1 process: chunks of 7 // 2 = 3, one bad file
+        assert [type(x) for x in got] == [type(x) for x in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else (a.path, a.reason) == (b.path, b.reason)
+    decode.close()
+
+
+def test_decoded_chunks_are_one_tensor_each_and_arrive_in_order_as_far_as_asked(tmp_path):
+    """`decode_chunk` stacks a chunk's good inputs and keeps each bad file's error in its place; `Arriving` waits
+    only for the chunks an index reaches (a later chunk that failed is not raised for an earlier file)."""
+    from concurrent.futures import Future
+
+    from model.media.decoders import Arriving, decode_chunk, load_or_error
+
+    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=400.0 + 100 * i) for i in range(3)]
+    paths.insert(1, synth.write_garbage(tmp_path / "bad.wav"))
+    stacked, rows = decode_chunk("audio", paths)
+    assert stacked.shape[0] == 3 and rows[0] == 0 and isinstance(rows[1], MediaError) and rows[2:] == [1, 2]
+    for p, row in zip(paths, rows, strict=True):
+        if isinstance(row, int):
+            assert torch.equal(stacked[row], load_or_error("audio", p))
+    done, failed = Future(), Future()
+    done.set_result((stacked, rows))
+    failed.set_exception(RuntimeError("a worker died"))
+    arriving = Arriving([done, failed], len(paths) + 2)
+    assert torch.equal(arriving[3], stacked[2]) and arriving[1] is rows[1] and len(arriving[0:4]) == 4
+    with pytest.raises(RuntimeError, match="a worker died"):
+        arriving[4]
+    with pytest.raises(IndexError):
+        arriving[6]
+    assert decode_chunk("audio", [paths[1]])[0] is None
 
 
 def test_prefetch_starts_loading_before_it_is_iterated_and_stays_depth_ahead():

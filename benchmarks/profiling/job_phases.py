@@ -142,7 +142,8 @@ def instrument(phases: Phases) -> None:
         return timed
 
     features.in_threads = in_threads
-    phases.wrap(decoders.DecodeProcesses, "__call__", "media decode, processes (a group's wall)")
+    phases.wrap(decoders.DecodeProcesses, "__call__", "media decode, processes: a group handed to them")
+    phases.wrap(decoders.Arriving, "__getitem__", "media decode, processes: waiting for a group's inputs")
     phases.wrap(decoders.DecodeProcesses, "_start", "decoding processes started (a thread of their own)")
     phases.wrap(encoder.MediaEncoder, "forward", "encoder forward")
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
