@@ -284,6 +284,37 @@ def test_an_engine_jobs_first_media_group_is_small(tiny_layout, tmp_path, monkey
     assert answers("small") == answers("whole")
 
 
+def test_a_jobs_encoder_calls_take_at_most_call_files(tiny_layout, tmp_path, monkeypatch):
+    """A job's groups are its slot count (512 on CUDA), its encoder calls at most CALL_FILES files of them: the
+    activations of a whole group's videos did not fit beside the engine's pool on an 80 GB card. Answers do not
+    depend on it."""
+    import model.infer.job as inference
+
+    folder = tmp_path / "data"
+    for i in range(7):  # a file of its own content a row: none shared
+        write_wav(folder / f"a{i}.wav", 1.0, 220 + 30 * i)
+    rows, _ = load_rows(write_dataset(folder, [make_row(f"r{i}", [("audio", f"a{i}.wav")]) for i in range(7)]))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    calls = []
+    encode = model.visual_encoder.forward
+
+    def counted(modality, inputs):
+        calls.append(len(inputs))
+        return encode(modality, inputs)
+
+    monkeypatch.setattr(model.visual_encoder, "forward", counted)
+    monkeypatch.setattr(inference, "CALL_FILES", 2)
+    run_inference(model, rows, tmp_path / "data", tmp_path / "capped" / "r.json", gen, batch_size=5)
+    assert max(calls) == 2 and sum(calls) == 7, calls
+    monkeypatch.setattr(inference, "CALL_FILES", 64)
+    calls.clear()
+    run_inference(model, rows, tmp_path / "data", tmp_path / "whole" / "r.json", gen, batch_size=5)
+    assert max(calls) > 2, calls
+    answers = lambda name: sorted(map(json.dumps, journal_lines(tmp_path / name / "r.json")))  # noqa: E731
+    assert answers("capped") == answers("whole")
+
+
 def test_an_engine_job_is_sized_before_its_media_loader_starts(tiny_layout, tmp_path, monkeypatch):
     """The engine's pool is a share of the free memory: sized once the loader encodes, it would follow the encoder's
     activations, and its compiled step's shapes (which the compile cache keys on) would change from run to run."""

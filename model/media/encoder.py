@@ -17,6 +17,10 @@ from model.io.transfer import to_device
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
+# the most files one encoder call takes in a job (whose groups are its slot count, 512 on CUDA): the call runs beside
+# the engine's cache pool, and 512 videos' activations (2,560 clips) did not fit in what the pool left of an 80 GB
+# H100 (benchmarks/results/2026-12-06-h100-decoded-chunks/)
+CALL_FILES = 64
 
 
 def imagebind_model_module() -> types.ModuleType:
