@@ -27,7 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -179,15 +179,23 @@ def instrument(phases: Phases) -> None:
 
 
 def run_job(work: Path, data: list, lengths: list[int], tiny: bool, keep_features: bool, phases: Phases) -> dict:
-    """The job timed by `dr bench job`'s own code, with the phase timers installed and the GPU sampled."""
-    model = job_model(work, *SHAPES[tiny])
+    """The job timed by `dr bench job`'s own code, with the phase timers installed and the GPU sampled. Its decoding
+    processes start before the model's build, as `dr infer` starts them before its load (phases of theirs that began
+    before the job's call have negative start times)."""
+    from model.infer.job import start_decoders
+
+    instrument(phases)
+    sizes, encoder_size, device = SHAPES[tiny]
+    decoders = start_decoders(data, torch.device(device))
+    model = job_model(work, sizes, encoder_size, device)
     if not keep_features:
         shutil.rmtree(work / "features", ignore_errors=True)
-    instrument(phases)
     gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else 512, do_sample=False)
-    with GpuBusy() as busy:
+    with GpuBusy() as busy, ExitStack() as closing:
+        if decoders is not None:
+            closing.callback(decoders.close)
         phases.start = CLOCK()
-        result = whole_job(model, data, lengths, work, gen, CUDA_SLOTS["job"], fresh_features=False)
+        result = whole_job(model, data, lengths, work, gen, CUDA_SLOTS["job"], fresh_features=False, decoders=decoders)
     return {
         **result,
         "gpu_busy_share": busy.share(),
