@@ -146,6 +146,53 @@ def test_pooled_mode_and_encoder_mismatch(tmp_path, audio_files):
         encode_files(FakeEncoder(), FeatureCache(tmp_path / "cache", "other"), "audio", audio_files[:1])
 
 
+def test_a_batchs_stores_run_while_the_next_batch_encodes(tmp_path, audio_files, monkeypatch):
+    """The encoder waits for no store: a store of batch 1 is still under way when batch 2 is encoded (waiting for a
+    batch's stores before the next call kept the GPU idle through every write). All stores end before the call
+    returns, and a failed one fails it."""
+    import threading
+
+    second_call = threading.Event()
+    seen = []
+    real_put = FeatureCache.put
+
+    class Encoder(FakeEncoder):
+        def __call__(self, modality, inputs):
+            if self.calls:
+                second_call.set()
+            return super().__call__(modality, inputs)
+
+    def put(self, *args):
+        seen.append(second_call.wait(timeout=5))  # False after 5 s if the encoder waits for this store
+        return real_put(self, *args)
+
+    monkeypatch.setattr(FeatureCache, "put", put)
+    cache = FeatureCache(tmp_path / "cache", FakeEncoder.fingerprint)
+    encode_files(Encoder(), cache, "audio", audio_files[:4], batch_size=2, workers=2)
+    assert seen == [True] * 4
+    assert all(cache.get("audio", f) is not None for f in audio_files[:4])
+
+    def full(self, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FeatureCache, "put", full)
+    with pytest.raises(OSError, match="No space"):
+        encode_files(FakeEncoder(), FeatureCache(tmp_path / "other", "fake-v1"), "audio", audio_files[:3], 2)
+
+
+def test_an_encoder_call_takes_at_most_call_files_of_its_kind(tmp_path, audio_files, monkeypatch):
+    """Calls are capped per kind (a video's activations are 15 times an audio file's): a larger batch_size is cut
+    to CALL_FILES[kind] files a call, and the features do not depend on it."""
+    monkeypatch.setitem(features_module.CALL_FILES, "audio", 2)
+    encoder = FakeEncoder()
+    capped = encode_files(encoder, None, "audio", audio_files, batch_size=4)
+    assert encoder.calls == [("audio", 2), ("audio", 2), ("audio", 1)]
+    monkeypatch.setitem(features_module.CALL_FILES, "audio", 64)
+    whole = encode_files(encoder, None, "audio", audio_files, batch_size=4)
+    assert encoder.calls[3:] == [("audio", 4), ("audio", 1)]
+    assert all(torch.equal(a, b) for a, b in zip(capped, whole, strict=True))
+
+
 def test_failed_write_leaves_nothing(tmp_path, audio_files, monkeypatch):
     cache = FeatureCache(tmp_path / "cache", "fake-v1")
 

@@ -288,7 +288,7 @@ def test_a_jobs_encoder_calls_take_at_most_call_files(tiny_layout, tmp_path, mon
     """A job's groups are its slot count (512 on CUDA), its encoder calls at most CALL_FILES files of them: the
     activations of a whole group's videos did not fit beside the engine's pool on an 80 GB card. Answers do not
     depend on it."""
-    import model.infer.job as inference
+    import model.media.features as features
 
     folder = tmp_path / "data"
     for i in range(7):  # a file of its own content a row: none shared
@@ -304,10 +304,10 @@ def test_a_jobs_encoder_calls_take_at_most_call_files(tiny_layout, tmp_path, mon
         return encode(modality, inputs)
 
     monkeypatch.setattr(model.visual_encoder, "forward", counted)
-    monkeypatch.setattr(inference, "CALL_FILES", 2)
+    monkeypatch.setitem(features.CALL_FILES, "audio", 2)
     run_inference(model, rows, tmp_path / "data", tmp_path / "capped" / "r.json", gen, batch_size=5)
     assert max(calls) == 2 and sum(calls) == 7, calls
-    monkeypatch.setattr(inference, "CALL_FILES", 64)
+    monkeypatch.setitem(features.CALL_FILES, "audio", 64)
     calls.clear()
     run_inference(model, rows, tmp_path / "data", tmp_path / "whole" / "r.json", gen, batch_size=5)
     assert max(calls) > 2, calls

@@ -32,7 +32,6 @@ from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
 from model.media.decoders import DecodeProcesses, processes_for
-from model.media.encoder import CALL_FILES
 from model.media.features import FeatureCache
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance, Example
@@ -215,7 +214,7 @@ def answer_rows(
 
     def encode(media: DecodedMedia) -> list:
         with torch.cuda.stream(side):  # no-op without one
-            return encode_media(model, media, cache, min(batch_size, CALL_FILES), workers)
+            return encode_media(model, media, cache, batch_size, workers)
 
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:

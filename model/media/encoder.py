@@ -17,10 +17,11 @@ from model.io.transfer import to_device
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
-# the most files one encoder call takes in a job (whose groups are its slot count, 512 on CUDA): the call runs beside
-# the engine's cache pool, and 512 videos' activations (2,560 clips) did not fit in what the pool left of an 80 GB
-# H100 (benchmarks/results/2026-12-06-h100-decoded-chunks/)
-CALL_FILES = 64
+# the most files of a kind one encoder call takes (a job's groups are its slot count, 512 on CUDA): the call runs
+# beside the engine's cache pool. ImageBind-huge in bf16 on an H100 encodes as many files a second at 16 a call as at
+# 512, while the activations grow with the call: a video's are 15 times an audio file's, and 512 videos' did not fit
+# beside the pool of an 80 GB card (benchmarks/results/2026-12-06-h100-encoder-calls/: video 16 a call 1.9 GiB)
+CALL_FILES = {"audio": 64, "image": 64, "video": 16}
 
 
 def imagebind_model_module() -> types.ModuleType:

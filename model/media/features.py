@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from model.io.files import read_memo, write_memo, written_atomically
 from model.media.decoders import Decode, Decoded, in_threads
-from model.media.encoder import NonFiniteFeatures
+from model.media.encoder import CALL_FILES, NonFiniteFeatures
 from model.media.file_hashes import SAVE_EVERY_S, FileHashes
 from model.media.preprocess import MODALITIES, MediaError, check_file
 
@@ -246,15 +246,18 @@ def encode_misses(
     batch_size: int = 8,
     workers: int = 2,
 ) -> list[torch.Tensor | MediaError]:
-    """Fills in `lookup.results` for its misses, `batch_size` contents at a time: `decoded(start, stop)` gives the
-    encoder inputs (or MediaErrors) of misses[start:stop]. A file whose features are not finite (NaN or Inf) after
-    the encoder fails its own entry and is never cached; the others are stored (in `workers` threads)."""
+    """Fills in `lookup.results` for its misses, `batch_size` contents at a time (at most CALL_FILES of the kind):
+    `decoded(start, stop)` gives the encoder inputs (or MediaErrors) of misses[start:stop]. A file whose features are
+    not finite (NaN or Inf) after the encoder fails its own entry and is never cached; the others are stored (in
+    `workers` threads, while the next batch encodes)."""
     check_encoder(encoder, cache)
     results, paths = lookup.results, lookup.paths
+    step = min(batch_size, CALL_FILES[lookup.modality])
+    stores: list[Future] = []
     with ThreadPoolExecutor(max(1, workers)) as io:
-        for start in range(0, len(lookup.misses), batch_size):
-            batch = lookup.misses[start : start + batch_size]
-            keys = lookup.keys[start : start + batch_size]
+        for start in range(0, len(lookup.misses), step):
+            batch = lookup.misses[start : start + step]
+            keys = lookup.keys[start : start + step]
             loaded = decoded(start, start + len(batch))
             good = [(g, k, x) for g, k, x in zip(batch, keys, loaded, strict=True) if isinstance(x, torch.Tensor)]
             for g, x in zip(batch, loaded, strict=True):
@@ -268,7 +271,6 @@ def encode_misses(
                 outputs = encoder(lookup.modality, inputs).cpu()
             except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
                 outputs = e.features.cpu()
-            stores = []
             for (g, key, _), features in zip(good, outputs, strict=True):
                 if not torch.isfinite(features).all():
                     for i in g:
@@ -280,8 +282,8 @@ def encode_misses(
                     stores.append(io.submit(cache.put, lookup.modality, paths[g[0]], features, key))
                 for i in g:
                     results[i] = features
-            for stored in stores:
-                stored.result()  # a failed write fails the call, as it did written in turn
+        for stored in stores:
+            stored.result()  # a failed write fails the call, as it did written in turn
     return results  # type: ignore[return-value]
 
 
