@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, in two device calls of under 600 s each (H100 timings of
 # 2026-12-06): `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2` on the same warm machine.
-# Carry the wheels in .whl (the device's README); results go to $OUT, one file a command, with steps.txt timing each.
+# Carry the wheels in .whl (the device's README); results go to $OUT, one file a command, with steps.txt timing each,
+# then all of them packed into $OUT/all.tgz (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:tests PYTHONUNBUFFERED=1
 dr() { python3 -m deepresonance_cli.app "$@"; }
+# the same command with the decoding processes at the job's own priority (before 2026-12-06's fourth session)
+nice0() { python3 -c "import runpy, model.media.decoders as d; d.DECODER_NICE = 0; runpy.run_module('$1', run_name='__main__')" "${@:2}"; }
 step() {
     local name=$1 start=$SECONDS
     shift
@@ -17,15 +20,17 @@ case ${1:-1} in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
     step job_cold dr bench job --out "$OUT/job_cold.json"
-    step decoder_start python3 benchmarks/profiling/decoder_start.py "$OUT/decoder_start.json" --workers 16
-    step job_warm dr bench job --out "$OUT/job_warm.json"
-    step engine dr bench engine --rows 2048 --only-engine --prompts short,long,varied --out "$OUT/engine.json"
+    for i in 1 2; do
+        step "musiccaps_nice_$i" dr bench job --mix musiccaps --out "$OUT/musiccaps_nice_$i.json"
+        step "musiccaps_nice0_$i" nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0_$i.json"
+    done
+    step phases_musiccaps_nice python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps_nice.json"
+    step phases_musiccaps_nice0 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
     ;;
 2)
-    step job_warm_2 dr bench job --out "$OUT/job_warm_2.json"
-    step job_warm_3 dr bench job --out "$OUT/job_warm_3.json"
-    for mix in musiccaps catalog; do
-        step "phases_$mix" python3 benchmarks/profiling/job_phases.py "$OUT/phases_$mix.json" --mix "$mix"
-    done
+    step job_warm dr bench job --out "$OUT/job_warm.json"
+    step engine dr bench engine --rows 2048 --only-engine --prompts short,long,varied --out "$OUT/engine.json"
+    step phases_catalog python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
 esac
+(cd "$OUT" && tar czf all.tgz --remove-files $(ls | grep -v all.tgz))

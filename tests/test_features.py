@@ -455,6 +455,18 @@ def test_a_call_to_the_decoding_processes_returns_before_its_files_are_decoded(t
     decode.close()
 
 
+def test_decoding_processes_run_below_the_jobs_priority():
+    """The job's own thread (the engine's build and steps) comes before the decoding processes: each runs
+    DECODER_NICE steps nicer than the process that started it, with one intra-op thread."""
+    import model.media.decoders as decoders
+
+    with decoders.DecodeProcesses(2) as decode:
+        nice = [decode.pool.submit(os.nice, 0) for _ in range(4)]
+        threads = [decode.pool.submit(torch.get_num_threads) for _ in range(4)]
+        assert {f.result() for f in nice} == {min(19, os.nice(0) + decoders.DECODER_NICE)}
+        assert {f.result() for f in threads} == {1}
+
+
 def test_decoded_chunks_are_one_tensor_each_and_arrive_in_order_as_far_as_asked(tmp_path):
     """`decode_chunk` stacks a chunk's good inputs and keeps each bad file's error in its place; `Arriving` waits
     only for the chunks an index reaches (a later chunk that failed is not raised for an earlier file)."""
