@@ -31,6 +31,9 @@ case ${1:-1} in
     step job_warm dr bench job --out "$OUT/job_warm.json"
     step engine dr bench engine --rows 2048 --only-engine --prompts short,long,varied --out "$OUT/engine.json"
     step phases_catalog python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    for i in 1 2; do  # the second process is the warm start (the first compiles this script's own shapes)
+        step "startup_$i" python3 benchmarks/profiling/startup.py "$OUT/startup_$i.json" --slots 512
+    done
     ;;
 esac
 (cd "$OUT" && tar czf all.tgz --remove-files $(ls | grep -v all.tgz))

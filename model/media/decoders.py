@@ -43,7 +43,7 @@ PROCESSES_FROM = 256  # files a job must decode before processes pay for their s
 CALLER_DECODES = 64
 # how much lower the decoding processes' CPU priority is than the job's (nice 0..19): the job's one host thread (the
 # engine's build, then its steps) must never queue behind them. With a process a core on a 16-core H100 host, the
-# engine's build took 8.4-9.4 s while they decoded beside it, against 5-6 s when they were still starting
+# engine's build took 8.4-9.4 s while they decoded beside it, against 5.0-7.9 s when they were still starting
 # (benchmarks/results/2026-12-06-h100-encoder-calls/); they still take every core the job leaves idle
 DECODER_NICE = 10
 
