@@ -68,7 +68,7 @@ def encode_media(
 ) -> list[RowMedia]:
     """Each row's media as clip features or the row's first media error, naming the row's own file (files of
     identical content are decoded once and share their error, which names the first of them). The encoder runs on
-    `batch_size` files at a time."""
+    `batch_size` files at a time, at most CALL_FILES of a kind (model/media/encoder.py)."""
     features: dict[tuple[str, Path], torch.Tensor | MediaError] = {}
     for lookup, inputs in media.decoded:
         encoded = encode_misses(

@@ -300,7 +300,8 @@ def encode_files(
     the file's MediaError.
 
     Cache hits skip decoding and the encoder; misses are decoded (by `decode`, else in `workers` threads: model/media/
-    decoders.py) and encoded `batch_size` files at a time (so one batch of inputs is decoded at once), then stored.
+    decoders.py) and encoded `batch_size` files at a time, at most CALL_FILES of the kind (so one batch of inputs is
+    decoded at once), then stored.
     Files with identical content are encoded once. A bad file only fails its own entry (`look_up`, `encode_misses`).
     Without a cache, every file is encoded (per-clip).
     """
