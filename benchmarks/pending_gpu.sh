@@ -1,39 +1,56 @@
 #!/usr/bin/env bash
-# The runs benchmarks/README.md's Pending list asks for, in two device calls of under 600 s each (H100 timings of
-# 2026-12-06): `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2` on the same warm machine.
-# Carry the wheels in .whl (the device's README); results go to $OUT, one file a command, with steps.txt timing each,
-# then all of them packed into $OUT/all.tgz (a call brings back at most 8 files).
+# The runs benchmarks/README.md's Pending list asks for, in three device calls on one warm machine:
+# `bash benchmarks/pending_gpu.sh 1`, then `... 2`, then `... 3 [SECONDS]` (the device time left). Carry the wheels in
+# .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
+# the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a
+# command, with steps.txt timing each, then all of them packed into $OUT/all.tgz (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:tests PYTHONUNBUFFERED=1
+LIMIT=${2:-570}
 dr() { python3 -m deepresonance_cli.app "$@"; }
-# the same command with the decoding processes at the job's own priority (before 2026-12-06's fourth session)
-nice0() { python3 -c "import runpy, model.media.decoders as d; d.DECODER_NICE = 0; runpy.run_module('$1', run_name='__main__')" "${@:2}"; }
+# `patched MODULE.NAME VALUE MODULE2 ARGS...`: MODULE2 run as __main__ with MODULE.NAME set to VALUE first
+patched() {
+    local setting=$1 value=$2 module=$3
+    shift 3
+    python3 -c "import runpy, ${setting%.*} as m; m.${setting##*.} = $value; runpy.run_module('$module', run_name='__main__')" "$@"
+}
+# packed prefills through the eager layers, as before 2026-12-06's fifth session
+eager_prefill() { patched model.engine.scheduler.COMPILE_PREFILL False "$@"; }
+# the decoding processes at the job's own priority, as before 2026-12-06's fourth session
+nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }
 step() {
-    local name=$1 start=$SECONDS
-    shift
-    "$@" >"$OUT/$name.txt" 2>&1
+    local name=$1 most=$2 start=$SECONDS
+    shift 2
+    if ((SECONDS + most > LIMIT)); then
+        echo "$name skipped: $most s would pass the call's $LIMIT s ($SECONDS s gone): $*" | tee -a "$OUT/steps.txt"
+        return
+    fi
+    timeout "$most" "$@" >"$OUT/$name.txt" 2>&1
     echo "$name rc=$? $((SECONDS - start)) s: $*" | tee -a "$OUT/steps.txt"
 }
+ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 case ${1:-1} in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-    step job_cold dr bench job --out "$OUT/job_cold.json"
-    for i in 1 2; do
-        step "musiccaps_nice_$i" dr bench job --mix musiccaps --out "$OUT/musiccaps_nice_$i.json"
-        step "musiccaps_nice0_$i" nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0_$i.json"
-    done
-    step phases_musiccaps_nice python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps_nice.json"
-    step phases_musiccaps_nice0 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
+    step job_cold 220 dr bench job --out "$OUT/job_cold.json"  # the machine's first 7B process: compile cache cold
+    step gpu_tests 150 python3 -m pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    step engine 160 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     ;;
 2)
-    step job_warm dr bench job --out "$OUT/job_warm.json"
-    step engine dr bench engine --rows 2048 --only-engine --prompts short,long,varied --out "$OUT/engine.json"
-    step phases_catalog python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    for i in 1 2; do  # the second process is the warm start (the first compiles this script's own shapes)
-        step "startup_$i" python3 benchmarks/profiling/startup.py "$OUT/startup_$i.json" --slots 512
-    done
+    step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
+    step job_warm 150 dr bench job --out "$OUT/job_warm.json"
+    step job_warm_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_warm_eager_prefill.json"
+    step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
+    ;;
+3)
+    step phases_musiccaps 70 python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps.json"
+    step phases_musiccaps_nice0 70 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
+    step engine_phases_long 120 python3 benchmarks/profiling/engine_phases.py "$OUT/engine_phases_long.json" \
+        --prompts long --slots 512
+    step engine_phases_long_eager_prefill 120 eager_prefill benchmarks.profiling.engine_phases \
+        "$OUT/engine_phases_long_eager_prefill.json" --prompts long --slots 512
     ;;
 esac
 (cd "$OUT" && tar czf all.tgz --remove-files $(ls | grep -v all.tgz))

@@ -280,16 +280,22 @@ def test_finished_and_free_slots_read_no_cache_blocks_and_only_a_partly_filled_b
 
 
 def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch, step_widths):
-    """Dynamo traces the decode step's layer once per width, whatever the number of layers, and the step's end once
-    per width: each extra trace costs a process about 0.3 s on a 7B model, and a trace per layer would bring back the
-    10-13 s of a whole-model trace (flex_attention's deprecated return_lse flag once caused a second). Dynamo alone
-    (backend "eager") finds the guards that fail, which is what makes it retrace, without Inductor's CPU build. The
-    job ends with one row, so the step also runs at the narrow width."""
+    """Dynamo traces the decode step's layer once per width, whatever the number of layers, the step's end once per
+    width, and the packed prefill's layer once for every layer and every number of positions: each extra trace costs
+    a process about 0.3 s on a 7B model, and a trace per layer would bring back the 10-13 s of a whole-model trace
+    (flex_attention's deprecated return_lse flag once caused a second). Dynamo alone (backend "eager") finds the
+    guards that fail, which is what makes it retrace, without Inductor's CPU build. The job ends with one row, so the
+    step also runs at the narrow width; its prefills hold different numbers of positions."""
     import torch.nn.attention.flex_attention as flex
+
+    from model.engine import scheduler
 
     assert model.llama_model.config.num_hidden_layers >= 2
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, backend="eager", fullgraph=True))
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, **options, backend="eager"))
+    prefilled = []
+    packed = scheduler.packed_prefill
+    monkeypatch.setattr(scheduler, "packed_prefill", lambda *a, **k: prefilled.append(sum(a[4])) or packed(*a, **k))
     monkeypatch.setattr(flex, "_WARNINGS_SHOWN", set())  # as in a fresh process, whatever ran before
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -298,8 +304,8 @@ def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypa
     length = cache_length(max(model.example_length(ex) for ex in examples), 9)
     engine = Engine(model, 2, length, 9, k_cap=1, kernel="flex", compile=True, sync_every=2, refill_min=1, narrow=[1])
     assert len(run(engine, examples, gens)) == 4
-    assert set(step_widths) == {1, 2}
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * 2  # (layer, end) x widths
+    assert set(step_widths) == {1, 2} and len(set(prefilled)) >= 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * 2 + 1  # (layer, end) x widths, prefill layer
     torch._dynamo.reset()
 
 
@@ -326,15 +332,16 @@ def test_each_slot_count_gets_a_static_step(model, monkeypatch):
     """Engines of three slot counts in one process: every compiled step has static shapes. With torch.compile's
     automatic dynamic shapes the third got a symbolic-slot step, whose answers on an H200 were wrong
     (benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
-    Dynamo alone (backend "eager") shows the traced shapes."""
+    Dynamo alone (backend "eager") shows the traced shapes. Only the packed prefill's layer is symbolic, by design
+    (its number of positions)."""
     real = torch.compile
     symbolic = []
 
-    def backend(gm, example_inputs):
-        symbolic.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
-        return gm.forward
-
     def compile_with_the_engines_options(fn, mode=None, **options):
+        def backend(gm, example_inputs):
+            symbolic.append((fn.__name__, any(isinstance(x, torch.SymInt) for x in example_inputs)))
+            return gm.forward
+
         return real(fn, backend=backend, **options)
 
     monkeypatch.setattr(torch, "compile", compile_with_the_engines_options)
@@ -345,7 +352,9 @@ def test_each_slot_count_gets_a_static_step(model, monkeypatch):
     for slots in (1, 2, 3):
         engine = Engine(model, slots, length, 5, k_cap=1, compile=True, sync_every=2, refill_min=1)
         assert len(run(engine, examples, gens)) == 3
-    assert len(symbolic) >= 3 and not any(symbolic)
+    steps = [dynamic for name, dynamic in symbolic if name != "prefill_layer"]
+    assert len(steps) >= 3 and not any(steps)
+    assert ("prefill_layer", True) in symbolic
     torch._dynamo.reset()
 
 

@@ -152,7 +152,8 @@ def main() -> None:
     engine = Engine.sized(
         model, longest, args.budget, args.slots, k_cap=1, kernel="flex" if device == "cuda" else "sdpa"
     )
-    run_job(engine, shapes[next(iter(shapes))][: engine.slots], [16] * engine.slots, gen)  # compile, capture
+    warm = shapes[next(iter(shapes))][: engine.slots]
+    run_job(engine, warm, [16] * len(warm), gen)  # compile, capture
     report: dict = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "slots": engine.slots,

@@ -36,6 +36,10 @@ from model.engine.block_pool import BlockPool
 from model.io.transfer import to_device
 
 Kernel = Literal["sdpa", "flex"]
+# varlen_attn's arguments, read once here rather than in the compiled prefill: torch 2.9-2.11 took is_causal and no
+# scale, later versions a window and a scale
+_VARLEN_PARAMS = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
+VARLEN_IS_CAUSAL, VARLEN_SCALE = "is_causal" in _VARLEN_PARAMS, "scale" in _VARLEN_PARAMS
 # positions per cache block, FlexAttention's key block: a row reads its last block whole, so 64 reads at most 63 unused
 # positions where 128 read 127 (256 rows of 170-position prompts on an H100: 12.41 ms a decode step against 13.81,
 # FlexAttention 122 us a layer against 191; benchmarks/results/2026-12-06-h100-pipeline-measured/)
@@ -91,6 +95,19 @@ class LayerSlots(NamedTuple):
     place: torch.Tensor
     visible: torch.Tensor | FlexBlocks
     block: int
+
+
+class LayerPrefill(NamedTuple):
+    """What one layer's packed prefill writes and reads: the layer's pools `keys` and `values` [1, heads, positions,
+    dim], the pool position of each packed prompt position `index` [T], where each prompt starts `starts` [R + 1]
+    and the longest prompt's length `longest`. The layer's index is not in it: nothing a compiled layer reads tells
+    the layers apart, so one trace serves them all (model/engine/model_runner.py)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+    starts: torch.Tensor
+    longest: int
 
 
 class PagedKV:
@@ -160,19 +177,16 @@ class PagedKV:
             for k, v in zip(self.keys, self.values, strict=True)
         ]
 
-    def prefill(
-        self, layer: int, index: torch.Tensor, q, k, v, scaling: float, starts: torch.Tensor | None = None, longest=0
-    ) -> torch.Tensor:
+    def packed_inputs(self, index: torch.Tensor, starts: torch.Tensor, longest: int) -> list[LayerPrefill]:
+        """Each layer's view of a packed prefill (prompts end to end, row r in columns starts[r]:starts[r + 1], written
+        at the pool positions `index` [T])."""
+        return [LayerPrefill(k, v, index, starts, longest) for k, v in zip(self.keys, self.values, strict=True)]
+
+    def prefill(self, layer: int, index: torch.Tensor, q, k, v, scaling: float) -> torch.Tensor:
         """Right-padded prompts [R, heads, L, dim]: keys and values stored at the pool positions `index` [R, L]
         (model/engine/block_pool.py: prefill_index; padding columns point into the scratch block, where zeros are
         written), causal attention over the prompt itself (a real query never sees a padded key: pads come after it).
-        With `starts` [R + 1], the prompts are packed [1, heads, T, dim] (row r in columns starts[r]:starts[r + 1],
-        the longest `longest` positions) and `index` is [T]."""
-        if starts is not None:
-            for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
-                pool[0][:, index] = new[0]
-            out = packed_attention(*(x[0].transpose(0, 1) for x in (q, k, v)), starts, longest, scaling)
-            return out.transpose(0, 1).unsqueeze(0)
+        """
         real = (index >= self.block).unsqueeze(1).unsqueeze(-1)  # [R, 1, L, 1]: not the scratch block
         flat = index.flatten()
         for pool, new in ((self.keys[layer], k), (self.values[layer], v)):
@@ -193,19 +207,29 @@ def packed_attention(q, k, v, starts: torch.Tensor, longest: int, scaling: float
     block-diagonal causal mask [T, T] (the CPU, fp32 on a GPU; exact, and a prompt's T is small there)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None:
         cu = starts.to(torch.int32)
-        params = inspect.signature(varlen_attn).parameters  # torch 2.9-2.11 took is_causal, later a window
-        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-        if "scale" in params:
+        causal = {"is_causal": True} if VARLEN_IS_CAUSAL else {"window_size": (-1, 0)}
+        if VARLEN_SCALE:
             causal["scale"] = scaling
         elif abs(scaling - q.shape[-1] ** -0.5) > 1e-6:
             raise ValueError(f"this torch's varlen_attn has no scale argument; the model attends at scale {scaling}")
         return varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
     total = q.shape[0]
-    row = torch.searchsorted(starts[1:], torch.arange(total, device=q.device), right=True)
+    row = torch.searchsorted(starts, torch.arange(total, device=q.device), right=True)  # each position's row, + 1
     column = torch.arange(total, device=q.device)
     mask = (row.unsqueeze(-1) == row) & (column <= column.unsqueeze(-1))
     out = F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask, scale=scaling)
     return out.transpose(0, 1)
+
+
+def packed_prefill_attention(packed: LayerPrefill, q, k, v, scaling: float) -> torch.Tensor:
+    """Packed prompts [1, heads, T, dim]: their keys and values written at `packed.index`, each prompt attending
+    causally to itself."""
+    # written by index on the pool itself, as decode_attention does: compiled, a write through a view copies the pool
+    first = torch.zeros_like(packed.index)
+    packed.keys[first, :, packed.index] = k[0].transpose(0, 1)
+    packed.values[first, :, packed.index] = v[0].transpose(0, 1)
+    out = packed_attention(*(x[0].transpose(0, 1) for x in (q, k, v)), packed.starts, packed.longest, scaling)
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def paged_block_mask(slots: LayerSlots) -> BlockMask:
@@ -271,15 +295,15 @@ PREFILL = torch.empty(0, 0, 0, 0, dtype=torch.bool)
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-function signature. Decoding, the layer's slots come in `kwargs["slots"]` (a
-    LayerSlots: nothing here reads the layer's index, so one compiled layer serves them all); prefilling, the cache in
+    LayerSlots), and a packed prefill's pools and prompts in `kwargs["packed"]` (a LayerPrefill): nothing here reads
+    the layer's index, so one compiled layer serves them all. A padded prefill (prefill_graphs.py) passes the cache in
     `kwargs["kv"]` and the pool positions the prompts go to in `kwargs["kv_index"]`."""
     if "slots" in kwargs:
         out = decode_attention(kwargs["slots"], query, key, value, scaling)
+    elif "packed" in kwargs:
+        out = packed_prefill_attention(kwargs["packed"], query, key, value, scaling)
     else:
-        out = kwargs["kv"].prefill(
-            module.layer_idx, kwargs["kv_index"], query, key, value, scaling, kwargs.get("kv_starts"),
-            kwargs.get("kv_longest", 0),
-        )  # fmt: skip
+        out = kwargs["kv"].prefill(module.layer_idx, kwargs["kv_index"], query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,5 +1,6 @@
 """The engine's decode step: one token for each of the first `width` slots, through one compiled decoder layer that
-serves every layer, the whole step replayed on CUDA as one CUDA graph per width.
+serves every layer, the whole step replayed on CUDA as one CUDA graph per width; and its packed prefill, through one
+compiled decoder layer too, at any number of positions.
 
 Compiling the whole step made Dynamo trace all 32 layers of a 7B model, 10-13 s of every process's start on an H200
 (benchmarks/README.md, run 5), although the layers are the same code on same-shaped weights. Dynamo lifts a module's
@@ -7,17 +8,22 @@ parameters as inputs and guards on what its code reads, not on which layer it is
 runs them all; the Python loop over the layers and the eager embedding, rotary and sampling glue cost launches that the
 graph replay removes. A narrower width then costs one more trace of one layer, which is what lets the engine run a
 job's last few rows at a width that fits them (model/engine/scheduler.py).
+
+The prefill's layer is compiled the same way, with the number of positions symbolic (one trace for every prefill).
+Eager, a prefill ran at 31 us a position on an H100, about 430 TFLOP/s for 13.4 GFLOP a position, where its matrix
+products alone run near 600: the rest was the norms, rotary embeddings, activation and residual adds, each a kernel
+of its own reading and writing every position (benchmarks/README.md); compiled, they fuse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 
 import torch
 
 from model.engine import cuda_graphs
-from model.engine.kv_cache import PREFILL, LayerSlots, PagedKV
+from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
 from model.io.transfer import to_device
 
@@ -26,6 +32,12 @@ def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: 
     """transformers' decoder layer over one new token per slot [width, 1, hidden]; it attends through
     model.engine.kv_cache.slot_attention, which finds the layer's slots in its keyword arguments."""
     return layer(hidden, position_embeddings=(cos, sin), slots=slots)
+
+
+def prefill_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, packed: LayerPrefill) -> torch.Tensor:
+    """transformers' decoder layer over prompts packed end to end [1, T, hidden]; it attends through
+    model.engine.kv_cache.slot_attention, which finds the layer's pools in its keyword arguments."""
+    return layer(hidden, position_embeddings=(cos, sin), packed=packed)
 
 
 def prefill_pass(
@@ -41,14 +53,20 @@ def prefill_pass(
 
 
 def packed_prefill(
-    lm: torch.nn.Module, kv: PagedKV, embeds: torch.Tensor, index: torch.Tensor, sizes: Sequence[int]
+    lm: torch.nn.Module,
+    kv: PagedKV,
+    embeds: torch.Tensor,
+    index: torch.Tensor,
+    sizes: Sequence[int],
+    layer: Callable[..., torch.Tensor] = prefill_layer,
 ) -> torch.Tensor:
     """`prefill_pass` without the padding: right-padded prompts [R, L, H] (row r's first sizes[r] columns real) and
     their pool positions `index` [R, L] on the host go through `lm` end to end as one sequence of sum(sizes)
-    positions, each prompt attending causally to itself alone (kv_cache.packed_attention). A call whose prompts
-    differ in length computes no padding: a varied job's calls of 64 padded rows ran 84% more positions than its
-    prompts held (benchmarks/results/2026-12-05-h100-engine-phases/). Built from host lengths, so nothing here waits
-    for the device."""
+    positions, each prompt attending causally to itself alone (kv_cache.packed_attention), each decoder layer run by
+    `layer` (prefill_layer, or it compiled). A call whose prompts differ in length computes no padding: a varied job's
+    calls of 64 padded rows ran 84% more positions than its prompts held
+    (benchmarks/results/2026-12-05-h100-engine-phases/). Built from host lengths, so nothing here waits for the
+    device."""
     rows, width = index.shape
     real = torch.arange(width) < torch.tensor(sizes).unsqueeze(-1)
     flat = (torch.arange(rows).unsqueeze(-1) * width + torch.arange(width))[real]
@@ -57,17 +75,12 @@ def packed_prefill(
     columns = torch.arange(width).expand(rows, -1)[real]
     moved = to_device(torch.cat([flat, columns, index[real], starts]), kv.device)  # one queued copy
     flat, columns, at, starts = moved.split([total, total, total, rows + 1])
-    hidden = lm.model(
-        inputs_embeds=embeds.flatten(0, 1)[flat].unsqueeze(0),
-        position_ids=columns.unsqueeze(0),
-        attention_mask=PREFILL,
-        use_cache=False,
-        kv=kv,
-        kv_index=at,
-        kv_starts=starts,
-        kv_longest=max(sizes),
-    ).last_hidden_state
-    return lm.lm_head(hidden[0, starts[1:] - 1])
+    model = lm.model
+    hidden = embeds.flatten(0, 1)[flat].unsqueeze(0)
+    cos, sin = model.rotary_emb(hidden, columns.unsqueeze(0))
+    for block, packed in zip(model.layers, kv.packed_inputs(at, starts, max(sizes)), strict=True):
+        hidden = layer(block, hidden, cos, sin, packed)
+    return lm.lm_head(model.norm(hidden[0, starts[1:] - 1]))
 
 
 class SlotStep:

@@ -37,7 +37,7 @@ from peft import PeftModel
 from model.config import GenerationConfig
 from model.engine.compile_cache import compile_cache_dir
 from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
-from model.engine.model_runner import SlotStep, packed_prefill, prefill_pass
+from model.engine.model_runner import SlotStep, packed_prefill, prefill_layer, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
 from model.engine.sequence import Request, Row, Update
 from model.engine.sizing import engine_size, fits_slot
@@ -55,6 +55,7 @@ PREFILL_CHUNK = 16384  # prompt positions a (packed) prefill call runs, bounding
 PREFILL_POSITIONS = 16384
 WAIT = object()  # what a request source yields for "none ready yet" (Engine.run)
 NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
+COMPILE_PREFILL = True  # a compiled engine's packed prefills run a compiled layer too (model_runner.py)
 
 
 def prefill_chunks(requests: Sequence[Request], positions: int = PREFILL_CHUNK) -> list[list[Request]]:
@@ -128,7 +129,10 @@ class Engine:
                 graphs=compiled and on_cuda,
             )  # fmt: skip
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
-        self.packed_prefill = partial(packed_prefill, self.lm, self.kv)
+        layer = prefill_layer
+        if compiled and COMPILE_PREFILL:
+            layer = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
+        self.packed_prefill = partial(packed_prefill, self.lm, self.kv, layer=layer)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
         self.graphs = PrefillGraphs(self.prefill_pass, capture=on_cuda) if graphs else None
 
