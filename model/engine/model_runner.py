@@ -83,6 +83,20 @@ def packed_prefill(
     return lm.lm_head(model.norm(hidden[0, starts[1:] - 1]))
 
 
+def compiled_prefill_layer(lm: torch.nn.Module, kv: PagedKV) -> Callable[..., torch.Tensor]:
+    """`prefill_layer` compiled with the number of positions symbolic, and traced and compiled now (two short prompts
+    of zero embeddings written at the pool's first positions, zeroed again after) rather than at a job's or a
+    server's first large prefill."""
+    layer = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
+    sizes = [13, 11]  # equal sizes would share one symbol in the trace (heads, head_dim, rows: 32, 128, 3 on a 7B)
+    index = torch.arange(len(sizes) * max(sizes)).view(len(sizes), max(sizes))  # [rows, columns] -> pool position
+    embeds = torch.zeros(len(sizes), max(sizes), lm.config.hidden_size, dtype=kv.keys[0].dtype, device=kv.device)
+    packed_prefill(lm, kv, embeds, index, sizes, layer)
+    for pool in (*kv.keys, *kv.values):
+        pool[:, :, : index.numel()].zero_()
+    return layer
+
+
 class SlotStep:
     def __init__(
         self,

@@ -37,7 +37,7 @@ from peft import PeftModel
 from model.config import GenerationConfig
 from model.engine.compile_cache import compile_cache_dir
 from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
-from model.engine.model_runner import SlotStep, packed_prefill, prefill_layer, prefill_pass
+from model.engine.model_runner import SlotStep, compiled_prefill_layer, packed_prefill, prefill_layer, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
 from model.engine.sequence import Request, Row, Update
 from model.engine.sizing import engine_size, fits_slot
@@ -128,10 +128,8 @@ class Engine:
                 self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,
                 graphs=compiled and on_cuda,
             )  # fmt: skip
+            layer = compiled_prefill_layer(self.lm, self.kv) if compiled and COMPILE_PREFILL else prefill_layer
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
-        layer = prefill_layer
-        if compiled and COMPILE_PREFILL:
-            layer = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
         self.packed_prefill = partial(packed_prefill, self.lm, self.kv, layer=layer)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
         self.graphs = PrefillGraphs(self.prefill_pass, capture=on_cuda) if graphs else None
