@@ -17,7 +17,7 @@ patched() {
     python3 -c "import runpy, ${setting%.*} as m; m.${setting##*.} = $value; runpy.run_module('$module', run_name='__main__')" "$@"
 }
 # packed prefills through the eager layers, as before 2026-12-06's fifth session
-eager_prefill() { patched model.engine.scheduler.COMPILE_PREFILL False "$@"; }
+eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # the decoding processes at the job's own priority, as before 2026-12-06's fourth session
 nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }
 step() {

@@ -27,6 +27,8 @@ from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
 from model.io.transfer import to_device
 
+COMPILE_PREFILL = True  # False: a compiled engine's packed prefills run the layers eagerly, as before 2026-12-06
+
 
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
     """transformers' decoder layer over one new token per slot [width, 1, hidden]; it attends through
@@ -83,10 +85,12 @@ def packed_prefill(
     return lm.lm_head(model.norm(hidden[0, starts[1:] - 1]))
 
 
-def compiled_prefill_layer(lm: torch.nn.Module, kv: PagedKV) -> Callable[..., torch.Tensor]:
-    """`prefill_layer` compiled with the number of positions symbolic, and traced and compiled now (two short prompts
-    of zero embeddings written at the pool's first positions, zeroed again after) rather than at a job's or a
-    server's first large prefill."""
+def prefill_layer_for(lm: torch.nn.Module, kv: PagedKV, compiled: bool) -> Callable[..., torch.Tensor]:
+    """`prefill_layer`, or for a `compiled` engine (COMPILE_PREFILL) it compiled with the number of positions symbolic,
+    traced and compiled now (two short prompts of zero embeddings written at the pool's first positions, zeroed
+    again after) rather than at a job's or a server's first large prefill."""
+    if not (compiled and COMPILE_PREFILL):
+        return prefill_layer
     layer = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
     sizes = [13, 11]  # equal sizes would share one symbol in the trace (heads, head_dim, rows: 32, 128, 3 on a 7B)
     index = torch.arange(len(sizes) * max(sizes)).view(len(sizes), max(sizes))  # [rows, columns] -> pool position

@@ -37,7 +37,7 @@ from peft import PeftModel
 from model.config import GenerationConfig
 from model.engine.compile_cache import compile_cache_dir
 from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
-from model.engine.model_runner import SlotStep, compiled_prefill_layer, packed_prefill, prefill_layer, prefill_pass
+from model.engine.model_runner import SlotStep, packed_prefill, prefill_layer_for, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
 from model.engine.sequence import Request, Row, Update
 from model.engine.sizing import engine_size, fits_slot
@@ -55,7 +55,6 @@ PREFILL_CHUNK = 16384  # prompt positions a (packed) prefill call runs, bounding
 PREFILL_POSITIONS = 16384
 WAIT = object()  # what a request source yields for "none ready yet" (Engine.run)
 NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
-COMPILE_PREFILL = True  # a compiled engine's packed prefills run a compiled layer too (model_runner.py)
 
 
 def prefill_chunks(requests: Sequence[Request], positions: int = PREFILL_CHUNK) -> list[list[Request]]:
@@ -128,7 +127,7 @@ class Engine:
                 self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,
                 graphs=compiled and on_cuda,
             )  # fmt: skip
-            layer = compiled_prefill_layer(self.lm, self.kv) if compiled and COMPILE_PREFILL else prefill_layer
+            layer = prefill_layer_for(self.lm, self.kv, compiled)
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
         self.packed_prefill = partial(packed_prefill, self.lm, self.kv, layer=layer)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
