@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The runs benchmarks/README.md's Pending list asks for, in three device calls on one warm machine:
-# `bash benchmarks/pending_gpu.sh 1`, then `... 2`, then `... 3 [SECONDS]` (the device time left). Carry the wheels in
+# The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
+# `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]`. Carry the wheels in
 # .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
 # the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a
 # command, with steps.txt timing each, then all of them packed into $OUT/all.tgz (a call brings back at most 8 files).
@@ -34,17 +34,16 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 case ${1:-1} in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-    step job_cold 220 dr bench job --out "$OUT/job_cold.json"  # the machine's first 7B process: compile cache cold
-    step gpu_tests 150 python3 -m pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    # the machine's first 7B process: its start-up compiles the step and the prefill's layer from a cold cache
     step engine 160 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
+    step gpu_tests 120 python3 -m pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    step job 160 dr bench job --out "$OUT/job.json"
     ;;
 2)
-    step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
-    step job_warm 150 dr bench job --out "$OUT/job_warm.json"
-    step job_warm_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_warm_eager_prefill.json"
+    step job_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_eager_prefill.json"
     step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
-    ;;
-3)
+    step job_2 150 dr bench job --out "$OUT/job_2.json"
     step phases_musiccaps 70 python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps.json"
     step phases_musiccaps_nice0 70 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
     step engine_phases_long 120 python3 benchmarks/profiling/engine_phases.py "$OUT/engine_phases_long.json" \
