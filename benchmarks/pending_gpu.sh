@@ -16,7 +16,9 @@ patched() {
     shift 3
     python3 -c "import runpy, ${setting%.*} as m; m.${setting##*.} = $value; runpy.run_module('$module', run_name='__main__')" "$@"
 }
-# packed prefills through the eager layers, as before 2026-12-06's fifth session
+# packed prefills through one compiled layer, or through the eager layers (COMPILE_PREFILL set either way, whatever
+# its default)
+compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL True "$@"; }
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # the decoding processes at the job's own priority, as before 2026-12-06's fourth session
 nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }
@@ -35,18 +37,18 @@ case ${1:-1} in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
     # the machine's first 7B process: its start-up compiles the step and the prefill's layer from a cold cache
-    step engine 160 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine 160 compiled_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
-    step gpu_tests 120 python3 -m pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
-    step job 160 dr bench job --out "$OUT/job.json"
+    step gpu_tests 120 compiled_prefill pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    step job 160 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
     ;;
 2)
     step job_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_eager_prefill.json"
     step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
-    step job_2 150 dr bench job --out "$OUT/job_2.json"
+    step job_2 150 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job_2.json"
     step phases_musiccaps 70 python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps.json"
     step phases_musiccaps_nice0 70 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
-    step engine_phases_long 120 python3 benchmarks/profiling/engine_phases.py "$OUT/engine_phases_long.json" \
+    step engine_phases_long 120 compiled_prefill benchmarks.profiling.engine_phases "$OUT/engine_phases_long.json" \
         --prompts long --slots 512
     step engine_phases_long_eager_prefill 120 eager_prefill benchmarks.profiling.engine_phases \
         "$OUT/engine_phases_long_eager_prefill.json" --prompts long --slots 512
