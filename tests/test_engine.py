@@ -289,9 +289,10 @@ def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypa
     traced while the engine is built, before its first request."""
     import torch.nn.attention.flex_attention as flex
 
-    from model.engine import scheduler
+    from model.engine import model_runner, scheduler
 
     assert model.llama_model.config.num_hidden_layers >= 2
+    monkeypatch.setattr(model_runner, "COMPILE_PREFILL", True)
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, **options, backend="eager"))
     prefilled = []
@@ -337,6 +338,8 @@ def test_each_slot_count_gets_a_static_step(model, monkeypatch):
     (benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
     Dynamo alone (backend "eager") shows the traced shapes. Only the packed prefill's layer is symbolic, by design
     (its number of positions)."""
+    from model.engine import model_runner
+
     real = torch.compile
     symbolic = []
 
@@ -348,6 +351,7 @@ def test_each_slot_count_gets_a_static_step(model, monkeypatch):
         return real(fn, backend=backend, **options)
 
     monkeypatch.setattr(torch, "compile", compile_with_the_engines_options)
+    monkeypatch.setattr(model_runner, "COMPILE_PREFILL", True)
     torch._dynamo.reset()
     examples = rows()[:3]
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 5, 4)]

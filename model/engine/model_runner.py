@@ -1,6 +1,6 @@
 """The engine's decode step: one token for each of the first `width` slots, through one compiled decoder layer that
-serves every layer, the whole step replayed on CUDA as one CUDA graph per width; and its packed prefill, through one
-compiled decoder layer too, at any number of positions.
+serves every layer, the whole step replayed on CUDA as one CUDA graph per width; and its packed prefill, through the
+eager layers or (COMPILE_PREFILL) one compiled decoder layer at any number of positions.
 
 Compiling the whole step made Dynamo trace all 32 layers of a 7B model, 10-13 s of every process's start on an H200
 (benchmarks/README.md, run 5), although the layers are the same code on same-shaped weights. Dynamo lifts a module's
@@ -9,10 +9,12 @@ runs them all; the Python loop over the layers and the eager embedding, rotary a
 graph replay removes. A narrower width then costs one more trace of one layer, which is what lets the engine run a
 job's last few rows at a width that fits them (model/engine/scheduler.py).
 
-The prefill's layer is compiled the same way, with the number of positions symbolic (one trace for every prefill).
-Eager, a prefill ran at 31 us a position on an H100, about 430 TFLOP/s for 13.4 GFLOP a position, where its matrix
-products alone run near 600: the rest was the norms, rotary embeddings, activation and residual adds, each a kernel
-of its own reading and writing every position (benchmarks/README.md); compiled, they fuse.
+The prefill's layer can be compiled the same way, with the number of positions symbolic (one trace for every
+prefill). Eager, a prefill ran at 31 us a position on an H100, about 430 TFLOP/s for 13.4 GFLOP a position, where its
+matrix products alone run near 600: the rest is the norms, rotary embeddings, activation and residual adds, each a
+kernel of its own reading and writing every position (benchmarks/README.md); compiled, they fuse. Its trace costs a
+process's start about 4 s on a 2-core CPU with the compile cache warm (1.2 s of it Dynamo's), which a short-prompt job
+may not win back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
 from model.io.transfer import to_device
 
-COMPILE_PREFILL = True  # False: a compiled engine's packed prefills run the layers eagerly, as before 2026-12-06
+# True: a compiled engine's packed prefills run one compiled layer (prefill_layer_for). Off until a GPU has timed it
+# against the eager layers and run its GPU tests (benchmarks/pending_gpu.sh 1; none could be started on 2026-12-06)
+COMPILE_PREFILL = False
 
 
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
