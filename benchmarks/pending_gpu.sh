@@ -3,7 +3,8 @@
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]`. Carry the wheels in
 # .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
 # the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a
-# command, with steps.txt timing each, then all of them packed into $OUT/all.tgz (a call brings back at most 8 files).
+# command, with steps.txt timing each, all of them packed into $OUT/all.tgz after each step (a call brings back at
+# most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
@@ -31,7 +32,10 @@ step() {
     fi
     timeout "$most" "$@" >"$OUT/$name.txt" 2>&1
     echo "$name rc=$? $((SECONDS - start)) s: $*" | tee -a "$OUT/steps.txt"
+    pack
 }
+# every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
+pack() { (cd "$OUT" && tar czf all.tgz.new --exclude all.tgz --exclude all.tgz.new . && mv all.tgz.new all.tgz); }
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 case ${1:-1} in
 1)
@@ -54,4 +58,5 @@ case ${1:-1} in
         "$OUT/engine_phases_long_eager_prefill.json" --prompts long --slots 512
     ;;
 esac
-(cd "$OUT" && tar czf all.tgz --remove-files $(ls | grep -v all.tgz))
+pack
+(cd "$OUT" && find . -mindepth 1 -not -name all.tgz -delete)
