@@ -42,8 +42,8 @@ case ${1:-1} in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
     # the machine's first 7B process: its start-up compiles the step and the prefill's layer from a cold cache
     step engine 160 compiled_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine.json"
-    step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
     step gpu_tests 120 compiled_prefill pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
     step job 160 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
     ;;
 2)
