@@ -42,7 +42,12 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="dr_prefill_trace_")}
     report: dict = {"device": "cpu", "cores": os.cpu_count(), "torch": None, "seconds": {}}
-    runs = [("eager", "eager"), ("aot_eager", "aot_eager"), ("inductor", "inductor cold"), ("inductor", "inductor warm")]
+    runs = [
+        ("eager", "eager"),
+        ("aot_eager", "aot_eager"),
+        ("inductor", "inductor cold"),
+        ("inductor", "inductor warm"),
+    ]
     for _ in range(args.repeats):
         for backend, name in runs:
             begin = time.perf_counter()
