@@ -17,9 +17,9 @@ patched() {
     shift 3
     python3 -c "import runpy, ${setting%.*} as m; m.${setting##*.} = $value; runpy.run_module('$module', run_name='__main__')" "$@"
 }
-# packed prefills through one compiled layer, or through the eager layers (COMPILE_PREFILL set either way, whatever
-# its default)
-compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL True "$@"; }
+# packed prefills through one compiled layer (a job of any size: COMPILE_PREFILL_POSITIONS 0), or through the eager
+# layers (COMPILE_PREFILL False)
+compiled_prefill() { patched model.infer.job.COMPILE_PREFILL_POSITIONS 0 "$@"; }  # every job, at any size
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # the decoding processes at the job's own priority, as before 2026-12-06's fourth session
 nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }
@@ -30,21 +30,24 @@ step() {
         echo "$name skipped: $most s would pass the call's $LIMIT s ($SECONDS s gone): $*" | tee -a "$OUT/steps.txt"
         return
     fi
-    timeout "$most" "$@" >"$OUT/$name.txt" 2>&1
+    timeout "$most" bash -c '"$@"' bash "$@" >"$OUT/$name.txt" 2>&1
     echo "$name rc=$? $((SECONDS - start)) s: $*" | tee -a "$OUT/steps.txt"
     pack
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
-pack() { (cd "$OUT" && tar czf all.tgz.new --exclude all.tgz --exclude all.tgz.new . && mv all.tgz.new all.tgz); }
+pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
+export -f dr patched compiled_prefill eager_prefill nice0
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 case ${1:-1} in
 1)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
     step prefill_speed_cold 150 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed_cold.json"
-    step gpu_tests 120 compiled_prefill pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
     step prefill_speed_warm 100 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed_warm.json"
     # the first 7B engine process: its start-up compiles the step from a cold cache
+    ;;&
+1 | 1b)
+    step gpu_tests 120 compiled_prefill pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
     step engine 160 compiled_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
     step job 160 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"

@@ -341,6 +341,33 @@ def test_an_engine_job_is_sized_before_its_media_loader_starts(tiny_layout, tmp_
     assert events == ["size", "loader"]
 
 
+def test_an_engine_job_compiles_its_prefill_only_when_its_prompts_are_long_enough(tiny_layout, tmp_path, monkeypatch):
+    """The prefill's compiled layer costs a process its build (a trace and its kernels' first load) and saves a few
+    microseconds a prompt position: a job whose prompts hold fewer than COMPILE_PREFILL_POSITIONS positions keeps
+    the eager layers (compile_prefill False), a larger one leaves the engine its default (None: where the step is
+    compiled, which a GPU's is). Answers do not depend on it."""
+    import model.infer.job as inference
+
+    chosen = []
+    real = inference.Engine
+
+    def engine(*args, **kwargs):
+        chosen.append(kwargs["compile_prefill"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "Engine", engine)
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 3))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    positions = sum(model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in rows)
+    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
+    for name, threshold in (("short", positions + 1), ("long", positions)):
+        monkeypatch.setattr(inference, "COMPILE_PREFILL_POSITIONS", threshold)
+        run_inference(model, rows, tmp_path / "data", tmp_path / name / "r.json", gen, batch_size=2)
+    assert chosen == [False, None]
+    answers = lambda name: sorted(map(json.dumps, journal_lines(tmp_path / name / "r.json")))  # noqa: E731
+    assert answers("short") == answers("long")
+
+
 @pytest.mark.slow
 def test_job_killed_while_rows_finish_out_of_order_resumes_exactly(stopping_root, tmp_path):
     """Answers of different lengths (the stopping model) finish out of order in the engine; a job killed mid-run and

@@ -29,9 +29,14 @@ from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
 from model.io.transfer import to_device
 
-# True: a compiled engine's packed prefills run one compiled layer (prefill_layer_for). Off until a GPU has timed it
-# against the eager layers and run its GPU tests (benchmarks/pending_gpu.sh 1; none could be started on 2026-12-06)
-COMPILE_PREFILL = False
+# False: no engine's packed prefills run the compiled layer (prefill_layer_for), as before 2026-12-06. On an H100 the
+# compiled layer ran a prefill at 21.5-22.1 us a position against 28.9-29.8 eager, 1.32-1.35x, and the engine alone
+# 5-12% faster (benchmarks/results/2026-12-06-h100-compiled-prefill/)
+COMPILE_PREFILL = True
+# a job compiles the prefill's layer when its prompts hold at least this many positions: at 7.5 us a position saved,
+# the layer's build in a warm process (an estimate, 2.4 s: its trace, about 1-2 s on the GPU machine's cores, and
+# its kernels' first load) is won back. MusicCaps-sized jobs (about 100,000 positions) stay eager
+COMPILE_PREFILL_POSITIONS = 320_000
 
 
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:

@@ -80,6 +80,7 @@ class Engine:
         k_cap: int = GenerationConfig.top_k,
         kernel: Kernel | None = None,
         compile: bool | None = None,
+        compile_prefill: bool | None = None,
         sync_every: int = SYNC_EVERY,
         refill_min: int | None = None,
         stream: bool = False,
@@ -91,8 +92,9 @@ class Engine:
         """`slots` rows decode together, each of at most `length` positions (prompt + answer) and `max_new_tokens`
         new tokens; `k_cap` bounds top-k (the vocabulary size allows top-k off). On CUDA the step is compiled with
         CUDA graphs and attends with FlexAttention by default, and prefills of a few rows replay CUDA graphs
-        (`graph_prefill`; prefill_graphs.py); elsewhere it runs eagerly with SDPA. The step also runs at the `narrow`
-        widths under `slots`, for the last rows of a job. `stream`: report unfinished rows' ids at every sync too.
+        (`graph_prefill`; prefill_graphs.py), larger ones a compiled layer (`compile_prefill`; by default where the
+        step is compiled), elsewhere eagerly with SDPA. The step also runs at the `narrow` widths under `slots`, for
+        the last rows of a job. `stream`: report unfinished rows' ids at every sync too.
         The cache is a pool of `blocks` blocks of `block` positions (block_pool.py; by default enough for every slot's
         longest row, so no row is ever preempted); rows are admitted while their blocks fit, and when a growing row
         finds the pool empty the youngest row is preempted: its blocks freed, the row queued again in front, to be
@@ -127,7 +129,7 @@ class Engine:
                 self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,
                 graphs=compiled and on_cuda,
             )  # fmt: skip
-            layer = prefill_layer_for(self.lm, self.kv, compiled)
+            layer = prefill_layer_for(self.lm, self.kv, compiled if compile_prefill is None else compile_prefill)
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
         self.packed_prefill = partial(packed_prefill, self.lm, self.kv, layer=layer)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
@@ -160,8 +162,7 @@ class Engine:
         """Queues requests; those that can never run here come back at once as errors."""
         refused = []
         for r in requests:
-            problem = self._refusal(r)
-            if problem:
+            if problem := self._refusal(r):
                 refused.append(Update(r.handle, [], True, problem))
             else:
                 self.queue.append(r)
@@ -263,8 +264,7 @@ class Engine:
         take = self._admissible(min(len(free), len(self.queue)))
         if not take or (take < self.refill_min and take < len(self.queue) and self.active):
             return
-        if self.active:
-            take = self._interleaved(take)
+        take = self._interleaved(take) if self.active else take
         start = 0
         for chunk in prefill_chunks([self.queue.popleft() for _ in range(take)], PREFILL_CHUNK):
             self._prefill(chunk, free[start : start + len(chunk)])

@@ -24,6 +24,7 @@ import torch
 from model.config import GenerationConfig
 from model.data.catalog import Row
 from model.data.row_features import DECODE_WORKERS, DecodedMedia, decode_media, encode_media
+from model.engine.model_runner import COMPILE_PREFILL_POSITIONS
 from model.engine.sampler import row_key
 from model.engine.scheduler import WAIT, Engine
 from model.engine.sequence import Request
@@ -204,6 +205,7 @@ def answer_rows(
     # compiled step's shapes, which the compile cache of an earlier job would then not hold (model/engine/sizing.py)
     longest = max(lengths.values())
     size = engine_size(model, longest, gen.max_new_tokens, batch_size) if gen.decoder == "engine" else None
+    compile_prefill = None if sum(lengths.values()) >= COMPILE_PREFILL_POSITIONS else False  # None: where compiled
     # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
     # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
     # each call's read-back would wait for every step queued before it
@@ -228,7 +230,7 @@ def answer_rows(
         media = Prefetch(batches, decode, encode)
         closing.callback(media.close)
         closing.enter_context(stop)
-        decode_rows(model, size, gen, media, journal, summary, stop, on_progress)
+        decode_rows(model, size, gen, media, journal, summary, stop, on_progress, compile_prefill)
 
 
 def decode_rows(
@@ -240,9 +242,10 @@ def decode_rows(
     summary: Summary,
     stop: StopOnSignal,
     on_progress: Callable[[int], None] | None,
+    compile_prefill: bool | None = None,
 ) -> None:
     """The rows through the chosen decoder as their media arrive, journaled as they end; `size`: the engine's
-    (slots, positions per row, pool blocks), None for a static decoder."""
+    (slots, positions per row, pool blocks), None for a static decoder; `compile_prefill`: the engine's."""
 
     def finish(entries: list[dict]) -> None:
         """Journals rows that ended; a Ctrl-C received meanwhile stops the job here, with them written."""
@@ -270,7 +273,10 @@ def decode_rows(
 
     if size is not None:
         slots, length, blocks = size
-        engine = Engine(model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), blocks=blocks)
+        engine = Engine(
+            model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), blocks=blocks,
+            compile_prefill=compile_prefill,
+        )  # fmt: skip
         log.info(
             "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
             engine.slots, engine.length, engine.book.blocks, engine.book.block,
