@@ -34,9 +34,9 @@ from model.io.transfer import to_device
 # 5-12% faster (benchmarks/results/2026-12-06-h100-compiled-prefill/)
 COMPILE_PREFILL = True
 # a job compiles the prefill's layer when its prompts hold at least this many positions: at 7.5 us a position saved,
-# the layer's build in a warm process (an estimate, 2.4 s: its trace, about 1-2 s on the GPU machine's cores, and
-# its kernels' first load) is won back. MusicCaps-sized jobs (about 100,000 positions) stay eager
-COMPILE_PREFILL_POSITIONS = 320_000
+# the layer's build (about 3 s: 2-4 s by the CPU trace and an H100's cold job, the same results) is won back.
+# MusicCaps- and catalog-sized jobs (100,000-130,000 positions) stay eager
+COMPILE_PREFILL_POSITIONS = 400_000
 
 
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
