@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
-# `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]`. Carry the wheels in
+# `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
+# prefill alone). Carry the wheels in
 # .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
 # the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a
 # command, with steps.txt timing each, all of them packed into $OUT/all.tgz after each step (a call brings back at
@@ -54,8 +55,8 @@ case ${1:-1} in
     ;;
 2)
     step job_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_eager_prefill.json"
-    step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
     step job_2 150 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job_2.json"
+    step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
     step phases_musiccaps 70 python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps.json"
     step phases_musiccaps_nice0 70 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
     step engine_phases_long 120 compiled_prefill benchmarks.profiling.engine_phases "$OUT/engine_phases_long.json" \
