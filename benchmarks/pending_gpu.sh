@@ -39,19 +39,19 @@ step() {
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
 export -f dr patched compiled_prefill eager_prefill nice0
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 1)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
     step prefill_speed_cold 150 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed_cold.json"
     step prefill_speed_warm 100 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed_warm.json"
-    # the first 7B engine process: its start-up compiles the step from a cold cache
     ;;&
 1 | 1b)
     step gpu_tests 120 compiled_prefill pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    # on a fresh machine the first 7B engine process: its start-up compiles the step from a cold cache
     step engine 160 compiled_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
-    step job 160 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
+    step job 220 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
     ;;
 2)
     step job_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_eager_prefill.json"
