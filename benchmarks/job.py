@@ -164,10 +164,12 @@ def whole_job(
 
 
 def engine_only(model, data: list, lengths: list[int], work: Path, gen: GenerationConfig, batch: int) -> dict:
-    """The same rows' features (read from the job's feature cache, untimed) through an engine sized as the job sizes
-    its own, in the job's order (shortest prompts first), after a warm-up of one engine-full of short rows: the
-    engine alone, warm. Every row must end at exactly its oracle length."""
+    """The same rows' features (read from the job's feature cache, untimed) through an engine sized and set up as the
+    job sets up its own (its prefill compiled where the job's would be), in the job's order (shortest prompts first),
+    after a warm-up of one engine-full of short rows: the engine alone, warm. Every row must end at exactly its
+    oracle length."""
     from model.data.row_features import row_media
+    from model.engine.model_runner import job_compiles_prefill
     from model.engine.scheduler import Engine
     from model.engine.sequence import Request
     from model.engine.sizing import top_k_cap
@@ -182,7 +184,10 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
     prompts = [model.example_length(e) for e in examples]
     order = sorted(range(len(examples)), key=prompts.__getitem__)
     started = CLOCK()
-    engine = Engine.sized(model, max(prompts), gen.max_new_tokens, batch, k_cap=top_k_cap(model, gen))
+    engine = Engine.sized(
+        model, max(prompts), gen.max_new_tokens, batch, k_cap=top_k_cap(model, gen),
+        compile_prefill=job_compiles_prefill(sum(prompts)),
+    )  # fmt: skip
     warm = replace(gen, max_new_tokens=min(WARMUP_TOKENS, gen.max_new_tokens))
     for _ in engine.run(Request(i, examples[i], warm, i) for i in order[: engine.slots]):
         pass

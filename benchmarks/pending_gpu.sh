@@ -20,7 +20,7 @@ patched() {
 }
 # packed prefills through one compiled layer (a job of any size: COMPILE_PREFILL_POSITIONS 0), or through the eager
 # layers (COMPILE_PREFILL False)
-compiled_prefill() { patched model.infer.job.COMPILE_PREFILL_POSITIONS 0 "$@"; }  # every job, at any size
+compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL_POSITIONS 0 "$@"; }  # a job of any size
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # the decoding processes at the job's own priority, as before 2026-12-06's fourth session
 nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }

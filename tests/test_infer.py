@@ -347,6 +347,7 @@ def test_an_engine_job_compiles_its_prefill_only_when_its_prompts_are_long_enoug
     the eager layers (compile_prefill False), a larger one leaves the engine its default (None: where the step is
     compiled, which a GPU's is). Answers do not depend on it."""
     import model.infer.job as inference
+    from model.engine import model_runner
 
     chosen = []
     real = inference.Engine
@@ -361,7 +362,7 @@ def test_an_engine_job_compiles_its_prefill_only_when_its_prompts_are_long_enoug
     positions = sum(model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in rows)
     gen = GenerationConfig(max_new_tokens=4, do_sample=False)
     for name, threshold in (("short", positions + 1), ("long", positions)):
-        monkeypatch.setattr(inference, "COMPILE_PREFILL_POSITIONS", threshold)
+        monkeypatch.setattr(model_runner, "COMPILE_PREFILL_POSITIONS", threshold)
         run_inference(model, rows, tmp_path / "data", tmp_path / name / "r.json", gen, batch_size=2)
     assert chosen == [False, None]
     answers = lambda name: sorted(map(json.dumps, journal_lines(tmp_path / name / "r.json")))  # noqa: E731

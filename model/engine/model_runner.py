@@ -39,6 +39,12 @@ COMPILE_PREFILL = True
 COMPILE_PREFILL_POSITIONS = 400_000
 
 
+def job_compiles_prefill(positions: int) -> bool | None:
+    """A job's `compile_prefill` for the engine (scheduler.py) from its prompts' positions: None (the engine's
+    default, compiled where its step is) from COMPILE_PREFILL_POSITIONS on, else False."""
+    return None if positions >= COMPILE_PREFILL_POSITIONS else False
+
+
 def decode_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, slots: LayerSlots) -> torch.Tensor:
     """transformers' decoder layer over one new token per slot [width, 1, hidden]; it attends through
     model.engine.kv_cache.slot_attention, which finds the layer's slots in its keyword arguments."""

@@ -24,7 +24,7 @@ import torch
 from model.config import GenerationConfig
 from model.data.catalog import Row
 from model.data.row_features import DECODE_WORKERS, DecodedMedia, decode_media, encode_media
-from model.engine.model_runner import COMPILE_PREFILL_POSITIONS
+from model.engine.model_runner import job_compiles_prefill
 from model.engine.sampler import row_key
 from model.engine.scheduler import WAIT, Engine
 from model.engine.sequence import Request
@@ -205,7 +205,7 @@ def answer_rows(
     # compiled step's shapes, which the compile cache of an earlier job would then not hold (model/engine/sizing.py)
     longest = max(lengths.values())
     size = engine_size(model, longest, gen.max_new_tokens, batch_size) if gen.decoder == "engine" else None
-    compile_prefill = None if sum(lengths.values()) >= COMPILE_PREFILL_POSITIONS else False  # None: where compiled
+    compile_prefill = job_compiles_prefill(sum(lengths.values()))
     # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
     # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
     # each call's read-back would wait for every step queued before it
