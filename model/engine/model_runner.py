@@ -9,12 +9,11 @@ runs them all; the Python loop over the layers and the eager embedding, rotary a
 graph replay removes. A narrower width then costs one more trace of one layer, which is what lets the engine run a
 job's last few rows at a width that fits them (model/engine/scheduler.py).
 
-The prefill's layer can be compiled the same way, with the number of positions symbolic (one trace for every
-prefill). Eager, a prefill ran at 31 us a position on an H100, about 430 TFLOP/s for 13.4 GFLOP a position, where its
-matrix products alone run near 600: the rest is the norms, rotary embeddings, activation and residual adds, each a
-kernel of its own reading and writing every position (benchmarks/README.md); compiled, they fuse. Its trace costs a
-process's start about 4 s on a 2-core CPU with the compile cache warm (1.2 s of it Dynamo's), which a short-prompt job
-may not win back.
+The prefill's layer is compiled the same way, with the number of positions symbolic (one trace for every prefill).
+Eager, a prefill ran at 29-31 us a position on an H100, about 440 TFLOP/s for 13 GFLOP a position, where its matrix
+products alone run near 600: the rest is the norms, rotary embeddings, activation and residual adds, each a kernel of
+its own reading and writing every position; compiled, they fuse (21.5-22.1 us a position). Its build costs a process
+a few seconds, which a job with short prompts does not win back (COMPILE_PREFILL_POSITIONS).
 """
 
 from __future__ import annotations
