@@ -370,3 +370,33 @@ def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_posit
         assert caches[1].keys[0].abs().sum() > 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_the_prefill_layers_build_leaves_the_pool_zeroed(monkeypatch):
+    """The compiled prefill's layer is traced while the engine is built, on two short prompts written at the pool's
+    first positions (the scratch block). Every block must hold zeros afterwards: a row reads zeros or its own keys,
+    never a leftover. With attention biases, zero embeddings give non-zero keys and values, so only the zeroing
+    after the build leaves the pool clean. Dynamo alone (backend "eager") runs the trace."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.engine import model_runner
+    from model.engine.kv_cache import PagedKV, slot_attention_on
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, **options, backend="eager"))
+    monkeypatch.setattr(model_runner, "COMPILE_PREFILL", True)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, vocab_size=50,
+        attention_bias=True,
+    )  # fmt: skip
+    lm = LlamaForCausalLM(config).eval()
+    for layer in lm.model.layers:
+        torch.nn.init.normal_(layer.self_attn.k_proj.bias)
+        torch.nn.init.normal_(layer.self_attn.v_proj.bias)
+    kv = PagedKV(config, 4, 4, 40, torch.float32, torch.device("cpu"), "sdpa", block=16)
+    torch._dynamo.reset()
+    with slot_attention_on(lm), torch.inference_mode():
+        model_runner.prefill_layer_for(lm, kv, True)
+    assert all(not pool.any() for pool in kv.keys + kv.values)
+    torch._dynamo.reset()
