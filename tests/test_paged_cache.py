@@ -332,17 +332,20 @@ def test_the_paged_mask_through_compiled_flex_attention_reads_each_rows_own_colu
 
 
 @pytest.mark.slow
-def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_positions():
-    """The engine's packed prefill through its compiled layer (Inductor on the CPU, one trace with the positions
-    symbolic) against the same prefill eager, on packs of 3, 2 and 4 prompts of different lengths: the same logits
-    at each prompt's last position and the same keys and values in the same pool positions (a compiled write to the
-    wrong positions, rotary embeddings at packed instead of per-prompt columns, or the norm taken at the wrong rows
-    would differ), with no second compilation for a new number of positions or prompts."""
+def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_positions(monkeypatch):
+    """The engine's packed prefill through its compiled layer as the engine builds it (`prefill_layer_for`: Inductor
+    on the CPU, traced at the build with the positions symbolic) against the same prefill eager, on packs of 3, 2 and
+    4 prompts of different lengths: the same logits at each prompt's last position and the same keys and values in
+    the same pool positions (a compiled write to the wrong positions, rotary embeddings at packed instead of
+    per-prompt columns, or the norm taken at the wrong rows would differ), with no second compilation for a new
+    number of positions or prompts (a layer compiled with static shapes would compile again for each)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from model.engine import model_runner
     from model.engine.kv_cache import PagedKV, slot_attention_on
-    from model.engine.model_runner import packed_prefill, prefill_layer
+    from model.engine.model_runner import packed_prefill
 
+    monkeypatch.setattr(model_runner, "COMPILE_PREFILL", True)
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96, vocab_size=50
@@ -350,7 +353,9 @@ def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_posit
     lm = LlamaForCausalLM(config).eval()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
+    built = PagedKV(config, 4, 4, 40, torch.float32, torch.device("cpu"), "sdpa", block=16)  # as the engine's pools
+    with slot_attention_on(lm), torch.inference_mode():
+        compiled = model_runner.prefill_layer_for(lm, built, True)
     for sizes in ([5, 9, 3], [30, 2], [4, 17, 6, 11]):
         caches = []
         for _ in range(2):
