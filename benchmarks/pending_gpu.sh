@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
-# prefill alone). Carry the wheels in
-# .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
+# prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone).
+# Carry the wheels in .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
 # the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a
 # command, with steps.txt timing each, all of them packed into $OUT/all.tgz after each step (a call brings back at
 # most 8 files).
@@ -53,9 +53,17 @@ case ${1:-1} in
     step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
     step job 220 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
     ;;
-2)
+fresh)
+    # on a fresh machine: the first job process compiles the step and the prefill's layer (cold), then a warm job
+    # process each way
+    step job_cold 220 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job_cold.json"
+    ;;&
+2 | fresh)
     step job_eager_prefill 150 eager_prefill deepresonance_cli.app bench job --out "$OUT/job_eager_prefill.json"
     step job_2 150 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job_2.json"
+    ;;&
+2 | rest)
+    step engine 160 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
     step phases_musiccaps 70 python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps.json"
     step phases_musiccaps_nice0 70 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
