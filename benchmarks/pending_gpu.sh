@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
-# prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone).
-# Carry the wheels in .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
-# the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a
-# command, with steps.txt timing each, all of them packed into $OUT/all.tgz after each step (a call brings back at
-# most 8 files).
+# prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
+# `fused`: the joined projections against transformers' layers. Carry the wheels in .whl (the device's README). Each
+# step has a time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or
+# the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing
+# each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
@@ -24,6 +24,8 @@ compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL_POSITIONS
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # the decoding processes at the job's own priority, as before 2026-12-06's fourth session
 nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }
+# every layer as transformers' layer, q/k/v and gate/up projections apart (before 2026-12-06's sixth session)
+unfused() { patched model.engine.fused_layer.FUSE_PROJECTIONS False "$@"; }
 step() {
     local name=$1 most=$2 start=$SECONDS
     shift 2
@@ -37,10 +39,19 @@ step() {
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
-export -f dr patched compiled_prefill eager_prefill nice0
+export -f dr patched compiled_prefill eager_prefill nice0 unfused
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
+fused)
+    # joined projections (model/engine/fused_layer.py): their GPU tests, the engine alone with and without them (one
+    # slot included), the prefill alone three ways, a whole job
+    step gpu_tests 150 pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
+    step prefill_speed 70 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed.json"
+    step job 150 dr bench job --out "$OUT/job.json"
+    ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
     step prefill_speed_cold 150 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed_cold.json"

@@ -53,9 +53,15 @@ def run(engine: Engine, examples, gens, keys=None) -> dict[int, list[int]]:
     return out
 
 
-@pytest.fixture(scope="module", params=["alpha", "beta"])
+@pytest.fixture(scope="module", params=["alpha", "beta", "beta, merged"])
 def model(request, tiny_layout):
-    return load_model(tiny_layout.vicuna, tiny_layout.delta_dir(request.param), tiny_layout.imagebind)
+    """The tiny model with LoRA beside its weights (the engine runs transformers' layers), or merged into them as
+    `dr infer` and `dr serve` load it (the engine runs fused_layer.py's joined projections)."""
+    variant, _, merged = request.param.partition(", ")
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir(variant), tiny_layout.imagebind)
+    if merged:
+        model.merge_lora()
+    return model
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])

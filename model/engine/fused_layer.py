@@ -1,0 +1,118 @@
+"""The engine's decoder layer: transformers' LLaMA layer with its query, key and value projections run as one matrix
+product and its gate and up projections as another (vLLM's QKVParallelLinear and MergedColumnParallelLinear, gpt-fast's
+wqkv). A decode step at one row is a matrix-vector pass over every weight, and one 4096 x 12288 product keeps the
+memory busier than three 4096 x 4096 ones with a launch each; at many rows the joined products are simply larger
+matrix products.
+
+The joined weights are the model's own: each projection's weight becomes a view into them, so the model's memory
+does not grow and transformers' forward (`generate`, the padded prefill of prefill_graphs.py) reads the same numbers.
+A layer whose projections are not plain linear layers (LoRA not merged into them) runs as transformers' layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import NamedTuple
+from weakref import WeakKeyDictionary
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from model.engine.kv_cache import slot_attention
+
+# False: every layer runs as transformers' layer (the projections apart), for comparing the two on a device
+FUSE_PROJECTIONS = True
+
+
+class Joined(NamedTuple):
+    """Linear layers' weights (and biases) as one product: `sizes` output features each."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]
+
+
+def project(joined: Joined, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each joined linear layer's output for `x`, from one matrix product."""
+    return F.linear(x, joined.weight, joined.bias).split(joined.sizes, dim=-1)
+
+
+class Fused(NamedTuple):
+    """One layer's joined products: query/key/value, gate/up."""
+
+    qkv: Joined
+    gate_up: Joined
+
+
+# the joined weights by the first linear layer they hold, so an engine built again on a model reuses them (another
+# join would leave the earlier engine's copy alive beside the model's: 8.7 GB on a 7B model)
+_JOINED: WeakKeyDictionary[nn.Module, Joined] = WeakKeyDictionary()
+
+
+def _views_of(linears: Sequence[nn.Linear], joined: Joined) -> bool:
+    """Whether the linears' parameters are still views into `joined` (not moved, cast or replaced since)."""
+    starts = accumulate((0, *joined.sizes))
+    for linear, start in zip(linears, starts, strict=False):
+        if linear.weight.data_ptr() != joined.weight[start].data_ptr():
+            return False
+        if joined.bias is not None and linear.bias.data_ptr() != joined.bias[start].data_ptr():
+            return False
+    return True
+
+
+@torch.inference_mode(False)  # the engine builds in inference mode; the weights must stay usable by autograd
+@torch.no_grad()
+def join(linears: Sequence[nn.Linear]) -> Joined:
+    """The linears' weights (and biases) concatenated, each linear's parameters made a view into the result."""
+    known = _JOINED.get(linears[0])
+    if known is not None and _views_of(linears, known):
+        return known
+    sizes = tuple(linear.out_features for linear in linears)
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
+    for linear, part, part_bias in zip(
+        linears, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * len(sizes), strict=True
+    ):
+        linear.weight = nn.Parameter(part, requires_grad=linear.weight.requires_grad)
+        if part_bias is not None:
+            linear.bias = nn.Parameter(part_bias, requires_grad=linear.bias.requires_grad)
+    joined = Joined(weight, bias, sizes)
+    _JOINED[linears[0]] = joined
+    return joined
+
+
+def fuse(layer: nn.Module) -> Fused | None:
+    """The layer's joined products, or None where its projections are not all plain linear layers."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    if not FUSE_PROJECTIONS or any(type(m) is not nn.Linear for m in (*qkv, *gate_up)):
+        return None
+    if len({m.bias is None for m in qkv}) > 1 or len({m.bias is None for m in gate_up}) > 1:
+        return None
+    return Fused(join(qkv), join(gate_up))
+
+
+def fused_weights(lm: nn.Module) -> list[Fused | None]:
+    """`fuse` for every decoder layer of a transformers LLaMA causal LM."""
+    return [fuse(layer) for layer in lm.model.layers]
+
+
+def run_layer(
+    layer: nn.Module, fused: Fused | None, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention
+) -> torch.Tensor:
+    """transformers' LlamaDecoderLayer forward over `hidden` [rows, positions, hidden], attending through
+    kv_cache.slot_attention with `attention` (its `slots` or `packed`): the same operations in the same order, the
+    projections joined where `fused` has them."""
+    if fused is None:
+        return layer(hidden, position_embeddings=(cos, sin), **attention)
+    attn, mlp = layer.self_attn, layer.mlp
+    heads = (*hidden.shape[:-1], -1, attn.head_dim)
+    q, k, v = (t.view(heads).transpose(1, 2) for t in project(fused.qkv, layer.input_layernorm(hidden)))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, **attention)
+    hidden = hidden + attn.o_proj(out.reshape(*hidden.shape[:-1], -1).contiguous())
+    gate, up = project(fused.gate_up, layer.post_attention_layernorm(hidden))
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
