@@ -45,12 +45,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 case ${1:-1} in
 fused)
     # joined projections (model/engine/fused_layer.py): their GPU tests, the engine alone with and without them (one
-    # slot included), the prefill alone three ways, a whole job
-    step gpu_tests 150 pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    # slot included), a whole job, then a second process on the other dataset, the prefill alone three ways
+    step gpu_tests 120 pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
     step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
-    step prefill_speed 70 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed.json"
     step job 150 dr bench job --out "$OUT/job.json"
+    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    step prefill_speed 60 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed.json"
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
