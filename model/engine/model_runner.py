@@ -35,9 +35,10 @@ from model.io.transfer import to_device
 # 5-12% faster (benchmarks/results/2026-12-06-h100-compiled-prefill/)
 COMPILE_PREFILL = True
 # a job compiles the prefill's layer when its prompts hold at least this many positions: at 7.5 us a position saved,
-# the layer's build (about 3 s: 2-4 s by the CPU trace and an H100's cold job, the same results) is won back.
+# the layer's build is won back. The build delayed a warm H100 process's first rows by 6.9 s (16.6 s against 9.7,
+# the decoding processes busy beside it; benchmarks/results/2026-12-06-h100-fresh-jobs/): about 920,000 positions.
 # MusicCaps- and catalog-sized jobs (100,000-130,000 positions) stay eager
-COMPILE_PREFILL_POSITIONS = 400_000
+COMPILE_PREFILL_POSITIONS = 1_000_000
 
 
 def job_compiles_prefill(positions: int) -> bool | None:
