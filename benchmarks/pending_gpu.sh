@@ -2,7 +2,7 @@
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
 # prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
-# `fused`: the joined projections against transformers' layers. Carry the wheels in .whl (the device's README). Each
+# `fused` (`fused_small`, in less time): the joined projections against transformers' layers. Carry the wheels in .whl (the device's README). Each
 # step has a time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or
 # the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing
 # each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
@@ -64,6 +64,13 @@ fused)
     step engine 160 compiled_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
     step job 220 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
+    ;;
+fused_small)
+    # the same comparison when little device time is left: short prompts and one slot, both ways, then the tests
+    step engine_short 120 dr bench engine --rows 1024 --only-engine --prompts short --out "$OUT/engine_short.json"
+    step engine_short_unfused 90 unfused deepresonance_cli.app bench engine --rows 1024 --only-engine --prompts short \
+        --out "$OUT/engine_short_unfused.json"
+    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
     ;;
 fresh)
     # on a fresh machine: the first job process compiles the step and the prefill's layer (cold), then a warm job
