@@ -35,9 +35,9 @@ class Joined(NamedTuple):
     sizes: tuple[int, ...]
 
 
-def project(joined: Joined, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each joined linear layer's output for `x`, from one matrix product."""
-    return F.linear(x, joined.weight, joined.bias).split(joined.sizes, dim=-1)
+def product(joined: Joined, x: torch.Tensor) -> torch.Tensor:
+    """The joined linear layers' outputs for `x`, side by side in the last dimension."""
+    return F.linear(x, joined.weight, joined.bias)
 
 
 class Fused(NamedTuple):
@@ -71,8 +71,11 @@ def join(linears: Sequence[nn.Linear]) -> Joined:
     if known is not None and _views_of(linears, known):
         return known
     sizes = tuple(linear.out_features for linear in linears)
-    weight = torch.cat([linear.weight for linear in linears])
+    # parameters, so that Dynamo keeps their shapes static in the prefill's symbolic compile: as plain tensors their
+    # sizes were symbols too, and a CPU trace of the layer took twice as long
+    weight = nn.Parameter(torch.cat([linear.weight for linear in linears]), requires_grad=False)
     bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
+    bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
     for linear, part, part_bias in zip(
         linears, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * len(sizes), strict=True
     ):
@@ -109,10 +112,12 @@ def run_layer(
     if fused is None:
         return layer(hidden, position_embeddings=(cos, sin), **attention)
     attn, mlp = layer.self_attn, layer.mlp
-    heads = (*hidden.shape[:-1], -1, attn.head_dim)
-    q, k, v = (t.view(heads).transpose(1, 2) for t in project(fused.qkv, layer.input_layernorm(hidden)))
+    # split into heads, then into q, k and v: a view of each part of the product instead (not contiguous) took Dynamo
+    # twice as long to trace with the positions symbolic
+    qkv = product(fused.qkv, layer.input_layernorm(hidden)).view(*hidden.shape[:-1], -1, attn.head_dim)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([n // attn.head_dim for n in fused.qkv.sizes], dim=-2))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, **attention)
     hidden = hidden + attn.o_proj(out.reshape(*hidden.shape[:-1], -1).contiguous())
-    gate, up = project(fused.gate_up, layer.post_attention_layernorm(hidden))
+    gate, up = product(fused.gate_up, layer.post_attention_layernorm(hidden)).split(fused.gate_up.sizes, dim=-1)
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
