@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.engine import fused_layer
-from model.engine.fused_layer import fused_weights
+from model.engine.fused_layer import fused_weights, run_layer
 from model.engine.kv_cache import PagedKV, slot_attention_on
 from model.engine.model_runner import packed_prefill
 
@@ -31,25 +31,32 @@ def tiny_lm(bias: bool) -> LlamaForCausalLM:
 
 
 def prefill(lm: LlamaForCausalLM, fused, sizes: list[int], embeds: torch.Tensor) -> tuple[torch.Tensor, PagedKV]:
+    """Packed prompts through `lm` with each layer run by `run_layer` (joined where `fused` has its layer's weights)."""
     kv = PagedKV(lm.config, 4, 4, 40, torch.float32, torch.device("cpu"), "sdpa", block=16)
     for s, n in enumerate(sizes):
         assert kv.book.grow(s, n)
     kv.sync()
     index = kv.book.prefill_index(list(range(len(sizes))), sizes, max(sizes))
+    of = dict(zip(lm.model.layers, fused, strict=True))
+
+    def layer(block, hidden, cos, sin, packed):
+        return run_layer(block, of[block], hidden, cos, sin, packed=packed)
+
     with slot_attention_on(lm), torch.inference_mode():
-        return packed_prefill(lm, kv, embeds, index, sizes, fused=fused), kv
+        return packed_prefill(lm, kv, embeds, index, sizes, layer), kv
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_fused_layer_computes_what_transformers_layer_computes(bias):
     """Three packed prompts through both layers of a model, once as transformers' layers and once with the joined
-    products: the same logits and the same keys and values in the pool. Each product's parts split in the order
+    products (the decode step's layer; its attention's inputs are the only difference from a decode step's): the
+    same logits and the same keys and values in the pool. Each product's parts split in the order
     q, k, v and gate, up with their biases; a swap of two parts, a bias left out or rotary embeddings applied to the
     wrong tensors change both (greedy answers of a tiny random model can miss a swap of q and k)."""
     lm = tiny_lm(bias)
     sizes = [5, 9, 3]
     embeds = torch.randn(len(sizes), max(sizes), lm.config.hidden_size)
-    expected, kv_expected = prefill(lm, None, sizes, embeds)
+    expected, kv_expected = prefill(lm, [None, None], sizes, embeds)
     fused = fused_weights(lm)
     assert all(f is not None for f in fused)
     got, kv = prefill(lm, fused, sizes, embeds)

@@ -306,12 +306,10 @@ def test_packed_prefill_attention_in_half_precision_equals_the_masked_reference(
 
 def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
     """The engine's packed prefill through its compiled layer in bf16 (variable-length flash attention inside the
-    compiled graph, positions symbolic, projections joined as the engine joins them) against transformers' layers
-    eager: each prompt's next-token logits and its keys and values in the pool agree to bf16 rounding, and packs of
-    other sizes reuse the one compiled layer."""
+    compiled graph, positions symbolic) against the same prefill eager: each prompt's next-token logits and its keys
+    and values in the pool agree to bf16 rounding, and packs of other sizes reuse the one compiled layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model.engine.fused_layer import fused_weights
     from model.engine.kv_cache import PagedKV, slot_attention_on
     from model.engine.model_runner import packed_prefill, prefill_layer
 
@@ -323,7 +321,6 @@ def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
-    fused = fused_weights(lm)
     for sizes in ([5, 130, 77, 260, 9, 3, 40, 12, 66], [300, 2, 17, 90, 45, 8, 33, 150, 21, 7]):
         caches = []
         for _ in range(2):
@@ -336,7 +333,7 @@ def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
         embeds = torch.randn(len(sizes), max(sizes), 256, device="cuda", dtype=torch.bfloat16)
         with slot_attention_on(lm), torch.inference_mode():
             eager = packed_prefill(lm, caches[0], embeds, index, sizes)
-            got = packed_prefill(lm, caches[1], embeds, index, sizes, layer=compiled, fused=fused)
+            got = packed_prefill(lm, caches[1], embeds, index, sizes, layer=compiled)
         torch.testing.assert_close(got.float(), eager.float(), atol=5e-2, rtol=5e-2)
         for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
             torch.testing.assert_close(b.float(), a.float(), atol=5e-2, rtol=5e-2)

@@ -334,8 +334,7 @@ def test_the_paged_mask_through_compiled_flex_attention_reads_each_rows_own_colu
 @pytest.mark.slow
 def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_positions(monkeypatch):
     """The engine's packed prefill through its compiled layer as the engine builds it (`prefill_layer_for`: Inductor
-    on the CPU, traced at the build with the positions symbolic, projections joined: fused_layer.py) against
-    transformers' layers eager, on packs of 3, 2 and
+    on the CPU, traced at the build with the positions symbolic) against the same prefill eager, on packs of 3, 2 and
     4 prompts of different lengths: the same logits at each prompt's last position and the same keys and values in
     the same pool positions (a compiled write to the wrong positions, rotary embeddings at packed instead of
     per-prompt columns, or the norm taken at the wrong rows would differ), with no second compilation for a new
@@ -343,7 +342,6 @@ def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_posit
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model.engine import model_runner
-    from model.engine.fused_layer import fused_weights
     from model.engine.kv_cache import PagedKV, slot_attention_on
     from model.engine.model_runner import packed_prefill
 
@@ -356,9 +354,8 @@ def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_posit
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     built = PagedKV(config, 4, 4, 40, torch.float32, torch.device("cpu"), "sdpa", block=16)  # as the engine's pools
-    fused = fused_weights(lm)
     with slot_attention_on(lm), torch.inference_mode():
-        compiled = model_runner.prefill_layer_for(lm, built, True, fused)
+        compiled = model_runner.prefill_layer_for(lm, built, True)
     for sizes in ([5, 9, 3], [30, 2], [4, 17, 6, 11]):
         caches = []
         for _ in range(2):
@@ -371,7 +368,7 @@ def test_the_compiled_packed_prefill_equals_the_eager_one_at_any_number_of_posit
         embeds = torch.randn(len(sizes), max(sizes), 64)
         with slot_attention_on(lm), torch.inference_mode():
             eager = packed_prefill(lm, caches[0], embeds, index, sizes)
-            got = packed_prefill(lm, caches[1], embeds, index, sizes, layer=compiled, fused=fused)
+            got = packed_prefill(lm, caches[1], embeds, index, sizes, layer=compiled)
         torch.testing.assert_close(got, eager)
         for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
             torch.testing.assert_close(b, a)

@@ -1,5 +1,4 @@
-"""The engine's packed prefill alone: transformers' layers eager, the layers with joined projections eager
-(model/engine/fused_layer.py) and the engine's compiled layer with them (`prefill_layer_for` in
+"""The engine's packed prefill alone, eager against its compiled layer (`prefill_layer_for` in
 model/engine/model_runner.py), on a Vicuna-7B-shaped Llama with random bf16 weights: device time a prompt position
 (CUDA events around each call, after warm-up calls) for a call of long prompts (96 of 170 positions) and one of varied
 prompts (16-210), the seconds the compiled layer's build took (a fresh machine's first process compiles it cold; a
@@ -24,7 +23,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from model.config import LLAMA_TINY, VICUNA_7B
 from model.engine import model_runner
 from model.engine.compile_cache import compile_cache_dir
-from model.engine.fused_layer import fused_weights
 from model.engine.kv_cache import PagedKV, slot_attention_on
 from model.engine.model_runner import packed_prefill, prefill_layer
 
@@ -77,8 +75,7 @@ def main() -> None:
     with slot_attention_on(lm), torch.inference_mode():
         model_runner.COMPILE_PREFILL = True
         begin = time.perf_counter()
-        fused = fused_weights(lm)
-        compiled = model_runner.prefill_layer_for(lm, kv, True, fused)
+        compiled = model_runner.prefill_layer_for(lm, kv, True)
         if cuda:
             torch.cuda.synchronize()
         report["compiled_layer_build_s"] = round(time.perf_counter() - begin, 2)
@@ -91,9 +88,8 @@ def main() -> None:
             embeds = torch.randn(len(sizes), max(sizes), config.hidden_size, device=device, dtype=dtype)
             result = {"rows": len(sizes), "positions": sum(sizes)}
             logits = {}
-            ways = [("eager", prefill_layer, None), ("eager_fused", prefill_layer, fused)]
-            for label, layer, joined in [*ways, ("compiled", compiled, fused)]:
-                run = partial(packed_prefill, lm, kv, embeds, index, sizes, layer, joined)
+            for label, layer in (("eager", prefill_layer), ("compiled", compiled)):
+                run = partial(packed_prefill, lm, kv, embeds, index, sizes, layer)
                 seconds = timed(run, args.repeats, cuda)
                 logits[label] = run().float()
                 best = min(seconds)
@@ -102,10 +98,9 @@ def main() -> None:
                     "us_a_position": round(best / sum(sizes) * 1e6, 2),
                     "tflops": round(flops * sum(sizes) / best / 1e12, 1),
                 }
-            for label in ("eager_fused", "compiled"):
-                result[f"{label}_over_eager"] = round(
-                    result["eager"]["us_a_position"] / result[label]["us_a_position"], 3
-                )
+            result["compiled_over_eager"] = round(
+                result["eager"]["us_a_position"] / result["compiled"]["us_a_position"], 3
+            )
             result["logits_max_abs_difference"] = round(float((logits["eager"] - logits["compiled"]).abs().max()), 4)
             result["same_next_tokens"] = float(
                 (logits["eager"].argmax(-1) == logits["compiled"].argmax(-1)).float().mean()

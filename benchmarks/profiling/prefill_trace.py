@@ -5,11 +5,8 @@ Dynamo alone, "aot_eager" adds the dynamic-shape graph of AOT autograd, "inducto
 compiles into the cache, the second loads from it, as a warm start of `dr infer` does).
 
 `--shapes marked`: only the positions' and the prompts' dimensions marked dynamic, instead of `dynamic=True`.
-`--layer transformers`: transformers' layer traced, not the engine's with joined projections
-(model/engine/fused_layer.py).
 
     PYTHONPATH=. python benchmarks/profiling/prefill_trace.py OUT.json [--repeats 2] [--shapes dynamic|marked]
-        [--layer fused|transformers]
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ ONE = """
 import sys, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from model.engine import model_runner
-from model.engine.fused_layer import fused_weights
 from model.engine.kv_cache import PagedKV, slot_attention_on
 config = LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=688, vocab_size=300)
 lm = LlamaForCausalLM(config).eval()
@@ -37,18 +33,17 @@ if sys.argv[2] == "marked":  # only the positions' and the prompts' dimensions s
     torch.compile = lambda fn, **options: mark(real(fn, **{**options, "backend": sys.argv[1], "dynamic": None}))
 
     def mark(compiled):
-        def run(block, fused, hidden, cos, sin, packed):
+        def run(block, hidden, cos, sin, packed):
             for t, d in ((hidden, 1), (cos, 1), (sin, 1), (packed.index, 0), (packed.starts, 0)):
                 torch._dynamo.mark_dynamic(t, d)
-            return compiled(block, fused, hidden, cos, sin, packed)
+            return compiled(block, hidden, cos, sin, packed)
 
         return run
 
 model_runner.COMPILE_PREFILL = True
-fused = fused_weights(lm) if sys.argv[3] == "fused" else None
 begin = time.perf_counter()
 with slot_attention_on(lm), torch.inference_mode():
-    model_runner.prefill_layer_for(lm, kv, True, fused)
+    model_runner.prefill_layer_for(lm, kv, True)
 print(time.perf_counter() - begin)
 """
 
@@ -58,17 +53,9 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shapes", choices=["dynamic", "marked"], default="dynamic")
-    parser.add_argument("--layer", choices=["fused", "transformers"], default="fused")
     args = parser.parse_args()
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="dr_prefill_trace_")}
-    report: dict = {
-        "device": "cpu",
-        "cores": os.cpu_count(),
-        "torch": None,
-        "shapes": args.shapes,
-        "layer": args.layer,
-        "seconds": {},
-    }
+    report: dict = {"device": "cpu", "cores": os.cpu_count(), "torch": None, "shapes": args.shapes, "seconds": {}}
     runs = [
         ("eager", "eager"),
         ("aot_eager", "aot_eager"),
@@ -79,11 +66,7 @@ def main() -> None:
         for backend, name in runs:
             begin = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-c", ONE, backend, args.shapes, args.layer],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
+                [sys.executable, "-c", ONE, backend, args.shapes], env=env, capture_output=True, text=True, check=True
             )
             report["seconds"].setdefault(name, []).append(
                 {"warm_up": round(float(done.stdout.split()[-1]), 2), "process": round(time.perf_counter() - begin, 2)}

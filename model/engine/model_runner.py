@@ -1,7 +1,10 @@
 """The engine's decode step: one token for each of the first `width` slots, through one compiled decoder layer that
 serves every layer, the whole step replayed on CUDA as one CUDA graph per width; and its packed prefill, through the
-eager layers or (COMPILE_PREFILL) one compiled decoder layer at any number of positions. Both run the layer of
-fused_layer.py: transformers' arithmetic with the q/k/v and gate/up projections each one matrix product.
+eager layers or (COMPILE_PREFILL) one compiled decoder layer at any number of positions. The step runs the layer of
+fused_layer.py (transformers' arithmetic with the q/k/v and gate/up projections each one matrix product); the prefill
+runs transformers' layer, whose trace with the positions symbolic took Dynamo 1.07 s on a CPU against 2.1-2.5 s for
+the fused layer's, for matrix products that at hundreds of positions gain nothing from being joined
+(benchmarks/results/2026-12-06-cpu-fused-layer-trace/).
 
 Compiling the whole step made Dynamo trace all 32 layers of a 7B model, 10-13 s of every process's start on an H200
 (benchmarks/README.md, run 5), although the layers are the same code on same-shaped weights. Dynamo lifts a module's
@@ -25,7 +28,7 @@ from itertools import accumulate
 import torch
 
 from model.engine import cuda_graphs
-from model.engine.fused_layer import Fused, run_layer
+from model.engine.fused_layer import Fused, fused_weights, run_layer
 from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
 from model.io.transfer import to_device
@@ -55,12 +58,10 @@ def decode_layer(
     return run_layer(layer, fused, hidden, cos, sin, slots=slots)
 
 
-def prefill_layer(
-    layer: torch.nn.Module, fused: Fused | None, hidden: torch.Tensor, cos, sin, packed: LayerPrefill
-) -> torch.Tensor:
-    """The decoder layer (fused_layer.py) over prompts packed end to end [1, T, hidden]; it attends through
+def prefill_layer(layer: torch.nn.Module, hidden: torch.Tensor, cos, sin, packed: LayerPrefill) -> torch.Tensor:
+    """transformers' decoder layer over prompts packed end to end [1, T, hidden]; it attends through
     model.engine.kv_cache.slot_attention, which finds the layer's pools in its keyword arguments."""
-    return run_layer(layer, fused, hidden, cos, sin, packed=packed)
+    return layer(hidden, position_embeddings=(cos, sin), packed=packed)
 
 
 def prefill_pass(
@@ -82,13 +83,11 @@ def packed_prefill(
     index: torch.Tensor,
     sizes: Sequence[int],
     layer: Callable[..., torch.Tensor] = prefill_layer,
-    fused: Sequence[Fused | None] | None = None,
 ) -> torch.Tensor:
     """`prefill_pass` without the padding: right-padded prompts [R, L, H] (row r's first sizes[r] columns real) and
     their pool positions `index` [R, L] on the host go through `lm` end to end as one sequence of sum(sizes)
     positions, each prompt attending causally to itself alone (kv_cache.packed_attention), each decoder layer run by
-    `layer` (prefill_layer, or it compiled) with its joined weights from `fused` (fused_layer.fused_weights; None:
-    transformers' layers as they are). A call whose prompts differ in length computes no padding: a varied job's
+    `layer` (prefill_layer, or it compiled). A call whose prompts differ in length computes no padding: a varied job's
     calls of 64 padded rows ran 84% more positions than its prompts held
     (benchmarks/results/2026-12-05-h100-engine-phases/). Built from host lengths, so nothing here waits for the
     device."""
@@ -103,15 +102,12 @@ def packed_prefill(
     model = lm.model
     hidden = embeds.flatten(0, 1)[flat].unsqueeze(0)
     cos, sin = model.rotary_emb(hidden, columns.unsqueeze(0))
-    fused = fused or [None] * len(model.layers)
-    for block, joined, packed in zip(model.layers, fused, kv.packed_inputs(at, starts, max(sizes)), strict=True):
-        hidden = layer(block, joined, hidden, cos, sin, packed)
+    for block, packed in zip(model.layers, kv.packed_inputs(at, starts, max(sizes)), strict=True):
+        hidden = layer(block, hidden, cos, sin, packed)
     return lm.lm_head(model.norm(hidden[0, starts[1:] - 1]))
 
 
-def prefill_layer_for(
-    lm: torch.nn.Module, kv: PagedKV, compiled: bool, fused: Sequence[Fused | None] | None = None
-) -> Callable[..., torch.Tensor]:
+def prefill_layer_for(lm: torch.nn.Module, kv: PagedKV, compiled: bool) -> Callable[..., torch.Tensor]:
     """`prefill_layer`, or for a `compiled` engine (COMPILE_PREFILL) it compiled with the number of positions symbolic,
     traced and compiled now (two short prompts of zero embeddings written at the pool's first positions, zeroed
     again after) rather than at a job's or a server's first large prefill."""
@@ -121,7 +117,7 @@ def prefill_layer_for(
     sizes = [13, 11]  # equal sizes would share one symbol in the trace (heads, head_dim, rows: 32, 128, 3 on a 7B)
     index = torch.arange(len(sizes) * max(sizes)).view(len(sizes), max(sizes))  # [rows, columns] -> pool position
     embeds = torch.zeros(len(sizes), max(sizes), lm.config.hidden_size, dtype=kv.keys[0].dtype, device=kv.device)
-    packed_prefill(lm, kv, embeds, index, sizes, layer, fused)
+    packed_prefill(lm, kv, embeds, index, sizes, layer)
     for pool in (*kv.keys, *kv.values):
         pool[:, :, : index.numel()].zero_()
     return layer
@@ -139,16 +135,15 @@ class SlotStep:
         widths: Sequence[int],
         compiled: bool,
         graphs: bool,
-        fused: Sequence[Fused | None],
     ) -> None:
         """A step per width in `widths` over `lm` (a transformers LLaMA causal LM) and the engine's slots. `compiled`:
         the layer and the step's end go through torch.compile (static shapes only: with automatic dynamic shapes a
         third slot count compiled a symbolic-slot step whose answers were wrong,
         benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
-        `fused`: each layer's joined weights (fused_layer.fused_weights).
+        Each layer runs with its projections joined (fused_layer.fused_weights; the model's weights become views).
         `graphs`: each width's step is captured as a CUDA graph now, while every slot is still free (the capture runs
         the step three times)."""
-        self.lm, self.kv, self.fused = lm, kv, fused
+        self.lm, self.kv, self.fused = lm, kv, fused_weights(lm)
         self.eos, self.stops, self.k_cap = eos, stops, k_cap
         self.max_new_tokens = state.out.shape[1]
         self.views = {w: state.head(w) for w in widths}

@@ -36,7 +36,6 @@ from peft import PeftModel
 
 from model.config import GenerationConfig
 from model.engine.compile_cache import compile_cache_dir
-from model.engine.fused_layer import fused_weights
 from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
 from model.engine.model_runner import SlotStep, packed_prefill, prefill_layer_for, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
@@ -100,7 +99,8 @@ class Engine:
         longest row, so no row is ever preempted); rows are admitted while their blocks fit, and when a growing row
         finds the pool empty the youngest row is preempted: its blocks freed, the row queued again in front, to be
         decoded afresh (greedy and sampled ids do not depend on when a row runs)."""
-        self.model, self.llm = model, model.llama_model
+        self.model = model
+        self.llm = model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
         device, on_cuda = model.device, model.device.type == "cuda"
         self.rule = StopRule.of(model.tokenizer)
@@ -124,15 +124,14 @@ class Engine:
         compiled = on_cuda if compile is None else compile
         if compiled:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-        fused = fused_weights(self.lm)
         with slot_attention_on(self.llm), torch.inference_mode():
             self.step = SlotStep(
                 self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,
-                graphs=compiled and on_cuda, fused=fused,
+                graphs=compiled and on_cuda,
             )  # fmt: skip
-            layer = prefill_layer_for(self.lm, self.kv, compiled if compile_prefill is None else compile_prefill, fused)
+            layer = prefill_layer_for(self.lm, self.kv, compiled if compile_prefill is None else compile_prefill)
         self.prefill_pass = partial(prefill_pass, self.lm, self.kv)
-        self.packed_prefill = partial(packed_prefill, self.lm, self.kv, layer=layer, fused=fused)
+        self.packed_prefill = partial(packed_prefill, self.lm, self.kv, layer=layer)
         graphs = compiled and on_cuda if graph_prefill is None else graph_prefill
         self.graphs = PrefillGraphs(self.prefill_pass, capture=on_cuda) if graphs else None
 
@@ -306,8 +305,9 @@ class Engine:
     def _grow(self) -> None:
         """Gives each decoding row the blocks its next `sync_every` steps write; where the pool is short, the youngest
         rows are preempted until it is not."""
-        active = [s for s, row in enumerate(self.rows) if row is not None]
-        for s in sorted(active, key=lambda s: self.rows[s].filled_at):
+        for s in sorted(
+            (s for s, row in enumerate(self.rows) if row is not None), key=lambda s: self.rows[s].filled_at
+        ):
             row = self.rows[s]
             if row is None or row.steps_left <= 0:
                 continue
