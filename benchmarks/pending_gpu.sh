@@ -44,14 +44,13 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 fused)
-    # joined projections (model/engine/fused_layer.py): their GPU tests, the engine alone with and without them (one
-    # slot included), a whole job, then a second process on the other dataset, the prefill alone three ways
-    step gpu_tests 120 pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    # the decode step's joined projections (model/engine/fused_layer.py): the engine's GPU tests, the engine alone
+    # with and without them (one slot included), a whole job, then a second process on the other dataset
+    step gpu_tests 120 pytest -q -x tests/test_gpu.py -k engine
     step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
     step job 150 dr bench job --out "$OUT/job.json"
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step prefill_speed 60 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed.json"
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
@@ -70,7 +69,7 @@ fused_small)
     step engine_short 120 dr bench engine --rows 1024 --only-engine --prompts short --out "$OUT/engine_short.json"
     step engine_short_unfused 90 unfused deepresonance_cli.app bench engine --rows 1024 --only-engine --prompts short \
         --out "$OUT/engine_short_unfused.json"
-    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "packed or refill or engine_job"
+    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k engine
     ;;
 fresh)
     # on a fresh machine: the first job process compiles the step and the prefill's layer (cold), then a warm job

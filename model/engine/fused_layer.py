@@ -1,11 +1,13 @@
-"""The engine's decoder layer: transformers' LLaMA layer with its query, key and value projections run as one matrix
+"""The decode step's layer: transformers' LLaMA layer with its query, key and value projections run as one matrix
 product and its gate and up projections as another (vLLM's QKVParallelLinear and MergedColumnParallelLinear, gpt-fast's
-wqkv). A decode step at one row is a matrix-vector pass over every weight, and one 4096 x 12288 product keeps the
-memory busier than three 4096 x 4096 ones with a launch each; at many rows the joined products are simply larger
-matrix products.
+wqkv). A decode step at one row is a matrix-vector pass over every weight: the model's separate products, chained in a
+CUDA graph, read their weights at 2.36-2.43 TB/s of an H100's 3.35 (benchmarks/README.md, targets), and a
+4096 x 12288 product needs one launch and one pass where three 4096 x 4096 ones need three. At 512 rows the engine
+alone ran as fast as before (benchmarks/results/2026-12-06-h100-fresh-jobs/); one slot, where it should count, is not
+timed yet (`benchmarks/pending_gpu.sh fused`).
 
 The joined weights are the model's own: each projection's weight becomes a view into them, so the model's memory
-does not grow and transformers' forward (`generate`, the padded prefill of prefill_graphs.py) reads the same numbers.
+does not grow and transformers' layers (the engine's prefills, `generate`) read the same numbers.
 A layer whose projections are not plain linear layers (LoRA not merged into them) runs as transformers' layer.
 """
 

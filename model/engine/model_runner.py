@@ -39,7 +39,8 @@ from model.io.transfer import to_device
 COMPILE_PREFILL = True
 # a job compiles the prefill's layer when its prompts hold at least this many positions: at 7.5 us a position saved,
 # the layer's build is won back. The build delayed a warm H100 process's first rows by 6.9 s (16.6 s against 9.7,
-# the decoding processes busy beside it; benchmarks/results/2026-12-06-h100-fresh-jobs/): about 920,000 positions.
+# the decoding processes busy beside it; benchmarks/results/2026-12-06-h100-fresh-jobs/, a layer whose trace took
+# Dynamo twice as long as this one's; 5.1 s alone in .../2026-12-06-h100-compiled-prefill/): 680,000-920,000 positions.
 # MusicCaps- and catalog-sized jobs (100,000-130,000 positions) stay eager
 COMPILE_PREFILL_POSITIONS = 1_000_000
 
