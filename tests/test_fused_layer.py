@@ -108,3 +108,29 @@ def test_a_join_made_in_inference_mode_leaves_the_weights_trainable():
     loss = lm(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss
     loss.backward()
     assert lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_the_inductor_compiled_step_with_joined_projections_equals_one_row_generate(tiny_layout):
+    """The engine's decode step compiled by Inductor (on the CPU; on a GPU tests/test_gpu.py runs it with CUDA graphs)
+    on a model with LoRA merged, so every layer runs joined: 7 rows through 2 slots, each row's greedy ids those of
+    `generate` on it alone (transformers' layers)."""
+    from dataclasses import replace
+
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import cache_length
+    from model.generate.base import generate_ids
+    from model.network.checkpoint import load_model
+    from tests.test_engine import REFERENCE, rows, run
+
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+    model.merge_lora()
+    examples = rows()
+    gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 12, 5, 9, 1, 7, 12)]
+    expected = {i: generate_ids(model, [ex], g)[0] for i, (ex, g) in enumerate(zip(examples, gens, strict=True))}
+    length = cache_length(max(model.example_length(ex) for ex in examples), 12)
+    torch._dynamo.reset()
+    engine = Engine(model, 2, length, 12, k_cap=1, kernel="sdpa", compile=True, sync_every=2, refill_min=1, narrow=[1])
+    assert all(f is not None for f in engine.step.fused)
+    assert run(engine, examples, [replace(g, decoder="engine") for g in gens]) == expected
+    torch._dynamo.reset()
