@@ -73,11 +73,8 @@ def join(linears: Sequence[nn.Linear]) -> Joined:
     if known is not None and _views_of(linears, known):
         return known
     sizes = tuple(linear.out_features for linear in linears)
-    # parameters, so that Dynamo keeps their shapes static in the prefill's symbolic compile: as plain tensors their
-    # sizes were symbols too, and a CPU trace of the layer took twice as long
-    weight = nn.Parameter(torch.cat([linear.weight for linear in linears]), requires_grad=False)
+    weight = torch.cat([linear.weight for linear in linears])
     bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
-    bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
     for linear, part, part_bias in zip(
         linears, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * len(sizes), strict=True
     ):
@@ -114,8 +111,8 @@ def run_layer(
     if fused is None:
         return layer(hidden, position_embeddings=(cos, sin), **attention)
     attn, mlp = layer.self_attn, layer.mlp
-    # split into heads, then into q, k and v: a view of each part of the product instead (not contiguous) took Dynamo
-    # twice as long to trace with the positions symbolic
+    # one view of the whole product into heads, then q, k and v split off it: views of its non-contiguous parts took
+    # Dynamo longer to trace (benchmarks/results/2026-12-06-cpu-fused-layer-trace/)
     qkv = product(fused.qkv, layer.input_layernorm(hidden)).view(*hidden.shape[:-1], -1, attn.head_dim)
     q, k, v = (t.transpose(1, 2) for t in qkv.split([n // attn.head_dim for n in fused.qkv.sizes], dim=-2))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
