@@ -47,6 +47,7 @@ fused)
     # the decode step's joined projections (model/engine/fused_layer.py): the engine's GPU tests, the engine alone
     # with and without them (one slot included), a whole job, then a second process on the other dataset
     step gpu_tests 120 pytest -q -x tests/test_gpu.py -k engine
+    step fused_step 200 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json"
     step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
     step job 150 dr bench job --out "$OUT/job.json"
@@ -65,7 +66,9 @@ fused)
     step job 220 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
     ;;
 fused_small)
-    # the same comparison when little device time is left: short prompts and one slot, both ways, then the tests
+    # the same comparison when little device time is left: the step alone at 1 and 512 slots, short prompts and one
+    # slot through the engine both ways, then the tests
+    step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
     step engine_short 120 dr bench engine --rows 1024 --only-engine --prompts short --out "$OUT/engine_short.json"
     step engine_short_unfused 90 unfused deepresonance_cli.app bench engine --rows 1024 --only-engine --prompts short \
         --out "$OUT/engine_short_unfused.json"
