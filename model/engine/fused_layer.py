@@ -75,12 +75,10 @@ def join(linears: Sequence[nn.Linear]) -> Joined:
     sizes = tuple(linear.out_features for linear in linears)
     weight = torch.cat([linear.weight for linear in linears])
     bias = torch.cat([linear.bias for linear in linears]) if linears[0].bias is not None else None
-    for linear, part, part_bias in zip(
-        linears, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * len(sizes), strict=True
-    ):
+    for linear, part in zip(linears, weight.split(sizes), strict=True):
         linear.weight = nn.Parameter(part, requires_grad=linear.weight.requires_grad)
-        if part_bias is not None:
-            linear.bias = nn.Parameter(part_bias, requires_grad=linear.bias.requires_grad)
+    for linear, part in zip(linears, bias.split(sizes) if bias is not None else (), strict=False):
+        linear.bias = nn.Parameter(part, requires_grad=linear.bias.requires_grad)
     joined = Joined(weight, bias, sizes)
     _JOINED[linears[0]] = joined
     return joined
@@ -92,9 +90,7 @@ def fuse(layer: nn.Module) -> Fused | None:
     qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
     if not FUSE_PROJECTIONS or any(type(m) is not nn.Linear for m in (*qkv, *gate_up)):
         return None
-    if len({m.bias is None for m in qkv}) > 1 or len({m.bias is None for m in gate_up}) > 1:
-        return None
-    return Fused(join(qkv), join(gate_up))
+    return Fused(join(qkv), join(gate_up))  # a LLaMA config gives q, k and v biases together, and gate and up
 
 
 def fused_weights(lm: nn.Module) -> list[Fused | None]:
