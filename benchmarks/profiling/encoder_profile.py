@@ -1,0 +1,139 @@
+"""Where an ImageBind call's device time goes, per kind, at a job's call size (CALL_FILES): the preprocessor (the
+patch or fbank stem), the trunk and the head, timed apart; the heaviest kernels under torch.profiler; and the trunk
+compiled by Inductor against eager (files/s, and how far its features move in bf16).
+
+The catalog mix's encoder took 7.4 s of a 21.7 s whole job on an H100 at about 350 TFLOP/s of ViT-H work for
+videos (benchmarks/results/2026-12-06-h100-encoder-calls/): this says whether that is the trunk's matrix work or
+something around it, before anything is changed.
+
+    PYTHONPATH=. python benchmarks/profiling/encoder_profile.py OUT.json [--size huge] [--kinds audio,image,video]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.profiling.encoder_batch import one_input
+from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder
+
+
+def parts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
+    """The call's three stages as closures over the previous stage's output, in the order MediaEncoder runs them."""
+    key = IMAGEBIND_MODALITY[modality]
+    ib = encoder.imagebind
+    x = inputs.to(encoder.device, encoder.dtype)
+    if x.ndim >= 5 and modality != "image":
+        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    tokens = ib.modality_preprocessors[key](**{key: x})
+    features = ib.modality_trunks[key](**tokens["trunk"])
+    return [
+        ("preprocessor", lambda: ib.modality_preprocessors[key](**{key: x})),
+        ("trunk", lambda: ib.modality_trunks[key](**tokens["trunk"])),
+        ("head", lambda: ib.modality_heads[key](features, **tokens["head"])),
+    ]
+
+
+def device_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Mean milliseconds of `fn` between CUDA events (wall time on a CPU), after one warm-up call."""
+    fn()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return 1000 * (time.perf_counter() - start) / repeats
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / repeats
+
+
+def top_kernels(fn: Callable[[], object], count: int = 12) -> list[dict]:
+    """The kernels (or CPU ops, without a GPU) that take the most self time over one call."""
+    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    device = torch.cuda.is_available()
+    events = sorted(
+        prof.key_averages(), key=lambda e: e.self_device_time_total if device else e.self_cpu_time_total, reverse=True
+    )
+    return [
+        {
+            "name": e.key[:120],
+            "calls": e.count,
+            "ms": round((e.self_device_time_total if device else e.self_cpu_time_total) / 1000, 3),
+        }
+        for e in events[:count]
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--size", default="huge")
+    parser.add_argument("--kinds", default="audio,image,video")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the Inductor-compiled trunk")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        encoder = MediaEncoder(args.size)
+    encoder.drop_unused_towers()
+    encoder.to(device, dtype)
+    folder = Path(tempfile.mkdtemp(prefix="dr_encoder_profile_"))
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size}
+    for modality in args.kinds.split(","):
+        x = one_input(folder, modality)
+        files = CALL_FILES[modality]
+        inputs = x.unsqueeze(0).expand(files, *x.shape).contiguous()
+        with torch.no_grad():
+            stages = {name: round(device_ms(fn, args.repeats), 2) for name, fn in parts(encoder, modality, inputs)}
+            whole = device_ms(lambda: encoder(modality, inputs), args.repeats)
+            entry = {
+                "files_a_call": files,
+                "input_shape": list(x.shape),
+                "stage_ms": stages,
+                "call_ms": round(whole, 2),
+                "files_per_s": round(files / whole * 1000, 1),
+                "top_kernels": top_kernels(lambda: encoder(modality, inputs)),
+            }
+            if not args.no_compile:
+                key = IMAGEBIND_MODALITY[modality]
+                trunks = encoder.imagebind.modality_trunks
+                eager_trunk, eager_out = trunks[key], encoder(modality, inputs)
+                trunks[key] = torch.compile(eager_trunk)
+                start = time.perf_counter()
+                compiled_out = encoder(modality, inputs)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                build = time.perf_counter() - start
+                compiled = device_ms(lambda: encoder(modality, inputs), args.repeats)
+                trunks[key] = eager_trunk
+                entry["compiled_trunk"] = {
+                    "build_s": round(build, 1),
+                    "call_ms": round(compiled, 2),
+                    "files_per_s": round(files / compiled * 1000, 1),
+                    "max_abs_diff": float((compiled_out.float() - eager_out.float()).abs().max()),
+                }
+        report[modality] = entry
+        print(modality, json.dumps({k: v for k, v in entry.items() if k != "top_kernels"}), flush=True)
+        for kernel in entry["top_kernels"]:
+            print("   ", kernel, flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
