@@ -338,3 +338,19 @@ def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
         for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values, strict=True):
             torch.testing.assert_close(b.float(), a.float(), atol=5e-2, rtol=5e-2)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_encoders_patch_projection_on_the_gpu_equals_stock_imagebind(tiny_layout, monkeypatch):
+    """On CUDA the vision stem runs as a matrix product instead of cuDNN's Conv3d: same features as the stock model."""
+    from model.config import IMAGEBIND_TINY
+    from model.media.encoder import MediaEncoder, imagebind_model_module
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the stock convolution in full fp32 too
+    encoder = MediaEncoder.load(tiny_layout.imagebind).cuda()
+    stock = imagebind_model_module().ImageBindModel(**IMAGEBIND_TINY).eval()
+    stock.load_state_dict(torch.load(tiny_layout.imagebind, weights_only=True))
+    stock.cuda()
+    video, image = torch.randn(2, 15, 3, 2, 224, 224).cuda(), torch.randn(3, 3, 224, 224).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder("video", video).mean(dim=1), stock({"vision": video})["vision"])
+        torch.testing.assert_close(encoder("image", image)[:, 0], stock({"vision": image})["vision"])

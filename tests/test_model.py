@@ -9,7 +9,7 @@ import torch
 
 from model.config import GenerationConfig
 from model.generate.base import generate, generate_ids
-from model.media.encoder import MediaEncoder, imagebind_model_module
+from model.media.encoder import MediaEncoder, PatchProjection, imagebind_model_module
 from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
 from model.network.deepresonance import Example
 
@@ -227,6 +227,29 @@ def test_encoder_matches_stock_imagebind(tiny_layout):
         torch.testing.assert_close(encoder("audio", audio).mean(dim=1) * 20, ref)
         torch.testing.assert_close(encoder("video", video).mean(dim=1), stock({"vision": video})["vision"])
         torch.testing.assert_close(encoder("image", image)[:, 0], stock({"vision": image})["vision"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_patch_projection_is_the_convolution(bias):
+    """The vision stem's matrix product equals torch's own Conv3d (a partial patch at the edges dropped, as a
+    convolution's floor does), over the Conv3d's own parameters."""
+    conv = torch.nn.Conv3d(3, 8, (2, 14, 14), stride=(2, 14, 14), bias=bias)
+    stem = PatchProjection.replacing(conv)
+    assert stem.weight is conv.weight and stem.bias is conv.bias
+    x = torch.randn(2, 3, 5, 30, 43)  # 2 frames, 2 x 3 patches, and a remainder on every axis
+    want = torch.nn.functional.conv3d(x, conv.weight, conv.bias, conv.stride)
+    assert want.shape == (2, 8, 2, 2, 3)
+    torch.testing.assert_close(stem.patch_product(x), want)
+    assert not PatchProjection.applies_to(torch.nn.Conv3d(3, 8, (2, 14, 14), stride=(2, 7, 7)))
+    assert not PatchProjection.applies_to(torch.nn.Conv2d(3, 8, 14, stride=14))
+
+
+def test_encoder_uses_the_patch_projection_under_imagebinds_key():
+    encoder = MediaEncoder("tiny")
+    stems = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert stems and all(isinstance(m, PatchProjection) for m in stems)
+    stock = imagebind_model_module().ImageBindModel(**__import__("model.config").config.IMAGEBIND_TINY)
+    assert set(encoder.imagebind.state_dict()) == set(stock.state_dict())
 
 
 def test_encoder_load_rejects_wrong_weights(tmp_path):

@@ -1,6 +1,7 @@
 """Where an ImageBind call's device time goes, per kind, at a job's call size (CALL_FILES): the preprocessor (the
 patch or fbank stem), the trunk and the head, timed apart; the heaviest kernels under torch.profiler; and the trunk
-compiled by Inductor against eager (files/s, and how far its features move in bf16).
+compiled by Inductor against eager (files/s, and how far its features move in bf16); for images and videos, the
+patch stem's projection as cuDNN's Conv3d (ImageBind's own) against PatchProjection's matrix product.
 
 The catalog mix's encoder took 7.4 s of a 21.7 s whole job on an H100 at about 350 TFLOP/s of ViT-H work for
 videos (benchmarks/results/2026-12-06-h100-encoder-calls/): this says whether that is the trunk's matrix work or
@@ -19,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.profiling.encoder_batch import one_input
-from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder
+from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder, PatchProjection
 
 
 def parts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
@@ -39,6 +41,19 @@ def parts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor) -> list[tu
         ("trunk", lambda: ib.modality_trunks[key](**tokens["trunk"])),
         ("head", lambda: ib.modality_heads[key](features, **tokens["head"])),
     ]
+
+
+def stem_projections(encoder: MediaEncoder, inputs: torch.Tensor, repeats: int) -> dict:
+    """The vision stem's projection alone on a call's padded frames: Conv3d (cuDNN) against PatchProjection."""
+    pad, projection = encoder.imagebind.modality_preprocessors["vision"].rgbt_stem.proj
+    x = inputs.to(encoder.device, encoder.dtype)
+    x = pad(x.reshape(-1, *x.shape[-4:]) if x.ndim > 5 else x)
+    assert isinstance(projection, PatchProjection)
+    conv = device_ms(lambda: F.conv3d(x, projection.weight, projection.bias, projection.stride), repeats)
+    linear = device_ms(lambda: projection.patch_product(x), repeats)
+    want = F.conv3d(x, projection.weight, projection.bias, projection.stride)
+    diff = (want - projection.patch_product(x)).abs().max()
+    return {"conv3d_ms": round(conv, 3), "patch_projection_ms": round(linear, 3), "max_abs_diff": float(diff)}
 
 
 def device_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -79,6 +94,44 @@ def top_kernels(fn: Callable[[], object], count: int = 12) -> list[dict]:
     ]
 
 
+@torch.no_grad()
+def profile_kind(encoder: MediaEncoder, modality: str, x: torch.Tensor, repeats: int, compile_trunk: bool) -> dict:
+    """A call of CALL_FILES copies of `x`: stage times, heaviest kernels, the stem both ways, the trunk compiled."""
+    files = CALL_FILES[modality]
+    inputs = x.unsqueeze(0).expand(files, *x.shape).contiguous()
+    stages = {name: round(device_ms(fn, repeats), 2) for name, fn in parts(encoder, modality, inputs)}
+    whole = device_ms(lambda: encoder(modality, inputs), repeats)
+    entry = {
+        "files_a_call": files,
+        "input_shape": list(x.shape),
+        "stage_ms": stages,
+        "call_ms": round(whole, 2),
+        "files_per_s": round(files / whole * 1000, 1),
+        "top_kernels": top_kernels(lambda: encoder(modality, inputs)),
+    }
+    if IMAGEBIND_MODALITY[modality] == "vision":
+        entry["stem_projection"] = stem_projections(encoder, inputs, repeats)
+    if compile_trunk:
+        key = IMAGEBIND_MODALITY[modality]
+        trunks = encoder.imagebind.modality_trunks
+        eager_trunk, eager_out = trunks[key], encoder(modality, inputs)
+        trunks[key] = torch.compile(eager_trunk, dynamic=False)  # images and videos: a graph each
+        start = time.perf_counter()
+        compiled_out = encoder(modality, inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        build = time.perf_counter() - start
+        compiled = device_ms(lambda: encoder(modality, inputs), repeats)
+        trunks[key] = eager_trunk
+        entry["compiled_trunk"] = {
+            "build_s": round(build, 1),
+            "call_ms": round(compiled, 2),
+            "files_per_s": round(files / compiled * 1000, 1),
+            "max_abs_diff": float((compiled_out.float() - eager_out.float()).abs().max()),
+        }
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -97,37 +150,7 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size}
     for modality in args.kinds.split(","):
         x = one_input(folder, modality)
-        files = CALL_FILES[modality]
-        inputs = x.unsqueeze(0).expand(files, *x.shape).contiguous()
-        with torch.no_grad():
-            stages = {name: round(device_ms(fn, args.repeats), 2) for name, fn in parts(encoder, modality, inputs)}
-            whole = device_ms(lambda: encoder(modality, inputs), args.repeats)
-            entry = {
-                "files_a_call": files,
-                "input_shape": list(x.shape),
-                "stage_ms": stages,
-                "call_ms": round(whole, 2),
-                "files_per_s": round(files / whole * 1000, 1),
-                "top_kernels": top_kernels(lambda: encoder(modality, inputs)),
-            }
-            if not args.no_compile:
-                key = IMAGEBIND_MODALITY[modality]
-                trunks = encoder.imagebind.modality_trunks
-                eager_trunk, eager_out = trunks[key], encoder(modality, inputs)
-                trunks[key] = torch.compile(eager_trunk)
-                start = time.perf_counter()
-                compiled_out = encoder(modality, inputs)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                build = time.perf_counter() - start
-                compiled = device_ms(lambda: encoder(modality, inputs), args.repeats)
-                trunks[key] = eager_trunk
-                entry["compiled_trunk"] = {
-                    "build_s": round(build, 1),
-                    "call_ms": round(compiled, 2),
-                    "files_per_s": round(files / compiled * 1000, 1),
-                    "max_abs_diff": float((compiled_out.float() - eager_out.float()).abs().max()),
-                }
+        entry = profile_kind(encoder, modality, x, args.repeats, compile_trunk=not args.no_compile)
         report[modality] = entry
         print(modality, json.dumps({k: v for k, v in entry.items() if k != "top_kernels"}), flush=True)
         for kernel in entry["top_kernels"]:

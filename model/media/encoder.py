@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.config import ENCODER_SIZES
@@ -43,6 +44,51 @@ def imagebind_model_module() -> types.ModuleType:
     return imagebind_model
 
 
+class PatchProjection(nn.Conv3d):
+    """A Conv3d whose kernel equals its stride (ImageBind's vision stem: 2 frames x 14 x 14 pixels a patch) computed as
+    what it is, one matrix product over the flattened, non-overlapping patches. cuDNN's kernels for such convolutions
+    are slow on several torch/cuDNN versions (vLLM and transformers swap them for a linear layer the same way). The
+    weight keeps the Conv3d's name and shape, so ImageBind checkpoints load unchanged. On a CPU the convolution
+    stays: oneDNN's is 7x faster there than the patches' permuted copy (tiny encoder, 2 cores)."""
+
+    @classmethod
+    def replacing(cls, conv: nn.Conv3d) -> PatchProjection:
+        """A PatchProjection holding `conv`'s own parameters (no copy)."""
+        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, bias=False, device="meta")
+        out.weight, out.bias = conv.weight, conv.bias
+        return out
+
+    @staticmethod
+    def applies_to(conv: nn.Module) -> bool:
+        return (
+            type(conv) is nn.Conv3d
+            and conv.kernel_size == conv.stride
+            and conv.padding == (0, 0, 0)
+            and conv.dilation == (1, 1, 1)
+            and conv.groups == 1
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_product(x) if x.is_cuda else super().forward(x)
+
+    def patch_product(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as one matrix product: [N, C, T, H, W] -> [N, out, T/kt, H/kh, W/kw]."""
+        n, c = x.shape[:2]
+        kt, kh, kw = self.kernel_size
+        t, h, w = x.shape[2] // kt, x.shape[3] // kh, x.shape[4] // kw
+        x = x[:, :, : t * kt, : h * kh, : w * kw]  # a convolution's floor: a partial patch at the end is dropped
+        patches = x.reshape(n, c, t, kt, h, kh, w, kw).permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)
+        return F.linear(patches, self.weight.flatten(1), self.bias).permute(0, 4, 1, 2, 3)
+
+
+def use_patch_projections(module: nn.Module) -> None:
+    """Swap each non-overlapping Conv3d under `module` for a PatchProjection over the same parameters."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if PatchProjection.applies_to(child):
+                setattr(parent, name, PatchProjection.replacing(child))
+
+
 class NonFiniteFeatures(ValueError):
     """The encoder computed NaN or Inf for some items of a batch (`items`, 0-based); `features` holds the whole
     batch's output, so a caller can keep the items that are finite. Such features must never reach a prompt or a
@@ -66,6 +112,7 @@ class MediaEncoder(nn.Module):
         super().__init__()
         self.size = size
         self.imagebind = imagebind_model_module().ImageBindModel(**ENCODER_SIZES[size])
+        use_patch_projections(self.imagebind)
         self.out_dim = ENCODER_SIZES[size]["out_embed_dim"]
         self.fingerprint = f"imagebind-{size}-random-{id(self):x}"
         self._source: dict[str, str | int] | None = None  # see weights_file
