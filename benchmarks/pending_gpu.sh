@@ -57,6 +57,7 @@ fused_rest)
     step job 150 dr bench job --out "$OUT/job.json"
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     step encoder_profile 200 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json"
+    step gpu_tests_encoder 60 pytest -q tests/test_gpu.py -k patch_projection
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
