@@ -2,8 +2,8 @@
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
 # prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
-# `fused` (`fused_small`, in less time): the joined projections against transformers' layers, then `fused_rest`
-# (a job, a second process, the encoder's profile). Carry the wheels in
+# `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's
+# profile, then `fused_rest` (a job, the engine alone both ways, a second process). Carry the wheels in
 # .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
 # the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing
 # each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
@@ -45,19 +45,19 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 fused)
-    # the decode step's joined projections (model/engine/fused_layer.py): the engine's GPU tests, the engine alone
-    # with and without them (one slot included), a whole job, then a second process on the other dataset
-    step gpu_tests 120 pytest -q -x tests/test_gpu.py -k engine
-    step fused_step 200 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json"
-    step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
-    step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
+    # the decode step's joined projections (model/engine/fused_layer.py) and the encoder's patch projection: the GPU
+    # tests of both, the decode step alone with and without the joined projections, where an encoder call's time goes
+    step gpu_tests 130 pytest -q -x tests/test_gpu.py -k "engine or patch_projection"
+    step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
+    step encoder_profile 200 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json"
     ;;
 fused_rest)
-    # the second call after `fused`: a whole job, a second process on the other dataset, where the encoder's time goes
+    # the second call after `fused`: a whole job, the engine alone with and without the joined projections (one slot
+    # included), a second process on the other dataset
     step job 150 dr bench job --out "$OUT/job.json"
+    step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step encoder_profile 200 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json"
-    step gpu_tests_encoder 60 pytest -q tests/test_gpu.py -k patch_projection
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
