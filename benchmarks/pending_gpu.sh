@@ -49,7 +49,9 @@ fused)
     # tests of both, the decode step alone with and without the joined projections, where an encoder call's time goes
     step gpu_tests 130 pytest -q -x tests/test_gpu.py -k "engine or patch_projection"
     step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
-    step encoder_profile 200 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json"
+    # a MusicCaps-shaped decode step at 512 rows: 22 ms against a floor near 12 (matrix work and weight reads)
+    step paged_step_512 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 --kernels flex
+    step encoder_profile 180 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json"
     ;;
 fused_rest)
     # the second call after `fused`: a whole job, the engine alone with and without the joined projections (one slot
