@@ -23,6 +23,15 @@ from model.media.decoders import load_or_error
 from model.media.encoder import MediaEncoder
 
 
+def random_encoder(size: str) -> MediaEncoder:
+    """ImageBind of `size` with random weights, its unused towers dropped: bf16 on a GPU, fp32 on a CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        encoder = MediaEncoder(size)
+    encoder.drop_unused_towers()
+    return encoder.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
+
+
 def one_input(folder: Path, modality: str) -> torch.Tensor:
     """The encoder input of the catalog mix's first file of `modality`, decoded as a job decodes it."""
     data, _ = mix_rows(200, "catalog")
@@ -63,12 +72,8 @@ def main() -> None:
     parser.add_argument("--size", default="huge")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        encoder = MediaEncoder(args.size)
-    encoder.drop_unused_towers()
-    encoder.to(device, dtype)
+    encoder = random_encoder(args.size)
+    device = encoder.device.type
     folder = Path(tempfile.mkdtemp(prefix="dr_encoder_batch_"))
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size}
     for modality in ("audio", "image", "video"):

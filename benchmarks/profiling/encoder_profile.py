@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.profiling.encoder_batch import one_input
+from benchmarks.profiling.encoder_batch import one_input, random_encoder
 from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder, PatchProjection
 
 
@@ -140,12 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip the Inductor-compiled trunk")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        encoder = MediaEncoder(args.size)
-    encoder.drop_unused_towers()
-    encoder.to(device, dtype)
+    encoder = random_encoder(args.size)
+    device = encoder.device.type
     folder = Path(tempfile.mkdtemp(prefix="dr_encoder_profile_"))
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "size": args.size}
     for modality in args.kinds.split(","):
