@@ -49,9 +49,12 @@ fused)
     # tests of both, the decode step alone with and without the joined projections, where an encoder call's time goes
     step gpu_tests 130 pytest -q -x tests/test_gpu.py -k "engine or patch_projection"
     step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
+    # videos first: 15 clips a file through the vision tower, most of a catalog job's encoder time
+    step encoder_profile 150 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --kinds video
     # a MusicCaps-shaped decode step at 512 rows: 22 ms against a floor near 12 (matrix work and weight reads)
     step paged_step_512 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 --kernels flex
-    step encoder_profile 180 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json"
+    step encoder_profile_rest 120 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile_rest.json" \
+        --kinds audio,image
     ;;
 fused_rest)
     # the second call after `fused`: a whole job, the engine alone with and without the joined projections (one slot
