@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from model.config import GenerationConfig
+from model.config import IMAGEBIND_TINY, GenerationConfig
 from model.generate.base import generate, generate_ids
 from model.media.encoder import MediaEncoder, PatchProjection, imagebind_model_module
 from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
@@ -214,7 +214,7 @@ def test_half_precision_paths_run_and_track_float32(tiny_layout, dtype):
 def test_encoder_matches_stock_imagebind(tiny_layout):
     encoder = MediaEncoder.load(tiny_layout.imagebind)
     assert encoder.size == "tiny"
-    stock = imagebind_model_module().ImageBindModel(**__import__("model.config").config.IMAGEBIND_TINY).eval()
+    stock = imagebind_model_module().ImageBindModel(**IMAGEBIND_TINY).eval()
     stock.load_state_dict(torch.load(tiny_layout.imagebind, weights_only=True))
     audio, video = torch.randn(2, 3, 1, 128, 204), torch.randn(1, 15, 3, 2, 224, 224)
     image = torch.randn(2, 3, 224, 224)
@@ -248,7 +248,7 @@ def test_encoder_uses_the_patch_projection_under_imagebinds_key():
     encoder = MediaEncoder("tiny")
     stems = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv3d)]
     assert stems and all(isinstance(m, PatchProjection) for m in stems)
-    stock = imagebind_model_module().ImageBindModel(**__import__("model.config").config.IMAGEBIND_TINY)
+    stock = imagebind_model_module().ImageBindModel(**IMAGEBIND_TINY)
     assert set(encoder.imagebind.state_dict()) == set(stock.state_dict())
 
 
