@@ -51,7 +51,8 @@ fused)
     step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
     # videos first: 15 clips a file through the vision tower, most of a catalog job's encoder time
     step encoder_profile 150 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --kinds video
-    # a MusicCaps-shaped decode step at 512 rows: 22 ms against a floor near 12 (matrix work and weight reads)
+    # a MusicCaps-shaped decode step at 512 rows, its kernels: about 18.5 ms a step in the engine alone, against
+    # 15-17.5 ms of matrix work and attention block reads (benchmarks/README.md, Pending)
     step paged_step_512 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 --kernels flex
     step encoder_profile_rest 120 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile_rest.json" \
         --kinds audio,image
