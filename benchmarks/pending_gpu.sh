@@ -52,8 +52,10 @@ fused)
     # videos first: 15 clips a file through the vision tower, most of a catalog job's encoder time
     step encoder_profile 150 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --kinds video
     # a MusicCaps-shaped decode step at 512 rows, its kernels: about 18.5 ms a step in the engine alone, against
-    # 15-17.5 ms of matrix work and attention block reads (benchmarks/README.md, Pending)
-    step paged_step_512 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 --kernels flex
+    # 15-17.5 ms of matrix work and attention block reads (benchmarks/README.md, Pending); then with 32-position
+    # blocks, which would cut a short row's reads by a fifth (if FlexAttention's decoding kernel takes them)
+    step paged_step_512 130 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
+        --kernels flex,flex/32
     step encoder_profile_rest 120 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile_rest.json" \
         --kinds audio,image
     ;;
