@@ -37,11 +37,6 @@ class Joined(NamedTuple):
     sizes: tuple[int, ...]
 
 
-def product(joined: Joined, x: torch.Tensor) -> torch.Tensor:
-    """The joined linear layers' outputs for `x`, side by side in the last dimension."""
-    return F.linear(x, joined.weight, joined.bias)
-
-
 class Fused(NamedTuple):
     """One layer's joined products: query/key/value, gate/up."""
 
@@ -109,10 +104,12 @@ def run_layer(
     attn, mlp = layer.self_attn, layer.mlp
     # one view of the whole product into heads, then q, k and v split off it: views of its non-contiguous parts took
     # Dynamo longer to trace (benchmarks/results/2026-12-06-cpu-fused-layer-trace/)
-    qkv = product(fused.qkv, layer.input_layernorm(hidden)).view(*hidden.shape[:-1], -1, attn.head_dim)
+    qkv = F.linear(layer.input_layernorm(hidden), fused.qkv.weight, fused.qkv.bias)
+    qkv = qkv.view(*hidden.shape[:-1], -1, attn.head_dim)
     q, k, v = (t.transpose(1, 2) for t in qkv.split([n // attn.head_dim for n in fused.qkv.sizes], dim=-2))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     out, _ = slot_attention(attn, q, k, v, None, scaling=attn.scaling, **attention)
     hidden = hidden + attn.o_proj(out.reshape(*hidden.shape[:-1], -1).contiguous())
-    gate, up = product(fused.gate_up, layer.post_attention_layernorm(hidden)).split(fused.gate_up.sizes, dim=-1)
+    normed = layer.post_attention_layernorm(hidden)
+    gate, up = F.linear(normed, fused.gate_up.weight, fused.gate_up.bias).split(fused.gate_up.sizes, dim=-1)
     return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
