@@ -69,8 +69,7 @@ def bench_job(
         data, lengths = mix_rows(rows, mix)
         lengths = [min(n, budget) for n in lengths]
         write_media(work / "media", data, seconds)
-        longest = max(lengths) if mix == "musiccaps" else budget
-        gen = GenerationConfig(max_new_tokens=longest, do_sample=False, decoder=decoder)
+        gen = GenerationConfig(max_new_tokens=token_budget(mix, lengths, budget), do_sample=False, decoder=decoder)
         whole = whole_job(model, data, lengths, work, gen, batch, decoders=decoders)
         if decoders is not None:
             decoders.close()
@@ -87,7 +86,7 @@ def bench_job(
         report["mixes"][mix] = {
             "rows": rows,
             "useful_tokens": sum(lengths),
-            "max_new_tokens": longest,
+            "max_new_tokens": gen.max_new_tokens,
             "whole_job": whole,
             "whole_job_features_cached": cached,
             "engine_only": alone,
@@ -220,6 +219,13 @@ def pool_figures(engine) -> dict:
     if engine is None:
         return {}
     return {"pool_blocks": engine.book.blocks, "preempted": engine.preempted}
+
+
+def token_budget(mix: str, lengths: list[int], budget: int = 512) -> int:
+    """A mix's max_new_tokens: a MusicCaps-shaped job's own answer length (64: `dr infer` run with that budget), the
+    catalog's `budget` (its rows' answers vary up to it). It sets the engine's row width and pool, so every script
+    that times a mix uses it, and their processes load one another's compiled steps."""
+    return max(lengths) if mix == "musiccaps" else budget
 
 
 def _sync() -> None:

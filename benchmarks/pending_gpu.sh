@@ -3,7 +3,8 @@
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
 # prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
 # `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's
-# profile, then `fused_rest` (a job, the engine alone both ways, a second process). Carry the wheels in
+# profile, then `fused_rest` (a job, the engine alone both ways, a second process); `next`, then `next_rest`: 32-position
+# cache blocks against 64, whole jobs, a second process on the catalog mix. Carry the wheels in
 # .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
 # the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing
 # each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
@@ -23,8 +24,8 @@ patched() {
 # layers (COMPILE_PREFILL False)
 compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL_POSITIONS 0 "$@"; }  # a job of any size
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
-# the decoding processes at the job's own priority, as before 2026-12-06's fourth session
-nice0() { patched model.media.decoders.DECODER_NICE 0 "$@"; }
+# cache blocks of 32 positions instead of kv_cache.BLOCK's 64 (set before any module binds it)
+block32() { patched model.engine.kv_cache.BLOCK 32 "$@"; }
 # every layer as transformers' layer, q/k/v and gate/up projections apart (before 2026-12-06's sixth session)
 unfused() { patched model.engine.fused_layer.FUSE_PROJECTIONS False "$@"; }
 step() {
@@ -40,10 +41,30 @@ step() {
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
-export -f dr patched compiled_prefill eager_prefill nice0 unfused
+export -f dr patched compiled_prefill eager_prefill block32 unfused
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
+next)
+    # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
+    # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape, the long step's
+    # kernels both ways; the pool's budget with cached memory (tests/test_gpu.py)
+    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "budget or engine_job"
+    step engine 110 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
+    step paged_step_long 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
+        --kernels flex,flex/32
+    step engine_phases_long_eager_prefill 120 eager_prefill benchmarks.profiling.engine_phases \
+        "$OUT/engine_phases_long_eager_prefill.json" --prompts long --slots 512
+    ;;
+next_rest)
+    # the call after `next`: whole jobs, then a process on the catalog mix whose pool now matches the job's (its
+    # first rows: #25's 10 s), then the GPU tests and a job with 32-position blocks
+    step job 150 dr bench job --out "$OUT/job.json"
+    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    step gpu_tests_block32 120 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
+    step job_block32 150 block32 deepresonance_cli.app bench job --out "$OUT/job_block32.json"
+    ;;
 fused)
     # the decode step's joined projections (model/engine/fused_layer.py) and the encoder's patch projection: the GPU
     # tests of both, the decode step alone with and without the joined projections, where an encoder call's time goes
@@ -99,9 +120,7 @@ fresh)
     ;;&
 2 | rest)
     step engine 160 dr "${ENGINE[@]}" --out "$OUT/engine.json"
-    step musiccaps_nice0 80 nice0 deepresonance_cli.app bench job --mix musiccaps --out "$OUT/musiccaps_nice0.json"
     step phases_musiccaps 70 python3 benchmarks/profiling/job_phases.py "$OUT/phases_musiccaps.json"
-    step phases_musiccaps_nice0 70 nice0 benchmarks.profiling.job_phases "$OUT/phases_musiccaps_nice0.json"
     step engine_phases_long 120 compiled_prefill benchmarks.profiling.engine_phases "$OUT/engine_phases_long.json" \
         --prompts long --slots 512
     step engine_phases_long_eager_prefill 120 eager_prefill benchmarks.profiling.engine_phases \

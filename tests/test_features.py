@@ -455,15 +455,15 @@ def test_a_call_to_the_decoding_processes_returns_before_its_files_are_decoded(t
     decode.close()
 
 
-def test_decoding_processes_run_below_the_jobs_priority():
-    """The job's own thread (the engine's build and steps) comes before the decoding processes: each runs
-    DECODER_NICE steps nicer than the process that started it, with one intra-op thread."""
+def test_decoding_processes_run_one_intra_op_thread_at_the_jobs_priority():
+    """Each decoding process is one of many: one intra-op thread (not one per core each), and the job's own CPU
+    priority (a lower one slowed the engine's build beside them instead of speeding it)."""
     import model.media.decoders as decoders
 
     with decoders.DecodeProcesses(2) as decode:
         nice = [decode.pool.submit(os.nice, 0) for _ in range(4)]
         threads = [decode.pool.submit(torch.get_num_threads) for _ in range(4)]
-        assert {f.result() for f in nice} == {min(19, os.nice(0) + decoders.DECODER_NICE)}
+        assert {f.result() for f in nice} == {os.nice(0)}
         assert {f.result() for f in threads} == {1}
 
 

@@ -283,6 +283,21 @@ def test_compiled_paged_engine_grows_rows_across_blocks_and_preempts(tiny_layout
     assert engine.preempted > 0 and engine.book.available == 5
 
 
+def test_a_pools_budget_is_the_same_whatever_the_allocator_holds_cached():
+    """A pool is sized from the device's free memory, in which the allocator's cached blocks count as taken; 2 GiB
+    freed but still cached must not shrink the budget (a smaller pool is another compiled step)."""
+    from types import SimpleNamespace
+
+    from model.engine.sizing import memory_budget
+
+    model = SimpleNamespace(llama_model=SimpleNamespace(device=torch.device("cuda")))
+    before = memory_budget(model)
+    held = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    del held
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() >= 2 << 30  # cached, not given back
+    assert abs(memory_budget(model) - before) < 64 << 20
+
+
 def test_packed_prefill_attention_in_half_precision_equals_the_masked_reference():
     """The engine's packed prefill (prompts end to end, no padding) attends in bf16 through torch's variable-length
     flash attention; each prompt's output equals causal SDPA over that prompt alone, and a query never sees another

@@ -196,6 +196,36 @@ def test_jobs_on_other_datasets_size_to_the_same_compiled_shapes(model, monkeypa
     assert shapes == {(256, 1024, 704)}
 
 
+def test_memory_the_allocator_holds_cached_counts_as_free_when_a_pool_is_sized(monkeypatch):
+    """The device's free memory counts what PyTorch's allocator caches (a load's temporaries, an earlier engine's
+    pool) as taken. Two processes of one model whose allocators hold different amounts cached must get the same
+    budget, or their pools (a shape of the compiled step) differ and the second compiles its step anew."""
+    from types import SimpleNamespace
+
+    gib = 2**30
+
+    class Device:
+        """One device as cudaMemGetInfo sees it: 80 GiB, 15 GiB in tensors, `cached` more held by the allocator."""
+
+        def __init__(self, cached: int) -> None:
+            self.cached = cached
+
+        def mem_get_info(self, device=None) -> tuple[int, int]:
+            return 80 * gib - 15 * gib - self.cached, 80 * gib
+
+        def empty_cache(self) -> None:
+            self.cached = 0
+
+    model = SimpleNamespace(llama_model=SimpleNamespace(device=torch.device("cuda", 0)))
+    budgets = []
+    for cached in (0, 3 * gib):
+        device = Device(cached)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", device.mem_get_info)
+        monkeypatch.setattr(torch.cuda, "empty_cache", device.empty_cache)
+        budgets.append(sizing.memory_budget(model))
+    assert budgets == [int(65 * gib * sizing.MEMORY_SHARE)] * 2
+
+
 def test_prefills_are_spread_over_advances_while_rows_decode(model, monkeypatch):
     """With 60 prompt positions an advance while others decode, a refill of several rows goes in over several
     advances (one row each where one alone is over 60), the first fill of an idle engine is not held back, and the

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.job import engine_only, whole_job
+from benchmarks.job import engine_only, token_budget, whole_job
 from benchmarks.job_workload import MIXES, floor, job_model, mix_rows, write_media
 from benchmarks.workloads import MUSICCAPS_ROWS
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
@@ -178,7 +178,9 @@ def instrument(phases: Phases) -> None:
     journal.Journal.write = write
 
 
-def run_job(work: Path, data: list, lengths: list[int], tiny: bool, keep_features: bool, phases: Phases) -> dict:
+def run_job(
+    work: Path, data: list, lengths: list[int], mix: str, tiny: bool, keep_features: bool, phases: Phases
+) -> dict:
     """The job timed by `dr bench job`'s own code, with the phase timers installed and the GPU sampled. Its decoding
     processes start before the model's build, as `dr infer` starts them before its load (phases of theirs that began
     before the job's call have negative start times)."""
@@ -190,7 +192,7 @@ def run_job(work: Path, data: list, lengths: list[int], tiny: bool, keep_feature
     model = job_model(work, sizes, encoder_size, device)
     if not keep_features:
         shutil.rmtree(work / "features", ignore_errors=True)
-    gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else 512, do_sample=False)
+    gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else token_budget(mix, lengths), do_sample=False)
     with GpuBusy() as busy, ExitStack() as closing:
         if decoders is not None:
             closing.callback(decoders.close)
@@ -205,10 +207,10 @@ def run_job(work: Path, data: list, lengths: list[int], tiny: bool, keep_feature
     }
 
 
-def run_engine_only(work: Path, data: list, lengths: list[int], tiny: bool) -> dict:
+def run_engine_only(work: Path, data: list, lengths: list[int], mix: str, tiny: bool) -> dict:
     """The same rows' features (from the job's cache) straight through the engine: no media, no journal."""
     model = job_model(work, *SHAPES[tiny])
-    gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else 512, do_sample=False)
+    gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else token_budget(mix, lengths), do_sample=False)
     result = engine_only(model, data, lengths, work, gen, CUDA_SLOTS["job"])
     return {**result, "floor": floor(model, data, lengths, result["slots"])}
 
@@ -243,9 +245,9 @@ def main() -> None:
         lengths = [min(n, 12) for n in lengths]
     write_media(work / "media", data, args.seconds)
     if args.engine_only:
-        result = run_engine_only(work, data, lengths, args.tiny)
+        result = run_engine_only(work, data, lengths, args.mix, args.tiny)
     else:
-        result = run_job(work, data, lengths, args.tiny, args.keep_features, Phases())
+        result = run_job(work, data, lengths, args.mix, args.tiny, args.keep_features, Phases())
     result = {
         "tag": args.tag,
         "mix": args.mix,

@@ -47,10 +47,16 @@ def fits_slot(prompt_positions: int, max_new_tokens: int, length: int) -> bool:
 
 
 def memory_budget(model: DeepResonance) -> int | None:
-    """Bytes the cache's pool may use on CUDA (a share of free memory); None on CPU (no fixed bound)."""
+    """Bytes the cache's pool may use on CUDA (a share of free memory); None on CPU (no fixed bound).
+
+    The device's free memory counts what PyTorch's allocator holds cached but unused (a model load's temporaries, an
+    earlier engine's pool) as taken, and that differs from process to process: the cache is emptied first, so two
+    processes of one model size their pools alike (a pool of 1,536 blocks where another process had 1,600 compiled its
+    step anew: benchmarks/results/2026-12-07-h100-fused-encoder-jobs/)."""
     device = model.llama_model.device
     if device.type != "cuda":
         return None
+    torch.cuda.empty_cache()
     return int(torch.cuda.mem_get_info(device)[0] * MEMORY_SHARE)
 
 

@@ -41,11 +41,6 @@ PROCESSES_FROM = 256  # files a job must decode before processes pay for their s
 # (model/infer/job.py, FIRST_GROUP), about 0.5 s of ten-second wavs for one thread; a larger call waits for the pool
 # rather than hold the GIL for seconds while the job's main thread builds its engine
 CALLER_DECODES = 64
-# how much lower the decoding processes' CPU priority is than the job's (nice 0..19): the job's one host thread (the
-# engine's build, then its steps) must never queue behind them. With a process a core on a 16-core H100 host, the
-# engine's build took 8.4-9.4 s while they decoded beside it, against 5.0-7.9 s when they were still starting
-# (benchmarks/results/2026-12-06-h100-encoder-calls/); they still take every core the job leaves idle
-DECODER_NICE = 10
 
 
 def load_or_error(modality: str, path: str | Path) -> Decoded:
@@ -96,11 +91,12 @@ def in_threads(workers: int) -> Decode:
     return decode
 
 
-def _worker_setup(nice: int) -> None:
-    """Each decoding process: one intra-op thread (it is one of many: its ops must not each spread over every core),
-    and a priority `nice` steps below the job's own threads."""
+def _worker_setup() -> None:
+    """Each decoding process: one intra-op thread (it is one of many: its ops must not each spread over every core).
+    They run at the job's own CPU priority: at a lower one (nice 10) the engine's build beside them took 8.3 s
+    against 6.6 s and the first encoder call came 5.5 s later
+    (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/)."""
     torch.set_num_threads(1)
-    os.nice(nice)
 
 
 class DecodeProcesses:
@@ -117,9 +113,7 @@ class DecodeProcesses:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["model.media.preprocess"])  # imported once, then forked per worker
         self.workers = workers
-        self.pool = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_worker_setup, initargs=(DECODER_NICE,)
-        )
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup)
         self.starting = threading.Thread(target=self._start, name="dr-decoders", daemon=True)
         self.starting.start()
 
