@@ -2,9 +2,9 @@
 product and its gate and up projections as another (vLLM's QKVParallelLinear and MergedColumnParallelLinear, gpt-fast's
 wqkv). A decode step at one row is a matrix-vector pass over every weight: the model's separate products, chained in a
 CUDA graph, read their weights at 2.36-2.43 TB/s of an H100's 3.35 (benchmarks/README.md, targets), and a
-4096 x 12288 product needs one launch and one pass where three 4096 x 4096 ones need three. At 512 rows the engine
-alone ran as fast as before (benchmarks/results/2026-12-06-h100-fresh-jobs/); one slot, where it should count, is not
-timed yet (`benchmarks/pending_gpu.sh fused`).
+4096 x 12288 product needs one launch and one pass where three 4096 x 4096 ones need three. On an H100 one slot's step
+took 5.84 ms against 6.26 (the engine alone 163.8 tok/s against 152.4); at 512 rows, where a step is matrix work and
+cache reads, nothing changed (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/).
 
 The joined weights are the model's own: each projection's weight becomes a view into them, so the model's memory
 does not grow and transformers' layers (the engine's prefills, `generate`) read the same numbers.
