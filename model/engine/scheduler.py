@@ -99,8 +99,7 @@ class Engine:
         longest row, so no row is ever preempted); rows are admitted while their blocks fit, and when a growing row
         finds the pool empty the youngest row is preempted: its blocks freed, the row queued again in front, to be
         decoded afresh (greedy and sampled ids do not depend on when a row runs)."""
-        self.model = model
-        self.llm = model.llama_model
+        self.model, self.llm = model, model.llama_model
         self.lm = self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
         device, on_cuda = model.device, model.device.type == "cuda"
         self.rule = StopRule.of(model.tokenizer)
@@ -305,9 +304,8 @@ class Engine:
     def _grow(self) -> None:
         """Gives each decoding row the blocks its next `sync_every` steps write; where the pool is short, the youngest
         rows are preempted until it is not."""
-        for s in sorted(
-            (s for s, row in enumerate(self.rows) if row is not None), key=lambda s: self.rows[s].filled_at
-        ):
+        active = [s for s, row in enumerate(self.rows) if row is not None]
+        for s in sorted(active, key=lambda s: self.rows[s].filled_at):
             row = self.rows[s]
             if row is None or row.steps_left <= 0:
                 continue

@@ -49,9 +49,9 @@ class PatchProjection(nn.Conv3d):
     what it is, one matrix product over the flattened, non-overlapping patches. cuDNN's kernels for such convolutions
     are slow on several torch/cuDNN versions (vLLM and transformers swap them for a linear layer the same way): on an
     H100 the stem of a 16-video call took 6.86 ms as cuDNN's Conv3d, 0.49 ms as this product
-    (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/). The weight keeps
-    the Conv3d's name and shape, so ImageBind checkpoints load unchanged. On a CPU the convolution stays: oneDNN's
-    was 7x faster there than the patches' permuted copy (tiny encoder, 2 cores)."""
+    (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/). The weight keeps the Conv3d's name and shape, so
+    ImageBind checkpoints load unchanged. On a CPU the convolution stays: oneDNN's was 7x faster there than the
+    patches' permuted copy (tiny encoder, 2 cores)."""
 
     @classmethod
     def replacing(cls, conv: nn.Conv3d) -> PatchProjection:
