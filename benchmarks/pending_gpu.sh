@@ -48,8 +48,8 @@ case ${1:-1} in
 next)
     # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
     # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape, the long step's
-    # kernels both ways; the pool's budget with cached memory (tests/test_gpu.py)
-    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "budget or engine_job"
+    # kernels both ways; the pool's budget with cached memory and the batch-first encoder trunks (tests/test_gpu.py)
+    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "budget or engine_job or stock_imagebind"
     step engine 110 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
     step paged_step_long 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
@@ -58,17 +58,20 @@ next)
         "$OUT/engine_phases_long_eager_prefill.json" --prompts long --slots 512
     ;;
 next_rest)
-    # the call after `next`: whole jobs, then a process on the catalog mix whose pool now matches the job's (its
-    # first rows: #25's 10 s), then the GPU tests and a job with 32-position blocks
+    # the call after `next`: whole jobs, the encoder's trunk batch-first against ImageBind's seq-first layout, a
+    # process on the catalog mix whose pool now matches the job's (its first rows: #25's 10 s), then a job and the
+    # GPU tests with 32-position blocks
     step job 150 dr bench job --out "$OUT/job.json"
+    step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
+        --kinds video,image,audio
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step gpu_tests_block32 120 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
     step job_block32 150 block32 deepresonance_cli.app bench job --out "$OUT/job_block32.json"
+    step gpu_tests_block32 100 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
     ;;
 fused)
     # the decode step's joined projections (model/engine/fused_layer.py) and the encoder's patch projection: the GPU
     # tests of both, the decode step alone with and without the joined projections, where an encoder call's time goes
-    step gpu_tests 130 pytest -q -x tests/test_gpu.py -k "engine or patch_projection"
+    step gpu_tests 130 pytest -q -x tests/test_gpu.py -k "engine or stock_imagebind"
     step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
     # videos first: 15 clips a file through the vision tower, most of a catalog job's encoder time
     step encoder_profile 150 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --kinds video

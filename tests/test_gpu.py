@@ -355,8 +355,10 @@ def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-def test_encoders_patch_projection_on_the_gpu_equals_stock_imagebind(tiny_layout, monkeypatch):
-    """On CUDA the vision stem runs as a matrix product instead of cuDNN's Conv3d: same features as the stock model."""
+def test_encoders_fast_paths_on_the_gpu_equal_stock_imagebind(tiny_layout, monkeypatch):
+    """On CUDA the vision stem runs as a matrix product instead of cuDNN's Conv3d and the trunks batch-first through
+    scaled_dot_product_attention on strided views (the audio tower's learned key and value included): same features
+    as the stock model."""
     from model.config import IMAGEBIND_TINY
     from model.media.encoder import MediaEncoder, imagebind_model_module
 
@@ -366,6 +368,10 @@ def test_encoders_patch_projection_on_the_gpu_equals_stock_imagebind(tiny_layout
     stock.load_state_dict(torch.load(tiny_layout.imagebind, weights_only=True))
     stock.cuda()
     video, image = torch.randn(2, 15, 3, 2, 224, 224).cuda(), torch.randn(3, 3, 224, 224).cuda()
+    audio = torch.randn(2, 3, 1, 128, 204).cuda()
+    close = {"rtol": 1e-4, "atol": 1e-5}  # kernels that sum in another order, in fp32
     with torch.no_grad():
-        torch.testing.assert_close(encoder("video", video).mean(dim=1), stock({"vision": video})["vision"])
-        torch.testing.assert_close(encoder("image", image)[:, 0], stock({"vision": image})["vision"])
+        torch.testing.assert_close(encoder("video", video).mean(dim=1), stock({"vision": video})["vision"], **close)
+        torch.testing.assert_close(encoder("image", image)[:, 0], stock({"vision": image})["vision"], **close)
+        # stock audio: the mean over clips of unit-norm embeddings times a fixed logit scale of 20
+        torch.testing.assert_close(encoder("audio", audio).mean(dim=1) * 20, stock({"audio": audio})["audio"], **close)

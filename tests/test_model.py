@@ -9,7 +9,7 @@ import torch
 
 from model.config import IMAGEBIND_TINY, GenerationConfig
 from model.generate.base import generate, generate_ids
-from model.media.encoder import MediaEncoder, PatchProjection, imagebind_model_module
+from model.media.encoder import BatchFirstAttention, MediaEncoder, PatchProjection, imagebind_model_module
 from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
 from model.network.deepresonance import Example
 
@@ -244,10 +244,30 @@ def test_patch_projection_is_the_convolution(bias):
     assert not PatchProjection.applies_to(torch.nn.Conv2d(3, 8, 14, stride=14))
 
 
-def test_encoder_uses_the_patch_projection_under_imagebinds_key():
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+def test_batch_first_attention_is_the_stock_module_on_the_other_layout(add_bias_kv):
+    """nn.MultiheadAttention over [positions, batch, width] (ImageBind's call: the input as query, key and value, no
+    mask) against BatchFirstAttention over the same parameters and the same input transposed."""
+    torch.manual_seed(0)
+    stock = torch.nn.MultiheadAttention(24, 4, add_bias_kv=add_bias_kv).eval()
+    if add_bias_kv:
+        assert stock.bias_k.abs().sum() > 0  # a learned position that changes the answer
+    attention = BatchFirstAttention.replacing(stock)
+    assert attention.in_proj_weight is stock.in_proj_weight and attention.out_proj is stock.out_proj
+    x = torch.randn(7, 3, 24)
+    with torch.no_grad():
+        want = stock(x, x, x, need_weights=False)[0]
+        torch.testing.assert_close(attention(x.transpose(0, 1)), want.transpose(0, 1))
+    with pytest.raises(ValueError, match="not ImageBind's self-attention"):
+        BatchFirstAttention.replacing(torch.nn.MultiheadAttention(24, 4, batch_first=True))
+
+
+def test_encoder_uses_the_patch_projection_and_batch_first_trunks_under_imagebinds_keys():
     encoder = MediaEncoder("tiny")
     stems = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv3d)]
     assert stems and all(isinstance(m, PatchProjection) for m in stems)
+    for key in ("audio", "vision"):
+        assert all(isinstance(b.attn, BatchFirstAttention) for b in encoder.imagebind.modality_trunks[key].blocks)
     stock = imagebind_model_module().ImageBindModel(**IMAGEBIND_TINY)
     assert set(encoder.imagebind.state_dict()) == set(stock.state_dict())
 

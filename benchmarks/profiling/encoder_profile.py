@@ -1,6 +1,7 @@
 """Where an ImageBind call's device time goes, per kind, at a job's call size (CALL_FILES): the preprocessor (the
 patch or fbank stem), the trunk and the head, timed apart; the heaviest kernels under torch.profiler; and the trunk
-compiled by Inductor against eager (files/s, and how far its features move in bf16); for images and videos, the
+compiled by Inductor against eager (files/s, and how far its features move in bf16); the trunk batch-first
+(BatchFirstAttention, dr's) against ImageBind's own seq-first trunk over the same weights; for images and videos, the
 patch stem's projection as cuDNN's Conv3d (ImageBind's own) against PatchProjection's matrix product.
 
 The catalog mix's encoder took 7.4 s of a 21.7 s whole job on an H100 at about 350 TFLOP/s of ViT-H work for
@@ -13,6 +14,7 @@ something around it, before anything is changed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.profiling.encoder_batch import one_input, random_encoder
-from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder, PatchProjection
+from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder, PatchProjection, imagebind_model_module
 
 
 def parts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
@@ -54,6 +57,40 @@ def stem_projections(encoder: MediaEncoder, inputs: torch.Tensor, repeats: int) 
     want = F.conv3d(x, projection.weight, projection.bias, projection.stride)
     diff = (want - projection.patch_product(x)).abs().max()
     return {"conv3d_ms": round(conv, 3), "patch_projection_ms": round(linear, 3), "max_abs_diff": float(diff)}
+
+
+def seq_first_trunk(trunk: nn.Module) -> nn.Module:
+    """A copy of a batch-first trunk (model/media/encoder.py's use_batch_first_trunks) as ImageBind builds it: its
+    rearrangements to and from [positions, batch, width] and nn.MultiheadAttention over the same weights."""
+    ib = imagebind_model_module()
+    stock = copy.deepcopy(trunk)
+    stock.pre_transformer_layer[-1] = ib.EinOpsRearrange("b l d -> l b d")
+    stock.post_transformer_layer = ib.EinOpsRearrange("l b d -> b l d")
+    for block in stock.blocks:
+        attn = block.attn
+        block.attn = ib.MultiheadAttention(
+            attn.embed_dim, attn.num_heads, bias=True, add_bias_kv=attn.bias_k is not None, device="meta"
+        )
+        block.attn.in_proj_weight, block.attn.in_proj_bias = attn.in_proj_weight, attn.in_proj_bias
+        block.attn.out_proj, block.attn.bias_k, block.attn.bias_v = attn.out_proj, attn.bias_k, attn.bias_v
+    return stock
+
+
+def trunk_layouts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor, repeats: int) -> dict:
+    """The trunk alone on a call's tokens: ImageBind's seq-first layout against dr's batch-first one."""
+    key = IMAGEBIND_MODALITY[modality]
+    ib = encoder.imagebind
+    x = inputs.to(encoder.device, encoder.dtype)
+    if x.ndim >= 5 and modality != "image":
+        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    tokens = ib.modality_preprocessors[key](**{key: x})["trunk"]
+    ours, stock = ib.modality_trunks[key], seq_first_trunk(ib.modality_trunks[key])
+    diff = (ours(**tokens).float() - stock(**tokens).float()).abs().max()
+    return {
+        "seq_first_ms": round(device_ms(lambda: stock(**tokens), repeats), 2),
+        "batch_first_ms": round(device_ms(lambda: ours(**tokens), repeats), 2),
+        "max_abs_diff": float(diff),
+    }
 
 
 def device_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -109,6 +146,7 @@ def profile_kind(encoder: MediaEncoder, modality: str, x: torch.Tensor, repeats:
         "files_per_s": round(files / whole * 1000, 1),
         "top_kernels": top_kernels(lambda: encoder(modality, inputs)),
     }
+    entry["trunk_layout"] = trunk_layouts(encoder, modality, inputs, repeats)
     if IMAGEBIND_MODALITY[modality] == "vision":
         entry["stem_projection"] = stem_projections(encoder, inputs, repeats)
     if compile_trunk:

@@ -91,6 +91,53 @@ def use_patch_projections(module: nn.Module) -> None:
                 setattr(parent, name, PatchProjection.replacing(child))
 
 
+class BatchFirstAttention(nn.MultiheadAttention):
+    """ImageBind's self-attention (nn.MultiheadAttention over [positions, batch, width], no mask) computed over
+    [batch, positions, width]: q, k and v are strided views of one projection, handed to scaled_dot_product_attention
+    as they are, and its output is already in the layout the out projection reads. The stock module's seq-first layout
+    costs its trunk a copy of the projections, one of the output and the layer norms' copies of permuted inputs every
+    layer: 97 copies, 34 ms of a 207 ms video call on an H100
+    (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/). Same parameters, so checkpoints load unchanged."""
+
+    @classmethod
+    def replacing(cls, attn: nn.MultiheadAttention) -> BatchFirstAttention:
+        """A BatchFirstAttention holding `attn`'s own parameters (no copy)."""
+        if not attn._qkv_same_embed_dim or attn.add_zero_attn or attn.dropout or attn.batch_first:
+            raise ValueError(f"not ImageBind's self-attention: {attn}")
+        add_bias_kv = attn.bias_k is not None
+        out = cls(attn.embed_dim, attn.num_heads, add_bias_kv=add_bias_kv, device="meta")
+        out.in_proj_weight, out.in_proj_bias, out.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
+        out.bias_k, out.bias_v = attn.bias_k, attn.bias_v
+        return out
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if attn_mask is not None:
+            raise ValueError("BatchFirstAttention takes no attention mask (the audio and vision trunks have none)")
+        batch, positions, width = x.shape
+        heads, size = self.num_heads, width // self.num_heads
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, positions, 3, heads, size).unbind(2)
+        if self.bias_k is not None:  # one learned key and value position after the others (the audio tower's)
+            k = torch.cat([k, self.bias_k.view(1, 1, heads, size).expand(batch, 1, heads, size)], 1)
+            v = torch.cat([v, self.bias_v.view(1, 1, heads, size).expand(batch, 1, heads, size)], 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, positions, width))
+
+
+def use_batch_first_trunks(imagebind: nn.Module, modalities: tuple[str, ...] = ("audio", "vision")) -> None:
+    """Run the trunks of `modalities` over [batch, positions, width] throughout: their layouts' rearrangements
+    dropped, each block's attention a BatchFirstAttention over the same parameters (the blocks' layer norms and
+    MLPs work on any layout)."""
+    rearrange = imagebind_model_module().EinOpsRearrange
+    for key in modalities:
+        trunk = imagebind.modality_trunks[key]
+        pre, post = trunk.pre_transformer_layer, trunk.post_transformer_layer
+        if not (isinstance(pre, nn.Sequential) and isinstance(pre[-1], rearrange) and isinstance(post, rearrange)):
+            raise ValueError(f"the {key} trunk is not ImageBind's seq-first SimpleTransformer")
+        pre[-1], trunk.post_transformer_layer = nn.Identity(), nn.Identity()
+        for block in trunk.blocks:
+            block.attn = BatchFirstAttention.replacing(block.attn)
+
+
 class NonFiniteFeatures(ValueError):
     """The encoder computed NaN or Inf for some items of a batch (`items`, 0-based); `features` holds the whole
     batch's output, so a caller can keep the items that are finite. Such features must never reach a prompt or a
@@ -115,6 +162,7 @@ class MediaEncoder(nn.Module):
         self.size = size
         self.imagebind = imagebind_model_module().ImageBindModel(**ENCODER_SIZES[size])
         use_patch_projections(self.imagebind)
+        use_batch_first_trunks(self.imagebind)
         self.out_dim = ENCODER_SIZES[size]["out_embed_dim"]
         self.fingerprint = f"imagebind-{size}-random-{id(self):x}"
         self._source: dict[str, str | int] | None = None  # see weights_file
