@@ -3,11 +3,12 @@
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
 # prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
 # `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's
-# profile, then `fused_rest` (a job, the engine alone both ways, a second process); `next`, then `next_rest`: 32-position
-# cache blocks against 64, whole jobs, a second process on the catalog mix. Carry the wheels in
-# .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past
-# the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing
-# each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
+# profile, then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs
+# with the engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the
+# catalog mix; 32-position cache blocks against 64. Carry the wheels in .whl (the device's README). Each step has a
+# time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or the second
+# argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of
+# them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
@@ -45,27 +46,28 @@ export -f dr patched compiled_prefill eager_prefill block32 unfused
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
-next)
+jobs)
+    # whole jobs with the engine on a high-priority stream (model/infer/job.py HIGH_PRIORITY_ENGINE) against the
+    # same job with the engine on the default stream; the encoder's trunk batch-first against ImageBind's seq-first
+    # layout; a process on the catalog mix whose pool now matches the job's (its first rows: #25's 10 s). First the
+    # GPU tests of the three changes
+    step gpu_tests 80 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
+    step job 150 dr bench job --out "$OUT/job.json"
+    step job_same_priority 110 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench job \
+        --mix catalog --out "$OUT/job_same_priority.json"
+    step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
+        --kinds video,image,audio
+    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    ;;
+blocks)
     # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
-    # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape, the long step's
-    # kernels both ways; the pool's budget with cached memory and the batch-first encoder trunks (tests/test_gpu.py)
-    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "budget or engine_job or stock_imagebind"
+    # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape (one slot
+    # included), the long step's kernels both ways, the GPU tests with 32-position blocks
+    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "engine_job"
     step engine 110 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
     step paged_step_long 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
         --kernels flex,flex/32
-    step engine_phases_long_eager_prefill 120 eager_prefill benchmarks.profiling.engine_phases \
-        "$OUT/engine_phases_long_eager_prefill.json" --prompts long --slots 512
-    ;;
-next_rest)
-    # the call after `next`: whole jobs, the encoder's trunk batch-first against ImageBind's seq-first layout, a
-    # process on the catalog mix whose pool now matches the job's (its first rows: #25's 10 s), then a job and the
-    # GPU tests with 32-position blocks
-    step job 150 dr bench job --out "$OUT/job.json"
-    step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
-        --kinds video,image,audio
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step job_block32 150 block32 deepresonance_cli.app bench job --out "$OUT/job_block32.json"
     step gpu_tests_block32 100 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
     ;;
 fused)

@@ -63,6 +63,11 @@ HANDOFF = 2
 # start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is
 # built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
 FIRST_GROUP = 64
+# the engine's kernels on a CUDA stream of the highest priority, the loader's encoder calls on one of the default
+# priority: the device's block scheduler then runs a decode step's kernels as soon as blocks free up instead of behind
+# a whole encoder call's queued kernels, and the encoder fills the device's gaps between steps (a catalog-shaped job on
+# an H100 took 21 s where its engine alone took 12.4 s, with features cached 13.8, and its encoding is about 4.6 s)
+HIGH_PRIORITY_ENGINE = True
 Gate = threading.Semaphore | None
 
 
@@ -272,32 +277,48 @@ def decode_rows(
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
     if size is not None:
-        slots, length, blocks = size
-        engine = Engine(
-            model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), blocks=blocks,
-            compile_prefill=compile_prefill,
-        )  # fmt: skip
-        log.info(
-            "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
-            engine.slots, engine.length, engine.book.blocks, engine.book.block,
-        )  # fmt: skip
-        media.busy = lambda: engine.pending > 0  # the engine decodes while the next group loads
-
-        def requests() -> Iterator[Request | object]:
-            for group in ready():
-                if group is WAIT:
-                    yield group
-                    continue
-                for r, m in group:
-                    yield Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
-
-        for ended in engine.run(requests()):
-            finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
+        ahead = model.device.type == "cuda" and HIGH_PRIORITY_ENGINE
+        with torch.cuda.stream(torch.cuda.Stream(model.device, priority=-1) if ahead else None):
+            engine_rows(model, size, gen, media, ready(), finish, compile_prefill)
         return
     log.info("decoder: %s", gen.decoder)
     for group in ready():  # WAIT never comes: nothing else is busy
         answers = generate(model, [Example(r.input, r.instruction, m) for r, m in group], gen) if group else []
         finish([entry(r, answer=a) for (r, _), a in zip(group, answers, strict=True)])
+
+
+def engine_rows(
+    model: DeepResonance,
+    size: tuple[int, int, int | None],
+    gen: GenerationConfig,
+    media: Prefetch,
+    groups: Iterator[list[tuple[Row, list]] | object],
+    finish: Callable[[list[dict]], None],
+    compile_prefill: bool | None,
+) -> None:
+    """The loaded `groups` (or WAIT) through an engine of `size` built on the current stream, each row passed to
+    `finish` as it ends."""
+    slots, length, blocks = size
+    engine = Engine(
+        model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), blocks=blocks,
+        compile_prefill=compile_prefill,
+    )  # fmt: skip
+    log.info(
+        "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
+        engine.slots, engine.length, engine.book.blocks, engine.book.block,
+    )  # fmt: skip
+    media.busy = lambda: engine.pending > 0  # the engine decodes while the next group loads
+
+    def requests() -> Iterator[Request | object]:
+        for group in groups:
+            if group is WAIT:
+                yield group
+                continue
+            for r, m in group:
+                yield Request(r, Example(r.input, r.instruction, m), gen, row_key(gen.seed, r.id, r.instruction))
+
+    for ended in engine.run(requests()):
+        finish([entry(u.handle, model.answer(u.ids), u.error) for u in ended])
 
 
 def entry(row: Row, answer: str | None = None, error: str | None = None) -> dict:
