@@ -47,24 +47,25 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 jobs)
-    # whole jobs with the engine on a high-priority stream (model/infer/job.py HIGH_PRIORITY_ENGINE) against the
-    # same job with the engine on the default stream; the encoder's trunk batch-first against ImageBind's seq-first
-    # layout; a process on the catalog mix whose pool now matches the job's (its first rows: #25's 10 s). First the
-    # GPU tests of the three changes
+    # whole jobs with the engine on a high-priority stream (model/infer/job.py HIGH_PRIORITY_ENGINE): both mixes (on
+    # a fresh machine the first process compiles its steps), then the catalog mix warm with the engine on the default
+    # stream and on the high-priority one; the encoder's trunk batch-first against ImageBind's seq-first layout. First
+    # the GPU tests of the three changes
     step gpu_tests 80 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
     step job 150 dr bench job --out "$OUT/job.json"
-    step job_same_priority 110 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench job \
-        --mix catalog --out "$OUT/job_same_priority.json"
+    step catalog_same_priority 110 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench \
+        job --mix catalog --out "$OUT/catalog_same_priority.json"
+    step catalog 110 dr bench job --mix catalog --out "$OUT/catalog.json"
     step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,image,audio
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
 blocks)
     # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
     # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape (one slot
-    # included), the long step's kernels both ways, the GPU tests with 32-position blocks
-    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k "engine_job"
-    step engine 110 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    # included), the long step's kernels both ways, the GPU tests with 32-position blocks; first a process on the
+    # catalog mix whose pool now matches the job's (its first rows: #25's 10 s)
+    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    step engine 150 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
     step paged_step_long 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
         --kernels flex,flex/32
