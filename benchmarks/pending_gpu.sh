@@ -5,7 +5,7 @@
 # `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's
 # profile, then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs
 # with the engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the
-# catalog mix; 32-position cache blocks against 64. Carry the wheels in .whl (the device's README). Each step has a
+# catalog mix (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64. Carry the wheels in .whl (the device's README). Each step has a
 # time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or the second
 # argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of
 # them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
@@ -58,6 +58,17 @@ jobs)
     step catalog 110 dr bench job --mix catalog --out "$OUT/catalog.json"
     step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,image,audio
+    ;;
+jobs_small)
+    # `jobs` in less device time, the catalog mix alone: its first process compiles the steps (cold), then a warm
+    # process with the engine's stream at the highest priority and one on the default stream; the encoder's layouts
+    step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
+    step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
+    step catalog 85 dr bench job --mix catalog --out "$OUT/catalog.json"
+    step catalog_same_priority 85 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench \
+        job --mix catalog --out "$OUT/catalog_same_priority.json"
+    step encoder_profile 60 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
+        --kinds video,audio --repeats 3
     ;;
 blocks)
     # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
