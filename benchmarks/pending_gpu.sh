@@ -2,13 +2,13 @@
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
 # `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
 # prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
-# `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's
-# profile, then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs
-# with the engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the
-# catalog mix (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64. Carry the wheels in .whl (the device's README). Each step has a
-# time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or the second
-# argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of
-# them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
+# `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's profile,
+# then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs with the
+# engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the catalog mix
+# (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64. Carry the wheels in .whl (the device's
+# README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit
+# (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt
+# timing each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
