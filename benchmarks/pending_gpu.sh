@@ -60,10 +60,12 @@ jobs)
         --kinds video,image,audio
     ;;
 jobs_small)
-    # `jobs` in less device time, the catalog mix alone: its first process compiles the steps (cold), then a warm
-    # process with the engine's stream at the highest priority and one on the default stream; the encoder's layouts
+    # `jobs` in less device time, the catalog mix alone: its first process compiles the steps (cold, the engine on
+    # the default stream), then a warm process with the engine's stream at the highest priority and one on the default
+    # stream; the encoder's layouts
     step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
+    step catalog_cold 110 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench job \
+        --mix catalog --out "$OUT/catalog_cold.json"
     step catalog 85 dr bench job --mix catalog --out "$OUT/catalog.json"
     step catalog_same_priority 85 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench \
         job --mix catalog --out "$OUT/catalog_same_priority.json"
