@@ -27,6 +27,8 @@ compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL_POSITIONS
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # cache blocks of 32 positions instead of kv_cache.BLOCK's 64 (set before any module binds it)
 block32() { patched model.engine.kv_cache.BLOCK 32 "$@"; }
+# a job's engine on a CUDA stream of the highest priority (model/infer/job.py HIGH_PRIORITY_ENGINE, off by default)
+high_priority() { patched model.infer.job.HIGH_PRIORITY_ENGINE True "$@"; }
 # every layer as transformers' layer, q/k/v and gate/up projections apart (before 2026-12-06's sixth session)
 unfused() { patched model.engine.fused_layer.FUSE_PROJECTIONS False "$@"; }
 step() {
@@ -42,7 +44,7 @@ step() {
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
-export -f dr patched compiled_prefill eager_prefill block32 unfused
+export -f dr patched compiled_prefill eager_prefill block32 high_priority unfused
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
@@ -52,10 +54,9 @@ jobs)
     # stream and on the high-priority one; the encoder's trunk batch-first against ImageBind's seq-first layout. First
     # the GPU tests of the three changes
     step gpu_tests 80 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step job 150 dr bench job --out "$OUT/job.json"
-    step catalog_same_priority 110 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench \
-        job --mix catalog --out "$OUT/catalog_same_priority.json"
-    step catalog 110 dr bench job --mix catalog --out "$OUT/catalog.json"
+    step job 150 high_priority deepresonance_cli.app bench job --out "$OUT/job.json"
+    step catalog_same_priority 110 dr bench job --mix catalog --out "$OUT/catalog_same_priority.json"
+    step catalog 110 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
     step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,image,audio
     ;;
@@ -64,11 +65,9 @@ jobs_small)
     # the default stream), then a warm process with the engine's stream at the highest priority and one on the default
     # stream; the encoder's layouts
     step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step catalog_cold 110 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench job \
-        --mix catalog --out "$OUT/catalog_cold.json"
-    step catalog 85 dr bench job --mix catalog --out "$OUT/catalog.json"
-    step catalog_same_priority 85 patched model.infer.job.HIGH_PRIORITY_ENGINE False deepresonance_cli.app bench \
-        job --mix catalog --out "$OUT/catalog_same_priority.json"
+    step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
+    step catalog 85 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
+    step catalog_same_priority 85 dr bench job --mix catalog --out "$OUT/catalog_same_priority.json"
     step encoder_profile 60 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,audio --repeats 3
     ;;

@@ -242,8 +242,9 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
 def test_a_jobs_media_load_on_a_stream_of_their_own_and_its_engine_on_one_of_higher_priority(
     tiny_layout, tmp_path, monkeypatch
 ):
-    """The job's loader encodes on its own CUDA stream, not between the engine's steps on the default one; the engine
-    is built and decodes on a stream whose priority is above the loader's (a lower number is a higher priority)."""
+    """The job's loader encodes on its own CUDA stream, not between the engine's steps on the default one; with
+    HIGH_PRIORITY_ENGINE the engine is built and decodes on a stream whose priority is above the loader's (a lower
+    number is a higher priority)."""
     from synth import make_row, write_dataset, write_wav
 
     import model.infer.job as inference
@@ -269,6 +270,7 @@ def test_a_jobs_media_load_on_a_stream_of_their_own_and_its_engine_on_one_of_hig
 
     monkeypatch.setattr(inference, "encode_media", encode_media)
     monkeypatch.setattr(inference, "Engine", Engine)
+    monkeypatch.setattr(inference, "HIGH_PRIORITY_ENGINE", True)
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind, device="cuda")
     gen = GenerationConfig(max_new_tokens=4, do_sample=False)
     assert inference.run_inference(model, rows, tmp_path / "data", tmp_path / "r.json", gen, 2).answered == 3

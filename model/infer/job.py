@@ -64,10 +64,12 @@ HANDOFF = 2
 # built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
 FIRST_GROUP = 64
 # the engine's kernels on a CUDA stream of the highest priority, the loader's encoder calls on one of the default
-# priority: the device's block scheduler then runs a decode step's kernels as soon as blocks free up instead of behind
-# a whole encoder call's queued kernels, and the encoder fills the device's gaps between steps (a catalog-shaped job on
-# an H100 took 21 s where its engine alone took 12.4 s, with features cached 13.8, and its encoding is about 4.6 s)
-HIGH_PRIORITY_ENGINE = True
+# priority: the device's block scheduler would then run a decode step's kernels as soon as blocks free up instead of
+# behind a whole encoder call's queued kernels, and the encoder would fill the gaps between steps (a catalog-shaped job
+# on an H100 took 21 s where its engine alone took 12.4 s, with features cached 13.8, its encoding about 4.6 s). Off
+# until timed on a GPU (benchmarks/README.md, Pending): an encoder held back to the gaps of a young job's narrow steps
+# could leave the engine short of rows, as the decoding processes' lower CPU priority slowed jobs down
+HIGH_PRIORITY_ENGINE = False
 Gate = threading.Semaphore | None
 
 

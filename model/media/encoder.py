@@ -94,10 +94,11 @@ def use_patch_projections(module: nn.Module) -> None:
 class BatchFirstAttention(nn.MultiheadAttention):
     """ImageBind's self-attention (nn.MultiheadAttention over [positions, batch, width], no mask) computed over
     [batch, positions, width]: q, k and v are strided views of one projection, handed to scaled_dot_product_attention
-    as they are, and its output is already in the layout the out projection reads. The stock module's seq-first layout
-    costs its trunk a copy of the projections, one of the output and the layer norms' copies of permuted inputs every
-    layer: 97 copies, 34 ms of a 207 ms video call on an H100
-    (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/). Same parameters, so checkpoints load unchanged."""
+    as they are, and its output is already in the layout the out projection reads. The stock module rearranges its
+    projections and its output: on an H100, 97 copies took 34 ms of a 207 ms video call
+    (benchmarks/results/2026-12-07-h100-fused-encoder-jobs/); on a CPU this trunk makes 3 copies fewer in a one-block
+    trunk (torch.profiler, tiny encoder). Not yet timed on a GPU (benchmarks/README.md, Pending). Same parameters, so
+    checkpoints load unchanged."""
 
     @classmethod
     def replacing(cls, attn: nn.MultiheadAttention) -> BatchFirstAttention:
