@@ -30,13 +30,20 @@ from benchmarks.profiling.encoder_batch import one_input, random_encoder
 from model.media.encoder import CALL_FILES, IMAGEBIND_MODALITY, MediaEncoder, PatchProjection, imagebind_model_module
 
 
+def stem_inputs(encoder: MediaEncoder, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+    """A call's inputs as MediaEncoder hands them to the preprocessor: on its device, in its dtype, clips folded into
+    the batch."""
+    x = inputs.to(encoder.device, encoder.dtype)
+    if x.ndim >= 5 and modality != "image":
+        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    return x
+
+
 def parts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
     """The call's three stages as closures over the previous stage's output, in the order MediaEncoder runs them."""
     key = IMAGEBIND_MODALITY[modality]
     ib = encoder.imagebind
-    x = inputs.to(encoder.device, encoder.dtype)
-    if x.ndim >= 5 and modality != "image":
-        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+    x = stem_inputs(encoder, modality, inputs)
     tokens = ib.modality_preprocessors[key](**{key: x})
     features = ib.modality_trunks[key](**tokens["trunk"])
     return [
@@ -80,10 +87,7 @@ def trunk_layouts(encoder: MediaEncoder, modality: str, inputs: torch.Tensor, re
     """The trunk alone on a call's tokens: ImageBind's seq-first layout against dr's batch-first one."""
     key = IMAGEBIND_MODALITY[modality]
     ib = encoder.imagebind
-    x = inputs.to(encoder.device, encoder.dtype)
-    if x.ndim >= 5 and modality != "image":
-        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-    tokens = ib.modality_preprocessors[key](**{key: x})["trunk"]
+    tokens = ib.modality_preprocessors[key](**{key: stem_inputs(encoder, modality, inputs)})["trunk"]
     ours, stock = ib.modality_trunks[key], seq_first_trunk(ib.modality_trunks[key])
     diff = (ours(**tokens).float() - stock(**tokens).float()).abs().max()
     return {
