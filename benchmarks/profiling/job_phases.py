@@ -178,6 +178,12 @@ def instrument(phases: Phases) -> None:
     journal.Journal.write = write
 
 
+def job_generation(mix: str, lengths: list[int], tiny: bool) -> GenerationConfig:
+    """Greedy decoding with the mix's budget as `dr bench job` sets it (a tiny run: its own longest answer), so the
+    job and the engine alone size to the compiled shapes of `dr bench job`'s processes."""
+    return GenerationConfig(max_new_tokens=max(lengths) if tiny else token_budget(mix, lengths), do_sample=False)
+
+
 def run_job(
     work: Path, data: list, lengths: list[int], mix: str, tiny: bool, keep_features: bool, phases: Phases
 ) -> dict:
@@ -192,7 +198,7 @@ def run_job(
     model = job_model(work, sizes, encoder_size, device)
     if not keep_features:
         shutil.rmtree(work / "features", ignore_errors=True)
-    gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else token_budget(mix, lengths), do_sample=False)
+    gen = job_generation(mix, lengths, tiny)
     with GpuBusy() as busy, ExitStack() as closing:
         if decoders is not None:
             closing.callback(decoders.close)
@@ -210,7 +216,7 @@ def run_job(
 def run_engine_only(work: Path, data: list, lengths: list[int], mix: str, tiny: bool) -> dict:
     """The same rows' features (from the job's cache) straight through the engine: no media, no journal."""
     model = job_model(work, *SHAPES[tiny])
-    gen = GenerationConfig(max_new_tokens=max(lengths) if tiny else token_budget(mix, lengths), do_sample=False)
+    gen = job_generation(mix, lengths, tiny)
     result = engine_only(model, data, lengths, work, gen, CUDA_SLOTS["job"])
     return {**result, "floor": floor(model, data, lengths, result["slots"])}
 
