@@ -5,7 +5,7 @@
 # `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's profile,
 # then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs with the
 # engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the catalog mix
-# (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64. Carry the wheels in .whl (the device's
+# (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64 (and 16 in the step's kernels). Carry the wheels in .whl (the device's
 # README). Each step has a time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit
 # (570 s, or the second argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt
 # timing each, all of them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
@@ -74,14 +74,18 @@ jobs_small)
 blocks)
     # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
     # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape (one slot
-    # included), the long step's kernels both ways, the GPU tests with 32-position blocks; first a process on the
-    # catalog mix whose pool now matches the job's (its first rows: #25's 10 s)
+    # included), the GPU tests with 32-position blocks, then the long and the short step's kernels with blocks of 64,
+    # 32 and 16 (FlexAttention's decoding kernel takes BLOCK_N = min(64, the block): a short row would read a fifth
+    # fewer unused positions than at 32); first a process on the catalog mix whose pool now matches the job's (its
+    # first rows: #25's 10 s)
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step engine 150 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine 130 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
-    step paged_step_long 100 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
-        --kernels flex,flex/32
     step gpu_tests_block32 100 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
+    step paged_step_long 80 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
+        --kernels flex,flex/32,flex/16
+    step paged_step_512 70 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
+        --kernels flex/32,flex/16
     ;;
 fused)
     # the decode step's joined projections (model/engine/fused_layer.py) and the encoder's patch projection: the GPU

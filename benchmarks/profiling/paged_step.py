@@ -2,13 +2,13 @@
 advance, then the same advances under torch.profiler with the kernels that took the most device time, per kernel
 ("flex" and "sdpa" engines in turn, one process). "flex-masked" is the flex engine with every block it reads
 listed as partly filled, so its mask is evaluated on each (as before full blocks were listed): the same compiled
-kernel, for the side-by-side ratio. A "/64" suffix runs that engine with cache blocks of 64 positions instead of
-kv_cache.BLOCK (the same memory in twice the blocks): a row then reads at most 63 unused positions of its last block
-instead of 127.
+kernel, for the side-by-side ratio. A "/N" suffix runs that engine with cache blocks of N positions instead of
+kv_cache.BLOCK's (the same memory in more or fewer blocks): a row then reads at most N - 1 unused positions of its
+last block.
 
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py [--slots 512] [--prompt 40] [--budget 64]
     ... paged_step.py --slots 256 --prompt 170 --budget 96 --kernels flex,flex-masked  # full blocks against none
-    ... paged_step.py --slots 256 --prompt 170 --budget 96 --kernels flex,flex/64  # 128-position blocks against 64
+    ... paged_step.py --slots 512 --prompt 170 --budget 96 --kernels flex,flex/32,flex/16  # blocks of 64, 32, 16
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py --tiny  # the CPU check
 """
 
