@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import torch
 
+from benchmarks.job import memory_figures, reset_peak_memory
 from benchmarks.workloads import (
     NEW_TOKENS,
     audio_rows,
@@ -158,6 +159,7 @@ def bench_engine(
     for shape, shaped_rows in shaped.items():
         sizes = [model.example_length(e) for e in shaped_rows]
         preempted = engine.preempted
+        reset_peak_memory()
         result = _timed_job(
             f"engine ({kernel}), {shape} prompts",
             lambda rows_=shaped_rows, engine=engine: engine_run(engine, jobs[0], rows_),
@@ -169,6 +171,7 @@ def bench_engine(
             "mean_prompt_positions": round(sum(sizes) / len(sizes), 1),
             "prompt_positions_range": [min(sizes), max(sizes)],
             "preempted": engine.preempted - preempted,
+            **memory_figures(engine),
             **result,
         }
         save(report)

@@ -128,6 +128,7 @@ def whole_job(
     cache = FeatureCache.for_encoder(work / "features", model.visual_encoder)
     first: list[float] = []
     _sync()
+    reset_peak_memory()
     start = CLOCK()
     with oracle(model, data, lengths) as made:
         summary = run_inference(
@@ -182,6 +183,7 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
     examples = [Example(r.input, r.instruction, m) for r, m in zip(data, media, strict=True)]
     prompts = [model.example_length(e) for e in examples]
     order = sorted(range(len(examples)), key=prompts.__getitem__)
+    reset_peak_memory()
     started = CLOCK()
     engine = Engine.sized(
         model, max(prompts), gen.max_new_tokens, batch, k_cap=top_k_cap(model, gen),
@@ -215,10 +217,29 @@ def engine_only(model, data: list, lengths: list[int], work: Path, gen: Generati
 
 
 def pool_figures(engine) -> dict:
-    """The engine's cache pool (blocks of BLOCK positions) and the rows it preempted for want of blocks."""
+    """The engine's cache pool (blocks of BLOCK positions), the rows it preempted for want of blocks, and its memory
+    (memory_figures)."""
     if engine is None:
         return {}
-    return {"pool_blocks": engine.book.blocks, "preempted": engine.preempted}
+    return {"pool_blocks": engine.book.blocks, "preempted": engine.preempted, **memory_figures(engine)}
+
+
+def memory_figures(engine) -> dict:
+    """The engine's pool in MiB and, on CUDA, the most memory the process's allocator held since the last
+    reset_peak_memory beside the card's: the headroom that sizing.MEMORY_SHARE left (a long-prompt engine alone on an
+    H100 preempted 94 rows for want of blocks, results/2026-12-07-h100-fused-encoder-jobs/)."""
+    pools = (*engine.kv.keys, *engine.kv.values)
+    out = {"pool_mib": round(sum(p.numel() * p.element_size() for p in pools) / 2**20, 1)}
+    if torch.cuda.is_available():
+        out["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+        out["device_mib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**20, 1)
+    return out
+
+
+def reset_peak_memory() -> None:
+    """Starts memory_figures' peak afresh (at what the allocator holds now)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def token_budget(mix: str, lengths: list[int], budget: int = 512) -> int:

@@ -19,6 +19,7 @@ from benchmarks.workloads import realistic_lengths
 from deepresonance_cli import bench as bench_cli
 from deepresonance_cli.app import app
 from model.config import LLAMA_TINY
+from model.engine.kv_cache import BLOCK
 from model.network.deepresonance import Example
 
 NEW_TOKENS = 8
@@ -130,6 +131,8 @@ def test_bench_engine_runs_the_same_lengths_on_long_and_varied_prompts(tmp_path)
     assert 14 <= low < 40 and 150 < high <= 212  # 12 draws from 16-210, text-only rows under an audio prompt's length
     useful = sum(min(n, TINY_ENGINE_BENCH["budget"]) for n in realistic_lengths(12, 0.0))
     assert all(r["useful_tokens"] == useful and r["useful_tokens_per_s"] > 0 for r in shapes.values())
+    pool = round(report["pool_blocks"] * BLOCK / 1024, 1)  # 1 KiB a tiny position (2 layers, a key and a value of 64)
+    assert all(r["pool_mib"] == pool > 0 for r in shapes.values())
 
 
 @pytest.mark.slow
@@ -188,6 +191,9 @@ def test_bench_job_answers_every_row_of_each_mix_to_its_oracle_length(job_report
         assert close(whole["useful_tokens_per_s"], useful / whole["wall_s"])
         assert close(alone["useful_tokens_per_s"], useful / alone["wall_s"])
         assert whole["slots"] == alone["slots"] == least["slots"] == 4
+        # a tiny position: a key and a value of 64 fp32 numbers in each of 2 layers, 1 KiB; no CUDA, no peak
+        assert whole["pool_mib"] == alone["pool_mib"] == round(whole["pool_blocks"] * BLOCK / 1024, 1) > 0, name
+        assert "peak_reserved_mib" not in whole, name
         assert least["floor_s"] > 0 and close(least["useful_tokens_per_s"], useful / least["floor_s"])
         assert close(mix["whole_job_over_engine_only"], whole["wall_s"] / alone["wall_s"])
         assert close(mix["whole_job_over_floor"], whole["wall_s"] / least["floor_s"])
