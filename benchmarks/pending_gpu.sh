@@ -5,7 +5,7 @@
 # `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's profile,
 # then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs with the
 # engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the catalog mix
-# (`jobs_small`: the catalog mix alone, with `blocks`' first step); 32-position cache blocks against 64 (16 too in the
+# (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64 (16 too in the
 # step's kernels). Carry the wheels in .whl (the device's README). Each step has a time limit (H100 timings of
 # 2026-12-06), and a step that would run past the call's own limit (570 s, or the second argument) is skipped and
 # listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of them packed into
@@ -52,19 +52,21 @@ case ${1:-1} in
 jobs)
     # whole jobs with the engine on a high-priority stream (model/infer/job.py HIGH_PRIORITY_ENGINE): both mixes (on
     # a fresh machine the first process compiles its steps), then the catalog mix warm with the engine on the default
-    # stream and on the high-priority one; the encoder's trunk batch-first against ImageBind's seq-first layout. First
-    # the GPU tests of the three changes
+    # stream and on the high-priority one, a process on the catalog mix whose pool should now match the jobs' (its
+    # first rows: #25's 10 s); the encoder's trunk batch-first against ImageBind's seq-first layout. First the GPU
+    # tests of the three changes
     step gpu_tests 80 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
     step job 150 high_priority deepresonance_cli.app bench job --out "$OUT/job.json"
     step catalog_same_priority 110 dr bench job --mix catalog --out "$OUT/catalog_same_priority.json"
     step catalog 110 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
+    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,image,audio
     ;;
 jobs_small)
-    # `jobs` and the first step of `blocks` in one call, the catalog mix alone: its first process compiles the steps
-    # (cold, the engine on the default stream), then a warm process with the engine's stream at the highest priority
-    # and one on the default stream, a process whose pool should match theirs (first rows), the encoder's layouts
+    # `jobs` in less device time, the catalog mix alone: its first process compiles the steps (cold, the engine on
+    # the default stream), then a warm process with the engine's stream at the highest priority and one on the default
+    # stream, a process whose pool should match theirs (first rows), the encoder's layouts
     step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
     step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
     step catalog 85 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
@@ -78,9 +80,7 @@ blocks)
     # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape (one slot
     # included), the GPU tests with 32-position blocks, then the long and the short step's kernels with blocks of 64,
     # 32 and 16 (FlexAttention's decoding kernel takes BLOCK_N = min(64, the block): a short row would read a fifth
-    # fewer unused positions than at 32); first a process on the catalog mix whose pool now matches the job's (its
-    # first rows: #25's 10 s)
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    # fewer unused positions than at 32)
     step engine 130 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
     step gpu_tests_block32 100 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
