@@ -5,11 +5,11 @@
 # `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's profile,
 # then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs with the
 # engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the catalog mix
-# (`jobs_small`: the catalog mix alone); 32-position cache blocks against 64 (16 too in the
-# step's kernels). Carry the wheels in .whl (the device's README). Each step has a time limit (H100 timings of
-# 2026-12-06), and a step that would run past the call's own limit (570 s, or the second argument) is skipped and
-# listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of them packed into
-# $OUT/all.tgz after each step (a call brings back at most 8 files).
+# (`jobs_small`: the catalog mix alone; `least`: the tests, a cold job and a second process); 32-position cache
+# blocks against 64 (16 too in the step's kernels). Carry the wheels in .whl (the device's README). Each step has a
+# time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or the second
+# argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of
+# them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
@@ -71,6 +71,15 @@ jobs_small)
     step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
     step catalog 85 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
     step catalog_same_priority 85 dr bench job --mix catalog --out "$OUT/catalog_same_priority.json"
+    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    step encoder_profile 60 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
+        --kinds video,audio --repeats 3
+    ;;
+least)
+    # what a call of about 250 s can tell: the GPU tests of the three changes, a first catalog job (cold steps), a
+    # second process on the same mix (its pool against the job's: first rows), the encoder's layouts
+    step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
+    step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     step encoder_profile 60 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,audio --repeats 3
