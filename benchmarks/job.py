@@ -75,13 +75,13 @@ def bench_job(
             decoders.close()
             decoders = None
         log(f"{mix}: whole job {whole['wall_s']} s, {whole['useful_tokens_per_s']} useful tok/s")
-        _free()
+        free_engine()
         cached = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)
         log(f"{mix}: whole job, features cached {cached['wall_s']} s, {cached['useful_tokens_per_s']} useful tok/s")
-        _free()
+        free_engine()
         alone = engine_only(model, data, lengths, work, replace(gen, decoder="engine"), batch)
         log(f"{mix}: engine alone {alone['wall_s']} s, {alone['useful_tokens_per_s']} useful tok/s")
-        _free()
+        free_engine()
         least = floor(model, data, lengths, alone["slots"])
         report["mixes"][mix] = {
             "rows": rows,
@@ -254,7 +254,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _free() -> None:
+def free_engine() -> None:
     """Drops the last engine's slot cache before the next (compiled code is kept: later engines start warm)."""
     gc.collect()
     if torch.cuda.is_available():

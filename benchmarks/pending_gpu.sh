@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# The runs benchmarks/README.md's Pending list asks for, most wanted first, in two device calls on one warm machine:
-# `bash benchmarks/pending_gpu.sh 1`, then `bash benchmarks/pending_gpu.sh 2 [SECONDS]` (`1b`: call 1 without the
-# prefill alone); or `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2, with the engine alone);
-# `fused` (`fused_small`, in less time): the joined projections against transformers' layers and the encoder's profile,
-# then `fused_rest` (a job, the engine alone both ways, a second process); `jobs`, then `blocks`: whole jobs with the
-# engine's stream at a high priority and without, the encoder's trunk layouts, a second process on the catalog mix
-# (`jobs_small`: the catalog mix alone; `least`: the tests, a cold job and a second process); 32-position cache
-# blocks against 64 (16 too in the step's kernels). Carry the wheels in .whl (the device's README). Each step has a
-# time limit (H100 timings of 2026-12-06), and a step that would run past the call's own limit (570 s, or the second
+# The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
+# `jobs` (`jobs_small`, `least`: in less time), then `blocks`. `jobs`: the GPU tests of changes never run on a GPU,
+# warm catalog-shaped whole jobs with the media mixes spread over the job's groups and with the engine's stream at a
+# high priority against neither, three runs each taking turns (benchmarks/profiling/job_order.py), a second process
+# on the catalog mix, the encoder's trunk layouts. `blocks`: 32-position cache blocks against 64 (16 too in the step's
+# kernels). Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm
+# jobs of 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit
+# (H100 timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second
 # argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of
 # them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
 set -u
@@ -28,10 +27,6 @@ compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL_POSITIONS
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
 # cache blocks of 32 positions instead of kv_cache.BLOCK's 64 (set before any module binds it)
 block32() { patched model.engine.kv_cache.BLOCK 32 "$@"; }
-# a job's engine on a CUDA stream of the highest priority (model/infer/job.py HIGH_PRIORITY_ENGINE, off by default)
-high_priority() { patched model.infer.job.HIGH_PRIORITY_ENGINE True "$@"; }
-# every layer as transformers' layer, q/k/v and gate/up projections apart (before 2026-12-06's sixth session)
-unfused() { patched model.engine.fused_layer.FUSE_PROJECTIONS False "$@"; }
 step() {
     local name=$1 most=$2 start=$SECONDS
     shift 2
@@ -45,44 +40,35 @@ step() {
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
-export -f dr patched compiled_prefill eager_prefill block32 high_priority unfused
+export -f dr patched compiled_prefill eager_prefill block32
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 jobs)
-    # whole jobs with the engine on a high-priority stream (model/infer/job.py HIGH_PRIORITY_ENGINE): both mixes (on
-    # a fresh machine the first process compiles its steps), then the catalog mix warm with the engine on the default
-    # stream and on the high-priority one, a process on the catalog mix whose pool should now match the jobs' (its
-    # first rows: #25's 10 s); the encoder's trunk batch-first against ImageBind's seq-first layout. First the GPU
-    # tests of the three changes
+    # the GPU tests of three changes; whole catalog-shaped jobs, warm, three runs of each arm in turn (job_order.py:
+    # the process's first job, cold on a fresh machine, apart); a process on the catalog mix whose pool should match
+    # the jobs' (first rows: #25's 10 s); the encoder's trunk batch-first against ImageBind's seq-first layout
     step gpu_tests 80 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step job 150 high_priority deepresonance_cli.app bench job --out "$OUT/job.json"
-    step catalog_same_priority 110 dr bench job --mix catalog --out "$OUT/catalog_same_priority.json"
-    step catalog 110 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
+    step job_order 330 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 3 \
+        --arms default,spread,high_priority
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
         --kinds video,image,audio
     ;;
 jobs_small)
-    # `jobs` in less device time, the catalog mix alone: its first process compiles the steps (cold, the engine on
-    # the default stream), then a warm process with the engine's stream at the highest priority and one on the default
-    # stream, a process whose pool should match theirs (first rows), the encoder's layouts
+    # `jobs` in about 420 s: two runs an arm, the encoder's layouts left out
     step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
-    step catalog 85 high_priority deepresonance_cli.app bench job --mix catalog --out "$OUT/catalog.json"
-    step catalog_same_priority 85 dr bench job --mix catalog --out "$OUT/catalog_same_priority.json"
+    step job_order 250 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 \
+        --arms default,spread,high_priority
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step encoder_profile 60 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
-        --kinds video,audio --repeats 3
     ;;
 least)
-    # what a call of about 250 s can tell: the GPU tests of the three changes, a first catalog job (cold steps), a
-    # second process on the same mix (its pool against the job's: first rows), the encoder's layouts
+    # what a call of about 250 s can tell: the GPU tests, a first catalog job (cold steps) and one run each of the
+    # spread groups and the default's (no verdict: a figure each), a second process on the same mix
     step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step catalog_cold 110 dr bench job --mix catalog --out "$OUT/catalog_cold.json"
+    step job_order 120 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 1 \
+        --arms default,spread
     step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step encoder_profile 60 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
-        --kinds video,audio --repeats 3
     ;;
 blocks)
     # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
@@ -98,29 +84,6 @@ blocks)
     step paged_step_512 70 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
         --kernels flex/32,flex/16
     ;;
-fused)
-    # the decode step's joined projections (model/engine/fused_layer.py) and the encoder's patch projection: the GPU
-    # tests of both, the decode step alone with and without the joined projections, where an encoder call's time goes
-    step gpu_tests 130 pytest -q -x tests/test_gpu.py -k "engine or stock_imagebind"
-    step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
-    # videos first: 15 clips a file through the vision tower, most of a catalog job's encoder time
-    step encoder_profile 150 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --kinds video
-    # a MusicCaps-shaped decode step at 512 rows, its kernels: about 18.5 ms a step in the engine alone, against
-    # 15-17.5 ms of matrix work and attention block reads (benchmarks/README.md, Pending); then with 32-position
-    # blocks, which would cut a short row's reads by a fifth (if FlexAttention's decoding kernel takes them)
-    step paged_step_512 130 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
-        --kernels flex,flex/32
-    step encoder_profile_rest 120 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile_rest.json" \
-        --kinds audio,image
-    ;;
-fused_rest)
-    # the second call after `fused`: a whole job, the engine alone with and without the joined projections (one slot
-    # included), a second process on the other dataset
-    step job 150 dr bench job --out "$OUT/job.json"
-    step engine 200 dr "${ENGINE[@]}" --out "$OUT/engine.json"
-    step engine_unfused 130 unfused deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_unfused.json"
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
     step prefill_speed_cold 150 python3 benchmarks/profiling/prefill_speed.py "$OUT/prefill_speed_cold.json"
@@ -132,15 +95,6 @@ fused_rest)
     step engine 160 compiled_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_eager_prefill 160 eager_prefill deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_eager_prefill.json"
     step job 220 compiled_prefill deepresonance_cli.app bench job --out "$OUT/job.json"
-    ;;
-fused_small)
-    # the same comparison when little device time is left: the step alone at 1 and 512 slots, short prompts and one
-    # slot through the engine both ways, then the tests
-    step fused_step 150 python3 benchmarks/profiling/fused_step.py "$OUT/fused_step.json" --slots 1,512
-    step engine_short 120 dr bench engine --rows 1024 --only-engine --prompts short --out "$OUT/engine_short.json"
-    step engine_short_unfused 90 unfused deepresonance_cli.app bench engine --rows 1024 --only-engine --prompts short \
-        --out "$OUT/engine_short_unfused.json"
-    step gpu_tests 100 pytest -q -x tests/test_gpu.py -k engine
     ;;
 fresh)
     # on a fresh machine: the first job process compiles the step and the prefill's layer (cold), then a warm job

@@ -1,0 +1,146 @@
+"""Whole catalog-shaped `dr infer` jobs with a job's settings switched, several runs of each in one process: the
+media mixes spread over the job's groups (model/infer/job.py SPREAD_MEDIA), the engine's stream at the highest
+priority (HIGH_PRIORITY_ENGINE), both, against neither. Warm whole jobs vary by up to 4.6 s from run to run on one
+machine (benchmarks/README.md, Pending), so a setting is told by several runs a side, the sides taking turns so that
+drift falls on all of them, on one model and one set of media files, each run with fresh features.
+
+    PYTHONPATH=. python3 benchmarks/profiling/job_order.py OUT.json [--repeats 3] [--arms default,spread,high_priority]
+    PYTHONPATH=. python3 benchmarks/profiling/job_order.py OUT.json --tiny  # the CPU check: tiny shapes, 24 rows
+
+The process's first job (the engine's steps compiled, or loaded from the compile cache) is reported apart and not in
+any arm. Each run reports its wall and first rows (`dr bench job`'s figures) and `media_done_s`, when the loader
+handed over its last group's features: a job that ends long after it waited for decoding, not for its media.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from benchmarks.job import free_engine, whole_job
+from benchmarks.job_workload import MIXES, job_model, mix_rows, write_media
+from benchmarks.profiling.job_phases import SHAPES, job_generation
+from model.engine.sizing import CUDA_SLOTS
+
+CLOCK = time.perf_counter
+# arm -> the model/infer/job.py settings it changes
+ARMS = {
+    "default": {},
+    "spread": {"SPREAD_MEDIA": True},
+    "high_priority": {"HIGH_PRIORITY_ENGINE": True},
+    "both": {"SPREAD_MEDIA": True, "HIGH_PRIORITY_ENGINE": True},
+}
+
+
+@contextmanager
+def settings(changes: dict):
+    """model/infer/job.py's module settings changed while open."""
+    import model.infer.job as job
+
+    before = {name: getattr(job, name) for name in changes}
+    for name, value in changes.items():
+        setattr(job, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(job, name, value)
+
+
+@contextmanager
+def media_done(marks: list[float]):
+    """Appends the clock at the end of each group's encoding (the loader's last stage) while open."""
+    import model.infer.job as job
+
+    real = job.encode_media
+
+    def encode_media(*args, **kwargs):
+        out = real(*args, **kwargs)
+        marks.append(CLOCK())
+        return out
+
+    job.encode_media = encode_media
+    try:
+        yield
+    finally:
+        job.encode_media = real
+
+
+def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int) -> dict:
+    """`dr bench job`'s whole job with fresh features, and when its media were all loaded."""
+    marks: list[float] = []
+    start = CLOCK()
+    with media_done(marks):
+        result = whole_job(model, data, lengths, work, gen, batch)
+    free_engine()
+    return {**result, "media_done_s": round(marks[-1] - start, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--rows", type=int, default=2858)
+    parser.add_argument("--mix", choices=MIXES, default="catalog")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--arms", default="default,spread,high_priority", help=f"of {', '.join(ARMS)}")
+    parser.add_argument("--seconds", type=float, default=10.0, help="each row's audio and video")
+    parser.add_argument("--work", default="/tmp/dr_job_order")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script)")
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    if unknown := set(arms) - ARMS.keys():
+        parser.error(f"unknown arms {sorted(unknown)}: of {', '.join(ARMS)}")
+    sizes, encoder_size, device = SHAPES[args.tiny]
+    work = Path(args.work)
+    data, lengths = mix_rows(24 if args.tiny else args.rows, args.mix)
+    if args.tiny:
+        lengths = [min(n, 12) for n in lengths]
+    write_media(work / "media", data, args.seconds)
+    model = job_model(work, sizes, encoder_size, device)
+    gen, batch = job_generation(args.mix, lengths, args.tiny), CUDA_SLOTS["job"]
+    first = timed_job(model, data, lengths, work, gen, batch)
+    print(f"first job {first['wall_s']} s", flush=True)
+    report = {"device": device_name(), "mix": args.mix, "rows": len(data), "useful_tokens": sum(lengths)}
+    report["first_job"] = first
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for repeat in range(args.repeats):
+        for arm in arms:
+            with settings(ARMS[arm]):
+                run = timed_job(model, data, lengths, work, gen, batch)
+            runs[arm].append(run)
+            print(
+                f"{arm} {repeat + 1}: {run['wall_s']} s (first rows {run['first_rows_s']}, media done "
+                f"{run['media_done_s']}), {run['useful_tokens_per_s']} useful tok/s",
+                flush=True,
+            )
+            Path(args.out).write_text(json.dumps(report | {"arms": summary(runs)}, indent=1))  # a cut run keeps these
+    print(json.dumps({arm: (a["median_wall_s"], a["wall_s"]) for arm, a in summary(runs).items()}, indent=1))
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def summary(runs: dict[str, list[dict]]) -> dict:
+    """Per arm: its settings, the median wall and each run's figures in the order run."""
+    return {
+        arm: {
+            "settings": ARMS[arm],
+            "median_wall_s": statistics.median(r["wall_s"] for r in done) if done else None,
+            **{
+                key: [r[key] for r in done] for key in ("wall_s", "first_rows_s", "media_done_s", "useful_tokens_per_s")
+            },
+            "runs": done,
+        }
+        for arm, done in runs.items()
+    }
+
+
+if __name__ == "__main__":
+    main()
