@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `jobs` (`jobs_small`, `least`: in less time), then `blocks`. `jobs`: the GPU tests of changes never run on a GPU,
-# warm catalog-shaped whole jobs with the media mixes spread over the job's groups and with the engine's stream at a
-# high priority against neither, three runs each taking turns (benchmarks/profiling/job_order.py), a second process
-# on the catalog mix, the encoder's trunk layouts. `blocks`: 32-position cache blocks against 64 (16 too in the step's
-# kernels). Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm
-# jobs of 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit
-# (H100 timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second
-# argument) is skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of
-# them packed into $OUT/all.tgz after each step (a call brings back at most 8 files).
+# `next` (the GPU tests, `dr bench job`, the catalog job's phases), then `next2` (the engine alone, 32- against
+# 16-position blocks in the step's kernels, warm catalog jobs repeated). Older runs: `1` and `2 [SECONDS]` (`1b`: 1
+# without the prefill alone), `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2). Carry the
+# wheels in .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06/07), and a step that
+# would run past the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to
+# $OUT, one file a command, with steps.txt timing each, all of them packed into $OUT/all.tgz after each step (a call
+# brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
@@ -25,8 +23,6 @@ patched() {
 # layers (COMPILE_PREFILL False)
 compiled_prefill() { patched model.engine.model_runner.COMPILE_PREFILL_POSITIONS 0 "$@"; }  # a job of any size
 eager_prefill() { patched model.engine.model_runner.COMPILE_PREFILL False "$@"; }
-# cache blocks of 32 positions instead of kv_cache.BLOCK's 64 (set before any module binds it)
-block32() { patched model.engine.kv_cache.BLOCK 32 "$@"; }
 step() {
     local name=$1 most=$2 start=$SECONDS
     shift 2
@@ -40,49 +36,28 @@ step() {
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
-export -f dr patched compiled_prefill eager_prefill block32
+export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
-jobs)
-    # the GPU tests of three changes; whole catalog-shaped jobs, warm, three runs of each arm in turn (job_order.py:
-    # the process's first job, cold on a fresh machine, apart); a process on the catalog mix whose pool should match
-    # the jobs' (first rows: #25's 10 s); the encoder's trunk batch-first against ImageBind's seq-first layout
-    step gpu_tests 80 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step job_order 330 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 3 \
-        --arms default,spread,high_priority
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step encoder_profile 90 python3 benchmarks/profiling/encoder_profile.py "$OUT/encoder_profile.json" --no-compile \
-        --kinds video,image,audio
+next)
+    # the GPU tests, all of them (32-position blocks: the paged engine's growth and preemption and the packed prefill's
+    # tests were not reached on 2026-12-07); `dr bench job`, both mixes (on a fresh machine the first process: cold
+    # steps); the catalog mix's phases (the loader's host work: hashing, decoding, cache writes, the encoder's calls)
+    step gpu_tests 240 pytest -q -x tests/test_gpu.py
+    step job 180 dr bench job --out "$OUT/job.json"
+    step phases_catalog 120 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
-jobs_small)
-    # `jobs` in about 420 s: two runs an arm, the encoder's layouts left out
-    step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step job_order 250 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 \
-        --arms default,spread,high_priority
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    ;;
-least)
-    # what a call of about 250 s can tell: the GPU tests, a first catalog job (cold steps) and one run each of the
-    # spread groups and the default's (no verdict: a figure each), a second process on the same mix
-    step gpu_tests 70 pytest -q -x tests/test_gpu.py -k "budget or stock_imagebind or stream"
-    step job_order 120 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 1 \
-        --arms default,spread
-    step phases_catalog 80 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    ;;
-blocks)
-    # 32-position cache blocks against 64 (a MusicCaps-shaped 512-row step: 18.75 ms against 20.48 on an H100,
-    # results/2026-12-07-h100-fused-encoder-jobs/): the engine alone both ways on every prompt shape (one slot
-    # included), the GPU tests with 32-position blocks, then the long and the short step's kernels with blocks of 64,
-    # 32 and 16 (FlexAttention's decoding kernel takes BLOCK_N = min(64, the block): a short row would read a fifth
-    # fewer unused positions than at 32)
+next2)
+    # the engine alone on every prompt shape with 32-position blocks, one slot included; the 512-row steps' kernels
+    # with blocks of 32 against 16; four warm catalog jobs in one process (how far runs drift: 28.0, 29.7, 32.3 s on
+    # 2026-12-07)
     step engine 130 dr "${ENGINE[@]}" --out "$OUT/engine.json"
-    step engine_block32 130 block32 deepresonance_cli.app "${ENGINE[@]}" --out "$OUT/engine_block32.json"
-    step gpu_tests_block32 100 block32 pytest -q -x tests/test_gpu.py -k "engine or packed"
-    step paged_step_long 80 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
-        --kernels flex,flex/32,flex/16
     step paged_step_512 70 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
-        --kernels flex/32,flex/16
+        --kernels flex,flex/16
+    step paged_step_long 80 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
+        --kernels flex,flex/16
+    step job_order 200 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 4
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it

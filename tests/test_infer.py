@@ -284,55 +284,6 @@ def test_an_engine_jobs_first_media_group_is_small(tiny_layout, tmp_path, monkey
     assert answers("small") == answers("whole")
 
 
-def test_spread_media_gives_every_stretch_each_mix_in_its_share():
-    """60 audio rows, then 30 with an image, then 10 with a video (the prompt-length order's blocks): every prefix of
-    the spread order holds each mix within 1.5 rows of its share of the prefix, and each mix keeps its order."""
-    from model.data.catalog import Row
-    from model.infer.job import spread_media
-
-    mixes = {("audio",): 60, ("image", "audio"): 30, ("video", "audio"): 10}
-    rows = [
-        Row(f"{m[0]}{i}", "", "Describe it.", "", m, tuple(f"{i}.x" for _ in m))
-        for m, n in mixes.items()
-        for i in range(n)
-    ]
-    spread = spread_media(rows)
-    assert sorted(r.id for r in spread) == sorted(r.id for r in rows)
-    for kinds, n in mixes.items():
-        assert [r.id for r in spread if r.mm_names == kinds] == [r.id for r in rows if r.mm_names == kinds]
-        for k in range(1, len(spread) + 1):
-            held = sum(r.mm_names == kinds for r in spread[:k])
-            assert abs(held - k * n / len(rows)) <= 1.5, (kinds, k, held)
-
-
-def test_an_engine_jobs_later_groups_hold_every_media_mix_with_spread_media(tiny_layout, tmp_path, monkeypatch):
-    """With SPREAD_MEDIA an engine job's groups after the first each hold rows of every media mix (by prompt length
-    they come one mix after another), and the answers are those of the prompt-length order."""
-    import model.infer.job as inference
-
-    rows, _ = load_rows(media_dataset(tmp_path / "data", 12))
-    groups = []
-    real_decode_media = inference.decode_media
-
-    def decode_media(model, group, *args, **kwargs):
-        groups.append({r.mm_names for r in group})
-        return real_decode_media(model, group, *args, **kwargs)
-
-    monkeypatch.setattr(inference, "decode_media", decode_media)
-    monkeypatch.setattr(inference, "FIRST_GROUP", 2)
-    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
-    gen = GenerationConfig(max_new_tokens=4, do_sample=False)
-    run_inference(model, rows, tmp_path / "data", tmp_path / "length" / "r.json", gen, batch_size=4)
-    assert any(len(g) == 1 for g in groups[1:])  # the prompt-length order: a group of one mix
-    groups.clear()
-    monkeypatch.setattr(inference, "SPREAD_MEDIA", True)
-    run_inference(model, rows, tmp_path / "data", tmp_path / "spread" / "r.json", gen, batch_size=4)
-    media_mixes = {("audio",), ("audio", "image"), ("video",)}
-    assert [len(g) for g in groups] == [2, 4, 4, 2] and all(media_mixes <= g for g in groups[1:3])
-    answers = lambda name: sorted(map(json.dumps, journal_lines(tmp_path / name / "r.json")))  # noqa: E731
-    assert answers("spread") == answers("length")
-
-
 def test_a_jobs_encoder_calls_take_at_most_call_files(tiny_layout, tmp_path, monkeypatch):
     """A job's groups are its slot count (512 on CUDA), its encoder calls at most CALL_FILES files of them: the
     activations of a whole group's videos did not fit beside the engine's pool on an 80 GB card. Answers do not

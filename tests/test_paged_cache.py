@@ -127,14 +127,15 @@ def test_blocks_come_from_the_memory_budget(model, monkeypatch):
     per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4
     assert bytes_per_position(config, torch.float32) == per_position
     per_block = BLOCK * per_position
-    assert cache_length(40, 100) == 256 and cache_length(200, 300) == 512  # 2 blocks; 4
-    assert cache_length(300, 400) == 1024  # 6 blocks -> 8
+    assert BLOCK == 32  # the block counts below are worked out for 32-position blocks
+    assert cache_length(40, 100) == 256 and cache_length(200, 300) == 512  # 5 blocks -> 8; 16
+    assert cache_length(300, 400) == 1024  # 22 blocks -> 32
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 200 * per_block + 5)
     assert sizing.engine_size(model, 40, 100, 256) == (191, 256, 192)  # rounded down to 3 x 64 blocks; a row each
-    assert sizing.engine_size(model, 40, 100, 64) == (64, 256, 192)  # 64 rows of 4 blocks would be 257: the budget
+    assert sizing.engine_size(model, 40, 100, 64) == (64, 256, 192)  # 64 rows of 8 blocks would be 513: the budget
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 40 * per_block)
     assert sizing.engine_size(model, 40, 100, 256) == (39, 256, 40)  # under one step: every block
-    assert sizing.engine_size(model, 40, 100, 8) == (8, 256, 33)  # 8 slots of 4 blocks and the scratch: the rest free
+    assert sizing.engine_size(model, 40, 100, 4) == (4, 256, 33)  # 4 slots of 8 blocks and the scratch: the rest free
     monkeypatch.setattr(sizing, "memory_budget", lambda m: 2 * per_block)
     with pytest.raises(MemoryError, match="one row of 140 positions needs .* GiB of cache"):
         Engine.sized(model, 40, 100, 64)

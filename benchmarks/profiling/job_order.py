@@ -1,20 +1,26 @@
-"""Whole catalog-shaped `dr infer` jobs with a job's settings switched, several runs of each in one process: the
-media mixes spread over the job's groups (model/infer/job.py SPREAD_MEDIA), the engine's stream at the highest
-priority (HIGH_PRIORITY_ENGINE), both, against neither. Warm whole jobs vary by up to 4.6 s from run to run on one
-machine (benchmarks/README.md, Pending), so a setting is told by several runs a side, the sides taking turns so that
-drift falls on all of them, on one model and one set of media files, each run with fresh features.
+"""Whole `dr infer` jobs (catalog-shaped by default) with module settings switched, several runs of each in one
+process: arms taking turns on one model and one set of media files, each run with fresh features. Warm whole jobs vary
+by seconds from run to run on one machine and drift within a process (benchmarks/README.md), so a setting is told by
+several runs a side, the sides alternating so that drift falls on all of them.
 
-    PYTHONPATH=. python3 benchmarks/profiling/job_order.py OUT.json [--repeats 3] [--arms default,spread,high_priority]
+    PYTHONPATH=. python3 benchmarks/profiling/job_order.py OUT.json [--repeats 3] --arm default \
+        --arm "first128:model.infer.job.FIRST_GROUP=128"
     PYTHONPATH=. python3 benchmarks/profiling/job_order.py OUT.json --tiny  # the CPU check: tiny shapes, 24 rows
 
+An arm is `NAME` (the code as it is) or `NAME:module.SETTING=VALUE,...` (VALUE a Python literal, set on the module
+while the arm runs: a setting its code reads from the module at call time, not one bound by `from ... import`).
 The process's first job (the engine's steps compiled, or loaded from the compile cache) is reported apart and not in
 any arm. Each run reports its wall and first rows (`dr bench job`'s figures) and `media_done_s`, when the loader
 handed over its last group's features: a job that ends long after it waited for decoding, not for its media.
+2026-12-07's run (results/2026-12-07-h100-job-order-block32/) compared the media mixes spread over a job's groups and
+the engine's stream at a high priority, both since removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import statistics
 import time
@@ -29,28 +35,32 @@ from benchmarks.profiling.job_phases import SHAPES, job_generation
 from model.engine.sizing import CUDA_SLOTS
 
 CLOCK = time.perf_counter
-# arm -> the model/infer/job.py settings it changes
-ARMS = {
-    "default": {},
-    "spread": {"SPREAD_MEDIA": True},
-    "high_priority": {"HIGH_PRIORITY_ENGINE": True},
-    "both": {"SPREAD_MEDIA": True, "HIGH_PRIORITY_ENGINE": True},
-}
+
+
+def parse_arm(text: str) -> tuple[str, dict[str, object]]:
+    """`NAME` or `NAME:module.SETTING=VALUE,...` -> (NAME, {"module.SETTING": VALUE})."""
+    name, _, sets = text.partition(":")
+    changes = {}
+    for item in filter(None, sets.split(",")):
+        target, _, value = item.partition("=")
+        changes[target.strip()] = ast.literal_eval(value.strip())
+    return name, changes
 
 
 @contextmanager
-def settings(changes: dict):
-    """model/infer/job.py's module settings changed while open."""
-    import model.infer.job as job
-
-    before = {name: getattr(job, name) for name in changes}
-    for name, value in changes.items():
-        setattr(job, name, value)
+def settings(changes: dict[str, object]):
+    """Module settings ("module.SETTING": value) changed while open."""
+    before = []
+    for target, value in changes.items():
+        module, _, name = target.rpartition(".")
+        owner = importlib.import_module(module)
+        before.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        for name, value in before.items():
-            setattr(job, name, value)
+        for owner, name, value in reversed(before):
+            setattr(owner, name, value)
 
 
 @contextmanager
@@ -88,14 +98,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2858)
     parser.add_argument("--mix", choices=MIXES, default="catalog")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--arms", default="default,spread,high_priority", help=f"of {', '.join(ARMS)}")
+    parser.add_argument("--arm", action="append", help="NAME or NAME:module.SETTING=VALUE,... (repeatable)")
     parser.add_argument("--seconds", type=float, default=10.0, help="each row's audio and video")
     parser.add_argument("--work", default="/tmp/dr_job_order")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script)")
     args = parser.parse_args()
-    arms = args.arms.split(",")
-    if unknown := set(arms) - ARMS.keys():
-        parser.error(f"unknown arms {sorted(unknown)}: of {', '.join(ARMS)}")
+    arms = dict(parse_arm(a) for a in args.arm or ["default"])
     sizes, encoder_size, device = SHAPES[args.tiny]
     work = Path(args.work)
     data, lengths = mix_rows(24 if args.tiny else args.rows, args.mix)
@@ -111,7 +119,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for repeat in range(args.repeats):
         for arm in arms:
-            with settings(ARMS[arm]):
+            with settings(arms[arm]):
                 run = timed_job(model, data, lengths, work, gen, batch)
             runs[arm].append(run)
             print(
@@ -119,19 +127,21 @@ def main() -> None:
                 f"{run['media_done_s']}), {run['useful_tokens_per_s']} useful tok/s",
                 flush=True,
             )
-            Path(args.out).write_text(json.dumps(report | {"arms": summary(runs)}, indent=1))  # a cut run keeps these
-    print(json.dumps({arm: (a["median_wall_s"], a["wall_s"]) for arm, a in summary(runs).items()}, indent=1))
+            Path(args.out).write_text(
+                json.dumps(report | {"arms": summary(runs, arms)}, indent=1)
+            )  # a cut run keeps these
+    print(json.dumps({arm: (a["median_wall_s"], a["wall_s"]) for arm, a in summary(runs, arms).items()}, indent=1))
 
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def summary(runs: dict[str, list[dict]]) -> dict:
+def summary(runs: dict[str, list[dict]], arms: dict[str, dict]) -> dict:
     """Per arm: its settings, the median wall and each run's figures in the order run."""
     return {
         arm: {
-            "settings": ARMS[arm],
+            "settings": arms[arm],
             "median_wall_s": statistics.median(r["wall_s"] for r in done) if done else None,
             **{
                 key: [r[key] for r in done] for key in ("wall_s", "first_rows_s", "media_done_s", "useful_tokens_per_s")

@@ -8,7 +8,7 @@ last block.
 
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py [--slots 512] [--prompt 40] [--budget 64]
     ... paged_step.py --slots 256 --prompt 170 --budget 96 --kernels flex,flex-masked  # full blocks against none
-    ... paged_step.py --slots 512 --prompt 170 --budget 96 --kernels flex,flex/32,flex/16  # blocks of 64, 32, 16
+    ... paged_step.py --slots 512 --prompt 170 --budget 96 --kernels flex,flex/64,flex/16  # blocks of BLOCK, 64, 16
     PYTHONPATH=. python3 benchmarks/profiling/paged_step.py --tiny  # the CPU check
 """
 

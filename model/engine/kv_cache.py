@@ -40,10 +40,11 @@ Kernel = Literal["sdpa", "flex"]
 # scale, later versions a window and a scale
 _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
 VARLEN_IS_CAUSAL, VARLEN_SCALE = "is_causal" in _VARLEN_PARAMS, "scale" in _VARLEN_PARAMS
-# positions per cache block, FlexAttention's key block: a row reads its last block whole, so 64 reads at most 63 unused
-# positions where 128 read 127 (256 rows of 170-position prompts on an H100: 12.41 ms a decode step against 13.81,
-# FlexAttention 122 us a layer against 191; benchmarks/results/2026-12-06-h100-pipeline-measured/)
-BLOCK = 64
+# positions per cache block, FlexAttention's key block: a row reads its last block whole, so 32 reads at most 31 unused
+# positions where 64 read 63 (the engine alone at 512 slots on an H100: 15,845 / 7,926 / 10,407 useful tok/s on
+# short / long / varied prompts against 14,956 / 7,462 / 10,010, and the long rows' pool preempted 35 rows against
+# 94; benchmarks/results/2026-12-07-h100-job-order-block32/)
+BLOCK = 32
 IMPLEMENTATION = "dr_slots"
 
 

@@ -63,20 +63,6 @@ HANDOFF = 2
 # start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is
 # built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
 FIRST_GROUP = 64
-# the engine's kernels on a CUDA stream of the highest priority, the loader's encoder calls on one of the default
-# priority: the device's block scheduler would then run a decode step's kernels as soon as blocks free up instead of
-# behind a whole encoder call's queued kernels, and the encoder would fill the gaps between steps (a catalog-shaped job
-# on an H100 took 21 s where its engine alone took 12.4 s, with features cached 13.8, its encoding about 4.6 s). Off
-# until timed on a GPU (benchmarks/README.md, Pending): an encoder held back to the gaps of a young job's narrow steps
-# could leave the engine short of rows, as the decoding processes' lower CPU priority slowed jobs down
-HIGH_PRIORITY_ENGINE = False
-# an engine job's groups after its first each hold every media mix (a row's modalities) in its share of the job,
-# instead of the prompt-length order's: there a video or an image adds clip positions, so a catalog-shaped job's 229
-# videos and 343 images fell in its fifth and sixth groups of seven, whose encoding (about 3.3 s of an H100's 4.6)
-# the engine then waited for while its first groups had needed almost none. Off until timed on a GPU
-# (benchmarks/profiling/job_order.py): a group with videos takes longer to load, which may hold up the first
-# engine-full
-SPREAD_MEDIA = False
 Gate = threading.Semaphore | None
 
 
@@ -193,18 +179,6 @@ def run_inference(
     return summary
 
 
-def spread_media(rows: Sequence[Row]) -> list[Row]:
-    """The rows interleaved by media mix (a row's modalities, in order): every stretch of them holds each mix in
-    about its share of all the rows, and each mix's rows keep their order. A mix of n rows puts its i-th at
-    (i + 0.5) / n of the way; ties go to the mix met first."""
-    mixes: dict[tuple[str, ...], list[Row]] = {}
-    for row in rows:
-        mixes.setdefault(tuple(row.mm_names), []).append(row)
-    placed = [((i + 0.5) / len(mix), m, i) for m, mix in enumerate(mixes.values()) for i in range(len(mix))]
-    groups = list(mixes.values())
-    return [groups[m][i] for _, m, i in sorted(placed)]
-
-
 def answer_rows(
     model: DeepResonance,
     todo: list[Row],
@@ -225,8 +199,6 @@ def answer_rows(
     # processes for a long job on a GPU: model/media/decoders.py) and encoded by background threads (Prefetch) that
     # start while the engine is built, and stay PREFETCH_DEPTH batches ahead of the decoding
     first = min(FIRST_GROUP, batch_size) if gen.decoder == "engine" else batch_size  # a static decoder's: batches
-    if gen.decoder == "engine" and SPREAD_MEDIA:  # the first group keeps the shortest prompts: the lightest media
-        todo[first:] = spread_media(todo[first:])
     batches = [todo[:first], *chunks(todo[first:], batch_size)]
     # an engine is sized now, before the loader allocates encoder activations: its cache's pool is a share of the
     # free memory, and a pool size that followed the loader's progress would differ from run to run, and so would the
@@ -300,9 +272,7 @@ def decode_rows(
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
     if size is not None:
-        ahead = model.device.type == "cuda" and HIGH_PRIORITY_ENGINE
-        with torch.cuda.stream(torch.cuda.Stream(model.device, priority=-1) if ahead else None):
-            engine_rows(model, size, gen, media, ready(), finish, compile_prefill)
+        engine_rows(model, size, gen, media, ready(), finish, compile_prefill)
         return
     log.info("decoder: %s", gen.decoder)
     for group in ready():  # WAIT never comes: nothing else is busy
