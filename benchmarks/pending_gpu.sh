@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `next` (the GPU tests, `dr bench job`, the catalog job's phases), then `next2` (the engine alone, 32- against
-# 16-position blocks in the step's kernels, warm catalog jobs repeated). Older runs: `1` and `2 [SECONDS]` (`1b`: 1
-# without the prefill alone), `fresh` (a cold job, then both warm jobs of 2) and `rest` (the rest of 2). Carry the
-# wheels in .whl (the device's README). Each step has a time limit (H100 timings of 2026-12-06/07), and a step that
-# would run past the call's own limit (570 s, or the second argument) is skipped and listed as such. Results go to
-# $OUT, one file a command, with steps.txt timing each, all of them packed into $OUT/all.tgz after each step (a call
-# brings back at most 8 files).
+# `next` (the GPU tests, `dr bench job`, the catalog job's phases), then `next2` (warm catalog jobs in turns with the
+# loader's stream ahead of the engine's, the engine alone, 32- against 16-position blocks in the step's kernels).
+# Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
+# 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
+# timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
+# skipped and listed as such. Results go to $OUT, one file a command, with steps.txt timing each, all of them packed
+# into $OUT/all.tgz after each step (a call brings back at most 8 files).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
@@ -49,15 +49,17 @@ next)
     step phases_catalog 120 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
 next2)
-    # the engine alone on every prompt shape with 32-position blocks, one slot included; the 512-row steps' kernels
-    # with blocks of 32 against 16; four warm catalog jobs in one process (how far runs drift: 28.0, 29.7, 32.3 s on
-    # 2026-12-07)
+    # warm catalog jobs in turns, three a side: the loader's stream at a higher priority than the engine's against
+    # the defaults (model/infer/job.py LOADER_PRIORITY; the job's last media came 20.6-25.6 s into 28-32 s jobs on
+    # 2026-12-07, for about 4 s of encoder GPU work); the engine alone on every shape with 32-position blocks, one slot
+    # included; the 512-row steps' kernels with blocks of 32 against 16
+    step job_order 320 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 3 --arm default \
+        --arm "loader_first:model.infer.job.LOADER_PRIORITY=-1"
     step engine 130 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step paged_step_512 70 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
         --kernels flex,flex/16
     step paged_step_long 80 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
         --kernels flex,flex/16
-    step job_order 200 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 4
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it

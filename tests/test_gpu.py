@@ -239,8 +239,10 @@ def test_engine_job_equals_generate_job(tiny_layout, tmp_path):
     assert answers[0] == answers[1]
 
 
-def test_a_jobs_media_load_on_a_stream_of_their_own(tiny_layout, tmp_path, monkeypatch):
-    """The job's loader encodes on its own CUDA stream, not between the engine's steps on the default one."""
+@pytest.mark.parametrize("priority", [0, -1])
+def test_a_jobs_media_load_on_a_stream_of_their_own(tiny_layout, tmp_path, monkeypatch, priority):
+    """The job's loader encodes on its own CUDA stream, not between the engine's steps on the default one, at
+    LOADER_PRIORITY (-1: above the default stream's)."""
     from synth import make_row, write_dataset, write_wav
 
     import model.infer.job as inference
@@ -252,23 +254,27 @@ def test_a_jobs_media_load_on_a_stream_of_their_own(tiny_layout, tmp_path, monke
     real_encode_media = inference.encode_media
 
     def encode_media(model, *args, **kwargs):
-        streams.append(torch.cuda.current_stream(model.device) != torch.cuda.default_stream(model.device))
+        streams.append(torch.cuda.current_stream(model.device))
         return real_encode_media(model, *args, **kwargs)
 
     monkeypatch.setattr(inference, "encode_media", encode_media)
+    monkeypatch.setattr(inference, "LOADER_PRIORITY", priority)
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind, device="cuda")
     gen = GenerationConfig(max_new_tokens=4, do_sample=False)
     assert inference.run_inference(model, rows, tmp_path / "data", tmp_path / "r.json", gen, 2).answered == 3
-    assert streams == [True, True]
+    default = torch.cuda.default_stream(model.device)
+    assert len(streams) == 2 and all(s != default for s in streams)
+    assert all((s.priority < default.priority) == (priority < 0) for s in streams)
 
 
 @pytest.mark.parametrize("kernel", ["flex", "sdpa"])
 def test_compiled_paged_engine_grows_rows_across_blocks_and_preempts(tiny_layout, kernel):
-    """The compiled engine with a pool of 6 blocks of 128 positions for 4 slots: rows of up to 200 tokens grow into
-    their second block as they decode, the pool runs short, the youngest rows are preempted and decoded again. Each
-    row's ids equal one-row `generate` in fp32, and every block is back in the pool at the end."""
+    """The compiled engine with a pool of 384 positions for 4 slots: rows of up to 200 tokens grow across blocks as
+    they decode, the pool runs short, the youngest rows are preempted and decoded again. Each row's ids equal one-row
+    `generate` in fp32, and every block is back in the pool at the end."""
     from dataclasses import replace
 
+    from model.engine.kv_cache import BLOCK
     from model.engine.scheduler import Engine
     from model.engine.sizing import cache_length
 
@@ -278,9 +284,12 @@ def test_compiled_paged_engine_grows_rows_across_blocks_and_preempts(tiny_layout
     gens = [replace(GREEDY, max_new_tokens=n) for n in (200, 30, 150, 120, 1, 200, 90, 170, 60)]
     expected = [generate_ids(model, [ex], g)[0] for ex, g in zip(examples, gens, strict=True)]
     length = cache_length(max(model.example_length(ex) for ex in examples), 200)
-    engine = Engine(model, 4, length, 200, k_cap=1, kernel=kernel, sync_every=3, refill_min=1, narrow=(2,), blocks=6)
+    blocks = 384 // BLOCK
+    engine = Engine(
+        model, 4, length, 200, k_cap=1, kernel=kernel, sync_every=3, refill_min=1, narrow=(2,), blocks=blocks
+    )
     assert engine_ids(engine, examples, gens) == expected
-    assert engine.preempted > 0 and engine.book.available == 5
+    assert engine.preempted > 0 and engine.book.available == blocks - 1  # all but the scratch block
 
 
 def test_a_pools_budget_is_the_same_whatever_the_allocator_holds_cached():
@@ -325,7 +334,7 @@ def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
     and values in the pool agree to bf16 rounding, and packs of other sizes reuse the one compiled layer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from model.engine.kv_cache import PagedKV, slot_attention_on
+    from model.engine.kv_cache import BLOCK, PagedKV, slot_attention_on
     from model.engine.model_runner import packed_prefill, prefill_layer
 
     torch.manual_seed(0)
@@ -339,7 +348,7 @@ def test_compiled_packed_prefill_in_half_precision_tracks_the_eager_one():
     for sizes in ([5, 130, 77, 260, 9, 3, 40, 12, 66], [300, 2, 17, 90, 45, 8, 33, 150, 21, 7]):
         caches = []
         for _ in range(2):
-            kv = PagedKV(config, 16, 8, 128, torch.bfloat16, torch.device("cuda"), "flex")
+            kv = PagedKV(config, 16, -(-max(sizes) // BLOCK), 128, torch.bfloat16, torch.device("cuda"), "flex")
             for s, n in enumerate(sizes):
                 assert kv.book.grow(s, n)
             kv.sync()

@@ -300,7 +300,7 @@ def test_the_compiled_step_writes_the_pool_in_place():
     from model.engine.kv_cache import PagedKV, decode_attention
 
     config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-    kv = PagedKV(config, 4, 2, 512, torch.float32, torch.device("cpu"), "sdpa")
+    kv = PagedKV(config, 4, -(-100 // BLOCK), 512, torch.float32, torch.device("cpu"), "sdpa")  # rows of 100
     for s in range(3):
         assert kv.book.grow(s, 100)
     kv.sync()

@@ -63,6 +63,12 @@ HANDOFF = 2
 # start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is
 # built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
 FIRST_GROUP = 64
+# the CUDA priority of the loader's stream (0: the engine's default stream's; lower is higher). A catalog-shaped job on
+# an H100 handed over its last media 20.6-25.6 s into a 28-32 s job whose encoding is about 4 s of GPU work, and the
+# engine's stream above the loader's moved that 1-1.3 s later for no gain
+# (benchmarks/results/2026-12-07-h100-job-order-block32/): whether the loader's calls ahead of the engine's steps
+# (-1) end the job sooner is still to time (benchmarks/profiling/job_order.py)
+LOADER_PRIORITY = 0
 Gate = threading.Semaphore | None
 
 
@@ -209,7 +215,7 @@ def answer_rows(
     # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
     # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
     # each call's read-back would wait for every step queued before it
-    side = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+    side = torch.cuda.Stream(model.device, priority=LOADER_PRIORITY) if model.device.type == "cuda" else None
 
     def decode(group: Sequence[Row]) -> DecodedMedia:
         return decode_media(model, group, media_root, cache, workers, decoders)
