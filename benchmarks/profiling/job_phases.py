@@ -3,7 +3,8 @@
 
 Phases: media decoding and fbank (worker threads: summed thread-seconds and wall), the encoder, feature-cache reads
 and writes, the main thread waiting for the background media thread, the engine's start-up (build, compile, first
-rows), journal writes, and the GPU's busy share sampled through NVML. `--engine-only` runs the same rows' features
+rows), journal writes, the GPU's busy share sampled through NVML, and how late a thread of the job's process gets
+the interpreter lock back after a 1 ms sleep (`LockProbe`: what every loader thread's Python work waits). `--engine-only` runs the same rows' features
 straight through the engine instead: the job's engine-alone figure, for the side-by-side ratio.
 
     PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json [--rows 2858] [--tag cold] [--keep-features]
@@ -123,6 +124,46 @@ class GpuBusy:
         return round(sum(s > 0 for s in self.samples) / len(self.samples), 3) if self.samples else None
 
 
+class LockProbe:
+    """How long a thread of the job's process waits for the interpreter lock: a probe thread sleeps 1 ms at a time
+    (releasing the lock) and counts how late it wakes. A loader thread's Python work waits as long, beside the
+    engine's loop (a hashing thread beside a loop holding the lock two thirds of the time ran at 37% of a process's
+    rate: benchmarks/results/2026-12-07-cpu-gil-hashing/)."""
+
+    NAP = 0.001
+
+    def __init__(self) -> None:
+        self.late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = CLOCK()
+            time.sleep(self.NAP)
+            self.late.append(CLOCK() - start - self.NAP)
+
+    def __enter__(self) -> LockProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> dict:
+        """Naps taken, the median and 99th-percentile lateness (ms), and the share of the probe's time spent late."""
+        if not self.late:
+            return {}
+        late = sorted(self.late)
+        return {
+            "naps": len(late),
+            "late_ms_median": round(late[len(late) // 2] * 1000, 3),
+            "late_ms_p99": round(late[int(0.99 * (len(late) - 1))] * 1000, 3),
+            "late_share": round(sum(late) / (sum(late) + self.NAP * len(late)), 3),
+        }
+
+
 def instrument(phases: Phases) -> None:
     """Timers around the job's phases, installed on the modules that call them."""
     from model.data import row_features
@@ -199,7 +240,7 @@ def run_job(
     if not keep_features:
         shutil.rmtree(work / "features", ignore_errors=True)
     gen = job_generation(mix, lengths, tiny)
-    with GpuBusy() as busy, ExitStack() as closing:
+    with GpuBusy() as busy, LockProbe() as probe, ExitStack() as closing:
         if decoders is not None:
             closing.callback(decoders.close)
         phases.start = CLOCK()
@@ -207,6 +248,7 @@ def run_job(
     return {
         **result,
         "gpu_busy_share": busy.share(),
+        "lock_probe": probe.figures(),
         "floor": floor(model, data, lengths, result["slots"]),
         "phases": phases.table(),
         "finished_per_second": _per_second(phases.finished),
