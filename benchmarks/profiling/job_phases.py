@@ -3,9 +3,10 @@
 
 Phases: media decoding and fbank (worker threads: summed thread-seconds and wall), the encoder, feature-cache reads
 and writes, the main thread waiting for the background media thread, the engine's start-up (build, compile, first
-rows), journal writes, the GPU's busy share sampled through NVML, and how late a thread of the job's process gets
-the interpreter lock back after a 1 ms sleep (`LockProbe`: what every loader thread's Python work waits). `--engine-only` runs the same rows' features
-straight through the engine instead: the job's engine-alone figure, for the side-by-side ratio.
+rows), journal writes, the GPU's busy share sampled through NVML, and how late a thread of the job's process gets the
+interpreter lock back after a 1 ms sleep (`LockProbe`: what every loader thread's Python work waits). `--engine-only`
+runs the same rows' features straight through the engine instead: the job's engine-alone figure, for the side-by-side
+ratio.
 
     PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json [--rows 2858] [--tag cold] [--keep-features]
     PYTHONPATH=. python3 benchmarks/profiling/job_phases.py OUT.json --engine-only
