@@ -220,6 +220,12 @@ def instrument(phases: Phases) -> None:
     journal.Journal.write = write
 
 
+def job_rows(rows: int, mix: str, tiny: bool) -> tuple[list, list[int]]:
+    """The mix's rows and answer lengths; a tiny run (the CPU check): 24 rows, answers of at most 12 tokens."""
+    data, lengths = mix_rows(24 if tiny else rows, mix)
+    return data, [min(n, 12) for n in lengths] if tiny else lengths
+
+
 def job_generation(mix: str, lengths: list[int], tiny: bool) -> GenerationConfig:
     """Greedy decoding with the mix's budget as `dr bench job` sets it (a tiny run: its own longest answer), so the
     job and the engine alone size to the compiled shapes of `dr bench job`'s processes."""
@@ -286,12 +292,9 @@ def main() -> None:
     parser.add_argument("--mix", choices=MIXES, default="musiccaps")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script)")
     args = parser.parse_args()
-    rows = 24 if args.tiny else args.rows
     work = Path(args.work)
     begin = CLOCK()
-    data, lengths = mix_rows(rows, args.mix)
-    if args.tiny:
-        lengths = [min(n, 12) for n in lengths]
+    data, lengths = job_rows(args.rows, args.mix, args.tiny)
     write_media(work / "media", data, args.seconds)
     if args.engine_only:
         result = run_engine_only(work, data, lengths, args.mix, args.tiny)
