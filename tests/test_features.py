@@ -11,6 +11,7 @@ import pytest
 import synth
 import torch
 
+from model.media import feature_files
 from model.media import features as features_module
 from model.media.features import FeatureCache, encode_files
 from model.media.preprocess import MediaError
@@ -200,7 +201,7 @@ def test_failed_write_leaves_nothing(tmp_path, audio_files, monkeypatch):
         Path(filename).write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(features_module, "save_file", killed)
+    monkeypatch.setattr(feature_files, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
         cache.put("audio", audio_files[0], torch.ones(3, 4))
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []

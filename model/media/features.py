@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from model.io.files import read_memo, write_memo, written_atomically
+from model.io.files import read_memo, write_memo
 from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import CALL_FILES, NonFiniteFeatures
+from model.media.feature_files import entry_file, read_entry, write_entry
 from model.media.file_hashes import SAVE_EVERY_S, FileHashes
 from model.media.preprocess import MODALITIES, MediaError, check_file
 
@@ -139,44 +138,33 @@ class FeatureCache:
         """sha256 of the file's bytes, remembered by the file's identity (model/media/file_hashes.py)."""
         return self.hashes.digest(Path(path))
 
+    def entries(self, modality: str) -> Path:
+        """The folder of this encoder's entries in this modality's mode (model/media/feature_files.py names them)."""
+        return self.root / _digest(f"{self.encoder_fingerprint}\0{self.weights}") / self.mode(modality)
+
     def entry(self, modality: str, path: str | Path, digest: str | None = None) -> Path:
         """Where the features of this file live (whether or not they exist yet); `digest`: its `file_hash`, where the
         caller has it (a job's lookup hashes each file once, its store reuses it)."""
-        digest = digest or self.file_hash(path)
-        encoder = _digest(f"{self.encoder_fingerprint}\0{self.weights}")
-        return self.root / encoder / self.mode(modality) / digest[:2] / f"{digest}.safetensors"
+        return entry_file(self.entries(modality), digest or self.file_hash(path))
 
-    def get(self, modality: str, path: str | Path, digest: str | None = None) -> torch.Tensor | None:
-        """Cached [k, D] features, or None on a miss. A corrupt entry (or one holding NaN or Inf) is deleted and
-        counts as a miss."""
-        entry = self.entry(modality, path, digest)
-        if not entry.is_file():
-            return None
-        try:
-            features = load_file(entry)["features"]
-        except (SafetensorError, OSError, KeyError, ValueError):
-            features = None
-        if features is None or features.ndim != 2 or not torch.isfinite(features).all():
-            entry.unlink(missing_ok=True)
-            return None
-        return features
-
-    def put(self, modality: str, path: str | Path, features: torch.Tensor, digest: str | None = None) -> None:
-        """Store [k, D] features for this file, atomically; never NaN or Inf, which would answer every later job that
-        reads them. Not fsync'd: an entry a crash left unreadable is dropped and encoded again on the next read."""
-        if features.ndim != 2:
-            raise ValueError(f"expected [k, D] features, got shape {tuple(features.shape)}")
-        if not torch.isfinite(features).all():
-            raise ValueError(f"{path}: features are not finite (NaN or Inf), not cached")
-        entry = self.entry(modality, path, digest)
-        metadata = {
+    def metadata(self, modality: str, path: str | Path) -> dict[str, str]:
+        """What an entry says of itself: the encoder, its mode and the file it was computed from."""
+        return {
             "fingerprint": self.encoder_fingerprint,
             "weights": self.weights,
             "mode": self.mode(modality),
             "source": str(path),
         }
-        with written_atomically(entry, fsync=False) as tmp:
-            save_file({"features": features.detach().cpu().contiguous()}, tmp, metadata=metadata)
+
+    def get(self, modality: str, path: str | Path, digest: str | None = None) -> torch.Tensor | None:
+        """Cached [k, D] features, or None on a miss. A corrupt entry (or one holding NaN or Inf) is deleted and
+        counts as a miss."""
+        return read_entry(self.entry(modality, path, digest))
+
+    def put(self, modality: str, path: str | Path, features: torch.Tensor, digest: str | None = None) -> None:
+        """Store [k, D] features for this file, atomically; never NaN or Inf, which would answer every later job that
+        reads them. Not fsync'd: an entry a crash left unreadable is dropped and encoded again on the next read."""
+        write_entry(self.entry(modality, path, digest), features, self.metadata(modality, path))
 
 
 @dataclass
