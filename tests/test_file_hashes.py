@@ -129,3 +129,47 @@ def test_a_save_soon_after_the_last_waits_for_the_next(tmp_path, settled_at_once
     assert list(memo()) == [str(a.resolve())]
     hashes.save()
     assert list(memo()) == [str(a.resolve()), str(b.resolve())]
+
+
+def test_hash_file_gives_the_memos_record_and_known_takes_it_back_only_for_the_same_file(tmp_path, reads):
+    """What a decoding process hashes (`hash_file`) and the job's process remembers (`remember`), then finds by a
+    stat (`known`): the record is the file's identity and hashlib's sha256, and it answers only for that file as it
+    was (a rewrite of the same size, with its mtime set back, is not known)."""
+    media = tmp_path / "link" / ".." / "a.wav"
+    (tmp_path / "link").mkdir()
+    media.write_bytes(b"z" * 3000)
+    key, record, settled = file_hashes.hash_file(media)
+    st = os.stat(media)
+    assert key == str((tmp_path / "a.wav").resolve())
+    assert record == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, sha256(media)]
+    assert not settled and reads[0] == 1  # written just now: within SETTLED_NS of its ctime
+    hashes = FileHashes(tmp_path / "cache")
+    assert hashes.known(media) is None
+    hashes.remember(key, record, settled)
+    assert hashes.known(media) == sha256(media) and hashes.digest(media) == sha256(media) and reads[0] == 1
+    assert hashes.known(tmp_path / "gone.wav") is None
+    time.sleep(0.05)
+    media.write_bytes(b"w" * 3000)
+    os.utime(media, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert hashes.known(media) is None
+    with pytest.raises(file_hashes.MediaError, match="no such file"):
+        file_hashes.hash_file(tmp_path / "gone.wav")
+    os.mkfifo(tmp_path / "fifo.wav")
+    with pytest.raises(file_hashes.MediaError, match="not a regular file"):
+        file_hashes.hash_file(tmp_path / "fifo.wav")  # never blocks: opened non-blocking, checked before a read
+    assert hashes.known(tmp_path / "fifo.wav") is None
+
+
+def test_only_settled_records_are_saved(tmp_path, settled_at_once):
+    """`remember`'s settled flag (hash_file's) decides what a save keeps on disk for the next process."""
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    a.write_bytes(b"a" * 10)
+    b.write_bytes(b"b" * 10)
+    time.sleep(0.01)
+    hashes = FileHashes(tmp_path / "cache")
+    for path, settled in ((a, True), (b, False)):
+        key, record, _ = file_hashes.hash_file(path)
+        hashes.remember(key, record, settled)
+    hashes.save()
+    later = FileHashes(tmp_path / "cache")
+    assert later.known(a) == sha256(a) and later.known(b) is None

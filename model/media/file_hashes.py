@@ -40,6 +40,30 @@ def _is_record(key: str, record: object) -> bool:
     )
 
 
+def _identity(st: os.stat_result) -> list[int]:
+    """[size, mtime, ctime, inode, device]: a record's first five fields."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def hash_file(path: Path) -> tuple[str, list, bool]:
+    """sha256 of the file's bytes, as (memo key, record, settled): the key is the resolved path, the record
+    [size, mtime, ctime, inode, device, sha256], and `settled` whether the record may be kept on disk (SETTLED_NS).
+    Only a regular file is read (checked on the opened descriptor, which a FIFO or device cannot block in
+    non-blocking mode). A module function, so the decoding processes hash beside the job's process
+    (model/media/decoders.py) and hand the record back to its `FileHashes.remember`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise MediaError(path, "no such file") from e
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MediaError(path, "not a regular file")
+        settled = time.time_ns() - st.st_ctime_ns > SETTLED_NS  # taken before the bytes are read
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return str(path.resolve()), [*_identity(st), digest], settled
+
+
 class FileHashes:
     """Files' sha256, remembered for this object's life and, under `root`, across processes (`save`). Thread-safe:
     a job's lookups hash in several threads."""
@@ -47,36 +71,45 @@ class FileHashes:
     def __init__(self, root: Path | None) -> None:
         self.path = root / HASHES_FILE if root is not None else None
         self.lock = threading.Lock()
-        self.known: dict[str, list] | None = None  # read from disk at first use
+        self.memo: dict[str, list] | None = None  # read from disk at first use
         self.settled: dict[str, list] = {}  # hashed here and safe to keep on disk, not saved yet
         self.saved_at = -float("inf")  # time.monotonic() of the last save
 
-    def digest(self, path: Path) -> str:
-        """sha256 of the file's bytes. Only a regular file is read (checked on the opened descriptor, which a FIFO or
-        device cannot block in non-blocking mode)."""
+    def _memo(self) -> dict[str, list]:
+        """The remembered records, read from disk at first use. Called holding the lock."""
+        if self.memo is None:
+            self.memo = read_memo(self.path, _is_record) if self.path is not None else {}
+        return self.memo
+
+    def known(self, path: Path) -> str | None:
+        """The remembered sha256 of a regular file whose identity (a stat: no byte read) is the one it was hashed
+        with, else None (a file missing, changed or never hashed)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as e:
-            raise MediaError(path, "no such file") from e
-        with open(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise MediaError(path, "not a regular file")
-            key = str(path.resolve())
-            identity = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
-            with self.lock:
-                if self.known is None:
-                    self.known = read_memo(self.path, _is_record) if self.path is not None else {}
-                record = self.known.get(key)
-            if record is not None and record[:5] == identity:
-                return record[5]
-            settled = time.time_ns() - st.st_ctime_ns > SETTLED_NS  # taken before the bytes are read
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        key = str(path.resolve())
         with self.lock:
-            self.known[key] = [*identity, digest]
+            record = self._memo().get(key)
+        return record[5] if record is not None and record[:5] == _identity(st) else None
+
+    def remember(self, key: str, record: list, settled: bool) -> None:
+        """A `hash_file` result, for this process and, if `settled`, for the memo on disk at the next `save`."""
+        with self.lock:
+            self._memo()[key] = record
             if settled:
-                self.settled[key] = self.known[key]
-        return digest
+                self.settled[key] = record
+
+    def digest(self, path: Path) -> str:
+        """sha256 of the file's bytes: remembered, else hashed (`hash_file`) and remembered."""
+        digest = self.known(path)
+        if digest is not None:
+            return digest
+        key, record, settled = hash_file(path)
+        self.remember(key, record, settled)
+        return record[5]
 
     def save(self, at_most_every: float = 0.0) -> None:
         """Adds this process's settled digests to the memo on disk (merged with what other processes wrote there
