@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -362,100 +363,6 @@ def test_an_unreadable_digest_memo_costs_a_rehash(tmp_path, weights, counted_dig
     assert len(counted_digest) == 2  # the memo was rewritten
 
 
-@pytest.mark.slow
-def test_decoding_processes_give_the_threads_inputs_and_errors(tmp_path):
-    """A long job's media decode in processes (model/media/decoders.py): the pool starts without holding up its
-    caller, each file's encoder input is the one the threads give, bit for bit, and a bad file's MediaError comes
-    back across the process boundary naming it."""
-    import multiprocessing
-
-    from model.media.decoders import DecodeProcesses, in_threads
-
-    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0 + i, freq=200.0 * (i + 1)) for i in range(3)]
-    paths.append(synth.write_garbage(tmp_path / "bad.wav"))
-    threads = in_threads(2)("audio", paths)
-    begin = time.monotonic()
-    with DecodeProcesses(2) as decode:
-        # the forkserver imports torch before the first process exists (seconds): not on the caller's thread, which
-        # builds the engine meanwhile
-        assert time.monotonic() - begin < 0.5
-        decode.starting.join()  # a call before the pool is up would decode on this thread
-        processes = list(decode("audio", paths))  # taken before the pool closes
-        assert len(multiprocessing.active_children()) == 2
-    for a, b in zip(threads[:3], processes[:3], strict=True):
-        assert torch.equal(a, b)
-    assert isinstance(processes[3], MediaError) and processes[3].path == str(paths[3])
-    assert processes[3].reason == threads[3].reason
-
-
-def test_a_small_call_while_the_decoding_processes_start_is_decoded_by_the_caller(tmp_path, monkeypatch):
-    """The pool's start (the forkserver importing torch: seconds) does not hold up a job's first media group: a call
-    of at most CALLER_DECODES files made before the pool is up is decoded on the calling thread, as the threads would
-    decode it, and no worker is started (a larger call waits for the pool: the slow test of the processes)."""
-    import multiprocessing
-    import threading
-
-    from model.media import decoders
-
-    up = threading.Event()
-    monkeypatch.setattr(decoders.DecodeProcesses, "_start", lambda self: up.wait(30))
-    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=300.0 * (i + 1)) for i in range(3)]
-    paths.append(synth.write_garbage(tmp_path / "bad.wav"))
-    expected = decoders.in_threads(2)("audio", paths)
-    decode = decoders.DecodeProcesses(2)
-    pooled = []
-    threads = ThreadPoolExecutor(2)
-    decode.pool.submit = lambda fn, modality, files: pooled.append(len(files)) or threads.submit(fn, modality, files)
-    try:
-        got = decode("audio", paths)
-        assert not multiprocessing.active_children() and not pooled
-        monkeypatch.setattr(decoders, "CALLER_DECODES", len(paths) - 1)
-        assert [type(x) for x in decode("audio", paths)] == [type(x) for x in got] and pooled == [1, 1, 1, 1]
-    finally:
-        threads.shutdown()
-        up.set()
-        decode.close()
-    for a, b in zip(expected[:3], got[:3], strict=True):
-        assert torch.equal(a, b)
-    assert isinstance(got[3], MediaError) and got[3].reason == expected[3].reason
-
-
-def test_a_call_to_the_decoding_processes_returns_before_its_files_are_decoded(tmp_path, monkeypatch):
-    """A job's loader looks up its next group while the processes decode this one: a call returns at once, each
-    chunk of files comes back as one stacked tensor (model/media/decoders.py: a tensor a file cost the job a socket
-    handshake each) and the sequence gives every file's input, or its error, in order, as the threads would."""
-    import threading
-
-    from model.media import decoders
-
-    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=250.0 * (i + 1)) for i in range(6)]
-    paths.insert(2, synth.write_garbage(tmp_path / "bad.wav"))
-    expected = decoders.in_threads(2)("audio", paths)
-    go = threading.Event()
-    real = decoders.load_or_error
-    monkeypatch.setattr(decoders, "load_or_error", lambda m, p: go.wait(30) and real(m, p))
-    monkeypatch.setattr(decoders.DecodeProcesses, "_start", lambda self: None)
-    decode = decoders.DecodeProcesses(1)
-    chunks = []
-    with ThreadPoolExecutor(2) as threads:
-
-        def submit(fn, modality, files):
-            chunks.append(threads.submit(fn, modality, files))
-            return chunks[-1]
-
-        decode.pool.submit = submit
-        decode.starting.join()
-        got = decode("audio", paths)
-        assert len(got) == len(paths) and not any(c.done() for c in chunks)  # nothing decoded yet
-        go.set()
-        stacked = [c.result()[0] for c in chunks]
-        assert [len(s) for s in stacked] == [2, 3, 1]  # 7 files, 1 process: chunks of 7 // 2 = 3, one bad file
-        assert [type(x) for x in got] == [type(x) for x in expected]
-        for a, b in zip(got, expected, strict=True):
-            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else (a.path, a.reason) == (b.path, b.reason)
-    decode.close()
-
-
 def test_decoding_processes_run_one_intra_op_thread_at_the_jobs_priority():
     """Each decoding process is one of many: one intra-op thread (not one per core each), and the job's own CPU
     priority (a lower one slowed the engine's build beside them instead of speeding it)."""
@@ -466,32 +373,6 @@ def test_decoding_processes_run_one_intra_op_thread_at_the_jobs_priority():
         threads = [decode.pool.submit(torch.get_num_threads) for _ in range(4)]
         assert {f.result() for f in nice} == {os.nice(0)}
         assert {f.result() for f in threads} == {1}
-
-
-def test_decoded_chunks_are_one_tensor_each_and_arrive_in_order_as_far_as_asked(tmp_path):
-    """`decode_chunk` stacks a chunk's good inputs and keeps each bad file's error in its place; `Arriving` waits
-    only for the chunks an index reaches (a later chunk that failed is not raised for an earlier file)."""
-    from concurrent.futures import Future
-
-    from model.media.decoders import Arriving, decode_chunk, load_or_error
-
-    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=400.0 + 100 * i) for i in range(3)]
-    paths.insert(1, synth.write_garbage(tmp_path / "bad.wav"))
-    stacked, rows = decode_chunk("audio", paths)
-    assert stacked.shape[0] == 3 and rows[0] == 0 and isinstance(rows[1], MediaError) and rows[2:] == [1, 2]
-    for p, row in zip(paths, rows, strict=True):
-        if isinstance(row, int):
-            assert torch.equal(stacked[row], load_or_error("audio", p))
-    done, failed = Future(), Future()
-    done.set_result((stacked, rows))
-    failed.set_exception(RuntimeError("a worker died"))
-    arriving = Arriving([done, failed], len(paths) + 2)
-    assert torch.equal(arriving[3], stacked[2]) and arriving[1] is rows[1] and len(arriving[0:4]) == 4
-    with pytest.raises(RuntimeError, match="a worker died"):
-        arriving[4]
-    with pytest.raises(IndexError):
-        arriving[6]
-    assert decode_chunk("audio", [paths[1]])[0] is None
 
 
 def test_prefetch_starts_loading_before_it_is_iterated_and_stays_depth_ahead():
@@ -627,3 +508,375 @@ def test_a_file_is_identified_once_from_its_lookup_to_its_store(tmp_path, audio_
     encode_files(FakeEncoder(), cache, "audio", audio_files[:3], batch_size=2)
     assert sorted(map(str, calls)) == sorted(map(str, audio_files[:3]))
     assert all(cache.entry("audio", p).is_file() for p in audio_files[:3])
+
+
+# The loader's per-file work in the decoding processes (model/media/decoders.py `find_chunk`, `write_entries`;
+# model/media/features.py `look_up_in`, `ProcessStores`): what it gives must be what the threads' path gives.
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """How many files' bytes were hashed (in this process)."""
+    from model.media import file_hashes
+
+    count = [0]
+    real = hashlib.file_digest
+
+    def file_digest(f, name):
+        count[0] += 1
+        return real(f, name)
+
+    monkeypatch.setattr(file_hashes.hashlib, "file_digest", file_digest)
+    return count
+
+
+@pytest.fixture
+def threaded_pool(monkeypatch):
+    """DecodeProcesses on threads of this process: the real class and process-side functions, no process started."""
+    from model.media import decoders
+
+    monkeypatch.setattr(decoders, "ProcessPoolExecutor", lambda workers, **kwargs: ThreadPoolExecutor(workers))
+
+
+def same(a, b) -> None:
+    """Two results of a lookup, a decoding or an encoding: equal tensors (dtype too), errors of the same path and
+    reason, or both None."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, MediaError):
+        assert isinstance(b, MediaError) and (a.path, a.reason) == (b.path, b.reason)
+    else:
+        assert a is None and b is None
+
+
+def same_lookup(got, expected) -> None:
+    """(Lookup, inputs) pairs: the same results, content groups, keys and missed contents' inputs."""
+    (lookup, inputs), (want, want_inputs) = got, expected
+    assert list(map(str, lookup.paths)) == list(map(str, want.paths))
+    assert lookup.misses == want.misses and lookup.keys == want.keys
+    assert len(lookup.results) == len(want.results) and len(inputs) == len(want_inputs)
+    for a, b in zip([*lookup.results, *inputs], [*want.results, *want_inputs], strict=True):
+        same(a, b)
+
+
+def threads_lookup(cache, modality, paths):
+    """The threads' path: `look_up`, then the misses decoded in threads."""
+    from model.media.decoders import in_threads
+    from model.media.features import look_up
+
+    lookup = look_up(cache, modality, paths)
+    return lookup, list(in_threads(2)(modality, lookup.first_paths()))
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Audio files of every kind a lookup meets, in an order that puts copies of one content in different chunks:
+    good ones, a copy of one, a corrupt one and its copy, a missing one, one of another type, a FIFO."""
+    wavs = [synth.write_wav(tmp_path / f"m{i}.wav", 0.5, 300.0 + 50 * i) for i in range(4)]
+    copy, bad = tmp_path / "copy.wav", synth.write_garbage(tmp_path / "bad.wav")
+    copy.write_bytes(wavs[1].read_bytes())
+    (tmp_path / "bad2.wav").write_bytes(bad.read_bytes())
+    (tmp_path / "notes.txt").write_text("not audio")
+    os.mkfifo(tmp_path / "fifo.wav")
+    names = ["m0", "m1", "bad", "gone", "m2", "notes.txt", "copy", "m3", "fifo", "bad2", "m1"]
+    return [tmp_path / (n if "." in n else f"{n}.wav") for n in names]
+
+
+def cache_with_two_entries(root: Path, paths: list[Path], pooled: bool) -> FeatureCache:
+    """A cache holding features of m0 and m1, the two files of the first chunk (distinct values, so a swapped row
+    would show)."""
+    cache = FeatureCache(root, FakeEncoder.fingerprint, pooled=pooled)
+    k = 1 if pooled else 3
+    cache.put("audio", paths[0], torch.arange(4.0 * k).view(k, 4))
+    cache.put("audio", paths[1], -torch.arange(4.0 * k).view(k, 4))
+    return cache
+
+
+def test_a_chunk_is_checked_hashed_looked_up_and_decoded_in_one_call(tmp_path, audio_files, reads):
+    """`find_chunk` (what a decoding process runs), here in this process: a hit comes back with its entry's features
+    whatever their shape or dtype, a miss with its decoded input, a bad file with its error; a file whose digest the
+    job remembers is not hashed, the others' records are hashlib's sha256 of their bytes; a corrupt or non-finite
+    entry is deleted and decoded as a miss; a second file of a content already in the chunk is not read again."""
+    from safetensors.torch import save_file
+
+    from model.media.decoders import find_chunk
+    from model.media.feature_files import entry_file, write_entry
+    from model.media.preprocess import load_media
+
+    cache = FeatureCache(tmp_path / "cache", FakeEncoder.fingerprint)
+    entries = cache.entries("audio")
+    a, b, c, d, e = audio_files
+    garbage, copy = synth.write_garbage(tmp_path / "bad.wav"), tmp_path / "copy.wav"
+    copy.write_bytes(e.read_bytes())
+    write_entry(entry_file(entries, sha256(a)), torch.arange(12.0).view(3, 4), {})
+    write_entry(entry_file(entries, sha256(b)), torch.ones(1, 6, dtype=torch.float16), {})  # another shape, dtype
+    write_entry(entry_file(entries, sha256(c)), torch.ones(3, 4), {})
+    entry_file(entries, sha256(c)).write_bytes(entry_file(entries, sha256(c)).read_bytes()[:40])  # truncated
+    entry_file(entries, sha256(d)).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": torch.full((3, 4), float("nan"))}, entry_file(entries, sha256(d)))
+    paths = [a, garbage, b, c, tmp_path / "gone.wav", d, e, copy]
+    digests = [sha256(b) if p == b else None for p in paths]  # b's digest is remembered by the job
+
+    found = find_chunk("audio", paths, digests, entries)
+    hashed = [a, garbage, c, d, e, copy]
+    assert reads[0] == len(hashed)
+    assert {key: record[5] for key, record, _ in found.hashed} == {str(p.resolve()): sha256(p) for p in hashed}
+    for p, (_, record, _) in zip(hashed, found.hashed, strict=True):
+        st = os.stat(p)
+        assert record[:5] == [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    hits = found.features()
+    assert torch.equal(hits[0], torch.arange(12.0).view(3, 4))
+    assert hits[1].dtype == torch.float16 and torch.equal(hits[1], torch.ones(1, 6, dtype=torch.float16))
+    assert [f[:2] for f in found.files if not isinstance(f, MediaError)] == [
+        (sha256(a), True), (sha256(garbage), False), (sha256(b), True), (sha256(c), False), (sha256(d), False),
+        (sha256(e), False), (sha256(e), False),
+    ]  # fmt: skip
+    rows = [f[2] for f in found.files if not isinstance(f, MediaError)]
+    assert rows[0] == 0 and rows[2] == 1 and rows[3:] == [0, 1, 2, 2]  # the copy shares e's row
+    assert isinstance(rows[1], MediaError) and "unreadable" in rows[1].reason
+    assert isinstance(found.files[4], MediaError) and found.files[4].reason == "no such file"
+    assert found.inputs.shape[0] == 3
+    for row, p in enumerate([c, d, e]):
+        assert torch.equal(found.inputs[row], load_media("audio", p))
+    assert not entry_file(entries, sha256(c)).exists() and not entry_file(entries, sha256(d)).exists()
+
+
+def test_a_chunk_without_a_cache_is_decoded_without_hashing(tmp_path, audio_files, reads):
+    from model.media.decoders import find_chunk
+    from model.media.preprocess import load_media
+
+    copy = tmp_path / "copy.wav"
+    copy.write_bytes(audio_files[0].read_bytes())
+    found = find_chunk("audio", [audio_files[0], synth.write_garbage(tmp_path / "bad.wav"), copy], None, None)
+    assert reads[0] == 0 and found.hashed == [] and found.hits is None
+    assert [f[:2] for f in found.files] == [(None, False)] * 3  # each file a content of its own
+    assert [f[2] for f in found.files][::2] == [0, 1] and isinstance(found.files[1][2], MediaError)
+    assert torch.equal(found.inputs[0], load_media("audio", audio_files[0])) and torch.equal(*found.inputs)
+
+
+@pytest.mark.parametrize("kind", ["no cache", "per clip", "pooled"])
+def test_a_lookup_in_the_processes_gives_what_the_threads_give(tmp_path, mixed, threaded_pool, reads, kind):
+    """`look_up_in` (the processes' path) against `look_up` and decoding in threads, on the same files and equal
+    caches: the same hits, errors, content groups, keys and missed inputs, chunk after chunk. With a cache, the
+    digests the processes computed are remembered, saved for the next job, and not computed again."""
+    from model.media import file_hashes
+    from model.media.decoders import DecodeProcesses
+    from model.media.features import look_up_in
+
+    caches = {}
+    for name in ("threads", "processes"):
+        caches[name] = None if kind == "no cache" else cache_with_two_entries(tmp_path / name, mixed, kind == "pooled")
+    expected = threads_lookup(caches["threads"], "audio", mixed)
+    cache = caches["processes"]
+    # each path the job does not remember a digest of (m0 and m1 were hashed to be stored) is hashed in its chunk,
+    # a path given twice, in two chunks, twice (a job's group names each file once)
+    good = [p for p in mixed if p.suffix == ".wav" and p.is_file()]
+    unknown = [p for p in good if cache is not None and cache.hashes.known(p) is None]
+    before = reads[0]
+    with DecodeProcesses(2) as decoders:  # 11 files on 2 "processes": chunks of 2
+        got = look_up_in(decoders, cache, "audio", mixed).result()
+        same_lookup(got, expected)
+        assert any(isinstance(r, torch.Tensor) for r in got[0].results) == (kind != "no cache")
+        assert reads[0] - before == len(unknown)  # no cache: nothing hashed
+        if cache is None:
+            return
+        assert len(unknown) == len(good) - 3 and all(cache.hashes.known(p) == sha256(p) for p in good)
+        assert not (tmp_path / "processes" / file_hashes.HASHES_FILE).exists()  # written just now: not settled
+        again = look_up_in(decoders, cache, "audio", mixed)
+        same_lookup(again.result(), expected)
+        assert reads[0] - before == len(unknown)  # remembered: sent along, not hashed again
+
+
+def test_the_digests_a_lookup_in_the_processes_learned_are_saved_for_the_next_job(
+    tmp_path, mixed, threaded_pool, reads, monkeypatch
+):
+    from model.media import file_hashes
+    from model.media.decoders import DecodeProcesses
+    from model.media.features import look_up_in
+
+    monkeypatch.setattr(file_hashes, "SETTLED_NS", 0)
+    time.sleep(0.01)
+    good = [p for p in mixed if p.suffix == ".wav" and p.is_file()]  # one file twice, in two chunks: hashed twice
+    with DecodeProcesses(2) as decoders:
+        look_up_in(decoders, FeatureCache(tmp_path / "cache", "fake-v1"), "audio", mixed).result()
+        assert reads[0] == len(good)
+        later = FeatureCache(tmp_path / "cache", "fake-v1")  # the next job's
+        assert all(later.hashes.known(p) == sha256(p) for p in good)
+        look_up_in(decoders, later, "audio", mixed).result()
+        assert reads[0] == len(good)
+
+
+def test_a_lookup_in_the_processes_returns_before_its_files_are_found(tmp_path, monkeypatch, threaded_pool):
+    """A job's loader looks up its next group while the processes work on this one: the call returns at once, each
+    chunk comes back as at most two tensors (model/media/decoders.py: a tensor a file cost the job a socket
+    handshake each), and the result waits for every chunk."""
+    import threading
+
+    from model.media import decoders
+    from model.media.features import look_up_in
+
+    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=250.0 + 100 * i) for i in range(6)]
+    paths.insert(2, synth.write_garbage(tmp_path / "bad.wav"))
+    expected = threads_lookup(None, "audio", paths)
+    go = threading.Event()
+    real = decoders.load_or_error
+    monkeypatch.setattr(decoders, "load_or_error", lambda m, p: go.wait(30) and real(m, p))
+    with decoders.DecodeProcesses(1) as pool:
+        given = look_up_in(pool, None, "audio", paths)
+        assert len(given.chunks) == 3 and not any(c.done() for c in given.chunks)  # 7 files: chunks of 7 // 2 = 3
+        go.set()
+        same_lookup(given.result(), expected)
+        assert [c.result().inputs.shape[0] for c in given.chunks] == [2, 3, 1]  # one bad file, no hits
+        assert all(c.result().hits is None for c in given.chunks)
+
+
+def test_a_small_group_while_the_decoding_processes_start_is_done_by_the_caller(tmp_path, monkeypatch):
+    """The pool's start (the forkserver importing torch: seconds) does not hold up a job's first media group: a group
+    of at most CALLER_DECODES files of a modality, looked up while the pool starts, is done in this process, as the
+    threads do it, and no worker is started; a larger one goes to the pool (a submit waits for its start)."""
+    import multiprocessing
+    import threading
+    from types import SimpleNamespace
+
+    from model.data.catalog import load_rows
+    from model.data.row_features import decode_media
+    from model.media import decoders
+
+    up = threading.Event()
+    monkeypatch.setattr(decoders.DecodeProcesses, "_start", lambda self: up.wait(30))
+    paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=300.0 * (i + 1)) for i in range(3)]
+    paths.append(synth.write_garbage(tmp_path / "bad.wav"))
+    rows = load_rows(synth.write_dataset(tmp_path, [synth.make_row(p.stem, [("audio", p.name)]) for p in paths]))[0]
+    model = SimpleNamespace(visual_encoder=FakeEncoder())
+    expected = threads_lookup(FeatureCache(tmp_path / "threads", "fake-v1"), "audio", paths)
+    decode = decoders.DecodeProcesses(2)
+    pooled, threads = [], ThreadPoolExecutor(2)
+    decode.pool.submit = lambda fn, *args: pooled.append(fn.__name__) or threads.submit(fn, *args)
+    try:
+        media = decode_media(model, rows, tmp_path, FeatureCache(tmp_path / "caller", "fake-v1"), 2, decode)
+        assert not multiprocessing.active_children() and not pooled
+        same_lookup(media.decoded[0].result(), expected)
+        monkeypatch.setattr(decoders, "CALLER_DECODES", len(paths) - 1)
+        media = decode_media(model, rows, tmp_path, FeatureCache(tmp_path / "pool", "fake-v1"), 2, decode)
+        same_lookup(media.decoded[0].result(), expected)
+        assert pooled == ["find_chunk"] * 4
+    finally:
+        threads.shutdown()
+        up.set()
+        decode.close()
+
+
+def test_process_stores_write_what_the_cache_writes_a_batch_at_a_time(tmp_path, audio_files, threaded_pool):
+    """`ProcessStores` hands each batch's features to the processes as one tensor (`DecodeProcesses.write`); the
+    entries written are those `FeatureCache.put` writes: the same place, features, dtype and metadata."""
+    from safetensors import safe_open
+
+    from model.media.decoders import DecodeProcesses, in_threads
+    from model.media.features import ProcessStores, encode_misses, look_up
+
+    expected = FeatureCache(tmp_path / "threads", FakeEncoder.fingerprint)
+    want = encode_files(FakeEncoder(), expected, "audio", audio_files, batch_size=2)
+    cache = FeatureCache(tmp_path / "processes", FakeEncoder.fingerprint)
+    handed = []
+    with DecodeProcesses(2) as decoders:
+        decoders.starting.join()
+        real_write = decoders.write
+        decoders.write = lambda entries, features, metadata: (
+            handed.append(features.shape) or real_write(entries, features, metadata)
+        )
+        stores = ProcessStores(decoders)
+        lookup = look_up(cache, "audio", audio_files)
+        decode = in_threads(1)
+        got = encode_misses(
+            FakeEncoder(), cache, lookup, lambda a, b: decode("audio", lookup.first_paths(a, b)), 2, stores=stores
+        )
+        stores.wait()
+    assert handed == [(2, 3, 4), (2, 3, 4), (1, 3, 4)]
+    for path, a, b in zip(audio_files, got, want, strict=True):
+        same(a, b)
+        entry, want_entry = cache.entry("audio", path), expected.entry("audio", path)
+        assert entry.relative_to(cache.root) == want_entry.relative_to(expected.root)
+        same(FeatureCache(cache.root, FakeEncoder.fingerprint).get("audio", path), expected.get("audio", path))
+        with safe_open(entry, "pt") as f, safe_open(want_entry, "pt") as g:
+            assert f.metadata() == g.metadata() and f.metadata()["source"] == str(path)
+
+
+def test_a_failed_store_in_the_processes_is_raised_at_the_next_put_or_at_wait(tmp_path, audio_files, threaded_pool):
+    """A write that failed in a process (a full disk) is never lost: the next batch handed over raises it, and so
+    does waiting for the stores; a batch handed over while the pool starts is written, or fails, on this thread."""
+    import threading
+    from concurrent.futures import wait
+
+    from model.media import decoders
+    from model.media.features import ProcessStores
+
+    def full(entry, features, metadata):
+        raise OSError(28, "No space left on device")
+
+    cache = FeatureCache(tmp_path / "cache", FakeEncoder.fingerprint)
+    items = [(audio_files[0], sha256(audio_files[0]), torch.ones(3, 4))]
+    with pytest.MonkeyPatch.context() as patch, decoders.DecodeProcesses(1) as pool:
+        patch.setattr(decoders, "write_entry", full)
+        pool.starting.join()
+        stores = ProcessStores(pool)
+        stores.put(cache, "audio", items)
+        wait(stores.writes)
+        with pytest.raises(OSError, match="No space"):
+            stores.put(cache, "audio", items)
+        last = ProcessStores(pool)
+        last.put(cache, "audio", items)
+        with pytest.raises(OSError, match="No space"):
+            last.wait()
+    with pytest.MonkeyPatch.context() as patch:
+        up = threading.Event()
+        patch.setattr(decoders.DecodeProcesses, "_start", lambda self: up.wait(30))
+        starting = decoders.DecodeProcesses(1)
+        try:
+            stores = ProcessStores(starting)
+            stores.put(cache, "audio", items)
+            assert stores.writes == [] and torch.equal(cache.get("audio", audio_files[0]), torch.ones(3, 4))
+            patch.setattr(decoders, "write_entry", full)
+            with pytest.raises(OSError, match="No space"):
+                stores.put(cache, "audio", items)
+        finally:
+            up.set()
+            starting.close()
+
+
+@pytest.mark.slow
+def test_a_group_found_and_stored_by_real_processes_equals_the_threads(tmp_path, mixed):
+    """`DecodeProcesses(2)`: the pool starts without holding up its caller; a group looked up, decoded, encoded and
+    stored through the processes gives the threads' results bit for bit (a bad file's MediaError crossing the process
+    boundary naming it), and a second lookup of the group gets every good file as a hit, hashing none again."""
+    import multiprocessing
+
+    from model.media.decoders import DecodeProcesses
+    from model.media.features import ProcessStores, encode_misses, look_up_in
+
+    expected_cache = FeatureCache(tmp_path / "threads", FakeEncoder.fingerprint)
+    expected = threads_lookup(expected_cache, "audio", mixed)
+    cache = FeatureCache(tmp_path / "processes", FakeEncoder.fingerprint)
+    begin = time.monotonic()
+    with DecodeProcesses(2) as decoders:
+        assert time.monotonic() - begin < 0.5  # the forkserver imports torch on a thread of its own
+        decoders.starting.join()
+        got = look_up_in(decoders, cache, "audio", mixed).result()
+        assert len(multiprocessing.active_children()) == 2
+        same_lookup(got, expected)
+        want = encode_misses(FakeEncoder(), expected_cache, expected[0], lambda a, b: expected[1][a:b], 2)
+        stores = ProcessStores(decoders)
+        encoded = encode_misses(FakeEncoder(), cache, got[0], lambda a, b: got[1][a:b], 2, stores=stores)
+        stores.wait()
+        for a, b in zip(encoded, want, strict=True):
+            same(a, b)
+        again = look_up_in(decoders, cache, "audio", mixed)
+        lookup, inputs = again.result()
+        assert all(c.result().hashed == [] for c in again.chunks)
+    for r, w in zip(lookup.results, want, strict=True):
+        if isinstance(w, torch.Tensor):
+            same(r, w)
+    assert len(inputs) == 1 and isinstance(inputs[0], MediaError)  # the corrupt content, decoded again

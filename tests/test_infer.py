@@ -464,47 +464,94 @@ def test_feature_cache_goes_beside_a_dataset_file_given_by_path(tiny_root, tmp_p
     assert any((dataset.parent / ".features").iterdir()) and not (tmp_path / "data").exists()
 
 
-def test_infer_starts_its_decoding_processes_before_loading_the_model_and_the_job_uses_them(
-    tiny_root, tmp_path, monkeypatch
-):
-    """`dr infer` starts the decoding processes before it loads the model (their start, a forkserver importing torch,
-    overlaps the load), the job decodes with them instead of starting its own, and they are closed once, after the
-    job, or when loading fails."""
-    import deepresonance_cli.infer as cli
+@pytest.fixture
+def logged_decoders(monkeypatch):
+    """`dr infer` as a long job on a GPU, with DecodeProcesses on threads (the real class and process-side
+    functions) logging what was done with them: (the log, the job's answers without decoders)."""
+    import concurrent.futures
+
     import model.infer.job as inference
-    from model.media.decoders import in_threads
+    from model.media import decoders
 
     events = []
 
-    class Decoders:  # stands in for DecodeProcesses: threads, and a log of what was done with it
+    class Decoders(decoders.DecodeProcesses):
         def __init__(self, workers):
             events.append("started")
-            self.decode = in_threads(workers)
+            super().__init__(workers)
 
-        def __call__(self, modality, paths):
-            events.append("decoded")
-            return self.decode(modality, paths)
+        def find(self, *args):
+            events.append("found")
+            return super().find(*args)
+
+        def write(self, *args):
+            events.append("written")
+            return super().write(*args)
 
         def close(self):
             events.append("closed")
+            super().close()
 
+    threads = lambda workers, **kwargs: concurrent.futures.ThreadPoolExecutor(workers)  # noqa: E731
+    monkeypatch.setattr(decoders, "ProcessPoolExecutor", threads)
+    monkeypatch.setattr(decoders, "CALLER_DECODES", 0)  # every group through them, started or not
+    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
+    monkeypatch.setattr(inference, "DecodeProcesses", Decoders)
+    return events
+
+
+def test_infer_starts_its_decoding_processes_before_loading_the_model_and_the_job_uses_them(
+    tiny_root, tmp_path, monkeypatch, logged_decoders
+):
+    """`dr infer` starts the decoding processes before it loads the model (their start, a forkserver importing torch,
+    overlaps the load), the job looks its media up and stores their features through them instead of starting its
+    own, answering as a job without them, and they are closed once, after the job, or when loading fails."""
+    import deepresonance_cli.infer as cli
+    import model.infer.job as inference
+
+    events = logged_decoders
     real_load = cli.load
 
     def load(*args, **kwargs):
         events.append("load")
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)  # as a long job on a GPU
-    monkeypatch.setattr(inference, "DecodeProcesses", Decoders)
     monkeypatch.setattr(cli, "load", load)
     dataset = media_dataset(tmp_path / "data", 4)
-    result = runner.invoke(app, infer_args(tiny_root, dataset, tmp_path / "res" / "toy.json", "--batch-size", "2"))
+    out = tmp_path / "res" / "toy.json"
+    result = runner.invoke(app, infer_args(tiny_root, dataset, out, "--batch-size", "2"))
     assert result.exit_code == 0, result.output
-    assert events[:2] == ["started", "load"] and "decoded" in events
+    assert events[:2] == ["started", "load"] and "found" in events and "written" in events
     assert events.count("started") == 1 and events.count("closed") == 1 and events[-1] == "closed"
+    assert len(list((out.parent / "cache").rglob("*.safetensors"))) == 4  # a0.wav, a1.wav, i0.png, v0.mp4
+    monkeypatch.setattr(inference, "processes_for", lambda files, device: 0)
+    plain = tmp_path / "plain" / "toy.json"
+    assert runner.invoke(app, infer_args(tiny_root, dataset, plain, "--batch-size", "2")).exit_code == 0
+    assert json.loads(out.read_text()) == json.loads(plain.read_text())
+    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
     events.clear()
     failed = runner.invoke(app, infer_args(tmp_path / "no-ckpt", dataset, tmp_path / "res2" / "toy.json"))
     assert failed.exit_code != 0 and events == ["started", "load", "closed"]
+
+
+def test_a_feature_file_the_decoding_processes_cannot_write_fails_the_job(
+    tiny_layout, tmp_path, monkeypatch, logged_decoders
+):
+    """A full disk under the feature cache, met by a decoding process: the job fails with that error instead of
+    finishing without its features stored. One row, one write: the job's wait for its stores is what sees it."""
+    from model.media import decoders
+
+    def full(entry, features, metadata):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(decoders, "write_entry", full)
+    rows, _ = load_rows(media_dataset(tmp_path / "data", 1))
+    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
+    cache = FeatureCache.for_encoder(tmp_path / "cache", model.visual_encoder)
+    gen = GenerationConfig(max_new_tokens=3, do_sample=False)
+    with pytest.raises(OSError, match="No space left"):
+        run_inference(model, rows, tmp_path / "data", tmp_path / "out" / "r.json", gen, batch_size=2, cache=cache)
+    assert "written" in logged_decoders and logged_decoders[-1] == "closed"
 
 
 @pytest.mark.slow

@@ -98,7 +98,9 @@ def main() -> None:
             "made, a tensor a file": lambda: list(pool.map(made, range(args.files), chunksize=size)),
             "made, a tensor a chunk": lambda: [t for c in pool.map(made_chunk, indices) for t in c],
             "wavs, a tensor a file": lambda: list(pool.map(partial(load_or_error, "audio"), wavs, chunksize=size)),
-            "wavs, a tensor a chunk (DecodeProcesses)": lambda: list(decoders("audio", wavs)),
+            "wavs, a tensor a chunk (DecodeProcesses)": lambda: [
+                x for c in decoders.find("audio", wavs, None, None) for x in c.result().inputs
+            ],
         }
         for _ in range(args.repeats):
             for busy in (False, True):

@@ -2,8 +2,9 @@
 timed from the pool's construction (the forkserver's preload, one fork a worker, the first decodes). Each variant
 runs in a fresh interpreter (a forkserver is started once a process), variants taking turns.
 
-Variants: the preload `dr` uses (model.media.preprocess: torch, torchaudio, PyAV, PIL), and the same plus
-torchvision (what it imported until 2026-12-06), each decoding ten-second wavs and 224-pixel PNGs.
+Variants: the preload `dr` uses (model.media.decoders, with model.media.preprocess: torch, torchaudio, PyAV, PIL,
+safetensors), and the same plus torchvision (what it imported until 2026-12-06), each decoding ten-second wavs and
+224-pixel PNGs (`DecodeProcesses.find` without a feature cache: every file decoded).
 
     PYTHONPATH=.:tests python benchmarks/profiling/decoder_start.py OUT.json [--workers N] [--repeats N]
 """
@@ -29,8 +30,9 @@ from model.media.decoders import DecodeProcesses
 start = time.perf_counter()
 with DecodeProcesses(workers) as decode:
     decode.starting.join()
-    out = decode(modality, [Path(f) for f in files])
-    print(json.dumps({"seconds": time.perf_counter() - start, "decoded": sum(hasattr(x, "shape") for x in out)}))
+    found = [c.result() for c in decode.find(modality, [Path(f) for f in files], None, None)]
+    decoded = sum(len(f.inputs) for f in found if f.inputs is not None)
+    print(json.dumps({"seconds": time.perf_counter() - start, "decoded": decoded}))
 """
 
 

@@ -184,13 +184,14 @@ def instrument(phases: Phases) -> None:
         return timed
 
     features.in_threads = in_threads
-    phases.wrap(decoders.DecodeProcesses, "__call__", "media decode, processes: a group handed to them")
-    phases.wrap(decoders.Arriving, "__getitem__", "media decode, processes: waiting for a group's inputs")
+    phases.wrap(decoders.DecodeProcesses, "find", "media decode, processes: a group handed to them")
+    phases.wrap(features.LookupInProcesses, "result", "media decode, processes: waiting for a group's inputs")
     phases.wrap(decoders.DecodeProcesses, "_start", "decoding processes started (a thread of their own)")
     phases.wrap(encoder.MediaEncoder, "forward", "encoder forward")
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
     phases.wrap(features.FeatureCache, "get", "cache: read")
     phases.wrap(features.FeatureCache, "put", "cache: write")
+    phases.wrap(features.ProcessStores, "put", "cache: write, handed to the processes")
     phases.wrap(row_features, "decode_media", "decode_media: a group's lookups and decoding (loader stage 1)")
     phases.wrap(row_features, "encode_media", "encode_media: a group's encoding and stores (loader stage 2)")
     phases.wrap(journal.Journal, "write", "journal write")

@@ -33,7 +33,7 @@ from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
 from model.media.decoders import DecodeProcesses, processes_for
-from model.media.features import FeatureCache
+from model.media.features import FeatureCache, ProcessStores
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance, Example
 
@@ -217,19 +217,22 @@ def answer_rows(
     # each call's read-back would wait for every step queued before it
     side = torch.cuda.Stream(model.device, priority=LOADER_PRIORITY) if model.device.type == "cuda" else None
 
-    def decode(group: Sequence[Row]) -> DecodedMedia:
-        return decode_media(model, group, media_root, cache, workers, decoders)
-
-    def encode(media: DecodedMedia) -> list:
-        with torch.cuda.stream(side):  # no-op without one
-            return encode_media(model, media, cache, batch_size, workers)
-
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:
         if decoders is None:  # none started by the caller
             decoders = start_decoders(todo, model.device)
             if decoders is not None:
                 closing.callback(decoders.close)
+        # the feature files are written by the decoding processes too, where there are some (model/media/features.py)
+        stores = ProcessStores(decoders) if decoders is not None else None
+
+        def decode(group: Sequence[Row]) -> DecodedMedia:
+            return decode_media(model, group, media_root, cache, workers, decoders)
+
+        def encode(media: DecodedMedia) -> list:
+            with torch.cuda.stream(side):  # no-op without one
+                return encode_media(model, media, cache, batch_size, workers, stores)
+
         # a group decodes while the one before it is encoded and stored: on one thread, the decoding processes
         # idled through the encoding and the stores (musiccaps on an H100: 11.1 s of decoding in a 17.4 s media
         # wall, benchmarks/results/2026-12-06-h100-pipeline-measured/)
@@ -237,6 +240,11 @@ def answer_rows(
         closing.callback(media.close)
         closing.enter_context(stop)
         decode_rows(model, size, gen, media, journal, summary, stop, on_progress, compile_prefill)
+        if stores is not None:
+            # every feature file written before the job returns and its pool closes (closing cancels what is still
+            # queued), a failed write failing the job; after an error or a Ctrl-C the queued ones are dropped (an
+            # entry is whole or absent: the next job encodes it again)
+            stores.wait()
 
 
 def decode_rows(

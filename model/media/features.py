@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from model.io.files import read_memo, write_memo
-from model.media.decoders import Decode, Decoded, in_threads
+from model.media.decoders import Decode, Decoded, DecodeProcesses, in_threads, write_entries
 from model.media.encoder import CALL_FILES, NonFiniteFeatures
 from model.media.feature_files import entry_file, read_entry, write_entry
 from model.media.file_hashes import SAVE_EVERY_S, FileHashes
@@ -225,6 +225,135 @@ def check_encoder(encoder: Encoder, cache: FeatureCache | None) -> None:
         )
 
 
+class LookupInProcesses:
+    """One modality's files looked up and their misses decoded in the decoding processes (`DecodeProcesses.find`):
+    handed to them at construction, which returns at once; `result()` waits for them and gives what `look_up` and
+    decoding its misses give, (Lookup, each missed content's encoder input or MediaError).
+
+    The job's process only stats each file for a remembered digest (`FileHashes.known`) and receives two tensors a
+    chunk; the processes check, hash, read the cache and decode. Contents are grouped as `look_up` groups them, but
+    two paths of one content in different chunks are both decoded there (the first one's input is used)."""
+
+    def __init__(
+        self, decoders: DecodeProcesses, cache: FeatureCache | None, modality: str, paths: Sequence[str | Path]
+    ) -> None:
+        self.cache, self.modality, self.paths = cache, modality, paths
+        files = [Path(p) for p in paths]
+        digests = [cache.hashes.known(p) for p in files] if cache is not None else None
+        entries = cache.entries(modality) if cache is not None else None
+        self.chunks = decoders.find(modality, files, digests, entries)
+        self.found: tuple[Lookup, list[Decoded]] | None = None
+
+    def result(self) -> tuple[Lookup, list[Decoded]]:
+        if self.found is None:
+            self.found = self._gather()
+        return self.found
+
+    def _gather(self) -> tuple[Lookup, list[Decoded]]:
+        results: list[torch.Tensor | MediaError | None] = [None] * len(self.paths)
+        todo: dict[str, list[int]] = {}  # content key -> indices of paths with that content
+        inputs: list[Decoded] = []  # each missed content's, in the order of `todo`
+        i = 0
+        for chunk in self.chunks:
+            found = chunk.result()
+            hits = found.features()
+            for outcome in found.files:
+                if isinstance(outcome, MediaError):
+                    results[i] = outcome
+                elif outcome[1]:
+                    results[i] = hits[outcome[2]]  # type: ignore[index]
+                else:
+                    key, row = outcome[0] or str(i), outcome[2]
+                    if key not in todo:
+                        inputs.append(row if isinstance(row, MediaError) else found.inputs[row])  # type: ignore[index]
+                    todo.setdefault(key, []).append(i)
+                i += 1
+            if self.cache is not None:
+                for hashed in found.hashed:
+                    self.cache.hashes.remember(*hashed)
+        if self.cache is not None:
+            self.cache.hashes.save(SAVE_EVERY_S)  # as `look_up` does
+        return Lookup(self.modality, self.paths, results, list(todo.values()), list(todo)), inputs
+
+
+def look_up_in(
+    decoders: DecodeProcesses, cache: FeatureCache | None, modality: str, paths: Sequence[str | Path]
+) -> LookupInProcesses:
+    """`look_up` and the misses' decoding, handed to the decoding processes (`LookupInProcesses`)."""
+    return LookupInProcesses(decoders, cache, modality, paths)
+
+
+Stored = tuple[str | Path, str, torch.Tensor]  # a file, its content key (digest) and its [k, D] features
+
+
+class Stores(Protocol):
+    """Where `encode_misses` hands each batch's features for the cache (never NaN or Inf ones)."""
+
+    def put(self, cache: FeatureCache, modality: str, items: list[Stored]) -> None: ...
+
+    def wait(self) -> None:
+        """Until every write handed over has ended; the first failed one raised."""
+        ...
+
+
+class ThreadStores:
+    """`FeatureCache.put` of each file in `workers` threads of this process, while the next batch encodes: the
+    stores of a call without other stores, waited for at its end."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.writes: list[Future] = []
+
+    def put(self, cache: FeatureCache, modality: str, items: list[Stored]) -> None:
+        self.writes += [self.pool.submit(cache.put, modality, path, features, key) for path, key, features in items]
+
+    def wait(self) -> None:
+        for write in self.writes:
+            write.result()  # a failed write fails the call, as it did written in turn
+
+    def __enter__(self) -> ThreadStores:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class ProcessStores:
+    """A job's stores in its decoding processes: a batch's features sent as one tensor (`DecodeProcesses.write`),
+    so neither the writes nor their files' system calls take the job's interpreter lock (8.71 s of 3,366 feature
+    files' writes were on it in a catalog job on an H100,
+    benchmarks/results/2026-12-07-h100-fused-encoder-jobs/phases_catalog.json). A batch handed over while the pool
+    starts is written on the caller's thread instead (handing it over would wait for the start).
+
+    A failed write is raised at the next `put` or at `wait`: the job fails with it, never silently."""
+
+    def __init__(self, decoders: DecodeProcesses) -> None:
+        self.decoders = decoders
+        self.writes: list[Future] = []
+
+    def put(self, cache: FeatureCache, modality: str, items: list[Stored]) -> None:
+        self.check()
+        entries = [entry_file(cache.entries(modality), key) for _, key, _ in items]
+        metadata = [cache.metadata(modality, path) for path, _, _ in items]
+        features = torch.stack([f for _, _, f in items])
+        if self.decoders.takes(len(items)):
+            self.writes.append(self.decoders.write(entries, features, metadata))
+        else:
+            write_entries(entries, features, metadata)
+
+    def check(self) -> None:
+        """Raises the first failure among the writes that ended; forgets the ones that succeeded."""
+        for write in self.writes:
+            if write.done() and write.exception() is not None:
+                raise write.exception()  # type: ignore[misc]
+        self.writes = [w for w in self.writes if not w.done()]
+
+    def wait(self) -> None:
+        for write in self.writes:
+            write.result()
+        self.writes = []
+
+
 @torch.no_grad()
 def encode_misses(
     encoder: Encoder,
@@ -233,45 +362,50 @@ def encode_misses(
     decoded: Callable[[int, int], list[Decoded]],
     batch_size: int = 8,
     workers: int = 2,
+    stores: Stores | None = None,
 ) -> list[torch.Tensor | MediaError]:
     """Fills in `lookup.results` for its misses, `batch_size` contents at a time (at most CALL_FILES of the kind):
     `decoded(start, stop)` gives the encoder inputs (or MediaErrors) of misses[start:stop]. A file whose features are
-    not finite (NaN or Inf) after the encoder fails its own entry and is never cached; the others are stored (in
-    `workers` threads, while the next batch encodes)."""
+    not finite (NaN or Inf) after the encoder fails its own entry and is never cached; the others are handed to
+    `stores` while the next batch encodes, which the caller waits for; without them, to `workers` threads of this
+    process (`ThreadStores`), waited for before the call returns."""
+    if stores is None:
+        with ThreadStores(workers) as own:
+            results = encode_misses(encoder, cache, lookup, decoded, batch_size, workers, own)
+            own.wait()
+        return results
     check_encoder(encoder, cache)
     results, paths = lookup.results, lookup.paths
     step = min(batch_size, CALL_FILES[lookup.modality])
-    stores: list[Future] = []
-    with ThreadPoolExecutor(max(1, workers)) as io:
-        for start in range(0, len(lookup.misses), step):
-            batch = lookup.misses[start : start + step]
-            keys = lookup.keys[start : start + step]
-            loaded = decoded(start, start + len(batch))
-            good = [(g, k, x) for g, k, x in zip(batch, keys, loaded, strict=True) if isinstance(x, torch.Tensor)]
-            for g, x in zip(batch, loaded, strict=True):
-                if isinstance(x, MediaError):
-                    for i in g:  # each path named in its own error, though they share content
-                        results[i] = MediaError(paths[i], x.reason)
-            if not good:
-                continue
-            inputs = torch.stack([x for _, _, x in good]).to(encoder.device, encoder.dtype)
-            try:
-                outputs = encoder(lookup.modality, inputs).cpu()
-            except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
-                outputs = e.features.cpu()
-            for (g, key, _), features in zip(good, outputs, strict=True):
-                if not torch.isfinite(features).all():
-                    for i in g:
-                        results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
-                    continue
-                if cache is not None and cache.pooled:
-                    features = features.mean(dim=0, keepdim=True)
-                if cache is not None:
-                    stores.append(io.submit(cache.put, lookup.modality, paths[g[0]], features, key))
+    for start in range(0, len(lookup.misses), step):
+        batch = lookup.misses[start : start + step]
+        keys = lookup.keys[start : start + step]
+        loaded = decoded(start, start + len(batch))
+        good = [(g, k, x) for g, k, x in zip(batch, keys, loaded, strict=True) if isinstance(x, torch.Tensor)]
+        for g, x in zip(batch, loaded, strict=True):
+            if isinstance(x, MediaError):
+                for i in g:  # each path named in its own error, though they share content
+                    results[i] = MediaError(paths[i], x.reason)
+        if not good:
+            continue
+        inputs = torch.stack([x for _, _, x in good]).to(encoder.device, encoder.dtype)
+        try:
+            outputs = encoder(lookup.modality, inputs).cpu()
+        except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
+            outputs = e.features.cpu()
+        stored: list[Stored] = []
+        for (g, key, _), features in zip(good, outputs, strict=True):
+            if not torch.isfinite(features).all():
                 for i in g:
-                    results[i] = features
-        for stored in stores:
-            stored.result()  # a failed write fails the call, as it did written in turn
+                    results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
+                continue
+            if cache is not None and cache.pooled:
+                features = features.mean(dim=0, keepdim=True)
+            stored.append((paths[g[0]], key, features))
+            for i in g:
+                results[i] = features
+        if cache is not None and stored:
+            stores.put(cache, lookup.modality, stored)
     return results  # type: ignore[return-value]
 
 
