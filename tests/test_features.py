@@ -511,7 +511,8 @@ def test_a_file_is_identified_once_from_its_lookup_to_its_store(tmp_path, audio_
 
 
 # The loader's per-file work in the decoding processes (model/media/decoders.py `find_chunk`, `write_entries`;
-# model/media/features.py `look_up_in`, `ProcessStores`): what it gives must be what the threads' path gives.
+# model/media/features.py `look_up_in`; model/media/feature_stores.py `ProcessStores`): what it gives must be what
+# the threads' path gives.
 
 
 def sha256(path: Path) -> str:
@@ -776,7 +777,8 @@ def test_process_stores_write_what_the_cache_writes_a_batch_at_a_time(tmp_path, 
     from safetensors import safe_open
 
     from model.media.decoders import DecodeProcesses, in_threads
-    from model.media.features import ProcessStores, encode_misses, look_up
+    from model.media.feature_stores import ProcessStores
+    from model.media.features import encode_misses, look_up
 
     expected = FeatureCache(tmp_path / "threads", FakeEncoder.fingerprint)
     want = encode_files(FakeEncoder(), expected, "audio", audio_files, batch_size=2)
@@ -812,7 +814,7 @@ def test_a_failed_store_in_the_processes_is_raised_at_the_next_put_or_at_wait(tm
     from concurrent.futures import wait
 
     from model.media import decoders
-    from model.media.features import ProcessStores
+    from model.media.feature_stores import ProcessStores
 
     def full(entry, features, metadata):
         raise OSError(28, "No space left on device")
@@ -855,7 +857,8 @@ def test_a_group_found_and_stored_by_real_processes_equals_the_threads(tmp_path,
     import multiprocessing
 
     from model.media.decoders import DecodeProcesses
-    from model.media.features import ProcessStores, encode_misses, look_up_in
+    from model.media.feature_stores import ProcessStores
+    from model.media.features import encode_misses, look_up_in
 
     expected_cache = FeatureCache(tmp_path / "threads", FakeEncoder.fingerprint)
     expected = threads_lookup(expected_cache, "audio", mixed)

@@ -170,7 +170,7 @@ def instrument(phases: Phases) -> None:
     from model.data import row_features
     from model.engine import model_runner, scheduler
     from model.infer import job, journal
-    from model.media import decoders, encoder, features
+    from model.media import decoders, encoder, feature_stores, features
 
     threads = features.in_threads  # encode_files' default decoder
 
@@ -191,7 +191,7 @@ def instrument(phases: Phases) -> None:
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
     phases.wrap(features.FeatureCache, "get", "cache: read")
     phases.wrap(features.FeatureCache, "put", "cache: write")
-    phases.wrap(features.ProcessStores, "put", "cache: write, handed to the processes")
+    phases.wrap(feature_stores.ProcessStores, "put", "cache: write, handed to the processes")
     phases.wrap(row_features, "decode_media", "decode_media: a group's lookups and decoding (loader stage 1)")
     phases.wrap(row_features, "encode_media", "encode_media: a group's encoding and stores (loader stage 2)")
     phases.wrap(journal.Journal, "write", "journal write")

@@ -33,7 +33,8 @@ from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
 from model.media.decoders import DecodeProcesses, processes_for
-from model.media.features import FeatureCache, ProcessStores
+from model.media.feature_stores import ProcessStores
+from model.media.features import FeatureCache
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance, Example
 

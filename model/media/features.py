@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,9 +21,10 @@ from typing import Protocol
 import torch
 
 from model.io.files import read_memo, write_memo
-from model.media.decoders import Decode, Decoded, DecodeProcesses, in_threads, write_entries
+from model.media.decoders import Decode, Decoded, DecodeProcesses, in_threads
 from model.media.encoder import CALL_FILES, NonFiniteFeatures
 from model.media.feature_files import entry_file, read_entry, write_entry
+from model.media.feature_stores import Stored, Stores, ThreadStores
 from model.media.file_hashes import SAVE_EVERY_S, FileHashes
 from model.media.preprocess import MODALITIES, MediaError, check_file
 
@@ -281,77 +282,6 @@ def look_up_in(
 ) -> LookupInProcesses:
     """`look_up` and the misses' decoding, handed to the decoding processes (`LookupInProcesses`)."""
     return LookupInProcesses(decoders, cache, modality, paths)
-
-
-Stored = tuple[str | Path, str, torch.Tensor]  # a file, its content key (digest) and its [k, D] features
-
-
-class Stores(Protocol):
-    """Where `encode_misses` hands each batch's features for the cache (never NaN or Inf ones)."""
-
-    def put(self, cache: FeatureCache, modality: str, items: list[Stored]) -> None: ...
-
-    def wait(self) -> None:
-        """Until every write handed over has ended; the first failed one raised."""
-        ...
-
-
-class ThreadStores:
-    """`FeatureCache.put` of each file in `workers` threads of this process, while the next batch encodes: the
-    stores of a call without other stores, waited for at its end."""
-
-    def __init__(self, workers: int) -> None:
-        self.pool = ThreadPoolExecutor(max(1, workers))
-        self.writes: list[Future] = []
-
-    def put(self, cache: FeatureCache, modality: str, items: list[Stored]) -> None:
-        self.writes += [self.pool.submit(cache.put, modality, path, features, key) for path, key, features in items]
-
-    def wait(self) -> None:
-        for write in self.writes:
-            write.result()  # a failed write fails the call, as it did written in turn
-
-    def __enter__(self) -> ThreadStores:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True)
-
-
-class ProcessStores:
-    """A job's stores in its decoding processes: a batch's features sent as one tensor (`DecodeProcesses.write`),
-    so neither the writes nor their files' system calls take the job's interpreter lock (8.71 s of 3,366 feature
-    files' writes were on it in a catalog job on an H100,
-    benchmarks/results/2026-12-07-h100-fused-encoder-jobs/phases_catalog.json). A batch handed over while the pool
-    starts is written on the caller's thread instead (handing it over would wait for the start).
-
-    A failed write is raised at the next `put` or at `wait`: the job fails with it, never silently."""
-
-    def __init__(self, decoders: DecodeProcesses) -> None:
-        self.decoders = decoders
-        self.writes: list[Future] = []
-
-    def put(self, cache: FeatureCache, modality: str, items: list[Stored]) -> None:
-        self.check()
-        entries = [entry_file(cache.entries(modality), key) for _, key, _ in items]
-        metadata = [cache.metadata(modality, path) for path, _, _ in items]
-        features = torch.stack([f for _, _, f in items])
-        if self.decoders.takes(len(items)):
-            self.writes.append(self.decoders.write(entries, features, metadata))
-        else:
-            write_entries(entries, features, metadata)
-
-    def check(self) -> None:
-        """Raises the first failure among the writes that ended; forgets the ones that succeeded."""
-        for write in self.writes:
-            if write.done() and write.exception() is not None:
-                raise write.exception()  # type: ignore[misc]
-        self.writes = [w for w in self.writes if not w.done()]
-
-    def wait(self) -> None:
-        for write in self.writes:
-            write.result()
-        self.writes = []
 
 
 @torch.no_grad()
