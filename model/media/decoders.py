@@ -94,8 +94,8 @@ def find_chunk(
     modality: str, paths: Sequence[Path], digests: Sequence[str | None] | None, entries: Path | None
 ) -> Found:
     """Each file checked, then, with a cache (`entries`: its folder for this modality's mode), hashed unless its
-    digest is given (remembered by the job) and looked up; a miss, or every file without a cache, decoded. A file
-    whose content came earlier in the chunk is not read again. Runs in a decoding process."""
+    digest is given (remembered by the job) and looked up; a miss, or every file without a cache, decoded. With a
+    cache, a file whose content came earlier in the chunk is not read again. Runs in a decoding process."""
     found, hits, inputs = Found(), [], []
     seen: dict[str, Outcome] = {}
     for i, path in enumerate(paths):
