@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -70,3 +71,19 @@ def step_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = SlotStep.__call__
     monkeypatch.setattr(SlotStep, "__call__", lambda self, width: widths.append(width) or real(self, width))
     return widths
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many files' bytes were hashed in this process (model/media/file_hashes.py: hashlib.file_digest)."""
+    from model.media import file_hashes
+
+    count = [0]
+    real = hashlib.file_digest
+
+    def file_digest(f, name):
+        count[0] += 1
+        return real(f, name)
+
+    monkeypatch.setattr(file_hashes.hashlib, "file_digest", file_digest)
+    return count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from fractions import Fraction
@@ -165,3 +166,8 @@ def infer_args(tiny_root: Path, dataset: Path, out: Path, *extra: str, max_new_t
         str(out.parent / "cache"),
         *extra,
     ]
+
+
+def sha256(path: Path) -> str:
+    """A written file's digest, read straight from its bytes: what the feature cache's hashing must agree with."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

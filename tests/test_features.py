@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import synth
 import torch
+from synth import sha256
 
 from model.media import feature_files
 from model.media import features as features_module
@@ -513,26 +513,6 @@ def test_a_file_is_identified_once_from_its_lookup_to_its_store(tmp_path, audio_
 # The loader's per-file work in the decoding processes (model/media/decoders.py `find_chunk`, `write_entries`;
 # model/media/features.py `look_up_in`; model/media/feature_stores.py `ProcessStores`): what it gives must be what
 # the threads' path gives.
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """How many files' bytes were hashed (in this process)."""
-    from model.media import file_hashes
-
-    count = [0]
-    real = hashlib.file_digest
-
-    def file_digest(f, name):
-        count[0] += 1
-        return real(f, name)
-
-    monkeypatch.setattr(file_hashes.hashlib, "file_digest", file_digest)
-    return count
 
 
 @pytest.fixture

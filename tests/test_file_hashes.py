@@ -3,12 +3,12 @@ an unchanged file, and any rewrite, even one that restores size and mtime, is ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 
 import pytest
+from synth import sha256
 
 from model.io import files as io_files
 from model.media import file_hashes
@@ -17,27 +17,9 @@ from model.media.file_hashes import HASHES_FILE, FileHashes
 
 
 @pytest.fixture
-def reads(monkeypatch):
-    """Counts the files whose bytes are hashed."""
-    count = [0]
-    real = hashlib.file_digest
-
-    def file_digest(f, name):
-        count[0] += 1
-        return real(f, name)
-
-    monkeypatch.setattr(file_hashes.hashlib, "file_digest", file_digest)
-    return count
-
-
-@pytest.fixture
 def settled_at_once(monkeypatch):
     """Any file counts as settled once its ctime is in the past (the test writes and hashes within milliseconds)."""
     monkeypatch.setattr(file_hashes, "SETTLED_NS", 0)
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_a_later_process_takes_an_unchanged_files_digest_from_disk(tmp_path, reads, settled_at_once):
