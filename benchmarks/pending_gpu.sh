@@ -46,11 +46,11 @@ case ${1:-1} in
 loader)
     # the loader's host work (checks, hashing, cache reads, decoding, feature-file writes) in the decoding processes
     # against the code before it (.dev/old: 814cbaa, hashing and writes on threads of the job's process): warm
-    # catalog jobs, three a side, each side in a process of its own; the GPU tests the 32-position blocks did not
+    # catalog jobs, REPEATS (3) a side, each side in a process of its own; the GPU tests the 32-position blocks did not
     # reach on 2026-12-07 and the job's own; the new loader's phase table (the interpreter lock's lateness)
-    step job_order_processes 190 python3 benchmarks/profiling/job_order.py "$OUT/job_order_processes.json" \
+    step job_order_processes $((70 + 40 * ${REPEATS:-3})) python3 benchmarks/profiling/job_order.py "$OUT/job_order_processes.json" \
         --repeats "${REPEATS:-3}" --arm processes
-    step job_order_threads 180 old python3 benchmarks/profiling/job_order.py "$OUT/job_order_threads.json" \
+    step job_order_threads $((60 + 40 * ${REPEATS:-3})) old python3 benchmarks/profiling/job_order.py "$OUT/job_order_threads.json" \
         --repeats "${REPEATS:-3}" --arm threads
     step gpu_tests 110 pytest -q -x tests/test_gpu.py -k "paged or packed or media_load or engine_job"
     step phases_catalog 110 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
