@@ -36,25 +36,10 @@ step() {
 }
 # every file so far in $OUT/all.tgz, after each step: a call cut short by the device still brings back the steps done
 pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tgz all.tgz); }
-# a command run in .dev/old, a copy of the code before the change being timed (`git archive COMMIT ... | tar -x -C
-# .dev/old`, carried): its own interpreter, with its own code first on the path
-old() { (cd .dev/old && PYTHONPATH=/tmp/site:.:tests "$@"); }
-export -f dr patched compiled_prefill eager_prefill old
+export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
-loader)
-    # the loader's host work (checks, hashing, cache reads, decoding, feature-file writes) in the decoding processes
-    # against the code before it (.dev/old: 814cbaa, hashing and writes on threads of the job's process): warm
-    # catalog jobs, REPEATS (3) a side, each side in a process of its own; the GPU tests the 32-position blocks did not
-    # reach on 2026-12-07 and the job's own; the new loader's phase table (the interpreter lock's lateness)
-    step job_order_processes $((70 + 40 * ${REPEATS:-3})) python3 benchmarks/profiling/job_order.py "$OUT/job_order_processes.json" \
-        --repeats "${REPEATS:-3}" --arm processes
-    step job_order_threads $((60 + 40 * ${REPEATS:-3})) old python3 benchmarks/profiling/job_order.py "$OUT/job_order_threads.json" \
-        --repeats "${REPEATS:-3}" --arm threads
-    step gpu_tests 110 pytest -q -x tests/test_gpu.py -k "paged or packed or media_load or engine_job"
-    step phases_catalog 110 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    ;;
 next)
     # the GPU tests, all of them (32-position blocks: the paged engine's growth and preemption and the packed prefill's
     # tests were not reached on 2026-12-07); `dr bench job`, both mixes (on a fresh machine the first process: cold
