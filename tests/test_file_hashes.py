@@ -17,6 +17,16 @@ from model.media.file_hashes import HASHES_FILE, FileHashes
 
 
 @pytest.fixture
+def two_files(tmp_path):
+    """Two small files of different content, their ctimes already in the past."""
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    a.write_bytes(b"a" * 10)
+    b.write_bytes(b"b" * 10)
+    time.sleep(0.01)
+    return a, b
+
+
+@pytest.fixture
 def settled_at_once(monkeypatch):
     """Any file counts as settled once its ctime is in the past (the test writes and hashes within milliseconds)."""
     monkeypatch.setattr(file_hashes, "SETTLED_NS", 0)
@@ -96,12 +106,9 @@ def test_a_jobs_lookups_remember_the_digests_for_the_next_job(tmp_path, reads, s
     assert reads[0] == 3 and len(again.misses) == 3  # no features were stored: misses, but known by content
 
 
-def test_a_save_soon_after_the_last_waits_for_the_next(tmp_path, settled_at_once):
+def test_a_save_soon_after_the_last_waits_for_the_next(tmp_path, two_files, settled_at_once):
     """A job's lookups save at most every SAVE_EVERY_S (each save rewrites the memo); its final save writes the rest."""
-    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
-    a.write_bytes(b"a" * 10)
-    b.write_bytes(b"b" * 10)
-    time.sleep(0.01)
+    a, b = two_files
     hashes = FileHashes(tmp_path / "cache")
     hashes.digest(a)
     hashes.save(60.0)  # the first save is not held back
@@ -142,12 +149,9 @@ def test_hash_file_gives_the_memos_record_and_known_takes_it_back_only_for_the_s
     assert hashes.known(tmp_path / "fifo.wav") is None
 
 
-def test_only_settled_records_are_saved(tmp_path, settled_at_once):
+def test_only_settled_records_are_saved(tmp_path, two_files, settled_at_once):
     """`remember`'s settled flag (hash_file's) decides what a save keeps on disk for the next process."""
-    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
-    a.write_bytes(b"a" * 10)
-    b.write_bytes(b"b" * 10)
-    time.sleep(0.01)
+    a, b = two_files
     hashes = FileHashes(tmp_path / "cache")
     for path, settled in ((a, True), (b, False)):
         key, record, _ = file_hashes.hash_file(path)
