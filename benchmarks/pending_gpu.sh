@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `next` (the GPU tests, `dr bench job`, the catalog job's phases), then `next2` (warm catalog jobs in turns with the
-# loader's stream ahead of the engine's, the engine alone, 32- against 16-position blocks in the step's kernels).
+# `next` (warm catalog jobs in turns with the loader's stream ahead of the engine's, the catalog job's phases, the GPU
+# tests not reached yet), then `next2` (every GPU test, `dr bench job`, the engine alone, 32- against 16-position
+# blocks in the step's kernels).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -41,20 +42,24 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 next)
-    # the GPU tests, all of them (32-position blocks: the paged engine's growth and preemption and the packed prefill's
-    # tests were not reached on 2026-12-07); `dr bench job`, both mixes (on a fresh machine the first process: cold
-    # steps); the catalog mix's phases (the loader's host work: hashing, decoding, cache writes, the encoder's calls)
-    step gpu_tests 240 pytest -q -x tests/test_gpu.py
-    step job 180 dr bench job --out "$OUT/job.json"
-    step phases_catalog 120 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    ;;
-next2)
     # warm catalog jobs in turns, three a side: the loader's stream at a higher priority than the engine's against
-    # the defaults (model/infer/job.py LOADER_PRIORITY; the job's last media came 20.6-25.6 s into 28-32 s jobs on
-    # 2026-12-07, for about 4 s of encoder GPU work); the engine alone on every shape with 32-position blocks, one slot
-    # included; the 512-row steps' kernels with blocks of 32 against 16
+    # the defaults (model/infer/job.py LOADER_PRIORITY; the last media came 20.6-25.6 s into 27-32 s jobs on
+    # 2026-12-07 whatever thread or process did the loader's host work, each encoder call waiting for its GPU work
+    # on a GPU the engine's steps share: results/2026-12-07-h100-loader-processes/); on a fresh machine its first job
+    # compiles the step cold (about 40 s). The catalog mix's phases, with the lock probe; the GPU tests that
+    # 32-position blocks have not reached (the paged engine's growth and preemption, the packed prefill) and the
+    # job's own
     step job_order 320 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 3 --arm default \
         --arm "loader_first:model.infer.job.LOADER_PRIORITY=-1"
+    step phases_catalog 120 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    step gpu_tests 110 pytest -q -x tests/test_gpu.py -k "paged or packed or media_load or engine_job"
+    ;;
+next2)
+    # every GPU test; `dr bench job`, both mixes (its second figure, the job with its features cached, is where the
+    # loader's work in the decoding processes should show); the engine alone on every shape with 32-position blocks,
+    # one slot included; the 512-row steps' kernels with blocks of 32 against 16
+    step gpu_tests 240 pytest -q -x tests/test_gpu.py
+    step job 180 dr bench job --out "$OUT/job.json"
     step engine 130 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step paged_step_512 70 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
         --kernels flex,flex/16
