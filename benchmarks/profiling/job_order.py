@@ -11,7 +11,8 @@ An arm is `NAME` (the code as it is) or `NAME:module.SETTING=VALUE,...` (VALUE a
 while the arm runs: a setting its code reads from the module at call time, not one bound by `from ... import`).
 The process's first job (the engine's steps compiled, or loaded from the compile cache) is reported apart and not in
 any arm. Each run reports its wall and first rows (`dr bench job`'s figures) and `media_done_s`, when the loader
-handed over its last group's features: a job that ends long after it waited for decoding, not for its media.
+handed over its last group's features: a job that ends long after it waited for decoding, not for its media; and
+`encoder_calls_s`, the encoder's calls' seconds, their GPU work included.
 2026-12-07's run (results/2026-12-07-h100-job-order-block32/) compared the media mixes spread over a job's groups and
 the engine's stream at a high priority, both since removed.
 """
@@ -65,34 +66,50 @@ def settings(changes: dict[str, object]):
 
 
 @contextmanager
-def media_done(marks: list[float]):
-    """Appends the clock at the end of each group's encoding (the loader's last stage) while open."""
+def loader_clocks(marks: list[float], calls: list[float]):
+    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, and
+    each encoder call's seconds to `calls` (its GPU work included: a call waits for it, to check that the features
+    are finite), so that a setting's effect on the encoder's calls shows beside its effect on the job."""
     import model.infer.job as job
+    from model.media.encoder import MediaEncoder
 
-    real = job.encode_media
+    real_encode, real_forward = job.encode_media, MediaEncoder.forward
 
     def encode_media(*args, **kwargs):
-        out = real(*args, **kwargs)
+        out = real_encode(*args, **kwargs)
         marks.append(CLOCK())
         return out
 
-    job.encode_media = encode_media
+    def forward(self, *args, **kwargs):
+        start = CLOCK()
+        try:
+            return real_forward(self, *args, **kwargs)
+        finally:
+            calls.append(CLOCK() - start)
+
+    job.encode_media, MediaEncoder.forward = encode_media, forward
     try:
         yield
     finally:
-        job.encode_media = real
+        job.encode_media, MediaEncoder.forward = real_encode, real_forward
 
 
 def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int) -> dict:
-    """`dr bench job`'s whole job with fresh features, and when its media were all loaded (both clocks from the job's
-    call: the old features are removed first)."""
+    """`dr bench job`'s whole job with fresh features, when its media were all loaded and how long its encoder calls
+    took (the clocks from the job's call: the old features are removed first)."""
     shutil.rmtree(work / "features", ignore_errors=True)
     marks: list[float] = []
+    calls: list[float] = []
     start = CLOCK()
-    with media_done(marks):
+    with loader_clocks(marks, calls):
         result = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)  # removed just above
     free_engine()
-    return {**result, "media_done_s": round(marks[-1] - start, 2)}
+    return {
+        **result,
+        "media_done_s": round(marks[-1] - start, 2),
+        "encoder_calls": len(calls),
+        "encoder_calls_s": round(sum(calls), 2),
+    }
 
 
 def main() -> None:
@@ -130,7 +147,8 @@ def main() -> None:
             runs[arm].append(run)
             print(
                 f"{arm} {repeat + 1}: {run['wall_s']} s (first rows {run['first_rows_s']}, media done "
-                f"{run['media_done_s']}), {run['useful_tokens_per_s']} useful tok/s",
+                f"{run['media_done_s']}, encoder calls {run['encoder_calls_s']} s), "
+                f"{run['useful_tokens_per_s']} useful tok/s",
                 flush=True,
             )
             # after every run: a run cut by its time limit keeps the runs before
@@ -149,7 +167,8 @@ def summary(runs: dict[str, list[dict]], arms: dict[str, dict]) -> dict:
             "settings": arms[arm],
             "median_wall_s": statistics.median(r["wall_s"] for r in done) if done else None,
             **{
-                key: [r[key] for r in done] for key in ("wall_s", "first_rows_s", "media_done_s", "useful_tokens_per_s")
+                key: [r[key] for r in done]
+                for key in ("wall_s", "first_rows_s", "media_done_s", "encoder_calls_s", "useful_tokens_per_s")
             },
             "runs": done,
         }
