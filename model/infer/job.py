@@ -224,7 +224,8 @@ def answer_rows(
             decoders = start_decoders(todo, model.device)
             if decoders is not None:
                 closing.callback(decoders.close)
-        # the feature files are written by the decoding processes too, where there are some (model/media/features.py)
+        # the feature files are written by the decoding processes too, where there are some
+        # (model/media/feature_stores.py)
         stores = ProcessStores(decoders) if decoders is not None else None
 
         def decode(group: Sequence[Row]) -> DecodedMedia:
