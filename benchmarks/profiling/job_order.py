@@ -12,7 +12,8 @@ while the arm runs: a setting its code reads from the module at call time, not o
 The process's first job (the engine's steps compiled, or loaded from the compile cache) is reported apart and not in
 any arm. Each run reports its wall and first rows (`dr bench job`'s figures) and `media_done_s`, when the loader
 handed over its last group's features: a job that ends long after it waited for decoding, not for its media; and
-`encoder_calls_s`, the encoder's calls' seconds, their GPU work included.
+`encoder_calls_s` and `encoder_waits_s`, the loader's seconds queuing the encoder's calls and waiting for their
+features (their GPU work).
 2026-12-07's run (results/2026-12-07-h100-job-order-block32/) compared the media mixes spread over a job's groups and
 the engine's stream at a high priority, both since removed.
 """
@@ -66,32 +67,37 @@ def settings(changes: dict[str, object]):
 
 
 @contextmanager
-def loader_clocks(marks: list[float], calls: list[float]):
-    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, and
-    each encoder call's seconds to `calls` (its GPU work included: a call waits for it, to check that the features
-    are finite), so that a setting's effect on the encoder's calls shows beside its effect on the job."""
+def loader_clocks(marks: list[float], calls: list[float], waits: list[float]):
+    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, each
+    encoder call's seconds to `calls` (queuing its GPU work: model/media/features.py `Queued.call`), and each wait
+    for a call's features to `waits` (`Queued.finish`: its GPU work, behind the engine's steps on a shared GPU), so
+    that a setting's effect on the encoder's calls shows beside its effect on the job."""
     import model.infer.job as job
-    from model.media.encoder import MediaEncoder
+    from model.media.encoding import Queued
 
-    real_encode, real_forward = job.encode_media, MediaEncoder.forward
+    real_encode, real_call, real_finish = job.encode_media, Queued.call, Queued.finish
 
     def encode_media(*args, **kwargs):
         out = real_encode(*args, **kwargs)
         marks.append(CLOCK())
         return out
 
-    def forward(self, *args, **kwargs):
-        start = CLOCK()
-        try:
-            return real_forward(self, *args, **kwargs)
-        finally:
-            calls.append(CLOCK() - start)
+    def clocked(real, into):
+        def run(*args, **kwargs):
+            start = CLOCK()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                into.append(CLOCK() - start)
 
-    job.encode_media, MediaEncoder.forward = encode_media, forward
+        return run
+
+    job.encode_media = encode_media
+    Queued.call, Queued.finish = classmethod(clocked(real_call.__func__, calls)), clocked(real_finish, waits)
     try:
         yield
     finally:
-        job.encode_media, MediaEncoder.forward = real_encode, real_forward
+        job.encode_media, Queued.call, Queued.finish = real_encode, classmethod(real_call.__func__), real_finish
 
 
 def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int) -> dict:
@@ -100,8 +106,9 @@ def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int
     shutil.rmtree(work / "features", ignore_errors=True)
     marks: list[float] = []
     calls: list[float] = []
+    waits: list[float] = []
     start = CLOCK()
-    with loader_clocks(marks, calls):
+    with loader_clocks(marks, calls, waits):
         result = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)  # removed just above
     free_engine()
     return {
@@ -109,6 +116,7 @@ def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int
         "media_done_s": round(marks[-1] - start, 2),
         "encoder_calls": len(calls),
         "encoder_calls_s": round(sum(calls), 2),
+        "encoder_waits_s": round(sum(waits), 2),
     }
 
 
@@ -147,7 +155,7 @@ def main() -> None:
             runs[arm].append(run)
             print(
                 f"{arm} {repeat + 1}: {run['wall_s']} s (first rows {run['first_rows_s']}, media done "
-                f"{run['media_done_s']}, encoder calls {run['encoder_calls_s']} s), "
+                f"{run['media_done_s']}, encoder calls {run['encoder_calls_s']} s, waits {run['encoder_waits_s']} s), "
                 f"{run['useful_tokens_per_s']} useful tok/s",
                 flush=True,
             )
@@ -160,16 +168,16 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+RUN_FIGURES = ("wall_s", "first_rows_s", "media_done_s", "encoder_calls_s", "encoder_waits_s", "useful_tokens_per_s")
+
+
 def summary(runs: dict[str, list[dict]], arms: dict[str, dict]) -> dict:
     """Per arm: its settings, the median wall and each run's figures in the order run."""
     return {
         arm: {
             "settings": arms[arm],
             "median_wall_s": statistics.median(r["wall_s"] for r in done) if done else None,
-            **{
-                key: [r[key] for r in done]
-                for key in ("wall_s", "first_rows_s", "media_done_s", "encoder_calls_s", "useful_tokens_per_s")
-            },
+            **{key: [r[key] for r in done] for key in RUN_FIGURES},
             "runs": done,
         }
         for arm, done in runs.items()
