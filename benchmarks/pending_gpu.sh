@@ -43,10 +43,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 case ${1:-1} in
 queue)
     # the encoder's calls queued one ahead of their read-back (model/media/encoding.py) against each read back at
-    # once, warm catalog jobs in turns, two a side; its GPU test and the job's own first
-    step gpu_tests_queue 150 pytest -q -x tests/test_gpu.py -k "queued or media_load or engine_job"
-    step job_order_queue 330 python3 benchmarks/profiling/job_order.py "$OUT/job_order_queue.json" --repeats 2 \
-        --arm default --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False"
+    # once, warm catalog jobs in turns (REPEATS a side, default 2), each run's loader clocks and groups' times; its
+    # GPU test first
+    step gpu_tests_queue 70 pytest -q -x tests/test_gpu.py -k queued
+    step job_order_queue $((90 + 80 * ${REPEATS:-2})) python3 benchmarks/profiling/job_order.py \
+        "$OUT/job_order_queue.json" --repeats "${REPEATS:-2}" --arm default \
+        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False"
     ;;
 next)
     # warm catalog jobs in turns, three a side: the loader's stream at a higher priority than the engine's against
