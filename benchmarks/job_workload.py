@@ -166,7 +166,7 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
     made = {"tokens": 0, "slots": None, "engine": None, "encoded": 0}
     encoder = model.visual_encoder
-    encode = encoder.forward
+    encode = encoder.embed
 
     def encoded(modality, inputs):
         made["encoded"] += len(inputs)
@@ -190,12 +190,12 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     job.generate = lambda model, rows, gen: generate(model, rows, replace(gen, max_new_tokens=batches.popleft()))
     job.Engine = built
     model.answer = answer
-    encoder.forward = encoded
+    encoder.embed = encoded
     try:
         yield made
     finally:
         job.Request, job.decode_media, job.generate, job.Engine = request, decode_media, generate, engine
-        del model.answer, encoder.forward
+        del model.answer, encoder.embed
 
 
 def floor(model, data: list, lengths: list[int], slots: int) -> dict:

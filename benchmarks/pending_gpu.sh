@@ -41,6 +41,15 @@ export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
+queue)
+    # the encoder's calls queued one ahead of their read-back (model/media/encoding.py) against each read back at
+    # once, warm catalog jobs in turns (REPEATS a side, default 2), each run's loader clocks and groups' times; its
+    # GPU test first
+    step gpu_tests_queue 70 pytest -q -x tests/test_gpu.py -k queued
+    step job_order_queue $((90 + 80 * ${REPEATS:-2})) python3 benchmarks/profiling/job_order.py \
+        "$OUT/job_order_queue.json" --repeats "${REPEATS:-2}" --arm default \
+        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False"
+    ;;
 next)
     # warm catalog jobs in turns, three a side: the loader's stream at a higher priority than the engine's against
     # the defaults (model/infer/job.py LOADER_PRIORITY; the last media came 20.6-25.6 s into 27-32 s jobs on

@@ -384,3 +384,22 @@ def test_encoders_fast_paths_on_the_gpu_equal_stock_imagebind(tiny_layout, monke
         torch.testing.assert_close(encoder("image", image)[:, 0], stock({"vision": image})["vision"], **close)
         # stock audio: the mean over clips of unit-norm embeddings times a fixed logit scale of 20
         torch.testing.assert_close(encoder("audio", audio).mean(dim=1) * 20, stock({"audio": audio})["audio"], **close)
+
+
+def test_encoder_calls_queued_one_ahead_on_a_side_stream_equal_a_call_per_file(tiny_layout, tmp_path):
+    """`encode_files` on a stream of its own, as a job's loader runs it: each call queued before the one before it is
+    read back through pinned memory and an event (model/media/features.py `Queued`), each file's features those of
+    the encoder's checked call on that file alone."""
+    from synth import write_wav
+
+    from model.media.decoders import load_or_error
+    from model.media.encoder import MediaEncoder
+    from model.media.encoding import encode_files
+
+    encoder = MediaEncoder.load(tiny_layout.imagebind).cuda()
+    files = [write_wav(tmp_path / f"a{i}.wav", 1.0, 200.0 + 50 * i) for i in range(5)]
+    with torch.cuda.stream(torch.cuda.Stream()):
+        got = encode_files(encoder, None, "audio", files, batch_size=2)
+    for path, features in zip(files, got, strict=True):
+        alone = encoder("audio", load_or_error("audio", path)[None].cuda())[0].cpu()
+        torch.testing.assert_close(features, alone, rtol=1e-4, atol=1e-5)  # a batch of 2 against 1, in fp32

@@ -23,7 +23,8 @@ from PIL import Image
 from model.media import audio as audio_module
 from model.media import bounds
 from model.media.encoder import MediaEncoder, NonFiniteFeatures
-from model.media.features import FeatureCache, encode_files
+from model.media.encoding import encode_files
+from model.media.features import FeatureCache
 from model.media.preprocess import MediaError, load_audio, load_media, probe_media
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ class CountingEncoder:
     def weights_file(self) -> None:
         return None
 
-    def __call__(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+    def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         means = inputs.flatten(2).mean(-1, keepdim=True)
         poisoned = inputs.flatten(1).mean(1) > self.poison
         return torch.where(poisoned[:, None, None], torch.nan, means)
@@ -94,16 +95,21 @@ def test_a_nan_file_fails_alone_and_is_never_cached(tmp_path):
     assert cache.get("audio", bad) is None and cache.get("audio", good) is not None
 
 
-def test_non_finite_encoder_features_fail_their_file_and_are_never_cached(tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("poisoned_first", [False, True])
+def test_non_finite_encoder_features_fail_their_file_and_are_never_cached(tmp_path, batch_size, poisoned_first):
+    """In a batch of its own or beside a good file, first or last (encoder calls are read back one behind)."""
     tone = synth.write_wav(tmp_path / "tone.wav", 3.0)
     dc = tmp_path / "dc.wav"
     sf.write(dc, np.full(48000, 0.9, "float32"), 16000, subtype="FLOAT")
     (low_mean, fine), (high_mean, poisoned) = sorted((float(load_audio(p).mean()), p) for p in (tone, dc))
     assert low_mean < high_mean
     cache = FeatureCache(tmp_path / "cache", CountingEncoder.fingerprint)
-    out = encode_files(CountingEncoder((low_mean + high_mean) / 2), cache, "audio", [fine, poisoned], batch_size=2)
-    assert isinstance(out[0], torch.Tensor) and torch.isfinite(out[0]).all()
-    assert "encoder features are not finite" in one_line(out[1], poisoned)
+    files = [poisoned, fine] if poisoned_first else [fine, poisoned]
+    encoded = encode_files(CountingEncoder((low_mean + high_mean) / 2), cache, "audio", files, batch_size)
+    out = dict(zip(files, encoded, strict=True))
+    assert isinstance(out[fine], torch.Tensor) and torch.isfinite(out[fine]).all()
+    assert "encoder features are not finite" in one_line(out[poisoned], poisoned)
     assert cache.get("audio", poisoned) is None and cache.get("audio", fine) is not None
     with pytest.raises(ValueError, match="not finite"):
         cache.put("audio", poisoned, torch.full((3, 1), torch.nan))
@@ -151,7 +157,8 @@ def test_devices_and_fifos_are_refused_before_any_read(tmp_path):
         f"""
         from pathlib import Path
         import torch
-        from model.media.features import FeatureCache, encode_files
+        from model.media.encoding import encode_files
+        from model.media.features import FeatureCache
         from model.media.preprocess import MediaError, load_media, probe_media
         tmp = Path({str(tmp_path)!r})
         paths = ["/dev/zero", tmp / "zero.wav", tmp / "fifo.wav", tmp / "dir.wav"]

@@ -112,8 +112,8 @@ def test_feature_cache_hit_skips_the_encoder(tiny_layout, tmp_path):
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     calls = []
     encoder = model.visual_encoder
-    original = encoder.forward
-    encoder.forward = lambda modality, x: calls.append(x.shape[0]) or original(modality, x)
+    original = encoder.embed
+    encoder.embed = lambda modality, x: calls.append(x.shape[0]) or original(modality, x)
     cache = FeatureCache.for_encoder(tmp_path / "cache", encoder)
     gen = GenerationConfig(max_new_tokens=4, do_sample=False)
     first = run_inference(model, rows, dataset.parent, tmp_path / "a" / "r.json", gen, cache=cache)
@@ -288,7 +288,7 @@ def test_a_jobs_encoder_calls_take_at_most_call_files(tiny_layout, tmp_path, mon
     """A job's groups are its slot count (512 on CUDA), its encoder calls at most CALL_FILES files of them: the
     activations of a whole group's videos did not fit beside the engine's pool on an 80 GB card. Answers do not
     depend on it."""
-    import model.media.features as features
+    from model.media.encoder import CALL_FILES
 
     folder = tmp_path / "data"
     for i in range(7):  # a file of its own content a row: none shared
@@ -297,17 +297,17 @@ def test_a_jobs_encoder_calls_take_at_most_call_files(tiny_layout, tmp_path, mon
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     gen = GenerationConfig(max_new_tokens=4, do_sample=False)
     calls = []
-    encode = model.visual_encoder.forward
+    encode = model.visual_encoder.embed
 
     def counted(modality, inputs):
         calls.append(len(inputs))
         return encode(modality, inputs)
 
-    monkeypatch.setattr(model.visual_encoder, "forward", counted)
-    monkeypatch.setitem(features.CALL_FILES, "audio", 2)
+    monkeypatch.setattr(model.visual_encoder, "embed", counted)
+    monkeypatch.setitem(CALL_FILES, "audio", 2)
     run_inference(model, rows, tmp_path / "data", tmp_path / "capped" / "r.json", gen, batch_size=5)
     assert max(calls) == 2 and sum(calls) == 7, calls
-    monkeypatch.setitem(features.CALL_FILES, "audio", 64)
+    monkeypatch.setitem(CALL_FILES, "audio", 64)
     calls.clear()
     run_inference(model, rows, tmp_path / "data", tmp_path / "whole" / "r.json", gen, batch_size=5)
     assert max(calls) > 2, calls

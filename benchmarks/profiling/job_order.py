@@ -12,7 +12,9 @@ while the arm runs: a setting its code reads from the module at call time, not o
 The process's first job (the engine's steps compiled, or loaded from the compile cache) is reported apart and not in
 any arm. Each run reports its wall and first rows (`dr bench job`'s figures) and `media_done_s`, when the loader
 handed over its last group's features: a job that ends long after it waited for decoding, not for its media; and
-`encoder_calls_s`, the encoder's calls' seconds, their GPU work included.
+`encoder_calls_s`, `encoder_waits_s` and `input_waits_s`, the loader's seconds queuing the encoder's calls, waiting for
+their features (their GPU work) and waiting for decoded inputs (`loader_clocks`), and `groups_done_s`, when each media
+group was handed over.
 2026-12-07's run (results/2026-12-07-h100-job-order-block32/) compared the media mixes spread over a job's groups and
 the engine's stream at a high priority, both since removed.
 """
@@ -65,50 +67,64 @@ def settings(changes: dict[str, object]):
             setattr(owner, name, value)
 
 
-@contextmanager
-def loader_clocks(marks: list[float], calls: list[float]):
-    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, and
-    each encoder call's seconds to `calls` (its GPU work included: a call waits for it, to check that the features
-    are finite), so that a setting's effect on the encoder's calls shows beside its effect on the job."""
-    import model.infer.job as job
-    from model.media.encoder import MediaEncoder
+LOADER_CLOCKS = ("encoder_calls", "encoder_waits", "input_waits")  # loader_clocks' names
 
-    real_encode, real_forward = job.encode_media, MediaEncoder.forward
+
+@contextmanager
+def loader_clocks(marks: list[float], clocks: dict[str, list[float]]):
+    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, and
+    the seconds of each call of the loader's steps to `clocks`: "encoder_calls" (queuing an encoder call's GPU work,
+    model/media/encoding.py `Queued.call`), "encoder_waits" (waiting for a call's features: its GPU work, behind the
+    engine's steps on a shared GPU, `Queued.finish`) and "input_waits" (waiting for a group's decoded inputs from the
+    decoding processes, `LookupInProcesses.result`), so that a setting's effect on the loader shows beside its effect
+    on the job."""
+    import model.infer.job as job
+    from model.media.encoding import Queued
+    from model.media.features import LookupInProcesses
+
+    real = (job.encode_media, Queued.call, Queued.finish, LookupInProcesses.result)
 
     def encode_media(*args, **kwargs):
-        out = real_encode(*args, **kwargs)
+        out = real[0](*args, **kwargs)
         marks.append(CLOCK())
         return out
 
-    def forward(self, *args, **kwargs):
-        start = CLOCK()
-        try:
-            return real_forward(self, *args, **kwargs)
-        finally:
-            calls.append(CLOCK() - start)
+    def clocked(method, name):
+        def run(*args, **kwargs):
+            start = CLOCK()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                clocks.setdefault(name, []).append(CLOCK() - start)
 
-    job.encode_media, MediaEncoder.forward = encode_media, forward
+        return run
+
+    job.encode_media = encode_media
+    Queued.call = classmethod(clocked(real[1].__func__, "encoder_calls"))
+    Queued.finish = clocked(real[2], "encoder_waits")
+    LookupInProcesses.result = clocked(real[3], "input_waits")
     try:
         yield
     finally:
-        job.encode_media, MediaEncoder.forward = real_encode, real_forward
+        job.encode_media, Queued.call, Queued.finish, LookupInProcesses.result = real
 
 
 def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int) -> dict:
-    """`dr bench job`'s whole job with fresh features, when its media were all loaded and how long its encoder calls
-    took (the clocks from the job's call: the old features are removed first)."""
+    """`dr bench job`'s whole job with fresh features, when each of its media groups was loaded, and how long the
+    loader's steps took (the clocks from the job's call: the old features are removed first)."""
     shutil.rmtree(work / "features", ignore_errors=True)
     marks: list[float] = []
-    calls: list[float] = []
+    clocks: dict[str, list[float]] = {}
     start = CLOCK()
-    with loader_clocks(marks, calls):
+    with loader_clocks(marks, clocks):
         result = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)  # removed just above
     free_engine()
     return {
         **result,
         "media_done_s": round(marks[-1] - start, 2),
-        "encoder_calls": len(calls),
-        "encoder_calls_s": round(sum(calls), 2),
+        "groups_done_s": [round(m - start, 2) for m in marks],
+        "encoder_calls": len(clocks.get("encoder_calls", [])),
+        **{f"{name}_s": round(sum(clocks.get(name, [])), 2) for name in LOADER_CLOCKS},
     }
 
 
@@ -147,7 +163,8 @@ def main() -> None:
             runs[arm].append(run)
             print(
                 f"{arm} {repeat + 1}: {run['wall_s']} s (first rows {run['first_rows_s']}, media done "
-                f"{run['media_done_s']}, encoder calls {run['encoder_calls_s']} s), "
+                f"{run['media_done_s']}, encoder calls {run['encoder_calls_s']} s, waits {run['encoder_waits_s']} s, "
+                f"inputs waited for {run['input_waits_s']} s), "
                 f"{run['useful_tokens_per_s']} useful tok/s",
                 flush=True,
             )
@@ -160,16 +177,16 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+RUN_FIGURES = ("wall_s", "first_rows_s", "media_done_s", *(f"{n}_s" for n in LOADER_CLOCKS), "useful_tokens_per_s")
+
+
 def summary(runs: dict[str, list[dict]], arms: dict[str, dict]) -> dict:
     """Per arm: its settings, the median wall and each run's figures in the order run."""
     return {
         arm: {
             "settings": arms[arm],
             "median_wall_s": statistics.median(r["wall_s"] for r in done) if done else None,
-            **{
-                key: [r[key] for r in done]
-                for key in ("wall_s", "first_rows_s", "media_done_s", "encoder_calls_s", "useful_tokens_per_s")
-            },
+            **{key: [r[key] for r in done] for key in RUN_FIGURES},
             "runs": done,
         }
         for arm, done in runs.items()

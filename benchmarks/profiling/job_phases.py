@@ -170,9 +170,9 @@ def instrument(phases: Phases) -> None:
     from model.data import row_features
     from model.engine import model_runner, scheduler
     from model.infer import job, journal
-    from model.media import decoders, encoder, feature_stores, features
+    from model.media import decoders, encoder, encoding, feature_stores, features
 
-    threads = features.in_threads  # encode_files' default decoder
+    threads = encoding.in_threads  # encode_files' default decoder
 
     def in_threads(workers):
         decode = threads(workers)
@@ -183,11 +183,12 @@ def instrument(phases: Phases) -> None:
 
         return timed
 
-    features.in_threads = in_threads
+    encoding.in_threads = in_threads
     phases.wrap(decoders.DecodeProcesses, "find", "media decode, processes: a group handed to them")
     phases.wrap(features.LookupInProcesses, "result", "media decode, processes: waiting for a group's inputs")
     phases.wrap(decoders.DecodeProcesses, "_start", "decoding processes started (a thread of their own)")
-    phases.wrap(encoder.MediaEncoder, "forward", "encoder forward")
+    phases.wrap(encoder.MediaEncoder, "embed", "encoder calls (queued)")
+    phases.wrap(encoding.Queued, "finish", "encoder: waiting for a call's features")
     phases.wrap(features.FeatureCache, "file_hash", "cache: hash file")
     phases.wrap(features.FeatureCache, "get", "cache: read")
     phases.wrap(features.FeatureCache, "put", "cache: write")

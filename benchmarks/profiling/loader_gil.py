@@ -30,6 +30,10 @@ from pathlib import Path
 import torch
 from model.media import features
 from model.media.decoders import DecodeProcesses
+try:
+    from model.media.encoding import encode_misses
+except ImportError:  # a tree from before 2026-12-07's sixth session
+    encode_misses = features.encode_misses
 
 root, workers, paths = Path(sys.argv[1]), int(sys.argv[2]), [Path(p) for p in sys.argv[3:]]
 
@@ -43,8 +47,10 @@ class Encoder:
     def weights_file(self):
         return None
 
-    def __call__(self, modality, inputs):
+    def embed(self, modality, inputs):
         return torch.randn(inputs.shape[0], 3, 1024)
+
+    __call__ = embed  # an older tree's encode_misses calls the encoder
 
 
 def loop(stop, turns):
@@ -68,12 +74,12 @@ with DecodeProcesses(workers) as decoders:
 
         lookup, inputs = features.look_up_in(decoders, cache, "audio", paths).result()
         stores = ProcessStores(decoders)
-        features.encode_misses(Encoder(), cache, lookup, lambda a, b: inputs[a:b], 64, 2, stores)
+        encode_misses(Encoder(), cache, lookup, lambda a, b: inputs[a:b], 64, 2, stores)
         stores.wait()
     else:  # hashing, reads and writes on threads of this process
         lookup = features.look_up(cache, "audio", paths, 2)
         inputs = decoders("audio", lookup.first_paths()) if lookup.misses else []
-        features.encode_misses(Encoder(), cache, lookup, lambda a, b: inputs[a:b], 64, 2)
+        encode_misses(Encoder(), cache, lookup, lambda a, b: inputs[a:b], 64, 2)
     cache.hashes.save()
     seconds = time.perf_counter() - start
     stop.set()

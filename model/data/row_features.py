@@ -19,8 +19,9 @@ import torch
 
 from model.data.catalog import Row, media_path
 from model.media.decoders import Decode, Decoded, DecodeProcesses, in_threads, load_or_error
+from model.media.encoding import encode_misses
 from model.media.feature_stores import Stores
-from model.media.features import FeatureCache, Lookup, check_encoder, encode_misses, look_up, look_up_in
+from model.media.features import FeatureCache, Lookup, check_encoder, look_up, look_up_in
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance
 

@@ -240,6 +240,17 @@ class MediaEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.embed(modality, inputs)
+        finite = torch.isfinite(features).flatten(1).all(1).tolist()
+        if not all(finite):
+            raise NonFiniteFeatures(modality, [i for i, ok in enumerate(finite) if not ok], features)
+        return features
+
+    @torch.no_grad()
+    def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """`forward` without its finiteness check, which reads the features back: the call only queues the GPU
+        work, so a caller can queue the next call before it reads this one's features
+        (model/media/encoding.py's `encode_misses` checks them on the host)."""
         key = IMAGEBIND_MODALITY[modality]
         batch = inputs.shape[0]
         x = to_device(inputs, self.device).to(self.dtype)
@@ -251,11 +262,7 @@ class MediaEncoder(nn.Module):
         features = ib.modality_heads[key](features, **tokens["head"])
         post = ib.modality_postprocessors[key]
         features = post[0](features) if isinstance(post, nn.Sequential) else post(features)
-        features = features.reshape(batch, -1, features.shape[-1])
-        finite = torch.isfinite(features).flatten(1).all(1).tolist()
-        if not all(finite):
-            raise NonFiniteFeatures(modality, [i for i, ok in enumerate(finite) if not ok], features)
-        return features
+        return features.reshape(batch, -1, features.shape[-1])
 
 
 def size_of(state: dict[str, torch.Tensor], path: Path) -> str:

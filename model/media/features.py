@@ -1,4 +1,5 @@
-"""On-disk cache of frozen-encoder outputs per media file, and batched encoding that only runs the encoder on misses.
+"""On-disk cache of frozen-encoder outputs per media file, and the lookups that find its misses (model/media/encoding.py
+encodes them).
 
 The encoder is frozen, so its output for a file depends only on the file's bytes, the encoder weights and the mode
 (modality, per-clip or pooled, compute dtype). Entries are keyed by exactly that: sha256 of the file, the encoder's
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +22,22 @@ from typing import Protocol
 import torch
 
 from model.io.files import read_memo, write_memo
-from model.media.decoders import Decode, Decoded, DecodeProcesses, in_threads
-from model.media.encoder import CALL_FILES, NonFiniteFeatures
+from model.media.decoders import Decoded, DecodeProcesses
 from model.media.feature_files import entry_file, read_entry, write_entry
-from model.media.feature_stores import Stored, Stores, ThreadStores
 from model.media.file_hashes import SAVE_EVERY_S, FileHashes
 from model.media.preprocess import MODALITIES, MediaError, check_file
 
 
 class Encoder(Protocol):
-    """What encode_files needs (model/media/encoder.py's MediaEncoder): modality, [B, ...] inputs -> [B, k, D]."""
+    """What encode_files needs (model/media/encoder.py's MediaEncoder)."""
 
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
 
-    def __call__(self, modality: str, inputs: torch.Tensor) -> torch.Tensor: ...
+    def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """modality, [B, ...] inputs on `device` -> [B, k, D] features, possibly not finite (the caller checks)."""
+        ...
 
     def state_dict(self) -> Mapping[str, torch.Tensor]: ...
 
@@ -282,87 +283,3 @@ def look_up_in(
 ) -> LookupInProcesses:
     """`look_up` and the misses' decoding, handed to the decoding processes (`LookupInProcesses`)."""
     return LookupInProcesses(decoders, cache, modality, paths)
-
-
-@torch.no_grad()
-def encode_misses(
-    encoder: Encoder,
-    cache: FeatureCache | None,
-    lookup: Lookup,
-    decoded: Callable[[int, int], list[Decoded]],
-    batch_size: int = 8,
-    workers: int = 2,
-    stores: Stores | None = None,
-) -> list[torch.Tensor | MediaError]:
-    """Fills in `lookup.results` for its misses, `batch_size` contents at a time (at most CALL_FILES of the kind):
-    `decoded(start, stop)` gives the encoder inputs (or MediaErrors) of misses[start:stop]. A file whose features are
-    not finite (NaN or Inf) after the encoder fails its own entry and is never cached; the others are handed to
-    `stores` while the next batch encodes, which the caller waits for; without them, to `workers` threads of this
-    process (`ThreadStores`), waited for before the call returns."""
-    if stores is None:
-        with ThreadStores(workers) as own:
-            results = encode_misses(encoder, cache, lookup, decoded, batch_size, workers, own)
-            own.wait()
-        return results
-    check_encoder(encoder, cache)
-    results, paths = lookup.results, lookup.paths
-    step = min(batch_size, CALL_FILES[lookup.modality])
-    for start in range(0, len(lookup.misses), step):
-        batch = lookup.misses[start : start + step]
-        keys = lookup.keys[start : start + step]
-        loaded = decoded(start, start + len(batch))
-        good = [(g, k, x) for g, k, x in zip(batch, keys, loaded, strict=True) if isinstance(x, torch.Tensor)]
-        for g, x in zip(batch, loaded, strict=True):
-            if isinstance(x, MediaError):
-                for i in g:  # each path named in its own error, though they share content
-                    results[i] = MediaError(paths[i], x.reason)
-        if not good:
-            continue
-        inputs = torch.stack([x for _, _, x in good]).to(encoder.device, encoder.dtype)
-        try:
-            outputs = encoder(lookup.modality, inputs).cpu()
-        except NonFiniteFeatures as e:  # those items fail below, the others of the batch are kept
-            outputs = e.features.cpu()
-        stored: list[Stored] = []
-        for (g, key, _), features in zip(good, outputs, strict=True):
-            if not torch.isfinite(features).all():
-                for i in g:
-                    results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
-                continue
-            if cache is not None and cache.pooled:
-                features = features.mean(dim=0, keepdim=True)
-            stored.append((paths[g[0]], key, features))
-            for i in g:
-                results[i] = features
-        if cache is not None and stored:
-            stores.put(cache, lookup.modality, stored)
-    return results  # type: ignore[return-value]
-
-
-def encode_files(
-    encoder: Encoder,
-    cache: FeatureCache | None,
-    modality: str,
-    paths: Sequence[str | Path],
-    batch_size: int = 8,
-    workers: int = 2,
-    decode: Decode | None = None,
-) -> list[torch.Tensor | MediaError]:
-    """Per-file [k, D] features (k clips as model/config.py's CLIPS_PER_ITEM says; 1 when the cache is pooled), or
-    the file's MediaError.
-
-    Cache hits skip decoding and the encoder; misses are decoded (by `decode`, else in `workers` threads: model/media/
-    decoders.py) and encoded `batch_size` files at a time, at most CALL_FILES of the kind (so one batch of inputs is
-    decoded at once), then stored.
-    Files with identical content are encoded once. A bad file only fails its own entry (`look_up`, `encode_misses`).
-    Without a cache, every file is encoded (per-clip).
-    """
-    check_encoder(encoder, cache)
-    lookup = look_up(cache, modality, paths, workers)
-    decode = decode or in_threads(workers)
-    encoded = encode_misses(
-        encoder, cache, lookup, lambda a, b: decode(modality, lookup.first_paths(a, b)), batch_size, workers
-    )
-    if cache is not None:
-        cache.hashes.save()
-    return encoded

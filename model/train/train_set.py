@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from model.config import CLIPS_PER_ITEM
 from model.data.catalog import DatasetError, DatasetSpec, Row, load_rows, media_path
-from model.media.features import FeatureCache, encode_files
+from model.media.encoding import encode_files
+from model.media.features import FeatureCache
 from model.network.deepresonance import DeepResonance, Example
 from model.text.prompt import layout_row
 
