@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import subprocess
 import sys
 import types
 from fractions import Fraction
@@ -123,12 +125,44 @@ def test_mp3_decodes_to_the_written_samples(tmp_path):
     assert abs(float(wave.mean()) - 0.1) < 0.01 and 0.4 < float(wave.max()) < 0.7
 
 
-@pytest.mark.parametrize("name, size", [("i.png", (64, 48)), ("i.jpg", (40, 90)), ("i.bmp", (224, 224))])
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("i.png", (64, 48)),
+        ("i.jpg", (40, 90)),
+        ("i.bmp", (224, 224)),
+        ("i.png", (500, 333)),  # downscaled, the long side truncated (336.3)
+        ("i.png", (333, 501)),  # portrait
+        ("i.png", (225, 224)),  # no resize, a crop offset of 0.5 (rounded to even: 0)
+        ("i.png", (224, 227)),  # a crop offset of 1.5 (rounded to even: 2)
+        ("i.png", (227, 1000)),  # an odd offset after the resize
+    ],
+)
 def test_image_matches_imagebind_exactly(tmp_path, reference, name, size):
+    """load_image (PIL and torch, no torchvision) against ImageBind's own torchvision-based transform."""
     path = synth.write_image(tmp_path / name, size=size)
     got = load_image(path)
     assert got.shape == (3, 224, 224)
     assert torch.equal(got, reference.load_and_transform_vision_data([str(path)], "cpu")[0])
+
+
+def test_decoding_every_kind_imports_no_torchvision(tmp_path):
+    """A decoding process pays for its imports at its first file of a kind, on every core of a job's pool at once:
+    torchvision is not one of them (1.4 s a process: it pulls in torch._dynamo)."""
+    files = {
+        "image": synth.write_image(tmp_path / "i.png"),
+        "video": synth.write_video(tmp_path / "v.mp4", 1.0),
+        "audio": synth.write_wav(tmp_path / "a.wav"),
+    }
+    loads = "".join(f"load_media({kind!r}, {str(path)!r})\n" for kind, path in files.items())
+    code = f"""import sys
+from model.media.preprocess import load_media
+{loads}print(",".join(m for m in ("torchvision", "torch._dynamo") if m in sys.modules))"""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1:] in ([], [""])
 
 
 def test_uniform_image_values(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from model.io.transfer import to_device
 from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import CALL_FILES
 from model.media.feature_stores import Stored, Stores, ThreadStores
@@ -83,11 +82,16 @@ class Queued:
 
     @classmethod
     def call(cls, encoder: Encoder, modality: str, good: list[tuple[list[int], str, torch.Tensor]]) -> Queued:
-        """The inputs to the device as a queued copy (a pageable one waits for the stream), the call, the copy back."""
-        inputs = to_device(torch.stack([x for _, _, x in good]), encoder.device).to(encoder.dtype)
+        """The inputs stacked into pinned memory and copied to the device as a queued copy (a pageable one waits for
+        the stream; stacking, then pinning, copied a 16-video call's 290 MB twice), the call, the copy back."""
+        xs = [x for _, _, x in good]
+        on_cuda = encoder.device.type == "cuda"
+        stacked = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=on_cuda)
+        torch.stack(xs, out=stacked)
+        inputs = stacked.to(encoder.device, non_blocking=True).to(encoder.dtype)
         features = encoder.embed(modality, inputs)
         items = [(g, k) for g, k, _ in good]
-        if features.device.type != "cuda":
+        if not on_cuda:
             return cls(items, features, None)
         host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
         host.copy_(features, non_blocking=True)

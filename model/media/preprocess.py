@@ -2,7 +2,7 @@
 
 The released DeepResonance weights were trained on exactly those inputs, so every quirk of the original pipeline is
 kept on purpose (see `audio_clips`). ImageBind's own module cannot be imported here (pytorchvideo/decord do not work
-with current torchvision), so decoding uses soundfile and PyAV, and the transforms are rebuilt with torch/torchvision.
+with current torchvision), so decoding uses soundfile and PyAV, and the transforms are rebuilt with PIL and torch.
 
 This is the one entry point for media (`load_media`, `probe_media`: `dr infer`, `dr ask`, `dr data check`, `dr serve`).
 Before decoding, every file is checked against the bounds named below (rate, channels, duration, pixels, aspect
@@ -14,9 +14,7 @@ features, a file is a one-line MediaError.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -58,20 +56,26 @@ _VIDEO_MEAN = torch.tensor(CLIP_MEAN)[:, None, None, None]  # broadcast over [C,
 _VIDEO_STD = torch.tensor(CLIP_STD)[:, None, None, None]
 
 
-@functools.cache
-def _image_transform() -> Callable[[Image.Image], torch.Tensor]:
-    """ImageBind's vision transform, built on first use: torchvision is imported only by a process that decodes an
-    image (it costs a decoding process 1.4 s of its start: benchmarks/profiling/decoder_start.py)."""
-    from torchvision import transforms
+_IMAGE_MEAN = torch.tensor(CLIP_MEAN)[:, None, None]  # [C, H, W]
+_IMAGE_STD = torch.tensor(CLIP_STD)[:, None, None]
 
-    return transforms.Compose(
-        [
-            transforms.Resize(CROP, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(CROP),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-        ]
-    )
+
+def vision_transform(rgb: Image.Image) -> torch.Tensor:
+    """ImageBind's vision transform (torchvision's Resize(224, bicubic), CenterCrop(224), ToTensor, Normalize on a PIL
+    image), written out with PIL and torch as torchvision computes each step, equal bit for bit (tests/test_media.py):
+    importing torchvision cost each decoding process 1.4 s at its first image
+    (benchmarks/results/2026-12-06-cpu-decoder-start/), on every core of a job's pool at once."""
+    w, h = rgb.size
+    short, long = (w, h) if w <= h else (h, w)
+    stretched = int(CROP * long / short)  # the long side, truncated
+    size = (CROP, stretched) if w <= h else (stretched, CROP)
+    if size != (w, h):
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    left, top = int(round((size[0] - CROP) / 2.0)), int(round((size[1] - CROP) / 2.0))
+    if size != (CROP, CROP):
+        rgb = rgb.crop((left, top, left + CROP, top + CROP))
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return pixels.float().div(255).sub_(_IMAGE_MEAN).div_(_IMAGE_STD)
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -86,7 +90,7 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError(path, f"unreadable image ({e})") from e
-    return _image_transform()(rgb)
+    return vision_transform(rgb)
 
 
 def _frame_count(path: Path, container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
