@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `next` (warm catalog jobs in turns with the loader's stream ahead of the engine's, the catalog job's phases, the GPU
-# tests not reached yet), then `next2` (every GPU test, `dr bench job`, the engine alone, 32- against 16-position
-# blocks in the step's kernels).
+# `next` (an encoder call's host time in parts, warm catalog jobs in turns with the encoder's calls read back at once
+# against one behind, the loader's GPU tests), then `next2` (`dr bench job`, the long step's blocks, every GPU test).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -41,39 +40,26 @@ export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
-queue)
-    # the encoder's calls queued one ahead of their read-back (model/media/encoding.py) against each read back at
-    # once, warm catalog jobs in turns (REPEATS a side, default 2), each run's loader clocks and groups' times; its
-    # GPU test first
-    step gpu_tests_queue 70 pytest -q -x tests/test_gpu.py -k queued
-    step job_order_queue $((90 + 80 * ${REPEATS:-2})) python3 benchmarks/profiling/job_order.py \
-        "$OUT/job_order_queue.json" --repeats "${REPEATS:-2}" --arm default \
-        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False"
-    ;;
 next)
-    # warm catalog jobs in turns, three a side: the loader's stream at a higher priority than the engine's against
-    # the defaults (model/infer/job.py LOADER_PRIORITY; the last media came 20.6-25.6 s into 27-32 s jobs on
-    # 2026-12-07 whatever thread or process did the loader's host work, each encoder call waiting for its GPU work
-    # on a GPU the engine's steps share: results/2026-12-07-h100-loader-processes/); on a fresh machine its first job
-    # compiles the step cold (about 40 s). The catalog mix's phases, with the lock probe; the GPU tests that
-    # 32-position blocks have not reached (the paged engine's growth and preemption, the packed prefill) and the
-    # job's own
-    step job_order 320 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 3 --arm default \
-        --arm "loader_first:model.infer.job.LOADER_PRIORITY=-1"
-    step phases_catalog 120 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
-    step gpu_tests 110 pytest -q -x tests/test_gpu.py -k "paged or packed or media_load or engine_job"
+    # where an encoder call's 106 ms of host time go (its parts, idle and beside a busy stream, its synchronizing
+    # calls); warm catalog jobs in turns, two a side, the encoder's calls queued one ahead of their read-back against
+    # each read back at once (model/media/encoding.py QUEUE_AHEAD), each run's groups' times: the second group came
+    # 9.1 s after the first in 2026-12-07's run (results/2026-12-07-h100-queue-ahead/), when every decoding process
+    # imported torchvision at its first image (since removed); a fresh machine's first job compiles the step cold.
+    # Then the GPU tests of the loader and the job
+    step encoder_queue 150 python3 benchmarks/profiling/encoder_queue.py "$OUT/encoder_queue.json"
+    step job_order 270 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 --arm default \
+        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False"
+    step gpu_tests 120 pytest -q -x tests/test_gpu.py -k "queued or media_load or engine_job"
     ;;
 next2)
-    # every GPU test; `dr bench job`, both mixes (its second figure, the job with its features cached, is where the
-    # loader's work in the decoding processes should show); the engine alone on every shape with 32-position blocks,
-    # one slot included; the 512-row steps' kernels with blocks of 32 against 16
-    step gpu_tests 240 pytest -q -x tests/test_gpu.py
-    step job 180 dr bench job --out "$OUT/job.json"
-    step engine 130 dr "${ENGINE[@]}" --out "$OUT/engine.json"
-    step paged_step_512 70 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 17 --budget 64 \
+    # `dr bench job`, both mixes (cut at 180 s on 2026-12-07: the catalog's engine-alone figure and the JSON were
+    # lost); the 512-row long-prompt step with 16-position blocks against 32 (the short one: 18.94 against 19.50 ms);
+    # every GPU test
+    step job 260 dr bench job --out "$OUT/job.json"
+    step paged_step_long 110 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
         --kernels flex,flex/16
-    step paged_step_long 80 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
-        --kernels flex,flex/16
+    step gpu_tests 190 pytest -q -x tests/test_gpu.py
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it

@@ -64,11 +64,10 @@ HANDOFF = 2
 # start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is
 # built instead of waiting for a whole engine-full of media; the step's narrow width (model/engine/scheduler.py)
 FIRST_GROUP = 64
-# the CUDA priority of the loader's stream (0: the engine's default stream's; lower is higher). A catalog-shaped job on
-# an H100 handed over its last media 20.6-25.6 s into a 28-32 s job whose encoding is about 4 s of GPU work, and the
-# engine's stream above the loader's moved that 1-1.3 s later for no gain
-# (benchmarks/results/2026-12-07-h100-job-order-block32/): whether the loader's calls ahead of the engine's steps
-# (-1) end the job sooner is still to time (benchmarks/profiling/job_order.py)
+# the CUDA priority of the loader's stream (0: the engine's default stream's; lower is higher). Neither way helped a
+# catalog-shaped job on an H100: the engine's stream above the loader's moved the last media 1-1.3 s later
+# (benchmarks/results/2026-12-07-h100-job-order-block32/), the loader's above the engine's left the job 0.5 s slower,
+# its encoder calls no shorter (medians of three and two runs, benchmarks/results/2026-12-07-h100-next/)
 LOADER_PRIORITY = 0
 Gate = threading.Semaphore | None
 
