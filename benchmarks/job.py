@@ -7,6 +7,7 @@ import gc
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,6 +106,48 @@ def bench_job(
     return report
 
 
+LOADER_CLOCKS = ("encoder_calls", "encoder_waits", "input_waits")  # loader_clocks' names
+
+
+@contextmanager
+def loader_clocks(marks: list[float], clocks: dict[str, list[float]]):
+    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, and
+    the seconds of each call of the loader's steps to `clocks`: "encoder_calls" (queuing an encoder call's GPU work,
+    model/media/encoding.py `Queued.call`), "encoder_waits" (waiting for a call's features: its GPU work, behind the
+    engine's steps on a shared GPU, `Queued.finish`) and "input_waits" (waiting for a group's decoded inputs from the
+    decoding processes, `LookupInProcesses.result`), so that a setting's effect on the loader shows beside its effect
+    on the job."""
+    import model.infer.job as job
+    from model.media.encoding import Queued
+    from model.media.features import LookupInProcesses
+
+    real = (job.encode_media, Queued.call, Queued.finish, LookupInProcesses.result)
+
+    def encode_media(*args, **kwargs):
+        out = real[0](*args, **kwargs)
+        marks.append(CLOCK())
+        return out
+
+    def clocked(method, name):
+        def run(*args, **kwargs):
+            start = CLOCK()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                clocks.setdefault(name, []).append(CLOCK() - start)
+
+        return run
+
+    job.encode_media = encode_media
+    Queued.call = classmethod(clocked(real[1].__func__, "encoder_calls"))
+    Queued.finish = clocked(real[2], "encoder_waits")
+    LookupInProcesses.result = clocked(real[3], "input_waits")
+    try:
+        yield
+    finally:
+        job.encode_media, Queued.call, Queued.finish, LookupInProcesses.result = real
+
+
 def whole_job(
     model,
     data: list,
@@ -116,7 +159,8 @@ def whole_job(
     decoders=None,
 ) -> dict:
     """`run_inference` as `dr infer` runs it (media decoded and encoded through the feature cache, the engine sized,
-    compiled and run, the journal written), timed from the call to its last row and to its first finished rows.
+    compiled and run, the journal written), timed from the call to its last row and to its first finished rows, with
+    its loader's clocks (`loader_clocks`).
     `decoders`: decoding processes started earlier, as `dr infer` starts them before its model's load (else the job
     starts its own). Every row must be answered; with the engine, every answer must hold exactly its oracle length."""
     from model.infer.job import run_inference
@@ -129,8 +173,10 @@ def whole_job(
     first: list[float] = []
     _sync()
     reset_peak_memory()
+    marks: list[float] = []
+    clocks: dict[str, list[float]] = {}
     start = CLOCK()
-    with oracle(model, data, lengths) as made:
+    with oracle(model, data, lengths) as made, loader_clocks(marks, clocks):
         summary = run_inference(
             model,
             data,
@@ -160,6 +206,10 @@ def whole_job(
         "generated_tokens": made["tokens"],
         "useful_tokens_per_s": round(useful / wall, 1),
         "encoded_files": made["encoded"],
+        "media_done_s": round(marks[-1] - start, 2) if marks else None,
+        "groups_done_s": [round(m - start, 2) for m in marks],
+        "encoder_calls": len(clocks.get("encoder_calls", [])),
+        **{f"{name}_s": round(sum(clocks.get(name, [])), 2) for name in LOADER_CLOCKS},
     }
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `next` (an encoder call's host time in parts, warm catalog jobs in turns with the encoder's calls read back at once
-# against one behind, the loader's GPU tests), then `next2` (`dr bench job`, the long step's blocks, every GPU test).
+# `next` (the encoder graphs' GPU tests, warm catalog jobs in turns with the encoder's calls read back at once, one
+# behind and as graphs, an encoder call's host time in parts), then `next2` (`dr bench job`, the long step's blocks,
+# every GPU test).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -41,16 +42,18 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 next)
-    # where an encoder call's 106 ms of host time go (its parts, idle and beside a busy stream, its synchronizing
-    # calls); warm catalog jobs in turns, two a side, the encoder's calls queued one ahead of their read-back against
-    # each read back at once (model/media/encoding.py QUEUE_AHEAD), each run's groups' times: the second group came
-    # 9.1 s after the first in 2026-12-07's run (results/2026-12-07-h100-queue-ahead/), when every decoding process
-    # imported torchvision at its first image (since removed); a fresh machine's first job compiles the step cold.
-    # Then the GPU tests of the loader and the job
-    step encoder_queue 150 python3 benchmarks/profiling/encoder_queue.py "$OUT/encoder_queue.json"
-    step job_order 270 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 --arm default \
-        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False"
-    step gpu_tests 120 pytest -q -x tests/test_gpu.py -k "queued or media_load or engine_job"
+    # the encoder's calls as CUDA graphs (model/media/encoder_graphs.py, off until timed): their GPU tests first (a
+    # failure in a timed job would end the other arms' runs); warm catalog jobs in turns, two a side: the calls queued
+    # one ahead of their read-back (the default), each read back at once (QUEUE_AHEAD False), and as graphs; each
+    # run's groups' times (the second group 9.1 s after the first in 2026-12-07's run, results/2026-12-07-h100-queue-
+    # ahead/, when every decoding process imported torchvision at its first image: since removed) and input waits; a
+    # fresh machine's first job compiles the step cold. Then where an encoder call's host time goes, eager and as a
+    # graph's replay
+    step gpu_tests 150 pytest -q -x tests/test_gpu.py -k "graphs or queued or media_load or engine_job"
+    step job_order 330 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 --arm default \
+        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False" \
+        --arm "graphs:model.media.encoding.ENCODER_GRAPHS=True"
+    step encoder_queue 90 python3 benchmarks/profiling/encoder_queue.py "$OUT/encoder_queue.json"
     ;;
 next2)
     # `dr bench job`, both mixes (cut at 180 s on 2026-12-07: the catalog's engine-alone figure and the JSON were

@@ -183,6 +183,16 @@ def test_each_encoder_call_is_queued_before_the_one_before_it_is_read_back(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(out, alone, strict=True))
 
 
+def test_an_encoder_graph_takes_the_smallest_size_that_holds_a_call():
+    """A call of n files replays the graph of the first of 8, 16, 32, 64 files that holds it, never more than its
+    kind's CALL_FILES (video: 16), so a kind needs four graphs at most (tests/test_gpu.py replays them)."""
+    from model.media.encoder_graphs import padded
+
+    assert [padded(n, 64) for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [8, 8, 16, 16, 32, 32, 64, 64]
+    assert [padded(n, 16) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    assert padded(2, 2) == 2  # a CALL_FILES under the smallest size (tests set such)
+
+
 def test_a_batchs_stores_run_while_the_next_batch_encodes(tmp_path, audio_files, monkeypatch):
     """The encoder waits for no store: a store of batch 1 is still under way when batch 2 is encoded (waiting for a
     batch's stores before the next call kept the GPU idle through every write). All stores end before the call

@@ -13,8 +13,8 @@ The process's first job (the engine's steps compiled, or loaded from the compile
 any arm. Each run reports its wall and first rows (`dr bench job`'s figures) and `media_done_s`, when the loader
 handed over its last group's features: a job that ends long after it waited for decoding, not for its media; and
 `encoder_calls_s`, `encoder_waits_s` and `input_waits_s`, the loader's seconds queuing the encoder's calls, waiting for
-their features (their GPU work) and waiting for decoded inputs (`loader_clocks`), and `groups_done_s`, when each media
-group was handed over.
+their features (their GPU work) and waiting for decoded inputs, and `groups_done_s`, when each media group was handed
+over (benchmarks/job.py `loader_clocks`, in every `dr bench job` run too).
 2026-12-07's run (results/2026-12-07-h100-job-order-block32/) compared the media mixes spread over a job's groups and
 the engine's stream at a high priority, both since removed.
 """
@@ -25,7 +25,6 @@ import argparse
 import ast
 import importlib
 import json
-import shutil
 import statistics
 import time
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.job import free_engine, whole_job
+from benchmarks.job import LOADER_CLOCKS, free_engine, whole_job
 from benchmarks.job_workload import MIXES, job_model, write_media
 from benchmarks.profiling.job_phases import SHAPES, job_generation, job_rows
 from model.engine.sizing import CUDA_SLOTS
@@ -67,65 +66,12 @@ def settings(changes: dict[str, object]):
             setattr(owner, name, value)
 
 
-LOADER_CLOCKS = ("encoder_calls", "encoder_waits", "input_waits")  # loader_clocks' names
-
-
-@contextmanager
-def loader_clocks(marks: list[float], clocks: dict[str, list[float]]):
-    """While open: the clock at the end of each group's encoding (the loader's last stage) appended to `marks`, and
-    the seconds of each call of the loader's steps to `clocks`: "encoder_calls" (queuing an encoder call's GPU work,
-    model/media/encoding.py `Queued.call`), "encoder_waits" (waiting for a call's features: its GPU work, behind the
-    engine's steps on a shared GPU, `Queued.finish`) and "input_waits" (waiting for a group's decoded inputs from the
-    decoding processes, `LookupInProcesses.result`), so that a setting's effect on the loader shows beside its effect
-    on the job."""
-    import model.infer.job as job
-    from model.media.encoding import Queued
-    from model.media.features import LookupInProcesses
-
-    real = (job.encode_media, Queued.call, Queued.finish, LookupInProcesses.result)
-
-    def encode_media(*args, **kwargs):
-        out = real[0](*args, **kwargs)
-        marks.append(CLOCK())
-        return out
-
-    def clocked(method, name):
-        def run(*args, **kwargs):
-            start = CLOCK()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                clocks.setdefault(name, []).append(CLOCK() - start)
-
-        return run
-
-    job.encode_media = encode_media
-    Queued.call = classmethod(clocked(real[1].__func__, "encoder_calls"))
-    Queued.finish = clocked(real[2], "encoder_waits")
-    LookupInProcesses.result = clocked(real[3], "input_waits")
-    try:
-        yield
-    finally:
-        job.encode_media, Queued.call, Queued.finish, LookupInProcesses.result = real
-
-
 def timed_job(model, data: list, lengths: list[int], work: Path, gen, batch: int) -> dict:
-    """`dr bench job`'s whole job with fresh features, when each of its media groups was loaded, and how long the
-    loader's steps took (the clocks from the job's call: the old features are removed first)."""
-    shutil.rmtree(work / "features", ignore_errors=True)
-    marks: list[float] = []
-    clocks: dict[str, list[float]] = {}
-    start = CLOCK()
-    with loader_clocks(marks, clocks):
-        result = whole_job(model, data, lengths, work, gen, batch, fresh_features=False)  # removed just above
+    """`dr bench job`'s whole job with fresh features, with its loader's clocks (benchmarks/job.py `loader_clocks`),
+    its engine freed after."""
+    result = whole_job(model, data, lengths, work, gen, batch)
     free_engine()
-    return {
-        **result,
-        "media_done_s": round(marks[-1] - start, 2),
-        "groups_done_s": [round(m - start, 2) for m in marks],
-        "encoder_calls": len(clocks.get("encoder_calls", [])),
-        **{f"{name}_s": round(sum(clocks.get(name, [])), 2) for name in LOADER_CLOCKS},
-    }
+    return result
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import torch
 
 from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import CALL_FILES
+from model.media.encoder_graphs import graphs_of
 from model.media.feature_stores import Stored, Stores, ThreadStores
 from model.media.features import Encoder, FeatureCache, Lookup, check_encoder, look_up
 from model.media.preprocess import MediaError
@@ -19,6 +20,9 @@ from model.media.preprocess import MediaError
 # each encoder call queued before the one before it is read back (False: read back at once, as before 2026-12-07's
 # sixth session; kept to time the two in turns, benchmarks/profiling/job_order.py, until a GPU run decides)
 QUEUE_AHEAD = True
+# on a GPU, each call replayed as a CUDA graph (model/media/encoder_graphs.py): off until timed in turns with eager
+# calls in whole jobs (benchmarks/README.md, Pending)
+ENCODER_GRAPHS = False
 
 
 @torch.no_grad()
@@ -89,7 +93,8 @@ class Queued:
         stacked = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=on_cuda)
         torch.stack(xs, out=stacked)
         inputs = stacked.to(encoder.device, non_blocking=True).to(encoder.dtype)
-        features = encoder.embed(modality, inputs)
+        embed = graphs_of(encoder).embed if ENCODER_GRAPHS and on_cuda else encoder.embed  # type: ignore[arg-type]
+        features = embed(modality, inputs)
         items = [(g, k) for g, k, _ in good]
         if not on_cuda:
             return cls(items, features, None)
