@@ -49,7 +49,7 @@ next)
     # ahead/, when every decoding process imported torchvision at its first image: since removed) and input waits; a
     # fresh machine's first job compiles the step cold. Then where an encoder call's host time goes, eager and as a
     # graph's replay
-    step gpu_tests 150 pytest -q -x tests/test_gpu.py -k "graphs or queued or media_load or engine_job"
+    step gpu_tests 150 pytest -q -x tests/test_gpu.py -k "graphs or queued or bfloat16_on_the_host or media_load or engine_job"
     step job_order 330 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 --arm default \
         --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False" \
         --arm "graphs:model.media.encoding.ENCODER_GRAPHS=True"

@@ -183,6 +183,36 @@ def test_each_encoder_call_is_queued_before_the_one_before_it_is_read_back(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(out, alone, strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_processes_send_misses_inputs_in_the_encoders_dtype(audio_files, dtype):
+    """A chunk's misses come back in the dtype asked for, converted as the encoder converts its inputs (the same
+    rounding: bfloat16 halves what crosses back and is copied to the device); a job asks for its encoder's."""
+    from types import SimpleNamespace
+
+    from model.data.catalog import Row
+    from model.data.row_features import decode_media
+    from model.media.decoders import find_chunk
+
+    found = find_chunk("audio", audio_files[:3], None, None, dtype)
+    want = torch.stack([load_or_error("audio", p) for p in audio_files[:3]]).to(dtype)
+    assert found.inputs.dtype == dtype and torch.equal(found.inputs, want)
+
+    asked = []
+
+    class Decoders:
+        def takes(self, files):
+            return True
+
+        def find(self, modality, paths, digests, entries, dtype):
+            asked.append((modality, len(paths), dtype))
+            return []
+
+    model = SimpleNamespace(visual_encoder=SimpleNamespace(dtype=dtype, fingerprint="fake"))
+    rows = [Row(str(i), "<Audio>", "Describe.", "", ("audio",), (p.name,)) for i, p in enumerate(audio_files)]
+    decode_media(model, rows, audio_files[0].parent, None, decoders=Decoders())
+    assert asked == [("audio", len(audio_files), dtype)]
+
+
 def test_an_encoder_graph_takes_the_smallest_size_that_holds_a_call():
     """A call of n files replays the graph of the first of 8, 16, 32, 64 files that holds it, never more than its
     kind's CALL_FILES (video: 16), so a kind needs four graphs at most (tests/test_gpu.py replays them)."""

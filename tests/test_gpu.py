@@ -458,3 +458,21 @@ def test_a_job_with_encoder_graphs_answers_as_one_with_eager_calls(tiny_layout, 
         answers.append(read_journal([out.with_suffix(".jsonl")]))
         assert model.visual_encoder not in encoder_graphs._graphs  # released with the job: the next is sized anew
     assert answers[0] == answers[1]
+
+
+def test_inputs_rounded_to_bfloat16_on_the_host_equal_those_rounded_on_the_gpu(tmp_path):
+    """The decoding processes send a GPU job's inputs in its encoder's bfloat16 (model/media/decoders.py
+    `find_chunk`): the host's rounding must be the device's, or the features would change with the path."""
+    from synth import write_image, write_video, write_wav
+
+    from model.media.decoders import load_or_error
+
+    inputs = [
+        load_or_error("audio", write_wav(tmp_path / "a.wav", 2.0, 330.0)),
+        load_or_error("image", write_image(tmp_path / "i.png", size=(300, 200))),
+        load_or_error("video", write_video(tmp_path / "v.mp4", 1.0)),
+        torch.randn(1 << 20) * torch.logspace(-30, 30, 1 << 20),  # every exponent
+        torch.cat([1 + torch.arange(1, 512, 2) * 2**-8, -3 - torch.arange(1, 512, 2) * 2**-7]),  # halfway: to even
+    ]
+    for x in inputs:
+        assert torch.equal(x.to(torch.bfloat16).cuda(), x.cuda().to(torch.bfloat16))

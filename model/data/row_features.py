@@ -70,7 +70,7 @@ def decode_media(
     for modality, files in wanted.items():
         files = list(dict.fromkeys(files))
         if decoders is not None and decoders.takes(len(files)):
-            decoded.append(look_up_in(decoders, cache, modality, files))
+            decoded.append(look_up_in(decoders, cache, modality, files, model.visual_encoder.dtype))
         else:
             decode = in_threads(workers) if decoders is None else _on_this_thread
             decoded.append(_done(_look_up_and_decode(cache, modality, files, workers, decode)))

@@ -59,7 +59,8 @@ def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 # loader runs ahead of the decoding instead of idling while the engine takes the groups before it
 PREFETCH_DEPTH = 6
 # groups a stage of the loader may run ahead of the next: a group's decoded inputs (the large ones: 160 MB for 512
-# ten-second wavs) wait for the encoder while the next group decodes, and no more
+# ten-second wavs in float32, half that in a GPU job's bfloat16) wait for the encoder while the next group decodes,
+# and no more
 HANDOFF = 2
 # rows in an engine job's first media group: its media (decoded on the loader's thread while the decoding processes
 # start, model/media/decoders.py) are ready in about half a second, so the engine starts on them as soon as it is

@@ -237,13 +237,18 @@ class LookupInProcesses:
     two paths of one content in different chunks are both decoded there (the first one's input is used)."""
 
     def __init__(
-        self, decoders: DecodeProcesses, cache: FeatureCache | None, modality: str, paths: Sequence[str | Path]
+        self,
+        decoders: DecodeProcesses,
+        cache: FeatureCache | None,
+        modality: str,
+        paths: Sequence[str | Path],
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.cache, self.modality, self.paths = cache, modality, paths
         files = [Path(p) for p in paths]
         digests = [cache.hashes.known(p) for p in files] if cache is not None else None
         entries = cache.entries(modality) if cache is not None else None
-        self.chunks = decoders.find(modality, files, digests, entries)
+        self.chunks = decoders.find(modality, files, digests, entries, dtype)
         self.found: tuple[Lookup, list[Decoded]] | None = None
 
     def result(self) -> tuple[Lookup, list[Decoded]]:
@@ -279,7 +284,12 @@ class LookupInProcesses:
 
 
 def look_up_in(
-    decoders: DecodeProcesses, cache: FeatureCache | None, modality: str, paths: Sequence[str | Path]
+    decoders: DecodeProcesses,
+    cache: FeatureCache | None,
+    modality: str,
+    paths: Sequence[str | Path],
+    dtype: torch.dtype = torch.float32,
 ) -> LookupInProcesses:
-    """`look_up` and the misses' decoding, handed to the decoding processes (`LookupInProcesses`)."""
-    return LookupInProcesses(decoders, cache, modality, paths)
+    """`look_up` and the misses' decoding, handed to the decoding processes (`LookupInProcesses`); the misses' inputs
+    come back in `dtype`, the encoder's (`DecodeProcesses.find`)."""
+    return LookupInProcesses(decoders, cache, modality, paths, dtype)
