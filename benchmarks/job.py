@@ -44,15 +44,16 @@ def bench_job(
     arithmetic of the rows. Random weights never stop: each row answers its oracle length, at most `budget` (the
     catalog mix's max_new_tokens, as `dr infer` asks by default; the musiccaps mix asks for its 64 tokens, as
     earlier runs did). `batch` is the job's slot count."""
+    from model.data.catalog import media_files
     from model.data.row_features import DECODE_WORKERS
-    from model.infer.job import start_decoders
+    from model.media.decoders import start_decoders
 
     work = Path(workdir)
     on_cuda = device.startswith("cuda")
     first_rows = mix_rows(rows, mixes[0])[0]
     # the first job's decoding processes start with the model's build, as `dr infer` starts them with its load (a
     # later job's start from the forkserver the first one left, which is up in a fraction of a second)
-    decoders = start_decoders(first_rows, torch.device(device))
+    decoders = start_decoders(media_files(first_rows), torch.device(device))
     built = CLOCK()
     model = job_model(work, sizes, encoder_size, device)
     report = {

@@ -190,14 +190,14 @@ def infer(
     allow_outside_media_root: AllowOutside = False,
 ) -> None:
     """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
+    # only what the decoding processes' start needs is imported before they start (model/media/decoders.py
+    # start_decoders): the model's packages (transformers, peft) are imported while they start
     import torch
 
-    from model.data.catalog import load_rows, resolve_dataset
-    from model.engine.sizing import default_slots
-    from model.infer.job import run_inference, start_decoders
+    from model.data.catalog import load_rows, media_files, resolve_dataset
     from model.infer.journal import output_lock, write_results
     from model.io.dist import ranks_from_env
-    from model.media.features import FeatureCache
+    from model.media.decoders import start_decoders
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     ranks = ranks_from_env()
@@ -205,7 +205,6 @@ def infer(
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)
-    batch_size = batch_size or default_slots(device, "job")
     spec = resolve_dataset(dataset, data_root, media_root)
     rows, errors = load_rows(spec.json_path, allow_outside_media_root)
     for line in errors:
@@ -214,9 +213,14 @@ def infer(
     out = out or Path("results") / f"{spec.name}_{variant}.json"
     lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
     ctx.call_on_close(lock.release)
-    decoders = start_decoders(rows[rank::world], torch.device(device))  # their start overlaps the model's load
+    decoders = start_decoders(media_files(rows[rank::world]), torch.device(device))
     if decoders is not None:
         ctx.call_on_close(decoders.close)
+    from model.engine.sizing import default_slots
+    from model.infer.job import run_inference
+    from model.media.features import FeatureCache
+
+    batch_size = batch_size or default_slots(device, "job")
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
     cache = FeatureCache.for_encoder(cache_dir or spec.json_path.parent / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)

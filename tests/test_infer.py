@@ -470,7 +470,6 @@ def logged_decoders(monkeypatch):
     functions) logging what was done with them: (the log, the job's answers without decoders)."""
     import concurrent.futures
 
-    import model.infer.job as inference
     from model.media import decoders
 
     events = []
@@ -495,8 +494,8 @@ def logged_decoders(monkeypatch):
     threads = lambda workers, **kwargs: concurrent.futures.ThreadPoolExecutor(workers)  # noqa: E731
     monkeypatch.setattr(decoders, "ProcessPoolExecutor", threads)
     monkeypatch.setattr(decoders, "CALLER_DECODES", 0)  # every group through them, started or not
-    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
-    monkeypatch.setattr(inference, "DecodeProcesses", Decoders)
+    monkeypatch.setattr(decoders, "processes_for", lambda files, device: 2)
+    monkeypatch.setattr(decoders, "DecodeProcesses", Decoders)
     return events
 
 
@@ -507,7 +506,7 @@ def test_infer_starts_its_decoding_processes_before_loading_the_model_and_the_jo
     overlaps the load), the job looks its media up and stores their features through them instead of starting its
     own, answering as a job without them, and they are closed once, after the job, or when loading fails."""
     import deepresonance_cli.infer as cli
-    import model.infer.job as inference
+    from model.media import decoders
 
     events = logged_decoders
     real_load = cli.load
@@ -524,14 +523,43 @@ def test_infer_starts_its_decoding_processes_before_loading_the_model_and_the_jo
     assert events[:2] == ["started", "load"] and "found" in events and "written" in events
     assert events.count("started") == 1 and events.count("closed") == 1 and events[-1] == "closed"
     assert len(list((out.parent / "cache").rglob("*.safetensors"))) == 4  # a0.wav, a1.wav, i0.png, v0.mp4
-    monkeypatch.setattr(inference, "processes_for", lambda files, device: 0)
+    monkeypatch.setattr(decoders, "processes_for", lambda files, device: 0)
     plain = tmp_path / "plain" / "toy.json"
     assert runner.invoke(app, infer_args(tiny_root, dataset, plain, "--batch-size", "2")).exit_code == 0
     assert json.loads(out.read_text()) == json.loads(plain.read_text())
-    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
+    monkeypatch.setattr(decoders, "processes_for", lambda files, device: 2)
     events.clear()
     failed = runner.invoke(app, infer_args(tmp_path / "no-ckpt", dataset, tmp_path / "res2" / "toy.json"))
     assert failed.exit_code != 0 and events == ["started", "load", "closed"]
+
+
+@pytest.mark.slow
+def test_infer_starts_its_decoding_processes_before_it_imports_the_models_packages(tiny_root, tmp_path):
+    """In a fresh `dr infer` process the decoding processes start before transformers and peft are imported (5 s of
+    a 2-core CPU's 7 s of imports), so their start overlaps the imports as well as the model's load."""
+    dataset = media_dataset(tmp_path / "data", 2)
+    args = infer_args(tiny_root, dataset, tmp_path / "res" / "toy.json")
+    code = f"""
+import json, sys
+import model.media.decoders as decoders
+seen = []
+real = decoders.start_decoders
+def start(files, device):
+    seen.append(sorted(m for m in ("peft", "transformers") if m in sys.modules))
+    return real(files, device)
+decoders.start_decoders = start
+from typer.testing import CliRunner
+from deepresonance_cli.app import app
+result = CliRunner().invoke(app, {args!r})
+print(json.dumps({{"exit_code": result.exit_code, "output": result.output[-2000:], "seen": seen}}))
+"""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, str(Path(__file__).parent)])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["exit_code"] == 0, report["output"]
+    assert report["seen"][0] == []  # the CLI's call (the job asks again, a CPU job's having started none)
 
 
 def test_a_feature_file_the_decoding_processes_cannot_write_fails_the_job(
@@ -558,7 +586,6 @@ def test_a_feature_file_the_decoding_processes_cannot_write_fails_the_job(
 def test_a_job_decoding_in_processes_answers_as_one_decoding_in_threads(tiny_layout, tmp_path, monkeypatch):
     """A long GPU job decodes its media in processes (model/media/decoders.py); forced here on the CPU, the same rows
     (audio, image, video, a corrupt file) get the same answers and the same one-line errors as with threads."""
-    import model.infer.job as inference
     from model.media import decoders
 
     folder = tmp_path / "data"
@@ -568,7 +595,7 @@ def test_a_job_decoding_in_processes_answers_as_one_decoding_in_threads(tiny_lay
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     gen = GenerationConfig(max_new_tokens=6, do_sample=False)
     threads = run_inference(model, rows, folder, tmp_path / "threads" / "r.json", gen, batch_size=4)
-    monkeypatch.setattr(inference, "processes_for", lambda files, device: 2)
+    monkeypatch.setattr(decoders, "processes_for", lambda files, device: 2)
     monkeypatch.setattr(decoders, "CALLER_DECODES", 0)  # every file through the pool, started or not
     processes = run_inference(model, rows, folder, tmp_path / "processes" / "r.json", gen, batch_size=4)
     assert threads.answered == processes.answered == 8

@@ -240,11 +240,12 @@ def run_job(
     """The job timed by `dr bench job`'s own code, with the phase timers installed and the GPU sampled. Its decoding
     processes start before the model's build, as `dr infer` starts them before its load (phases of theirs that began
     before the job's call have negative start times)."""
-    from model.infer.job import start_decoders
+    from model.data.catalog import media_files
+    from model.media.decoders import start_decoders
 
     instrument(phases)
     sizes, encoder_size, device = SHAPES[tiny]
-    decoders = start_decoders(data, torch.device(device))
+    decoders = start_decoders(media_files(data), torch.device(device))
     model = job_model(work, sizes, encoder_size, device)
     if not keep_features:
         shutil.rmtree(work / "features", ignore_errors=True)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +215,11 @@ def load_rows(path: str | Path, allow_outside_media_root: bool = False) -> tuple
         first_index[key] = i
         rows.append(row)
     return rows, errors
+
+
+def media_files(rows: Sequence[Row]) -> int:
+    """How many media files the rows name (a file named by two rows counts twice)."""
+    return sum(len(row.mm_names) for row in rows)
 
 
 def media_path(row: Row, i: int, media_root: str | Path) -> Path:

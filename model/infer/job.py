@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model.config import GenerationConfig
-from model.data.catalog import Row
+from model.data.catalog import Row, media_files
 from model.data.row_features import DECODE_WORKERS, DecodedMedia, decode_media, encode_media
 from model.engine.model_runner import job_compiles_prefill
 from model.engine.sampler import row_key
@@ -32,7 +32,7 @@ from model.engine.sizing import engine_size, top_k_cap
 from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
-from model.media.decoders import DecodeProcesses, processes_for
+from model.media.decoders import DecodeProcesses, start_decoders
 from model.media.encoder_graphs import drop_graphs
 from model.media.feature_stores import ProcessStores
 from model.media.features import FeatureCache
@@ -130,15 +130,6 @@ class Prefetch:
             thread.shutdown(wait=True, cancel_futures=True)
 
 
-def start_decoders(rows: Sequence[Row], device: torch.device) -> DecodeProcesses | None:
-    """Decoding processes for these rows' media, started now, or None where threads do (model/media/decoders.py:
-    a CPU job or a short one). Their start (a forkserver importing torch: 7-8 s into a job on a 16-core H100 host,
-    benchmarks/results/2026-12-06-h100-two-stage-loader-block64/) is why `dr infer` starts them before it loads the
-    model: the two then overlap, and the job's media decode in processes from its first groups on."""
-    processes = processes_for(sum(len(r.mm_names) for r in rows), device)
-    return DecodeProcesses(processes) if processes else None
-
-
 def run_inference(
     model: DeepResonance,
     rows: Sequence[Row],
@@ -158,7 +149,7 @@ def run_inference(
     """Answers every row not answered yet; `on_total(n)` is told how many rows this process will answer, then
     `on_progress(n)` is called as n more rows finish. `batch_size` is the engine's slot count (rows decoding
     together) or, for the static decoders, the rows per batch. `decoders`: decoding processes the caller started
-    (`start_decoders`) and closes; without them, a long job on a GPU starts its own.
+    (model/media/decoders.py `start_decoders`) and closes; without them, a long job on a GPU starts its own.
 
     One process per `out_json` (its lock is held throughout); answers of another delta, variant, dtype or generation
     settings already in its journal are a JournalError unless `overwrite` (which answers every row again).
@@ -222,7 +213,7 @@ def answer_rows(
     stop = StopOnSignal((signal.SIGINT,))
     with ExitStack() as closing:
         if decoders is None:  # none started by the caller
-            decoders = start_decoders(todo, model.device)
+            decoders = start_decoders(media_files(todo), model.device)
             if decoders is not None:
                 closing.callback(decoders.close)
         # the feature files are written by the decoding processes too, where there are some

@@ -225,6 +225,16 @@ class DecodeProcesses:
         self.close()
 
 
+def start_decoders(files: int, device: torch.device) -> DecodeProcesses | None:
+    """Decoding processes for a job of `files` media files on `device`, started now, or None where threads do (a CPU
+    job or a short one). Their start (a forkserver importing torch: 7-8 s into a job on a 16-core H100 host,
+    benchmarks/results/2026-12-06-h100-two-stage-loader-block64/) is why `dr infer` starts them first, before it
+    imports the model's packages (transformers, peft: 5 s of a 2-core CPU's 7) and loads the model: all of it then
+    overlaps their start, and the job's media decode in processes from its first groups on."""
+    processes = processes_for(files, device)
+    return DecodeProcesses(processes) if processes else None
+
+
 def processes_for(files: int, device: torch.device, workers: int | None = None) -> int:
     """Decoding processes for a job of `files` media files on `device`: none (threads) for a CPU job or a short
     one, else one per core up to 16 (the measured rate stopped growing there)."""
