@@ -154,8 +154,8 @@ class MediaEncoder(nn.Module):
     """Frozen ImageBind: ImageBind inputs [B, ...] -> unit-norm clip embeddings [B, clips, D].
 
     Each clip goes preprocessor -> trunk -> head -> L2 normalise. The original applies only the Normalize of the
-    audio postprocessor (no logit scale of 20), so audio embeddings have unit norm like vision ones. Non-finite
-    outputs raise NonFiniteFeatures.
+    audio postprocessor (no logit scale of 20), so audio embeddings have unit norm like vision ones. `forward` raises
+    NonFiniteFeatures on non-finite outputs; `embed` leaves that check to its caller.
     """
 
     def __init__(self, size: str = "huge") -> None:

@@ -29,7 +29,7 @@ from model.media.preprocess import MODALITIES, MediaError, check_file
 
 
 class Encoder(Protocol):
-    """What encode_files needs (model/media/encoder.py's MediaEncoder)."""
+    """What the cache and model/media/encoding.py need of an encoder (model/media/encoder.py's MediaEncoder)."""
 
     fingerprint: str
     device: torch.device

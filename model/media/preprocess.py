@@ -71,7 +71,7 @@ def vision_transform(rgb: Image.Image) -> torch.Tensor:
     size = (CROP, stretched) if w <= h else (stretched, CROP)
     if size != (w, h):
         rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    left, top = int(round((size[0] - CROP) / 2.0)), int(round((size[1] - CROP) / 2.0))
+    left, top = round((size[0] - CROP) / 2), round((size[1] - CROP) / 2)  # halves to even, as torchvision's
     if size != (CROP, CROP):
         rgb = rgb.crop((left, top, left + CROP, top + CROP))
     pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
