@@ -586,8 +586,8 @@ def test_a_file_is_identified_once_from_its_lookup_to_its_store(tmp_path, audio_
 
 
 # The loader's per-file work in the decoding processes (model/media/decoders.py `find_chunk`, `write_entries`;
-# model/media/features.py `look_up_in`; model/media/feature_stores.py `ProcessStores`): what it gives must be what
-# the threads' path gives.
+# model/media/features.py `LookupInProcesses`; model/media/feature_stores.py `ProcessStores`): what it gives must be
+# what the threads' path gives.
 
 
 @pytest.fixture
@@ -716,12 +716,12 @@ def test_a_chunk_without_a_cache_is_decoded_without_hashing(tmp_path, audio_file
 
 @pytest.mark.parametrize("kind", ["no cache", "per clip", "pooled"])
 def test_a_lookup_in_the_processes_gives_what_the_threads_give(tmp_path, mixed, threaded_pool, reads, kind):
-    """`look_up_in` (the processes' path) against `look_up` and decoding in threads, on the same files and equal
+    """`LookupInProcesses` (the processes' path) against `look_up` and decoding in threads, on the same files and equal
     caches: the same hits, errors, content groups, keys and missed inputs, chunk after chunk. With a cache, the
     digests the processes computed are remembered, saved for the next job, and not computed again."""
     from model.media import file_hashes
     from model.media.decoders import DecodeProcesses
-    from model.media.features import look_up_in
+    from model.media.features import LookupInProcesses
 
     caches = {}
     for name in ("threads", "processes"):
@@ -734,7 +734,7 @@ def test_a_lookup_in_the_processes_gives_what_the_threads_give(tmp_path, mixed, 
     unknown = [p for p in good if cache is not None and cache.hashes.known(p) is None]
     before = reads[0]
     with DecodeProcesses(2) as decoders:  # 11 files on 2 "processes": chunks of 2
-        got = look_up_in(decoders, cache, "audio", mixed).result()
+        got = LookupInProcesses(decoders, cache, "audio", mixed).result()
         same_lookup(got, expected)
         assert any(isinstance(r, torch.Tensor) for r in got[0].results) == (kind != "no cache")
         assert reads[0] - before == len(unknown)  # no cache: nothing hashed
@@ -742,7 +742,7 @@ def test_a_lookup_in_the_processes_gives_what_the_threads_give(tmp_path, mixed, 
             return
         assert len(unknown) == len(good) - 3 and all(cache.hashes.known(p) == sha256(p) for p in good)
         assert not (tmp_path / "processes" / file_hashes.HASHES_FILE).exists()  # written just now: not settled
-        again = look_up_in(decoders, cache, "audio", mixed)
+        again = LookupInProcesses(decoders, cache, "audio", mixed)
         same_lookup(again.result(), expected)
         assert reads[0] - before == len(unknown)  # remembered: sent along, not hashed again
 
@@ -752,17 +752,17 @@ def test_the_digests_a_lookup_in_the_processes_learned_are_saved_for_the_next_jo
 ):
     from model.media import file_hashes
     from model.media.decoders import DecodeProcesses
-    from model.media.features import look_up_in
+    from model.media.features import LookupInProcesses
 
     monkeypatch.setattr(file_hashes, "SETTLED_NS", 0)
     time.sleep(0.01)
     good = [p for p in mixed if p.suffix == ".wav" and p.is_file()]  # one file twice, in two chunks: hashed twice
     with DecodeProcesses(2) as decoders:
-        look_up_in(decoders, FeatureCache(tmp_path / "cache", "fake-v1"), "audio", mixed).result()
+        LookupInProcesses(decoders, FeatureCache(tmp_path / "cache", "fake-v1"), "audio", mixed).result()
         assert reads[0] == len(good)
         later = FeatureCache(tmp_path / "cache", "fake-v1")  # the next job's
         assert all(later.hashes.known(p) == sha256(p) for p in good)
-        look_up_in(decoders, later, "audio", mixed).result()
+        LookupInProcesses(decoders, later, "audio", mixed).result()
         assert reads[0] == len(good)
 
 
@@ -773,7 +773,7 @@ def test_a_lookup_in_the_processes_returns_before_its_files_are_found(tmp_path, 
     import threading
 
     from model.media import decoders
-    from model.media.features import look_up_in
+    from model.media.features import LookupInProcesses
 
     paths = [synth.write_wav(tmp_path / f"{i}.wav", seconds=1.0, freq=250.0 + 100 * i) for i in range(6)]
     paths.insert(2, synth.write_garbage(tmp_path / "bad.wav"))
@@ -782,7 +782,7 @@ def test_a_lookup_in_the_processes_returns_before_its_files_are_found(tmp_path, 
     real = decoders.load_or_error
     monkeypatch.setattr(decoders, "load_or_error", lambda m, p: go.wait(30) and real(m, p))
     with decoders.DecodeProcesses(1) as pool:
-        given = look_up_in(pool, None, "audio", paths)
+        given = LookupInProcesses(pool, None, "audio", paths)
         assert len(given.chunks) == 3 and not any(c.done() for c in given.chunks)  # 7 files: chunks of 7 // 2 = 3
         go.set()
         same_lookup(given.result(), expected)
@@ -913,7 +913,7 @@ def test_a_group_found_and_stored_by_real_processes_equals_the_threads(tmp_path,
 
     from model.media.decoders import DecodeProcesses
     from model.media.feature_stores import ProcessStores
-    from model.media.features import look_up_in
+    from model.media.features import LookupInProcesses
 
     expected_cache = FeatureCache(tmp_path / "threads", FakeEncoder.fingerprint)
     expected = threads_lookup(expected_cache, "audio", mixed)
@@ -922,7 +922,7 @@ def test_a_group_found_and_stored_by_real_processes_equals_the_threads(tmp_path,
     with DecodeProcesses(2) as decoders:
         assert time.monotonic() - begin < 0.5  # the forkserver imports torch on a thread of its own
         decoders.starting.join()
-        got = look_up_in(decoders, cache, "audio", mixed).result()
+        got = LookupInProcesses(decoders, cache, "audio", mixed).result()
         assert len(multiprocessing.active_children()) == 2
         same_lookup(got, expected)
         want = encode_misses(FakeEncoder(), expected_cache, expected[0], lambda a, b: expected[1][a:b], 2)
@@ -931,7 +931,7 @@ def test_a_group_found_and_stored_by_real_processes_equals_the_threads(tmp_path,
         stores.wait()
         for a, b in zip(encoded, want, strict=True):
             same(a, b)
-        again = look_up_in(decoders, cache, "audio", mixed)
+        again = LookupInProcesses(decoders, cache, "audio", mixed)
         lookup, inputs = again.result()
         assert all(c.result().hashed == [] for c in again.chunks)
     for r, w in zip(lookup.results, want, strict=True):

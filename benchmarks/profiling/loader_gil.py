@@ -69,10 +69,10 @@ with DecodeProcesses(workers) as decoders:
     engine = threading.Thread(target=loop, args=(stop, turns))
     engine.start()
     start = time.perf_counter()
-    if hasattr(features, "look_up_in"):  # the host work in the decoding processes
+    if hasattr(features, "LookupInProcesses"):  # the host work in the decoding processes
         from model.media.feature_stores import ProcessStores
 
-        lookup, inputs = features.look_up_in(decoders, cache, "audio", paths).result()
+        lookup, inputs = features.LookupInProcesses(decoders, cache, "audio", paths).result()
         stores = ProcessStores(decoders)
         encode_misses(Encoder(), cache, lookup, lambda a, b: inputs[a:b], 64, 2, stores)
         stores.wait()

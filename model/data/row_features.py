@@ -21,7 +21,7 @@ from model.data.catalog import Row, media_path
 from model.media.decoders import Decode, Decoded, DecodeProcesses, in_threads, load_or_error
 from model.media.encoding import encode_misses
 from model.media.feature_stores import Stores
-from model.media.features import FeatureCache, Lookup, check_encoder, look_up, look_up_in
+from model.media.features import FeatureCache, Lookup, LookupInProcesses, check_encoder, look_up
 from model.media.preprocess import MediaError
 from model.network.deepresonance import DeepResonance
 
@@ -70,7 +70,7 @@ def decode_media(
     for modality, files in wanted.items():
         files = list(dict.fromkeys(files))
         if decoders is not None and decoders.takes(len(files)):
-            decoded.append(look_up_in(decoders, cache, modality, files, model.visual_encoder.dtype))
+            decoded.append(LookupInProcesses(decoders, cache, modality, files, model.visual_encoder.dtype))
         else:
             decode = in_threads(workers) if decoders is None else _on_this_thread
             decoded.append(_done(_look_up_and_decode(cache, modality, files, workers, decode)))

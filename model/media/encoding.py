@@ -111,8 +111,9 @@ class Queued:
             self.done.synchronize()
         results, paths = lookup.results, lookup.paths
         stored: list[Stored] = []
-        for (g, key), features in zip(self.items, self.features, strict=True):
-            if not torch.isfinite(features).all():
+        finite = torch.isfinite(self.features).flatten(1).all(1).tolist()  # one check for the call, not one a file
+        for (g, key), features, ok in zip(self.items, self.features, finite, strict=True):
+            if not ok:
                 for i in g:
                     results[i] = MediaError(paths[i], "encoder features are not finite (NaN or Inf)")
                 continue

@@ -228,9 +228,9 @@ def check_encoder(encoder: Encoder, cache: FeatureCache | None) -> None:
 
 
 class LookupInProcesses:
-    """One modality's files looked up and their misses decoded in the decoding processes (`DecodeProcesses.find`):
-    handed to them at construction, which returns at once; `result()` waits for them and gives what `look_up` and
-    decoding its misses give, (Lookup, each missed content's encoder input or MediaError).
+    """`look_up` and decoding the misses, in the decoding processes (`DecodeProcesses.find`), the misses' inputs in
+    `dtype`, the encoder's: handed to them at construction, which returns at once; `result()` waits for them and gives
+    what `look_up` and decoding its misses give, (Lookup, each missed content's encoder input or MediaError).
 
     The job's process only stats each file for a remembered digest (`FileHashes.known`) and receives two tensors a
     chunk; the processes check, hash, read the cache and decode. Contents are grouped as `look_up` groups them, but
@@ -281,15 +281,3 @@ class LookupInProcesses:
         if self.cache is not None:
             self.cache.hashes.save(SAVE_EVERY_S)  # as `look_up` does
         return Lookup(self.modality, self.paths, results, list(todo.values()), list(todo)), inputs
-
-
-def look_up_in(
-    decoders: DecodeProcesses,
-    cache: FeatureCache | None,
-    modality: str,
-    paths: Sequence[str | Path],
-    dtype: torch.dtype = torch.float32,
-) -> LookupInProcesses:
-    """`look_up` and the misses' decoding, handed to the decoding processes (`LookupInProcesses`); the misses' inputs
-    come back in `dtype`, the encoder's (`DecodeProcesses.find`)."""
-    return LookupInProcesses(decoders, cache, modality, paths, dtype)
