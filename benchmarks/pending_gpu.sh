@@ -2,7 +2,7 @@
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
 # `next` (the encoder graphs' GPU tests, warm catalog jobs in turns with the encoder's calls read back at once, one
 # behind and as graphs, an encoder call's host time in parts), then `next2` (`dr bench job`, the long step's blocks,
-# every GPU test).
+# every GPU test), then `threads` (`dr bench job` with one compile thread).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -63,6 +63,12 @@ next2)
     step paged_step_long 110 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
         --kernels flex,flex/16
     step gpu_tests 190 pytest -q -x tests/test_gpu.py
+    ;;
+threads)
+    # what Inductor's compile workers cost a warm job (Pending 2): `dr bench job` with one compile thread, on the
+    # machine that has just run `next2`'s `dr bench job` with the default (the compile cache warm for both)
+    step job_threads1 280 env TORCHINDUCTOR_COMPILE_THREADS=1 python3 -m deepresonance_cli.app bench job \
+        --out "$OUT/job_threads1.json"
     ;;
 1)
     # the prefill alone, eager against compiled: the first process compiles the layer cold, the second loads it
