@@ -60,6 +60,11 @@ next2)
     # lost); the 512-row long-prompt step with 16-position blocks against 32 (the short one: 18.94 against 19.50 ms);
     # every GPU test
     step job 260 dr bench job --out "$OUT/job.json"
+    # on an H200 (#25's targets are its figures): the engine alone by prompt shape and one slot, before the H100's
+    # questions
+    if grep -q H200 "$OUT/device.txt"; then
+        step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    fi
     step paged_step_long 110 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
         --kernels flex,flex/16
     step gpu_tests 190 pytest -q -x tests/test_gpu.py
