@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `next` (the encoder graphs' GPU tests, warm catalog jobs in turns with the encoder's calls read back at once, one
-# behind and as graphs, an encoder call's host time in parts), then `next2` (`dr bench job`, the long step's blocks,
-# every GPU test), then `threads` (`dr bench job` with one compile thread).
+# `verify` (every GPU test, the catalog job's phases); `threads` (`dr bench job` with one compile thread, run
+# 2026-12-07 after the default's).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -41,33 +40,12 @@ export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
-next)
-    # the encoder's calls as CUDA graphs (model/media/encoder_graphs.py, off until timed): their GPU tests first (a
-    # failure in a timed job would end the other arms' runs); warm catalog jobs in turns, two a side: the calls queued
-    # one ahead of their read-back (the default), each read back at once (QUEUE_AHEAD False), and as graphs; each
-    # run's groups' times (the second group 9.1 s after the first in 2026-12-07's run, results/2026-12-07-h100-queue-
-    # ahead/, when every decoding process imported torchvision at its first image: since removed) and input waits; a
-    # fresh machine's first job compiles the step cold. Then where an encoder call's host time goes, eager and as a
-    # graph's replay
-    step gpu_tests 150 pytest -q -x tests/test_gpu.py -k "graphs or queued or bfloat16_on_the_host or media_load or engine_job"
-    step job_order 330 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 2 --arm default \
-        --arm "read_back_each:model.media.encoding.QUEUE_AHEAD=False" \
-        --arm "graphs:model.media.encoding.ENCODER_GRAPHS=True"
-    step encoder_queue 90 python3 benchmarks/profiling/encoder_queue.py "$OUT/encoder_queue.json"
-    ;;
-next2)
-    # `dr bench job`, both mixes (cut at 180 s on 2026-12-07: the catalog's engine-alone figure and the JSON were
-    # lost); the 512-row long-prompt step with 16-position blocks against 32 (the short one: 18.94 against 19.50 ms);
-    # every GPU test
-    step job 260 dr bench job --out "$OUT/job.json"
-    # on an H200 (#25's targets are its figures): the engine alone by prompt shape and one slot, before the H100's
-    # questions
-    if grep -q H200 "$OUT/device.txt"; then
-        step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
-    fi
-    step paged_step_long 110 python3 benchmarks/profiling/paged_step.py --slots 512 --prompt 170 --budget 96 \
-        --kernels flex,flex/16
-    step gpu_tests 190 pytest -q -x tests/test_gpu.py
+verify)
+    # every GPU test on the code without the encoder's graphs (2026-12-07's `next` and `next2` stopped at the graphs'
+    # test, so the host's bfloat16 rounding and the tests after it had not run), then the catalog job's phases (the
+    # second media group came 6.3-6.7 s after the first in the warm runs of results/2026-12-07-h100-next-b/)
+    step gpu_tests 200 pytest -q tests/test_gpu.py
+    step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
 threads)
     # what Inductor's compile workers cost a warm job (Pending 2): `dr bench job` with one compile thread, on the

@@ -12,7 +12,7 @@ import synth
 import torch
 from synth import sha256
 
-from model.media import encoding, feature_files
+from model.media import feature_files
 from model.media import features as features_module
 from model.media.decoders import load_or_error
 from model.media.encoder import CALL_FILES
@@ -151,12 +151,10 @@ def test_pooled_mode_and_encoder_mismatch(tmp_path, audio_files):
         encode_files(FakeEncoder(), FeatureCache(tmp_path / "cache", "other"), "audio", audio_files[:1])
 
 
-@pytest.mark.parametrize("ahead", [True, False])
-def test_each_encoder_call_is_queued_before_the_one_before_it_is_read_back(tmp_path, audio_files, monkeypatch, ahead):
+def test_each_encoder_call_is_queued_before_the_one_before_it_is_read_back(tmp_path, audio_files):
     """Batch k's features are checked and stored only once batch k + 1's call is queued (on a GPU the call returns
-    before its work is done): the encoder's stream never waits for the host to read a batch back. QUEUE_AHEAD False
-    reads each call back at once (the code before, kept to time the two in turns). Same features either way."""
-    monkeypatch.setattr(encoding, "QUEUE_AHEAD", ahead)
+    before its work is done): the encoder's stream never waits for the host to read a batch back. The features are
+    those of one call a file."""
     log: list[tuple[str, int]] = []
 
     class Encoder(FakeEncoder):
@@ -175,10 +173,7 @@ def test_each_encoder_call_is_queued_before_the_one_before_it_is_read_back(tmp_p
     lookup = features_module.look_up(cache, "audio", audio_files)
     decoded = [load_or_error("audio", p) for p in lookup.first_paths()]
     out = encode_misses(Encoder(), cache, lookup, lambda a, b: decoded[a:b], 2, stores=Stores())
-    if ahead:
-        assert log == [("call", 2), ("call", 2), ("stored", 2), ("call", 1), ("stored", 2), ("stored", 1)]
-    else:
-        assert log == [("call", 2), ("stored", 2), ("call", 2), ("stored", 2), ("call", 1), ("stored", 1)]
+    assert log == [("call", 2), ("call", 2), ("stored", 2), ("call", 1), ("stored", 2), ("stored", 1)]
     alone = encode_files(FakeEncoder(), None, "audio", audio_files)
     assert all(torch.equal(a, b) for a, b in zip(out, alone, strict=True))
 
@@ -211,16 +206,6 @@ def test_the_processes_send_misses_inputs_in_the_encoders_dtype(audio_files, dty
     rows = [Row(str(i), "<Audio>", "Describe.", "", ("audio",), (p.name,)) for i, p in enumerate(audio_files)]
     decode_media(model, rows, audio_files[0].parent, None, decoders=Decoders())
     assert asked == [("audio", len(audio_files), dtype)]
-
-
-def test_an_encoder_graph_takes_the_smallest_size_that_holds_a_call():
-    """A call of n files replays the graph of the first of 8, 16, 32, 64 files that holds it, never more than its
-    kind's CALL_FILES (video: 16), so a kind needs four graphs at most (tests/test_gpu.py replays them)."""
-    from model.media.encoder_graphs import padded
-
-    assert [padded(n, 64) for n in (1, 8, 9, 16, 17, 32, 33, 64)] == [8, 8, 16, 16, 32, 32, 64, 64]
-    assert [padded(n, 16) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
-    assert padded(2, 2) == 2  # a CALL_FILES under the smallest size (tests set such)
 
 
 def test_a_batchs_stores_run_while_the_next_batch_encodes(tmp_path, audio_files, monkeypatch):

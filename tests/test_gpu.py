@@ -405,61 +405,6 @@ def test_encoder_calls_queued_one_ahead_on_a_side_stream_equal_a_call_per_file(t
         torch.testing.assert_close(features, alone, rtol=1e-4, atol=1e-5)  # a batch of 2 against 1, in fp32
 
 
-def test_encoder_graphs_replay_what_eager_calls_compute(tiny_layout):
-    """A replay equals the eager call on the same padded batch bit for bit (same kernels, fp32), the padding dropped;
-    each replay reads its own call's inputs (two kinds and two sizes taking turns); a moved encoder is captured anew."""
-    from model.media.encoder import MediaEncoder
-    from model.media.encoder_graphs import graphs_of
-
-    encoder = MediaEncoder.load(tiny_layout.imagebind).cuda()
-    graphs = graphs_of(encoder)
-    audio = [torch.randn(n, 3, 1, 128, 204, device="cuda") for n in (5, 20, 3)]
-    image = torch.randn(9, 3, 224, 224, device="cuda")
-    calls = [("audio", audio[0], 8), ("image", image, 16), ("audio", audio[1], 32), ("audio", audio[2], 8)]
-    for kind, x, size in calls:
-        pad = torch.zeros(size - len(x), *x.shape[1:], device="cuda")
-        want = encoder.embed(kind, torch.cat([x, pad]))[: len(x)]
-        got = graphs.embed(kind, x).clone()
-        assert torch.equal(got, want), kind
-        torch.testing.assert_close(got, encoder.embed(kind, x), rtol=1e-4, atol=1e-5)  # unpadded: other kernels
-    assert len(graphs.graphs) == 3
-    encoder.to(torch.bfloat16)
-    x = audio[0].bfloat16()
-    want = encoder.embed("audio", torch.cat([x, torch.zeros(3, *x.shape[1:], device="cuda", dtype=x.dtype)]))[:5]
-    assert torch.equal(graphs.embed("audio", x), want)
-
-
-def test_a_job_with_encoder_graphs_answers_as_one_with_eager_calls(tiny_layout, tmp_path, monkeypatch):
-    """`dr infer` with the encoder's calls as graphs, captured on the loader's thread while the engine runs on its
-    own (thread-local capture): the same answers as with eager calls, in fp32, and the graphs released at its end."""
-    from synth import make_row, write_dataset, write_image, write_wav
-
-    from model.data.catalog import load_rows
-    from model.infer.job import run_inference
-    from model.infer.journal import read_journal
-    from model.media import encoder_graphs, encoding
-
-    rows = []
-    for i in range(12):
-        write_wav(tmp_path / "data" / f"a{i}.wav", 1.0, 200.0 + 40 * i)
-        media = [("audio", f"a{i}.wav")]
-        if i % 3 == 0:
-            write_image(tmp_path / "data" / f"i{i}.png", color=(20 * i, 100, 200))
-            media.append(("image", f"i{i}.png"))
-        rows.append(make_row(f"r{i}", media))
-    data, _ = load_rows(write_dataset(tmp_path / "data", rows))
-    model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind, device="cuda")
-    gen = GenerationConfig(max_new_tokens=8, do_sample=False, decoder="engine")
-    answers = []
-    for graphs in (False, True):
-        monkeypatch.setattr(encoding, "ENCODER_GRAPHS", graphs)
-        out = tmp_path / f"graphs{graphs}" / "r.json"
-        assert run_inference(model, data, tmp_path / "data", out, gen, batch_size=4).answered == 12
-        answers.append(read_journal([out.with_suffix(".jsonl")]))
-        assert model.visual_encoder not in encoder_graphs._graphs  # released with the job: the next is sized anew
-    assert answers[0] == answers[1]
-
-
 def test_inputs_rounded_to_bfloat16_on_the_host_equal_those_rounded_on_the_gpu(tmp_path):
     """The decoding processes send a GPU job's inputs in its encoder's bfloat16 (model/media/decoders.py
     `find_chunk`): the host's rounding must be the device's, or the features would change with the path."""

@@ -1,10 +1,10 @@
 """What one encoder call costs a job's loader on the host (model/media/encoding.py `Queued.call`), per kind at its
 CALL_FILES files: its parts timed apart (the inputs stacked into pinned memory, the queued copy to the device, the
 queued ImageBind call, the queued copy back) and then the wait for its GPU work, with the GPU idle and with another
-stream kept busy as the engine's steps keep it (matrix products queued ahead of the call); eager, then as a CUDA
-graph's replay (model/media/encoder_graphs.py). A part that takes as long
+stream kept busy as the engine's steps keep it (matrix products queued ahead of the call). A part that takes as long
 as the busy stream's work waits for the whole device; every synchronizing call PyTorch detects in a call
-(`torch.cuda.set_sync_debug_mode`) is listed with where it was made.
+(`torch.cuda.set_sync_debug_mode`) is listed with where it was made. (Its run of 2026-12-07 also timed each call as a
+CUDA graph's replay, since removed: benchmarks/results/2026-12-07-h100-next-b/.)
 
 A catalog-shaped job's 64 calls took 106 ms each to queue on an H100 while their read-backs took 13 ms
 (benchmarks/results/2026-12-07-h100-queue-ahead/): this tells which part waits.
@@ -28,7 +28,6 @@ import torch
 
 from benchmarks.profiling.encoder_batch import one_input
 from model.media.encoder import CALL_FILES, MediaEncoder
-from model.media.encoder_graphs import graphs_of
 
 CLOCK = time.perf_counter
 
@@ -57,18 +56,16 @@ def busy(ms: float) -> None:
             a @ a
 
 
-def one_call(encoder: MediaEncoder, modality: str, xs: list[torch.Tensor], graphs: bool = False) -> dict:
-    """`Queued.call`'s steps as it takes them, each part's host milliseconds, then the wait for the features; with
-    `graphs`, the call a CUDA graph's replay (model/media/encoder_graphs.py)."""
+def one_call(encoder: MediaEncoder, modality: str, xs: list[torch.Tensor]) -> dict:
+    """`Queued.call`'s steps as it takes them, each part's host milliseconds, then the wait for the features."""
     on_cuda = encoder.device.type == "cuda"
-    embed = graphs_of(encoder).embed if graphs else encoder.embed
     marks = [CLOCK()]
     stacked = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=on_cuda)
     torch.stack(xs, out=stacked)
     marks.append(CLOCK())
     inputs = stacked.to(encoder.device, non_blocking=True).to(encoder.dtype)
     marks.append(CLOCK())
-    features = embed(modality, inputs)
+    features = encoder.embed(modality, inputs)
     marks.append(CLOCK())
     if on_cuda:
         host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
@@ -116,19 +113,14 @@ def main() -> None:
             x, files = one_input(Path(folder), modality), CALL_FILES[modality]
             one_call(encoder, modality, chunk_views(x, files))  # warm-up: kernels chosen, pinned blocks cached
             kind: dict = {"files": files, "input_mb": round(files * x.numel() * x.element_size() / 2**20, 1)}
-            if device == "cuda":
-                one_call(encoder, modality, chunk_views(x, files), graphs=True)  # its graph captured
-            settings = [("idle", 0.0, False), ("busy", 0.0 if args.tiny else args.busy_ms, False)]
-            if device == "cuda":
-                settings += [("graph_idle", 0.0, True), ("graph_busy", args.busy_ms, True)]
-            for label, ms, graphs in settings:
+            for label, ms in (("idle", 0.0), ("busy", 0.0 if args.tiny else args.busy_ms)):
                 runs = []
                 for _ in range(args.repeats):
                     xs = chunk_views(x, files)
                     if device == "cuda":
                         torch.cuda.synchronize()
                     busy(ms)
-                    runs.append(one_call(encoder, modality, xs, graphs))
+                    runs.append(one_call(encoder, modality, xs))
                 kind[label] = {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
             try:
                 kind["syncs"] = syncs(encoder, modality, chunk_views(x, files))

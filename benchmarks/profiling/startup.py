@@ -18,10 +18,9 @@ import torch
 
 from benchmarks.job_workload import job_model
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
-from model.engine import kv_cache
+from model.engine import cuda_graphs, kv_cache
 from model.engine.scheduler import Engine
 from model.engine.sequence import Request
-from model.io import cuda_graphs
 from model.network.deepresonance import Example
 
 CLOCK = time.perf_counter

@@ -27,10 +27,10 @@ from itertools import accumulate
 
 import torch
 
+from model.engine import cuda_graphs
 from model.engine.fused_layer import Fused, fused_weights, run_layer
 from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
-from model.io import cuda_graphs
 from model.io.transfer import to_device
 
 # False: no engine's packed prefills run the compiled layer (prefill_layer_for), as before 2026-12-06. On an H100 the

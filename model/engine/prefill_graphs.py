@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.io import cuda_graphs
+from model.engine import cuda_graphs
 
 GRAPH_ROWS = 8  # prefills of at most this many rows replay a graph
 POSITION_STEP = 64  # graphs' prompt widths are multiples of this

@@ -33,7 +33,6 @@ from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
 from model.io.stop_signal import StopOnSignal
 from model.media.decoders import DecodeProcesses, start_decoders
-from model.media.encoder_graphs import drop_graphs
 from model.media.feature_stores import ProcessStores
 from model.media.features import FeatureCache
 from model.media.preprocess import MediaError
@@ -231,7 +230,6 @@ def answer_rows(
         # idled through the encoding and the stores (musiccaps on an H100: 11.1 s of decoding in a 17.4 s media
         # wall, benchmarks/results/2026-12-06-h100-pipeline-measured/)
         media = Prefetch(batches, decode, encode)
-        closing.callback(drop_graphs, model.visual_encoder)  # after the loader's threads end (callbacks run last first)
         closing.callback(media.close)
         closing.enter_context(stop)
         decode_rows(model, size, gen, media, journal, summary, stop, on_progress, compile_prefill)

@@ -12,17 +12,9 @@ import torch
 
 from model.media.decoders import Decode, Decoded, in_threads
 from model.media.encoder import CALL_FILES
-from model.media.encoder_graphs import graphs_of
 from model.media.feature_stores import Stored, Stores, ThreadStores
 from model.media.features import Encoder, FeatureCache, Lookup, check_encoder, look_up
 from model.media.preprocess import MediaError
-
-# each encoder call queued before the one before it is read back (False: read back at once, as before 2026-12-07's
-# sixth session; kept to time the two in turns, benchmarks/profiling/job_order.py, until a GPU run decides)
-QUEUE_AHEAD = True
-# on a GPU, each call replayed as a CUDA graph (model/media/encoder_graphs.py): off until timed in turns with eager
-# calls in whole jobs (benchmarks/README.md, Pending)
-ENCODER_GRAPHS = False
 
 
 @torch.no_grad()
@@ -43,7 +35,8 @@ def encode_misses(
 
     Each batch's encoder call is queued before the batch before it is read back (`Queued`): on a GPU that the
     engine's steps share, a call that waited for its own features left the encoder's stream empty until the host
-    had read them, checked them and queued the next."""
+    had read them, checked them and queued the next (warm catalog-shaped jobs on an H100: 22.26 and 22.29 s against
+    22.35 and 22.34 with each call read back at once, benchmarks/results/2026-12-07-h100-next-b/)."""
     if stores is None:
         with ThreadStores(workers) as own:
             results = encode_misses(encoder, cache, lookup, decoded, batch_size, workers, own)
@@ -67,9 +60,6 @@ def encode_misses(
             if queued is not None:
                 queued.finish(cache, lookup, stores)
             queued = following
-            if not QUEUE_AHEAD:
-                queued.finish(cache, lookup, stores)
-                queued = None
     if queued is not None:
         queued.finish(cache, lookup, stores)
     return results  # type: ignore[return-value]
@@ -93,8 +83,7 @@ class Queued:
         stacked = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=on_cuda)
         torch.stack(xs, out=stacked)
         inputs = stacked.to(encoder.device, non_blocking=True).to(encoder.dtype)
-        embed = graphs_of(encoder).embed if ENCODER_GRAPHS and on_cuda else encoder.embed  # type: ignore[arg-type]
-        features = embed(modality, inputs)
+        features = encoder.embed(modality, inputs)
         items = [(g, k) for g, k, _ in good]
         if not on_cuda:
             return cls(items, features, None)

@@ -1,6 +1,6 @@
 """Capturing a piece of GPU work as a CUDA graph, for the engine's decode step and small prefills
-(model/engine/model_runner.py, prefill_graphs.py) and the encoder's calls (model/media/encoder_graphs.py): one replay
-launches all its kernels, where Python would spend tens of microseconds on each.
+(model/engine/model_runner.py, prefill_graphs.py): one replay launches all its kernels, where Python would spend tens of
+microseconds on each.
 
 torch.cuda.graph is used directly rather than torch.compile's CUDA-graph trees: the trees belong to one compiled
 function, while the step here is a Python loop over one compiled layer, and the prefill is not compiled at all.
