@@ -41,9 +41,10 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 case ${1:-1} in
 verify)
-    # every GPU test on the code without the encoder's graphs (2026-12-07's `next` and `next2` stopped at the graphs'
-    # test, so the host's bfloat16 rounding and the tests after it had not run), then the catalog job's phases (the
-    # second media group came 6.3-6.7 s after the first in the warm runs of results/2026-12-07-h100-next-b/)
+    # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's
+    # bfloat16 rounding) and those of the code the graphs' removal touched, then every GPU test, then the catalog
+    # job's phases (the second media group came 6.3-6.7 s after the first in results/2026-12-07-h100-next-b/)
+    step gpu_tests_new 100 pytest -q tests/test_gpu.py -k "bfloat16_on_the_host or queued or engine_job or media_load"
     step gpu_tests 200 pytest -q tests/test_gpu.py
     step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
