@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `verify` (every GPU test, the catalog job's phases); `threads` (`dr bench job` with one compile thread, run
-# 2026-12-07 after the default's).
+# `verify` (every GPU test, the catalog job's phases); `targets` (#25's figures, for an H200); `threads` (`dr bench
+# job` with one compile thread, run 2026-12-07 after the default's).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -47,6 +47,12 @@ verify)
     step gpu_tests_new 100 pytest -q tests/test_gpu.py -k "bfloat16_on_the_host or queued or engine_job or media_load"
     step gpu_tests 200 pytest -q tests/test_gpu.py
     step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    ;;
+targets)
+    # #25's figures (its targets are an H200's): `dr bench job` whole, then the engine alone by prompt shape and one
+    # slot
+    step job 260 dr bench job --out "$OUT/job.json"
+    step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     ;;
 threads)
     # what Inductor's compile workers cost a warm job (Pending 2): `dr bench job` with one compile thread, on the
