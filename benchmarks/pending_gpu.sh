@@ -42,9 +42,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 case ${1:-1} in
 verify)
     # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's
-    # bfloat16 rounding) and those of the code the graphs' removal touched, then every GPU test, then the catalog
-    # job's phases (the second media group came 6.3-6.7 s after the first in results/2026-12-07-h100-next-b/)
+    # bfloat16 rounding) and those of the code the graphs' removal touched, an engine's start-up cold and warm, then
+    # every GPU test, then the catalog job's phases (the second media group came 6.3-6.7 s after the first in results/2026-12-07-h100-next-b/)
     step gpu_tests_new 100 pytest -q tests/test_gpu.py -k "bfloat16_on_the_host or queued or engine_job or media_load"
+    # where a process's engine build goes (a warm MusicCaps job's first rows came 7.2 s in, its engine's build in
+    # them; every `dr infer` job is the first of its process): a fresh machine's first process compiles cold, the
+    # second loads from the compile cache
+    step startup_cold 150 python3 benchmarks/profiling/startup.py "$OUT/startup_cold.json" --slots 512
+    step startup_warm 100 python3 benchmarks/profiling/startup.py "$OUT/startup_warm.json" --slots 512
     step gpu_tests 200 pytest -q tests/test_gpu.py
     step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
