@@ -25,7 +25,6 @@ benchmarks/results/2026-12-06-cpu-decoded-transfer/); a job decoded 280 files/s 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from model.io.worker_processes import WithoutMainContext
 from model.media.feature_files import entry_file, read_entry, write_entry
 from model.media.file_hashes import hash_file
 from model.media.preprocess import MediaError, check_file, load_media
@@ -174,7 +174,7 @@ class DecodeProcesses:
     returns at once, its files found in two chunks a process."""
 
     def __init__(self, workers: int) -> None:
-        context = multiprocessing.get_context("forkserver")
+        context = WithoutMainContext()  # the caller's main module is not imported again in each process
         context.set_forkserver_preload(["model.media.decoders"])  # imported once, then forked per worker
         self.workers = workers
         self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup)
