@@ -45,6 +45,9 @@ verify)
     # bfloat16 rounding) and those of the code the graphs' removal touched, an engine's start-up cold and warm, then
     # every GPU test, then the catalog job's phases (the second media group came 6.3-6.7 s after the first in results/2026-12-07-h100-next-b/)
     step gpu_tests_new 100 pytest -q tests/test_gpu.py -k "bfloat16_on_the_host or queued or engine_job or media_load"
+    # a warm catalog job of job_order.py's, whose decoding processes no longer import its main module
+    # (model/io/worker_processes.py): its second media group 6.3-6.7 s after the first before
+    step job_order 130 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 1 --arm default
     # where a process's engine build goes (a warm MusicCaps job's first rows came 7.2 s in, its engine's build in
     # them; every `dr infer` job is the first of its process): a fresh machine's first process compiles cold, the
     # second loads from the compile cache
