@@ -9,7 +9,10 @@ without (a warm forkserver, 2-core CPU: benchmarks/results/2026-12-07-cpu-worker
 such imports at once held a catalog-shaped job's second media group back 6.3-6.7 s
 (benchmarks/results/2026-12-07-h100-next-b/) where `dr bench job` (whose entry point imports no torch) had it 0.6 s
 after the first. A process of this context is launched with the main module left out of what it is told to
-prepare; everything else (sys.path, the working folder, the authentication key) is passed on as usual.
+prepare; everything else (sys.path, the working folder, the authentication key) is passed on as usual. No option of
+multiprocessing or concurrent.futures does this, so it leans on two of multiprocessing's internals (the forkserver's
+Popen and spawn.get_preparation_data, alike in the Python 3.11 and 3.12 it ran on); tests/test_worker_processes.py
+runs a fresh program to tell if a version changes them.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ enough to cost the same: 16.75 s of thread time hashing 3,430 files and 8.71 s w
 job's interpreter lock (H100, benchmarks/results/2026-12-07-h100-fused-encoder-jobs/phases_catalog.json), and a
 hashing thread beside a loop holding the lock two thirds of the time ran at 37% of a process's rate
 (benchmarks/results/2026-12-07-cpu-gil-hashing/). So a long job does all of it in processes (started from a
-forkserver, never forked from a process holding CUDA), and a short one, or a CPU job, in threads, where starting
-processes would cost more than it saves.
+forkserver, never forked from a process holding CUDA, and without the program's main module:
+model/io/worker_processes.py), and a short one, or a CPU job, in threads, where starting processes would cost more
+than it saves.
 
 What crosses back from a process is a chunk of files as found (`Found`): the cached features of its hits as one
 tensor, the encoder inputs of its misses stacked as another, and per file its content key or its MediaError; a
