@@ -82,8 +82,7 @@ class Queued:
         on_cuda = encoder.device.type == "cuda"
         stacked = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=on_cuda)
         torch.stack(xs, out=stacked)
-        inputs = stacked.to(encoder.device, non_blocking=True).to(encoder.dtype)
-        features = encoder.embed(modality, inputs)
+        features = encoder.embed(modality, stacked.to(encoder.device, non_blocking=True))  # embed converts the dtype
         items = [(g, k) for g, k, _ in good]
         if not on_cuda:
             return cls(items, features, None)

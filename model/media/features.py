@@ -36,7 +36,8 @@ class Encoder(Protocol):
     dtype: torch.dtype
 
     def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """modality, [B, ...] inputs on `device` -> [B, k, D] features, possibly not finite (the caller checks)."""
+        """modality, [B, ...] inputs on `device`, in any float dtype (converted to `dtype`) -> [B, k, D] features,
+        possibly not finite (the caller checks)."""
         ...
 
     def state_dict(self) -> Mapping[str, torch.Tensor]: ...
