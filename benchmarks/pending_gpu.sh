@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
-# `verify` (every GPU test, the catalog job's phases); `targets` (#25's figures, for an H200); `threads` (`dr bench
-# job` with one compile thread, run 2026-12-07 after the default's).
+# `auto` (`targets` on an H200, else `verify_rest`); `verify` (every GPU test, the catalog job's phases;
+# `verify_rest` its steps after the first two, which ran 2026-12-07); `targets` (#25's figures, for an H200);
+# `threads` (`dr bench job` with one compile thread, run 2026-12-07 after the default's).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -39,7 +40,13 @@ pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tg
 export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-case ${1:-1} in
+MODE=${1:-1}
+if [[ $MODE == auto ]]; then
+    MODE=verify_rest
+    grep -q H200 "$OUT/device.txt" && MODE=targets
+    echo "mode $MODE" | tee -a "$OUT/steps.txt"
+fi
+case $MODE in
 verify)
     # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's
     # bfloat16 rounding) and those of the code the graphs' removal touched, an engine's start-up cold and warm, then
@@ -48,6 +55,8 @@ verify)
     # a warm catalog job of job_order.py's, whose decoding processes no longer import its main module
     # (model/io/worker_processes.py): its second media group 6.3-6.7 s after the first before
     step job_order 130 python3 benchmarks/profiling/job_order.py "$OUT/job_order.json" --repeats 1 --arm default
+    ;;&
+verify | verify_rest)
     # where a process's engine build goes (a warm MusicCaps job's first rows came 7.2 s in, its engine's build in
     # them; every `dr infer` job is the first of its process): a fresh machine's first process compiles cold, the
     # second loads from the compile cache
