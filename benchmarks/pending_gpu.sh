@@ -2,7 +2,8 @@
 # The runs benchmarks/README.md's Pending list asks for, most wanted first, each a device call on one warm machine:
 # `auto` (`targets` on an H200, else `verify_rest`); `verify` (every GPU test, the catalog job's phases;
 # `verify_rest` its steps after the first two, which ran 2026-12-07); `targets` (#25's figures, for an H200);
-# `threads` (`dr bench job` with one compile thread, run 2026-12-07 after the default's).
+# `threads` (`dr bench job` with one compile thread, run 2026-12-07 after the default's); `next3` (2026-12-07's
+# eighth session: the compile's FX trace, 16-position blocks, the catalog phases, a warm build's recompiles).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -70,6 +71,18 @@ targets)
     # slot
     step job 260 dr bench job --out "$OUT/job.json"
     step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    ;;
+next3)
+    # torch 2.11's first Inductor compile and FX's process-wide patches (model/engine/compile_cache.py: trace_once;
+    # the catalog phases' run of 2026-12-07 failed on them); the engine alone with 32- and 16-position cache blocks
+    # in turns on one machine; the catalog job's phases again; where a warm engine build recompiles
+    step compile_threads 120 pytest -q -m "slow or not slow" tests/test_compile_threads.py
+    step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine_block16 170 patched model.engine.kv_cache.BLOCK 16 deepresonance_cli.app "${ENGINE[@]}" \
+        --out "$OUT/engine_block16.json"
+    step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
+    step startup_recompiles 60 env TORCH_LOGS=recompiles python3 benchmarks/profiling/startup.py \
+        "$OUT/startup_recompiles.json" --slots 512
     ;;
 threads)
     # what Inductor's compile workers cost a warm job (Pending 2): `dr bench job` with one compile thread, on the

@@ -35,7 +35,7 @@ import torch
 from peft import PeftModel
 
 from model.config import GenerationConfig
-from model.engine.compile_cache import compile_cache_dir
+from model.engine.compile_cache import compile_cache_dir, trace_once
 from model.engine.kv_cache import BLOCK, Kernel, PagedKV, slot_attention_on
 from model.engine.model_runner import SlotStep, packed_prefill, prefill_layer_for, prefill_pass
 from model.engine.prefill_graphs import GRAPH_ROWS, PrefillGraphs, padded_width
@@ -123,6 +123,7 @@ class Engine:
         compiled = on_cuda if compile is None else compile
         if compiled:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+            trace_once()  # before a caller's threads run modules beside the compile
         with slot_attention_on(self.llm), torch.inference_mode():
             self.step = SlotStep(
                 self.lm, self.kv, self.state, self.rule.eos, self.stop_tensors, k_cap, self.widths, compiled,

@@ -24,6 +24,7 @@ import torch
 from model.config import GenerationConfig
 from model.data.catalog import Row, media_files
 from model.data.row_features import DECODE_WORKERS, DecodedMedia, decode_media, encode_media
+from model.engine.compile_cache import trace_once
 from model.engine.model_runner import job_compiles_prefill
 from model.engine.sampler import row_key
 from model.engine.scheduler import WAIT, Engine
@@ -229,6 +230,8 @@ def answer_rows(
         # a group decodes while the one before it is encoded and stored: on one thread, the decoding processes
         # idled through the encoding and the stores (musiccaps on an H100: 11.1 s of decoding in a 17.4 s media
         # wall, benchmarks/results/2026-12-06-h100-pipeline-measured/)
+        if model.device.type == "cuda":  # the decoders compile there, while the loader's threads run the encoder
+            trace_once()
         media = Prefetch(batches, decode, encode)
         closing.callback(media.close)
         closing.enter_context(stop)
