@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from model.engine.compile_cache import trace_once
 
 
 def test_an_fx_trace_breaks_leaf_modules_called_on_another_thread():
