@@ -14,7 +14,6 @@ import pytest
 import torch
 
 
-
 def test_an_fx_trace_breaks_leaf_modules_called_on_another_thread():
     """The hazard itself, in this torch: while one thread traces, another thread's LayerNorm call fails. Should this go
     red, torch keeps its traces to their own thread and `trace_once` can go."""
