@@ -79,4 +79,3 @@ def test_trace_once_leaves_a_first_compile_no_plain_fx_trace(when, tmp_path):
     )
     count = int(out.stdout.split()[-1])
     assert count == 0 if when == "before" else count >= 1
-
