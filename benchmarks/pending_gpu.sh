@@ -47,6 +47,10 @@ if [[ $MODE == auto ]]; then
     grep -q H200 "$OUT/device.txt" && MODE=targets
     echo "mode $MODE" | tee -a "$OUT/steps.txt"
 fi
+if [[ $MODE == next3 ]] && grep -q H200 "$OUT/device.txt"; then  # an H200's first use is #25's figures
+    MODE=targets_h200
+    echo "mode $MODE" | tee -a "$OUT/steps.txt"
+fi
 case $MODE in
 verify)
     # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's
@@ -66,7 +70,10 @@ verify | verify_rest)
     step gpu_tests 200 pytest -q tests/test_gpu.py
     step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
-targets)
+targets_h200)
+    step compile_threads 120 pytest -q -m "slow or not slow" tests/test_compile_threads.py
+    ;;&
+targets | targets_h200)
     # #25's figures (its targets are an H200's): `dr bench job` whole, then the engine alone by prompt shape and one
     # slot
     step job 260 dr bench job --out "$OUT/job.json"
