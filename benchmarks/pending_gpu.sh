@@ -3,7 +3,8 @@
 # `auto` (`targets` on an H200, else `verify_rest`); `verify` (every GPU test, the catalog job's phases;
 # `verify_rest` its steps after the first two, which ran 2026-12-07); `targets` (#25's figures, for an H200);
 # `threads` (`dr bench job` with one compile thread, run 2026-12-07 after the default's); `next3` (2026-12-07's
-# eighth session: the compile's FX trace, 16-position blocks, the catalog phases, a warm build's recompiles).
+# eighth session: the compile's FX trace, 16-position blocks, the catalog phases, a warm build's recompiles);
+# `catalog` (`dr bench job --mix catalog`: the pool sized alike in its jobs).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -90,6 +91,11 @@ next3)
     step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     step startup_recompiles 60 env TORCH_LOGS=recompiles python3 benchmarks/profiling/startup.py \
         "$OUT/startup_recompiles.json" --slots 512
+    ;;
+catalog)
+    # the catalog job alone: with a pool sized from the card's memory beyond the weights, its run with features
+    # cached loads the step its fresh run compiled (on an H200 the two pools had differed by a block step)
+    step job_catalog 200 dr bench job --mix catalog --out "$OUT/job_catalog.json"
     ;;
 threads)
     # what Inductor's compile workers cost a warm job (Pending 2): `dr bench job` with one compile thread, on the

@@ -15,7 +15,7 @@ from model.config import GenerationConfig
 from model.engine.kv_cache import BLOCK, bytes_per_position, int32_position_limit
 from model.network.deepresonance import DeepResonance
 
-MEMORY_SHARE = 0.8  # of the free device memory (after the weights) the cache's pool may take
+MEMORY_SHARE = 0.8  # of the device's memory beyond the model's weights, the share the cache's pool may take
 # rows decoding together by default: on CUDA a job fills the device (throughput grows with slots: on an H100, 512
 # slots against 256 gave 13,421 / 6,550 / 8,589 useful tok/s on short / long / varied prompts against 11,928 / 6,480
 # / 8,017, benchmarks/results/2026-12-06-h100-pipeline-measured/), a server and an evaluation keep 64 (a server's
@@ -46,18 +46,32 @@ def fits_slot(prompt_positions: int, max_new_tokens: int, length: int) -> bool:
     return prompt_positions + max_new_tokens <= length
 
 
-def memory_budget(model: DeepResonance) -> int | None:
-    """Bytes the cache's pool may use on CUDA (a share of free memory); None on CPU (no fixed bound).
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers on a CUDA device (the LLM, its encoder, projector and fusion)."""
+    tensors = (*model.parameters(), *model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cuda")
 
-    The device's free memory counts what PyTorch's allocator holds cached but unused (a model load's temporaries, an
-    earlier engine's pool) as taken, and that differs from process to process: the cache is emptied first, so two
-    processes of one model size their pools alike (a pool of 1,536 blocks where another process had 1,600 compiled its
-    step anew: benchmarks/results/2026-12-07-h100-fused-encoder-jobs/)."""
+
+def memory_budget(model: DeepResonance) -> int | None:
+    """Bytes the cache's pool may use on CUDA; None on CPU (no fixed bound).
+
+    MEMORY_SHARE of the device's memory beyond the model's own weights: the same for one model on one kind of card in
+    every process and in every job of a process. The pool is a shape of the compiled step, and a budget that followed
+    the free memory changed with whatever else was alive: two jobs of one H200 process got 6,400 and 6,336 blocks,
+    and the second compiled its step anew (16 s to its first rows: benchmarks/results/2026-12-07-h200-next3/). Where
+    less is free than that budget leaves room beside (another process on the card, an earlier engine still alive:
+    under half the other share), the pool takes MEMORY_SHARE of what is free instead. The allocator's cached blocks
+    are handed back first, so they do not count as taken."""
     device = model.llama_model.device
     if device.type != "cuda":
         return None
     torch.cuda.empty_cache()
-    return int(torch.cuda.mem_get_info(device)[0] * MEMORY_SHARE)
+    free, total = torch.cuda.mem_get_info(device)
+    beyond_weights = total - resident_bytes(model)
+    budget = int(beyond_weights * MEMORY_SHARE)
+    if free - budget >= beyond_weights * (1 - MEMORY_SHARE) / 2:
+        return budget
+    return int(free * MEMORY_SHARE)
 
 
 def engine_size(
