@@ -49,7 +49,7 @@ if [[ $MODE == auto ]]; then
     echo "mode $MODE" | tee -a "$OUT/steps.txt"
 fi
 if [[ $MODE == next3 ]] && grep -q H200 "$OUT/device.txt"; then  # an H200's first use is #25's figures
-    MODE=targets_h200
+    MODE=targets
     echo "mode $MODE" | tee -a "$OUT/steps.txt"
 fi
 case $MODE in
@@ -71,10 +71,7 @@ verify | verify_rest)
     step gpu_tests 200 pytest -q tests/test_gpu.py
     step phases_catalog 130 python3 benchmarks/profiling/job_phases.py "$OUT/phases_catalog.json" --mix catalog
     ;;
-targets_h200)
-    step compile_threads 120 pytest -q -m "slow or not slow" tests/test_compile_threads.py
-    ;;&
-targets | targets_h200)
+targets)
     # #25's figures (its targets are an H200's): `dr bench job` whole, then the engine alone by prompt shape and one
     # slot
     step job 260 dr bench job --out "$OUT/job.json"
@@ -84,7 +81,7 @@ next3)
     # torch 2.11's first Inductor compile and FX's process-wide patches (model/engine/compile_cache.py: trace_once;
     # the catalog phases' run of 2026-12-07 failed on them); the engine alone with 32- and 16-position cache blocks
     # in turns on one machine; the catalog job's phases again; where a warm engine build recompiles
-    step compile_threads 120 pytest -q -m "slow or not slow" tests/test_compile_threads.py
+    step compile_threads 240 pytest -q -m "slow or not slow" tests/test_compile_threads.py
     step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
     step engine_block16 170 patched model.engine.kv_cache.BLOCK 16 deepresonance_cli.app "${ENGINE[@]}" \
         --out "$OUT/engine_block16.json"
