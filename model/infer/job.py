@@ -230,7 +230,7 @@ def answer_rows(
         # a group decodes while the one before it is encoded and stored: on one thread, the decoding processes
         # idled through the encoding and the stores (musiccaps on an H100: 11.1 s of decoding in a 17.4 s media
         # wall, benchmarks/results/2026-12-06-h100-pipeline-measured/)
-        if model.device.type == "cuda":  # the decoders compile there, while the loader's threads run the encoder
+        if model.device.type == "cuda":  # the engine (or static loop) compiles there beside the loader's encoder
             trace_once()
         media = Prefetch(batches, decode, encode)
         closing.callback(media.close)
