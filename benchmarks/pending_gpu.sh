@@ -4,7 +4,9 @@
 # `verify_rest` its steps after the first two, which ran 2026-12-07); `targets` (#25's figures, for an H200);
 # `threads` (`dr bench job` with one compile thread, run 2026-12-07 after the default's); `next3` (2026-12-07's
 # eighth session: the compile's FX trace, 16-position blocks, the catalog phases, a warm build's recompiles);
-# `catalog` (`dr bench job --mix catalog`: the pool sized alike in its jobs).
+# `catalog` (`dr bench job --mix catalog`: the pool sized alike in its jobs); `stored` (2026-12-07's ninth session:
+# start-up with compiled forms stored whole, model/engine/compile_cache.py, against Dynamo tracing again; the GPU
+# tests; a warm `dr bench job`).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -44,8 +46,7 @@ ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 MODE=${1:-1}
 if [[ $MODE == auto ]]; then
-    MODE=verify_rest
-    grep -q H200 "$OUT/device.txt" && MODE=targets
+    MODE=stored
     echo "mode $MODE" | tee -a "$OUT/steps.txt"
 fi
 if [[ $MODE == next3 ]] && grep -q H200 "$OUT/device.txt"; then  # an H200's first use is #25's figures
@@ -53,6 +54,21 @@ if [[ $MODE == next3 ]] && grep -q H200 "$OUT/device.txt"; then  # an H200's fir
     echo "mode $MODE" | tee -a "$OUT/steps.txt"
 fi
 case $MODE in
+stored)
+    # a fresh machine's first process compiles cold and stores each compiled function whole; the second loads them
+    # (no Dynamo trace: 7.0 s of a warm build at 512 slots on an H100 before); then two processes that trace again
+    # (STORE_FORMS False; the first of them may also miss Inductor's cache, the second is warm), so the warm build
+    # each way is timed on one machine; then every GPU test (the new one: a second process's loaded engine decodes
+    # the first's ids) and a warm `dr bench job` (#25's whole-job figures)
+    step startup_cold 150 python3 benchmarks/profiling/startup.py "$OUT/startup_cold.json" --slots 512
+    step startup_warm 80 python3 benchmarks/profiling/startup.py "$OUT/startup_warm.json" --slots 512
+    for n in 1 2; do
+        step startup_traced_$n 120 patched model.engine.compile_cache.STORE_FORMS False benchmarks.profiling.startup \
+            "$OUT/startup_traced_$n.json" --slots 512
+    done
+    step gpu_tests 240 pytest -q tests/test_gpu.py
+    step job 260 dr bench job --out "$OUT/job.json"
+    ;;
 verify)
     # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's
     # bfloat16 rounding) and those of the code the graphs' removal touched, an engine's start-up cold and warm, then

@@ -285,7 +285,7 @@ def test_finished_and_free_slots_read_no_cache_blocks_and_only_a_partly_filled_b
     assert visible.partial_index[[0, 1], 0, 0, 0].tolist() == [2, 3]
 
 
-def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch, step_widths):
+def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypatch, step_widths, tmp_path):
     """Dynamo traces the decode step's layer once per width, whatever the number of layers, the step's end once per
     width, and the packed prefill's layer once for every layer and every number of positions: each extra trace costs
     a process about 0.3 s on a 7B model, and a trace per layer would bring back the 10-13 s of a whole-model trace
@@ -299,6 +299,7 @@ def test_compiled_step_traces_one_layer_per_width_for_all_layers(model, monkeypa
 
     assert model.llama_model.config.num_hidden_layers >= 2
     monkeypatch.setattr(model_runner, "COMPILE_PREFILL", True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no compiled form stored before (compile_cache.py)
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, **options, backend="eager"))
     prefilled = []
@@ -338,7 +339,7 @@ def test_last_rows_move_to_the_front_and_decode_at_narrow_widths(model, monkeypa
     assert engine.state.done.all()  # a slot left behind is free, so a wide step reads none of its cache
 
 
-def test_each_slot_count_gets_a_static_step(model, monkeypatch):
+def test_each_slot_count_gets_a_static_step(model, monkeypatch, tmp_path):
     """Engines of three slot counts in one process: every compiled step has static shapes. With torch.compile's
     automatic dynamic shapes the third got a symbolic-slot step, whose answers on an H200 were wrong
     (benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
@@ -358,6 +359,7 @@ def test_each_slot_count_gets_a_static_step(model, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_with_the_engines_options)
     monkeypatch.setattr(model_runner, "COMPILE_PREFILL", True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # every step traced here, none loaded
     torch._dynamo.reset()
     examples = rows()[:3]
     gens = [replace(REFERENCE, max_new_tokens=n) for n in (3, 5, 4)]

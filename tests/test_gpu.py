@@ -427,3 +427,11 @@ def test_inputs_rounded_to_bfloat16_on_the_host_equal_those_rounded_on_the_gpu(t
     ]
     for x in inputs:
         assert torch.equal(x.to(torch.bfloat16).cuda(), x.cuda().to(torch.bfloat16))
+
+
+def test_a_second_process_loads_the_compiled_engine_and_decodes_the_same(tiny_root, tmp_path):
+    """model/engine/compile_cache.py on a GPU: the second process's engine (its step captured as CUDA graphs from the
+    loaded forms) traces nothing and decodes the first process's ids."""
+    from tests.test_compile_cache import two_engine_processes
+
+    two_engine_processes(tiny_root, tmp_path, "cuda")

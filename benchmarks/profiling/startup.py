@@ -1,9 +1,10 @@
 """Where an engine's start-up goes, in this process: the cache pool's allocation, each step width's compile (or load
-from the compile cache) and CUDA-graph capture, Dynamo's and Inductor's own counters, and the first rows through it.
-Run it twice on one machine: the first process compiles cold, the second shows what a warm compile cache leaves.
+from the compile cache) and CUDA-graph capture, how many compiled forms were loaded whole (model/engine/
+compile_cache.py), Dynamo's and Inductor's own counters, and the first rows through it. Run it twice on one machine:
+the first process compiles cold, the second shows what a warm compile cache leaves.
 
     PYTHONPATH=. python3 benchmarks/profiling/startup.py OUT.json [--slots 256] [--prompt 40] [--budget 64]
-    PYTHONPATH=. python3 benchmarks/profiling/startup.py OUT.json --tiny  # the CPU check: tiny shapes
+    PYTHONPATH=. python3 benchmarks/profiling/startup.py OUT.json --tiny [--compile]  # the CPU check: tiny shapes
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from benchmarks.job_workload import job_model
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
 from model.engine import cuda_graphs, kv_cache
+from model.engine.compile_cache import Precompiled
 from model.engine.scheduler import Engine
 from model.engine.sequence import Request
 from model.network.deepresonance import Example
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=40)
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compile on a CPU too (a CUDA engine always does)")
     args = parser.parse_args()
     sizes, encoder, device = (LLAMA_TINY, "tiny", "cpu") if args.tiny else (VICUNA_7B, "huge", "cuda")
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "args": vars(args)}
@@ -60,11 +63,14 @@ def main() -> None:
     timed_calls(kv_cache.PagedKV, "__init__", pools)
     torch._dynamo.utils.counters.clear()
     begin = CLOCK()
-    engine = Engine.sized(model, args.prompt, args.budget, args.slots, k_cap=1)
+    engine = Engine.sized(model, args.prompt, args.budget, args.slots, k_cap=1, compile=args.compile or None)
     report["engine_build_s"] = round(CLOCK() - begin, 2)
     report["engine"] = {"slots": engine.slots, "length": engine.length, "blocks": engine.book.blocks}
     report["pool_alloc_s"] = pools
     report["step_captures_s"] = {str(w): s for w, s in zip(engine.widths, captures, strict=False)}
+    forms = [*engine.step.layers.values(), *engine.step.finishes.values(), engine.packed_prefill.keywords["layer"]]
+    forms = [f for f in forms if isinstance(f, Precompiled)]
+    report["compiled_forms"] = {"loaded": sum(f.loaded for f in forms), "compiled": sum(not f.loaded for f in forms)}
     gen = GenerationConfig(max_new_tokens=args.budget, do_sample=False, decoder="engine")
     example = Example("", "Describe the music in detail. " * max(1, args.prompt // 8), [])
     begin = CLOCK()

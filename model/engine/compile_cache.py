@@ -1,10 +1,35 @@
-"""What a process sets up before it compiles: where compiled kernels persist between processes, and the one FX trace
-that must not overlap threads running modules."""
+"""What a process sets up before it compiles, and what it keeps of a compile for the next process: where compiled
+kernels persist, the one FX trace that must not overlap threads running modules, and each compiled function's whole
+compiled form (Dynamo's trace and guards with Inductor's code) on disk.
+
+Inductor's cache spares a warm process the kernels' builds but not Dynamo's trace of each function, nor AOTAutograd's
+work on the traced graph: 7.0 s of an engine's warm build at 512 slots on an H100, most of a second `dr infer`
+process's wait for its first rows (benchmarks/results/2026-12-07-h100-verify-rest/). `Precompiled` keeps the form
+torch's AOT compile makes (torch.compile(...).aot_compile, torch 2.10 on) and loads it instead.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import logging
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from model.io.files import write_atomically
+
+log = logging.getLogger(__name__)
+# False: every process traces its compiled functions again (Inductor's cache still holds their kernels), as before
+# 2026-12-07's ninth session; for comparing the two on a device (benchmarks/pending_gpu.sh `stored`)
+STORE_FORMS = True
 
 
 def compile_cache_dir() -> Path:
@@ -28,3 +53,94 @@ def trace_once() -> None:
     except ImportError:
         return
     InterpreterShim._dummy_gm()
+
+
+def _described(value: Any) -> Any:
+    """What of one argument a compile depends on, as plain values: a tensor's layout, a module's class and
+    parameters' layouts, a dataclass's fields, a number's value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), str(value.dtype), value.device.type, value.requires_grad)
+    if isinstance(value, torch.nn.Module):
+        tensors = [(n, _described(t)) for n, t in (*value.named_parameters(), *value.named_buffers())]
+        return ("module", type(value).__qualname__, tensors)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__qualname__,
+            [(f.name, _described(getattr(value, f.name))) for f in dataclasses.fields(value)],
+        )
+    if value is None or isinstance(value, bool | int | float | str):
+        return repr(value)
+    return type(value).__qualname__
+
+
+def _key(fn: Callable, args: tuple, dynamic: bool) -> str:
+    """The stored form's name: the function, how it compiles, torch, Python, the card and its arguments' layouts (a
+    form is loaded only where its guards also pass, so the name needs only to keep apart forms that both stay valid:
+    an H100's and an H200's in one cache folder would otherwise replace each other)."""
+    leaves, spec = tree_flatten(args)
+    cards = sorted({torch.cuda.get_device_name(v.device) for v in leaves if isinstance(v, torch.Tensor) and v.is_cuda})
+    described = (fn.__module__, fn.__qualname__, dynamic, torch.__version__, sys.version, str(spec), cards)
+    digest = hashlib.sha256(repr((described, [_described(v) for v in leaves])).encode()).hexdigest()[:24]
+    return f"{fn.__qualname__}-{digest}"
+
+
+def _sources_unchanged(compiled: Any) -> bool:
+    """Whether every module whose code the stored trace went through is as it was then, whole (its functions and
+    its module-level constants alike): Dynamo's guards check the arguments, not the code."""
+    for source in compiled.source_info().inlined_sources:
+        module = sys.modules.get(source.module) or importlib.import_module(source.module)
+        if inspect.getsource(module) != source.content:
+            return False
+    return True
+
+
+class Precompiled:
+    """`fn` compiled (torch.compile, fullgraph) for the arguments of its first call, its compiled form stored under
+    `folder` and loaded from there by a later process in place of Dynamo's trace. A stored form serves only where
+    its torch, Python and device match (torch checks), every source it traced is unchanged and its guards pass the
+    arguments; else, or where it cannot be read or written, `fn` compiles as before. A later call whose arguments
+    the compiled form's guards refuse goes through plain torch.compile, which traces `fn` again for them."""
+
+    def __init__(self, fn: Callable, dynamic: bool, folder: Path | None = None) -> None:
+        self.fn, self.dynamic = fn, dynamic
+        self.folder = folder or compile_cache_dir() / "dr-precompiled"
+        self.compiled: Any = None
+        self.loaded = False  # whether the compiled form came from disk
+        self._plain: Callable | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = self._load_or_compile(args) if STORE_FORMS else self._plain_compile()
+        elif self.compiled is not self._plain and not self.compiled.guard_check(*args):
+            return self._plain_compile()(*args)
+        return self.compiled(*args)
+
+    def _plain_compile(self) -> Callable:
+        if self._plain is None:
+            self._plain = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic)
+        return self._plain
+
+    def _load_or_compile(self, args: tuple) -> Callable:
+        path = self.folder / f"{_key(self.fn, args, self.dynamic)}.bin"
+        if path.exists():
+            try:
+                with open(path, "rb") as file:
+                    compiled = torch.compiler.load_compiled_function(file)
+                if _sources_unchanged(compiled) and compiled.guard_check(*args):
+                    compiled.disable_guard_check()  # __call__ checks them, once
+                    self.loaded = True
+                    return compiled
+            except Exception as err:  # a stored form from another torch, cut short or unreadable: compiled afresh
+                log.info("compiling %s afresh: its stored form %s did not load (%s)", self.fn.__qualname__, path, err)
+        try:
+            with torch._dynamo.config.patch(specialize_float=True):
+                compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic).aot_compile((args, {}))
+        except Exception as err:  # a torch without AOT compiles, or a graph it cannot keep: as before
+            log.info("%s compiles in this process only: %r", self.fn.__qualname__, err, exc_info=True)
+            return self._plain_compile()
+        try:
+            write_atomically(path, type(compiled).serialize(compiled).serialized_data, fsync=False)
+        except Exception as err:  # a full disk or a form torch cannot write: the next process compiles again
+            log.info("%s's compiled form was not stored at %s: %s", self.fn.__qualname__, path, err)
+        compiled.disable_guard_check()
+        return compiled

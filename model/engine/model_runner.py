@@ -11,7 +11,8 @@ Compiling the whole step made Dynamo trace all 32 layers of a 7B model, 10-13 s 
 parameters as inputs and guards on what its code reads, not on which layer it is, so a layer traced and compiled once
 runs them all; the Python loop over the layers and the eager embedding, rotary and sampling glue cost launches that the
 graph replay removes. A narrower width then costs one more trace of one layer, which is what lets the engine run a
-job's last few rows at a width that fits them (model/engine/scheduler.py).
+job's last few rows at a width that fits them (model/engine/scheduler.py). Each compiled function is kept whole on
+disk after its first compile (compile_cache.py `Precompiled`), so a later process loads it without that trace.
 
 The prefill's layer is compiled the same way, with the number of positions symbolic (one trace for every prefill).
 Eager, a prefill ran at 29-31 us a position on an H100, about 440 TFLOP/s for 13 GFLOP a position, where its matrix
@@ -28,6 +29,7 @@ from itertools import accumulate
 import torch
 
 from model.engine import cuda_graphs
+from model.engine.compile_cache import Precompiled
 from model.engine.fused_layer import Fused, fused_weights, run_layer
 from model.engine.kv_cache import PREFILL, LayerPrefill, LayerSlots, PagedKV
 from model.engine.slot_state import SlotState, choose, ended
@@ -114,7 +116,7 @@ def prefill_layer_for(lm: torch.nn.Module, kv: PagedKV, compiled: bool) -> Calla
     again after) rather than at a job's or a server's first large prefill."""
     if not (compiled and COMPILE_PREFILL):
         return prefill_layer
-    layer = torch.compile(prefill_layer, fullgraph=True, dynamic=True)
+    layer = Precompiled(prefill_layer, dynamic=True)
     sizes = [13, 11]  # equal sizes would share one symbol in the trace (heads, head_dim, rows: 32, 128, 3 on a 7B)
     index = torch.arange(len(sizes) * max(sizes)).view(len(sizes), max(sizes))  # [rows, columns] -> pool position
     embeds = torch.zeros(len(sizes), max(sizes), lm.config.hidden_size, dtype=kv.keys[0].dtype, device=kv.device)
@@ -146,12 +148,10 @@ class SlotStep:
         the step three times)."""
         self.lm, self.kv, self.fused = lm, kv, fused_weights(lm)
         self.eos, self.stops, self.k_cap = eos, stops, k_cap
-        self.max_new_tokens = state.out.shape[1]
         self.views = {w: state.head(w) for w in widths}
-        self.layer, self.finish = decode_layer, self._finish
-        if compiled:
-            self.layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
-            self.finish = torch.compile(self._finish, fullgraph=True, dynamic=False)
+        # one compiled form per width (static shapes): each stored on disk for the next process (compile_cache.py)
+        self.layers = {w: Precompiled(decode_layer, dynamic=False) if compiled else decode_layer for w in widths}
+        self.finishes = {w: Precompiled(finish_step, dynamic=False) if compiled else finish_step for w in widths}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if graphs:
             device = state.out.device
@@ -173,18 +173,30 @@ class SlotStep:
         alive = ~state.done
         hidden = model.embed_tokens(state.last.unsqueeze(-1))
         cos, sin = model.rotary_emb(hidden, self.kv.pos[:width].unsqueeze(-1))
+        layer_step = self.layers[width]
         for layer, fused, slots in zip(model.layers, self.fused, self.kv.step_inputs(width, alive), strict=True):
-            hidden = self.layer(layer, fused, hidden, cos, sin, slots)
-        self.finish(hidden, state, self.kv.pos[:width], alive)
+            hidden = layer_step(layer, fused, hidden, cos, sin, slots)
+        self.finishes[width](self.lm, hidden, state, self.kv.pos[:width], alive, self.eos, self.stops, self.k_cap)
 
-    def _finish(self, hidden: torch.Tensor, state: SlotState, pos: torch.Tensor, alive: torch.Tensor) -> None:
-        """The logits of each slot's new position, its next token, and the slot's state advanced (alive slots)."""
-        logits = self.lm.lm_head(self.lm.model.norm(hidden[:, -1]))
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        token = choose(state, logits, rows, state.count, self.k_cap)
-        column = state.count.clamp(max=self.max_new_tokens - 1)
-        state.out[rows, column] = torch.where(alive, token, state.out[rows, column])
-        state.last.copy_(torch.where(alive, token, state.last))
-        state.count.add_(alive.long())
-        pos.add_(alive.long())
-        state.done.copy_(state.done | ended(state, self.eos, self.stops))
+
+def finish_step(
+    lm: torch.nn.Module,
+    hidden: torch.Tensor,
+    state: SlotState,
+    pos: torch.Tensor,
+    alive: torch.Tensor,
+    eos: int,
+    stops: list[torch.Tensor],
+    k_cap: int,
+) -> None:
+    """A decode step's end: the logits of each slot's new position, its next token, and the slot's state advanced
+    (alive slots). A function of its arguments alone, so that its compiled form can be stored (compile_cache.py)."""
+    logits = lm.lm_head(lm.model.norm(hidden[:, -1]))
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    token = choose(state, logits, rows, state.count, k_cap)
+    column = state.count.clamp(max=state.out.shape[1] - 1)
+    state.out[rows, column] = torch.where(alive, token, state.out[rows, column])
+    state.last.copy_(torch.where(alive, token, state.last))
+    state.count.add_(alive.long())
+    pos.add_(alive.long())
+    state.done.copy_(state.done | ended(state, eos, stops))
