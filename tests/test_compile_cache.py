@@ -91,6 +91,23 @@ def test_a_store_that_cannot_be_written_leaves_the_compile_working(tmp_path):
     assert torch.allclose(Precompiled(scaled, dynamic=False, folder=blocked)(*args), _by_hand(*args), atol=1e-6)
 
 
+@torch.no_grad()
+def test_with_storing_off_nothing_is_stored_or_loaded(tmp_path, monkeypatch):
+    """STORE_FORMS False (the comparison arm of benchmarks/pending_gpu.sh `stored`): plain torch.compile, as before."""
+    from model.engine import compile_cache
+
+    args = _inputs()
+    Precompiled(scaled, dynamic=False, folder=tmp_path)(*args)
+    monkeypatch.setattr(compile_cache, "STORE_FORMS", False)
+    before = _graphs()
+    off = Precompiled(scaled, dynamic=False, folder=tmp_path)
+    assert torch.allclose(off(*args), _by_hand(*args), atol=1e-6)
+    assert not off.loaded and _graphs() == before + 1  # traced again beside the stored form
+    wider = _inputs(rows=5)
+    Precompiled(scaled, dynamic=False, folder=tmp_path)(*wider)
+    assert len(list(tmp_path.iterdir())) == 1  # nothing stored for the new shapes
+
+
 MODULE = textwrap.dedent(
     """
     import torch
