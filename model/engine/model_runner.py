@@ -140,8 +140,9 @@ class SlotStep:
         graphs: bool,
     ) -> None:
         """A step per width in `widths` over `lm` (a transformers LLaMA causal LM) and the engine's slots. `compiled`:
-        the layer and the step's end go through torch.compile (static shapes only: with automatic dynamic shapes a
-        third slot count compiled a symbolic-slot step whose answers were wrong,
+        the layer and the step's end go through torch.compile, a compiled form of each per width, stored for the next
+        process (compile_cache.Precompiled; static shapes only: with automatic dynamic shapes a third slot count
+        compiled a symbolic-slot step whose answers were wrong,
         benchmarks/results/2026-12-02-h200-engine-run5-prefill-graphs/engine_sequence_wrong_answers_h200.log).
         Each layer runs with its projections joined (fused_layer.fused_weights; the model's weights become views).
         `graphs`: each width's step is captured as a CUDA graph now, while every slot is still free (the capture runs
