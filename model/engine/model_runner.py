@@ -112,8 +112,9 @@ def packed_prefill(
 
 def prefill_layer_for(lm: torch.nn.Module, kv: PagedKV, compiled: bool) -> Callable[..., torch.Tensor]:
     """`prefill_layer`, or for a `compiled` engine (COMPILE_PREFILL) it compiled with the number of positions symbolic,
-    traced and compiled now (two short prompts of zero embeddings written at the pool's first positions, zeroed
-    again after) rather than at a job's or a server's first large prefill."""
+    compiled now, or its stored form loaded (compile_cache.Precompiled), through two short prompts of zero embeddings
+    written at the pool's first positions and zeroed again after, rather than at a job's or a server's first large
+    prefill."""
     if not (compiled and COMPILE_PREFILL):
         return prefill_layer
     layer = Precompiled(prefill_layer, dynamic=True)
