@@ -79,7 +79,11 @@ def main() -> None:
     report["prefill_graph_captures_s"] = captures[len(engine.widths) :]
     forms = [*engine.step.layers.values(), *engine.step.finishes.values(), engine.packed_prefill.keywords["layer"]]
     forms = [f for f in forms if isinstance(f, Precompiled) and f.compiled is not None]  # those the process ran
-    report["compiled_forms"] = {"loaded": sum(f.loaded for f in forms), "compiled": sum(not f.loaded for f in forms)}
+    report["compiled_forms"] = {
+        "loaded": sum(f.loaded for f in forms),
+        "compiled and stored": sum(f.stored and not f.loaded for f in forms),
+        "compiled, not stored": sum(not f.stored for f in forms),  # each with its warning in the output
+    }
     counters = torch._dynamo.utils.counters
     report["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "inductor", "aot_autograd")}
     report["compile_times"] = torch._dynamo.utils.compile_times(repr="str")

@@ -99,13 +99,15 @@ class Precompiled:
     `folder` and loaded from there by a later process in place of Dynamo's trace. A stored form serves only where
     its torch, Python and device match (torch checks), every source it traced is unchanged and its guards pass the
     arguments; else, or where it cannot be read or written, `fn` compiles as before. A later call whose arguments
-    the compiled form's guards refuse goes through plain torch.compile, which traces `fn` again for them."""
+    the compiled form's guards refuse goes through plain torch.compile, which traces `fn` again for them. A stored
+    form is a pickle with code in it, trusted as Inductor trusts the code it keeps in the same folder."""
 
     def __init__(self, fn: Callable, dynamic: bool, folder: Path | None = None) -> None:
         self.fn, self.dynamic = fn, dynamic
         self.folder = folder or compile_cache_dir() / "dr-precompiled"
         self.compiled: Any = None
-        self.loaded = False  # whether the compiled form came from disk
+        self.loaded = False  # the compiled form came from disk
+        self.stored = False  # the compiled form is on disk (loaded, or written after its compile)
         self._plain: Callable | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -128,7 +130,7 @@ class Precompiled:
                     compiled = torch.compiler.load_compiled_function(file)
                 if _sources_unchanged(compiled) and compiled.guard_check(*args):
                     compiled.disable_guard_check()  # __call__ checks them, once
-                    self.loaded = True
+                    self.loaded = self.stored = True
                     return compiled
             except Exception as err:  # a stored form from another torch, cut short or unreadable: compiled afresh
                 log.info("compiling %s afresh: its stored form %s did not load (%s)", self.fn.__qualname__, path, err)
@@ -136,11 +138,12 @@ class Precompiled:
             with torch._dynamo.config.patch(specialize_float=True):
                 compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic).aot_compile((args, {}))
         except Exception as err:  # a torch without AOT compiles, or a graph it cannot keep: as before
-            log.info("%s compiles in this process only: %r", self.fn.__qualname__, err, exc_info=True)
+            log.warning("%s compiles for this process only (no AOT compile: %r)", self.fn.__qualname__, err)
             return self._plain_compile()
         try:
             write_atomically(path, type(compiled).serialize(compiled).serialized_data, fsync=False)
+            self.stored = True
         except Exception as err:  # a full disk or a form torch cannot write: the next process compiles again
-            log.info("%s's compiled form was not stored at %s: %s", self.fn.__qualname__, path, err)
+            log.warning("%s's compiled form was not stored at %s: %r", self.fn.__qualname__, path, err)
         compiled.disable_guard_check()
         return compiled
