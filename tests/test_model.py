@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import pytest
@@ -270,6 +271,37 @@ def test_encoder_uses_the_patch_projection_and_batch_first_trunks_under_imagebin
         assert all(isinstance(b.attn, BatchFirstAttention) for b in encoder.imagebind.modality_trunks[key].blocks)
     stock = imagebind_model_module().ImageBindModel(**IMAGEBIND_TINY)
     assert set(encoder.imagebind.state_dict()) == set(stock.state_dict())
+
+
+def test_a_loaded_encoder_holds_the_files_weights_in_its_own_memory(tiny_layout, tmp_path):
+    """MediaEncoder.load builds no random weights (its parameters start on the meta device) and takes the file's:
+    every kept tensor equals the file's, none is left on the meta device or requires grad, and none is still read
+    from the file's mapping: the file rewritten in place afterwards (other values, same layout) leaves them as
+    loaded."""
+    stored = torch.load(tiny_layout.imagebind, weights_only=True)
+
+    def saved(state: dict) -> bytes:  # one writer for both files: the same layout, the values apart
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    path = tmp_path / "imagebind.pth"
+    path.write_bytes(saved(stored))
+    encoder = MediaEncoder.load(path)
+    expected = {k: v.clone() for k, v in stored.items()}
+    for v in stored.values():
+        if v.is_floating_point():
+            v.add_(1)  # in place: the storages (some shared) stay as they were, so the file keeps its layout
+    rewritten = saved(stored)
+    assert len(rewritten) == path.stat().st_size
+    with open(path, "r+b") as file:  # in place: the same inode, as a mapping of it sees
+        file.write(rewritten)
+    kept = encoder.imagebind.state_dict()
+    assert kept and set(kept) <= set(expected)
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert not any(t.is_meta for t in (*encoder.parameters(), *encoder.buffers()))
+    assert not any(p.requires_grad for p in encoder.parameters())
 
 
 def test_encoder_load_rejects_wrong_weights(tmp_path):

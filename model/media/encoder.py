@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import init_empty_weights
 from torch import nn
 
 from model.config import ENCODER_SIZES
@@ -175,7 +176,9 @@ class MediaEncoder(nn.Module):
     def load(cls, path: str | Path, size: str | None = None) -> MediaEncoder:
         """Build and load an ImageBind state dict (`imagebind_huge.pth`; its size is read from the weights unless
         given). The text/depth/thermal/IMU towers DeepResonance never uses are dropped after a strict load, saving
-        about a quarter of the memory."""
+        about a quarter of the memory. The model is built with its parameters on the meta device and takes the
+        file's tensors as they are: ImageBind-huge's random initialisation, overwritten at once, took 11.2 s of a
+        12.4 s load on a CPU (benchmarks/results/2026-12-07-cpu-model-load/)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
@@ -185,14 +188,18 @@ class MediaEncoder(nn.Module):
         except Exception as err:  # a truncated or non-tensor file: say which file, not a pickle trace
             raise ValueError(f"{path}: not a readable ImageBind checkpoint ({type(err).__name__}: {err})") from err
         size = size or size_of(state, path)
-        encoder = cls(size)
-        result = encoder.imagebind.load_state_dict(state, strict=False)
+        with init_empty_weights():
+            encoder = cls(size)
+        result = encoder.imagebind.load_state_dict(state, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             bad = (result.missing_keys or result.unexpected_keys)[0]
             kind = "missing" if result.missing_keys else "unexpected"
             raise ValueError(f"{path}: {kind} key '{bad}' for ImageBind-{size}")
         encoder.fingerprint = f"imagebind-{size}-{file_fingerprint(path)}"
         encoder.drop_unused_towers()
+        # copied out of the file's mapping, as a load into built parameters did: a mapped file rewritten in place
+        # would fault the encoder's later reads
+        encoder._apply(torch.Tensor.clone)
         if file_identity(path) == before:  # the file was not replaced or rewritten while it was read
             encoder._source, encoder._source_versions = before, encoder._versions()
         return encoder
