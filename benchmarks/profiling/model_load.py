@@ -37,29 +37,23 @@ from deepresonance_cli.infer import load
 from model.network import checkpoint
 from model.network.deepresonance import DeepResonance
 
-times = {"imports (torch, transformers, peft, dr)": round(clock() - start, 3)}
+imported = clock() - start
+from benchmarks.profiling.startup import timed_calls
 
-def timed(owner, name, label):
-    real = getattr(owner, name)
-    def wrapper(*args, **kwargs):
-        begin = clock()
-        out = real(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times[label] = round(times.get(label, 0.0) + clock() - begin, 3)
-        return out
-    setattr(owner, name, wrapper)
-
-timed(checkpoint, "load_base", "llama weights")
-timed(checkpoint, "load_encoder", "imagebind")
-timed(checkpoint, "read_delta", "delta read")
-timed(checkpoint, "load_delta", "delta applied")
-timed(DeepResonance, "to", "moved to the device")
-timed(DeepResonance, "merge_lora", "lora merged")
+parts = {}
+for owner, name, label in (
+    (checkpoint, "load_base", "llama weights"),
+    (checkpoint, "load_encoder", "imagebind"),
+    (checkpoint, "read_delta", "delta read"),
+    (checkpoint, "load_delta", "delta applied"),
+    (DeepResonance, "to", "moved to the device"),
+    (DeepResonance, "merge_lora", "lora merged"),
+):
+    timed_calls(owner, name, parts.setdefault(label, []))
 begin = clock()
 model = load(Path(sys.argv[1]), "alpha", None, None, sys.argv[2], "bfloat16")
-times["whole load"] = round(clock() - begin, 3)
-print(json.dumps(times))
+times = {"imports (torch, transformers, peft, dr)": round(imported, 3), "whole load": round(clock() - begin, 3)}
+print(json.dumps(times | {label: round(sum(calls), 3) for label, calls in parts.items()}))
 """
 
 
