@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +12,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DR_HTTP_BACKOFF", "0.05")  # download retries wait 0.05, 0.1, 0.2 s here, not 2, 4, 8
-# compiled kernels and stored compiled forms (model/engine/compile_cache.py) of this session only: a test neither
-# loads what the user's jobs stored nor leaves its own there
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dr-tests-compile-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Compiled kernels and stored compiled forms (model/engine/compile_cache.py) of this session only, in pytest's
+    own temporary folders (it keeps the last few): a test neither loads what the user's jobs stored nor leaves its
+    own there. An explicit $TORCHINDUCTOR_CACHE_DIR is kept."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("compile_cache"))
+    yield
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
 @pytest.fixture(scope="session")
