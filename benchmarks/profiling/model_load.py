@@ -82,10 +82,13 @@ def write_set(root: Path, sizes: dict, encoder_size: str) -> None:
     with init_empty_weights():  # shapes only: parameters on the meta device
         llm = LlamaForCausalLM(config)
     shards: list[dict[str, torch.Tensor]] = [{}]
+    filled = 0  # bytes in the last shard
     for name, param in llm.state_dict().items():
-        if sum(t.nbytes for t in shards[-1].values()) + param.numel() * 2 > SHARD_BYTES and shards[-1]:
+        if filled + param.numel() * 2 > SHARD_BYTES and shards[-1]:
             shards.append({})
+            filled = 0
         shards[-1][name] = torch.zeros(param.shape, dtype=torch.bfloat16)
+        filled += shards[-1][name].nbytes
     paths.vicuna.mkdir(parents=True, exist_ok=True)
     index = {}
     for i, shard in enumerate(shards):

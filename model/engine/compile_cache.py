@@ -87,9 +87,10 @@ def _key(fn: Callable, args: tuple, dynamic: bool) -> str:
 def _sources_unchanged(compiled: Any) -> bool:
     """Whether every module whose code the stored trace went through is as it was then, whole (its functions and
     its module-level constants alike): Dynamo's guards check the arguments, not the code."""
-    for source in compiled.source_info().inlined_sources:
-        module = sys.modules.get(source.module) or importlib.import_module(source.module)
-        if inspect.getsource(module) != source.content:
+    then = {source.module: source.content for source in compiled.source_info().inlined_sources}  # one per module
+    for name, content in then.items():
+        module = sys.modules.get(name) or importlib.import_module(name)
+        if inspect.getsource(module) != content:
             return False
     return True
 
