@@ -6,7 +6,9 @@
 # eighth session: the compile's FX trace, 16-position blocks, the catalog phases, a warm build's recompiles);
 # `catalog` (`dr bench job --mix catalog`: the pool sized alike in its jobs); `stored` (2026-12-07's ninth session:
 # start-up with compiled forms stored whole, model/engine/compile_cache.py, against Dynamo tracing again; the GPU
-# tests; a warm `dr bench job`; then `load`); `load` (a full-size checkpoint set loaded from disk, as `dr infer` does).
+# tests; a warm `dr bench job`; then `load`); `load` (a full-size checkpoint set loaded from disk, as `dr infer`
+# does); `why` (2026-12-07's tenth session: the engine alone and its phases on long and varied prompts at 512 slots,
+# then `load`).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -69,7 +71,14 @@ stored)
     step gpu_tests 240 pytest -q tests/test_gpu.py
     step job 260 dr bench job --out "$OUT/job.json"
     ;;&
-stored | load)
+why)
+    # where the engine alone's time goes on long and varied prompts at 512 slots, after its own figures (#25's
+    # targets there: 12,000 useful tok/s; an H200 reached 8,883 and 11,103, its floor in benchmarks/README.md)
+    step engine 170 dr "${ENGINE[@]}" --out "$OUT/engine.json"
+    step engine_phases 200 python3 benchmarks/profiling/engine_phases.py "$OUT/engine_phases.json" \
+        --prompts long,varied --slots 512
+    ;;&
+stored | load | why)
     # what loading a full-size checkpoint set from disk costs a `dr infer` process (18 GB written to /tmp once;
     # `dr bench job` builds its weights in place and leaves this out)
     step model_load 240 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 3
