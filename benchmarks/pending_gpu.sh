@@ -7,8 +7,8 @@
 # `catalog` (`dr bench job --mix catalog`: the pool sized alike in its jobs); `stored` (2026-12-07's ninth session:
 # start-up with compiled forms stored whole, model/engine/compile_cache.py, against Dynamo tracing again; the GPU
 # tests; a warm `dr bench job`; then `load`); `load` (a full-size checkpoint set loaded from disk, as `dr infer`
-# does); `why` (2026-12-07's tenth session: the engine alone and its phases on long and varied prompts at 512 slots,
-# then `load`).
+# does, then `dr infer` itself in fresh processes on two datasets: benchmarks/profiling/second_process.py); `why`
+# (2026-12-07's tenth session: the engine alone and its phases on long and varied prompts at 512 slots).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -78,10 +78,13 @@ why)
     step engine_phases 200 python3 benchmarks/profiling/engine_phases.py "$OUT/engine_phases.json" \
         --prompts long,varied --slots 512
     ;;&
-stored | load | why)
+stored | load)
     # what loading a full-size checkpoint set from disk costs a `dr infer` process (18 GB written to /tmp once;
-    # `dr bench job` builds its weights in place and leaves this out)
+    # `dr bench job` builds its weights in place and leaves this out); then the real command in fresh processes on
+    # that set: MusicCaps-shaped datasets A, B (another dataset: #25's second process, first answers within 10 s)
+    # and A again with its features cached
     step model_load 240 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 3
+    step second_process 300 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
     ;;
 verify)
     # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's
