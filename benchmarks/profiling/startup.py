@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.job_workload import job_model
 from model.config import LLAMA_TINY, VICUNA_7B, GenerationConfig
-from model.engine import cuda_graphs, kv_cache
+from model.engine import cuda_graphs, kv_cache, scheduler
 from model.engine.compile_cache import Precompiled
 from model.engine.scheduler import Engine
 from model.engine.sequence import Request
@@ -59,14 +59,18 @@ def main() -> None:
     report["model_build_s"] = round(CLOCK() - begin, 2)
     captures: list[float] = []
     pools: list[float] = []
+    prefill_layers: list[float] = []  # the prefill's layer compiled or loaded (whether a job below
+    # model_runner.COMPILE_PREFILL_POSITIONS would win back a stored form's load)
     timed_calls(cuda_graphs, "capture", captures)
     timed_calls(kv_cache.PagedKV, "__init__", pools)
+    timed_calls(scheduler, "prefill_layer_for", prefill_layers)
     torch._dynamo.utils.counters.clear()
     begin = CLOCK()
     engine = Engine.sized(model, args.prompt, args.budget, args.slots, k_cap=1, compile=args.compile or None)
     report["engine_build_s"] = round(CLOCK() - begin, 2)
     report["engine"] = {"slots": engine.slots, "length": engine.length, "blocks": engine.book.blocks}
     report["pool_alloc_s"] = pools
+    report["prefill_layer_s"] = prefill_layers
     report["step_captures_s"] = {str(w): s for w, s in zip(engine.widths, captures, strict=False)}
     gen = GenerationConfig(max_new_tokens=args.budget, do_sample=False, decoder="engine")
     example = Example("", "Describe the music in detail. " * max(1, args.prompt // 8), [])
