@@ -174,7 +174,8 @@ ENGINE = textwrap.dedent(
 def two_engine_processes(tiny_root: Path, cache: Path, device: str) -> None:
     """Two processes in turn, one compile cache: the first traces the prefill's layer and each width's layer and end
     (5 graphs), the second traces none and decodes the same ids."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": "."}
+    # this process's import path whole: on a device, the carried packages too
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(sys.path)}
     runs = []
     for _ in range(2):
         out = subprocess.run(

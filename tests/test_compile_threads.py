@@ -73,7 +73,7 @@ def test_trace_once_leaves_a_first_compile_no_plain_fx_trace(when, tmp_path):
     """A fresh process (the placeholder's trace is kept per process) and a fresh compile cache (a cache hit lowers
     nothing): with trace_once first the compile makes no trace that can break another thread; without, it makes one,
     so this test sees the trace that trace_once takes out."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PYTHONPATH": "."}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run(
         [sys.executable, "-c", COUNT, when], capture_output=True, text=True, env=env, timeout=600, check=True
     )
