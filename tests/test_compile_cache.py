@@ -60,6 +60,19 @@ def test_a_stored_form_serves_a_later_compile_without_a_trace(tmp_path):
 
 
 @torch.no_grad()
+def test_a_form_is_stored_and_loaded_where_dynamos_aot_compile_is_off_by_default(tmp_path):
+    """torch 2.10-2.11 leave torch._dynamo.config.enable_aot_compile off, and torch.compile's wrapper then has no
+    aot_compile: on an H100 with torch 2.11 every form compiled for its process only."""
+    args = _inputs()
+    with torch._dynamo.config.patch(enable_aot_compile=False):
+        first = Precompiled(scaled, dynamic=False, folder=tmp_path)
+        first(*args)
+        second = Precompiled(scaled, dynamic=False, folder=tmp_path)
+        assert torch.allclose(second(*args), _by_hand(*args), atol=1e-6)
+    assert first.stored and not first.loaded and second.loaded
+
+
+@torch.no_grad()
 def test_arguments_its_guards_refuse_are_compiled_for_afresh(tmp_path):
     """A form compiled for 3 rows, then called with 6 (static shapes): the call goes through a compile for them,
     not through the 3-row form."""

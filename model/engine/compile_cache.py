@@ -136,7 +136,10 @@ class Precompiled:
             except Exception as err:  # a stored form from another torch, cut short or unreadable: compiled afresh
                 log.info("compiling %s afresh: its stored form %s did not load (%s)", self.fn.__qualname__, path, err)
         try:
-            with torch._dynamo.config.patch(specialize_float=True):
+            # enable_aot_compile: torch 2.10-2.11 give torch.compile's wrapper its aot_compile only where it is set
+            # (off by default there; on from 2.14); without it an H100's every form compiled for its process only
+            # (benchmarks/results/2026-12-07-h100-stored-forms/)
+            with torch._dynamo.config.patch(specialize_float=True, enable_aot_compile=True):
                 compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic).aot_compile((args, {}))
         except Exception as err:  # a torch without AOT compiles, or a graph it cannot keep: as before
             log.warning("%s compiles for this process only (no AOT compile: %r)", self.fn.__qualname__, err)
