@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # False: every process traces its compiled functions again (Inductor's cache still holds their kernels), as before
 # 2026-12-07's ninth session; for comparing the two on a device (benchmarks/pending_gpu.sh `stored`)
 STORE_FORMS = True
+_WARNED: set[tuple[str, str]] = set()  # (function, what failed) already warned of in this process
 
 
 def compile_cache_dir() -> Path:
@@ -53,6 +54,15 @@ def trace_once() -> None:
     except ImportError:
         return
     InterpreterShim._dummy_gm()
+
+
+def _warn_once(fn: Callable, what: str, message: str, *args: Any) -> None:
+    """`fn`'s name and `message`, warned once a process for each function and failure: every width of every engine
+    has its own form of the same function, and a `dr bench job` on torch 2.11 printed one failure's warning 24
+    times."""
+    if (fn.__qualname__, what) not in _WARNED:
+        _WARNED.add((fn.__qualname__, what))
+        log.warning("%s" + message, fn.__qualname__, *args)
 
 
 def _described(value: Any) -> Any:
@@ -142,12 +152,12 @@ class Precompiled:
             with torch._dynamo.config.patch(specialize_float=True, enable_aot_compile=True):
                 compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic).aot_compile((args, {}))
         except Exception as err:  # a torch without AOT compiles, or a graph it cannot keep: as before
-            log.warning("%s compiles for this process only (no AOT compile: %r)", self.fn.__qualname__, err)
+            _warn_once(self.fn, "aot", " compiles for this process only (no AOT compile: %r)", err)
             return self._plain_compile()
         try:
             write_atomically(path, type(compiled).serialize(compiled).serialized_data, fsync=False)
             self.stored = True
         except Exception as err:  # a full disk or a form torch cannot write: the next process compiles again
-            log.warning("%s's compiled form was not stored at %s: %r", self.fn.__qualname__, path, err)
+            _warn_once(self.fn, "store", "'s compiled form was not stored at %s: %r", path, err)
         compiled.disable_guard_check()
         return compiled
