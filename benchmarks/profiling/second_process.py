@@ -6,7 +6,7 @@ datasets (one 10 s wav of its own a row, "Describe the music in detail.", 64 new
 early): dataset A (on a fresh machine the compile is cold and its forms are stored), then B (other media: the
 feature cache misses), then A with --overwrite (its features cached). Each process is timed from its start to the
 journal's first answer, to its last, and to its exit; the journal (`<out>.jsonl`, an answer a line after the run's
-identity) is polled every 20 ms.
+identity) and the process's log (for the line that says its engine is built) are polled every 20 ms.
 
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json [--rows 1024] [--workdir /tmp/dr_model_load]
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json --tiny  # the CPU check: tiny shapes
@@ -33,6 +33,9 @@ from model.infer.journal import journal_path
 
 CLOCK = time.perf_counter
 POLL_S = 0.02
+# the job's log line once its engine is built (model/infer/job.py): before it come the process's imports, the model's
+# load and the engine's build (compiled forms loaded, CUDA graphs captured), the first media decoding beside them
+BUILT = b"decoder: engine"
 
 
 def write_datasets(folder: Path, rows: int, seconds: float) -> dict[str, Path]:
@@ -55,13 +58,16 @@ def answers(journal: Path) -> int:
 
 
 def timed_process(command: list[str], journal: Path, log: Path) -> dict:
-    """One `dr infer` process: seconds from its start to the journal's first answer, to its last, to its exit."""
+    """One `dr infer` process: seconds from its start to its engine's build, to the journal's first answer and to its
+    exit."""
     journal.unlink(missing_ok=True)
     begin = CLOCK()
-    first = None
+    first = built = None
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         while process.poll() is None:
+            if built is None and BUILT in log.read_bytes():
+                built = CLOCK() - begin
             if first is None and answers(journal):
                 first = CLOCK() - begin
             time.sleep(POLL_S)
@@ -69,7 +75,12 @@ def timed_process(command: list[str], journal: Path, log: Path) -> dict:
     if first is None and answers(journal):
         first = exited
     rows = answers(journal)
-    result = {"first_answers_s": first and round(first, 2), "exit_s": round(exited, 2), "answers": rows}
+    result = {
+        "engine_built_s": built and round(built, 2),
+        "first_answers_s": first and round(first, 2),
+        "exit_s": round(exited, 2),
+        "answers": rows,
+    }
     if process.returncode:
         result["error"] = log.read_text()[-2000:]
     return result
