@@ -17,10 +17,6 @@
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >/dev/null 2>&1
-# the carried packages' and the checkout's bytecode, as a pip install writes it: without it, a process that may not
-# write bytecode compiles transformers' modules again each time (a `dr infer` process's imports took 11.4-12.9 s on
-# an H100's host against 4.7-5.5 s on this project's CPU; results/2026-12-07-h100-load-second-process/)
-python3 -m compileall -q -j 0 /tmp/site deepresonance_cli model eval ckpt benchmarks >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:tests PYTHONUNBUFFERED=1
 LIMIT=${2:-570}
 dr() { python3 -m deepresonance_cli.app "$@"; }
@@ -50,8 +46,6 @@ pack() { (cd "$OUT" && tar czf /tmp/all.tgz --exclude all.tgz . ; mv /tmp/all.tg
 export -f dr patched compiled_prefill eager_prefill
 ENGINE=(bench engine --rows 2048 --only-engine --prompts short,long,varied)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -c 'import sys; print("python", sys.version.split()[0], "dont_write_bytecode", sys.flags.dont_write_bytecode)' \
-    | tee -a "$OUT/device.txt"
 MODE=${1:-1}
 if [[ $MODE == auto ]]; then
     MODE=stored
@@ -88,6 +82,13 @@ stored | load)
     # `dr bench job` builds its weights in place and leaves this out); then the real command in fresh processes on
     # that set: MusicCaps-shaped datasets A, B (another dataset: #25's second process, first answers within 10 s)
     # and A again with its features cached
+    # what a `dr infer` process's imports spend their time on: 11.4-12.9 s on an H100's host against 4.7-5.5 s on this
+    # project's CPU (results/2026-12-07-h100-load-second-process/; not the carried packages' missing bytecode: 3.1-3.4
+    # s without it against 3.1-4.0 s with it here), each module's own and cumulative microseconds, twice
+    for n in 1 2; do
+        step importtime_$n 60 python3 -X importtime -c \
+            "from deepresonance_cli.infer import load; from model.network import checkpoint, deepresonance"
+    done
     step model_load 240 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 3
     step second_process 300 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
     ;;
