@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, get_args
@@ -21,6 +22,7 @@ from deepresonance_cli.options import AllowOutside, DtypeChoice, VariantChoice, 
 from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
+    from model.data.catalog import DatasetSpec, Row
     from model.network.deepresonance import DeepResonance
 
 console = Console(stderr=True)
@@ -154,7 +156,14 @@ def default_device(device: str | None) -> str:
 
 def infer(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Option(help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file.")],
+    dataset: Annotated[
+        list[str],
+        typer.Option(
+            help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file. Repeat it to answer several "
+            "datasets one after another with one loaded model (each its own result file): a second dataset then "
+            "skips the process's imports, the model's load and the engine's build."
+        ),
+    ],
     variant: Variant = "alpha",
     ckpt_root: CkptRoot = Path("ckpt"),
     base: Base = None,
@@ -189,43 +198,87 @@ def infer(
     ] = False,
     allow_outside_media_root: AllowOutside = False,
 ) -> None:
-    """Answer every row of a dataset; rerun to resume (finished rows are skipped)."""
+    """Answer every row of a dataset (or of several, one after another); rerun to resume (finished rows are
+    skipped)."""
     # only what the decoding processes' start needs is imported before they start (model/media/decoders.py
     # start_decoders): the model's packages (transformers, peft) are imported while they start
     import torch
 
     from model.data.catalog import load_rows, media_files, resolve_dataset
-    from model.infer.journal import output_lock, write_results
+    from model.infer.journal import output_lock
     from model.io.dist import ranks_from_env
     from model.media.decoders import start_decoders
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
+    if out is not None and len(dataset) > 1:
+        raise typer.BadParameter("names one result file: give one --dataset, or leave --out out", param_hint="--out")
     ranks = ranks_from_env()
     world, rank = ranks.world, ranks.rank
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console)], force=True)
     device = default_device(device)
-    spec = resolve_dataset(dataset, data_root, media_root)
-    rows, errors = load_rows(spec.json_path, allow_outside_media_root)
-    for line in errors:
-        console.print(f"[yellow]skipped invalid row[/] {escape(short(line))}")
-    rows = rows[:limit] if limit is not None else rows
-    out = out or Path("results") / f"{spec.name}_{variant}.json"
-    lock = output_lock(out, rank).acquire()  # one process per --out: a second one stops here, before loading
-    ctx.call_on_close(lock.release)
-    decoders = start_decoders(media_files(rows[rank::world]), torch.device(device))
+    jobs: list[DatasetJob] = []
+    for name in dataset:  # every dataset read and its result file locked before the model loads
+        spec = resolve_dataset(name, data_root, media_root)
+        result = out or Path("results") / f"{spec.name}_{variant}.json"
+        if any(job.out == result for job in jobs):
+            raise typer.BadParameter(f"{name} given twice (both would answer into {result})", param_hint="--dataset")
+        rows, errors = load_rows(spec.json_path, allow_outside_media_root)
+        for line in errors:
+            console.print(f"[yellow]skipped invalid row[/] {escape(short(line))}")
+        jobs.append(DatasetJob(spec, rows[:limit] if limit is not None else rows, len(errors), result))
+    for job in jobs:
+        lock = output_lock(job.out, rank).acquire()  # one process per result file: a second one stops here
+        ctx.call_on_close(lock.release)
+    files = sum(media_files(job.rows[rank::world]) for job in jobs)
+    decoders = start_decoders(files, torch.device(device))
     if decoders is not None:
         ctx.call_on_close(decoders.close)
     from model.engine.sizing import default_slots
-    from model.infer.job import run_inference
-    from model.media.features import FeatureCache
 
     batch_size = batch_size or default_slots(device, "job")
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
-    cache = FeatureCache.for_encoder(cache_dir or spec.json_path.parent / ".features", model.visual_encoder)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    for job in jobs:
+        answer_dataset(model, job, variant, gen, batch_size, cache_dir, rank, world, overwrite, decoders)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+@dataclass
+class DatasetJob:
+    """One dataset of a `dr infer` call: where its rows and media are, its valid rows (after --limit), how many rows
+    were invalid, and its result file."""
+
+    spec: DatasetSpec
+    rows: list[Row]
+    invalid: int
+    out: Path
+
+
+def answer_dataset(
+    model: DeepResonance,
+    job: DatasetJob,
+    variant: str,
+    gen: GenerationConfig,
+    batch_size: int,
+    cache_dir: Path | None,
+    rank: int,
+    world: int,
+    overwrite: bool,
+    decoders,
+) -> None:
+    """One dataset's rows through `run_inference` with a progress bar, its result file written and summed up; an
+    interrupt keeps what its journal holds and ends the call (datasets after it are not started)."""
+    import torch
+
+    from model.infer.job import run_inference
+    from model.infer.journal import write_results
+    from model.media.features import FeatureCache
+
+    cache = FeatureCache.for_encoder(cache_dir or job.spec.json_path.parent / ".features", model.visual_encoder)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -235,12 +288,12 @@ def infer(
     )
     try:
         with Progress(*columns, console=console, disable=rank != 0) as progress:
-            task = progress.add_task(f"{spec.name} ({variant})", total=None)
+            task = progress.add_task(f"{job.spec.name} ({variant})", total=None)
             summary = run_inference(
                 model,
-                rows,
-                spec.media_root,
-                out,
+                job.rows,
+                job.spec.media_root,
+                job.out,
                 gen,
                 batch_size,
                 cache,
@@ -252,16 +305,16 @@ def infer(
                 decoders=decoders,
             )
     except KeyboardInterrupt:
-        kept = sum(len(v) for v in write_results(out, rows).values()) if rank == 0 else 0
-        console.print(f"interrupted: {kept} answers are kept in {out} and its journal; rerun the same command to go on")
+        kept = sum(len(v) for v in write_results(job.out, job.rows).values()) if rank == 0 else 0
+        console.print(
+            f"interrupted: {kept} answers are kept in {job.out} and its journal; rerun the same command to go on"
+        )
         raise typer.Exit(130) from None
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        results = write_results(out, rows)
-        show_summary(summary, len(errors), sum(len(v) for v in results.values()), out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+        results = write_results(job.out, job.rows)
+        show_summary(summary, job.invalid, sum(len(v) for v in results.values()), job.out)
 
 
 def show_summary(summary, invalid: int, in_file: int, out: Path) -> None:

@@ -73,6 +73,55 @@ def test_infer_answers_every_row_and_reruns_skip_finished(tiny_root, tmp_path):
     assert len(journal_lines(out)) == 10  # nothing answered twice
 
 
+def several(tiny_root: Path, tmp_path: Path, *datasets: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """`dr infer` over several datasets (result files by default under the working directory's results/)."""
+    named = [arg for d in datasets for arg in ("--dataset", str(d))]
+    return ["infer", *named, "--ckpt-root", str(tiny_root), "--greedy", "--max-new-tokens", "6", *extra]
+
+
+def test_several_datasets_are_answered_by_one_loaded_model_as_each_alone(tiny_root, tmp_path, monkeypatch):
+    """`--dataset` repeated: one model load, and each dataset's result file is what a call of its own writes."""
+    from deepresonance_cli import infer
+
+    first = media_dataset(tmp_path / "one", 6)
+    second = media_dataset(tmp_path / "two", 5).rename(tmp_path / "two" / "other_test.json")
+    alone = {}
+    for dataset in (first, second):
+        out = tmp_path / "alone" / f"{dataset.stem}.json"
+        assert runner.invoke(app, infer_args(tiny_root, dataset, out)).exit_code == 0
+        alone[dataset.stem] = json.loads(out.read_text())
+    loads = []
+    real = infer.load
+    monkeypatch.setattr(infer, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    cache = ("--cache-dir", str(tmp_path / "cache"))
+    result = runner.invoke(app, several(tiny_root, tmp_path, first, second, extra=cache))
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1
+    for dataset in (first, second):
+        together = json.loads((tmp_path / "results" / f"{dataset.stem}_alpha.json").read_text())
+        assert together == alone[dataset.stem] and len(together) == len(load_rows(dataset)[0])
+
+
+@pytest.mark.parametrize("case", ["one --out for two", "a dataset twice"])
+def test_several_datasets_that_would_share_a_result_file_stop_before_loading(tiny_root, tmp_path, monkeypatch, case):
+    from deepresonance_cli import infer
+
+    first = media_dataset(tmp_path / "one", 2)
+    second = media_dataset(tmp_path / "two", 2).rename(tmp_path / "two" / "other_test.json")
+    monkeypatch.setattr(infer, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    if case == "one --out for two":
+        args = several(tiny_root, tmp_path, first, second, extra=("--out", str(tmp_path / "r.json")))
+        said = "--out"
+    else:
+        args = several(tiny_root, tmp_path, first, first)
+        said = "given twice"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "results").exists() and not (tmp_path / "r.json").exists()
+
+
 def test_batched_results_equal_batch_size_one(tiny_root, tmp_path):
     dataset = media_dataset(tmp_path / "data", 8)
     outs = []
