@@ -4,9 +4,11 @@ out the process's imports and the load from disk; this runs the real command in 
 checkpoint set of zeros (model_load.py's, written once under --workdir and shared with it) answers MusicCaps-shaped
 datasets (one 10 s wav of its own a row, "Describe the music in detail.", 64 new tokens: zero weights never stop
 early): dataset A (on a fresh machine the compile is cold and its forms are stored), then B (other media: the
-feature cache misses), then A with --overwrite (its features cached). Each process is timed from its start to the
-journal's first answer, to its last, and to its exit; the journal (`<out>.jsonl`, an answer a line after the run's
-identity) and the process's log (for the line that says its engine is built) are polled every 20 ms.
+feature cache misses), then A with --overwrite (its features cached), then B and A in one process (`--dataset`
+repeated: the second dataset's start without a process of its own). Each process is timed from its start to its
+first engine's build, to each journal's first and last answer, and to its exit; the journals (`<out>.jsonl`, an answer
+a line after the run's identity) and the process's log (for the line that says an engine is built) are polled every
+20 ms. The processes run in --workdir, their result files in its results/ (`dr infer`'s default names).
 
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json [--rows 1024] [--workdir /tmp/dr_model_load]
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json --tiny  # the CPU check: tiny shapes
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,29 +60,38 @@ def answers(journal: Path) -> int:
         return 0
 
 
-def timed_process(command: list[str], journal: Path, log: Path) -> dict:
-    """One `dr infer` process: seconds from its start to its engine's build, to the journal's first answer and to its
-    exit."""
-    journal.unlink(missing_ok=True)
+def timed_process(command: list[str], journals: list[Path], log: Path, cwd: Path) -> dict:
+    """One `dr infer` process: seconds from its start to its first engine's build, to each journal's first answer and
+    last answer, and to its exit."""
+    for journal in journals:
+        journal.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's modules from `cwd` too
     begin = CLOCK()
-    first = built = None
+    built = None
+    first: list[float | None] = [None] * len(journals)
+    last: list[float | None] = [None] * len(journals)
+    counts = [0] * len(journals)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        while process.poll() is None:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        while True:
+            running = process.poll() is None
+            now = CLOCK() - begin
             if built is None and BUILT in log.read_bytes():
-                built = CLOCK() - begin
-            if first is None and answers(journal):
-                first = CLOCK() - begin
+                built = now
+            for i, journal in enumerate(journals):
+                count = answers(journal)
+                if count > counts[i]:
+                    counts[i], last[i] = count, now
+                    first[i] = now if first[i] is None else first[i]
+            if not running:
+                break
             time.sleep(POLL_S)
-    exited = CLOCK() - begin
-    if first is None and answers(journal):
-        first = exited
-    rows = answers(journal)
     result = {
         "engine_built_s": built and round(built, 2),
-        "first_answers_s": first and round(first, 2),
-        "exit_s": round(exited, 2),
-        "answers": rows,
+        "first_answers_s": [t and round(t, 2) for t in first],
+        "last_answers_s": [t and round(t, 2) for t in last],
+        "exit_s": round(CLOCK() - begin, 2),
+        "answers": counts,
     }
     if process.returncode:
         result["error"] = log.read_text()[-2000:]
@@ -108,19 +120,23 @@ def main() -> None:
     }
     cache = work / "features"
     shutil.rmtree(cache, ignore_errors=True)  # B's features from an earlier run would make its misses hits
-    for name, extra in (("A", []), ("B", []), ("A", ["--overwrite"])):
-        out = work / "results" / f"{name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "results", ignore_errors=True)  # an earlier run's answers would be resumed, not answered
+    runs = (  # (what, datasets, flags)
+        ("A", ["A"], []),
+        ("B: a second process, another dataset", ["B"], []),
+        ("A again, its features cached", ["A"], ["--overwrite"]),
+        ("B then A in one process, features cached", ["B", "A"], ["--overwrite"]),
+    )
+    for what, names, flags in runs:
+        datasets = [arg for name in names for arg in ("--dataset", str(files[name]))]
         command = [
-            sys.executable, "-m", "deepresonance_cli.app", "infer", "--dataset", str(files[name]),
-            "--ckpt-root", str(root), "--out", str(out), "--greedy", "--max-new-tokens", str(NEW_TOKENS),
-            "--cache-dir", str(cache), *extra,
+            sys.executable, "-m", "deepresonance_cli.app", "infer", *datasets, "--ckpt-root", str(root), "--greedy",
+            "--max-new-tokens", str(NEW_TOKENS), "--cache-dir", str(cache), *flags,
         ]  # fmt: skip
-        if not extra:  # a fresh start: the earlier run's answers and features of this dataset go
-            out.unlink(missing_ok=True)
-        log = work / "results" / f"{name}{'-again' if extra else ''}.log"
-        result = timed_process(command, journal_path(out), log)
-        report["processes"].append({"dataset": name, "flags": extra, **result})
+        journals = [journal_path(work / "results" / f"{name}_alpha.json") for name in names]  # dr infer's default
+        log = work / f"run{len(report['processes']) + 1}.log"
+        result = timed_process(command, journals, log, work)
+        report["processes"].append({"run": what, "datasets": names, "flags": flags, **result})
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(json.dumps(report["processes"][-1]), flush=True)
         if "error" in result:
