@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
+import sys
+import threading
+from typing import NoReturn
 
 import typer
 
@@ -33,6 +38,10 @@ app.command("serve")(serve.serve)
 # What a user's input can cause (missing or damaged files, full disks, bad rows or options): one line, never a trace.
 # CkptError is a RuntimeError: listed by name so that other RuntimeErrors (bugs) keep their traceback.
 KNOWN_ERRORS = (OSError, ValueError, MemoryError, CkptError)  # MemoryError: a slot cache that cannot fit
+# Python's default (700 net allocations) ran 7 full collections over a tiny `dr infer` job's heap of torch, transformers
+# and Dynamo objects, about 0.6 s of its 5.5 s process on this project's CPU; at 10,000 none ran. Cycles are still
+# collected. benchmarks/results/2026-12-07-cpu-process-overhead/
+GC_YOUNG_THRESHOLD = 10_000
 
 
 @app.callback()
@@ -60,12 +69,40 @@ def main() -> None:
     """Bad input (missing files, malformed rows, wrong checkpoints) ends in one line saying what and where."""
     from transformers.utils import logging as hf_logging
 
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     hf_logging.disable_progress_bar()  # dr draws its own progress; transformers' per-load bars are noise here
     hf_logging.set_verbosity_error()
     try:
-        app()
-    except KNOWN_ERRORS as err:
-        fail(describe(err))
+        try:
+            app()
+        except KNOWN_ERRORS as err:
+            fail(describe(err))
+    except SystemExit as done:
+        exit_now(done.code)
+
+
+def exit_now(code: object) -> NoReturn:
+    """End the process once its exit handlers have run, without the interpreter's teardown: after a tiny `dr infer`
+    job had written its last answer, freeing its modules took 1.6 s of the process (benchmarks/results/
+    2026-12-07-cpu-process-overhead/). Every file dr writes is closed by then; while a thread that Python would wait
+    for still runs, the process exits as usual."""
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if any(t.is_alive() for t in others):
+        sys.exit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # as the interpreter does with SystemExit("message")
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()  # the handlers a normal exit runs: logging's flush, locks, temporary folders, children
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(status)
 
 
 if __name__ == "__main__":
