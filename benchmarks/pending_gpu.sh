@@ -8,7 +8,8 @@
 # start-up with compiled forms stored whole, model/engine/compile_cache.py, against Dynamo tracing again; the GPU
 # tests; a warm `dr bench job`; then `load`); `load` (a full-size checkpoint set loaded from disk, as `dr infer`
 # does, then `dr infer` itself in fresh processes on two datasets: benchmarks/profiling/second_process.py); `why`
-# (2026-12-07's tenth session: the engine alone and its phases on long and varied prompts at 512 slots).
+# (2026-12-07's tenth session: the engine alone and its phases on long and varied prompts at 512 slots); `overhead`
+# (2026-12-07's eleventh: a `dr infer` process's collector and teardown, benchmarks/profiling/process_overhead.py).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -91,6 +92,13 @@ stored | load)
     done
     step model_load 240 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 3
     step second_process 300 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
+    ;;&
+load | overhead)
+    # dr's entry point (deepresonance_cli/app.py: the collector's threshold, exit_now) against Python's default
+    # collector and teardown, each in fresh full-size `dr infer` processes on the set above (tiny on this project's
+    # CPU: 7.61 s a process before, 4.83 s with both, results/2026-12-07-cpu-process-overhead/)
+    step process_overhead 420 python3 benchmarks/profiling/process_overhead.py "$OUT/process_overhead.json" \
+        --rows 128 --repeats 2
     ;;
 verify)
     # the GPU tests 2026-12-07's `next` and `next2` left unrun (they stopped at the graphs' test: the host's

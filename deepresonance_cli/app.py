@@ -39,8 +39,8 @@ app.command("serve")(serve.serve)
 # CkptError is a RuntimeError: listed by name so that other RuntimeErrors (bugs) keep their traceback.
 KNOWN_ERRORS = (OSError, ValueError, MemoryError, CkptError)  # MemoryError: a slot cache that cannot fit
 # Python's default (700 net allocations) ran 7 full collections over a tiny `dr infer` job's heap of torch, transformers
-# and Dynamo objects, about 0.6 s of its 5.5 s process on this project's CPU; at 10,000 none ran. Cycles are still
-# collected. benchmarks/results/2026-12-07-cpu-process-overhead/
+# and Dynamo objects; at 10,000 none ran and its engine was built 1.1 s sooner on this project's CPU (5.48 s before).
+# Cycles are still collected. benchmarks/results/2026-12-07-cpu-process-overhead/
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -83,7 +83,7 @@ def main() -> None:
 
 def exit_now(code: object) -> NoReturn:
     """End the process once its exit handlers have run, without the interpreter's teardown: after a tiny `dr infer`
-    job had written its last answer, freeing its modules took 1.6 s of the process (benchmarks/results/
+    job had written its last answer, freeing its modules took 1.4-1.5 s of the process (benchmarks/results/
     2026-12-07-cpu-process-overhead/). Every file dr writes is closed by then; while a thread that Python would wait
     for still runs, the process exits as usual."""
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]

@@ -84,7 +84,7 @@ def test_a_thread_python_waits_for_finishes_its_work(tmp_path):
 
 
 def test_the_interpreters_teardown_is_skipped(tmp_path):
-    """What the 1.6 s went to: freeing every module's objects. A module-level object's finalizer runs at a normal
+    """What the 1.4-1.5 s went to: freeing every module's objects. A module-level object's finalizer runs at a normal
     exit (checked first, with `exit_now` replaced by sys.exit) and not at `main`'s."""
     before = textwrap.dedent(
         """
