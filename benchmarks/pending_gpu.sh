@@ -20,6 +20,22 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:tests PYTHONUNBUFFERED=1
 LIMIT=${2:-570}
+# Bytecode. A process that finds none for the modules it imports compiles them all: on this project's CPU the
+# loader's imports took 10.8-13.5 s so against 4.0-5.5 s (results/2026-12-07-cpu-imports-bytecode/), the 11.4-12.9 s
+# an H100's host took in every fresh process (results/2026-12-07-h100-load-second-process/). What the device has is
+# recorded first (without importing anything); then every process reads and writes bytecode in a folder of its own,
+# so only the first pays, as on a user's pip install (pip compiles at install).
+python3 - >"$OUT/bytecode.txt" 2>&1 <<'PY'
+import importlib.util, os, sys
+print("dont_write_bytecode", sys.flags.dont_write_bytecode, "PYTHONDONTWRITEBYTECODE",
+      os.environ.get("PYTHONDONTWRITEBYTECODE"), "pycache_prefix", sys.pycache_prefix, sys.version)
+for name in ("torch", "transformers", "peft", "typer"):
+    origin = importlib.util.find_spec(name).origin
+    cached = importlib.util.cache_from_source(origin)
+    print(name, origin, "bytecode:", os.path.exists(cached), "folder writable:", os.access(os.path.dirname(origin), os.W_OK))
+PY
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 dr() { python3 -m deepresonance_cli.app "$@"; }
 # `patched MODULE.NAME VALUE MODULE2 ARGS...`: MODULE2 run as __main__ with MODULE.NAME set to VALUE first
 patched() {
@@ -83,9 +99,9 @@ stored | load)
     # `dr bench job` builds its weights in place and leaves this out); then the real command in fresh processes on
     # that set: MusicCaps-shaped datasets A, B (another dataset: #25's second process, first answers within 10 s)
     # and A again with its features cached
-    # what a `dr infer` process's imports spend their time on: 11.4-12.9 s on an H100's host against 4.7-5.5 s on this
-    # project's CPU (results/2026-12-07-h100-load-second-process/; not the carried packages' missing bytecode: 3.1-3.4
-    # s without it against 3.1-4.0 s with it here), each module's own and cumulative microseconds, twice
+    # what a `dr infer` process's imports spend their time on, each module's own and cumulative microseconds, twice:
+    # 11.4-12.9 s on an H100's host before (results/2026-12-07-h100-load-second-process/); with PYTHONPYCACHEPREFIX
+    # (above) the first process that imports them writes their bytecode and the second should take this CPU's 4-5 s
     for n in 1 2; do
         step importtime_$n 60 python3 -X importtime -c \
             "from deepresonance_cli.infer import load; from model.network import checkpoint, deepresonance"
