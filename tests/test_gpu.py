@@ -57,6 +57,23 @@ def test_fast_path_matches_faithful_path_in_float32(tiny_layout, variant):
     assert generate_ids(fast, rows(), GREEDY) == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_loaded_onto_the_card_holds_what_a_host_load_moved_there_holds(tiny_layout, dtype):
+    """load_model sends the LLaMA weights to the card while ImageBind is read, and ImageBind straight to the card:
+    every tensor, buffers (the rotary frequencies) included, is bitwise what a load on the host moved after gives."""
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+
+    def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:  # buffers too: inv_freq is not in a state dict
+        return dict(model.named_parameters()) | dict(model.named_buffers())
+
+    expected = tensors(load_model(*paths, device="cpu", dtype=dtype).to("cuda"))
+    got = tensors(load_model(*paths, device="cuda", dtype=dtype))
+    assert list(got) == list(expected)
+    for name, tensor in got.items():
+        assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype, name
+        assert torch.equal(tensor, expected[name]), name
+
+
 def test_bfloat16_fast_path_tracks_float32_logits(tiny_layout):
     """bf16 keeps 8 mantissa bits, so near-tied logits of a random tiny model can flip tokens; the tolerance is on
     the logits instead: within 2% of their range."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from model.config import IMAGEBIND_TINY, GenerationConfig
 from model.generate.base import generate, generate_ids
 from model.media.encoder import BatchFirstAttention, MediaEncoder, PatchProjection, imagebind_model_module
-from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
+from model.network.checkpoint import DeltaError, delta_state, load_model, moved_while, read_delta, save_delta
 from model.network.deepresonance import Example
 
 GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False, decoder="generate")  # the faithful reference
@@ -273,11 +274,12 @@ def test_encoder_uses_the_patch_projection_and_batch_first_trunks_under_imagebin
     assert set(encoder.imagebind.state_dict()) == set(stock.state_dict())
 
 
-def test_a_loaded_encoder_holds_the_files_weights_in_its_own_memory(tiny_layout, tmp_path):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["files-dtype", "bfloat16"])
+def test_a_loaded_encoder_holds_the_files_weights_in_its_own_memory(tiny_layout, tmp_path, dtype):
     """MediaEncoder.load builds no random weights (its parameters start on the meta device) and takes the file's:
-    every kept tensor equals the file's, none is left on the meta device or requires grad, and none is still read
-    from the file's mapping: the file rewritten in place afterwards (other values, same layout) leaves them as
-    loaded."""
+    every kept tensor equals the file's (its floating ones cast to the dtype asked for, as `.to` would), none is left
+    on the meta device or requires grad, and none is still read from the file's mapping: the file rewritten in place
+    afterwards (other values, same layout) leaves them as loaded."""
     stored = torch.load(tiny_layout.imagebind, weights_only=True)
 
     def saved(state: dict) -> bytes:  # one writer for both files: the same layout, the values apart
@@ -287,8 +289,8 @@ def test_a_loaded_encoder_holds_the_files_weights_in_its_own_memory(tiny_layout,
 
     path = tmp_path / "imagebind.pth"
     path.write_bytes(saved(stored))
-    encoder = MediaEncoder.load(path)
-    expected = {k: v.clone() for k, v in stored.items()}
+    encoder = MediaEncoder.load(path, dtype=dtype)
+    expected = {k: v.to(dtype) if dtype and v.is_floating_point() else v.clone() for k, v in stored.items()}
     for v in stored.values():
         if v.is_floating_point():
             v.add_(1)  # in place: the storages (some shared) stay as they were, so the file keeps its layout
@@ -299,9 +301,46 @@ def test_a_loaded_encoder_holds_the_files_weights_in_its_own_memory(tiny_layout,
     kept = encoder.imagebind.state_dict()
     assert kept and set(kept) <= set(expected)
     for name, tensor in kept.items():
-        assert torch.equal(tensor, expected[name]), name
+        assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
     assert not any(t.is_meta for t in (*encoder.parameters(), *encoder.buffers()))
     assert not any(p.requires_grad for p in encoder.parameters())
+
+
+class MovingLlm:
+    """A stand-in for the LLaMA model whose move to a device waits for `release`, or raises `error`."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.started, self.release, self.error, self.device = threading.Event(), threading.Event(), error, "cpu"
+
+    def to(self, device: str) -> MovingLlm:
+        self.started.set()
+        if self.error is not None:
+            raise self.error
+        assert self.release.wait(10), "the move waited for work that never ran beside it"
+        self.device = device
+        return self
+
+
+def test_the_llm_moves_to_the_device_while_imagebind_loads():
+    """moved_while's move and its work run at once: the move waits for the work and the work for the move, so one
+    after the other (either order) would stall until a wait gives up."""
+    llm = MovingLlm()
+
+    def work() -> str:
+        assert llm.started.wait(10), "the work ran before the move began"
+        llm.release.set()
+        return "encoder"
+
+    assert moved_while(llm, "cuda:7", work) == "encoder"
+    assert llm.device == "cuda:7"
+
+
+def test_a_failed_move_to_the_device_is_raised_once_the_work_is_done():
+    llm = MovingLlm(RuntimeError("CUDA out of memory"))
+    done = []
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        moved_while(llm, "cuda", lambda: done.append("encoder"))
+    assert done == ["encoder"]
 
 
 def test_encoder_load_rejects_wrong_weights(tmp_path):

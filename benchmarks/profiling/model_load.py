@@ -43,6 +43,7 @@ from benchmarks.profiling.startup import timed_calls
 parts = {}
 for owner, name, label in (
     (checkpoint, "load_base", "llama weights"),
+    (checkpoint, "moved_while", "llama to the device beside imagebind"),
     (checkpoint, "load_encoder", "imagebind"),
     (checkpoint, "read_delta", "delta read"),
     (checkpoint, "load_delta", "delta applied"),

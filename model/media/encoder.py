@@ -173,12 +173,19 @@ class MediaEncoder(nn.Module):
         self.eval()
 
     @classmethod
-    def load(cls, path: str | Path, size: str | None = None) -> MediaEncoder:
+    def load(
+        cls,
+        path: str | Path,
+        size: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> MediaEncoder:
         """Build and load an ImageBind state dict (`imagebind_huge.pth`; its size is read from the weights unless
-        given). The text/depth/thermal/IMU towers DeepResonance never uses are dropped after a strict load, saving
-        about a quarter of the memory. The model is built with its parameters on the meta device and takes the
-        file's tensors as they are: ImageBind-huge's random initialisation, overwritten at once, took 11.2 s of a
-        12.4 s load on a CPU (benchmarks/results/2026-12-07-cpu-model-load/)."""
+        given), its floating tensors in `dtype` (None: the file's) on `device`. The text/depth/thermal/IMU towers
+        DeepResonance never uses are dropped after a strict load, saving about a quarter of the memory. The model is
+        built with its parameters on the meta device and takes the file's tensors as they are: ImageBind-huge's
+        random initialisation, overwritten at once, took 11.2 s of a 12.4 s load on a CPU
+        (benchmarks/results/2026-12-07-cpu-model-load/)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
@@ -197,9 +204,10 @@ class MediaEncoder(nn.Module):
             raise ValueError(f"{path}: {kind} key '{bad}' for ImageBind-{size}")
         encoder.fingerprint = f"imagebind-{size}-{file_fingerprint(path)}"
         encoder.drop_unused_towers()
-        # copied out of the file's mapping, as a load into built parameters did: a mapped file rewritten in place
-        # would fault the encoder's later reads
-        encoder._apply(torch.Tensor.clone)
+        # copied out of the file's mapping, as a load into built parameters did (a mapped file rewritten in place
+        # would fault the encoder's later reads), straight to where the model runs: on a GPU a copy on the host, then
+        # another to the card, went twice over ImageBind-huge's 3.6 GB
+        encoder._apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True))
         if file_identity(path) == before:  # the file was not replaced or rewritten while it was read
             encoder._source, encoder._source_versions = before, encoder._versions()
         return encoder
