@@ -113,7 +113,7 @@ load | overhead)
     # dr's entry point (deepresonance_cli/app.py: the collector's threshold, exit_now) against Python's default
     # collector and teardown, each in fresh full-size `dr infer` processes on the set above (tiny on this project's
     # CPU: 7.61 s a process before, 4.83 s with both, results/2026-12-07-cpu-process-overhead/)
-    step process_overhead 420 python3 benchmarks/profiling/process_overhead.py "$OUT/process_overhead.json" \
+    step process_overhead 300 python3 benchmarks/profiling/process_overhead.py "$OUT/process_overhead.json" \
         --rows 128 --repeats 2
     ;;
 verify)
