@@ -11,8 +11,9 @@ import torch
 
 from model.config import IMAGEBIND_TINY, GenerationConfig
 from model.generate.base import generate, generate_ids
+from model.io.transfer import moved_while
 from model.media.encoder import BatchFirstAttention, MediaEncoder, PatchProjection, imagebind_model_module
-from model.network.checkpoint import DeltaError, delta_state, load_model, moved_while, read_delta, save_delta
+from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
 from model.network.deepresonance import Example
 
 GREEDY = GenerationConfig(max_new_tokens=10, do_sample=False, decoder="generate")  # the faithful reference

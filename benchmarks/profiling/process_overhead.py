@@ -11,7 +11,6 @@ variant's median seconds from the process's start to its engine's build, to its 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -19,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.profiling.model_load import write_set
-from benchmarks.profiling.second_process import timed_process, write_datasets
+from benchmarks.profiling.second_process import options, prepare, timed_process
 from benchmarks.workloads import NEW_TOKENS
-from model.config import LLAMA_TINY, VICUNA_7B
 from model.infer.journal import journal_path
 
 # `python -c` runs `dr` through main with module attributes set first (sys.argv[1:] are dr's arguments)
@@ -38,19 +35,11 @@ VARIANTS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--workdir", default="/tmp/dr_model_load")
-    parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser = options(rows=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    sizes, encoder = (LLAMA_TINY, "tiny") if args.tiny else (VICUNA_7B, "huge")
-    work = Path(args.workdir)
-    root = work / ("tiny" if args.tiny else "7b")
-    write_set(root, sizes, encoder)
-    dataset = write_datasets(work / "datasets", args.rows, args.seconds)["A"]
+    work, root, files = prepare(args)
+    dataset = files["A"]
     command = [
         "infer", "--dataset", str(dataset), "--ckpt-root", str(root), "--greedy", "--max-new-tokens", str(NEW_TOKENS),
         "--cache-dir", str(work / "features"), "--overwrite",

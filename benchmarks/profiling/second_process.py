@@ -98,20 +98,32 @@ def timed_process(command: list[str], journals: list[Path], log: Path, cwd: Path
     return result
 
 
-def main() -> None:
+def options(rows: int) -> argparse.ArgumentParser:
+    """The options of the scripts that run `dr infer` on this set: the report, the folder of the set and datasets,
+    rows a dataset, seconds a wav, tiny shapes (the CPU check)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--workdir", default="/tmp/dr_model_load")
-    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=rows)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--tiny", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Path]]:
+    """The checkpoint set (written once, model_load.py's) and datasets A and B under --workdir: (the folder, the
+    set's root, the datasets' files)."""
     sizes, encoder = (LLAMA_TINY, "tiny") if args.tiny else (VICUNA_7B, "huge")
     work = Path(args.workdir)
     root = work / ("tiny" if args.tiny else "7b")
-    begin = CLOCK()
     write_set(root, sizes, encoder)
-    files = write_datasets(work / "datasets", args.rows, args.seconds)
+    return work, root, write_datasets(work / "datasets", args.rows, args.seconds)
+
+
+def main() -> None:
+    args = options(rows=1024).parse_args()
+    begin = CLOCK()
+    work, root, files = prepare(args)
     report: dict = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "args": vars(args),

@@ -13,12 +13,10 @@ import logging
 import pickle
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
 
 import torch
 from accelerate import init_empty_weights
@@ -28,6 +26,7 @@ from transformers import LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
 from model.io.files import umask_mode, written_atomically
+from model.io.transfer import moved_while
 from model.media.encoder import MediaEncoder, file_fingerprint, size_of
 from model.network.deepresonance import DeepResonance
 from model.text.tokenizer import PromptTokenizer
@@ -45,7 +44,6 @@ LEGACY_PREFIXES = {
 }
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class DeltaError(ValueError):
@@ -281,17 +279,6 @@ def load_encoder(path: Path, device: str | torch.device = "cpu", dtype: torch.dt
         if problems:
             raise DeltaError(f"{path}: {problems[0]}")
     return MediaEncoder.load(path, device=device, dtype=dtype)
-
-
-def moved_while(llm: LlamaForCausalLM, device: str | torch.device, work: Callable[[], T]) -> T:
-    """`work()` (reading ImageBind) while the LLaMA weights go to `device` in a thread: on an H100 the two took 2.1-2.6
-    s and 1.3 s one after the other (benchmarks/results/2026-12-07-h100-load-second-process/). The weights move as
-    they were built on the host, so what the card holds is what a move after the whole load gave."""
-    with ThreadPoolExecutor(1) as mover:
-        moved = mover.submit(llm.to, device)
-        result = work()
-        moved.result()
-    return result
 
 
 def model_setup(
