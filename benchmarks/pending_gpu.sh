@@ -110,7 +110,7 @@ stored | load)
     step second_process 300 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
     ;;&
 load | overhead)
-    # dr's entry point (deepresonance_cli/app.py: the collector's threshold, exit_now) against Python's default
+    # dr's entry point (deepresonance_cli/process.py: the collector's threshold, exit_now) against Python's default
     # collector and teardown, each in fresh full-size `dr infer` processes on the set above (tiny on this project's
     # CPU: 7.61 s a process before, 4.83 s with both, results/2026-12-07-cpu-process-overhead/)
     step process_overhead 300 python3 benchmarks/profiling/process_overhead.py "$OUT/process_overhead.json" \

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
-import sys
-import threading
-from typing import NoReturn
 
 import typer
 
-from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer, serve
+from deepresonance_cli import __version__, bench, bench_data, data, demo, eval_cmd, infer, process, serve
 from deepresonance_cli import ckpt as ckpt_cli
 from deepresonance_cli import train as train_cli
 from deepresonance_cli.errors import describe, fail
@@ -38,10 +33,6 @@ app.command("serve")(serve.serve)
 # What a user's input can cause (missing or damaged files, full disks, bad rows or options): one line, never a trace.
 # CkptError is a RuntimeError: listed by name so that other RuntimeErrors (bugs) keep their traceback.
 KNOWN_ERRORS = (OSError, ValueError, MemoryError, CkptError)  # MemoryError: a slot cache that cannot fit
-# Python's default (700 net allocations) ran 7 full collections over a tiny `dr infer` job's heap of torch, transformers
-# and Dynamo objects; at 10,000 none ran and its engine was built 1.1 s sooner on this project's CPU (5.48 s before).
-# Cycles are still collected. benchmarks/results/2026-12-07-cpu-process-overhead/
-GC_YOUNG_THRESHOLD = 10_000
 
 
 @app.callback()
@@ -67,9 +58,10 @@ def version() -> None:
 
 def main() -> None:
     """Bad input (missing files, malformed rows, wrong checkpoints) ends in one line saying what and where."""
+    process.tune_collector()  # before the imports: they are most of a process's collections
+    process.warn_if_recompiled()
     from transformers.utils import logging as hf_logging
 
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     hf_logging.disable_progress_bar()  # dr draws its own progress; transformers' per-load bars are noise here
     hf_logging.set_verbosity_error()
     try:
@@ -78,31 +70,7 @@ def main() -> None:
         except KNOWN_ERRORS as err:
             fail(describe(err))
     except SystemExit as done:
-        exit_now(done.code)
-
-
-def exit_now(code: object) -> NoReturn:
-    """End the process once its exit handlers have run, without the interpreter's teardown: after a tiny `dr infer`
-    job had written its last answer, freeing its modules took 1.4-1.5 s of the process (benchmarks/results/
-    2026-12-07-cpu-process-overhead/). Every file dr writes is closed by then; while a thread that Python would wait
-    for still runs, the process exits as usual."""
-    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if any(t.is_alive() for t in others):
-        sys.exit(code)
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:  # as the interpreter does with SystemExit("message")
-        print(code, file=sys.stderr)
-        status = 1
-    atexit._run_exitfuncs()  # the handlers a normal exit runs: logging's flush, locks, temporary folders, children
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
-            pass
-    os._exit(status)
+        process.exit_now(done.code)
 
 
 if __name__ == "__main__":

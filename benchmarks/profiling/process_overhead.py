@@ -1,9 +1,10 @@
 """What a `dr infer` process spends outside its job: Python's collector during the imports, load and compile, and the
-interpreter's teardown after the last answer is written. `dr`'s entry point (deepresonance_cli/app.py `main`) raises
-the collector's youngest threshold (GC_YOUNG_THRESHOLD) and ends with `exit_now`; this runs the real command in fresh
-processes with each of the two put back to Python's default, alone and together, interleaved, on second_process.py's
-checkpoint set and dataset A (features and compiled forms warmed by one unrecorded run first), and reports each
-variant's median seconds from the process's start to its engine's build, to its last answer and to its exit.
+interpreter's teardown after the last answer is written. `dr`'s entry point (deepresonance_cli/app.py `main`, with
+deepresonance_cli/process.py) raises the collector's youngest threshold (GC_YOUNG_THRESHOLD) and ends with
+`exit_now`; this runs the real command in fresh processes with each of the two put back to Python's default, alone
+and together, interleaved, on second_process.py's checkpoint set and dataset A (features and compiled forms warmed by
+one unrecorded run first), and reports each variant's median seconds from the process's start to its engine's
+build, to its last answer and to its exit.
 
     PYTHONPATH=. python3 benchmarks/profiling/process_overhead.py OUT.json --tiny  # this CPU
     PYTHONPATH=. python3 benchmarks/profiling/process_overhead.py OUT.json --rows 256  # a GPU, full-size zeros
@@ -23,9 +24,12 @@ from benchmarks.workloads import NEW_TOKENS
 from model.infer.journal import journal_path
 
 # `python -c` runs `dr` through main with module attributes set first (sys.argv[1:] are dr's arguments)
-LAUNCH = "import sys, deepresonance_cli.app as dr; {patch}; sys.argv = ['dr', *sys.argv[1:]]; dr.main()"
-DEFAULT_COLLECTOR = "dr.GC_YOUNG_THRESHOLD = 700"  # Python's own
-TEARDOWN = "dr.exit_now = sys.exit"  # the interpreter's usual exit
+LAUNCH = (
+    "import sys, deepresonance_cli.app as dr, deepresonance_cli.process as p; {patch}; "
+    "sys.argv = ['dr', *sys.argv[1:]]; dr.main()"
+)
+DEFAULT_COLLECTOR = "p.GC_YOUNG_THRESHOLD = 700"  # Python's own
+TEARDOWN = "p.exit_now = sys.exit"  # the interpreter's usual exit
 VARIANTS = {
     "before: default collector, teardown": f"{DEFAULT_COLLECTOR}; {TEARDOWN}",
     "collector threshold only": TEARDOWN,

@@ -1,7 +1,7 @@
 """`dr`'s own entry point (deepresonance_cli/app.py `main`) ends its process without the interpreter's teardown
-(`exit_now`): these run it in fresh processes and check that what a normal exit gives is still given: the exit
-status, text written but not yet flushed, the exit handlers' work, a thread Python waits for, and a collector that
-still runs."""
+(deepresonance_cli/process.py `exit_now`): these run it in fresh processes and check that what a normal exit gives
+is still given: the exit status, text written but not yet flushed, the exit handlers' work, a thread Python waits
+for, and a collector that still runs. Then the warning where every process would compile its imports again."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 
-def run_main(tmp_path: Path, before: str, *argv: str) -> subprocess.CompletedProcess:
-    """A fresh process that runs `before`, then `dr ARGV` through `main`; its output buffered as a user's is (no
-    PYTHONUNBUFFERED, which CI may set)."""
+def run_main(tmp_path: Path, before: str, *argv: str, **env: str) -> subprocess.CompletedProcess:
+    """A fresh process that runs `before`, then `dr ARGV` through `main`, with `env` added to its environment; its
+    output buffered as a user's is (no PYTHONUNBUFFERED, which CI may set)."""
     script = textwrap.dedent(before) + f"\nsys.argv = ['dr', *{list(argv)!r}]\nimport deepresonance_cli.app\n"
     script = "import sys\n" + script + "deepresonance_cli.app.main()\n"
-    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"} | env
     return subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env, check=False
     )
@@ -95,7 +95,8 @@ def test_the_interpreters_teardown_is_skipped(tmp_path):
         kept = Noted()
         """
     )
-    done = run_main(tmp_path, before + "import deepresonance_cli.app as dr\ndr.exit_now = sys.exit\n", "version")
+    normal_exit = "import deepresonance_cli.process as process\nprocess.exit_now = sys.exit\n"
+    done = run_main(tmp_path, before + normal_exit, "version")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "torn_down.txt").exists()
     (tmp_path / "torn_down.txt").unlink()
@@ -120,3 +121,30 @@ def test_cycles_are_still_collected_while_a_command_runs(tmp_path):
     """
     run_main(tmp_path, before, "cycles")
     assert (tmp_path / "cycle.txt").read_text() == "collected"
+
+
+def test_a_process_that_would_compile_its_imports_again_is_told_how_to_avoid_it(tmp_path):
+    """No bytecode where this Python looks (an empty PYTHONPYCACHEPREFIX) and none may be written: one warning line
+    naming the packages and the remedy, and the command still runs."""
+    done = run_main(tmp_path, "", "version", PYTHONPYCACHEPREFIX=str(tmp_path / "empty"), PYTHONDONTWRITEBYTECODE="1")
+    assert done.returncode == 0 and done.stdout.startswith("dr ")
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "no bytecode for torch or transformers" in warnings[0] and "PYTHONPYCACHEPREFIX" in warnings[0]
+
+
+def test_no_warning_where_the_first_process_writes_the_bytecode(tmp_path):
+    """The same empty folder with writes allowed: this process compiles and writes, the next reads; nothing to say."""
+    prefix = tmp_path / "pycache"
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    script = "import sys; sys.argv = ['dr', 'version']; import deepresonance_cli.app as dr; dr.main()"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env | {"PYTHONPYCACHEPREFIX": str(prefix)},
+        check=False,
+    )
+    assert done.returncode == 0 and "warning:" not in done.stderr
+    assert any(prefix.rglob("*.pyc"))  # written for the next process
