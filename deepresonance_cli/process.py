@@ -60,12 +60,12 @@ def warn_if_recompiled() -> None:
 
 
 def exit_now(code: object) -> NoReturn:
-    """End the process once its exit handlers have run, without the interpreter's teardown: after a tiny `dr infer`
-    job had written its last answer, freeing its modules took 1.4-1.5 s of the process (benchmarks/results/
-    2026-12-07-cpu-process-overhead/). Every file dr writes is closed by then; while a thread that Python would wait
-    for still runs, the process exits as usual."""
-    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if any(t.is_alive() for t in others):
+    """End the process as a normal exit does, without the interpreter's teardown: after a tiny `dr infer` job had
+    written its last answer, freeing its modules took 1.4-1.5 s of the process (benchmarks/results/
+    2026-12-07-cpu-process-overhead/). What comes before the teardown runs, in the interpreter's order: the threads it
+    waits for are waited for (an idle executor's workers, such as Inductor's compile threads, are told to end), then
+    the exit handlers; every file dr writes is closed by then."""
+    if threading.current_thread() is not threading.main_thread():
         sys.exit(code)
     if code is None:
         status = 0
@@ -74,6 +74,7 @@ def exit_now(code: object) -> NoReturn:
     else:  # as the interpreter does with SystemExit("message")
         print(code, file=sys.stderr)
         status = 1
+    threading._shutdown()  # Python's own wait for its non-daemon threads, their exit hooks first
     atexit._run_exitfuncs()  # the handlers a normal exit runs: logging's flush, locks, temporary folders, children
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -104,6 +104,28 @@ def test_the_interpreters_teardown_is_skipped(tmp_path):
     assert not (tmp_path / "torn_down.txt").exists()
 
 
+def test_an_idle_executors_threads_end_and_the_teardown_is_still_skipped(tmp_path):
+    """An executor left open (Inductor's compile threads are one) keeps non-daemon worker threads waiting for work;
+    they are told to end and joined, as at a normal exit, and the process still leaves out the teardown."""
+    before = """
+        import pathlib
+        from concurrent.futures import ThreadPoolExecutor
+        import deepresonance_cli.app as dr
+        class Noted:
+            def __del__(self) -> None:
+                pathlib.Path('torn_down.txt').write_text('freed at teardown')
+        kept = Noted()
+        pool = ThreadPoolExecutor(2)
+        @dr.app.command("compile")
+        def compile_() -> None:
+            pool.submit(pathlib.Path('work.txt').write_text, 'done').result()
+    """
+    done = run_main(tmp_path, before, "compile")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "work.txt").read_text() == "done"
+    assert not (tmp_path / "torn_down.txt").exists()
+
+
 def test_cycles_are_still_collected_while_a_command_runs(tmp_path):
     before = """
         import gc, pathlib, weakref
