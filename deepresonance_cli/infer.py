@@ -161,7 +161,7 @@ def infer(
         typer.Option(
             help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file. Repeat it to answer several "
             "datasets one after another with one loaded model (each its own result file): a second dataset then "
-            "skips the process's imports, the model's load and the engine's build."
+            "skips the process's imports and the model's load (its engine is built for its own shapes)."
         ),
     ],
     variant: Variant = "alpha",
