@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DR_HTTP_BACKOFF", "0.05")  # download retries wait 0.05, 0.1, 0.2 s here, not 2, 4, 8
+# read before any test module is imported: importing Inductor sets $TORCHINDUCTOR_CACHE_DIR to its own default
+# (/tmp/torchinductor_<user>), which then outlived every session and served a later one its stored compiled forms
+EXPLICIT_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -19,7 +22,8 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """Compiled kernels and stored compiled forms (model/engine/compile_cache.py) of this session only, in pytest's
     own temporary folders (it keeps the last few): a test neither loads what the user's jobs stored nor leaves its
     own there. An explicit $TORCHINDUCTOR_CACHE_DIR is kept."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+    if EXPLICIT_COMPILE_CACHE is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = EXPLICIT_COMPILE_CACHE
         yield
         return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("compile_cache"))
