@@ -65,14 +65,12 @@ def main() -> None:
             run["tail_s"] = round(run["exit_s"] - run["last_answers_s"][0], 2)
             report["runs"][name].append(run)
             print(name, json.dumps(run), flush=True)
-    before = statistics.median(run["exit_s"] for run in report["runs"][next(iter(VARIANTS))])
-    report["medians"] = {
-        name: {
-            key: statistics.median(run[key] for run in runs)
-            for key in ("engine_built_s", "exit_s", "tail_s")
-        } | {"exit_vs_before": round(statistics.median(run["exit_s"] for run in runs) / before, 3)}
+    medians = {
+        name: {key: statistics.median(run[key] for run in runs) for key in ("engine_built_s", "exit_s", "tail_s")}
         for name, runs in report["runs"].items()
-    }  # fmt: skip
+    }
+    before = medians[next(iter(VARIANTS))]["exit_s"]
+    report["medians"] = {name: m | {"exit_vs_before": round(m["exit_s"] / before, 3)} for name, m in medians.items()}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report["medians"], indent=1))
 
