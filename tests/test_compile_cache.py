@@ -83,6 +83,17 @@ def test_arguments_its_guards_refuse_are_compiled_for_afresh(tmp_path):
     assert torch.allclose(compiled(layer, wider, shift), _by_hand(layer, wider, shift), atol=1e-6)
 
 
+def test_a_stored_form_whose_guards_refuse_the_process_is_compiled_afresh_and_says_why(tmp_path):
+    """Stored under no_grad, wanted with gradients on: the same name (the arguments alike), a guard on the process's
+    state refuses it, and the refusal names the failing guard (as a device's warm engine needs to report)."""
+    args = _inputs()
+    with torch.no_grad():
+        Precompiled(scaled, dynamic=False, folder=tmp_path)(*args)
+    graded = Precompiled(scaled, dynamic=False, folder=tmp_path)
+    assert torch.allclose(graded(*args), _by_hand(*args), atol=1e-6)
+    assert not graded.loaded and graded.refused.startswith("guards: ") and "grad" in graded.refused.lower()
+
+
 @torch.no_grad()
 def test_an_unreadable_store_is_compiled_afresh_and_replaced(tmp_path):
     args = _inputs()
@@ -91,6 +102,7 @@ def test_an_unreadable_store_is_compiled_afresh_and_replaced(tmp_path):
     stored.write_bytes(stored.read_bytes()[:100])  # a file cut short (a process killed mid-write by an older torch)
     again = Precompiled(scaled, dynamic=False, folder=tmp_path)
     assert torch.allclose(again(*args), _by_hand(*args), atol=1e-6) and not again.loaded
+    assert again.refused.startswith("unreadable")
     third = Precompiled(scaled, dynamic=False, folder=tmp_path)
     third(*args)
     assert third.loaded  # the cut file was replaced by a whole one
@@ -157,6 +169,7 @@ def test_a_changed_source_is_compiled_afresh(tmp_path, monkeypatch):
     probe = importlib.reload(probe)
     edited = Precompiled(probe.shifted, dynamic=False, folder=folder)
     assert torch.allclose(edited(x), x.sin() + 2.0) and not edited.loaded
+    assert edited.refused == "a traced source changed"
     sys.modules.pop("dr_precompiled_probe")
 
 
@@ -185,7 +198,10 @@ ENGINE = textwrap.dedent(
     for batch in engine.run(Request(i, ex, gen, i) for i, ex in enumerate(rows)):
         ids.update((u.handle, u.ids) for u in batch)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    print(json.dumps({"ids": [ids[i] for i in range(3)], "graphs": graphs}))
+    step = engine.step
+    forms = [*step.layers.values(), *step.finishes.values(), engine.packed_prefill.keywords["layer"]]
+    refused = [f"{f.fn.__qualname__}: {f.refused}" for f in forms if f.refused]
+    print(json.dumps({"ids": [ids[i] for i in range(3)], "graphs": graphs, "refused": refused}))
     """
 )
 
@@ -202,7 +218,7 @@ def two_engine_processes(tiny_root: Path, cache: Path, device: str) -> None:
         )
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert runs[0]["graphs"] == 5 and runs[1]["graphs"] == 0
+    assert runs[0]["graphs"] == 5 and runs[1]["graphs"] == 0, runs[1]["refused"]
     assert runs[1]["ids"] == runs[0]["ids"] and all(runs[0]["ids"])
     assert len(list((cache / "dr-precompiled").iterdir())) == 5
 

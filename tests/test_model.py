@@ -11,7 +11,7 @@ import torch
 
 from model.config import IMAGEBIND_TINY, GenerationConfig
 from model.generate.base import generate, generate_ids
-from model.io.transfer import moved_while
+from model.io.transfer import converted, moved_while
 from model.media.encoder import BatchFirstAttention, MediaEncoder, PatchProjection, imagebind_model_module
 from model.network.checkpoint import DeltaError, delta_state, load_model, read_delta, save_delta
 from model.network.deepresonance import Example
@@ -307,19 +307,20 @@ def test_a_loaded_encoder_holds_the_files_weights_in_its_own_memory(tiny_layout,
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
-class MovingLlm:
+class MovingLlm(torch.nn.Module):
     """A stand-in for the LLaMA model whose move to a device waits for `release`, or raises `error`."""
 
     def __init__(self, error: Exception | None = None) -> None:
-        self.started, self.release, self.error, self.device = threading.Event(), threading.Event(), error, "cpu"
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+        self.started, self.release, self.error = threading.Event(), threading.Event(), error
 
-    def to(self, device: str) -> MovingLlm:
+    def _apply(self, fn, recurse=True):
         self.started.set()
         if self.error is not None:
             raise self.error
         assert self.release.wait(10), "the move waited for work that never ran beside it"
-        self.device = device
-        return self
+        return super()._apply(fn, recurse)
 
 
 def test_the_llm_moves_to_the_device_while_imagebind_loads():
@@ -332,15 +333,40 @@ def test_the_llm_moves_to_the_device_while_imagebind_loads():
         llm.release.set()
         return "encoder"
 
-    assert moved_while(llm, "cuda:7", work) == "encoder"
-    assert llm.device == "cuda:7"
+    assert moved_while(llm, "meta", work) == "encoder"
+    assert llm.weight.device.type == "meta" and isinstance(llm.weight, torch.nn.Parameter)
+
+
+def test_a_modules_tensors_are_converted_at_once_each_once_through_its_own_apply():
+    """`converted` runs the conversion on several tensors at the same time (each of three waits at a barrier for the
+    other two: one after the other would break it), converts a tensor two modules share once and keeps it shared,
+    and installs the results through the module's _apply, as Module.to does."""
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "c": torch.nn.Linear(4, 2)})
+    model.register_buffer("scale", torch.arange(3.0))
+    expected = {name: t * 2 for name, t in model.state_dict().items()}
+    meeting, calls = threading.Barrier(3, timeout=10), []
+    applied = []
+    model._apply = lambda fn, recurse=True: applied.append(1) or torch.nn.ModuleDict._apply(model, fn, recurse)
+
+    def doubled(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t)
+        if len(calls) <= 3:
+            meeting.wait()
+        return t * 2
+
+    converted(model, doubled, threads=3)
+    assert len(calls) == 5 and applied == [1]  # a.weight, a.bias, c.weight, c.bias, scale: and nothing twice
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, expected[name]), name
+    assert model["b"][0].weight is model["a"].weight and isinstance(model["c"].weight, torch.nn.Parameter)
 
 
 def test_a_failed_move_to_the_device_is_raised_once_the_work_is_done():
     llm = MovingLlm(RuntimeError("CUDA out of memory"))
     done = []
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
-        moved_while(llm, "cuda", lambda: done.append("encoder"))
+        moved_while(llm, "meta", lambda: done.append("encoder"))
     assert done == ["encoder"]
 
 

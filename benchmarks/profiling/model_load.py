@@ -3,10 +3,12 @@ weights in place): a full-size checkpoint set in the original's layout (a Vicuna
 ImageBind-huge `.pth`, an alpha delta; zeros, with the benchmarks' small tokenizer, so embed_tokens and lm_head are
 about 2% of Vicuna's) is written once under --workdir, then each repeat loads it in a fresh process through the
 CLI's own loader (deepresonance_cli.infer.load: bf16, LoRA merged), timing its parts: the LLaMA weights, ImageBind,
-the delta and the move to the device, and the imports before it. The first repeat may read from disk, the later ones
-from the page cache, as a second `dr infer` process does.
+the delta and the move to the device, and the imports before it. Each repeat loads once with each of --threads
+copying the weights to the device (model/io/transfer.py COPY_THREADS; 1: one tensor after another, as Module.to),
+in turns. The first load may read from disk, the later ones from the page cache, as a second `dr infer` process does.
 
-    PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json [--workdir /tmp/dr_model_load] [--repeats 2]
+    PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json [--workdir /tmp/dr_model_load] [--repeats 2] \
+        [--threads 8,1]
     PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json --tiny  # the CPU check: tiny shapes
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ from model.config import LLAMA_TINY, VICUNA_7B
 
 SHARD_BYTES = 2 << 30  # safetensors shards of the LLaMA weights, as save_pretrained writes them (fewer, larger)
 
-# run in a fresh process: the loader's parts timed by wrapping the functions it calls (argv: root, device)
+# run in a fresh process: the loader's parts timed by wrapping the functions it calls (argv: root, device, threads)
 LOAD = """
 import time
 clock = time.perf_counter
@@ -35,15 +38,18 @@ from pathlib import Path
 import torch
 from deepresonance_cli.infer import load
 from model.network import checkpoint
+from model.io import transfer
 from model.network.deepresonance import DeepResonance
 
 imported = clock() - start
+transfer.COPY_THREADS = int(sys.argv[3])
 from benchmarks.profiling.startup import timed_calls
 
 parts = {}
 for owner, name, label in (
     (checkpoint, "load_base", "llama weights"),
     (checkpoint, "moved_while", "llama to the device beside imagebind"),
+    (transfer, "converted", "llama copied to the device (its thread)"),  # the encoder's own copy is in "imagebind"
     (checkpoint, "load_encoder", "imagebind"),
     (checkpoint, "read_delta", "delta read"),
     (checkpoint, "load_delta", "delta applied"),
@@ -129,6 +135,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/dr_model_load")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--threads", default="8,1", help="copy threads to compare, comma-separated")
     args = parser.parse_args()
     sizes, encoder, device = (LLAMA_TINY, "tiny", "cpu") if args.tiny else (VICUNA_7B, "huge", "cuda")
     if not torch.cuda.is_available():
@@ -144,15 +151,21 @@ def main() -> None:
         "loads": [],
     }
     for _ in range(args.repeats):
-        begin = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", LOAD, str(root), device], capture_output=True, text=True)
-        if out.returncode:
-            report["loads"].append({"error": out.stderr[-2000:]})
-            break
-        report["loads"].append(
-            {"process_s": round(time.perf_counter() - begin, 2), **json.loads(out.stdout.splitlines()[-1])}
-        )
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        for threads in args.threads.split(","):
+            begin = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, "-c", LOAD, str(root), device, threads], capture_output=True, text=True
+            )
+            if out.returncode:
+                report["loads"].append({"error": out.stderr[-2000:]})
+                break
+            times = json.loads(out.stdout.splitlines()[-1])
+            report["loads"].append({"copy_threads": int(threads), "process_s": round(time.perf_counter() - begin, 2)})
+            report["loads"][-1] |= times
+            Path(args.out).write_text(json.dumps(report, indent=1))
+    for threads in args.threads.split(","):
+        loads = [load for load in report["loads"] if load.get("copy_threads") == int(threads)]
+        report[f"median whole load, {threads} copy threads"] = statistics.median(x["whole load"] for x in loads)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 

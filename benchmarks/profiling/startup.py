@@ -87,6 +87,7 @@ def main() -> None:
         "loaded": sum(f.loaded for f in forms),
         "compiled and stored": sum(f.stored and not f.loaded for f in forms),
         "compiled, not stored": sum(not f.stored for f in forms),  # each with its warning in the output
+        "refused": [f"{f.fn.__qualname__}: {f.refused}" for f in forms if f.refused],  # stored, not loaded: why
     }
     counters = torch._dynamo.utils.counters
     report["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "inductor", "aot_autograd")}

@@ -105,6 +105,20 @@ def _sources_unchanged(compiled: Any) -> bool:
     return True
 
 
+def _refusal(compiled: Any, args: tuple) -> str | None:
+    """Why a loaded form cannot serve `args` (None: it can): a source it traced has changed, or a guard fails (the
+    failing guards as Dynamo words them, so a form refused on one machine only can be told apart)."""
+    if not _sources_unchanged(compiled):
+        return "a traced source changed"
+    if compiled.guard_check(*args):
+        return None
+    try:  # torch's private words for it, where this torch has them
+        failed = compiled._artifacts.guard_manager.check_verbose(compiled.prepare_f_locals(*args))
+        return "guards: " + "; ".join(part.strip() for part in failed.verbose_code_parts)
+    except AttributeError:
+        return "guards: refused its arguments"
+
+
 class Precompiled:
     """`fn` compiled (torch.compile, fullgraph) for the arguments of its first call, its compiled form stored under
     `folder` and loaded from there by a later process in place of Dynamo's trace. A stored form serves only where
@@ -119,6 +133,7 @@ class Precompiled:
         self.compiled: Any = None
         self.loaded = False  # the compiled form came from disk
         self.stored = False  # the compiled form is on disk (loaded, or written after its compile)
+        self.refused: str | None = None  # why a form stored under this one's name was not loaded
         self._plain: Callable | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -139,12 +154,14 @@ class Precompiled:
             try:
                 with open(path, "rb") as file:
                     compiled = torch.compiler.load_compiled_function(file)
-                if _sources_unchanged(compiled) and compiled.guard_check(*args):
+                self.refused = _refusal(compiled, args)
+                if self.refused is None:
                     compiled.disable_guard_check()  # __call__ checks them, once
                     self.loaded = self.stored = True
                     return compiled
             except Exception as err:  # a stored form from another torch, cut short or unreadable: compiled afresh
-                log.info("compiling %s afresh: its stored form %s did not load (%s)", self.fn.__qualname__, path, err)
+                self.refused = f"unreadable: {err!r}"
+            log.info("compiling %s afresh: stored form %s refused (%s)", self.fn.__qualname__, path, self.refused)
         try:
             # enable_aot_compile: torch 2.10-2.11 give torch.compile's wrapper its aot_compile only where it is set
             # (off by default there; on from 2.14); without it an H100's every form compiled for its process only

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from typing import TypeVar
 
 import torch
 
 T = TypeVar("T")
+# threads that copy a module's tensors at once (`converted`); 1: one after the other, as Module.to does
+COPY_THREADS = 8
 
 
 def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
@@ -22,12 +25,24 @@ def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tenso
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def converted(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], threads: int | None = None) -> None:
+    """`module._apply(fn)` (what Module.to does) with `fn` run on its tensors by `threads` threads at once (None:
+    COPY_THREADS). A copy of a host tensor from a mapped file to a GPU runs at the speed of one core faulting in the
+    file's pages and staging them; Module.to makes its copies one after the other (7B LLaMA weights took 2.1-2.6 s
+    to reach an H100). Each tensor is converted once however many modules share it; the module takes the results
+    through its own _apply, so a subclass's bookkeeping there still runs."""
+    tensors = {id(t): t for t in chain(module.parameters(), module.buffers())}
+    with ThreadPoolExecutor(threads or COPY_THREADS) as pool:
+        done = dict(zip(tensors, pool.map(fn, tensors.values()), strict=True))
+    module._apply(lambda t: done[id(t)] if id(t) in done else fn(t))
+
+
 def moved_while(module: torch.nn.Module, device: torch.device | str, work: Callable[[], T]) -> T:
     """`work()` (reading ImageBind) while `module` (the LLaMA weights) goes to `device` in a thread: on an H100 the two
     took 2.1-2.6 s and 1.3 s one after the other (benchmarks/results/2026-12-07-h100-load-second-process/). The
     module moves as it was built on the host, so the device holds what a move after the whole load gave it."""
     with ThreadPoolExecutor(1) as mover:
-        moved = mover.submit(module.to, device)
+        moved = mover.submit(converted, module, lambda t: t.to(device))
         result = work()
         moved.result()
     return result

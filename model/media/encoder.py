@@ -15,7 +15,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from model.config import ENCODER_SIZES
-from model.io.transfer import to_device
+from model.io.transfer import converted, to_device
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
@@ -207,7 +207,7 @@ class MediaEncoder(nn.Module):
         # copied out of the file's mapping, as a load into built parameters did (a mapped file rewritten in place
         # would fault the encoder's later reads), straight to where the model runs: on a GPU a copy on the host, then
         # another to the card, went twice over ImageBind-huge's 3.6 GB
-        encoder._apply(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True))
+        converted(encoder, lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True))
         if file_identity(path) == before:  # the file was not replaced or rewritten while it was read
             encoder._source, encoder._source_versions = before, encoder._versions()
         return encoder
