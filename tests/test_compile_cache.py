@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import pytest
@@ -83,15 +84,36 @@ def test_arguments_its_guards_refuse_are_compiled_for_afresh(tmp_path):
     assert torch.allclose(compiled(layer, wider, shift), _by_hand(layer, wider, shift), atol=1e-6)
 
 
-def test_a_stored_form_whose_guards_refuse_the_process_is_compiled_afresh_and_says_why(tmp_path):
-    """Stored under no_grad, wanted with gradients on: the same name (the arguments alike), a guard on the process's
-    state refuses it, and the refusal names the failing guard (as a device's warm engine needs to report)."""
+def test_forms_of_one_call_under_other_process_settings_are_stored_side_by_side(tmp_path):
+    """Stored under no_grad, wanted with gradients on (a setting every form's guards check): a form of its own,
+    stored beside the first rather than over it, so a process under either setting loads its own."""
     args = _inputs()
     with torch.no_grad():
         Precompiled(scaled, dynamic=False, folder=tmp_path)(*args)
     graded = Precompiled(scaled, dynamic=False, folder=tmp_path)
     assert torch.allclose(graded(*args), _by_hand(*args), atol=1e-6)
-    assert not graded.loaded and graded.refused.startswith("guards: ") and "grad" in graded.refused.lower()
+    assert not graded.loaded and graded.refused is None and len(list(tmp_path.iterdir())) == 2
+    again = Precompiled(scaled, dynamic=False, folder=tmp_path)
+    again(*args)
+    with torch.no_grad():
+        first_again = Precompiled(scaled, dynamic=False, folder=tmp_path)
+        first_again(*args)
+    assert again.loaded and first_again.loaded
+
+
+def times(x: torch.Tensor, factor: SimpleNamespace) -> torch.Tensor:
+    return x * factor.value
+
+
+@torch.no_grad()
+def test_a_stored_form_whose_guards_refuse_the_arguments_is_compiled_afresh_and_says_why(tmp_path):
+    """An argument the name knows by its type alone (a namespace) with another value: the same name, its guard
+    refuses it, and the refusal names the failing guard (as a device's warm engine needs to report)."""
+    x = torch.arange(4.0)
+    Precompiled(times, dynamic=False, folder=tmp_path)(x, SimpleNamespace(value=2.0))
+    other = Precompiled(times, dynamic=False, folder=tmp_path)
+    assert torch.equal(other(x, SimpleNamespace(value=3.0)), x * 3)
+    assert not other.loaded and other.refused.startswith("guards: ") and "value" in other.refused
 
 
 @torch.no_grad()
@@ -201,7 +223,8 @@ ENGINE = textwrap.dedent(
     step = engine.step
     forms = [*step.layers.values(), *step.finishes.values(), engine.packed_prefill.keywords["layer"]]
     refused = [f"{f.fn.__qualname__}: {f.refused}" for f in forms if f.refused]
-    print(json.dumps({"ids": [ids[i] for i in range(3)], "graphs": graphs, "refused": refused}))
+    settings = [f"{f.fn.__qualname__}: {f.settings}" for f in forms]
+    print(json.dumps({"ids": [ids[i] for i in range(3)], "graphs": graphs, "refused": refused, "settings": settings}))
     """
 )
 
@@ -218,7 +241,7 @@ def two_engine_processes(tiny_root: Path, cache: Path, device: str) -> None:
         )
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert runs[0]["graphs"] == 5 and runs[1]["graphs"] == 0, runs[1]["refused"]
+    assert runs[0]["graphs"] == 5 and runs[1]["graphs"] == 0, [run["refused"] + run["settings"] for run in runs]
     assert runs[1]["ids"] == runs[0]["ids"] and all(runs[0]["ids"])
     assert len(list((cache / "dr-precompiled").iterdir())) == 5
 

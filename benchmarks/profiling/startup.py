@@ -88,6 +88,8 @@ def main() -> None:
         "compiled and stored": sum(f.stored and not f.loaded for f in forms),
         "compiled, not stored": sum(not f.stored for f in forms),  # each with its warning in the output
         "refused": [f"{f.fn.__qualname__}: {f.refused}" for f in forms if f.refused],  # stored, not loaded: why
+        # the process-wide settings each form met (a form stored under other settings is compiled again)
+        "settings": sorted({f.settings for f in forms if f.settings is not None}),
     }
     counters = torch._dynamo.utils.counters
     report["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "inductor", "aot_autograd")}

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import json
 import logging
 import os
 import sys
@@ -83,13 +84,24 @@ def _described(value: Any) -> Any:
     return type(value).__qualname__
 
 
+def _global_state() -> str:
+    """The process-wide settings every compiled form's guards check (grad mode, autocast, TF32 and reduced-precision
+    matmuls, deterministic algorithms, threads, the default dtype), as torch's own guard words them."""
+    try:
+        return json.dumps(torch._C._dynamo.guards.GlobalStateGuard().__getstate__(), sort_keys=True)
+    except (AttributeError, TypeError, ValueError):  # a torch without it: the guards alone keep forms apart
+        return ""
+
+
 def _key(fn: Callable, args: tuple, dynamic: bool) -> str:
-    """The stored form's name: the function, how it compiles, torch, Python, the card and its arguments' layouts (a
-    form is loaded only where its guards also pass, so the name needs only to keep apart forms that both stay valid:
-    an H100's and an H200's in one cache folder would otherwise replace each other)."""
+    """The stored form's name: the function, how it compiles, torch, Python, the card, the process-wide settings and
+    its arguments' layouts (a form is loaded only where its guards also pass, so the name needs only to keep apart
+    forms that both stay valid: an H100's and an H200's in one cache folder would otherwise replace each other, and
+    so would two forms of one call made under different settings, each process compiling again the other's)."""
     leaves, spec = tree_flatten(args)
     cards = sorted({torch.cuda.get_device_name(v.device) for v in leaves if isinstance(v, torch.Tensor) and v.is_cuda})
     described = (fn.__module__, fn.__qualname__, dynamic, torch.__version__, sys.version, str(spec), cards)
+    described += (_global_state(),)
     digest = hashlib.sha256(repr((described, [_described(v) for v in leaves])).encode()).hexdigest()[:24]
     return f"{fn.__qualname__}-{digest}"
 
@@ -134,6 +146,7 @@ class Precompiled:
         self.loaded = False  # the compiled form came from disk
         self.stored = False  # the compiled form is on disk (loaded, or written after its compile)
         self.refused: str | None = None  # why a form stored under this one's name was not loaded
+        self.settings: str | None = None  # the process-wide settings its form was loaded or compiled under
         self._plain: Callable | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -149,6 +162,7 @@ class Precompiled:
         return self._plain
 
     def _load_or_compile(self, args: tuple) -> Callable:
+        self.settings = _global_state()
         path = self.folder / f"{_key(self.fn, args, self.dynamic)}.bin"
         if path.exists():
             try:
