@@ -90,10 +90,10 @@ stored)
     ;;&
 mended)
     # 2026-12-08's twelfth session: why a warm process still compiled 2 of its 5 forms (its stored forms refused: each
-    # refusal's reason, results/2026-12-08-h100-stored-and-load/), the weights copied to the card by 8 threads
-    # against 1 (model/io/transfer.py converted) in turns, then `dr infer` from a process's start with 8
+    # refusal's reason, results/2026-12-08-h100-stored-and-load/), the weights copied to the card by 4 and 8
+    # threads against 1 (model/io/transfer.py converted) in turns, then `dr infer` from a process's start
     step gpu_test_stored 150 pytest -q tests/test_gpu.py -k "second_process_loads or loaded_onto_the_card"
-    step model_load 140 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 2 --threads 8,1
+    step model_load 140 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 2 --threads 4,8,1
     step second_process 160 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
     step startup_cold 100 python3 benchmarks/profiling/startup.py "$OUT/startup_cold.json" --slots 512
     step startup_warm 40 python3 benchmarks/profiling/startup.py "$OUT/startup_warm.json" --slots 512

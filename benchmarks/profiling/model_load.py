@@ -8,7 +8,7 @@ copying the weights to the device (model/io/transfer.py COPY_THREADS; 1: one ten
 in turns. The first load may read from disk, the later ones from the page cache, as a second `dr infer` process does.
 
     PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json [--workdir /tmp/dr_model_load] [--repeats 2] \
-        [--threads 8,1]
+        [--threads 4,8,1]
     PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json --tiny  # the CPU check: tiny shapes
 """
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/dr_model_load")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--threads", default="8,1", help="copy threads to compare, comma-separated")
+    parser.add_argument("--threads", default="4,8,1", help="copy threads to compare, comma-separated")
     args = parser.parse_args()
     sizes, encoder, device = (LLAMA_TINY, "tiny", "cpu") if args.tiny else (VICUNA_7B, "huge", "cuda")
     if not torch.cuda.is_available():

@@ -10,8 +10,10 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-# threads that copy a module's tensors at once (`converted`); 1: one after the other, as Module.to does
-COPY_THREADS = 8
+# threads that copy a module's tensors at once (`converted`); 1: one after the other, as Module.to does. 4, as
+# transformers' loader has it for reading weight files (16 took it twice as long); benchmarks/profiling/model_load.py
+# --threads compares counts on a device
+COPY_THREADS = 4
 
 
 def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
