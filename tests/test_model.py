@@ -341,13 +341,17 @@ def test_a_modules_tensors_are_converted_at_once_each_once_through_its_own_apply
     """`converted` runs the conversion on several tensors at the same time (each of three waits at a barrier for the
     other two: one after the other would break it), converts a tensor two modules share once and keeps it shared,
     and installs the results through the module's _apply, as Module.to does."""
-    shared = torch.nn.Linear(4, 4)
-    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared), "c": torch.nn.Linear(4, 2)})
+
+    class Counted(torch.nn.ModuleDict):
+        def _apply(self, fn, recurse=True):
+            applied.append(fn)
+            return super()._apply(fn, recurse)
+
+    shared, applied = torch.nn.Linear(4, 4), []
+    model = Counted({"a": shared, "b": torch.nn.Sequential(shared), "c": torch.nn.Linear(4, 2)})
     model.register_buffer("scale", torch.arange(3.0))
     expected = {name: t * 2 for name, t in model.state_dict().items()}
     meeting, calls = threading.Barrier(3, timeout=10), []
-    applied = []
-    model._apply = lambda fn, recurse=True: applied.append(1) or torch.nn.ModuleDict._apply(model, fn, recurse)
 
     def doubled(t: torch.Tensor) -> torch.Tensor:
         calls.append(t)
@@ -356,7 +360,7 @@ def test_a_modules_tensors_are_converted_at_once_each_once_through_its_own_apply
         return t * 2
 
     converted(model, doubled, threads=3)
-    assert len(calls) == 5 and applied == [1]  # a.weight, a.bias, c.weight, c.bias, scale: and nothing twice
+    assert len(calls) == 5 and len(applied) == 1  # a.weight, a.bias, c.weight, c.bias, scale: and nothing twice
     for name, t in model.state_dict().items():
         assert torch.equal(t, expected[name]), name
     assert model["b"][0].weight is model["a"].weight and isinstance(model["c"].weight, torch.nn.Parameter)

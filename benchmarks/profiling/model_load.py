@@ -150,22 +150,23 @@ def main() -> None:
         "set_bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
         "loads": [],
     }
+    counts = [int(n) for n in args.threads.split(",")]
     for _ in range(args.repeats):
-        for threads in args.threads.split(","):
+        for threads in counts:
             begin = time.perf_counter()
             out = subprocess.run(
-                [sys.executable, "-c", LOAD, str(root), device, threads], capture_output=True, text=True
+                [sys.executable, "-c", LOAD, str(root), device, str(threads)], capture_output=True, text=True
             )
-            if out.returncode:
-                report["loads"].append({"error": out.stderr[-2000:]})
-                break
-            times = json.loads(out.stdout.splitlines()[-1])
-            report["loads"].append({"copy_threads": int(threads), "process_s": round(time.perf_counter() - begin, 2)})
-            report["loads"][-1] |= times
+            if out.returncode:  # the figures so far kept, the error beside them
+                report["error"] = out.stderr[-2000:]
+                Path(args.out).write_text(json.dumps(report, indent=1))
+                raise SystemExit(out.stderr[-2000:])
+            load = {"copy_threads": threads, "process_s": round(time.perf_counter() - begin, 2)}
+            report["loads"].append(load | json.loads(out.stdout.splitlines()[-1]))
             Path(args.out).write_text(json.dumps(report, indent=1))
-    for threads in args.threads.split(","):
-        loads = [load for load in report["loads"] if load.get("copy_threads") == int(threads)]
-        report[f"median whole load, {threads} copy threads"] = statistics.median(x["whole load"] for x in loads)
+    for threads in counts:
+        wholes = [load["whole load"] for load in report["loads"] if load["copy_threads"] == threads]
+        report[f"median whole load, {threads} copy threads"] = statistics.median(wholes)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 

@@ -93,15 +93,15 @@ def _global_state() -> str:
         return ""
 
 
-def _key(fn: Callable, args: tuple, dynamic: bool) -> str:
-    """The stored form's name: the function, how it compiles, torch, Python, the card, the process-wide settings and
-    its arguments' layouts (a form is loaded only where its guards also pass, so the name needs only to keep apart
-    forms that both stay valid: an H100's and an H200's in one cache folder would otherwise replace each other, and
-    so would two forms of one call made under different settings, each process compiling again the other's)."""
+def _key(fn: Callable, args: tuple, dynamic: bool, settings: str) -> str:
+    """The stored form's name: the function, how it compiles, torch, Python, the card, the process-wide `settings`
+    (_global_state) and its arguments' layouts (a form is loaded only where its guards also pass, so the name needs
+    only to keep apart forms that both stay valid: an H100's and an H200's in one cache folder would otherwise
+    replace each other, and so would two forms of one call made under different settings, each process compiling
+    again the other's)."""
     leaves, spec = tree_flatten(args)
     cards = sorted({torch.cuda.get_device_name(v.device) for v in leaves if isinstance(v, torch.Tensor) and v.is_cuda})
-    described = (fn.__module__, fn.__qualname__, dynamic, torch.__version__, sys.version, str(spec), cards)
-    described += (_global_state(),)
+    described = (fn.__module__, fn.__qualname__, dynamic, torch.__version__, sys.version, str(spec), cards, settings)
     digest = hashlib.sha256(repr((described, [_described(v) for v in leaves])).encode()).hexdigest()[:24]
     return f"{fn.__qualname__}-{digest}"
 
@@ -163,7 +163,7 @@ class Precompiled:
 
     def _load_or_compile(self, args: tuple) -> Callable:
         self.settings = _global_state()
-        path = self.folder / f"{_key(self.fn, args, self.dynamic)}.bin"
+        path = self.folder / f"{_key(self.fn, args, self.dynamic, self.settings)}.bin"
         if path.exists():
             try:
                 with open(path, "rb") as file:

@@ -29,10 +29,10 @@ def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tenso
 
 def converted(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], threads: int | None = None) -> None:
     """`module._apply(fn)` (what Module.to does) with `fn` run on its tensors by `threads` threads at once (None:
-    COPY_THREADS). A copy of a host tensor from a mapped file to a GPU runs at the speed of one core faulting in the
-    file's pages and staging them; Module.to makes its copies one after the other (7B LLaMA weights took 2.1-2.6 s
-    to reach an H100). Each tensor is converted once however many modules share it; the module takes the results
-    through its own _apply, so a subclass's bookkeeping there still runs."""
+    COPY_THREADS). Module.to copies one tensor after another, each copy from a mapped file to a GPU done by one host
+    core (faulting the file's pages in, staging them for the card): 7B LLaMA weights took 2.1-2.6 s to reach an
+    H100. Each tensor is converted once however many modules share it; the module takes the results through its own
+    _apply, so a subclass's bookkeeping there still runs."""
     tensors = {id(t): t for t in chain(module.parameters(), module.buffers())}
     with ThreadPoolExecutor(threads or COPY_THREADS) as pool:
         done = dict(zip(tensors, pool.map(fn, tensors.values()), strict=True))
