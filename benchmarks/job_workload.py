@@ -159,10 +159,10 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     Yields what the job did: {"tokens": the tokens of every answer it made, counted where it turns ids into text,
     "slots": its engine's slot count (None with a static decoder), "engine": the engine (its pool and preemptions),
     "encoded": the media files its encoder ran on}."""
-    from model.infer import job
+    from model.infer import job, kept_engine
 
     by_id = {r.id: n for r, n in zip(data, lengths, strict=True)}
-    request, decode_media, generate, engine = job.Request, job.decode_media, job.generate, job.Engine
+    request, decode_media, generate, engine = job.Request, job.decode_media, job.generate, kept_engine.Engine
     batches: deque[int] = deque()  # each loaded group's longest answer, consumed in the order groups load
     made = {"tokens": 0, "slots": None, "engine": None, "encoded": 0}
     encoder = model.visual_encoder
@@ -188,13 +188,13 @@ def oracle(model, data: list, lengths: list[int]) -> Iterator[dict]:
     job.Request = lambda row, example, gen, key: request(row, example, replace(gen, max_new_tokens=by_id[row.id]), key)
     job.decode_media = loaded
     job.generate = lambda model, rows, gen: generate(model, rows, replace(gen, max_new_tokens=batches.popleft()))
-    job.Engine = built
+    kept_engine.Engine = built
     model.answer = answer
     encoder.embed = encoded
     try:
         yield made
     finally:
-        job.Request, job.decode_media, job.generate, job.Engine = request, decode_media, generate, engine
+        job.Request, job.decode_media, job.generate, kept_engine.Engine = request, decode_media, generate, engine
         del model.answer, encoder.embed
 
 

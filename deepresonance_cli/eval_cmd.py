@@ -189,6 +189,7 @@ def answer_with_model(
     from model.generate.likelihood import score_rows
     from model.infer.job import run_inference
     from model.infer.journal import write_results
+    from model.infer.kept_engine import KeptEngine
     from model.media.features import FeatureCache
 
     device = default_device(options["device"])
@@ -196,6 +197,7 @@ def answer_with_model(
     batch_size = options["batch_size"] or default_slots(device, "eval")
     cache = FeatureCache.for_encoder(cache_dir, model.visual_encoder)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    kept = KeptEngine()  # the real audio's and each control's answers: one engine where their shapes agree
     out: dict[str, dict] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
@@ -211,7 +213,9 @@ def answer_with_model(
                     suffix = "" if audio == "real" else f"_{audio}"
                     answers = answers_dir / f"{spec.name}_{label}_choice{suffix}.json"
                     plain = [r.row for r in rows]
-                    run_inference(model, plain, spec.media_root, answers, gen, batch_size, cache, on_progress=advance)
+                    run_inference(
+                        model, plain, spec.media_root, answers, gen, batch_size, cache, on_progress=advance, kept=kept
+                    )
                     out[mode_key("generative", audio)] = score_generative(write_results(answers, plain), rows)
                     console.print(f"answers: {answers}", highlight=False)
     return out

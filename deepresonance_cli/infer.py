@@ -161,7 +161,8 @@ def infer(
         typer.Option(
             help="Catalog name (musiccaps, musicqa, ...) or a row-format JSON file. Repeat it to answer several "
             "datasets one after another with one loaded model (each its own result file): a second dataset then "
-            "skips the process's imports and the model's load (its engine is built for its own shapes)."
+            "skips the process's imports and the model's load, and its engine's build where its rows round to the "
+            "last one's shape."
         ),
     ],
     variant: Variant = "alpha",
@@ -235,14 +236,16 @@ def infer(
     if decoders is not None:
         ctx.call_on_close(decoders.close)
     from model.engine.sizing import default_slots
+    from model.infer.kept_engine import KeptEngine
 
     batch_size = batch_size or default_slots(device, "job")
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    kept = KeptEngine()  # a dataset whose engine would have the last one's shape reuses it
     for job in jobs:
-        answer_dataset(model, job, variant, gen, batch_size, cache_dir, rank, world, overwrite, decoders)
+        answer_dataset(model, job, variant, gen, batch_size, cache_dir, rank, world, overwrite, decoders, kept)
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -269,9 +272,11 @@ def answer_dataset(
     world: int,
     overwrite: bool,
     decoders,
+    kept,
 ) -> None:
     """One dataset's rows through `run_inference` with a progress bar, its result file written and summed up; an
-    interrupt keeps what its journal holds and ends the call (datasets after it are not started)."""
+    interrupt keeps what its journal holds and ends the call (datasets after it are not started). `kept`: the engine
+    kept between the call's datasets (model/infer/kept_engine.py)."""
     import torch
 
     from model.infer.job import run_inference
@@ -303,11 +308,12 @@ def answer_dataset(
                 on_total=lambda n: progress.update(task, total=n),
                 overwrite=overwrite,
                 decoders=decoders,
+                kept=kept,
             )
     except KeyboardInterrupt:
-        kept = sum(len(v) for v in write_results(job.out, job.rows).values()) if rank == 0 else 0
+        answers = sum(len(v) for v in write_results(job.out, job.rows).values()) if rank == 0 else 0
         console.print(
-            f"interrupted: {kept} answers are kept in {job.out} and its journal; rerun the same command to go on"
+            f"interrupted: {answers} answers are kept in {job.out} and its journal; rerun the same command to go on"
         )
         raise typer.Exit(130) from None
     if world > 1:

@@ -80,8 +80,10 @@ def several(tiny_root: Path, tmp_path: Path, *datasets: Path, extra: tuple[str, 
 
 
 def test_several_datasets_are_answered_by_one_loaded_model_as_each_alone(tiny_root, tmp_path, monkeypatch):
-    """`--dataset` repeated: one model load, and each dataset's result file is what a call of its own writes."""
+    """`--dataset` repeated: one model load, one engine (the two datasets' rows round to one shape: the second reuses
+    the first's, model/infer/kept_engine.py), and each dataset's result file is what a call of its own writes."""
     from deepresonance_cli import infer
+    from model.infer import kept_engine
 
     first = media_dataset(tmp_path / "one", 6)
     second = media_dataset(tmp_path / "two", 5).rename(tmp_path / "two" / "other_test.json")
@@ -90,14 +92,15 @@ def test_several_datasets_are_answered_by_one_loaded_model_as_each_alone(tiny_ro
         out = tmp_path / "alone" / f"{dataset.stem}.json"
         assert runner.invoke(app, infer_args(tiny_root, dataset, out)).exit_code == 0
         alone[dataset.stem] = json.loads(out.read_text())
-    loads = []
-    real = infer.load
+    loads, engines = [], []
+    real, real_engine = infer.load, kept_engine.Engine
     monkeypatch.setattr(infer, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(kept_engine, "Engine", lambda *a, **k: engines.append(a) or real_engine(*a, **k))
     monkeypatch.chdir(tmp_path)
     cache = ("--cache-dir", str(tmp_path / "cache"))
     result = runner.invoke(app, several(tiny_root, tmp_path, first, second, extra=cache))
     assert result.exit_code == 0, result.output
-    assert len(loads) == 1
+    assert len(loads) == 1 and len(engines) == 1
     for dataset in (first, second):
         together = json.loads((tmp_path / "results" / f"{dataset.stem}_alpha.json").read_text())
         assert together == alone[dataset.stem] and len(together) == len(load_rows(dataset)[0])
@@ -368,9 +371,10 @@ def test_an_engine_job_is_sized_before_its_media_loader_starts(tiny_layout, tmp_
     """The engine's pool is a share of the free memory: sized once the loader encodes, it would follow the encoder's
     activations, and its compiled step's shapes (which the compile cache keys on) would change from run to run."""
     import model.infer.job as inference
+    from model.infer import kept_engine
 
     events = []
-    real_size, real_prefetch = inference.engine_size, inference.Prefetch
+    real_size, real_prefetch = kept_engine.engine_size, inference.Prefetch
 
     def engine_size(*args, **kwargs):
         events.append("size")
@@ -381,7 +385,7 @@ def test_an_engine_job_is_sized_before_its_media_loader_starts(tiny_layout, tmp_
             events.append("loader")  # its first loads start here
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "engine_size", engine_size)
+    monkeypatch.setattr(kept_engine, "engine_size", engine_size)
     monkeypatch.setattr(inference, "Prefetch", Prefetch)
     rows, _ = load_rows(media_dataset(tmp_path / "data", 3))
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
@@ -395,17 +399,17 @@ def test_an_engine_job_compiles_its_prefill_only_when_its_prompts_are_long_enoug
     microseconds a prompt position: a job whose prompts hold fewer than COMPILE_PREFILL_POSITIONS positions keeps
     the eager layers (compile_prefill False), a larger one leaves the engine its default (None: where the step is
     compiled, which a GPU's is). Answers do not depend on it."""
-    import model.infer.job as inference
     from model.engine import model_runner
+    from model.infer import kept_engine
 
     chosen = []
-    real = inference.Engine
+    real = kept_engine.Engine
 
     def engine(*args, **kwargs):
         chosen.append(kwargs["compile_prefill"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "Engine", engine)
+    monkeypatch.setattr(kept_engine, "Engine", engine)
     rows, _ = load_rows(media_dataset(tmp_path / "data", 3))
     model = load_model(tiny_layout.vicuna, tiny_layout.delta_dir("alpha"), tiny_layout.imagebind)
     positions = sum(model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in rows)

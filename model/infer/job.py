@@ -29,9 +29,9 @@ from model.engine.model_runner import job_compiles_prefill
 from model.engine.sampler import row_key
 from model.engine.scheduler import WAIT, Engine
 from model.engine.sequence import Request
-from model.engine.sizing import engine_size, top_k_cap
 from model.generate.base import generate
 from model.infer.journal import Journal, open_journal, output_lock, run_identity
+from model.infer.kept_engine import KeptEngine, job_engine
 from model.io.stop_signal import StopOnSignal
 from model.media.decoders import DecodeProcesses, start_decoders
 from model.media.feature_stores import ProcessStores
@@ -145,11 +145,13 @@ def run_inference(
     on_total: Callable[[int], None] | None = None,
     overwrite: bool = False,
     decoders: DecodeProcesses | None = None,
+    kept: KeptEngine | None = None,
 ) -> Summary:
     """Answers every row not answered yet; `on_total(n)` is told how many rows this process will answer, then
     `on_progress(n)` is called as n more rows finish. `batch_size` is the engine's slot count (rows decoding
     together) or, for the static decoders, the rows per batch. `decoders`: decoding processes the caller started
-    (model/media/decoders.py `start_decoders`) and closes; without them, a long job on a GPU starts its own.
+    (model/media/decoders.py `start_decoders`) and closes; without them, a long job on a GPU starts its own. `kept`:
+    where the caller keeps an engine between its jobs (model/infer/kept_engine.py), reused by a job of its shape.
 
     One process per `out_json` (its lock is held throughout); answers of another delta, variant, dtype or generation
     settings already in its journal are a JournalError unless `overwrite` (which answers every row again).
@@ -168,7 +170,7 @@ def run_inference(
             on_total(len(todo))
         if todo:
             answer_rows(
-                model, todo, media_root, gen, batch_size, cache, workers, decoders, journal, summary, on_progress
+                model, todo, media_root, gen, batch_size, cache, workers, decoders, journal, summary, on_progress, kept
             )
     finally:
         if cache is not None:
@@ -190,6 +192,7 @@ def answer_rows(
     journal: Journal,
     summary: Summary,
     on_progress: Callable[[int], None] | None,
+    kept: KeptEngine | None = None,
 ) -> None:
     """Answers `todo`, journaling rows as they finish (answers and media errors) and counting them in `summary`."""
     lengths = {id(r): model.prompt_length(r.input, r.instruction, [model.clips(m) for m in r.mm_names]) for r in todo}
@@ -201,10 +204,13 @@ def answer_rows(
     batches = [todo[:first], *chunks(todo[first:], batch_size)]
     # an engine is sized now, before the loader allocates encoder activations: its cache's pool is a share of the
     # free memory, and a pool size that followed the loader's progress would differ from run to run, and so would the
-    # compiled step's shapes, which the compile cache of an earlier job would then not hold (model/engine/sizing.py)
-    longest = max(lengths.values())
-    size = engine_size(model, longest, gen.max_new_tokens, batch_size) if gen.decoder == "engine" else None
-    compile_prefill = job_compiles_prefill(sum(lengths.values()))
+    # compiled step's shapes, which the compile cache of an earlier job would then not hold (model/engine/sizing.py);
+    # or the engine `kept` from the caller's last job, where it has this job's shape
+    if gen.decoder == "engine":
+        compile_prefill = job_compiles_prefill(sum(lengths.values()))
+        engine = job_engine(model, max(lengths.values()), gen, batch_size, compile_prefill, kept)
+    else:
+        engine = None
     # the loader's copies and encoder calls go on a CUDA stream of their own: on the default stream, shared by every
     # thread, they would queue between the engine's decode steps (the steps waiting for a whole group's encoding) and
     # each call's read-back would wait for every step queued before it
@@ -235,7 +241,7 @@ def answer_rows(
         media = Prefetch(batches, decode, encode)
         closing.callback(media.close)
         closing.enter_context(stop)
-        decode_rows(model, size, gen, media, journal, summary, stop, on_progress, compile_prefill)
+        decode_rows(model, engine, gen, media, journal, summary, stop, on_progress)
         if stores is not None:
             # every feature file written before the job returns and its pool closes (closing cancels what is still
             # queued), a failed write failing the job; after an error or a Ctrl-C the queued ones are dropped (an
@@ -245,17 +251,16 @@ def answer_rows(
 
 def decode_rows(
     model: DeepResonance,
-    size: tuple[int, int, int | None] | None,
+    engine: Callable[[], Engine] | None,
     gen: GenerationConfig,
     media: Prefetch,
     journal: Journal,
     summary: Summary,
     stop: StopOnSignal,
     on_progress: Callable[[int], None] | None,
-    compile_prefill: bool | None = None,
 ) -> None:
-    """The rows through the chosen decoder as their media arrive, journaled as they end; `size`: the engine's
-    (slots, positions per row, pool blocks), None for a static decoder; `compile_prefill`: the engine's."""
+    """The rows through the chosen decoder as their media arrive, journaled as they end; `engine`: what returns the
+    job's engine (model/infer/kept_engine.py job_engine), None for a static decoder."""
 
     def finish(entries: list[dict]) -> None:
         """Journals rows that ended; a Ctrl-C received meanwhile stops the job here, with them written."""
@@ -281,8 +286,8 @@ def decode_rows(
             finish([entry(r, error=str(m)) for r, m in zip(group, loaded, strict=True) if isinstance(m, MediaError)])
             yield [(r, m) for r, m in zip(group, loaded, strict=True) if not isinstance(m, MediaError)]
 
-    if size is not None:
-        engine_rows(model, size, gen, media, ready(), finish, compile_prefill)
+    if engine is not None:
+        engine_rows(model, engine(), gen, media, ready(), finish)
         return
     log.info("decoder: %s", gen.decoder)
     for group in ready():  # WAIT never comes: nothing else is busy
@@ -292,20 +297,13 @@ def decode_rows(
 
 def engine_rows(
     model: DeepResonance,
-    size: tuple[int, int, int | None],
+    engine: Engine,
     gen: GenerationConfig,
     media: Prefetch,
     groups: Iterator[list[tuple[Row, list]] | object],
     finish: Callable[[list[dict]], None],
-    compile_prefill: bool | None,
 ) -> None:
-    """The loaded `groups` (or WAIT) through an engine of `size` built on the current stream, each row passed to
-    `finish` as it ends."""
-    slots, length, blocks = size
-    engine = Engine(
-        model, slots, length, gen.max_new_tokens, k_cap=top_k_cap(model, gen), blocks=blocks,
-        compile_prefill=compile_prefill,
-    )  # fmt: skip
+    """The loaded `groups` (or WAIT) through `engine`, each row passed to `finish` as it ends."""
     log.info(
         "decoder: engine, %d slots, rows of up to %d positions, a cache of %d blocks of %d",
         engine.slots, engine.length, engine.book.blocks, engine.book.block,
