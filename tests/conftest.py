@@ -92,6 +92,25 @@ def step_widths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.fixture
+def engine_builds(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A weak reference to every engine a job builds (model/infer/kept_engine.py), in order; weak, so that a test can
+    see a dropped engine freed."""
+    import weakref
+
+    from model.infer import kept_engine
+
+    built, real = [], kept_engine.Engine
+
+    def counted(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        built.append(weakref.ref(engine))
+        return engine
+
+    monkeypatch.setattr(kept_engine, "Engine", counted)
+    return built
+
+
+@pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many files' bytes were hashed in this process (model/media/file_hashes.py: hashlib.file_digest)."""
     from model.media import file_hashes

@@ -54,11 +54,7 @@ def test_prediction_files_are_parsed_to_options(bench):
     assert "multiple choice: mmau_music" in result.output and "50.0%" in result.output
 
 
-def test_modes_controls_and_reference_rows_with_the_tiny_model(bench, tiny_root, monkeypatch):
-    from model.infer import kept_engine
-
-    engines, real_engine = [], kept_engine.Engine
-    monkeypatch.setattr(kept_engine, "Engine", lambda *a, **k: engines.append(a) or real_engine(*a, **k))
+def test_modes_controls_and_reference_rows_with_the_tiny_model(bench, tiny_root, engine_builds):
     out = bench / "out" / "r.json"
     args = [
         "eval", "--dataset", "mmau_music", "--data-root", str(bench), "--ckpt-root", str(tiny_root),
@@ -78,7 +74,7 @@ def test_modes_controls_and_reference_rows_with_the_tiny_model(bench, tiny_root,
         "generative, silence audio",
     ]
     assert all(m["n"] + m["missing"] == 4 and m["missing"] == 0 for m in modes.values())
-    assert len(engines) == 1  # the silence control's answers through the real audio's engine (one shape)
+    assert len(engine_builds) == 1  # the silence control's answers through the real audio's engine (one shape)
     assert "Qwen2-Audio-Instruct" in [r["model"] for r in got["reference"]]
     assert all(r["computed_here"] is False and r["dataset"] == "mmau_music" for r in got["reference"])
     md = out.with_suffix(".md").read_text()

@@ -79,11 +79,12 @@ def several(tiny_root: Path, tmp_path: Path, *datasets: Path, extra: tuple[str, 
     return ["infer", *named, "--ckpt-root", str(tiny_root), "--greedy", "--max-new-tokens", "6", *extra]
 
 
-def test_several_datasets_are_answered_by_one_loaded_model_as_each_alone(tiny_root, tmp_path, monkeypatch):
+def test_several_datasets_are_answered_by_one_loaded_model_as_each_alone(
+    tiny_root, tmp_path, monkeypatch, engine_builds
+):
     """`--dataset` repeated: one model load, one engine (the two datasets' rows round to one shape: the second reuses
     the first's, model/infer/kept_engine.py), and each dataset's result file is what a call of its own writes."""
     from deepresonance_cli import infer
-    from model.infer import kept_engine
 
     first = media_dataset(tmp_path / "one", 6)
     second = media_dataset(tmp_path / "two", 5).rename(tmp_path / "two" / "other_test.json")
@@ -92,15 +93,15 @@ def test_several_datasets_are_answered_by_one_loaded_model_as_each_alone(tiny_ro
         out = tmp_path / "alone" / f"{dataset.stem}.json"
         assert runner.invoke(app, infer_args(tiny_root, dataset, out)).exit_code == 0
         alone[dataset.stem] = json.loads(out.read_text())
-    loads, engines = [], []
-    real, real_engine = infer.load, kept_engine.Engine
+    loads = []
+    real = infer.load
     monkeypatch.setattr(infer, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
-    monkeypatch.setattr(kept_engine, "Engine", lambda *a, **k: engines.append(a) or real_engine(*a, **k))
+    engine_builds.clear()  # those of the calls above, one dataset each
     monkeypatch.chdir(tmp_path)
     cache = ("--cache-dir", str(tmp_path / "cache"))
     result = runner.invoke(app, several(tiny_root, tmp_path, first, second, extra=cache))
     assert result.exit_code == 0, result.output
-    assert len(loads) == 1 and len(engines) == 1
+    assert len(loads) == 1 and len(engine_builds) == 1
     for dataset in (first, second):
         together = json.loads((tmp_path / "results" / f"{dataset.stem}_alpha.json").read_text())
         assert together == alone[dataset.stem] and len(together) == len(load_rows(dataset)[0])
