@@ -22,13 +22,16 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from model.config import ENCODER_SIZES, ModelConfig
+from model.io.early_read import EarlyRead
 from model.io.files import umask_mode, written_atomically
 from model.io.transfer import moved_while
 from model.media.encoder import MediaEncoder, file_fingerprint, size_of
 from model.network.deepresonance import DeepResonance
+from model.network.folders import EXPORT_INFO, EXPORT_LLM, EXPORT_MM, exported
 from model.text.tokenizer import PromptTokenizer
 
 DELTA_PT = "pytorch_model.pt"
@@ -173,11 +176,6 @@ def save_delta(model: DeepResonance, folder: str | Path, metadata: dict[str, str
     return folder
 
 
-EXPORT_INFO = "dr_export.json"
-EXPORT_LLM = "llm"
-EXPORT_MM = "mm.safetensors"
-
-
 def export_model(model: DeepResonance, out: str | Path, imagebind: str | Path | None) -> Path:
     """A standalone folder: LoRA merged into LLaMA (HF safetensors), projector/fusion, and the encoder reference."""
     out = Path(out)
@@ -203,13 +201,14 @@ def load_exported(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    early: EarlyRead | None = None,
 ) -> DeepResonance:
-    """A model from `export_model`'s folder; ImageBind from the recorded path unless given."""
+    """A model from `export_model`'s folder; ImageBind from the recorded path unless given. `early`: as load_model's."""
     folder = Path(folder)
     info = json.loads((folder / EXPORT_INFO).read_text())
     config = ModelConfig.from_dict(info["config"])
     imagebind = imagebind or info["imagebind"]
-    llm = LlamaForCausalLM.from_pretrained(folder / EXPORT_LLM, dtype=dtype, attn_implementation=attn_implementation)
+    llm = pretrained_llm(folder / EXPORT_LLM, dtype, attn_implementation, device, early)
     encoder = moved_while(
         llm, device, lambda: MediaEncoder.load(imagebind, device=device, dtype=dtype) if imagebind else None
     )
@@ -231,10 +230,48 @@ def load_exported(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_base(base: Path, dtype: torch.dtype, attn_implementation: str) -> LlamaForCausalLM:
+def pretrained_llm(
+    folder: Path,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: str | torch.device,
+    early: EarlyRead | None,
+) -> LlamaForCausalLM:
+    """`LlamaForCausalLM.from_pretrained(folder)`, built from the tensors `early` read where it read this folder onto
+    `device`: the same model (config, weights, generation settings), its weights already there. Otherwise, or where
+    the early read failed, from the folder, which names what is wrong with it."""
+    state = None
+    if early is not None and early.folder == folder and early.device == torch.device(device):
+        state = early.take()
+    elif early is not None:
+        early.close()
+    if early is not None and state is None:
+        log.info("%s: read by transformers (the early read: %s)", folder, early.failed or "of another folder or device")
+    if state is None:
+        return LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    llm = LlamaForCausalLM.from_pretrained(
+        None,
+        config=LlamaConfig.from_pretrained(folder),
+        state_dict=state,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device_map={"": early.device},
+    )
+    if (folder / GENERATION_CONFIG_NAME).is_file():  # what from_pretrained(folder) reads beside the weights
+        llm.generation_config = GenerationConfig.from_pretrained(folder)
+    return llm
+
+
+def load_base(
+    base: Path,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: str | torch.device = "cpu",
+    early: EarlyRead | None = None,
+) -> LlamaForCausalLM:
     """The Vicuna weights; a damaged or code-holding file is one line naming it (checked by ckpt's readers)."""
     try:
-        return LlamaForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=attn_implementation)
+        return pretrained_llm(base, dtype, attn_implementation, device, early)
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
         from model.io.errors import CkptError
         from model.io.weights import ShardedWeights
@@ -353,13 +390,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     config: ModelConfig | None = None,
+    early: EarlyRead | None = None,
 ) -> DeepResonance:
     """A DeepResonance model from a Vicuna folder, a delta folder and ImageBind weights (None: features only).
 
-    A delta folder written by `export_model` is loaded standalone (the base folder is not needed).
+    A delta folder written by `export_model` is loaded standalone (the base folder is not needed). `early`: the
+    LLaMA folder's weights being read onto `device` (`EarlyRead(llm_folder(base, delta), device)`, begun before this
+    module was imported), used where it read that folder onto that device.
     """
-    if delta is not None and (Path(delta) / EXPORT_INFO).is_file():
-        model = load_exported(delta, imagebind, device, dtype, attn_implementation)
+    if exported(delta):
+        model = load_exported(delta, imagebind, device, dtype, attn_implementation, early)
         if variant is not None and variant != model.config.variant:
             raise DeltaError(f"{delta}: holds an exported {model.config.variant} model, not {variant}")
         return model
@@ -370,7 +410,7 @@ def load_model(
     state = read_delta(delta) if delta is not None else {}
     config, tok_dir = model_setup(base, Path(delta) if delta is not None else None, state, config, variant)
     tokenizer = PromptTokenizer.from_dir(tok_dir)
-    llm = load_base(base, dtype, attn_implementation)
+    llm = load_base(base, dtype, attn_implementation, device, early)
     encoder = moved_while(
         llm, device, lambda: load_encoder(Path(imagebind), device, dtype) if imagebind is not None else None
     )

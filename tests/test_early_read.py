@@ -1,0 +1,190 @@
+"""The LLaMA weights read before the model's imports (model/io/early_read.py): every tensor as safetensors itself
+reads it, a damaged folder left to the ordinary load, and a model built from them the same as from_pretrained's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.io import early_read
+from model.io.early_read import EarlyRead, safetensors_files, safetensors_spans, split_by_bytes
+
+
+def some_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(7, generator=g).to(torch.float16),
+        "f32": torch.randn(2, 3, 4, generator=g),
+        "i64": torch.arange(-4, 5),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def test_every_tensor_is_read_as_safetensors_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(early_read, "CHUNK", 8)  # pieces smaller than a tensor (used on a GPU only; kept honest)
+    save_file(some_tensors(), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    expected = load_file(str(tmp_path / "model.safetensors"))
+    read = EarlyRead(tmp_path, "cpu", threads=3)
+    state = read.take()
+    assert read.failed is None and state is not None
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype and state[name].shape == tensor.shape, name
+        assert torch.equal(state[name], tensor), name
+    assert read.take() is None  # handed over once
+
+
+def test_an_index_folder_is_read_shard_by_shard(tmp_path: Path) -> None:
+    tensors = some_tensors()
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[:3], "b.safetensors": names[3:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / early_read.SAFE_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    assert safetensors_files(tmp_path) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    state = EarlyRead(tmp_path, "cpu").take()
+    assert state is not None and all(torch.equal(state[k], tensors[k]) for k in tensors)
+
+
+def test_only_the_files_from_pretrained_reads_are_read(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    assert safetensors_files(tmp_path) is None
+    read = EarlyRead(tmp_path, "cpu")
+    assert read.take() is None and "no safetensors weights" in read.failed
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / early_read.SAFE_INDEX).write_text(json.dumps({"weight_map": {"v": "other.safetensors"}}))
+    assert safetensors_files(tmp_path) == [tmp_path / "model.safetensors"]  # transformers' first choice
+
+
+def test_bytes_are_split_evenly_and_each_share_keeps_file_order() -> None:
+    spans = [
+        (Path("f"), early_read.Span(f"t{i}", torch.uint8, (n,), 100 + 10 * i, 100 + 10 * i + n))
+        for i, n in enumerate([5, 9, 1, 4, 6, 3])
+    ]
+    shares = split_by_bytes(spans, 2)
+    assert sorted(s.name for share in shares for _, s in share) == [f"t{i}" for i in range(6)]
+    assert [sum(s.end - s.start for _, s in share) for share in shares] == [14, 14]  # 9+4+1 and 6+5+3
+    for share in shares:
+        assert [s.start for _, s in share] == sorted(s.start for _, s in share)
+    assert len(split_by_bytes(spans[:1], 4)) == 1
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    if how == "cut":
+        path.write_bytes(data[:-3])
+    elif how == "long header":
+        path.write_bytes(struct.pack("<Q", len(data)) + data[8:])
+    elif how == "not json":
+        path.write_bytes(data[:8] + b"{" * length + data[8 + length :])
+    elif how in ("dtype", "offsets", "before data"):
+        entry = header["w"]
+        if how == "dtype":
+            entry["dtype"] = "Q9"
+        elif how == "offsets":
+            entry["data_offsets"] = [0, 4]  # 4 bytes for 6 floats
+        else:
+            entry["data_offsets"] = [-8, 16]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= length  # the header keeps its length: only the entry is wrong
+        text = text.ljust(length)
+        path.write_bytes(data[:8] + text + data[8 + length :])
+    elif how == "tiny":
+        path.write_bytes(data[:5])
+
+
+@pytest.mark.parametrize("how", ["cut", "long header", "not json", "dtype", "offsets", "before data", "tiny"])
+def test_a_damaged_file_gives_nothing_and_says_which(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"v": torch.ones(2), "w": torch.ones(2, 3)}, str(path))
+    damage(path, how)
+    read = EarlyRead(tmp_path, "cpu")
+    assert read.take() is None
+    assert read.failed.startswith(str(path)) or "file ends" in read.failed
+
+
+def test_a_closed_read_stops_and_gives_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_file({f"t{i}": torch.ones(64) for i in range(8)}, str(tmp_path / "model.safetensors"))
+    reads = []
+    monkeypatch.setattr(early_read, "read_into", lambda *args: reads.append(args))
+    read = EarlyRead.__new__(EarlyRead)  # built by hand so that the stop comes before the read begins
+    read.folder, read.device, read.failed, read._state = tmp_path, torch.device("cpu"), None, None
+    read._stop = early_read.threading.Event()
+    read._stop.set()
+    read._read(2)
+    assert read._state is None and read.failed == "closed" and not reads
+
+
+def llm_state(llm) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, non-persistent ones (the rotary frequencies) included."""
+    return dict(llm.named_parameters()) | dict(llm.named_buffers())
+
+
+def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Path, tmp_path: Path) -> None:
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    from model.network.checkpoint import pretrained_llm
+
+    folder = tmp_path / "vicuna"
+    shutil.copytree(tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0", folder)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, repetition_penalty=1.3).save_pretrained(folder)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        early = EarlyRead(folder, "cpu")
+        built = pretrained_llm(folder, dtype, "sdpa", "cpu", early)
+        assert early.failed is None
+        ours, theirs = llm_state(built), llm_state(plain)
+        assert ours.keys() == theirs.keys()
+        for name, tensor in theirs.items():
+            assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+        assert built.config.to_diff_dict() == plain.config.to_diff_dict()
+        assert built.generation_config.repetition_penalty == 1.3
+        assert built.generation_config.to_diff_dict() == plain.generation_config.to_diff_dict()
+
+
+def test_a_read_of_another_folder_or_a_failed_one_leaves_the_load_to_the_folder(tiny_root: Path, tmp_path: Path) -> None:
+    from model.network.checkpoint import DeltaError, load_base
+
+    folder = tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0"
+    other = EarlyRead(tmp_path, "cpu")  # an empty folder: its read fails
+    llm = load_base(folder, torch.float32, "sdpa", "cpu", other)
+    assert other.failed is not None and llm.lm_head.weight.shape[0] > 0
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    damage(broken / "model.safetensors", "cut")
+    early = EarlyRead(broken, "cpu")
+    with pytest.raises(DeltaError, match="model.safetensors"):  # the ordinary load's own one line, naming the file
+        load_base(broken, torch.float32, "sdpa", "cpu", early)
+    assert early.failed is not None
+
+
+def test_load_model_with_the_early_read_answers_as_without(tiny_root: Path) -> None:
+    from ckpt.layout import layout
+    from model.config import GenerationConfig
+    from model.generate.base import generate_ids
+    from model.network.checkpoint import load_model
+    from model.network.deepresonance import Example
+    from model.network.folders import llm_folder
+
+    paths = layout(tiny_root)
+    delta = paths.delta_dir("beta")
+    plain = load_model(paths.vicuna, delta, paths.imagebind)
+    early = EarlyRead(llm_folder(paths.vicuna, delta), "cpu")
+    fast = load_model(paths.vicuna, delta, paths.imagebind, early=early)
+    assert early.failed is None and early.take() is None  # its tensors went to the model
+    assert all(torch.equal(t, fast.state_dict()[k]) for k, t in plain.state_dict().items())
+    prompts = [Example("", f"Question {i}?", []) for i in range(3)]
+    greedy = GenerationConfig(max_new_tokens=6, do_sample=False, decoder="generate")
+    assert generate_ids(fast, prompts, greedy) == generate_ids(plain, prompts, greedy)
