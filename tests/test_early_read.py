@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.io import early_read
-from model.io.early_read import EarlyRead, safetensors_files, safetensors_spans, split_by_bytes
+from model.io.early_read import EarlyRead, safetensors_files, split_by_bytes
 
 
 def some_tensors() -> dict[str, torch.Tensor]:
@@ -154,7 +154,7 @@ def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Pat
         assert built.generation_config.to_diff_dict() == plain.generation_config.to_diff_dict()
 
 
-def test_a_read_of_another_folder_or_a_failed_one_leaves_the_load_to_the_folder(tiny_root: Path, tmp_path: Path) -> None:
+def test_a_read_elsewhere_or_a_failed_one_leaves_the_load_to_from_pretrained(tiny_root: Path, tmp_path: Path) -> None:
     from model.network.checkpoint import DeltaError, load_base
 
     folder = tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0"
