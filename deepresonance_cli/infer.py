@@ -23,9 +23,11 @@ from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
     from model.data.catalog import DatasetSpec, Row
+    from model.io.early_read import EarlyRead
     from model.network.deepresonance import DeepResonance
 
 console = Console(stderr=True)
+EARLY_READ_DEVICES = ("cuda",)  # where `read_early` reads the LLaMA weights ahead of the load
 
 
 CkptRoot = Annotated[Path, typer.Option(help="Checkpoint root laid out as the original's ckpt/ folder.")]
@@ -91,6 +93,18 @@ def model_config(configs: list[Path] | None, lora_alpha: int | None) -> ModelCon
     return ModelConfig.from_dict(fields) if fields else None
 
 
+def read_early(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str) -> EarlyRead | None:
+    """The LLaMA weights `load` will use, begun onto a GPU now (model/io/early_read.py) so that they arrive while the
+    model's packages import; None on a CPU, where from_pretrained maps the files and a read would double the memory."""
+    if not device.startswith(EARLY_READ_DEVICES):
+        return None
+    from model.io.early_read import EarlyRead
+    from model.network.folders import llm_folder
+
+    paths = layout(ckpt_root)
+    return EarlyRead(llm_folder(base or paths.vicuna, delta or paths.delta_dir(variant)), device)
+
+
 def load(
     ckpt_root: Path,
     variant: str,
@@ -99,9 +113,12 @@ def load(
     device: str,
     dtype: str | None,
     config: ModelConfig | None = None,
+    early: EarlyRead | None = None,
 ):
     """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given.
-    `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha)."""
+    `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha). `early`: the
+    `read_early` begun before (None: begun here, before the model's packages are imported)."""
+    early = early or read_early(ckpt_root, variant, base, delta, device)
     import torch
 
     from model.network.checkpoint import load_model
@@ -109,15 +126,20 @@ def load(
     paths = layout(ckpt_root)
     on_cuda = device.startswith("cuda")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
-    model = load_model(
-        base or paths.vicuna,
-        delta or paths.delta_dir(variant),
-        paths.imagebind,
-        variant,
-        device,
-        torch_dtype,
-        config=config,
-    )
+    try:
+        model = load_model(
+            base or paths.vicuna,
+            delta or paths.delta_dir(variant),
+            paths.imagebind,
+            variant,
+            device,
+            torch_dtype,
+            config=config,
+            early=early,
+        )
+    finally:
+        if early is not None:
+            early.close()  # a load that failed first lets its read go (one that succeeded has taken it)
     model.merge_lora()
     return model
 
@@ -232,6 +254,9 @@ def infer(
         lock = output_lock(job.out, rank).acquire()  # one process per result file: a second one stops here
         ctx.call_on_close(lock.release)
     files = sum(media_files(job.rows[rank::world]) for job in jobs)
+    early = read_early(ckpt_root, variant, base, delta, device)  # the weights read while the rest imports
+    if early is not None:
+        ctx.call_on_close(early.close)
     decoders = start_decoders(files, torch.device(device))
     if decoders is not None:
         ctx.call_on_close(decoders.close)
@@ -239,7 +264,7 @@ def infer(
     from model.infer.kept_engine import KeptEngine
 
     batch_size = batch_size or default_slots(device, "job")
-    model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
+    model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha), early)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")

@@ -144,7 +144,7 @@ def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Pat
         plain = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
         early = EarlyRead(folder, "cpu")
         built = pretrained_llm(folder, dtype, "sdpa", "cpu", early)
-        assert early.failed is None
+        assert early.failed is None and early.take() is None  # the model took the read's tensors
         ours, theirs = llm_state(built), llm_state(plain)
         assert ours.keys() == theirs.keys()
         for name, tensor in theirs.items():
@@ -188,3 +188,54 @@ def test_load_model_with_the_early_read_answers_as_without(tiny_root: Path) -> N
     prompts = [Example("", f"Question {i}?", []) for i in range(3)]
     greedy = GenerationConfig(max_new_tokens=6, do_sample=False, decoder="generate")
     assert generate_ids(fast, prompts, greedy) == generate_ids(plain, prompts, greedy)
+
+
+def test_dr_infer_reads_the_weights_early_and_answers_as_without(tiny_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """`dr infer` (on a GPU; here with the CPU allowed) begins the read before the load, which builds the LLaMA from
+    it; the answers are those of a run without; a load that fails lets its read go."""
+    from synth import infer_args
+    from test_infer import media_dataset, runner
+
+    from deepresonance_cli import infer
+    from deepresonance_cli.app import app
+
+    reads: list[EarlyRead] = []
+    taken: list[bool] = []
+    real_take = EarlyRead.take
+
+    class Counted(EarlyRead):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            reads.append(self)
+
+        def take(self):
+            state = real_take(self)
+            taken.append(state is not None)
+            return state
+
+    monkeypatch.setattr(early_read, "EarlyRead", Counted)
+    dataset = media_dataset(tmp_path / "data", 4)
+    plain = tmp_path / "plain" / "toy.json"
+    assert runner.invoke(app, infer_args(tiny_root, dataset, plain)).exit_code == 0
+    assert not reads  # on a CPU the files are mapped, not read
+    monkeypatch.setattr(infer, "EARLY_READ_DEVICES", ("cuda", "cpu"))
+    out = tmp_path / "early" / "toy.json"
+    result = runner.invoke(app, infer_args(tiny_root, dataset, out))
+    assert result.exit_code == 0, result.output
+    assert len(reads) == 1 and reads[0].failed is None and taken[0]
+    assert reads[0].folder == layout_vicuna(tiny_root)
+    assert json.loads(out.read_text()) == json.loads(plain.read_text())
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_root, broken)
+    for file in (broken / "deepresonance_alpha_delta_ckpt/deepresonance/7b_tiva_v0").iterdir():
+        file.write_bytes(b"no")  # a damaged delta: the load fails before it reaches the LLaMA
+    with pytest.raises(ValueError, match="delta"):
+        infer.load(broken, "alpha", None, None, "cpu", None)
+    assert len(reads) == 2
+    assert reads[1]._stop.is_set() and not reads[1]._thread.is_alive()  # closed, not left reading
+
+
+def layout_vicuna(root: Path) -> Path:
+    from ckpt.layout import layout
+
+    return layout(root).vicuna

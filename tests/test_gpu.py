@@ -74,6 +74,41 @@ def test_a_model_loaded_onto_the_card_holds_what_a_host_load_moved_there_holds(t
         assert torch.equal(tensor, expected[name]), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_model_from_the_early_read_holds_what_a_host_load_moved_there_holds(tiny_layout, dtype, monkeypatch):
+    """The LLaMA weights read onto the card early (model/io/early_read.py, in pieces smaller than a tensor so the two
+    pinned buffers take turns), then the model built around them: every tensor, buffers included, on the card and
+    bitwise what a load on the host moved after gives; the model holds the read's own tensors, not copies."""
+    from model.io import early_read
+    from model.io.early_read import EarlyRead
+
+    monkeypatch.setattr(early_read, "CHUNK", 4096)
+    paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
+
+    def tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return dict(model.named_parameters()) | dict(model.named_buffers())
+
+    expected = tensors(load_model(*paths, device="cpu", dtype=dtype).to("cuda"))
+    early = EarlyRead(tiny_layout.vicuna, "cuda")
+    read_at = set()
+    real_take = early.take
+
+    def take():
+        state = real_take()
+        read_at.update(t.data_ptr() for t in (state or {}).values())
+        return state
+
+    early.take = take
+    got = tensors(load_model(*paths, device="cuda", dtype=dtype, early=early))
+    assert early.failed is None and read_at
+    assert list(got) == list(expected)
+    for name, tensor in got.items():
+        assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype, name
+        assert torch.equal(tensor, expected[name]), name
+    if dtype == torch.float32:  # the file's dtype: the layers' weights are the very tensors read
+        assert got["llama_model.base_model.model.model.layers.0.mlp.up_proj.weight"].data_ptr() in read_at
+
+
 def test_bfloat16_fast_path_tracks_float32_logits(tiny_layout):
     """bf16 keeps 8 mantissa bits, so near-tied logits of a random tiny model can flip tokens; the tolerance is on
     the logits instead: within 2% of their range."""
