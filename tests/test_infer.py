@@ -590,7 +590,8 @@ def test_infer_starts_its_decoding_processes_before_loading_the_model_and_the_jo
 @pytest.mark.slow
 def test_infer_starts_its_decoding_processes_before_it_imports_the_models_packages(tiny_root, tmp_path):
     """In a fresh `dr infer` process the decoding processes start before transformers and peft are imported (5 s of
-    a 2-core CPU's 7 s of imports), so their start overlaps the imports as well as the model's load."""
+    a 2-core CPU's 7 s of imports), so their start overlaps the imports as well as the model's load; so does the read
+    of the LLaMA weights (on a GPU; here with the CPU allowed), which the load then takes."""
     dataset = media_dataset(tmp_path / "data", 2)
     args = infer_args(tiny_root, dataset, tmp_path / "res" / "toy.json")
     code = f"""
@@ -602,10 +603,23 @@ def start(files, device):
     seen.append(sorted(m for m in ("peft", "transformers") if m in sys.modules))
     return real(files, device)
 decoders.start_decoders = start
+import model.io.early_read as early_read
+read = []
+class Seen(early_read.EarlyRead):
+    def __init__(self, *args, **kwargs):
+        read.append(sorted(m for m in ("peft", "transformers") if m in sys.modules))
+        super().__init__(*args, **kwargs)
+    def take(self):
+        state = super().take()
+        read.append(state is not None)
+        return state
+early_read.EarlyRead = Seen
 from typer.testing import CliRunner
+import deepresonance_cli.infer
 from deepresonance_cli.app import app
+deepresonance_cli.infer.EARLY_READ_DEVICES = ("cuda", "cpu")
 result = CliRunner().invoke(app, {args!r})
-print(json.dumps({{"exit_code": result.exit_code, "output": result.output[-2000:], "seen": seen}}))
+print(json.dumps({{"exit_code": result.exit_code, "output": result.output[-2000:], "seen": seen, "read": read}}))
 """
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, str(Path(__file__).parent)])}
@@ -614,6 +628,7 @@ print(json.dumps({{"exit_code": result.exit_code, "output": result.output[-2000:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["exit_code"] == 0, report["output"]
     assert report["seen"][0] == []  # the CLI's call (the job asks again, a CPU job's having started none)
+    assert report["read"][:2] == [[], True]  # begun before the model's packages, then taken by the load (and closed)
 
 
 def test_a_feature_file_the_decoding_processes_cannot_write_fails_the_job(
