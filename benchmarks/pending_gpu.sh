@@ -10,7 +10,8 @@
 # does, then `dr infer` itself in fresh processes on two datasets: benchmarks/profiling/second_process.py); `why`
 # (2026-12-07's tenth session: the engine alone and its phases on long and varied prompts at 512 slots); `overhead`
 # (2026-12-07's eleventh: a `dr infer` process's collector and teardown, benchmarks/profiling/process_overhead.py);
-# `mended` (2026-12-08's twelfth: stored forms refused and why, the weights' copy in threads, `dr infer` again).
+# `mended` (2026-12-08's twelfth and thirteenth: stored forms refused and why, the weights read early or copied in
+# threads, `dr infer` again).
 # Older runs: `1` and `2 [SECONDS]` (`1b`: 1 without the prefill alone), `fresh` (a cold job, then both warm jobs of
 # 2) and `rest` (the rest of 2). Carry the wheels in .whl (the device's README). Each step has a time limit (H100
 # timings of 2026-12-06/07), and a step that would run past the call's own limit (570 s, or the second argument) is
@@ -89,11 +90,13 @@ stored)
     step gpu_tests 330 pytest -q tests/test_gpu.py -k "not second_process_loads"
     ;;&
 mended)
-    # 2026-12-08's twelfth session: why a warm process still compiled 2 of its 5 forms (its stored forms refused: each
-    # refusal's reason, results/2026-12-08-h100-stored-and-load/), the weights copied to the card by 4 and 8
-    # threads against 1 (model/io/transfer.py converted) in turns, then `dr infer` from a process's start
-    step gpu_test_stored 150 pytest -q tests/test_gpu.py -k "second_process_loads or loaded_onto_the_card"
-    step model_load 140 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 2 --threads 4,8,1
+    # 2026-12-08's twelfth and thirteenth sessions: why a warm process still compiled 2 of its 5 forms (its stored
+    # forms refused: each refusal's reason, results/2026-12-08-h100-stored-and-load/); the LLaMA weights read onto the
+    # card while the model's packages import (model/io/early_read.py) against read in the load and copied by 4 or 1
+    # threads (model/io/transfer.py converted), in turns; then `dr infer` from a process's start
+    step gpu_test_stored 150 pytest -q tests/test_gpu.py -k "second_process_loads or onto_the_card or early_read"
+    step model_load 160 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 2 \
+        --arms early/4,late/4,early/8,late/1
     step second_process 160 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
     step startup_cold 100 python3 benchmarks/profiling/startup.py "$OUT/startup_cold.json" --slots 512
     step startup_warm 40 python3 benchmarks/profiling/startup.py "$OUT/startup_warm.json" --slots 512

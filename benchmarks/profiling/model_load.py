@@ -3,12 +3,15 @@ weights in place): a full-size checkpoint set in the original's layout (a Vicuna
 ImageBind-huge `.pth`, an alpha delta; zeros, with the benchmarks' small tokenizer, so embed_tokens and lm_head are
 about 2% of Vicuna's) is written once under --workdir, then each repeat loads it in a fresh process through the
 CLI's own loader (deepresonance_cli.infer.load: bf16, LoRA merged), timing its parts: the LLaMA weights, ImageBind,
-the delta and the move to the device, and the imports before it. Each repeat loads once with each of --threads
-copying the weights to the device (model/io/transfer.py COPY_THREADS; 1: one tensor after another, as Module.to),
-in turns. The first load may read from disk, the later ones from the page cache, as a second `dr infer` process does.
+the delta and the move to the device, and the imports before it. Each repeat loads once in each of --arms, in turns:
+`late/N` reads the LLaMA weights in the load and copies them to the device with N threads (model/io/transfer.py
+COPY_THREADS; 1: one tensor after another, as Module.to); `early/N` begins their read onto the device with N threads
+before the model's packages import, as `dr infer` does on a GPU (model/io/early_read.py). "start to loaded" is the
+figure to compare: imports and load together. The first load may read from disk, the later ones from the page
+cache, as a second `dr infer` process does.
 
     PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json [--workdir /tmp/dr_model_load] [--repeats 2] \
-        [--threads 4,8,1]
+        [--arms early/4,late/4,early/8,late/1]
     PYTHONPATH=. python3 benchmarks/profiling/model_load.py OUT.json --tiny  # the CPU check: tiny shapes
 """
 
@@ -28,7 +31,8 @@ from model.config import LLAMA_TINY, VICUNA_7B
 
 SHARD_BYTES = 2 << 30  # safetensors shards of the LLaMA weights, as save_pretrained writes them (fewer, larger)
 
-# run in a fresh process: the loader's parts timed by wrapping the functions it calls (argv: root, device, threads)
+# run in a fresh process: the loader's parts timed by wrapping the functions it calls (argv: root, device, threads,
+# early: 1 or 0)
 LOAD = """
 import time
 clock = time.perf_counter
@@ -36,16 +40,22 @@ start = clock()
 import json, sys
 from pathlib import Path
 import torch
+from benchmarks.profiling.startup import timed_calls
+import deepresonance_cli.infer as cli
+from model.io import early_read, transfer
+
+# early: read (the CPU check too); late: no read at all, not even load()'s own
+cli.EARLY_READ_DEVICES = ("cuda", "cpu") if sys.argv[4] == "1" else ()
+
+transfer.COPY_THREADS = int(sys.argv[3])
+parts = {}
+timed_calls(early_read.EarlyRead, "_read", parts.setdefault("early read (its thread)", []))
+early = cli.read_early(Path(sys.argv[1]), "alpha", None, None, sys.argv[2]) if sys.argv[4] == "1" else None
 from deepresonance_cli.infer import load
 from model.network import checkpoint
-from model.io import transfer
 from model.network.deepresonance import DeepResonance
 
 imported = clock() - start
-transfer.COPY_THREADS = int(sys.argv[3])
-from benchmarks.profiling.startup import timed_calls
-
-parts = {}
 for owner, name, label in (
     (checkpoint, "load_base", "llama weights"),
     (checkpoint, "moved_while", "llama to the device beside imagebind"),
@@ -58,8 +68,13 @@ for owner, name, label in (
 ):
     timed_calls(owner, name, parts.setdefault(label, []))
 begin = clock()
-model = load(Path(sys.argv[1]), "alpha", None, None, sys.argv[2], "bfloat16")
-times = {"imports (torch, transformers, peft, dr)": round(imported, 3), "whole load": round(clock() - begin, 3)}
+model = load(Path(sys.argv[1]), "alpha", None, None, sys.argv[2], "bfloat16", early=early)
+times = {
+    "imports (torch, transformers, peft, dr)": round(imported, 3),
+    "whole load": round(clock() - begin, 3),
+    "start to loaded": round(clock() - start, 3),
+    "early read used": early is not None and early.failed is None,
+}
 print(json.dumps(times | {label: round(sum(calls), 3) for label, calls in parts.items()}))
 """
 
@@ -135,7 +150,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/dr_model_load")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--threads", default="4,8,1", help="copy threads to compare, comma-separated")
+    parser.add_argument("--arms", default="early/4,late/4,early/8,late/1", help="early|late/threads, comma-separated")
     args = parser.parse_args()
     sizes, encoder, device = (LLAMA_TINY, "tiny", "cpu") if args.tiny else (VICUNA_7B, "huge", "cuda")
     if not torch.cuda.is_available():
@@ -150,23 +165,24 @@ def main() -> None:
         "set_bytes": sum(f.stat().st_size for f in root.rglob("*") if f.is_file()),
         "loads": [],
     }
-    counts = [int(n) for n in args.threads.split(",")]
+    arms = [(when, int(n)) for when, n in (arm.split("/") for arm in args.arms.split(","))]
     for _ in range(args.repeats):
-        for threads in counts:
+        for when, threads in arms:
             begin = time.perf_counter()
+            early = "1" if when == "early" else "0"
             out = subprocess.run(
-                [sys.executable, "-c", LOAD, str(root), device, str(threads)], capture_output=True, text=True
+                [sys.executable, "-c", LOAD, str(root), device, str(threads), early], capture_output=True, text=True
             )
             if out.returncode:  # the figures so far kept, the error beside them
                 report["error"] = out.stderr[-2000:]
                 Path(args.out).write_text(json.dumps(report, indent=1))
                 raise SystemExit(out.stderr[-2000:])
-            load = {"copy_threads": threads, "process_s": round(time.perf_counter() - begin, 2)}
+            load = {"arm": f"{when}/{threads}", "process_s": round(time.perf_counter() - begin, 2)}
             report["loads"].append(load | json.loads(out.stdout.splitlines()[-1]))
             Path(args.out).write_text(json.dumps(report, indent=1))
-    for threads in counts:
-        wholes = [load["whole load"] for load in report["loads"] if load["copy_threads"] == threads]
-        report[f"median whole load, {threads} copy threads"] = statistics.median(wholes)
+    for when, threads in arms:
+        starts = [load["start to loaded"] for load in report["loads"] if load["arm"] == f"{when}/{threads}"]
+        report[f"median start to loaded, {when}/{threads}"] = statistics.median(starts)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.io.transfer import COPY_THREADS
+from model.io import transfer
 
 # the two files transformers looks for first, in its order (a folder with only .bin shards is not read early)
 SAFE_SINGLE = "model.safetensors"
@@ -109,18 +109,20 @@ def safetensors_files(folder: Path) -> list[Path] | None:
 
 
 class EarlyRead:
-    """Reads a folder's weights onto `device` from construction, split over `threads` threads by bytes. `take`
+    """Reads a folder's weights onto `device` from construction, split over `threads` threads by bytes (None:
+    COPY_THREADS, as the loader's copies). `take`
     waits for them: {name: tensor in the file's dtype and shape}, or None where the read failed (`failed` says
     why) or was closed. Each thread fills the card through two pinned buffers on a stream of its own, a buffer
     read while the other's copy runs; on a CPU the files are read straight into the tensors."""
 
-    def __init__(self, folder: Path, device: torch.device | str, threads: int = COPY_THREADS) -> None:
+    def __init__(self, folder: Path, device: torch.device | str, threads: int | None = None) -> None:
         self.folder = Path(folder)
         self.device = torch.device(device)
         self.failed: str | None = None
         self._stop = threading.Event()
         self._state: dict[str, torch.Tensor] | None = None
-        self._thread = threading.Thread(target=self._read, args=(threads,), name="dr-early-read")
+        count = threads or transfer.COPY_THREADS
+        self._thread = threading.Thread(target=self._read, args=(count,), name="dr-early-read")
         self._thread.start()
 
     def take(self) -> dict[str, torch.Tensor] | None:
