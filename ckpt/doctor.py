@@ -139,9 +139,9 @@ def _added_token_ids(folder: Path) -> set[int]:
 
 
 def _check_imagebind(paths: CkptLayout, hashes: bool) -> tuple[int | None, Check]:
-    """The loader's own ImageBind check (model.network.checkpoint.imagebind_problems: every key and shape of the size
+    """The loader's own ImageBind check (model.network.pretrained.imagebind_problems: every key and shape of the size
     the file declares), after the recorded size and sha256."""
-    from model.network.checkpoint import imagebind_problems as loader_problems
+    from model.network.pretrained import imagebind_problems as loader_problems
 
     fix = f"dr ckpt download imagebind --root {paths.root}"
     check = Check("ImageBind-huge", paths.imagebind, "missing", "", fix)

@@ -135,7 +135,7 @@ def llm_state(llm) -> dict[str, torch.Tensor]:
 def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Path, tmp_path: Path) -> None:
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from model.network.checkpoint import pretrained_llm
+    from model.network.pretrained import pretrained_llm
 
     folder = tmp_path / "vicuna"
     shutil.copytree(tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0", folder)
@@ -155,7 +155,7 @@ def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Pat
 
 
 def test_a_read_elsewhere_or_a_failed_one_leaves_the_load_to_from_pretrained(tiny_root: Path, tmp_path: Path) -> None:
-    from model.network.checkpoint import DeltaError, load_base
+    from model.network.pretrained import DeltaError, load_base
 
     folder = tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0"
     other = EarlyRead(tmp_path, "cpu")  # an empty folder: its read fails

@@ -1,0 +1,113 @@
+"""The pretrained pieces a DeepResonance model is built on, as their files hold them: the LLaMA (from its Hugging Face
+folder, or from the tensors read early onto its device) and ImageBind (checked against the model its shapes declare).
+A piece that does not load is one DeltaError line naming its file."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers.utils import GENERATION_CONFIG_NAME
+
+from model.io.early_read import EarlyRead
+from model.media.encoder import MediaEncoder, size_of
+
+log = logging.getLogger(__name__)
+
+
+class DeltaError(ValueError):
+    pass
+
+
+def pretrained_llm(
+    folder: Path,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: str | torch.device,
+    early: EarlyRead | None,
+) -> LlamaForCausalLM:
+    """`LlamaForCausalLM.from_pretrained(folder)`, built from the tensors `early` read where it read this folder onto
+    `device`: the same model (config, weights, generation settings), its weights already there. Otherwise, or where
+    the early read failed, from the folder, which names what is wrong with it."""
+    state = None
+    if early is not None and early.folder == folder and early.device == torch.device(device):
+        state = early.take()
+    elif early is not None:
+        early.close()
+    if early is not None and state is None:
+        log.info("%s: read by transformers (the early read: %s)", folder, early.failed or "of another folder or device")
+    if state is None:
+        return LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    llm = LlamaForCausalLM.from_pretrained(
+        None,
+        config=LlamaConfig.from_pretrained(folder),
+        state_dict=state,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device_map={"": early.device},
+    )
+    if (folder / GENERATION_CONFIG_NAME).is_file():  # what from_pretrained(folder) reads beside the weights
+        llm.generation_config = GenerationConfig.from_pretrained(folder)
+    return llm
+
+
+def load_base(
+    base: Path,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    device: str | torch.device = "cpu",
+    early: EarlyRead | None = None,
+) -> LlamaForCausalLM:
+    """The Vicuna weights; a damaged or code-holding file is one line naming it (checked by ckpt's readers)."""
+    try:
+        return pretrained_llm(base, dtype, attn_implementation, device, early)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        from model.io.errors import CkptError
+        from model.io.weights import ShardedWeights
+
+        try:
+            ShardedWeights(base).shapes()
+        except CkptError as found:
+            raise DeltaError(str(found)) from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DeltaError(f"{base}: the base model does not load ({type(err).__name__}: {reason})") from err
+
+
+def imagebind_problems(path: Path) -> list[str]:
+    """Why an ImageBind file does not fit the model it declares (its size read from its shapes): unreadable, missing,
+    unexpected or misshapen keys. The one check behind `load_model` and `dr ckpt doctor`."""
+    from model.io.errors import CkptError
+    from model.io.weights import tensor_shapes
+
+    try:
+        shapes = tensor_shapes(path)
+    except CkptError as err:
+        return [str(err).removeprefix(f"{path}: ")]
+    try:
+        size = size_of({k: SimpleNamespace(shape=s) for k, s in shapes.items()}, path)
+    except ValueError as err:
+        return [str(err).removeprefix(f"{path}: ")]
+    with init_empty_weights():  # shapes only: parameters on the meta device, nothing allocated
+        own = {k: tuple(v.shape) for k, v in MediaEncoder(size).imagebind.state_dict().items()}
+    problems = [f"unexpected key '{k}' for ImageBind-{size}" for k in shapes if k not in own]
+    problems += [f"missing key '{k}' for ImageBind-{size}" for k in own if k not in shapes]
+    problems += [
+        f"'{k}' has shape {shapes[k]}, ImageBind-{size} expects {s}"
+        for k, s in own.items()
+        if k in shapes and shapes[k] != s
+    ]
+    return problems
+
+
+def load_encoder(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MediaEncoder:
+    if path.is_file():
+        problems = imagebind_problems(path)
+        if problems:
+            raise DeltaError(f"{path}: {problems[0]}")
+    return MediaEncoder.load(path, device=device, dtype=dtype)
