@@ -22,6 +22,8 @@ from deepresonance_cli.options import AllowOutside, DtypeChoice, VariantChoice, 
 from model.config import Decoder, GenerationConfig, ModelConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from model.data.catalog import DatasetSpec, Row
     from model.io.early_read import EarlyRead
     from model.network.deepresonance import DeepResonance
@@ -93,7 +95,16 @@ def model_config(configs: list[Path] | None, lora_alpha: int | None) -> ModelCon
     return ModelConfig.from_dict(fields) if fields else None
 
 
-def read_early(ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str) -> EarlyRead | None:
+def model_dtype(device: str, dtype: str | None) -> torch.dtype:
+    """The dtype `load` gives the model: `dtype` where given, else bfloat16 on CUDA (the fast path) and float32."""
+    import torch
+
+    return getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
+def read_early(
+    ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str, dtype: str | None
+) -> EarlyRead | None:
     """The LLaMA weights `load` will use, begun onto a GPU now (model/io/early_read.py) so that they arrive while the
     model's packages import; None on a CPU, where from_pretrained maps the files and a read would double the memory."""
     if not device.startswith(EARLY_READ_DEVICES):
@@ -102,7 +113,8 @@ def read_early(ckpt_root: Path, variant: str, base: Path | None, delta: Path | N
     from model.network.folders import llm_folder
 
     paths = layout(ckpt_root)
-    return EarlyRead(llm_folder(base or paths.vicuna, delta or paths.delta_dir(variant)), device)
+    folder = llm_folder(base or paths.vicuna, delta or paths.delta_dir(variant))
+    return EarlyRead(folder, device, model_dtype(device, dtype))
 
 
 def load(
@@ -118,14 +130,10 @@ def load(
     """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given.
     `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha). `early`: the
     `read_early` begun before (None: begun here, before the model's packages are imported)."""
-    early = early or read_early(ckpt_root, variant, base, delta, device)
-    import torch
-
+    early = early or read_early(ckpt_root, variant, base, delta, device, dtype)
     from model.network.checkpoint import load_model
 
     paths = layout(ckpt_root)
-    on_cuda = device.startswith("cuda")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_cuda else torch.float32)
     try:
         model = load_model(
             base or paths.vicuna,
@@ -133,7 +141,7 @@ def load(
             paths.imagebind,
             variant,
             device,
-            torch_dtype,
+            model_dtype(device, dtype),
             config=config,
             early=early,
         )
@@ -254,7 +262,7 @@ def infer(
         lock = output_lock(job.out, rank).acquire()  # one process per result file: a second one stops here
         ctx.call_on_close(lock.release)
     files = sum(media_files(job.rows[rank::world]) for job in jobs)
-    early = read_early(ckpt_root, variant, base, delta, device)  # the weights read while the rest imports
+    early = read_early(ckpt_root, variant, base, delta, device, dtype)  # the weights read while the rest imports
     if early is not None:
         ctx.call_on_close(early.close)
     decoders = start_decoders(files, torch.device(device))

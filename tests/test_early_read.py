@@ -43,6 +43,16 @@ def test_every_tensor_is_read_as_safetensors_reads_it(tmp_path: Path, monkeypatc
     assert read.take() is None  # handed over once
 
 
+def test_floating_tensors_arrive_in_the_dtype_asked_for(tmp_path: Path) -> None:
+    save_file(some_tensors(), str(tmp_path / "model.safetensors"))
+    expected = load_file(str(tmp_path / "model.safetensors"))
+    state = EarlyRead(tmp_path, "cpu", torch.bfloat16).take()
+    assert state is not None
+    for name, tensor in expected.items():
+        want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor  # integers and flags as they are
+        assert state[name].dtype == want.dtype and torch.equal(state[name], want), name
+
+
 def test_an_index_folder_is_read_shard_by_shard(tmp_path: Path) -> None:
     tensors = some_tensors()
     names = sorted(tensors)
@@ -142,7 +152,7 @@ def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Pat
     GenerationConfig(bos_token_id=1, eos_token_id=2, repetition_penalty=1.3).save_pretrained(folder)
     for dtype in (torch.float32, torch.bfloat16):
         plain = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-        early = EarlyRead(folder, "cpu")
+        early = EarlyRead(folder, "cpu", dtype)  # the tiny set's float32 converted by the read
         built = pretrained_llm(folder, dtype, "sdpa", "cpu", early)
         assert early.failed is None and early.take() is None  # the model took the read's tensors
         ours, theirs = llm_state(built), llm_state(plain)

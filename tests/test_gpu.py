@@ -89,7 +89,7 @@ def test_a_model_from_the_early_read_holds_what_a_host_load_moved_there_holds(ti
         return dict(model.named_parameters()) | dict(model.named_buffers())
 
     expected = tensors(load_model(*paths, device="cpu", dtype=dtype).to("cuda"))
-    early = EarlyRead(tiny_layout.vicuna, "cuda")
+    early = EarlyRead(tiny_layout.vicuna, "cuda", dtype)  # bfloat16: converted on the card as it arrives
     read_at = set()
     real_take = early.take
 

@@ -50,7 +50,7 @@ cli.EARLY_READ_DEVICES = ("cuda", "cpu") if sys.argv[4] == "1" else ()
 transfer.COPY_THREADS = int(sys.argv[3])
 parts = {}
 timed_calls(early_read.EarlyRead, "_read", parts.setdefault("early read (its thread)", []))
-early = cli.read_early(Path(sys.argv[1]), "alpha", None, None, sys.argv[2]) if sys.argv[4] == "1" else None
+early = cli.read_early(Path(sys.argv[1]), "alpha", None, None, sys.argv[2], "bfloat16") if sys.argv[4] == "1" else None
 from deepresonance_cli.infer import load
 from model.network import checkpoint
 from model.network.deepresonance import DeepResonance

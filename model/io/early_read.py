@@ -110,14 +110,18 @@ def safetensors_files(folder: Path) -> list[Path] | None:
 
 class EarlyRead:
     """Reads a folder's weights onto `device` from construction, split over `threads` threads by bytes (None:
-    COPY_THREADS, as the loader's copies). `take`
-    waits for them: {name: tensor in the file's dtype and shape}, or None where the read failed (`failed` says
-    why) or was closed. Each thread fills the card through two pinned buffers on a stream of its own, a buffer
-    read while the other's copy runs; on a CPU the files are read straight into the tensors."""
+    COPY_THREADS, as the loader's copies), each floating tensor converted to `dtype` as it arrives (None: the file's)
+    so that the card never holds a checkpoint's float16 and the model's bfloat16 whole at once, as a conversion after
+    the read would (27 GB for Vicuna-7B). `take` waits for them: {name: tensor in its file's shape}, or None where the
+    read failed (`failed` says why) or was closed. Each thread fills the card through two pinned buffers on a stream
+    of its own, a buffer read while the other's copy runs; on a CPU the files are read straight into the tensors."""
 
-    def __init__(self, folder: Path, device: torch.device | str, threads: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, device: torch.device | str, dtype: torch.dtype | None = None, threads: int | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.device = torch.device(device)
+        self.dtype = dtype
         self.failed: str | None = None
         self._stop = threading.Event()
         self._state: dict[str, torch.Tensor] | None = None
@@ -168,7 +172,15 @@ class EarlyRead:
                     copier.fill(raw, descriptors[path], span.start, self._stop)
                 else:
                     read_into(descriptors[path], memoryview(raw.numpy()), span.start)
-                out[span.name] = raw.view(span.dtype).view(span.shape)
+                tensor = raw.view(span.dtype).view(span.shape)
+                if self.dtype is not None and span.dtype.is_floating_point and span.dtype != self.dtype:
+                    converted = torch.empty(span.shape, dtype=self.dtype, device=self.device)
+                    if copier is not None:
+                        copier.convert(tensor, converted)
+                    else:
+                        converted.copy_(tensor)
+                    tensor = converted
+                out[span.name] = tensor
         finally:
             if copier is not None:
                 copier.finish()  # also where a read failed: no copy may still be writing a tensor that is let go
@@ -225,6 +237,13 @@ class CardCopier:
                 raw[at : at + n].copy_(self.buffers[turn][:n], non_blocking=True)
                 self.copied[turn] = torch.cuda.Event()
                 self.copied[turn].record(self.stream)
+
+    def convert(self, tensor: torch.Tensor, into: torch.Tensor) -> None:
+        """`into` (allocated on the default stream) takes `tensor` in its dtype, after the copies that filled it;
+        `tensor`'s memory is not handed out again until the conversion has read it."""
+        with torch.cuda.stream(self.stream):
+            into.copy_(tensor)
+        tensor.record_stream(self.stream)
 
     def finish(self) -> None:
         self.stream.synchronize()
