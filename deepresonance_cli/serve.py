@@ -91,13 +91,6 @@ def serve(
     eager: Annotated[bool, Opt(help="Decode without torch.compile and CUDA graphs (no compile wait on CUDA).")] = False,
 ) -> None:
     """Serve the model: OpenAI's Chat Completions API at /v1, a page to ask about your music at /."""
-    import uvicorn
-
-    from model.engine.scheduler import Engine
-    from model.engine.sizing import default_slots
-    from model.serve.app import create_app
-    from model.serve.worker import EngineWorker
-
     if not is_loopback(host) and not api_key:
         raise typer.BadParameter(
             f"binding {host} opens the server to other machines: give --api-key", param_hint="--host"
@@ -109,7 +102,15 @@ def serve(
     if demo:
         ckpt_root, delta = demo_checkpoints(demo_dir, variant)
         model_id += "-demo"
+    # the LLaMA weights' read onto a GPU begins in `load`, before the model's packages (and these) are imported
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha))
+    import uvicorn
+
+    from model.engine.scheduler import Engine
+    from model.engine.sizing import default_slots
+    from model.serve.app import create_app
+    from model.serve.worker import EngineWorker
+
     slots = slots or default_slots(device, "server")
     engine = Engine.sized(model, model.config.max_length, max_new_tokens, slots, compile=False if eager else None)
     limits = Limits(
