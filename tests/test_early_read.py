@@ -164,13 +164,15 @@ def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Pat
         assert built.generation_config.to_diff_dict() == plain.generation_config.to_diff_dict()
 
 
-def test_a_read_elsewhere_or_a_failed_one_leaves_the_load_to_from_pretrained(tiny_root: Path, tmp_path: Path) -> None:
+def test_a_read_elsewhere_or_a_failed_one_leaves_the_load_to_from_pretrained(tiny_root: Path, tmp_path: Path, caplog):
     from model.network.pretrained import DeltaError, load_base
 
     folder = tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0"
     other = EarlyRead(tmp_path, "cpu")  # an empty folder: its read fails
-    llm = load_base(folder, torch.float32, "sdpa", "cpu", other)
+    with caplog.at_level("INFO", logger="model.network.pretrained"):
+        llm = load_base(folder, torch.float32, "sdpa", "cpu", other)
     assert other.failed is not None and llm.lm_head.weight.shape[0] > 0
+    assert f"not from the early read (it read {tmp_path} onto cpu)" in caplog.text
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     damage(broken / "model.safetensors", "cut")

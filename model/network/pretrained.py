@@ -36,12 +36,14 @@ def pretrained_llm(
     `device`: the same model (config, weights, generation settings), its weights already there. Otherwise, or where
     the early read failed, from the folder, which names what is wrong with it."""
     state = None
-    if early is not None and early.folder == folder and early.device == torch.device(device):
-        state = early.take()
-    elif early is not None:
-        early.close()
-    if early is not None and state is None:
-        log.info("%s: read by transformers (the early read: %s)", folder, early.failed or "of another folder or device")
+    if early is not None:
+        if early.folder == folder and early.device == torch.device(device):
+            state, reason = early.take(), early.failed
+        else:
+            early.close()
+            reason = f"it read {early.folder} onto {early.device}"
+        if state is None:
+            log.info("%s: read by transformers, not from the early read (%s)", folder, reason)
     if state is None:
         return LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     llm = LlamaForCausalLM.from_pretrained(
