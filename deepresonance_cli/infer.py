@@ -104,17 +104,22 @@ def model_dtype(device: str, dtype: str | None) -> torch.dtype:
 
 def read_early(
     ckpt_root: Path, variant: str, base: Path | None, delta: Path | None, device: str, dtype: str | None
-) -> EarlyRead | None:
-    """The LLaMA weights `load` will use, begun onto a GPU now (model/io/early_read.py) so that they arrive while the
-    model's packages import; None on a CPU, where from_pretrained maps the files and a read would double the memory."""
+) -> list[EarlyRead]:
+    """The LLaMA and ImageBind weights `load` will use, begun onto a GPU now (model/io/early_read.py) so that they
+    arrive while the model's packages import; none on a CPU, where the load maps the files and a read would double the
+    memory."""
     if not device.startswith(EARLY_READ_DEVICES):
-        return None
+        return []
     from model.io.early_read import EarlyRead
+    from model.media.encoder import kept_weight
     from model.network.folders import llm_folder
 
     paths = layout(ckpt_root)
-    folder = llm_folder(base or paths.vicuna, delta or paths.delta_dir(variant))
-    return EarlyRead(folder, device, model_dtype(device, dtype))
+    torch_dtype = model_dtype(device, dtype)
+    reads = [EarlyRead(llm_folder(base or paths.vicuna, delta or paths.delta_dir(variant)), device, torch_dtype)]
+    if paths.imagebind.is_file():
+        reads.append(EarlyRead(paths.imagebind, device, torch_dtype, keep=kept_weight))
+    return reads
 
 
 def load(
@@ -125,12 +130,12 @@ def load(
     device: str,
     dtype: str | None,
     config: ModelConfig | None = None,
-    early: EarlyRead | None = None,
+    early: list[EarlyRead] | None = None,
 ):
     """The model for inference: on CUDA the fast path (bf16, SDPA, LoRA merged) unless a dtype is given.
     `config`: the ModelConfig to start from (`model_config`: the original's YAML, --lora-alpha). `early`: the
     `read_early` begun before (None: begun here, before the model's packages are imported)."""
-    early = early or read_early(ckpt_root, variant, base, delta, device, dtype)
+    early = read_early(ckpt_root, variant, base, delta, device, dtype) if early is None else early
     from model.network.checkpoint import load_model
 
     paths = layout(ckpt_root)
@@ -146,8 +151,8 @@ def load(
             early=early,
         )
     finally:
-        if early is not None:
-            early.close()  # a load that failed first lets its read go (one that succeeded has taken it)
+        for read in early:  # a load that failed first lets its reads go (one that succeeded has taken them)
+            read.close()
     model.merge_lora()
     return model
 
@@ -263,8 +268,8 @@ def infer(
         ctx.call_on_close(lock.release)
     files = sum(media_files(job.rows[rank::world]) for job in jobs)
     early = read_early(ckpt_root, variant, base, delta, device, dtype)  # the weights read while the rest imports
-    if early is not None:
-        ctx.call_on_close(early.close)
+    for read in early:
+        ctx.call_on_close(read.close)
     decoders = start_decoders(files, torch.device(device))
     if decoders is not None:
         ctx.call_on_close(decoders.close)

@@ -130,7 +130,7 @@ def test_a_closed_read_stops_and_gives_nothing(tmp_path: Path, monkeypatch: pyte
     reads = []
     monkeypatch.setattr(early_read, "read_into", lambda *args: reads.append(args))
     read = EarlyRead.__new__(EarlyRead)  # built by hand so that the stop comes before the read begins
-    read.folder, read.device, read.failed, read._state = tmp_path, torch.device("cpu"), None, None
+    read.source, read.device, read.failed, read._state = tmp_path, torch.device("cpu"), None, None
     read._stop = early_read.threading.Event()
     read._stop.set()
     read._read(2)
@@ -153,7 +153,7 @@ def test_a_model_from_the_early_read_is_the_model_from_the_folder(tiny_root: Pat
     for dtype in (torch.float32, torch.bfloat16):
         plain = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
         early = EarlyRead(folder, "cpu", dtype)  # the tiny set's float32 converted by the read
-        built = pretrained_llm(folder, dtype, "sdpa", "cpu", early)
+        built = pretrained_llm(folder, dtype, "sdpa", early)
         assert early.failed is None and early.take() is None  # the model took the read's tensors
         ours, theirs = llm_state(built), llm_state(plain)
         assert ours.keys() == theirs.keys()
@@ -168,24 +168,25 @@ def test_a_read_elsewhere_or_a_failed_one_leaves_the_load_to_from_pretrained(tin
     from model.network.pretrained import DeltaError, load_base
 
     folder = tiny_root / "pretrained_ckpt/vicuna_ckpt/7b_v0"
-    other = EarlyRead(tmp_path, "cpu")  # an empty folder: its read fails
-    with caplog.at_level("INFO", logger="model.network.pretrained"):
-        llm = load_base(folder, torch.float32, "sdpa", "cpu", other)
-    assert other.failed is not None and llm.lm_head.weight.shape[0] > 0
-    assert f"not from the early read (it read {tmp_path} onto cpu)" in caplog.text
+    plain = load_base(folder, torch.float32, "sdpa")
+    elsewhere = [EarlyRead(tmp_path, "cpu", torch.float32), EarlyRead(folder, "cpu", torch.bfloat16)]
+    llm = load_base(folder, torch.float32, "sdpa", "cpu", elsewhere)  # another folder; this one in another dtype
+    assert all(torch.equal(t, plain.state_dict()[k]) for k, t in llm.state_dict().items())
+    assert elsewhere[1].take() is not None  # left untaken: a bfloat16 read would have rounded the float32 model
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     damage(broken / "model.safetensors", "cut")
-    early = EarlyRead(broken, "cpu")
-    with pytest.raises(DeltaError, match="model.safetensors"):  # the ordinary load's own one line, naming the file
-        load_base(broken, torch.float32, "sdpa", "cpu", early)
-    assert early.failed is not None
+    early = EarlyRead(broken, "cpu", torch.float32)
+    with caplog.at_level("INFO", logger="model.io.early_read"), pytest.raises(DeltaError, match="model.safetensors"):
+        load_base(broken, torch.float32, "sdpa", "cpu", [early])  # the ordinary load's own one line, naming the file
+    assert early.failed is not None and f"{broken}: not read early" in caplog.text
 
 
 def test_load_model_with_the_early_read_answers_as_without(tiny_root: Path) -> None:
     from ckpt.layout import layout
     from model.config import GenerationConfig
     from model.generate.base import generate_ids
+    from model.media.encoder import kept_weight
     from model.network.checkpoint import load_model
     from model.network.deepresonance import Example
     from model.network.folders import llm_folder
@@ -193,9 +194,11 @@ def test_load_model_with_the_early_read_answers_as_without(tiny_root: Path) -> N
     paths = layout(tiny_root)
     delta = paths.delta_dir("beta")
     plain = load_model(paths.vicuna, delta, paths.imagebind)
-    early = EarlyRead(llm_folder(paths.vicuna, delta), "cpu")
+    early = [EarlyRead(llm_folder(paths.vicuna, delta), "cpu", torch.float32)]
+    early.append(EarlyRead(paths.imagebind, "cpu", torch.float32, keep=kept_weight))
     fast = load_model(paths.vicuna, delta, paths.imagebind, early=early)
-    assert early.failed is None and early.take() is None  # its tensors went to the model
+    assert all(read.failed is None and read.take() is None for read in early)  # their tensors went to the model
+    assert fast.visual_encoder.weights_file() == plain.visual_encoder.weights_file() is not None
     assert all(torch.equal(t, fast.state_dict()[k]) for k, t in plain.state_dict().items())
     prompts = [Example("", f"Question {i}?", []) for i in range(3)]
     greedy = GenerationConfig(max_new_tokens=6, do_sample=False, decoder="generate")
@@ -208,6 +211,7 @@ def test_dr_infer_reads_the_weights_early_and_answers_as_without(tiny_root: Path
     from synth import infer_args
     from test_infer import media_dataset, runner
 
+    from ckpt.layout import layout
     from deepresonance_cli import infer
     from deepresonance_cli.app import app
 
@@ -234,8 +238,8 @@ def test_dr_infer_reads_the_weights_early_and_answers_as_without(tiny_root: Path
     out = tmp_path / "early" / "toy.json"
     result = runner.invoke(app, infer_args(tiny_root, dataset, out))
     assert result.exit_code == 0, result.output
-    assert len(reads) == 1 and reads[0].failed is None and taken[0]
-    assert reads[0].folder == layout_vicuna(tiny_root)
+    assert len(reads) == 2 and all(read.failed is None for read in reads) and taken[:2] == [True, True]
+    assert [read.source for read in reads] == [layout(tiny_root).vicuna, layout(tiny_root).imagebind]
     assert json.loads(out.read_text()) == json.loads(plain.read_text())
     broken = tmp_path / "broken"
     shutil.copytree(tiny_root, broken)
@@ -243,11 +247,69 @@ def test_dr_infer_reads_the_weights_early_and_answers_as_without(tiny_root: Path
         file.write_bytes(b"no")  # a damaged delta: the load fails before it reaches the LLaMA
     with pytest.raises(ValueError, match="delta"):
         infer.load(broken, "alpha", None, None, "cpu", None)
-    assert len(reads) == 2
-    assert reads[1]._stop.is_set() and not reads[1]._thread.is_alive()  # closed, not left reading
+    assert len(reads) == 4
+    assert all(read._stop.is_set() and not read._thread.is_alive() for read in reads[2:])  # closed, not left reading
 
 
-def layout_vicuna(root: Path) -> Path:
+def test_a_pickle_is_mapped_and_its_kept_tensors_copied_as_the_load_copies_them(tiny_root: Path) -> None:
     from ckpt.layout import layout
+    from model.io.files import file_identity
+    from model.media.encoder import kept_weight
 
-    return layout(root).vicuna
+    path = layout(tiny_root).imagebind
+    mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    read = EarlyRead(path, "cpu", torch.bfloat16, keep=kept_weight)
+    state = read.take()
+    assert read.failed is None and state is not None and state.keys() == mapped.keys()
+    assert read.identity == file_identity(path)
+    kept = [name for name in mapped if kept_weight(name)]
+    assert 0 < len(kept) < len(mapped)
+    for name, tensor in mapped.items():
+        if name in kept:
+            want = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+            assert state[name].dtype == want.dtype and torch.equal(state[name], want), name
+            assert state[name].untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr(), name  # a copy
+        else:
+            assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+
+
+def test_the_kept_weights_are_those_the_encoder_keeps() -> None:
+    from model.media.encoder import MediaEncoder, kept_weight
+
+    encoder = MediaEncoder("tiny")
+    every = set(encoder.imagebind.state_dict())
+    encoder.drop_unused_towers()
+    assert {name for name in every if kept_weight(name)} == set(encoder.imagebind.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_imagebind_from_the_early_read_is_imagebind_from_the_file(tiny_root: Path, tmp_path: Path, dtype) -> None:
+    from ckpt.layout import layout
+    from model.media.encoder import MediaEncoder, kept_weight
+
+    path = layout(tiny_root).imagebind
+    plain = MediaEncoder.load(path, device="cpu", dtype=dtype)
+    read = EarlyRead(path, "cpu", dtype, keep=kept_weight)
+    read.take = lambda taken=read.take: (state := taken()) and (copies.extend(state.values()) or state)
+    copies: list[torch.Tensor] = []
+    early = MediaEncoder.load(path, device="cpu", dtype=dtype, early=read)
+    assert read.failed is None and copies
+    pointers = {t.data_ptr() for t in copies}
+    assert all(t.data_ptr() in pointers for t in early.parameters())  # the read's copies, not copied again
+    ours, theirs = early.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in theirs.items())
+    assert early.fingerprint == plain.fingerprint and early.weights_file() == plain.weights_file() is not None
+    moved = tmp_path / "replaced.pth"
+    shutil.copy(path, moved)
+    read = EarlyRead(moved, "cpu", dtype, keep=kept_weight)
+    read._thread.join()  # the read done, the file is then replaced: the weights are no longer the file's
+    shutil.copy(path, tmp_path / "new.pth")
+    (tmp_path / "new.pth").replace(moved)
+    assert MediaEncoder.load(moved, device="cpu", dtype=dtype, early=read).weights_file() is None
+    broken = tmp_path / "imagebind.pth"
+    broken.write_bytes(path.read_bytes()[:1000])
+    read = EarlyRead(broken, "cpu", dtype, keep=kept_weight)
+    with pytest.raises(ValueError, match="not a readable ImageBind checkpoint"):  # the load's own line
+        MediaEncoder.load(broken, device="cpu", dtype=dtype, early=read)
+    assert read.failed is not None

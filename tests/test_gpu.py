@@ -76,11 +76,13 @@ def test_a_model_loaded_onto_the_card_holds_what_a_host_load_moved_there_holds(t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_model_from_the_early_read_holds_what_a_host_load_moved_there_holds(tiny_layout, dtype, monkeypatch):
-    """The LLaMA weights read onto the card early (model/io/early_read.py, in pieces smaller than a tensor so the two
-    pinned buffers take turns), then the model built around them: every tensor, buffers included, on the card and
-    bitwise what a load on the host moved after gives; the model holds the read's own tensors, not copies."""
+    """The LLaMA and ImageBind weights read onto the card early (model/io/early_read.py; the LLaMA in pieces smaller
+    than a tensor so the two pinned buffers take turns), then the model built around them: every tensor, buffers
+    included, on the card and bitwise what a load on the host moved after gives; the model holds the reads' own
+    tensors, not copies."""
     from model.io import early_read
     from model.io.early_read import EarlyRead
+    from model.media.encoder import kept_weight
 
     monkeypatch.setattr(early_read, "CHUNK", 4096)
     paths = (tiny_layout.vicuna, tiny_layout.delta_dir("beta"), tiny_layout.imagebind)
@@ -89,22 +91,22 @@ def test_a_model_from_the_early_read_holds_what_a_host_load_moved_there_holds(ti
         return dict(model.named_parameters()) | dict(model.named_buffers())
 
     expected = tensors(load_model(*paths, device="cpu", dtype=dtype).to("cuda"))
-    early = EarlyRead(tiny_layout.vicuna, "cuda", dtype)  # bfloat16: converted on the card as it arrives
+    reads = [
+        EarlyRead(tiny_layout.vicuna, "cuda", dtype),
+        EarlyRead(tiny_layout.imagebind, "cuda", dtype, keep=kept_weight),
+    ]
     read_at = set()
-    real_take = early.take
-
-    def take():
-        state = real_take()
-        read_at.update(t.data_ptr() for t in (state or {}).values())
-        return state
-
-    early.take = take
-    got = tensors(load_model(*paths, device="cuda", dtype=dtype, early=early))
-    assert early.failed is None and read_at
+    for read in reads:
+        read.take = lambda taken=read.take: (
+            (state := taken()) and (read_at.update(t.data_ptr() for t in state.values()) or state)
+        )
+    got = tensors(load_model(*paths, device="cuda", dtype=dtype, early=reads))
+    assert all(read.failed is None for read in reads) and read_at
     assert list(got) == list(expected)
     for name, tensor in got.items():
         assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype, name
         assert torch.equal(tensor, expected[name]), name
+    assert got["visual_encoder.imagebind.modality_trunks.audio.blocks.0.attn.in_proj_weight"].data_ptr() in read_at
     if dtype == torch.float32:  # the file's dtype: the layers' weights are the very tensors read
         assert got["llama_model.base_model.model.model.layers.0.mlp.up_proj.weight"].data_ptr() in read_at
 

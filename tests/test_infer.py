@@ -628,7 +628,8 @@ print(json.dumps({{"exit_code": result.exit_code, "output": result.output[-2000:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["exit_code"] == 0, report["output"]
     assert report["seen"][0] == []  # the CLI's call (the job asks again, a CPU job's having started none)
-    assert report["read"][:2] == [[], True]  # begun before the model's packages, then taken by the load (and closed)
+    # both reads (the LLaMA's, ImageBind's) begun before the model's packages, then taken by the load (and closed)
+    assert report["read"][:4] == [[], [], True, True]
 
 
 def test_a_feature_file_the_decoding_processes_cannot_write_fails_the_job(

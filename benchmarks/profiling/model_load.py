@@ -4,9 +4,10 @@ ImageBind-huge `.pth`, an alpha delta; zeros, with the benchmarks' small tokeniz
 about 2% of Vicuna's) is written once under --workdir, then each repeat loads it in a fresh process through the
 CLI's own loader (deepresonance_cli.infer.load: bf16, LoRA merged), timing its parts: the LLaMA weights, ImageBind,
 the delta and the move to the device, and the imports before it. Each repeat loads once in each of --arms, in turns:
-`late/N` reads the LLaMA weights in the load and copies them to the device with N threads (model/io/transfer.py
-COPY_THREADS; 1: one tensor after another, as Module.to); `early/N` begins their read onto the device with N threads
-before the model's packages import, as `dr infer` does on a GPU (model/io/early_read.py). "start to loaded" is the
+`late/N` reads the LLaMA and ImageBind weights in the load and copies them to the device with N threads
+(model/io/transfer.py COPY_THREADS; 1: one tensor after another, as Module.to); `early/N` begins their reads onto
+the device with N threads each before the model's packages import, as `dr infer` does on a GPU
+(model/io/early_read.py). "start to loaded" is the
 figure to compare: imports and load together. The first load may read from disk, the later ones from the page
 cache, as a second `dr infer` process does.
 
@@ -49,7 +50,7 @@ cli.EARLY_READ_DEVICES = ("cuda", "cpu") if sys.argv[4] == "1" else ()
 
 transfer.COPY_THREADS = int(sys.argv[3])
 parts = {}
-timed_calls(early_read.EarlyRead, "_read", parts.setdefault("early read (its thread)", []))
+timed_calls(early_read.EarlyRead, "_read", parts.setdefault("early reads (their threads, summed)", []))
 early = cli.read_early(Path(sys.argv[1]), "alpha", None, None, sys.argv[2], "bfloat16") if sys.argv[4] == "1" else None
 from deepresonance_cli.infer import load
 from model.network import checkpoint
@@ -73,7 +74,7 @@ times = {
     "imports (torch, transformers, peft, dr)": round(imported, 3),
     "whole load": round(clock() - begin, 3),
     "start to loaded": round(clock() - start, 3),
-    "early read used": early is not None and early.failed is None,
+    "early reads used": bool(early) and all(read.failed is None for read in early),
 }
 print(json.dumps(times | {label: round(sum(calls), 3) for label, calls in parts.items()}))
 """

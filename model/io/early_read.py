@@ -1,20 +1,24 @@
-"""A model folder's safetensors weights read onto a GPU by threads of their own, begun before the process imports
-transformers: a second `dr infer` process spent about 6 s importing and then 3.7-4.1 s copying the 13.5 GB of LLaMA
-weights to an H100 from their mapped files (benchmarks/results/2026-12-08-h100-stored-and-load/), one after the other.
-Reading the files with `preadv` releases the interpreter's lock, so the imports go on beside it (on this project's
-CPU a 2.2 GB read finished inside the imports, which took 3.8-4.2 s beside it against 3.7-5.2 s alone).
+"""Weights read onto a GPU by threads of their own, begun before the process imports transformers: a second `dr
+infer` process spent about 6 s importing and then 3.7-4.1 s copying the 13.5 GB of LLaMA weights to an H100 from their
+mapped files beside ImageBind's load (benchmarks/results/2026-12-08-h100-stored-and-load/), one after the other.
+Reading files with `preadv`, and copying mapped tensors to the card, release the interpreter's lock, so the imports
+go on beside them (on this project's CPU a 2.2 GB read finished inside the imports, which took 3.8-4.2 s beside it
+against 3.7-5.2 s alone). A source is a Hugging Face folder's safetensors (the LLaMA) or a torch pickle (ImageBind's
+`.pth`); each load takes the read of the source it reads (`early_for`).
 
 The read is an optimisation only: where it fails (a damaged header, a short file, a dtype it does not know), `take`
-gives None and the ordinary load reads the folder and reports what is wrong, in its own words.
+gives None and the ordinary load reads the source and reports what is wrong, in its own words.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from model.io import transfer
+from model.io.files import file_identity
 
 # the two files transformers looks for first, in its order (a folder with only .bin shards is not read early)
 SAFE_SINGLE = "model.safetensors"
@@ -41,6 +46,8 @@ DTYPES = {
 }
 CHUNK = 32 << 20  # bytes a read brings into a pinned buffer, and a copy takes to the card, at once
 HEADER_LIMIT = 100 << 20  # safetensors' own bound on a header's length
+
+log = logging.getLogger(__name__)
 
 
 class ReadFailed(Exception):
@@ -109,20 +116,32 @@ def safetensors_files(folder: Path) -> list[Path] | None:
 
 
 class EarlyRead:
-    """Reads a folder's weights onto `device` from construction, split over `threads` threads by bytes (None:
-    COPY_THREADS, as the loader's copies), each floating tensor converted to `dtype` as it arrives (None: the file's)
-    so that the card never holds a checkpoint's float16 and the model's bfloat16 whole at once, as a conversion after
-    the read would (27 GB for Vicuna-7B). `take` waits for them: {name: tensor in its file's shape}, or None where the
-    read failed (`failed` says why) or was closed. Each thread fills the card through two pinned buffers on a stream
-    of its own, a buffer read while the other's copy runs; on a CPU the files are read straight into the tensors."""
+    """Reads `source` onto `device` from construction, with `threads` threads (None: COPY_THREADS, as the loader's
+    copies), each floating tensor converted to `dtype` as it arrives (None: the file's) so that the card never holds
+    a checkpoint's float16 and the model's bfloat16 whole at once, as a conversion after the read would (27 GB for
+    Vicuna-7B). `take` waits for them: {name: tensor in its file's shape}, or None where the read failed (`failed`
+    says why) or was closed.
+
+    A folder's safetensors are read by bytes: each thread fills the card through two pinned buffers on a stream of
+    its own, a buffer read while the other's copy runs (on a CPU, straight into the tensors). A torch pickle is
+    mapped as the load maps it, and the tensors `keep` names (None: all) are copied out by `transfer.placed`, the
+    load's own op; the others stay mapped, for the load to check and drop. `identity`: the file's before the read,
+    for a load that records which file its weights came from."""
 
     def __init__(
-        self, folder: Path, device: torch.device | str, dtype: torch.dtype | None = None, threads: int | None = None
+        self,
+        source: Path,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        threads: int | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> None:
-        self.folder = Path(folder)
+        self.source = Path(source)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.keep = keep
         self.failed: str | None = None
+        self.identity: dict[str, str | int] | None = None
         self._stop = threading.Event()
         self._state: dict[str, torch.Tensor] | None = None
         count = threads or transfer.COPY_THREADS
@@ -133,29 +152,52 @@ class EarlyRead:
         """The weights read (once: the read's own references are dropped, so the model holds the only ones)."""
         self._thread.join()
         state, self._state = self._state, None
+        if state is None and self.failed not in (None, "closed"):
+            log.info("%s: not read early (%s); the load reads it", self.source, self.failed)
         return state
 
     def close(self) -> None:
-        """Stop reading, at the next chunk, and drop what was read."""
+        """Stop reading, at the next chunk or tensor, and drop what was read."""
         self._stop.set()
-        self.take()
+        self._thread.join()
+        self._state = None
 
     def _read(self, threads: int) -> None:
         try:
-            files = safetensors_files(self.folder)
-            if files is None:
-                raise ReadFailed(f"{self.folder}: no safetensors weights")
-            spans = [(path, span) for path in files for span in safetensors_spans(path)]
-            if not spans:
-                raise ReadFailed(f"{self.folder}: no tensors in its safetensors files")
-            shares = split_by_bytes(spans, threads)
-            with ThreadPoolExecutor(len(shares)) as pool:
-                state = {name: t for part in pool.map(self._read_share, shares) for name, t in part.items()}
+            state = self._read_folder(threads) if self.source.is_dir() else self._read_pickle(threads)
             if self._stop.is_set():
                 raise ReadFailed("closed")
             self._state = state
         except Exception as err:  # any failure leaves the load to the ordinary path, which names what is wrong
             self.failed = str(err) if isinstance(err, ReadFailed) else f"{type(err).__name__}: {err}"
+
+    def _read_folder(self, threads: int) -> dict[str, torch.Tensor]:
+        files = safetensors_files(self.source)
+        if files is None:
+            raise ReadFailed(f"{self.source}: no safetensors weights")
+        spans = [(path, span) for path in files for span in safetensors_spans(path)]
+        if not spans:
+            raise ReadFailed(f"{self.source}: no tensors in its safetensors files")
+        shares = split_by_bytes(spans, threads)
+        with ThreadPoolExecutor(len(shares)) as pool:
+            return {name: t for part in pool.map(self._read_share, shares) for name, t in part.items()}
+
+    def _read_pickle(self, threads: int) -> dict[str, torch.Tensor]:
+        self.identity = file_identity(self.source)
+        state = torch.load(self.source, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ReadFailed(f"{self.source}: not a dict of tensors")
+        names = [name for name in state if self.keep is None or self.keep(name)]
+
+        def copy(name: str) -> torch.Tensor | None:
+            return None if self._stop.is_set() else transfer.placed(state[name], self.device, self.dtype)
+
+        with ThreadPoolExecutor(threads) as pool:
+            for name, tensor in zip(names, pool.map(copy, names), strict=True):
+                state[name] = tensor
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies whole before the load sees them
+        return state
 
     def _read_share(self, share: list[tuple[Path, Span]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -187,6 +229,15 @@ class EarlyRead:
             for fd in descriptors.values():
                 os.close(fd)
         return out
+
+
+def early_for(
+    reads: Sequence[EarlyRead], source: Path, device: torch.device | str, dtype: torch.dtype | None
+) -> EarlyRead | None:
+    """The read of `source` onto `device` in `dtype` among `reads`, for the load that reads it (None: that load reads
+    the file itself: a read in another dtype would have rounded what the load converts from the file)."""
+    wanted = (Path(source), torch.device(device), dtype)
+    return next((r for r in reads if (r.source, r.device, r.dtype) == wanted), None)
 
 
 def split_by_bytes(spans: list[tuple[Path, Span]], parts: int) -> list[list[tuple[Path, Span]]]:

@@ -126,3 +126,17 @@ def write_memo(path: Path, memo: dict) -> None:
     speed-up. Not fsync'd: a memo lost to a crash costs a redo."""
     with suppress(OSError):
         write_atomically(path, json.dumps(memo, separators=(",", ":")), fsync=False)
+
+
+def file_identity(path: Path) -> dict[str, str | int]:
+    """What tells one file on disk from another without reading it: replacing or rewriting it changes one of these
+    (mtime alone can be set back by hand; the inode, ctime and device cannot)."""
+    st = path.stat()
+    return {
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+    }

@@ -27,6 +27,13 @@ def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tenso
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def placed(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy of `t` on `device`, in `dtype` if it is floating (None: its own): how a weights file's mapped tensors
+    become a module's, the same op wherever it runs (in the load or in a read begun early), so the two agree bit for
+    bit."""
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True)
+
+
 def converted(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], threads: int | None = None) -> None:
     """`module._apply(fn)` (what Module.to does) with `fn` run on its tensors by `threads` threads at once (None:
     COPY_THREADS). Module.to copies one tensor after another, each copy from a mapped file to a GPU done by one host

@@ -15,7 +15,9 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from model.config import ENCODER_SIZES
-from model.io.transfer import converted, to_device
+from model.io.early_read import EarlyRead
+from model.io.files import file_identity
+from model.io.transfer import converted, placed, to_device
 
 # dr's modality names -> ImageBind's; images and videos both go through the vision tower
 IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
@@ -24,6 +26,10 @@ IMAGEBIND_MODALITY = {"audio": "audio", "image": "vision", "video": "vision"}
 # 512, while the activations grow with the call: a video's are 15 times an audio file's, and 512 videos' did not fit
 # beside the pool of an 80 GB card (benchmarks/results/2026-12-06-h100-encoder-calls/: video 16 a call 1.9 GiB)
 CALL_FILES = {"audio": 64, "image": 64, "video": 16}
+# ImageBind's per-modality module dicts, and the towers DeepResonance uses (the text, depth, thermal and IMU ones are
+# dropped after a strict load: about a quarter of the memory)
+TOWER_PARTS = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
+KEPT_TOWERS = ("audio", "vision")
 
 
 def imagebind_model_module() -> types.ModuleType:
@@ -179,19 +185,24 @@ class MediaEncoder(nn.Module):
         size: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        early: EarlyRead | None = None,
     ) -> MediaEncoder:
         """Build and load an ImageBind state dict (`imagebind_huge.pth`; its size is read from the weights unless
         given), its floating tensors in `dtype` (None: the file's) on `device`. The text/depth/thermal/IMU towers
         DeepResonance never uses are dropped after a strict load, saving about a quarter of the memory. The model is
-        built with its parameters on the meta device and takes the file's tensors as they are: ImageBind-huge's
+        built with its parameters on the meta device and takes the file's tensors as they are (or those `early` read
+        onto the device while the process imported): ImageBind-huge's
         random initialisation, overwritten at once, took 11.2 s of a 12.4 s load on a CPU
         (benchmarks/results/2026-12-07-cpu-model-load/)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
-        before = file_identity(path)
+        state = early.take() if early is not None else None
+        # by address: the module's parameters wrap the read's tensors (the same memory), not the same objects
+        copied = {t.data_ptr() for name, t in (state or {}).items() if early.keep is None or early.keep(name)}
+        before = early.identity if state is not None else file_identity(path)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = state or torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # a truncated or non-tensor file: say which file, not a pickle trace
             raise ValueError(f"{path}: not a readable ImageBind checkpoint ({type(err).__name__}: {err})") from err
         size = size or size_of(state, path)
@@ -206,8 +217,8 @@ class MediaEncoder(nn.Module):
         encoder.drop_unused_towers()
         # copied out of the file's mapping, as a load into built parameters did (a mapped file rewritten in place
         # would fault the encoder's later reads), straight to where the model runs: on a GPU a copy on the host, then
-        # another to the card, went twice over ImageBind-huge's 3.6 GB
-        converted(encoder, lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None, copy=True))
+        # another to the card, went twice over ImageBind-huge's 3.6 GB. Tensors `early` copied (by the same op) stay.
+        converted(encoder, lambda t: t if t.data_ptr() in copied else placed(t, device, dtype))
         if file_identity(path) == before:  # the file was not replaced or rewritten while it was read
             encoder._source, encoder._source_versions = before, encoder._versions()
         return encoder
@@ -235,10 +246,10 @@ class MediaEncoder(nn.Module):
         return out
 
     def drop_unused_towers(self) -> None:
-        for part in ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors"):
+        for part in TOWER_PARTS:
             towers = getattr(self.imagebind, part)
             for name in list(towers.keys()):
-                if name not in ("audio", "vision"):
+                if name not in KEPT_TOWERS:
                     del towers[name]
 
     @property
@@ -293,18 +304,10 @@ def size_of(state: dict[str, torch.Tensor], path: Path) -> str:
     raise ValueError(f"{path}: no known ImageBind size has vision width {vision} and output {out}")
 
 
-def file_identity(path: Path) -> dict[str, str | int]:
-    """What tells one file on disk from another without reading it: replacing or rewriting it changes one of these
-    (mtime alone can be set back by hand; the inode, ctime and device cannot)."""
-    st = path.stat()
-    return {
-        "path": str(path.resolve()),
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "inode": st.st_ino,
-        "device": st.st_dev,
-    }
+def kept_weight(name: str) -> bool:
+    """Whether an ImageBind state key survives `drop_unused_towers`: what a read begun early copies to the card."""
+    part, _, rest = name.partition(".")
+    return part not in TOWER_PARTS or rest.partition(".")[0] in KEPT_TOWERS
 
 
 def file_fingerprint(path: Path) -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.config import ENCODER_SIZES, ModelConfig
-from model.io.early_read import EarlyRead
+from model.io.early_read import EarlyRead, early_for
 from model.io.files import umask_mode, written_atomically
 from model.io.transfer import moved_while
 from model.media.encoder import MediaEncoder, file_fingerprint
@@ -194,16 +194,19 @@ def load_exported(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
-    early: EarlyRead | None = None,
+    early: Sequence[EarlyRead] = (),
 ) -> DeepResonance:
     """A model from `export_model`'s folder; ImageBind from the recorded path unless given. `early`: as load_model's."""
     folder = Path(folder)
     info = json.loads((folder / EXPORT_INFO).read_text())
     config = ModelConfig.from_dict(info["config"])
     imagebind = imagebind or info["imagebind"]
-    llm = pretrained_llm(folder / EXPORT_LLM, dtype, attn_implementation, device, early)
+    llm = pretrained_llm(
+        folder / EXPORT_LLM, dtype, attn_implementation, early_for(early, folder / EXPORT_LLM, device, dtype)
+    )
+    read = early_for(early, Path(imagebind), device, dtype) if imagebind else None
     encoder = moved_while(
-        llm, device, lambda: MediaEncoder.load(imagebind, device=device, dtype=dtype) if imagebind else None
+        llm, device, lambda: MediaEncoder.load(imagebind, device=device, dtype=dtype, early=read) if imagebind else None
     )
     mm = load_file(folder / EXPORT_MM)
     model = DeepResonance(
@@ -294,14 +297,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     config: ModelConfig | None = None,
-    early: EarlyRead | None = None,
+    early: Sequence[EarlyRead] = (),
 ) -> DeepResonance:
     """A DeepResonance model from a Vicuna folder, a delta folder and ImageBind weights (None: features only).
 
-    A delta folder written by `export_model` is loaded standalone (the base folder is not needed). `early`: the
-    LLaMA folder's weights being read onto `device` (`EarlyRead(llm_folder(base, delta), device)`, begun before this
-    module was imported), used where it read that folder onto that device.
-    """
+    A delta folder written by `export_model` is loaded standalone (the base folder is not needed). `early`: reads
+    begun before this module was imported (`EarlyRead(llm_folder(base, delta), device, dtype)` for the LLaMA,
+    `EarlyRead(imagebind, device, dtype, keep=kept_weight)` for ImageBind), each taken by the load of its source
+    where it read onto `device` in `dtype`; the caller closes them after."""
     if exported(delta):
         model = load_exported(delta, imagebind, device, dtype, attn_implementation, early)
         if variant is not None and variant != model.config.variant:
@@ -316,7 +319,7 @@ def load_model(
     tokenizer = PromptTokenizer.from_dir(tok_dir)
     llm = load_base(base, dtype, attn_implementation, device, early)
     encoder = moved_while(
-        llm, device, lambda: load_encoder(Path(imagebind), device, dtype) if imagebind is not None else None
+        llm, device, lambda: load_encoder(Path(imagebind), device, dtype, early) if imagebind is not None else None
     )
     if encoder is not None:
         config = replace(config, encoder_size=encoder.size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from model.io.early_read import EarlyRead
+from model.io.early_read import EarlyRead, early_for
 from model.media.encoder import MediaEncoder, size_of
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,12 @@ class DeltaError(ValueError):
 
 
 def pretrained_llm(
-    folder: Path,
-    dtype: torch.dtype,
-    attn_implementation: str,
-    device: str | torch.device,
-    early: EarlyRead | None,
+    folder: Path, dtype: torch.dtype, attn_implementation: str, early: EarlyRead | None = None
 ) -> LlamaForCausalLM:
-    """`LlamaForCausalLM.from_pretrained(folder)`, built from the tensors `early` read where it read this folder onto
-    `device`: the same model (config, weights, generation settings), its weights already there. Otherwise, or where
-    the early read failed, from the folder, which names what is wrong with it."""
-    state = None
-    if early is not None:
-        if early.folder == folder and early.device == torch.device(device):
-            state, reason = early.take(), early.failed
-        else:
-            early.close()
-            reason = f"it read {early.folder} onto {early.device}"
-        if state is None:
-            log.info("%s: read by transformers, not from the early read (%s)", folder, reason)
+    """`LlamaForCausalLM.from_pretrained(folder)`, built from the tensors `early` read from this folder onto its
+    device: the same model (config, weights, generation settings), its weights already there. Without a read, or
+    where it failed, from the folder, which names what is wrong with it."""
+    state = early.take() if early is not None else None
     if state is None:
         return LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     llm = LlamaForCausalLM.from_pretrained(
@@ -64,11 +53,12 @@ def load_base(
     dtype: torch.dtype,
     attn_implementation: str,
     device: str | torch.device = "cpu",
-    early: EarlyRead | None = None,
+    early: Sequence[EarlyRead] = (),
 ) -> LlamaForCausalLM:
-    """The Vicuna weights; a damaged or code-holding file is one line naming it (checked by ckpt's readers)."""
+    """The Vicuna weights (from `early`'s read of `base` onto `device`, if there is one); a damaged or code-holding
+    file is one line naming it (checked by ckpt's readers)."""
     try:
-        return pretrained_llm(base, dtype, attn_implementation, device, early)
+        return pretrained_llm(base, dtype, attn_implementation, early_for(early, base, device, dtype))
     except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
         from model.io.errors import CkptError
         from model.io.weights import ShardedWeights
@@ -107,9 +97,13 @@ def imagebind_problems(path: Path) -> list[str]:
     return problems
 
 
-def load_encoder(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> MediaEncoder:
+def load_encoder(
+    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, early: Sequence[EarlyRead] = ()
+) -> MediaEncoder:
+    """ImageBind from `path` (from `early`'s read of it onto `device`, if there is one), checked first against the
+    model its shapes declare."""
     if path.is_file():
         problems = imagebind_problems(path)
         if problems:
             raise DeltaError(f"{path}: {problems[0]}")
-    return MediaEncoder.load(path, device=device, dtype=dtype)
+    return MediaEncoder.load(path, device=device, dtype=dtype, early=early_for(early, path, device, dtype))
