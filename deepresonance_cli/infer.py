@@ -394,19 +394,27 @@ def ask(
 ) -> None:
     """One answer about your own music (and image / video)."""
     from model.data.catalog import check_text
-    from model.generate.base import generate
-    from model.media.preprocess import load_media
-    from model.network.deepresonance import Example
-    from model.text.prompt import TAGS
 
     variant, dtype = VariantChoice(variant).value, DtypeChoice(dtype).value if dtype else None
     try:
         check_text(question, "the question")
     except ValueError as e:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
         raise typer.BadParameter(str(e), param_hint="QUESTION") from None
-    media = [(m, load_media(m, p)) for m, p in (("audio", audio), ("image", image), ("video", video)) if p is not None]
-    example = Example("".join(TAGS[m] for m, _ in media), question, media)  # bad media fail before loading
-    start = model_config(config, lora_alpha)
-    model: DeepResonance = load(ckpt_root, variant, base, delta, default_device(device), dtype, start)
+    device = default_device(device)
+    early = read_early(ckpt_root, variant, base, delta, device, dtype)  # the weights read while the rest imports
+    try:
+        from model.generate.base import generate
+        from model.media.preprocess import load_media
+        from model.network.deepresonance import Example
+        from model.text.prompt import TAGS
+
+        given = (("audio", audio), ("image", image), ("video", video))
+        media = [(m, load_media(m, p)) for m, p in given if p is not None]
+        example = Example("".join(TAGS[m] for m, _ in media), question, media)  # bad media fail before loading
+        start = model_config(config, lora_alpha)
+        model: DeepResonance = load(ckpt_root, variant, base, delta, device, dtype, start, early)
+    finally:
+        for read in early:  # taken by the load, or let go where the media or the load failed
+            read.close()
     answer = generate(model, [example], generation(greedy, temperature, top_p, top_k, seed, max_new_tokens))[0]
     typer.echo(answer)

@@ -313,3 +313,34 @@ def test_imagebind_from_the_early_read_is_imagebind_from_the_file(tiny_root: Pat
     with pytest.raises(ValueError, match="not a readable ImageBind checkpoint"):  # the load's own line
         MediaEncoder.load(broken, device="cpu", dtype=dtype, early=read)
     assert read.failed is not None
+
+
+def test_dr_ask_reads_early_answers_as_without_and_lets_the_reads_go_on_bad_media(
+    tiny_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from synth import write_garbage, write_wav
+    from test_infer import runner
+
+    from deepresonance_cli import infer
+    from deepresonance_cli.app import app
+
+    reads: list[EarlyRead] = []
+
+    class Counted(EarlyRead):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            reads.append(self)
+
+    monkeypatch.setattr(early_read, "EarlyRead", Counted)
+    wav = write_wav(tmp_path / "m.wav", 1.0)
+    args = ["ask", "Describe the music.", "--audio", str(wav), "--ckpt-root", str(tiny_root), "--greedy"]
+    plain = runner.invoke(app, [*args, "--max-new-tokens", "6"])
+    assert plain.exit_code == 0 and not reads
+    monkeypatch.setattr(infer, "EARLY_READ_DEVICES", ("cuda", "cpu"))
+    early = runner.invoke(app, [*args, "--max-new-tokens", "6"])
+    assert early.exit_code == 0 and early.stdout == plain.stdout
+    assert len(reads) == 2 and all(read.failed is None and read._state is None for read in reads)  # taken
+    bad = write_garbage(tmp_path / "bad.wav")
+    failed = runner.invoke(app, ["ask", "Describe it.", "--audio", str(bad), "--ckpt-root", str(tiny_root)])
+    assert failed.exit_code != 0 and len(reads) == 4
+    assert all(read._stop.is_set() and not read._thread.is_alive() for read in reads[2:])  # let go, not left reading
