@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -277,7 +278,9 @@ def infer(
     from model.infer.kept_engine import KeptEngine
 
     batch_size = batch_size or default_slots(device, "job")
+    began = time.perf_counter()
     model = load(ckpt_root, variant, base, delta, device, dtype, model_config(config, lora_alpha), early)
+    logging.getLogger(__name__).info("model loaded in %.1f s (%s on %s)", time.perf_counter() - began, variant, device)
     gen = generation(greedy, temperature, top_p, top_k, seed, max_new_tokens, decoder.value)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")

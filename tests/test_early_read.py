@@ -238,6 +238,7 @@ def test_dr_infer_reads_the_weights_early_and_answers_as_without(tiny_root: Path
     out = tmp_path / "early" / "toy.json"
     result = runner.invoke(app, infer_args(tiny_root, dataset, out))
     assert result.exit_code == 0, result.output
+    assert "model loaded in" in result.output  # the line benchmarks/profiling/second_process.py times
     assert len(reads) == 2 and all(read.failed is None for read in reads) and taken[:2] == [True, True]
     assert [read.source for read in reads] == [layout(tiny_root).vicuna, layout(tiny_root).imagebind]
     assert json.loads(out.read_text()) == json.loads(plain.read_text())

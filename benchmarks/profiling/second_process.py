@@ -6,9 +6,10 @@ datasets (one 10 s wav of its own a row, "Describe the music in detail.", 64 new
 early): dataset A (on a fresh machine the compile is cold and its forms are stored), then B (other media: the
 feature cache misses), then A with --overwrite (its features cached), then B and A in one process (`--dataset`
 repeated: the second dataset's start without a process of its own). Each process is timed from its start to its
-first engine's build, to each journal's first and last answer, and to its exit; the journals (`<out>.jsonl`, an answer
-a line after the run's identity) and the process's log (for the line that says an engine is built) are polled every
-20 ms. The processes run in --workdir, their result files in its results/ (`dr infer`'s default names).
+model's load, to its first engine's build, to each journal's first and last answer, and to its exit; the journals
+(`<out>.jsonl`, an answer a line after the run's identity) and the process's log (for the lines that say the model
+is loaded and an engine is built) are polled every 20 ms. The processes run in --workdir, their result files in its
+results/ (`dr infer`'s default names).
 
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json [--rows 1024] [--workdir /tmp/dr_model_load]
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json --tiny  # the CPU check: tiny shapes
@@ -39,6 +40,8 @@ POLL_S = 0.02
 # the job's log line once its engine is built (model/infer/job.py): before it come the process's imports, the model's
 # load and the engine's build (compiled forms loaded, CUDA graphs captured), the first media decoding beside them
 BUILT = b"decoder: engine"
+# `dr infer`'s log line once the model is loaded (deepresonance_cli/infer.py): the imports and the load before it
+LOADED = b"model loaded in"
 
 
 def write_datasets(folder: Path, rows: int, seconds: float) -> dict[str, Path]:
@@ -61,13 +64,13 @@ def answers(journal: Path) -> int:
 
 
 def timed_process(command: list[str], journals: list[Path], log: Path, cwd: Path) -> dict:
-    """One `dr infer` process: seconds from its start to its first engine's build, to each journal's first answer and
-    last answer, and to its exit."""
+    """One `dr infer` process: seconds from its start to its model's load, to its first engine's build, to each
+    journal's first answer and last answer, and to its exit."""
     for journal in journals:
         journal.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # this checkout's modules from `cwd` too
     begin = CLOCK()
-    built = None
+    built = loaded = None
     first: list[float | None] = [None] * len(journals)
     last: list[float | None] = [None] * len(journals)
     counts = [0] * len(journals)
@@ -76,7 +79,10 @@ def timed_process(command: list[str], journals: list[Path], log: Path, cwd: Path
         while True:
             running = process.poll() is None
             now = CLOCK() - begin
-            if built is None and BUILT in log.read_bytes():
+            text = log.read_bytes()
+            if loaded is None and LOADED in text:
+                loaded = now
+            if built is None and BUILT in text:
                 built = now
             for i, journal in enumerate(journals):
                 count = answers(journal)
@@ -87,6 +93,7 @@ def timed_process(command: list[str], journals: list[Path], log: Path, cwd: Path
                 break
             time.sleep(POLL_S)
     result = {
+        "model_loaded_s": loaded and round(loaded, 2),
         "engine_built_s": built and round(built, 2),
         "first_answers_s": [t and round(t, 2) for t in first],
         "last_answers_s": [t and round(t, 2) for t in last],
