@@ -191,9 +191,8 @@ class MediaEncoder(nn.Module):
         given), its floating tensors in `dtype` (None: the file's) on `device`. The text/depth/thermal/IMU towers
         DeepResonance never uses are dropped after a strict load, saving about a quarter of the memory. The model is
         built with its parameters on the meta device and takes the file's tensors as they are (or those `early` read
-        onto the device while the process imported): ImageBind-huge's
-        random initialisation, overwritten at once, took 11.2 s of a 12.4 s load on a CPU
-        (benchmarks/results/2026-12-07-cpu-model-load/)."""
+        onto the device while the process imported): ImageBind-huge's random initialisation, overwritten at once,
+        took 11.2 s of a 12.4 s load on a CPU (benchmarks/results/2026-12-07-cpu-model-load/)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ImageBind weights not found (run `dr ckpt download imagebind`)")
