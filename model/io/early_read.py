@@ -27,10 +27,10 @@ import torch
 
 from model.io import transfer
 from model.io.files import file_identity
+from model.io.weights import INDEX_FILES, SINGLE_FILES
 
 # the two files transformers looks for first, in its order (a folder with only .bin shards is not read early)
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE, SAFE_INDEX = SINGLE_FILES[0], INDEX_FILES[0]
 # the format's dtype names (safetensors' specification)
 DTYPES = {
     "F64": torch.float64,
