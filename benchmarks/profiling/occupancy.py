@@ -1,7 +1,8 @@
 """How full the engine's decode steps are, whatever the device: `dr bench engine`'s rows (realistic answer lengths,
-a prompt shape) through the real scheduler on a tiny model, counting each step's width and the slots decoding in
-it, the prefill calls and their positions. The steps a job needs are set by the scheduler alone (when a freed slot
-is seen and refilled), so a CPU measures them as a GPU would; a step's cost is the device's (benchmarks/README.md).
+a prompt shape) through the real scheduler on a tiny model, counting each step's width and the slots decoding in it
+(and how many wide steps a narrower width would have held), the prefill calls and their positions. The steps a job
+needs are set by the scheduler alone (when a freed slot is seen and refilled), so a CPU measures them as a GPU would;
+a step's cost is the device's (benchmarks/README.md).
 
     PYTHONPATH=. python benchmarks/profiling/occupancy.py OUT.json --prompts long --slots 512 --blocks 6400 \
         [--refill-min 16] [--sync-every 4]
@@ -23,6 +24,8 @@ from model.config import LLAMA_TINY, GenerationConfig
 from model.engine.scheduler import SYNC_EVERY, Engine
 from model.engine.sequence import Request
 from model.engine.sizing import cache_length
+
+HOLDING = (64, 128, 256, 384)  # slot counts a narrower step width would hold
 
 
 def main() -> None:
@@ -68,12 +71,15 @@ def main() -> None:
         "narrow_steps": len(steps) - len(wide),
         "fewest_steps": -(-tokens // args.slots),  # every step full
         "wide_occupancy": round(sum(wide) / (args.slots * len(wide)), 3),
+        # how many of the wide steps a narrower width would have held: what adding that width could save
+        "wide_steps_holding_at_most": {n: sum(alive <= n for alive in wide) for n in HOLDING},
         "decoding_slot_steps": sum(alive for _, alive in steps),
         "prefill_calls": len(prefills),
         "prefill_positions": sum(prefills),
         "preempted": engine.preempted,
         "advances": engine.advances,
         "cpu_s": round(time.perf_counter() - begin, 1),
+        "per_step": [list(s) for s in steps],  # (width, slots decoding), in order
     }
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -54,7 +54,10 @@ PREFILL_CHUNK = 16384  # prompt positions a (packed) prefill call runs, bounding
 # 0.3 s on an H100); a job's steady refills (a few rows an advance) stay under it, bursts of long prompts are spread
 PREFILL_POSITIONS = 16384
 WAIT = object()  # what a request source yields for "none ready yet" (Engine.run)
-NARROW = (64,)  # narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph
+# narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph. A 256 width would
+# hold 66 of a varied job's wide steps, all in its drain: about 0.3 s a job against about 0.6 s of a warm process's
+# build (benchmarks/results/2026-12-08-cpu-occupancy-widths/)
+NARROW = (64,)
 
 
 def prefill_chunks(requests: Sequence[Request], positions: int = PREFILL_CHUNK) -> list[list[Request]]:
