@@ -95,7 +95,7 @@ mended)
     # card while the model's packages import (model/io/early_read.py) against read in the load and copied by 4 or 1
     # threads (model/io/transfer.py converted), in turns; then `dr infer` from a process's start
     # #25's 10 s first (it writes the full-size set the loads share), so that a call the device cuts short has it
-    step second_process 200 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
+    step second_process 260 python3 benchmarks/profiling/second_process.py "$OUT/second_process.json"
     step gpu_test_stored 150 pytest -q tests/test_gpu.py -k "second_process_loads or onto_the_card or early_read"
     step model_load 160 python3 benchmarks/profiling/model_load.py "$OUT/model_load.json" --repeats 2 \
         --arms early/4,late/4,early/8,late/1
