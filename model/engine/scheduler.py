@@ -19,8 +19,7 @@ For this the prefill never reads the device: lengths come from the host and host
 
 Greedy answers equal one-row `generate` (model/generate/base.py). Sampling draws each row's tokens from its own
 counter-based stream (sampler.py), so a sampled answer does not depend on the batch. Sizes: sizing.py; the host's
-per-row state: sequence.py; the device's: slot_state.py.
-"""
+per-row state: sequence.py; the device's: slot_state.py."""
 
 from __future__ import annotations
 
@@ -54,9 +53,8 @@ PREFILL_CHUNK = 16384  # prompt positions a (packed) prefill call runs, bounding
 # 0.3 s on an H100); a job's steady refills (a few rows an advance) stay under it, bursts of long prompts are spread
 PREFILL_POSITIONS = 16384
 WAIT = object()  # what a request source yields for "none ready yet" (Engine.run)
-# narrower widths the step also runs at; each costs a process a trace of one layer and a CUDA graph. A 256 width would
-# hold 66 of a varied job's wide steps, all in its drain: about 0.3 s a job against about 0.6 s of a warm process's
-# build (benchmarks/results/2026-12-08-cpu-occupancy-widths/)
+# narrower widths the step also runs at, each a trace of one layer and a CUDA graph in every process: a 256 width
+# would save a job less than its build (benchmarks/results/2026-12-08-cpu-occupancy-widths/)
 NARROW = (64,)
 
 
