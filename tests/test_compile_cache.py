@@ -204,6 +204,7 @@ ENGINE = textwrap.dedent(
     import torch
     from model.config import GenerationConfig
     from model.engine import model_runner
+    from model.engine.kv_cache import slot_attention_on
     from model.engine.scheduler import Engine
     from model.engine.sequence import Request
     from model.network.checkpoint import load_model
@@ -214,6 +215,11 @@ ENGINE = textwrap.dedent(
     paths = layout(Path(sys.argv[1]))
     model = load_model(paths.vicuna, paths.delta_dir("alpha"), paths.imagebind, device=sys.argv[2])
     engine = Engine(model, 2, 64, 6, k_cap=1, compile=True, sync_every=2, refill_min=1, narrow=[1])
+    # each width run once first, narrowest first, every slot free: the order a CUDA engine's captures compile them in
+    # (a later process on an H100 refused the first width's forms, benchmarks/results/2026-12-08-h100-stored-and-load/)
+    with slot_attention_on(engine.llm), torch.inference_mode():
+        for width in engine.widths:
+            engine.step(width)
     gen = GenerationConfig(max_new_tokens=6, do_sample=False, decoder="engine")
     rows = [Example("", text, []) for text in ("A calm piano piece.", "Loud drums", "What key is it in?")]
     ids = {}
