@@ -5,11 +5,12 @@ checkpoint set of zeros (model_load.py's, written once under --workdir and share
 datasets (one 10 s wav of its own a row, "Describe the music in detail.", 64 new tokens: zero weights never stop
 early): dataset A (on a fresh machine the compile is cold and its forms are stored), then B (other media: the
 feature cache misses), then A with --overwrite (its features cached), then B and A in one process (`--dataset`
-repeated: the second dataset's start without a process of its own). Each process is timed from its start to its
-model's load, to its first engine's build, to each journal's first and last answer, and to its exit; the journals
-(`<out>.jsonl`, an answer a line after the run's identity) and the process's log (for the lines that say the model
-is loaded and an engine is built) are polled every 20 ms. The processes run in --workdir, their result files in its
-results/ (`dr infer`'s default names).
+repeated: the second dataset's start without a process of its own), then A again with the weights read in the load
+rather than while the process imports (the early read's gain, beside the third run). Each process is timed from its
+start to its model's load, to its first engine's build, to each journal's first and last answer, and to its exit;
+the journals (`<out>.jsonl`, an answer a line after the run's identity) and the process's log (for the lines that
+say the model is loaded and an engine is built) are polled every 20 ms. The processes run in --workdir, their result
+files in its results/ (`dr infer`'s default names).
 
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json [--rows 1024] [--workdir /tmp/dr_model_load]
     PYTHONPATH=. python3 benchmarks/profiling/second_process.py OUT.json --tiny  # the CPU check: tiny shapes
@@ -42,6 +43,14 @@ POLL_S = 0.02
 BUILT = b"decoder: engine"
 # `dr infer`'s log line once the model is loaded (deepresonance_cli/infer.py): the imports and the load before it
 LOADED = b"model loaded in"
+DR = ["-m", "deepresonance_cli.app"]
+# `dr` without the reads begun before the imports (deepresonance_cli/infer.py EARLY_READ_DEVICES): the last run, beside
+# the one before it with the same features cached, says what the early read gives a whole process
+DR_READ_IN_LOAD = [
+    "-c",
+    "import runpy, deepresonance_cli.infer as m; m.EARLY_READ_DEVICES = (); "
+    "runpy.run_module('deepresonance_cli.app', run_name='__main__')",
+]
 
 
 def write_datasets(folder: Path, rows: int, seconds: float) -> dict[str, Path]:
@@ -140,16 +149,17 @@ def main() -> None:
     cache = work / "features"
     shutil.rmtree(cache, ignore_errors=True)  # B's features from an earlier run would make its misses hits
     shutil.rmtree(work / "results", ignore_errors=True)  # an earlier run's answers would be resumed, not answered
-    runs = (  # (what, datasets, flags)
-        ("A", ["A"], []),
-        ("B: a second process, another dataset", ["B"], []),
-        ("A again, its features cached", ["A"], ["--overwrite"]),
-        ("B then A in one process, features cached", ["B", "A"], ["--overwrite"]),
+    runs = (  # (what, datasets, flags, how dr starts)
+        ("A", ["A"], [], DR),
+        ("B: a second process, another dataset", ["B"], [], DR),
+        ("A again, its features cached", ["A"], ["--overwrite"], DR),
+        ("B then A in one process, features cached", ["B", "A"], ["--overwrite"], DR),
+        ("A again, features cached, the weights read in the load", ["A"], ["--overwrite"], DR_READ_IN_LOAD),
     )
-    for what, names, flags in runs:
+    for what, names, flags, dr in runs:
         datasets = [arg for name in names for arg in ("--dataset", str(files[name]))]
         command = [
-            sys.executable, "-m", "deepresonance_cli.app", "infer", *datasets, "--ckpt-root", str(root), "--greedy",
+            sys.executable, *dr, "infer", *datasets, "--ckpt-root", str(root), "--greedy",
             "--max-new-tokens", str(NEW_TOKENS), "--cache-dir", str(cache), *flags,
         ]  # fmt: skip
         journals = [journal_path(work / "results" / f"{name}_alpha.json") for name in names]  # dr infer's default
