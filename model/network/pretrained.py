@@ -4,7 +4,6 @@ A piece that does not load is one DeltaError line naming its file."""
 
 from __future__ import annotations
 
-import logging
 import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,8 +18,6 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from model.io.early_read import EarlyRead, early_for
 from model.media.encoder import MediaEncoder, size_of
-
-log = logging.getLogger(__name__)
 
 
 class DeltaError(ValueError):
